@@ -1,0 +1,142 @@
+"""What can go wrong talking to a portal, and what to do about each kind.
+
+    B24Error                 any failed call; carries the REST method, HTTP status, the portal's code and text
+    ├── TransientError       try again later with backoff: 5xx, timeouts, QUERY_LIMIT_EXCEEDED, HTML pages
+    │   └── RateLimited      the portal's request limit was hit: slow down
+    ├── PermanentError       the portal refused this call for good: give up on it and say why
+    └── ConfigError          the service is set up wrong (webhook, scope, plan): a person has to fix it
+
+Messages never hold the webhook URL (its path is the secret) or a request body.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Policy(str, Enum):
+    RETRY = "retry"
+    GIVE_UP = "give_up"
+    FIX_CONFIG = "fix_config"
+    DONE = "done"  # the portal already is in the state we wanted
+
+
+@dataclass(frozen=True)
+class ErrorPolicy:
+    policy: Policy
+    hint: str
+
+
+_RETRY_LATER = "Temporary; the job retries by itself with backoff."
+
+# One table for every code the documentation lists (../shared/bitrix24-protocol.md §4, §6, §7).
+# Codes are compared case-insensitively because portals and SDKs disagree on case.
+POLICIES: dict[str, ErrorPolicy] = {
+    "QUERY_LIMIT_EXCEEDED": ErrorPolicy(Policy.RETRY, "The portal's request limit was reached; retrying slower."),
+    "OPERATION_TIME_LIMIT": ErrorPolicy(Policy.RETRY, "The method used its server-time budget; retrying after it resets."),
+    "INTERNAL_SERVER_ERROR": ErrorPolicy(Policy.RETRY, _RETRY_LATER),
+    "ERROR_UNEXPECTED_ANSWER": ErrorPolicy(Policy.RETRY, _RETRY_LATER),
+    "OVERLOAD_LIMIT": ErrorPolicy(Policy.RETRY, "The portal blocked REST for overload; if it lasts, contact Bitrix24 support."),
+    "ACTIVITY_IS_ALREADY_BOUND": ErrorPolicy(Policy.DONE, "Already bound."),
+    "BINDING_NOT_FOUND": ErrorPolicy(Policy.DONE, "Not bound any more."),
+    "NO_AUTH_FOUND": ErrorPolicy(Policy.FIX_CONFIG, "The webhook URL is wrong or was deleted: create an inbound webhook "
+                                 "with the crm scope and put its URL in rest_url."),
+    "INVALID_CREDENTIALS": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user lacks permissions: use a webhook made "
+                                       "by a user with full CRM rights."),
+    "INSUFFICIENT_SCOPE": ErrorPolicy(Policy.FIX_CONFIG, "The webhook lacks the crm scope: tick 'CRM' in its settings."),
+    "EXPIRED_TOKEN": ErrorPolicy(Policy.FIX_CONFIG, "The webhook or token has expired: renew it and update rest_url."),
+    "INVALID_TOKEN": ErrorPolicy(Policy.FIX_CONFIG, "The application token is invalid: reinstall the application."),
+    "USER_ACCESS_ERROR": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user has no access to the application."),
+    "AUTHORIZATION_ERROR": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user was fired or deactivated: "
+                                       "create the webhook under an active user."),
+    "PAYMENT_REQUIRED": ErrorPolicy(Policy.FIX_CONFIG, "The portal's plan must be paid for REST access."),
+    "WRONG_AUTH_TYPE": ErrorPolicy(Policy.FIX_CONFIG, "This method needs the OAuth application mode, not a webhook."),
+    "PORTAL_DELETED": ErrorPolicy(Policy.FIX_CONFIG, "The portal was deleted: remove it from the rules file."),
+    "INVALID_REQUEST": ErrorPolicy(Policy.FIX_CONFIG, "The portal requires HTTPS: use an https:// rest_url."),
+    "ERROR_METHOD_NOT_FOUND": ErrorPolicy(Policy.FIX_CONFIG, "The portal does not know this method: "
+                                          "check its edition and the webhook's scopes."),
+    "ACCESS_DENIED": ErrorPolicy(Policy.GIVE_UP, "The webhook's user may not change this record: give it CRM rights "
+                                 "(REST also needs a commercial plan)."),
+    "NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The record no longer exists in the portal; nothing to do."),
+    "OWNER_NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The entity to bind to no longer exists in the portal."),
+    "LAST_BINDING_CANNOT_BE_DELETED": ErrorPolicy(Policy.GIVE_UP, "An activity keeps at least one binding; "
+                                                  "the service never removes the last one."),
+    "TOO_MANY_BINDINGS": ErrorPolicy(Policy.GIVE_UP, "An activity holds 100 bindings at most."),
+    "ERROR_BATCH_LENGTH_EXCEEDED": ErrorPolicy(Policy.GIVE_UP, "A batch holds 50 commands at most (a bug: report it)."),
+    "ERROR_BATCH_METHOD_NOT_ALLOWED": ErrorPolicy(Policy.GIVE_UP, "This method cannot run inside a batch (a bug)."),
+    "100": ErrorPolicy(Policy.GIVE_UP, "A required parameter was missing (a bug: report it)."),
+    "INVALID_ARG_VALUE": ErrorPolicy(Policy.GIVE_UP, "A parameter had a wrong value (a bug: report it)."),
+}
+
+# Some methods answer with an empty code; only the description tells the errors apart.
+DESCRIPTION_CODES: dict[str, str] = {
+    "source and target entity id cannot be equal": "SOURCE_AND_TARGET_ENTITY_ID_ARE_EQUAL_ERROR",
+    "source and target entity types are not equal": "SOURCE_AND_TARGET_ENTITY_TYPES_ARE_NOT_EQUAL_ERROR",
+    "not found.": "BINDING_NOT_FOUND",
+    "activity is not found": "NOT_FOUND",
+    "access denied.": "ACCESS_DENIED",
+    "access denied": "ACCESS_DENIED",
+}
+POLICIES["SOURCE_AND_TARGET_ENTITY_ID_ARE_EQUAL_ERROR"] = ErrorPolicy(Policy.DONE, "Already where it should be.")
+POLICIES["SOURCE_AND_TARGET_ENTITY_TYPES_ARE_NOT_EQUAL_ERROR"] = ErrorPolicy(
+    Policy.GIVE_UP, "A move works within one entity type only; use bind and unbind instead.")
+
+
+class B24Error(Exception):
+    """A call to the portal failed."""
+
+    def __init__(self, method: str, code: str, description: str, *, status: int | None = None,
+                 hint: str = "") -> None:
+        self.method, self.code, self.description, self.status, self.hint = method, code, description, status, hint
+        super().__init__(f"{method}: {code or 'error'} ({description})" + (f"; {hint}" if hint else ""))
+
+    def as_record(self) -> dict[str, Any]:
+        return {"method": self.method, "code": self.code, "description": self.description,
+                "status": self.status, "what_to_do": self.hint, "kind": type(self).__name__}
+
+
+class TransientError(B24Error):
+    """The portal or the network failed for now; the same call may work later."""
+
+
+class RateLimited(TransientError):
+    """The portal answered QUERY_LIMIT_EXCEEDED or OPERATION_TIME_LIMIT."""
+
+
+class PermanentError(B24Error):
+    """The portal refused this call for good."""
+
+
+class ConfigError(B24Error):
+    """The service's access to the portal is set up wrong; retrying will not help."""
+
+
+def normalise_code(error: Any, description: str) -> str:
+    """The portal's `error` may be a string, an empty string or a number."""
+    code = str(error).strip() if error is not None else ""
+    if code in ("", "0"):
+        return DESCRIPTION_CODES.get(description.strip().lower(), code)
+    return code.upper() if not code.isdigit() else code
+
+
+def policy_for(code: str, status: int | None = None) -> ErrorPolicy:
+    known = POLICIES.get(code.upper())
+    if known:
+        return known
+    if status is not None and (status >= 500 or status in (408, 429)):
+        return ErrorPolicy(Policy.RETRY, _RETRY_LATER)
+    return ErrorPolicy(Policy.GIVE_UP, "The portal refused the call; see its description.")
+
+
+def error_for(method: str, error: Any, description: Any, status: int | None = None) -> B24Error:
+    """Build the typed error for one failed call from what the portal answered."""
+    description = str(description or "")
+    code = normalise_code(error, description)
+    rule = policy_for(code, status)
+    cls: type[B24Error]
+    if code.upper() in ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"):
+        cls = RateLimited
+    else:
+        cls = {Policy.RETRY: TransientError, Policy.FIX_CONFIG: ConfigError}.get(rule.policy, PermanentError)
+    return cls(method, code, description, status=status, hint=rule.hint)

@@ -1,0 +1,1002 @@
+"""An in-memory Bitrix24 portal served over real HTTP, for the test suite and the `demo` mode.
+
+`FakePortal` answers the inbound-webhook URL form ``/rest/{user_id}/{code}/{method}[.json]`` with
+the same envelopes, HTTP statuses and error codes as the cloud portal (see
+``/work/shared/bitrix24-protocol.md``), for the small set of CRM methods the service uses:
+activity bindings, activity/lead/contact/company/deal reads and lists, timeline comments and their
+bindings, duplicate search and ``batch``. It also enforces the portal-wide leaky-bucket request
+limit and lets a test inject failures (5xx, ``QUERY_LIMIT_EXCEEDED``, HTML error pages).
+
+State is plain Python (dicts of string-valued fields, like Bitrix returns them) so tests can set it
+up and inspect it directly through the synchronous helpers (`add_lead`, `convert_lead`, ...).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from json import JSONDecodeError
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+LEAD, DEAL, CONTACT, COMPANY = 1, 2, 3, 4
+TYPE_NAMES = {LEAD: "lead", DEAL: "deal", CONTACT: "contact", COMPANY: "company"}
+PAGE_SIZE = 50
+MAX_BATCH = 50
+MAX_BINDINGS = 100
+
+Binding = tuple[int, int]  # (entityTypeId, entityId)
+
+# Filter operators, longest first so ">=" is not read as ">".
+_OPERATORS = ("!@", ">=", "<=", "!=", "@", ">", "<", "=", "!")
+_INT_RE = re.compile(r"-?\d+")
+_KEY_PART_RE = re.compile(r"\[([^\[\]]*)\]")
+_SEMANTICS = {"CONVERTED": "S", "JUNK": "F"}  # any other lead status is "in progress" (P)
+_SYSTEM_ERRORS = {
+    "INTERNAL_SERVER_ERROR": "Internal server error",
+    "QUERY_LIMIT_EXCEEDED": "Too many requests",
+    "ERROR_UNEXPECTED_ANSWER": "Server returned an unexpected response",
+    "OPERATION_TIME_LIMIT": "Method is blocked due to operation time limit.",
+}
+
+
+class BitrixError(Exception):
+    """An error answer: ``{"error": code, "error_description": description}`` with an HTTP status."""
+
+    def __init__(self, status: int, code: str | int, description: str) -> None:
+        super().__init__(f"{status} {code!r}: {description}")
+        self.status, self.code, self.description = status, code, description
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "error_description": self.description}
+
+
+class RequestRecord(NamedTuple):
+    """One HTTP request that passed authentication; ``n_commands`` is the batch size (1 otherwise)."""
+
+    method: str
+    n_commands: int
+
+
+@dataclass
+class Page:
+    """One page of a list method; ``total``/``next`` are None when they must be left out."""
+
+    rows: list[dict[str, Any]]
+    total: int | None
+    next: int | None
+
+
+@dataclass
+class _Fault:
+    status: int
+    error: str
+    description: str
+    html: bool = False
+
+
+class LeakyBucket:
+    """The portal-wide request limit: holds `burst` requests and drains `per_second` of them."""
+
+    def __init__(self, per_second: float, burst: int, clock: Callable[[], float]) -> None:
+        self.per_second, self.burst, self.clock = per_second, burst, clock
+        self.level = 0.0
+        self._last = clock()
+
+    def try_take(self) -> bool:
+        now = self.clock()
+        self.level = max(0.0, self.level - (now - self._last) * self.per_second)
+        self._last = now
+        if self.level + 1 > self.burst:
+            return False
+        self.level += 1
+        return True
+
+
+# ---------------------------------------------------------------- parameter parsing
+
+
+def _split_key(key: str) -> list[str]:
+    """``filter[>ID]`` -> ``["filter", ">ID"]``; ``select[]`` -> ``["select", ""]``."""
+    start = key.find("[")
+    if start <= 0:
+        return [key]
+    parts, pos = [key[:start]], start
+    for match in _KEY_PART_RE.finditer(key, start):
+        if match.start() != pos:  # PHP ignores anything after a broken bracket sequence
+            break
+        parts.append(match.group(1))
+        pos = match.end()
+    return parts
+
+
+def parse_php_query(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Rebuild nested params from PHP-style keys (``a[b][c]=1``; ``a[]=1`` appends to a list).
+
+    Numeric keys stay string keys of a dict (``{"0": {...}}``); readers accept both shapes.
+    """
+    root: dict[str, Any] = {}
+    for key, value in pairs:
+        parts = _split_key(key)
+        node: Any = root
+        for index, part in enumerate(parts[:-1]):
+            node = _child(node, part, list if parts[index + 1] == "" else dict)
+        if parts[-1] == "" and isinstance(node, list):
+            node.append(value)
+        else:
+            node[parts[-1]] = value
+    return root
+
+
+def _child(node: Any, part: str, kind: type) -> Any:
+    if isinstance(node, list):  # "a[][x]": every "[]" starts a new element
+        node.append(kind())
+        return node[-1]
+    if not isinstance(node.get(part), kind):
+        node[part] = kind()
+    return node[part]
+
+
+def _param(params: Mapping[str, Any], name: str) -> Any:
+    """Look a parameter up by name, case-insensitively as Bitrix does for most methods."""
+    if name in params:
+        return params[name]
+    lowered = name.lower()
+    return next((v for k, v in params.items() if k.lower() == lowered), None)
+
+
+def _required_int(params: Mapping[str, Any], name: str) -> int:
+    """A required integer parameter of the new-style (controller) methods: errors use code 100."""
+    value = _param(params, name)
+    if value is None or value == "":
+        raise BitrixError(400, 100, f"Could not find value for parameter {{{name}}}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise BitrixError(
+            400,
+            100,
+            f"Invalid value {value} to match with parameter {{{name}}}. Should be value of type int.",
+        ) from None
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _items(value: Any) -> list[Any]:
+    """A list sent as JSON (list) or as a PHP form (dict with "0", "1"... keys), or a single item."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and value and all(_INT_RE.fullmatch(str(k)) for k in value):
+        return list(value.values())
+    return [value]
+
+
+def _binding_pairs(value: Any) -> set[Binding]:
+    """``[{"OWNER_TYPE_ID": 1, "OWNER_ID": 5}, ...]`` (JSON or PHP form) as a set of pairs."""
+    pairs = set()
+    for item in _items(value):
+        if isinstance(item, dict):
+            type_id, entity_id = (
+                _positive_int(_param(item, "OWNER_TYPE_ID")),
+                _positive_int(_param(item, "OWNER_ID")),
+            )
+            if type_id is not None and entity_id is not None:
+                pairs.add((type_id, entity_id))
+    return pairs
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in {"1", "true", "y", "yes"}
+
+
+# ---------------------------------------------------------------- filtering and paging
+
+
+def _norm(value: Any) -> Any:
+    """Compare numbers as numbers whether they came as "12" or 12 (Bitrix mixes both)."""
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+        return int(value)
+    return value
+
+
+def _test(actual: Any, op: str, wanted: Any) -> bool:
+    if op in ("@", "!@"):
+        found = any(_test(actual, "=", w) for w in _items(wanted))
+        return found if op == "@" else not found
+    if op in ("!", "!="):
+        return not _test(actual, "=", wanted)
+    if isinstance(wanted, (list, dict)):  # {"ID": [1, 2]} means "ID in (1, 2)"
+        return _test(actual, "@", wanted)
+    a, b = _norm(actual), _norm(wanted)
+    if op == "=":
+        return a == b or (a in (None, "", 0) and b in (None, "", 0))
+    if a is None or b is None:
+        return False
+    if not (isinstance(a, int) and isinstance(b, int)):
+        a, b = str(a), str(b)  # ISO dates compare correctly as strings
+    return {">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[op]
+
+
+def _split_operator(key: str) -> tuple[str, str]:
+    for op in _OPERATORS:
+        if key.startswith(op):
+            return op, key[len(op) :].upper()
+    return "=", key.upper()
+
+
+def _matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
+    for key, wanted in filters.items():
+        op, field = _split_operator(key)
+        if not _test(row.get(field), op, wanted):
+            return False
+    return True
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    value = _norm(value)
+    if value is None:
+        return (2, "")
+    return (0, value) if isinstance(value, int) else (1, str(value))
+
+
+def _field_sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple[int, Any]]:
+    return lambda row: _sort_key(row.get(field))
+
+
+def _page(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> Page:
+    """Order and cut one page of 50 the way every Bitrix list method does."""
+    order = _param(params, "order")
+    order = order if isinstance(order, dict) and order else {"ID": "ASC"}
+    for field, direction in reversed(list(order.items())):  # stable sorts: last key first
+        rows.sort(key=_field_sort_key(field.upper()), reverse=str(direction).upper() == "DESC")
+    start = _norm(_param(params, "start")) or 0
+    start = start if isinstance(start, int) else 0
+    if start == -1:  # the fast form: no COUNT, so no total and no next
+        return Page(rows[:PAGE_SIZE], None, None)
+    start = max(start, 0)
+    following = start + PAGE_SIZE
+    return Page(rows[start:following], len(rows), following if following < len(rows) else None)
+
+
+def _filter_of(params: Mapping[str, Any]) -> dict[str, Any]:
+    value = _param(params, "filter")
+    return value if isinstance(value, dict) else {}
+
+
+def _stringify(value: Any) -> Any:
+    """Field values as Bitrix returns them: numbers as strings, booleans as Y/N."""
+    if isinstance(value, bool):
+        return "Y" if value else "N"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def _multifield(kind: str, value: Any) -> list[dict[str, str]]:
+    """EMAIL/PHONE as a Bitrix multi-field: ``[{"VALUE": ..., "VALUE_TYPE": "WORK", ...}]``."""
+    out = []
+    for item in _items(value):
+        text = item.get("VALUE") if isinstance(item, dict) else item
+        if text:
+            out.append({"TYPE_ID": kind, "VALUE": str(text), "VALUE_TYPE": "WORK"})
+    return out
+
+
+def _comm_key(kind: str, value: str) -> str:
+    """Duplicate search ignores case in e-mails and formatting in phone numbers."""
+    return re.sub(r"\D", "", value) if kind == "PHONE" else value.strip().lower()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _time_info(start: float, finish: float) -> dict[str, Any]:
+    def iso(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).astimezone().isoformat(timespec="seconds")
+
+    return {
+        "start": start,
+        "finish": finish,
+        "duration": finish - start,
+        "processing": finish - start,
+        "date_start": iso(start),
+        "date_finish": iso(finish),
+        "operating": 0,
+        "operating_reset_at": int(start) + 600,
+    }
+
+
+# ---------------------------------------------------------------- the portal
+
+
+class FakePortal:
+    """A Bitrix24 portal with an inbound webhook, in memory, behind a real aiohttp server."""
+
+    def __init__(
+        self,
+        webhook_code: str = "demo0secret0code",
+        user_id: int = 1,
+        per_second: float | None = 2.0,
+        burst: int = 50,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.webhook_code, self.user_id, self.clock = webhook_code, user_id, clock
+        self.leads: dict[int, dict[str, Any]] = {}
+        self.deals: dict[int, dict[str, Any]] = {}
+        self.contacts: dict[int, dict[str, Any]] = {}
+        self.companies: dict[int, dict[str, Any]] = {}
+        self.activities: dict[int, dict[str, Any]] = {}
+        self.activity_bindings: dict[int, set[Binding]] = {}
+        self.binding_history: dict[int, list[tuple[Binding, ...]]] = {}
+        self.comments: dict[int, dict[str, Any]] = {}
+        self.comment_binding_sets: dict[int, set[tuple[str, int]]] = {}
+        self.requests: list[RequestRecord] = []
+        self._next_ids: dict[str, int] = {}
+        self._faults: deque[_Fault] = deque()
+        self._bucket: LeakyBucket | None = None
+        self.set_rate_limit(per_second, burst)
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = self._method_table()
+
+    # -------------------------------------------------------- server lifecycle
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound_port = self._runner.addresses[0][1]  # port=0 lets the OS pick a free one
+        self.base_url = f"http://{host}:{bound_port}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakePortal:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def rest_url(self) -> str:
+        return f"{self.base_url}/rest/{self.user_id}/{self.webhook_code}/"
+
+    # -------------------------------------------------------- counters and fault injection
+
+    @property
+    def request_count(self) -> int:
+        return len(self.requests)
+
+    def reset_counters(self) -> None:
+        self.requests.clear()
+
+    def fail_next(
+        self, n: int, status: int = 500, error: str = "INTERNAL_SERVER_ERROR", description: str | None = None
+    ) -> None:
+        """Answer the next `n` authenticated requests with this error, doing nothing else."""
+        text = description if description is not None else _SYSTEM_ERRORS.get(error, error)
+        self._faults.extend(_Fault(status, error, text) for _ in range(n))
+
+    def html_next(self, n: int, status: int = 502) -> None:
+        """Answer the next `n` requests with an HTML page, as a proxy in front of the portal would."""
+        self._faults.extend(_Fault(status, "", "", html=True) for _ in range(n))
+
+    def set_rate_limit(self, per_second: float | None, burst: int = 50) -> None:
+        self._bucket = None if per_second is None else LeakyBucket(per_second, burst, self.clock)
+
+    # -------------------------------------------------------- synchronous helpers for tests and demo
+
+    def _new_id(self, kind: str) -> int:
+        self._next_ids[kind] = self._next_ids.get(kind, 0) + 1
+        return self._next_ids[kind]
+
+    def table(self, entity_type_id: int) -> dict[int, dict[str, Any]]:
+        tables = {LEAD: self.leads, DEAL: self.deals, CONTACT: self.contacts, COMPANY: self.companies}
+        if entity_type_id not in tables:
+            raise KeyError(f"unsupported entity type {entity_type_id}")
+        return tables[entity_type_id]
+
+    def entity_exists(self, entity_type_id: int, entity_id: int) -> bool:
+        return entity_type_id in TYPE_NAMES and entity_id in self.table(entity_type_id)
+
+    def _insert(self, entity_type_id: int, fields: Mapping[str, Any]) -> int:
+        new_id = self._new_id(TYPE_NAMES[entity_type_id])
+        now = _now_iso()
+        row: dict[str, Any] = {"ID": str(new_id), "DATE_CREATE": now, "DATE_MODIFY": now}
+        row.update(self._clean_fields(fields))
+        row["ID"] = str(new_id)
+        self.table(entity_type_id)[new_id] = row
+        return new_id
+
+    @staticmethod
+    def _clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in fields.items():
+            key = key.upper()
+            out[key] = _multifield(key, value) if key in ("EMAIL", "PHONE") else _stringify(value)
+        return out
+
+    def add_lead(
+        self,
+        title: str = "Lead",
+        status: str = "NEW",
+        name: str | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+    ) -> int:
+        return self._insert(
+            LEAD,
+            {
+                "TITLE": title,
+                "NAME": name,
+                "STATUS_ID": status,
+                "STATUS_SEMANTIC_ID": _SEMANTICS.get(status, "P"),
+                "CONTACT_ID": None,
+                "COMPANY_ID": None,
+                "EMAIL": email,
+                "PHONE": phone,
+            },
+        )
+
+    def add_contact(
+        self,
+        name: str = "Contact",
+        lead_id: int | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+    ) -> int:
+        return self._insert(CONTACT, {"NAME": name, "LEAD_ID": lead_id, "EMAIL": email, "PHONE": phone})
+
+    def add_company(
+        self,
+        title: str = "Company",
+        lead_id: int | None = None,
+        email: str | None = None,
+        phone: str | None = None,
+    ) -> int:
+        return self._insert(COMPANY, {"TITLE": title, "LEAD_ID": lead_id, "EMAIL": email, "PHONE": phone})
+
+    def add_deal(
+        self,
+        title: str = "Deal",
+        lead_id: int | None = None,
+        contact_id: int | None = None,
+        company_id: int | None = None,
+    ) -> int:
+        return self._insert(
+            DEAL,
+            {
+                "TITLE": title,
+                "STAGE_ID": "NEW",
+                "LEAD_ID": lead_id,
+                "CONTACT_ID": contact_id,
+                "COMPANY_ID": company_id,
+            },
+        )
+
+    def update_lead(self, lead_id: int, **fields: Any) -> None:
+        """Change lead fields; STATUS_SEMANTIC_ID and DATE_MODIFY follow, as on the portal."""
+        lead = self.leads[lead_id]
+        lead.update(self._clean_fields(fields))
+        if "STATUS_ID" in {k.upper() for k in fields}:
+            lead["STATUS_SEMANTIC_ID"] = _SEMANTICS.get(lead["STATUS_ID"], "P")
+        lead["DATE_MODIFY"] = _now_iso()
+
+    def convert_lead(
+        self, lead_id: int, contact: bool = True, company: bool = True, deal: bool = False
+    ) -> dict[str, int | None]:
+        """Convert like the UI: create the entities with LEAD_ID set and close the lead.
+
+        Activities are deliberately left on the lead: Bitrix does not re-bind them, which is the
+        whole reason the service exists.
+        """
+        lead = self.leads[lead_id]
+        emails = [f["VALUE"] for f in lead.get("EMAIL") or []]
+        phones = [f["VALUE"] for f in lead.get("PHONE") or []]
+        created: dict[str, int | None] = {"contact": None, "company": None, "deal": None}
+        if contact:
+            created["contact"] = self._insert(
+                CONTACT,
+                {
+                    "NAME": lead.get("NAME") or lead.get("TITLE"),
+                    "LEAD_ID": lead_id,
+                    "EMAIL": emails,
+                    "PHONE": phones,
+                },
+            )
+        if company:
+            created["company"] = self._insert(
+                COMPANY, {"TITLE": lead.get("COMPANY_TITLE") or lead.get("TITLE"), "LEAD_ID": lead_id}
+            )
+        if deal:
+            created["deal"] = self.add_deal(
+                lead.get("TITLE") or "Deal", lead_id, created["contact"], created["company"]
+            )
+        self.update_lead(
+            lead_id, STATUS_ID="CONVERTED", CONTACT_ID=created["contact"], COMPANY_ID=created["company"]
+        )
+        return created
+
+    def add_activity(
+        self,
+        bound_to: list[Binding],
+        subject: str = "Activity",
+        type_id: int = 4,
+        provider_id: str = "CRM_EMAIL",
+        direction: int = 1,
+        responsible_id: int = 1,
+        email: str | None = None,
+    ) -> int:
+        """Create an activity; the first binding is its owner."""
+        if not bound_to:
+            raise ValueError("an activity needs at least one binding")
+        activity_id = self._new_id("activity")
+        owner_type, owner_id = bound_to[0]
+        now = _now_iso()
+        self.activities[activity_id] = {
+            "ID": str(activity_id),
+            "SUBJECT": subject,
+            "TYPE_ID": str(type_id),
+            "PROVIDER_ID": provider_id,
+            "DIRECTION": str(direction),
+            "RESPONSIBLE_ID": str(responsible_id),
+            "COMPLETED": "N",
+            "OWNER_TYPE_ID": str(owner_type),
+            "OWNER_ID": str(owner_id),
+            "CREATED": now,
+            "LAST_UPDATED": now,
+            "COMMUNICATIONS": [{"TYPE": "EMAIL", "VALUE": email}] if email else [],
+        }
+        self.activity_bindings[activity_id] = set()
+        self.binding_history[activity_id] = []
+        self._set_bindings(activity_id, {(int(t), int(i)) for t, i in bound_to})
+        return activity_id
+
+    def bindings(self, activity_id: int) -> list[Binding]:
+        return sorted(self.activity_bindings[activity_id])
+
+    def _set_bindings(self, activity_id: int, new: set[Binding]) -> None:
+        """Replace an activity's bindings, keeping the history and the owner rule."""
+        self.activity_bindings[activity_id] = new
+        self.binding_history[activity_id].append(tuple(sorted(new)))
+        if len(new) == 1:  # the owner switches only when a single binding remains
+            self._set_owner(activity_id, next(iter(new)))
+        self.activities[activity_id]["LAST_UPDATED"] = _now_iso()
+
+    def _set_owner(self, activity_id: int, binding: Binding) -> None:
+        activity = self.activities[activity_id]
+        activity["OWNER_TYPE_ID"], activity["OWNER_ID"] = str(binding[0]), str(binding[1])
+
+    def add_timeline_comment(self, entity_type_name: str, entity_id: int, text: str) -> int:
+        comment_id = self._new_id("comment")
+        self.comments[comment_id] = {
+            "ID": str(comment_id),
+            "CREATED": _now_iso(),
+            "ENTITY_ID": str(entity_id),
+            "ENTITY_TYPE": entity_type_name,
+            "AUTHOR_ID": str(self.user_id),
+            "COMMENT": text,
+        }
+        self.comment_binding_sets[comment_id] = {(entity_type_name, int(entity_id))}
+        return comment_id
+
+    def comment_bindings(self, comment_id: int) -> list[tuple[str, int]]:
+        return sorted(self.comment_binding_sets[comment_id])
+
+    # -------------------------------------------------------- HTTP handling
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.time()
+        if (
+            request.match_info["user_id"] != str(self.user_id)
+            or request.match_info["code"] != self.webhook_code
+        ):
+            return self._error(BitrixError(401, "NO_AUTH_FOUND", "Wrong authorization data"))
+        method = request.match_info["method"].lower().removesuffix(".json")
+        try:
+            params = await self._read_params(request)
+        except BitrixError as exc:
+            self.requests.append(RequestRecord(method, 1))
+            return self._error(exc)
+        commands = _param(params, "cmd")
+        batch_size = (len(commands) if isinstance(commands, (dict, list)) else 0) if method == "batch" else 1
+        self.requests.append(RequestRecord(method, batch_size))
+        if self._faults:
+            return self._fault_response(self._faults.popleft())
+        if self._bucket is not None and not self._bucket.try_take():
+            return self._error(BitrixError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests"))
+        try:
+            result = self._batch(params) if method == "batch" else self._call(method, params)
+        except BitrixError as exc:
+            return self._error(exc)
+        return web.json_response(self._envelope(result, started))
+
+    async def _read_params(self, request: web.Request) -> dict[str, Any]:
+        """Query string and form body with PHP-style keys, overlaid by a JSON body if there is one."""
+        pairs = list(request.query.items())
+        json_body: Any = {}
+        if request.content_type == "application/json":
+            raw = await request.text()
+            try:
+                json_body = await request.json() if raw.strip() else {}
+            except JSONDecodeError:
+                raise BitrixError(400, "INVALID_REQUEST", "Invalid JSON in the request body") from None
+            if not isinstance(json_body, dict):
+                raise BitrixError(400, "INVALID_REQUEST", "The JSON body must be an object")
+        elif request.body_exists:
+            form = await request.post()
+            pairs += [(k, v) for k, v in form.items() if isinstance(v, str)]  # files are not supported
+        params = parse_php_query(pairs)
+        params.update(json_body)
+        return params
+
+    @staticmethod
+    def _error(exc: BitrixError) -> web.Response:
+        return web.json_response(exc.body(), status=exc.status)
+
+    @staticmethod
+    def _fault_response(fault: _Fault) -> web.Response:
+        if fault.html:
+            page = f"<html><head><title>{fault.status}</title></head><body><h1>Bad Gateway</h1></body></html>"
+            return web.Response(status=fault.status, text=page, content_type="text/html")
+        return web.json_response(
+            {"error": fault.error, "error_description": fault.description}, status=fault.status
+        )
+
+    @staticmethod
+    def _envelope(result: Any, started: float) -> dict[str, Any]:
+        if isinstance(result, Page):
+            body: dict[str, Any] = {"result": result.rows}
+            if result.next is not None:
+                body["next"] = result.next
+            if result.total is not None:
+                body["total"] = result.total
+        else:
+            body = {"result": result}
+        body["time"] = _time_info(started, time.time())
+        return body
+
+    def _call(self, method: str, params: Mapping[str, Any]) -> Any:
+        handler = self._methods.get(method)
+        if handler is None:
+            raise BitrixError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        return handler(params)
+
+    # -------------------------------------------------------- batch
+
+    def _batch(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Run sub-calls in order; one HTTP request, HTTP 200 even when sub-calls fail."""
+        commands = _param(params, "cmd")
+        if isinstance(commands, list):
+            commands = {str(i): c for i, c in enumerate(commands)}
+        if not isinstance(commands, dict):
+            commands = {}
+        if len(commands) > MAX_BATCH:
+            raise BitrixError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
+        halt = _truthy(_param(params, "halt"))
+        sections: dict[str, dict[str, Any]] = {
+            "result": {},
+            "result_error": {},
+            "result_total": {},
+            "result_next": {},
+            "result_time": {},
+        }
+        for key, command in commands.items():
+            started = time.time()
+            try:
+                result = self._batch_command(str(command))
+            except BitrixError as exc:
+                sections["result_error"][key] = exc.body()
+                if halt:
+                    break
+                continue
+            if isinstance(result, Page):
+                sections["result"][key] = result.rows
+                if result.total is not None:
+                    sections["result_total"][key] = result.total
+                if result.next is not None:
+                    sections["result_next"][key] = result.next
+            else:
+                sections["result"][key] = result
+            sections["result_time"][key] = _time_info(started, time.time())
+        # PHP serialises an empty array as [], not {}: clients must cope, so the fake does the same.
+        return {name: (section or []) for name, section in sections.items()}
+
+    def _batch_command(self, command: str) -> Any:
+        method, _, query = command.partition("?")
+        method = method.strip().strip("/").lower().removesuffix(".json")
+        if method == "batch":
+            raise BitrixError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
+        return self._call(method, parse_php_query(parse_qsl(query, keep_blank_values=True)))
+
+    # -------------------------------------------------------- method table
+
+    def _method_table(self) -> dict[str, Callable[[Mapping[str, Any]], Any]]:
+        methods: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            "crm.activity.binding.list": self._binding_list,
+            "crm.activity.binding.add": self._binding_add,
+            "crm.activity.binding.delete": self._binding_delete,
+            "crm.activity.binding.move": self._binding_move,
+            "crm.activity.get": self._activity_get,
+            "crm.activity.list": self._activity_list,
+            "crm.activity.add": self._activity_add,
+            "crm.timeline.comment.list": self._comment_list,
+            "crm.timeline.comment.add": self._comment_add,
+            "crm.timeline.bindings.list": self._timeline_bindings_list,
+            "crm.timeline.bindings.bind": self._timeline_bind,
+            "crm.timeline.bindings.unbind": self._timeline_unbind,
+            "crm.duplicate.findbycomm": self._find_by_comm,
+        }
+        for type_id, name in TYPE_NAMES.items():
+            methods[f"crm.{name}.get"] = lambda p, t=type_id: self._entity_get(t, p)
+            methods[f"crm.{name}.list"] = lambda p, t=type_id: self._entity_list(t, p)
+            methods[f"crm.{name}.add"] = lambda p, t=type_id: self._entity_add(t, p)
+            methods[f"crm.{name}.update"] = lambda p, t=type_id: self._entity_update(t, p)
+        return methods
+
+    # -------------------------------------------------------- crm.activity.binding.*
+
+    def _activity_of(self, params: Mapping[str, Any]) -> int:
+        activity_id = _required_int(params, "activityId")
+        if activity_id not in self.activities:
+            raise BitrixError(400, "NOT_FOUND", "Element not found")
+        return activity_id
+
+    def _require_owner(self, entity_type_id: int, entity_id: int) -> None:
+        if not self.entity_exists(entity_type_id, entity_id):
+            raise BitrixError(400, "OWNER_NOT_FOUND", "Owner not found")
+
+    def _binding_list(self, params: Mapping[str, Any]) -> list[dict[str, int]]:
+        activity_id = self._activity_of(params)
+        return [{"entityTypeId": t, "entityId": i} for t, i in self.bindings(activity_id)]
+
+    def _binding_add(self, params: Mapping[str, Any]) -> bool:
+        names = ("activityId", "entityTypeId", "entityId")
+        _, type_id, entity_id = (_required_int(params, n) for n in names)  # all present, in order
+        activity_id = self._activity_of(params)
+        self._require_owner(type_id, entity_id)
+        current = self.activity_bindings[activity_id]
+        if (type_id, entity_id) in current:
+            raise BitrixError(
+                400, "ACTIVITY_IS_ALREADY_BOUND", "The activity is already bound to this entity"
+            )
+        if len(current) >= MAX_BINDINGS:
+            # The 100-binding cap is documented, but the error code is not: this one is our guess.
+            raise BitrixError(
+                400, "TOO_MANY_BINDINGS", f"An activity can have at most {MAX_BINDINGS} bindings"
+            )
+        self._set_bindings(activity_id, current | {(type_id, entity_id)})
+        return True
+
+    def _binding_delete(self, params: Mapping[str, Any]) -> bool:
+        names = ("activityId", "entityTypeId", "entityId")
+        _, type_id, entity_id = (_required_int(params, n) for n in names)  # all present, in order
+        activity_id = self._activity_of(params)
+        current = self.activity_bindings[activity_id]
+        if (type_id, entity_id) not in current:
+            raise BitrixError(400, "BINDING_NOT_FOUND", "The activity is not bound to this entity")
+        if len(current) == 1:
+            raise BitrixError(400, "LAST_BINDING_CANNOT_BE_DELETED", "Cannot delete the only binding")
+        self._set_bindings(activity_id, current - {(type_id, entity_id)})
+        return True
+
+    def _binding_move(self, params: Mapping[str, Any]) -> bool:
+        names = ("activityId", "sourceEntityTypeId", "sourceEntityId", "targetEntityTypeId", "targetEntityId")
+        _, source_type, source_id, target_type, target_id = (_required_int(params, n) for n in names)
+        activity_id = self._activity_of(params)
+        # The portal raises these two without an error code, and checks the IDs before the types.
+        if source_id == target_id:
+            raise BitrixError(400, "", "Source and target entity ID cannot be equal")
+        if source_type != target_type:
+            raise BitrixError(400, "", "Source and target entity types are not equal")
+        current = self.activity_bindings[activity_id]
+        if (source_type, source_id) not in current:
+            raise BitrixError(400, "BINDING_NOT_FOUND", "The activity is not bound to the source entity")
+        self._require_owner(target_type, target_id)
+        if (target_type, target_id) in current:
+            raise BitrixError(400, "ACTIVITY_IS_ALREADY_BOUND", "The activity is already bound to the target")
+        activity = self.activities[activity_id]
+        was_owner = (int(activity["OWNER_TYPE_ID"]), int(activity["OWNER_ID"])) == (source_type, source_id)
+        self._set_bindings(activity_id, (current - {(source_type, source_id)}) | {(target_type, target_id)})
+        if was_owner:  # the owner follows the moved binding
+            self._set_owner(activity_id, (target_type, target_id))
+        return True
+
+    # -------------------------------------------------------- crm.activity.*
+
+    def _activity_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        activity_id = _positive_int(_param(params, "id"))
+        if activity_id is None:
+            raise BitrixError(400, "", "ID is not defined or invalid.")
+        if activity_id not in self.activities:
+            raise BitrixError(400, "", "Activity is not found")
+        return dict(self.activities[activity_id])
+
+    def _activity_list(self, params: Mapping[str, Any]) -> Page:
+        filters = dict(_filter_of(params))
+        wanted = _binding_pairs(filters.pop("BINDINGS", None))
+        rows = [
+            dict(row)
+            for activity_id, row in self.activities.items()
+            if _matches(row, filters) and (not wanted or wanted & self.activity_bindings[activity_id])
+        ]
+        return _page(rows, params)
+
+    def _activity_add(self, params: Mapping[str, Any]) -> int:
+        fields = _param(params, "fields") or {}
+        owner_type, owner_id = (
+            _positive_int(_param(fields, "OWNER_TYPE_ID")),
+            _positive_int(_param(fields, "OWNER_ID")),
+        )
+        if owner_type is None or owner_id is None or not self.entity_exists(owner_type, owner_id):
+            raise BitrixError(400, "", "OWNER_ID is not defined or invalid.")
+        owner = (owner_type, owner_id)
+        extra = sorted(_binding_pairs(_param(fields, "BINDINGS")) - {owner})
+        comms = [c for c in _items(_param(fields, "COMMUNICATIONS")) if isinstance(c, dict)]
+        email = next((c.get("VALUE") for c in comms if c.get("TYPE", "EMAIL") == "EMAIL"), None)
+        activity_id = self.add_activity(
+            [owner, *extra],
+            subject=_param(fields, "SUBJECT") or "Activity",
+            type_id=int(_param(fields, "TYPE_ID") or 4),
+            provider_id=_param(fields, "PROVIDER_ID") or "CRM_EMAIL",
+            direction=int(_param(fields, "DIRECTION") or 1),
+            responsible_id=int(_param(fields, "RESPONSIBLE_ID") or self.user_id),
+            email=email,
+        )
+        return activity_id
+
+    # -------------------------------------------------------- crm.lead/contact/company/deal.*
+
+    def _entity_id(self, type_id: int, params: Mapping[str, Any]) -> int:
+        entity_id = _positive_int(_param(params, "id"))
+        if entity_id is None:
+            raise BitrixError(400, "", "ID is not defined or invalid.")
+        if entity_id not in self.table(type_id):
+            raise BitrixError(400, "NOT_FOUND", "Not found")
+        return entity_id
+
+    def _entity_get(self, type_id: int, params: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(self.table(type_id)[self._entity_id(type_id, params)])
+
+    def _entity_list(self, type_id: int, params: Mapping[str, Any]) -> Page:
+        filters = _filter_of(params)
+        return _page([dict(r) for r in self.table(type_id).values() if _matches(r, filters)], params)
+
+    def _entity_add(self, type_id: int, params: Mapping[str, Any]) -> int:
+        fields = _param(params, "fields")
+        if not isinstance(fields, dict):
+            raise BitrixError(400, "", "Parameter 'fields' must be array.")
+        if type_id == LEAD:
+            status = str(_param(fields, "STATUS_ID") or "NEW")
+            fields = {
+                "STATUS_ID": status,
+                "STATUS_SEMANTIC_ID": _SEMANTICS.get(status, "P"),
+                "CONTACT_ID": None,
+                "COMPANY_ID": None,
+                **fields,
+            }
+        return self._insert(type_id, fields)
+
+    def _entity_update(self, type_id: int, params: Mapping[str, Any]) -> bool:
+        entity_id = self._entity_id(type_id, params)
+        fields = _param(params, "fields")
+        if not isinstance(fields, dict):
+            raise BitrixError(400, "", "Parameter 'fields' must be array.")
+        if type_id == LEAD:
+            self.update_lead(entity_id, **fields)
+        else:
+            row = self.table(type_id)[entity_id]
+            row.update(self._clean_fields(fields))
+            row["DATE_MODIFY"] = _now_iso()
+        return True
+
+    # -------------------------------------------------------- crm.timeline.*
+
+    def _comment_list(self, params: Mapping[str, Any]) -> Page:
+        filters = {k.upper(): v for k, v in _filter_of(params).items()}
+        entity_id = _positive_int(filters.pop("ENTITY_ID", None))
+        entity_type = str(filters.pop("ENTITY_TYPE", "")).lower()
+        if entity_id is None:
+            raise BitrixError(400, "", "ENTITY_ID is not defined or invalid.")
+        if entity_type not in TYPE_NAMES.values():
+            raise BitrixError(400, "", "ENTITY_TYPE is not defined or invalid.")
+        rows = []
+        for comment_id, row in self.comments.items():
+            # A comment shows in every timeline it is bound to, not only its original one.
+            if (entity_type, entity_id) in self.comment_binding_sets[comment_id] and _matches(row, filters):
+                rows.append({**row, "ENTITY_TYPE": entity_type, "ENTITY_ID": str(entity_id)})
+        return _page(rows, params)
+
+    def _comment_add(self, params: Mapping[str, Any]) -> int:
+        fields = _param(params, "fields") or {}
+        entity_type, entity_id = self._timeline_target(fields)
+        return self.add_timeline_comment(entity_type, entity_id, str(_param(fields, "COMMENT") or ""))
+
+    def _timeline_target(self, fields: Mapping[str, Any]) -> tuple[str, int]:
+        entity_id = _positive_int(_param(fields, "ENTITY_ID"))
+        if entity_id is None:
+            raise BitrixError(400, "", "ENTITY_ID is not defined or invalid.")
+        entity_type = str(_param(fields, "ENTITY_TYPE") or "").lower()
+        type_ids = {name: type_id for type_id, name in TYPE_NAMES.items()}
+        if entity_type not in type_ids:
+            raise BitrixError(400, "", "ENTITY_TYPE is not defined or invalid.")
+        if not self.entity_exists(type_ids[entity_type], entity_id):
+            raise BitrixError(400, "", "ENTITY_ID is not defined or invalid.")
+        return entity_type, entity_id
+
+    def _timeline_owner(self, fields: Mapping[str, Any]) -> int:
+        owner_id = _positive_int(_param(fields, "OWNER_ID"))
+        if owner_id is None or owner_id not in self.comments:
+            raise BitrixError(400, "", "OWNER_ID is not defined or invalid.")
+        return owner_id
+
+    def _timeline_bindings_list(self, params: Mapping[str, Any]) -> Page:
+        owner_id = self._timeline_owner(_filter_of(params))
+        rows = [
+            {"OWNER_ID": str(owner_id), "ENTITY_ID": str(entity_id), "ENTITY_TYPE": entity_type}
+            for entity_type, entity_id in self.comment_bindings(owner_id)
+        ]
+        return _page(rows, {"order": {"ENTITY_ID": "ASC"}, "start": _param(params, "start")})
+
+    def _timeline_bind(self, params: Mapping[str, Any]) -> bool:
+        fields = _param(params, "fields") or {}
+        owner_id = self._timeline_owner(fields)
+        # Binding twice is not documented as an error; the fake treats it as a no-op.
+        self.comment_binding_sets[owner_id].add(self._timeline_target(fields))
+        return True
+
+    def _timeline_unbind(self, params: Mapping[str, Any]) -> bool:
+        fields = _param(params, "fields") or {}
+        owner_id = self._timeline_owner(fields)
+        target = self._timeline_target(fields)
+        if target not in self.comment_binding_sets[owner_id]:
+            raise BitrixError(400, "", "Not found.")
+        self.comment_binding_sets[owner_id].discard(target)
+        return True
+
+    # -------------------------------------------------------- crm.duplicate.findbycomm
+
+    def _find_by_comm(self, params: Mapping[str, Any]) -> dict[str, list[int]] | list[Any]:
+        kind = str(_param(params, "type") or "").upper()
+        if kind not in ("EMAIL", "PHONE"):
+            raise BitrixError(400, "", "Communication type is not defined or invalid.")
+        wanted = {_comm_key(kind, str(v)) for v in _items(_param(params, "values"))}
+        requested = str(_param(params, "entity_type") or "").upper()
+        found: dict[str, list[int]] = {}
+        for type_id in (LEAD, CONTACT, COMPANY):
+            name = TYPE_NAMES[type_id].upper()
+            if requested and requested != name:
+                continue
+            ids = [
+                entity_id
+                for entity_id, row in sorted(self.table(type_id).items())
+                if any(_comm_key(kind, f["VALUE"]) in wanted for f in row.get(kind) or [])
+            ]
+            if ids:
+                found[name] = ids
+        return found or []  # nothing found is an empty PHP array, i.e. []

@@ -1,0 +1,72 @@
+"""One request budget per portal, kept in Redis so every process of an installation shares it.
+
+A portal allows about 2 requests a second with a burst of 50, counted per portal and source
+address (../shared/bitrix24-protocol.md §6). The bucket here mirrors the portal's own leaky bucket,
+so callers wait before the portal would refuse them.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+# Returns the seconds to wait (as a string: Lua numbers become integers on the way out).
+# While a portal has recently refused us, the drain rate is halved (the `slow` key).
+_LEAKY_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+if redis.call('EXISTS', KEYS[2]) == 1 then rate = rate / 2 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
+local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or tostring(now))
+level = math.max(0, level - (now - since) * rate)
+local wait = 0
+if level + 1 <= burst then level = level + 1 else wait = (level + 1 - burst) / rate end
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
+return tostring(wait)
+"""
+
+_FILL_BUCKET = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'level', ARGV[1], 'ts', tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
+return 1
+"""
+
+SLOW_DOWN_SECONDS = 60
+
+
+@dataclass
+class RateLimitStats:
+    waits: int = 0
+    waited_seconds: float = 0.0
+
+
+class RateLimiter:
+    """A leaky bucket per portal, shared through Redis; `acquire` waits for a free slot."""
+
+    def __init__(self, redis: Redis, *, prefix: str = "b24:rate") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._script = redis.register_script(_LEAKY_BUCKET)
+        self._fill = redis.register_script(_FILL_BUCKET)
+        self.stats = RateLimitStats()
+
+    async def acquire(self, portal: str, per_second: float, burst: int) -> None:
+        # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
+        while True:
+            keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
+            wait = float(await self._script(keys=keys, args=[per_second, burst]))
+            if wait <= 0:
+                return
+            self.stats.waits += 1
+            self.stats.waited_seconds += wait
+            await asyncio.sleep(wait)
+
+    async def slow_down(self, portal: str, burst: int) -> None:
+        """The portal refused a request: treat the bucket as full and halve the rate for a while."""
+        keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
+        await self._fill(keys=keys, args=[burst, SLOW_DOWN_SECONDS])

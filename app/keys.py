@@ -1,0 +1,16 @@
+"""Typed keys for what the web application holds."""
+from __future__ import annotations
+
+from arq.connections import ArqRedis
+from aiohttp import web
+
+from app.jobs import JobStore
+from app.queue import JobQueue
+from app.rules.model import RuleSet
+from app.settings import Settings
+
+settings_key = web.AppKey("settings", Settings)
+rules_key = web.AppKey("rules", RuleSet)
+redis_key = web.AppKey("redis", ArqRedis)
+queue_key = web.AppKey("queue", JobQueue)
+store_key = web.AppKey("store", JobStore)

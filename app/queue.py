@@ -1,0 +1,53 @@
+"""Putting jobs on the arq queue, with a JSON serializer so queued jobs stay readable."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from arq import create_pool
+from arq.connections import ArqRedis, RedisSettings
+
+from app.jobs import JobRecord, JobState, JobStore
+
+PROCESS_EVENT = "process_event"
+
+
+def serialize(job: dict[str, Any]) -> bytes:
+    return json.dumps(job, separators=(",", ":")).encode()
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    return json.loads(raw)  # type: ignore[no-any-return]
+
+
+async def connect(redis_url: str) -> ArqRedis:
+    settings = RedisSettings.from_dsn(redis_url)
+    settings.conn_retries = 1
+    return await create_pool(settings, job_serializer=serialize, job_deserializer=deserialize)
+
+
+class JobQueue:
+    """Accepts a job: its record first, then the queue entry, both in Redis before anyone is told."""
+
+    def __init__(self, redis: ArqRedis, store: JobStore) -> None:
+        self._redis = redis
+        self.store = store
+
+    async def submit(self, record: JobRecord) -> bool:
+        """Queue a job; False when the same delivery was accepted before (nothing new is queued)."""
+        record.queued_at = time.time()
+        if not await self.store.create(record):
+            return False
+        await self._enqueue(record)
+        return True
+
+    async def requeue(self, record: JobRecord) -> None:
+        """Queue an existing job again (a retry asked for by a person)."""
+        record.state, record.error, record.outcome, record.finished_at = JobState.QUEUED, None, "", None
+        await self.store.save(record)
+        await self._redis.delete(f"arq:result:{record.id}")
+        await self._enqueue(record)
+
+    async def _enqueue(self, record: JobRecord) -> None:
+        await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id)

@@ -1,0 +1,51 @@
+"""What the worker learned from the portal, in the shape the rules engine reads."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from app.rules.model import EntityType
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Binding(Frozen):
+    entity_type: EntityType
+    entity_id: int
+
+    def __str__(self) -> str:
+        return f"{self.entity_type.label} {self.entity_id}"
+
+
+class Activity(Frozen):
+    id: int
+    bindings: tuple[Binding, ...]
+    subject: str = ""
+
+    def bound_to(self, entity_type: EntityType) -> list[int]:
+        return [b.entity_id for b in self.bindings if b.entity_type == entity_type]
+
+
+class Lead(Frozen):
+    """A lead and what its conversion made (contacts, companies and deals whose LEAD_ID is this lead)."""
+
+    id: int
+    status_id: str = ""
+    status_semantic: str = ""
+    contact_ids: tuple[int, ...] = ()
+    company_ids: tuple[int, ...] = ()
+    deal_ids: tuple[int, ...] = ()
+
+    @property
+    def converted(self) -> bool:
+        return self.status_semantic == "S" or self.status_id == "CONVERTED"
+
+
+class Facts(Frozen):
+    """Everything one job's plan may depend on."""
+
+    portal: str
+    event: str
+    activities: tuple[Activity, ...] = ()
+    leads: dict[int, Lead] = {}

@@ -1,0 +1,103 @@
+"""The web application: the event endpoint, job lookups and health checks."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from app.jobs import JobStore
+from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
+from app.queue import JobQueue, connect
+from app.rules.loader import load_rules
+from app.rules.model import RuleSet
+from app.settings import Settings
+from app.webhook import MAX_BODY, receive_event
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(settings: Settings, rules: RuleSet | None = None) -> web.Application:
+    """Build the web application; `settings.redis_url` must point at a running Redis."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
+    app[settings_key] = settings
+    app[rules_key] = rules if rules is not None else load_rules(settings.rules)
+    app.cleanup_ctx.append(redis_context)
+    app.router.add_post("/bitrix/events", receive_event)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/", index)
+    return app
+
+
+async def redis_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    if not settings.redis_url:
+        raise RuntimeError("redis_url is not set; `b24rebind serve` starts the bundled Redis when it is unset")
+    redis = await connect(settings.redis_url)
+    app[redis_key] = redis
+    app[store_key] = JobStore(redis, settings.job_retention_days * 86400)
+    app[queue_key] = JobQueue(redis, app[store_key])
+    yield
+    await redis.aclose()
+
+
+@web.middleware
+async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token, loopback only."""
+    if request.path.startswith("/api/"):
+        token = request.app[settings_key].api_token
+        if token is None:
+            if not _is_loopback(request.remote):
+                return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
+                                         status=403)
+        else:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+                return web.json_response({"error": "send Authorization: Bearer <B24_API_TOKEN>"}, status=401)
+    return await handler(request)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    record = await request.app[store_key].get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
+    if record is None:
+        return web.json_response({"error": f"no job {job_id[:64]!r}; job records are kept for "
+                                  f"{request.app[settings_key].job_retention_days:g} days"}, status=404)
+    return web.json_response(record.model_dump(mode="json"))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks = {"rules": f"{len(request.app[rules_key].rules)} rules, {len(request.app[rules_key].portals)} portals"}
+    try:
+        await request.app[redis_key].ping()
+        checks["redis"] = "ok"
+    except (RedisError, OSError) as exc:
+        checks["redis"] = f"unreachable ({type(exc).__name__})"
+        return web.json_response({"status": "unavailable", **checks}, status=503)
+    return web.json_response({"status": "ready", **checks})
+
+
+async def index(request: web.Request) -> web.Response:
+    rules = request.app[rules_key]
+    return web.json_response({
+        "service": "b24rebind",
+        "events_url": "/bitrix/events",
+        "portals": sorted(rules.portals),
+        "rules": [rule.name for rule in rules.rules],
+        "jobs": "/api/jobs/{job_id}",
+    })
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False

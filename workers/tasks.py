@@ -1,0 +1,90 @@
+"""The job a worker runs for each event: read facts, plan, apply, and record every step."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from arq import Retry
+
+from app.bitrix.client import RestClient
+from app.bitrix.errors import B24Error, ConfigError, TransientError
+from app.jobs import JobRecord, JobState, JobStore
+from app.rules.engine import plan as make_plan
+from app.rules.model import RuleSet
+from workers.executor import execute
+from workers.facts import FactReader, Gone
+
+log = logging.getLogger(__name__)
+
+# Seconds before each retry of a job that failed for a passing reason (5xx, timeouts, limits).
+RETRY_DELAYS = (5, 15, 60, 300, 900)
+
+
+async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
+    store: JobStore = ctx["store"]
+    rules: RuleSet = ctx["rules"]
+    record = await store.get(job["job_id"]) or JobRecord(id=job["job_id"], portal=job["portal"],
+                                                         event=job["event"], entity_id=job["entity_id"],
+                                                         event_ts=job.get("event_ts", ""))
+    record.begin_attempt(ctx["job_try"])
+    await store.save(record)
+    portal = rules.portals.get(record.portal)
+    if portal is None:
+        record.end_attempt(JobState.FAILED, "portal not configured",
+                           {"code": "UNKNOWN_PORTAL", "description": f"portal {record.portal!r} is not in the "
+                            "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
+        await store.save(record)
+        return record.state.value
+    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"])
+    try:
+        await _run(record, client, rules)
+    except TransientError as exc:
+        delays = ctx.get("retry_delays", RETRY_DELAYS)
+        if ctx["job_try"] > len(delays):
+            record.end_attempt(JobState.FAILED, "gave up after retries", exc.as_record())
+        else:
+            record.end_attempt(JobState.RETRYING, "will retry", exc.as_record())
+            raise Retry(defer=delays[ctx["job_try"] - 1]) from None
+    except Gone as exc:
+        record.end_attempt(JobState.SKIPPED, str(exc))
+    except ConfigError as exc:
+        record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
+    except B24Error as exc:
+        record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
+    finally:
+        record.requests += client.requests
+        await store.save(record)
+        log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
+                 record.outcome)
+    return record.state.value
+
+
+async def _run(record: JobRecord, client: RestClient, rules: RuleSet) -> None:
+    facts = await FactReader(client, rules).for_event(record.event, record.entity_id)
+    plan = make_plan(rules, facts)
+    record.rules = list(plan.matched_rules)
+    record.plan = plan.summary()
+    if plan.empty:
+        record.end_attempt(JobState.SKIPPED, _why_nothing(plan, facts.activities))
+        return
+    outcomes = await execute(plan, client)
+    record.changes = [o.as_record() for o in outcomes]
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        first = failed[0].errors[0] if failed[0].errors else None
+        record.end_attempt(JobState.FAILED, f"{len(failed)} of {len(outcomes)} activities could not be changed",
+                           first)
+    else:
+        changed = sum(o.status == "changed" for o in outcomes)
+        dry = sum(o.status == "dry_run" for o in outcomes)
+        record.end_attempt(JobState.SUCCEEDED, f"re-bound {changed} activities"
+                           + (f"; {dry} left as they are (dry run)" if dry else ""))
+
+
+def _why_nothing(plan: Any, activities: tuple[Any, ...]) -> str:
+    if not activities:
+        return "no activities to look at"
+    if not plan.matched_rules:
+        return "no rule matched"
+    notes = [note for a in plan.activities for note in a.notes]
+    return notes[0] if notes else "bindings already as the rules want them"
