@@ -22,9 +22,12 @@ JOB_TIMEOUT = 600
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    ctx.setdefault("http", aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"}))
-    ctx.setdefault("limiter", RateLimiter(ctx["redis"]))
-    ctx.setdefault("store", JobStore(ctx["redis"], settings.job_retention_days * 86400))
+    # Tests and the combined `run` may hand in their own; a second startup reuses the first's.
+    if "http" not in ctx:
+        ctx["http"] = aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"})
+    if "store" not in ctx:
+        ctx["limiter"] = RateLimiter(ctx["redis"])
+        ctx["store"] = JobStore(ctx["redis"], settings.job_retention_days * 86400)
     ctx.setdefault("retry_policy", RetryPolicy())
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 

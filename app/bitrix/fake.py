@@ -350,6 +350,7 @@ class FakePortal:
         self.requests: list[RequestRecord] = []
         self._next_ids: dict[str, int] = {}
         self._faults: deque[_Fault] = deque()
+        self._lost_answers: deque[str] = deque()
         self._bucket: LeakyBucket | None = None
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
@@ -401,6 +402,10 @@ class FakePortal:
         """Answer the next `n` authenticated requests with this error, doing nothing else."""
         text = description if description is not None else _SYSTEM_ERRORS.get(error, error)
         self._faults.extend(_Fault(status, error, text) for _ in range(n))
+
+    def lose_answers(self, n: int, containing: str = "") -> None:
+        """The next n requests whose method and params mention `containing` run, then answer 500."""
+        self._lost_answers.extend([containing] * n)
 
     def html_next(self, n: int, status: int = 502) -> None:
         """Answer the next `n` requests with an HTML page, as a proxy in front of the portal would."""
@@ -634,6 +639,10 @@ class FakePortal:
             result = self._batch(params) if method == "batch" else self._call(method, params)
         except BitrixError as exc:
             return self._error(exc)
+        if self._lost_answers and self._lost_answers[0] in f"{method} {params}":
+            # The portal did the work, but the caller never learns it: as when a proxy times out.
+            self._lost_answers.popleft()
+            return self._error(BitrixError(500, "INTERNAL_SERVER_ERROR", "Internal server error"))
         return web.json_response(self._envelope(result, started))
 
     async def _read_params(self, request: web.Request) -> dict[str, Any]:

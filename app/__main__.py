@@ -1,0 +1,4 @@
+from app.cli import main
+import sys
+
+sys.exit(main())

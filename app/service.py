@@ -1,0 +1,107 @@
+"""Running the service: the web process, the worker, or both, with bundled Redis and demo portal."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app import demo, logs
+from app.bitrix.fake import FakePortal
+from app.bundled_redis import BundledRedis
+from app.config import load_service_rules
+from app.jobs import JobStore
+from app.queue import connect
+from app.rules.model import RuleSet
+from app.settings import Settings
+from app.web import create_app
+from workers.main import build_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Roles:
+    web: bool = True
+    worker: bool = True
+    demo_portal: bool = False  # start the demo portal when no portal is configured
+    demo_story: bool = False
+
+
+async def run(settings: Settings, roles: Roles) -> None:
+    """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
+    rules = load_service_rules(settings)
+    async with AsyncExitStack() as stack:
+        if not settings.redis_url:
+            bundled = BundledRedis(settings.data_dir)
+            settings = settings.model_copy(update={"redis_url": await asyncio.to_thread(bundled.start)})
+            stack.callback(bundled.stop)
+        fake = None
+        if roles.demo_portal and not rules.portals:
+            fake = FakePortal()
+            await fake.start()
+            stack.push_async_callback(fake.close)
+            rules, demo_config = demo.with_demo_portal(rules, fake)
+        logs.configure(settings.log_level, [s for p in rules.portals.values() for s in p.secrets()])
+        if not rules.portals:
+            log.warning("no portal is configured in %s: events will be refused until one is", settings.rules)
+        tasks = []
+        if roles.web:
+            base_url = await _start_web(stack, settings, rules)
+        if roles.worker:
+            tasks.append(await _start_worker(stack, settings, rules))
+        if fake is not None:
+            _announce_demo(fake, base_url if roles.web else "")
+            if roles.demo_story and roles.web and roles.worker:
+                store = JobStore(await connect(settings.redis_url or ""), settings.job_retention_days * 86400)
+                await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
+        await _until_stopped(tasks)
+
+
+async def _start_web(stack: AsyncExitStack, settings: Settings, rules: RuleSet) -> str:
+    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    log.info("listening on %s; portals post events to %s/bitrix/events", url, url)
+    return url
+
+
+async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: RuleSet) -> asyncio.Task[None]:
+    redis = await connect(settings.redis_url or "")
+    worker = build_worker(settings, rules, redis, handle_signals=False)
+    task = asyncio.create_task(worker.async_run())
+
+    async def stop() -> None:
+        # Let the jobs in hand finish (the grace period), leave the rest queued.
+        worker.allow_pick_jobs = False
+        await asyncio.wait([asyncio.gather(*worker.tasks.values())], timeout=30)
+        task.cancel()
+        await worker.close()
+
+    stack.push_async_callback(stop)
+    return task
+
+
+def _announce_demo(fake: FakePortal, base_url: str) -> None:
+    print(f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}\n"
+          f"  events endpoint:  {base_url}/bitrix/events\n"
+          f"  service status:   {base_url}/readyz\n"
+          f"  job details:      {base_url}/api/jobs/<job_id>\n"
+          "To use a real portal, see README.md, 'Connect your portal'.\n", flush=True)
+
+
+async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    waiters = [asyncio.create_task(stopped.wait()), *tasks]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping")

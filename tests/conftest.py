@@ -1,0 +1,139 @@
+"""Fixtures that start real parts: Redis, the fake portal over HTTP, the web app and a worker."""
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import redis as sync_redis
+from aiohttp.test_utils import TestClient
+from arq import Worker
+from arq.connections import ArqRedis
+
+from app.bitrix.client import RetryPolicy
+from app.bitrix.fake import FakePortal
+from app.bitrix.portal import PortalConfig
+from app.bundled_redis import BundledRedis
+from app.queue import connect
+from app.rules.loader import parse_rules
+from app.rules.model import RuleSet
+from app.settings import Settings
+from app.web import create_app
+from workers.main import build_worker, shutdown
+
+TEST_DB = 15
+DOMAIN = "acme.bitrix24.com"
+TOKEN = "t0ken-of-the-outbound-webhook"
+WEBHOOK_CODE = "s3cretwebhookcode"
+
+DEFAULT_RULES = """
+rules:
+  - name: converted-lead-history-follows-client
+    on: [ONCRMACTIVITYADD, ONCRMLEADUPDATE, ONCRMCONTACTADD, ONCRMCOMPANYADD, ONCRMDEALADD]
+    when: {bound_to: lead, lead_status: converted}
+    do:
+      - bind: [lead.contact, lead.company]
+      - unbind: lead
+"""
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis on 127.0.0.1:6379 when it answers, else the bundled one."""
+    url = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
+    try:
+        with sync_redis.Redis.from_url(url, socket_connect_timeout=1) as probe:
+            probe.ping()
+        yield url
+        return
+    except (sync_redis.RedisError, OSError):
+        pass
+    bundled = BundledRedis(tmp_path_factory.mktemp("redis"))
+    yield bundled.start()
+    bundled.stop()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[ArqRedis]:
+    pool = await connect(redis_url)
+    await pool.flushdb()
+    yield pool
+    await pool.aclose()
+
+
+@pytest.fixture
+async def portal() -> AsyncIterator[FakePortal]:
+    fake = FakePortal(webhook_code=WEBHOOK_CODE, per_second=None)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+def portal_config(portal: FakePortal) -> PortalConfig:
+    return PortalConfig(name="acme", domain=DOMAIN, rest_url=portal.rest_url, application_token=TOKEN,
+                        rate_limit={"per_second": 1000, "burst": 1000})
+
+
+def rules_with(text: str, portal_config: PortalConfig) -> RuleSet:
+    rules = parse_rules(text, "rules.yaml", {})
+    return rules.model_copy(update={"portals": {"acme": portal_config}})
+
+
+@pytest.fixture
+def rules(portal_config: PortalConfig) -> RuleSet:
+    return rules_with(DEFAULT_RULES, portal_config)
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path) -> Settings:
+    return Settings(_env_file=None, redis_url=redis_url, data_dir=tmp_path, rules=tmp_path / "rules.yaml")
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings, rules: RuleSet, redis: ArqRedis) -> TestClient:
+    return await aiohttp_client(create_app(settings, rules))
+
+
+@pytest.fixture
+async def make_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> AsyncIterator[Any]:
+    """Workers that drain the queue and stop (burst mode), with fast retries."""
+    made: list[Worker] = []
+
+    def make(rules: RuleSet = rules, **ctx: Any) -> Worker:
+        ctx = {"retry_policy": RetryPolicy(attempts=3, base=0.01, cap=0.05),
+               "retry_delays": (0.05, 0.1, 0.2, 0.3, 0.5), **ctx}
+        worker = build_worker(settings, rules, redis, burst=True, poll_delay=0.01, handle_signals=False, ctx=ctx)
+        made.append(worker)
+        return worker
+
+    yield make
+    # The workers share the test's Redis pool, so only their own resources are closed here.
+    for worker in made:
+        if "http" in worker.ctx:
+            await shutdown(worker.ctx)
+
+
+@pytest.fixture
+def worker(make_worker: Any) -> Worker:
+    return make_worker()
+
+
+def event_form(event: str, entity_id: int, *, ts: int = 1766047124, token: str = TOKEN,
+               domain: str = DOMAIN, **extra: str) -> str:
+    """An event body exactly as a portal's outbound webhook posts it."""
+    return urlencode({"event": event, "event_handler_id": "975", "data[FIELDS][ID]": str(entity_id),
+                      "ts": str(ts), "auth[domain]": domain,
+                      "auth[client_endpoint]": f"https://{domain}/rest/",
+                      "auth[server_endpoint]": "https://oauth.bitrix.info/rest/",
+                      "auth[member_id]": "d897063e1ce7c5eb9f04b9751eef5915",
+                      "auth[application_token]": token, **extra})
+
+
+async def post_event(client: TestClient, event: str, entity_id: int, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    response = await client.post("/bitrix/events", data=event_form(event, entity_id, **kwargs),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+    return response.status, await response.json()

@@ -1,0 +1,6 @@
+"""python -m workers: the same as `b24rebind worker`."""
+import sys
+
+from app.cli import main
+
+sys.exit(main(["worker"]))
