@@ -125,9 +125,12 @@ def _describe(err: Any, loc: Loc, data: Any, positions: dict[Loc, Position], fil
         hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(allowed)}"
         return f"unknown key {key!r}{in_rule} at {filename}:{where.line}:{where.column}{hint}"
     where = _nearest(loc, positions)
-    field = next((str(part) for part in reversed(loc) if isinstance(part, str)), "the file")
     message = err["msg"].removeprefix("Value error, ")
-    return f"{filename}:{where.line}:{where.column}: '{field}'{in_rule}: {message}"
+    if loc and isinstance(loc[-1], str):
+        subject = f"'{loc[-1]}'{in_rule}"
+    else:
+        subject = f"rule {rule!r}" if rule else "the file"
+    return f"{filename}:{where.line}:{where.column}: {subject}: {message}"
 
 
 def _data_loc(loc: Loc, data: Any, *, missing: bool) -> Loc:

@@ -1,0 +1,98 @@
+"""Loading the rules file: valid files load; each broken one gets one line naming file:line:column."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.rules.loader import RulesError, load_rules, parse_rules
+
+ROOT = Path(__file__).resolve().parents[3]
+VALID = """\
+portals:
+  main:
+    domain: Example.Bitrix24.com
+    rest_url: ${B24_WEBHOOK_URL}
+    application_token: ${B24_APPLICATION_TOKEN}
+    rate_limit: {per_second: 2, burst: 50}
+rules:
+  - name: converted-lead-history-follows-client
+    on: [ONCRMACTIVITYADD, oncrmleadupdate]
+    when: {bound_to: lead, lead_status: converted}
+    do:
+      - bind: [lead.contact, lead.company, {type: company, id: 42}]
+      - unbind: lead
+"""
+ENV = {"B24_WEBHOOK_URL": "https://example.bitrix24.com/rest/1/abc123", "B24_APPLICATION_TOKEN": "tok"}
+
+
+def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(RulesError) as caught:
+        parse_rules(text, "rules.yaml", ENV if env is None else env)
+    return caught.value.messages
+
+
+def test_the_contract_example_loads_with_variables_from_the_environment() -> None:
+    rules = parse_rules(VALID, "rules.yaml", ENV)
+
+    portal = rules.portals["main"]
+    assert portal.name == "main"
+    assert portal.domain == "example.bitrix24.com"
+    assert portal.rest_url.get_secret_value() == "https://example.bitrix24.com/rest/1/abc123/"
+    assert rules.rules[0].on == ["ONCRMACTIVITYADD", "ONCRMLEADUPDATE"]
+    assert "abc123" not in repr(rules)
+
+
+def test_the_shipped_example_and_default_files_are_valid() -> None:
+    for path in (ROOT / "rules.example.yaml", ROOT / "app" / "rules" / "default.yaml"):
+        assert load_rules(path, ENV).rules
+
+
+BROKEN = [
+    ("typo in an action key", VALID.replace("- bind:", "- bnid:"),
+     "unknown key 'bnid' in rule 'converted-lead-history-follows-client' at rules.yaml:12:9; did you mean 'bind'?"),
+    ("typo in a rule key", VALID.replace("    when:", "    wehn:"),
+     "unknown key 'wehn' in rule 'converted-lead-history-follows-client' at rules.yaml:10:5; did you mean 'when'?"),
+    ("unknown target", VALID.replace("lead.contact,", "lead.contct,"),
+     "rules.yaml:12:15: 'bind' in rule 'converted-lead-history-follows-client': unknown target 'lead.contct'"),
+    ("unknown event", VALID.replace("oncrmleadupdate", "ONCRMLEADUPDTE"),
+     "rules.yaml:9:9: 'on' in rule 'converted-lead-history-follows-client': unknown event 'ONCRMLEADUPDTE'"),
+    ("wrong entity in a condition", VALID.replace("bound_to: lead", "bound_to: leed"),
+     "rules.yaml:10:22: 'bound_to' in rule 'converted-lead-history-follows-client': Input should be"),
+    ("bind and unbind of one type", VALID.replace("unbind: lead", "unbind: company"),
+     "rules.yaml:8:5: rule 'converted-lead-history-follows-client': rule binds and unbinds a company"),
+    ("bad YAML", VALID.replace("    when:", "   when:"), "rules.yaml:10:4: not valid YAML"),
+    ("unset variable", VALID, "rules.yaml:4:15: ${B24_WEBHOOK_URL} is not set; set B24_WEBHOOK_URL in .env"),
+    ("plain http to a remote portal", VALID.replace("${B24_WEBHOOK_URL}", "http://example.bitrix24.com/rest/1/x/"),
+     "rules.yaml:4:15: 'rest_url': rest_url must use https://"),
+    ("fixed target without an id", VALID.replace("{type: company, id: 42}", "{type: company}"),
+     "rules.yaml:12:44: 'id' in rule 'converted-lead-history-follows-client': Field required"),
+    ("a step with two actions", VALID.replace("      - unbind: lead", "      - {unbind: lead, bind: [lead.deal]}"),
+     "each step has exactly one of"),
+    ("a rate limit of zero", VALID.replace("per_second: 2", "per_second: 0"),
+     "rules.yaml:6:30: 'per_second': Input should be greater than 0"),
+    ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': Field required"),
+    ("an empty file", "", "rules.yaml:1:1: the rules file is empty"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(text, expected) for _, text, expected in BROKEN],
+                         ids=[name for name, _, _ in BROKEN])
+def test_a_broken_file_gets_one_line_naming_where(text: str, expected: str) -> None:
+    env = {"B24_APPLICATION_TOKEN": "tok"} if "is not set" in expected else ENV
+    messages = errors_of(text, env)
+
+    assert len(messages) == 1, messages
+    assert "\n" not in messages[0]
+    assert expected in messages[0], messages[0]
+
+
+def test_two_rules_with_one_name_are_refused() -> None:
+    text = VALID + VALID[VALID.index("  - name"):]
+
+    assert "two rules are named" in errors_of(text)[0]
+
+
+def test_a_missing_file_says_which_setting_to_change(tmp_path: Path) -> None:
+    with pytest.raises(RulesError, match="set B24_RULES"):
+        load_rules(tmp_path / "nope.yaml", {})
