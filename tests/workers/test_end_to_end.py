@@ -211,3 +211,16 @@ async def test_a_wrong_webhook_code_fails_with_a_fix_it_message_and_no_secret(cl
     for secret in ("wrongcode", WEBHOOK_CODE, TOKEN):
         assert secret not in text
         assert secret not in caplog.text
+
+
+async def test_the_payloads_endpoints_are_never_called(client: Any, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    async with FakePortal(webhook_code="x", per_second=None) as elsewhere:
+        await post_event(client, "ONCRMACTIVITYADD", activity, **{
+            "auth[client_endpoint]": elsewhere.base_url + "/rest/", "auth[server_endpoint]": elsewhere.base_url})
+        await worker.run_check()
+
+        assert elsewhere.request_count == 0
+    assert portal.request_count > 0
