@@ -1,55 +1,91 @@
-"""Carrying out a BindingPlan: bind first, unbind last, and only what is still missing."""
+"""Carrying out a BindingPlan: bind first, move, unbind last, and only what is still missing."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.bitrix.client import Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, Policy, TransientError, policy_for
 from app.rules.facts import Binding
-from app.rules.plan import ActivityPlan, BindingPlan
+from app.rules.plan import BindingPlan, ItemPlan
+from workers.facts import TYPE_NAMES
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ActivityOutcome:
-    activity_id: int
+class Outcome:
+    kind: str  # activity | comment
+    id: int
     before: list[str]
     after: list[str]
-    status: str  # changed | unchanged | dry_run | failed
+    status: str  # changed | dry_run | failed
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
-        return {"activity": self.activity_id, "before": self.before, "after": self.after, "status": self.status,
+        return {self.kind: self.id, "before": self.before, "after": self.after, "status": self.status,
                 "errors": self.errors}
 
 
-async def execute(plan: BindingPlan, client: RestClient) -> list[ActivityOutcome]:
-    """Apply a plan. The adds all go first; an activity loses its lead only once its adds succeeded.
+Step = tuple[str, int, Command]  # (kind, id, command)
+
+
+async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
+    """Apply a plan. All binds go first; an item loses a binding only once its binds succeeded.
 
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
-    todo = [a for a in plan.activities if a.changes and not a.dry_run]
-    failed: dict[int, list[B24Error]] = {}
-    await _write(client, "crm.activity.binding.add", [(a, b) for a in todo for b in a.add], failed)
-    await _write(client, "crm.activity.binding.delete",
-                 [(a, b) for a in todo if a.activity_id not in failed for b in a.remove], failed)
-    return [_outcome(a, failed.get(a.activity_id)) for a in plan.activities if a.changes]
+    items = [("activity", a.activity_id, a) for a in plan.activities if a.changes and not a.dry_run]
+    items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
+    failed: dict[tuple[str, int], list[B24Error]] = {}
+    for phase in (_binds, _moves, _unbinds):
+        steps = [step for kind, id_, item in items if (kind, id_) not in failed for step in phase(kind, id_, item)]
+        await _write(client, steps, failed)
+    outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)))
+                for a in plan.activities if a.changes]
+    return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
+                       for c in plan.comments if c.changes]
 
 
-async def _write(client: RestClient, method: str, steps: list[tuple[ActivityPlan, Binding]],
-                 failed: dict[int, list[B24Error]]) -> None:
+def _binds(kind: str, id_: int, item: ItemPlan) -> list[Step]:
+    if kind == "comment":
+        return [(kind, id_, _comment_command("crm.timeline.bindings.bind", id_, b)) for b in item.add]
+    return [(kind, id_, _binding_command("crm.activity.binding.add", id_, b)) for b in item.add]
+
+
+def _moves(kind: str, id_: int, item: ItemPlan) -> list[Step]:
+    return [(kind, id_, Command("crm.activity.binding.move", {
+        "activityId": id_, "sourceEntityTypeId": int(source.entity_type), "sourceEntityId": source.entity_id,
+        "targetEntityTypeId": int(target.entity_type), "targetEntityId": target.entity_id}))
+        for source, target in item.moves]
+
+
+def _unbinds(kind: str, id_: int, item: ItemPlan) -> list[Step]:
+    if kind == "comment":
+        return [(kind, id_, _comment_command("crm.timeline.bindings.unbind", id_, b)) for b in item.remove]
+    return [(kind, id_, _binding_command("crm.activity.binding.delete", id_, b)) for b in item.remove]
+
+
+def _binding_command(method: str, activity_id: int, binding: Binding) -> Command:
+    return Command(method, {"activityId": activity_id, "entityTypeId": int(binding.entity_type),
+                            "entityId": binding.entity_id})
+
+
+def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
+    return Command(method, {"fields": {"OWNER_ID": comment_id, "ENTITY_ID": binding.entity_id,
+                                       "ENTITY_TYPE": TYPE_NAMES[binding.entity_type]}})
+
+
+async def _write(client: RestClient, steps: Sequence[Step], failed: dict[tuple[str, int], list[B24Error]]) -> None:
     if not steps:
         return
-    commands = [Command(method, {"activityId": a.activity_id, "entityTypeId": int(b.entity_type),
-                                 "entityId": b.entity_id}) for a, b in steps]
-    results = await client.batch(commands, write=True)
-    for (activity, _), result in zip(steps, results):
+    results = await client.batch([command for _, _, command in steps], write=True)
+    for (kind, id_, _), result in zip(steps, results):
         error = _failure(result)
         if error is not None:
-            failed.setdefault(activity.activity_id, []).append(error)
+            failed.setdefault((kind, id_), []).append(error)
 
 
 def _failure(result: CommandResult) -> B24Error | None:
@@ -62,8 +98,8 @@ def _failure(result: CommandResult) -> B24Error | None:
     return error
 
 
-def _outcome(activity: ActivityPlan, errors: list[B24Error] | None) -> ActivityOutcome:
-    status = "dry_run" if activity.dry_run else "failed" if errors else "changed"
-    after = activity.before if activity.dry_run or errors else activity.after
-    return ActivityOutcome(activity.activity_id, [str(b) for b in activity.before], [str(b) for b in after],
-                           status, [e.as_record() for e in errors or []])
+def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None) -> Outcome:
+    status = "dry_run" if item.dry_run else "failed" if errors else "changed"
+    after = item.before if item.dry_run or errors else item.after
+    return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
+                   [e.as_record() for e in errors or []])

@@ -1,11 +1,14 @@
-"""Reading what the rules need from the portal: an activity's bindings, a lead and what it became."""
+"""Reading what the rules need from the portal: an activity's bindings, a lead and what it became.
+
+Only what the rules file can use is read (`RuleSet.needs`), and always through `batch`.
+"""
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient, fast_page
-from app.bitrix.errors import B24Error
-from app.rules.facts import Activity, Binding, Facts, Lead
+from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
 ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
@@ -16,88 +19,149 @@ CHILD_GETTERS = {
     "ONCRMCOMPANYADD": "crm.company.get", "ONCRMCOMPANYUPDATE": "crm.company.get",
     "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
 }
-ACTIVITY_FIELDS = ("ID", "SUBJECT")
+ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
+TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
+              EntityType.COMPANY: "company"}
 
 
 class Gone(Exception):
     """The record the event is about no longer exists; there is nothing to do."""
 
 
+class Echo(Exception):
+    """The activity is exactly as this service last left it: the event is the echo of our change."""
+
+
 class FactReader:
     """Reads facts for one job through a RestClient, with as few requests as the API allows."""
 
-    def __init__(self, client: RestClient, rules: RuleSet) -> None:
+    def __init__(self, client: RestClient, rules: RuleSet,
+                 is_echo: Callable[[Activity], Awaitable[bool]] | None = None) -> None:
         self._client = client
         self._rules = rules
+        self._needs = rules.needs()
+        self._is_echo = is_echo
 
     async def for_event(self, event: str, entity_id: int) -> Facts:
         if event in ACTIVITY_EVENTS:
-            return await self._activity(event, entity_id)
+            return await self.for_activity(event, entity_id)
         if event in LEAD_EVENTS:
-            return await self._lead(event, entity_id)
+            return await self.for_lead(event, entity_id)
         if event in CHILD_GETTERS:
             lead_id = await self._lead_of(CHILD_GETTERS[event], entity_id)
-            return await self._lead(event, lead_id) if lead_id else self._facts(event)
+            return await self.for_lead(event, lead_id) if lead_id else self._facts(event)
         return self._facts(event)
 
-    async def _activity(self, event: str, activity_id: int) -> Facts:
+    async def for_activity(self, event: str, activity_id: int) -> Facts:
         binding_list, activity = await self._client.batch([
             Command("crm.activity.binding.list", {"activityId": activity_id}),
             Command("crm.activity.get", {"id": activity_id}),
         ])
         _raise_gone(binding_list, activity)
         facts = _activity(activity.result, binding_list.result)
+        if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
+            raise Echo("the activity is as this service left it: the event echoes our own change")
         lead_ids = facts.bound_to(EntityType.LEAD)
-        leads = await self._leads(lead_ids) if lead_ids else {}
-        return self._facts(event, (facts,), leads)
+        commands = [c for lead_id in lead_ids for c in _lead_commands(lead_id)]
+        extras = self._extra_commands([facts])
+        results = await self._client.batch(commands + extras) if commands or extras else []
+        leads = {lead.id: lead for lead in (_lead(results[i:i + 4]) for i in range(0, len(commands), 4)
+                                            if results[i].ok)}
+        return self._facts(event, (facts,), leads, results[len(commands):], extras)
 
-    async def _lead(self, event: str, lead_id: int) -> Facts:
+    async def for_lead(self, event: str, lead_id: int) -> Facts:
         # One batch reads the lead, what it became, and the first page of its activities.
-        lead_commands = _lead_commands(lead_id)
-        first_page = Command("crm.activity.list", fast_page(_bound_to_lead(lead_id), ACTIVITY_FIELDS, 0))
-        results = await self._client.batch([*lead_commands, first_page])
+        first_page = Command("crm.activity.list", fast_page(_bound_to_lead(lead_id), self._activity_fields(), 0))
+        results = await self._client.batch([*_lead_commands(lead_id), first_page])
         _raise_gone(results[0])
         lead = _lead(results[:4])
         if not self._rules_may_apply(event, lead):
             return self._facts(event, leads={lead.id: lead})
         rows = _checked(results[4])
         if len(rows) == PAGE_SIZE:
-            rows += await self._client.list_all("crm.activity.list", _bound_to_lead(lead_id), ACTIVITY_FIELDS,
-                                                after_id=int(rows[-1]["ID"]))
-        activities = await self._bindings_of(rows)
-        return self._facts(event, tuple(activities), {lead.id: lead})
+            rows += await self._client.list_all("crm.activity.list", _bound_to_lead(lead_id),
+                                                self._activity_fields(), after_id=int(rows[-1]["ID"]))
+        bindings = await self._client.batch(
+            [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows])
+        activities = [_activity(row, result.result) for row, result in zip(rows, bindings) if result.ok]
+        extras = self._extra_commands(activities)
+        extra_results = await self._client.batch(extras) if extras else []
+        comments = await self._comments(lead_id) if "comments" in self._needs else ()
+        return self._facts(event, tuple(activities), {lead.id: lead}, extra_results, extras, comments)
+
+    def _activity_fields(self) -> tuple[str, ...]:
+        return ACTIVITY_FIELDS + (("COMMUNICATIONS",) if "matched" in self._needs else ())
+
+    def _extra_commands(self, activities: list[Activity]) -> list[Command]:
+        """Reads for `contact.*`, `deal.*` and `matched.*` targets, only when the rules use them."""
+        commands: list[Command] = []
+        if "contact" in self._needs:
+            ids = sorted({i for a in activities for i in a.bound_to(EntityType.CONTACT)})
+            commands += [Command("crm.contact.get", {"id": i}) for i in ids]
+        if "deal" in self._needs:
+            ids = sorted({i for a in activities for i in a.bound_to(EntityType.DEAL)})
+            commands += [Command("crm.deal.get", {"id": i}) for i in ids]
+        if "matched" in self._needs:
+            for activity in activities:
+                for kind, values in (("EMAIL", activity.emails), ("PHONE", activity.phones)):
+                    if values:
+                        commands += [Command("crm.duplicate.findbycomm", {"type": kind, "values": list(values),
+                                                                          "entity_type": entity})
+                                     for entity in ("CONTACT", "COMPANY")]
+        return commands
+
+    async def _comments(self, lead_id: int) -> tuple[Comment, ...]:
+        answer = await self._client.call("crm.timeline.comment.list", {
+            "filter": {"ENTITY_ID": lead_id, "ENTITY_TYPE": "lead"}, "select": ["ID"]})
+        ids = [int(row["ID"]) for row in answer.result or []]
+        results = await self._client.batch(
+            [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in ids])
+        return tuple(Comment(id=i, bindings=tuple(b for row in _checked(result) if (b := _comment_binding(row))))
+                     for i, result in zip(ids, results))
 
     async def _lead_of(self, getter: str, entity_id: int) -> int:
         (result,) = await self._client.batch([Command(getter, {"id": entity_id})])
         _raise_gone(result)
         return _id(result.result.get("LEAD_ID"))
 
-    async def _leads(self, lead_ids: list[int]) -> dict[int, Lead]:
-        commands = [c for lead_id in lead_ids for c in _lead_commands(lead_id)]
-        results = await self._client.batch(commands)
-        leads = {}
-        for i in range(0, len(results), 4):
-            if results[i].ok:  # a deleted lead simply contributes nothing
-                lead = _lead(results[i:i + 4])
-                leads[lead.id] = lead
-        return leads
-
-    async def _bindings_of(self, rows: list[dict[str, Any]]) -> list[Activity]:
-        commands = [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows]
-        results = await self._client.batch(commands)
-        return [_activity(row, result.result) for row, result in zip(rows, results) if result.ok]
-
     def _rules_may_apply(self, event: str, lead: Lead) -> bool:
         """Skip reading a lead's activities when no rule for this event could match it (most lead edits)."""
-        for rule in self._rules.rules:
-            status = rule.when.lead_status
-            if event in rule.on and (status is None or (lead.converted if status.lower() == "converted"
-                                                         else lead.status_id == status)):
-                return True
-        return False
+        return any(event in rule.on and (rule.when.lead_status is None
+                                         or any(lead.has_status(s) for s in rule.when.lead_status))
+                   for rule in self._rules.rules)
 
-    def _facts(self, event: str, activities: tuple[Activity, ...] = (), leads: dict[int, Lead] | None = None) -> Facts:
-        return Facts(portal=self._client.portal.name, event=event, activities=activities, leads=leads or {})
+    def _facts(self, event: str, activities: tuple[Activity, ...] = (), leads: dict[int, Lead] | None = None,
+               extra_results: list[CommandResult] | None = None, extras: list[Command] | None = None,
+               comments: tuple[Comment, ...] = ()) -> Facts:
+        contacts, deals, matches = _clients(activities, extras or [], extra_results or [])
+        return Facts(portal=self._client.portal.name, event=event, activities=activities, leads=leads or {},
+                     contacts=contacts, deals=deals, matches=matches, comments=comments)
+
+
+def _clients(activities: tuple[Activity, ...], commands: list[Command],
+             results: list[CommandResult]) -> tuple[dict[int, Client], dict[int, Client], dict[int, Client]]:
+    contacts: dict[int, Client] = {}
+    deals: dict[int, Client] = {}
+    found: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for command, result in zip(commands, results):
+        if not result.ok:
+            continue
+        if command.method in ("crm.contact.get", "crm.deal.get"):
+            row = result.result or {}
+            client = Client(id=_id(row.get("ID")), contact_ids=_ids(row.get("CONTACT_ID")),
+                            company_ids=_ids(row.get("COMPANY_ID")))
+            (contacts if command.method == "crm.contact.get" else deals)[client.id] = client
+        else:
+            key = (command.params["type"], ",".join(command.params["values"]))
+            found.setdefault(key, {}).update(result.result if isinstance(result.result, dict) else {})
+    matches = {}
+    for activity in activities:
+        hits = [found.get(("EMAIL", ",".join(activity.emails)), {}), found.get(("PHONE", ",".join(activity.phones)), {})]
+        contact_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("CONTACT", [])))
+        company_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("COMPANY", [])))
+        if contact_ids or company_ids:
+            matches[activity.id] = Client(id=activity.id, contact_ids=contact_ids, company_ids=company_ids)
+    return contacts, deals, matches
 
 
 def _lead_commands(lead_id: int) -> list[Command]:
@@ -120,9 +184,21 @@ def _lead(results: list[CommandResult]) -> Lead:
 
 
 def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activity:
-    return Activity(id=_id(fields.get("ID")), subject=str(fields.get("SUBJECT") or ""),
-                    bindings=tuple(Binding(entity_type=EntityType(int(b["entityTypeId"])), entity_id=int(b["entityId"]))
-                                   for b in bindings or [] if int(b["entityTypeId"]) in EntityType._value2member_map_))
+    communications = fields.get("COMMUNICATIONS") or []
+    return Activity(
+        id=_id(fields.get("ID")), subject=str(fields.get("SUBJECT") or ""),
+        type_id=str(fields.get("TYPE_ID") or ""), provider_id=str(fields.get("PROVIDER_ID") or ""),
+        direction=str(fields.get("DIRECTION") or ""), responsible_id=_id(fields.get("RESPONSIBLE_ID")),
+        emails=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "EMAIL" and c.get("VALUE")),
+        phones=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "PHONE" and c.get("VALUE")),
+        bindings=tuple(Binding(entity_type=EntityType(int(b["entityTypeId"])), entity_id=int(b["entityId"]))
+                       for b in bindings or [] if int(b["entityTypeId"]) in EntityType._value2member_map_))
+
+
+def _comment_binding(row: dict[str, Any]) -> Binding | None:
+    """Timeline bindings name their type in lowercase; types other than the four are left alone."""
+    entity = {name: entity for entity, name in TYPE_NAMES.items()}.get(str(row.get("ENTITY_TYPE")).lower())
+    return Binding(entity_type=entity, entity_id=int(row["ENTITY_ID"])) if entity else None
 
 
 def _checked(result: CommandResult) -> list[dict[str, Any]]:
@@ -133,9 +209,10 @@ def _checked(result: CommandResult) -> list[dict[str, Any]]:
 
 def _raise_gone(*results: CommandResult) -> None:
     for result in results:
-        if result.error and result.error.code in ("NOT_FOUND",):
-            raise Gone(f"{result.command.method.split('.')[1]} {result.command.params.get('id') or ''}"
-                       f"{result.command.params.get('activityId') or ''} no longer exists in the portal")
+        if result.error and result.error.code == "NOT_FOUND":
+            what = result.command.method.split(".")[1]
+            number = result.command.params.get("id") or result.command.params.get("activityId")
+            raise Gone(f"{what} {number} no longer exists in the portal")
         if result.error:
             raise result.error
 
@@ -149,6 +226,3 @@ def _id(value: Any) -> int:
 
 def _ids(value: Any) -> tuple[int, ...]:
     return (_id(value),) if _id(value) else ()
-
-
-__all__ = ["FactReader", "Gone", "B24Error"]

@@ -11,8 +11,10 @@ from app.bitrix.errors import B24Error, ConfigError, TransientError
 from app.jobs import JobRecord, JobState, JobStore
 from app.rules.engine import plan as make_plan
 from app.rules.model import RuleSet
+from app.rules.plan import BindingPlan
+from workers.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from workers.executor import execute
-from workers.facts import FactReader, Gone
+from workers.facts import Echo, FactReader, Gone
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         return record.state.value
     client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"])
     try:
-        await _run(record, client, rules)
+        await _run(record, client, rules, ChangeLog(ctx["redis"], portal.name))
     except TransientError as exc:
         delays = ctx.get("retry_delays", RETRY_DELAYS)
         if ctx["job_try"] > len(delays):
@@ -45,7 +47,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         else:
             record.end_attempt(JobState.RETRYING, "will retry", exc.as_record())
             raise Retry(defer=delays[ctx["job_try"] - 1]) from None
-    except Gone as exc:
+    except (Gone, Echo) as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
@@ -59,9 +61,9 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     return record.state.value
 
 
-async def _run(record: JobRecord, client: RestClient, rules: RuleSet) -> None:
-    facts = await FactReader(client, rules).for_event(record.event, record.entity_id)
-    plan = make_plan(rules, facts)
+async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog) -> None:
+    facts = await FactReader(client, rules, is_echo=changes.is_echo).for_event(record.event, record.entity_id)
+    plan = await _hold_back_loops(make_plan(rules, facts), changes)
     record.rules = list(plan.matched_rules)
     record.plan = plan.summary()
     if plan.empty:
@@ -69,16 +71,30 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet) -> None:
         return
     outcomes = await execute(plan, client)
     record.changes = [o.as_record() for o in outcomes]
+    for planned in plan.activities:
+        if any(o.kind == "activity" and o.id == planned.activity_id and o.status == "changed" for o in outcomes):
+            await changes.record(planned.activity_id, planned.after)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, f"{len(failed)} of {len(outcomes)} activities could not be changed",
-                           first)
+        record.end_attempt(JobState.FAILED, f"{len(failed)} of {len(outcomes)} items could not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        record.end_attempt(JobState.SUCCEEDED, f"re-bound {changed} activities"
+        record.end_attempt(JobState.SUCCEEDED, f"re-bound {changed} items"
                            + (f"; {dry} left as they are (dry run)" if dry else ""))
+
+
+async def _hold_back_loops(plan: BindingPlan, changes: ChangeLog) -> BindingPlan:
+    """Leave alone the activities this service keeps changing: some rules undo each other."""
+    looping = await changes.looping([a.activity_id for a in plan.activities if a.changes and not a.dry_run])
+    if not looping:
+        return plan
+    note = (f"stopped: this service changed it {MAX_CHANGES_PER_WINDOW} times within the hour; "
+            "two rules probably undo each other, check the rules file")
+    held = tuple(a.model_copy(update={"after": a.before, "moves": (), "notes": (*a.notes, note)})
+                 if a.activity_id in looping else a for a in plan.activities)
+    return plan.model_copy(update={"activities": held})
 
 
 def _why_nothing(plan: Any, activities: tuple[Any, ...]) -> str:

@@ -474,8 +474,12 @@ class FakePortal:
         lead_id: int | None = None,
         email: str | None = None,
         phone: str | None = None,
+        company_id: int | None = None,
     ) -> int:
-        return self._insert(CONTACT, {"NAME": name, "LEAD_ID": lead_id, "EMAIL": email, "PHONE": phone})
+        return self._insert(
+            CONTACT,
+            {"NAME": name, "LEAD_ID": lead_id, "EMAIL": email, "PHONE": phone, "COMPANY_ID": company_id},
+        )
 
     def add_company(
         self,

@@ -22,6 +22,12 @@ class Activity(Frozen):
     id: int
     bindings: tuple[Binding, ...]
     subject: str = ""
+    type_id: str = ""
+    provider_id: str = ""
+    direction: str = ""  # "1" incoming, "2" outgoing
+    responsible_id: int = 0
+    emails: tuple[str, ...] = ()
+    phones: tuple[str, ...] = ()
 
     def bound_to(self, entity_type: EntityType) -> list[int]:
         return [b.entity_id for b in self.bindings if b.entity_type == entity_type]
@@ -41,6 +47,24 @@ class Lead(Frozen):
     def converted(self) -> bool:
         return self.status_semantic == "S" or self.status_id == "CONVERTED"
 
+    def has_status(self, status: str) -> bool:
+        return self.converted if status.lower() == "converted" else self.status_id == status
+
+
+class Client(Frozen):
+    """A contact or deal bound to an activity, with the client records it points at."""
+
+    id: int
+    contact_ids: tuple[int, ...] = ()
+    company_ids: tuple[int, ...] = ()
+
+
+class Comment(Frozen):
+    """A timeline comment on a lead, with its bindings."""
+
+    id: int
+    bindings: tuple[Binding, ...]
+
 
 class Facts(Frozen):
     """Everything one job's plan may depend on."""
@@ -49,3 +73,7 @@ class Facts(Frozen):
     event: str
     activities: tuple[Activity, ...] = ()
     leads: dict[int, Lead] = {}
+    contacts: dict[int, Client] = {}
+    deals: dict[int, Client] = {}
+    matches: dict[int, Client] = {}  # by activity id: existing clients with the activity's e-mail or phone
+    comments: tuple[Comment, ...] = ()

@@ -1,6 +1,7 @@
 """The rules file as typed models: portals, rules, their conditions, targets and actions."""
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from typing import Literal
 
@@ -30,12 +31,19 @@ EVENTS = (
     "ONCRMDEALADD", "ONCRMDEALUPDATE",
 )
 
-# What a lead-relative target means: the entities a conversion made from the lead.
-TARGETS = ("lead.contact", "lead.company", "lead.deal")
+# Where a target is looked up: `lead.contact` is what a conversion made from the activity's lead;
+# `contact.company` the company of the activity's contact; `matched.*` an existing client found by
+# the activity's e-mail or phone (crm.duplicate.findbycomm).
+TARGETS = ("lead.contact", "lead.company", "lead.deal", "contact.company", "deal.contact", "deal.company",
+           "matched.contact", "matched.company")
+
+# Activity kinds by name, as TYPE_ID / PROVIDER_ID of crm.activity.get.
+KINDS = {"meeting": ("1", None), "call": ("2", None), "email": ("4", None), "task": ("6", "TASKS"),
+         "todo": ("6", "CRM_TODO")}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class FixedTarget(Strict):
@@ -46,11 +54,58 @@ class FixedTarget(Strict):
 Target = str | FixedTarget
 
 
+def target_type(target: Target) -> EntityType:
+    name = target.type if isinstance(target, FixedTarget) else target.split(".")[1]
+    return EntityType[name.upper()]
+
+
+def _one_or_many(value: object) -> object:
+    return value if isinstance(value, list) or value is None else [value]
+
+
 class When(Strict):
     """Conditions on the activity; all that are given must hold."""
 
     bound_to: EntityName | None = None
-    lead_status: str | None = Field(default=None, description="'converted' or a lead STATUS_ID")
+    kind: list[str] | None = Field(default=None, description="email, call, meeting, task, todo or a provider id")
+    direction: Literal["incoming", "outgoing"] | None = None
+    lead_status: list[str] | None = Field(default=None, description="'converted' or lead STATUS_IDs")
+    responsible: list[int] | None = None
+    subject_contains: str | None = None
+    subject_matches: str | None = None
+    portal: list[str] | None = None
+    any: list[When] | None = None
+    not_: When | None = Field(default=None, alias="not")
+
+    _lists = field_validator("kind", "lead_status", "responsible", "portal", mode="before")(
+        classmethod(lambda cls, v: _one_or_many(v)))
+
+    @field_validator("subject_matches")
+    @classmethod
+    def _a_regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
+    def mentions_lead_status(self) -> bool:
+        return self.lead_status is not None
+
+
+class Move(Strict):
+    """Move a binding within one entity type (crm.activity.binding.move)."""
+
+    from_: EntityName = Field(alias="from")
+    to: Target
+
+    @model_validator(mode="after")
+    def _same_type(self) -> Move:
+        if target_type(self.to).label != self.from_:
+            raise ValueError(f"a move stays within one type: from {self.from_} cannot go to "
+                             f"{target_type(self.to).label}; use bind and unbind instead")
+        return self
 
 
 class Action(Strict):
@@ -58,6 +113,8 @@ class Action(Strict):
 
     bind: list[Target] | None = None
     unbind: EntityName | list[EntityName] | None = None
+    move: Move | None = None
+    timeline_comments: Literal["follow"] | None = None
 
     @field_validator("bind")
     @classmethod
@@ -89,10 +146,13 @@ class Rule(Strict):
     stop: bool = False
     mode: Literal["apply", "dry_run"] | None = None
 
-    @field_validator("on")
+    @field_validator("on", mode="before")
     @classmethod
-    def _known_events(cls, events: list[str]) -> list[str]:
-        upper = [event.upper() for event in events]
+    def _known_events(cls, events: object) -> object:
+        events = _one_or_many(events)
+        if not isinstance(events, list):
+            return events
+        upper = [str(event).upper() for event in events]
         for event in upper:
             if event not in EVENTS:
                 raise ValueError(f"unknown event {event!r}; allowed: {', '.join(EVENTS)}")
@@ -100,18 +160,28 @@ class Rule(Strict):
 
     @model_validator(mode="after")
     def _no_conflict(self) -> Rule:
-        bound = {_target_type(t) for action in self.do for t in action.bind or []}
-        for action in self.do:
-            for entity in action.unbind_types:
-                if entity in bound:
-                    raise ValueError(f"rule binds and unbinds a {entity.label}; keep one of the two")
+        for entity in self.unbind_types():
+            if entity in self.bound_types():
+                raise ValueError(f"rule binds and unbinds a {entity.label}; keep one of the two")
         return self
 
     def bind_targets(self) -> list[Target]:
         return [target for action in self.do for target in action.bind or []]
 
+    def bound_types(self) -> set[EntityType]:
+        return {target_type(t) for t in self.bind_targets()}
+
     def unbind_types(self) -> list[EntityType]:
         return [entity for action in self.do for entity in action.unbind_types]
+
+    def moves(self) -> list[Move]:
+        return [action.move for action in self.do if action.move is not None]
+
+    def comments_follow(self) -> bool:
+        return any(action.timeline_comments == "follow" for action in self.do)
+
+    def targets(self) -> list[Target]:
+        return self.bind_targets() + [move.to for move in self.moves()]
 
 
 class RuleSet(Strict):
@@ -122,14 +192,15 @@ class RuleSet(Strict):
     rules: list[Rule] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _names(self) -> RuleSet:
+    def _consistent(self) -> RuleSet:
         seen: set[str] = set()
         for rule in self.rules:
             if rule.name in seen:
                 raise ValueError(f"two rules are named {rule.name!r}; names must be unique")
             seen.add(rule.name)
+        _no_flip_flops(self.rules)
         for name, portal in self.portals.items():
-            object.__setattr__(portal, "name", name)
+            portal.name = name
         return self
 
     def events(self) -> set[str]:
@@ -139,7 +210,28 @@ class RuleSet(Strict):
         domain = domain.strip().lower()
         return next((p for p in self.portals.values() if p.domain == domain), None)
 
+    def needs(self) -> set[str]:
+        """The target sources the rules read (`lead`, `contact`, `deal`, `matched`), and `comments`."""
+        sources = {t.split(".")[0] for rule in self.rules for t in rule.targets() if isinstance(t, str)}
+        if any(rule.comments_follow() for rule in self.rules):
+            sources.add("comments")
+        return sources
 
-def _target_type(target: Target) -> EntityType:
-    name = target.type if isinstance(target, FixedTarget) else target.split(".")[1]
-    return EntityType[name.upper()]
+
+def _no_flip_flops(rules: list[Rule]) -> None:
+    """Two rules on one event that bind and unbind one type, or move one type two ways, would undo
+    each other on every echo of their own change; refuse them when the file is loaded."""
+    for i, first in enumerate(rules):
+        for second in rules[i + 1:]:
+            if not set(first.on) & set(second.on):
+                continue
+            for a, b in ((first, second), (second, first)):
+                clash = a.bound_types() & set(b.unbind_types())
+                if clash:
+                    raise ValueError(f"rules {a.name!r} and {b.name!r} bind and unbind a "
+                                     f"{next(iter(clash)).label} on the same event; they would undo each other")
+            moves = {(m.from_, str(m.to)) for m in first.moves()} | {(m.from_, str(m.to)) for m in second.moves()}
+            sources = [m[0] for m in moves]
+            if len(sources) != len(set(sources)):
+                raise ValueError(f"rules {first.name!r} and {second.name!r} move a "
+                                 f"{sources[0]} to two different places; they would undo each other")

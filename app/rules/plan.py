@@ -6,44 +6,59 @@ from pydantic import BaseModel, ConfigDict
 from app.rules.facts import Binding
 
 
-class ActivityPlan(BaseModel):
+class ItemPlan(BaseModel):
+    """Bindings before and after for one activity or timeline comment."""
+
     model_config = ConfigDict(frozen=True)
 
-    activity_id: int
     before: tuple[Binding, ...]
     after: tuple[Binding, ...]
+    moves: tuple[tuple[Binding, Binding], ...] = ()
     rules: tuple[str, ...] = ()
     dry_run: bool = False
     notes: tuple[str, ...] = ()
 
     @property
     def add(self) -> list[Binding]:
-        return [b for b in self.after if b not in self.before]
+        moved_to = {target for _, target in self.moves}
+        return [b for b in self.after if b not in self.before and b not in moved_to]
 
     @property
     def remove(self) -> list[Binding]:
-        return [b for b in self.before if b not in self.after]
+        moved_from = {source for source, _ in self.moves}
+        return [b for b in self.before if b not in self.after and b not in moved_from]
 
     @property
     def changes(self) -> bool:
-        return bool(self.add or self.remove)
+        return set(self.before) != set(self.after)
+
+    def describe(self) -> dict[str, object]:
+        return {"before": [str(b) for b in self.before], "after": [str(b) for b in self.after],
+                "add": [str(b) for b in self.add], "remove": [str(b) for b in self.remove],
+                "move": [f"{s} -> {t}" for s, t in self.moves], "rules": list(self.rules),
+                "dry_run": self.dry_run, "notes": list(self.notes)}
+
+
+class ActivityPlan(ItemPlan):
+    activity_id: int
+
+
+class CommentPlan(ItemPlan):
+    comment_id: int
 
 
 class BindingPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     activities: tuple[ActivityPlan, ...] = ()
+    comments: tuple[CommentPlan, ...] = ()
     matched_rules: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not any(a.changes for a in self.activities)
+        return not any(item.changes for item in (*self.activities, *self.comments))
 
     def summary(self) -> list[dict[str, object]]:
-        """The plan as a job record shows it: before and after per activity."""
-        return [
-            {"activity": a.activity_id, "before": [str(b) for b in a.before], "after": [str(b) for b in a.after],
-             "add": [str(b) for b in a.add], "remove": [str(b) for b in a.remove], "rules": list(a.rules),
-             "dry_run": a.dry_run, "notes": list(a.notes)}
-            for a in self.activities
-        ]
+        """The plan as a job record shows it: before and after per activity and comment."""
+        return ([{"activity": a.activity_id, **a.describe()} for a in self.activities]
+                + [{"comment": c.comment_id, **c.describe()} for c in self.comments])
