@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 50  # commands per batch call (../shared/bitrix24-protocol.md §5)
 PAGE_SIZE = 50
+MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class RestClient:
                 return rows
             after_id = int(page[-1]["ID"])
 
-    async def _send(self, method: str, payload: dict[str, Any]) -> Answer:
+    async def _send(self, method: str, payload: dict[str, Any], moves: int = 0) -> Answer:
         await self._limiter.acquire(self.portal.name, self.portal.rate_limit.per_second,
                                     self.portal.rate_limit.burst)
         self.requests += 1
@@ -122,8 +123,11 @@ class RestClient:
             async with self._session.post(self._base + method, json=payload, allow_redirects=False,
                                           timeout=self._timeout) as response:
                 if response.status in (301, 302, 307, 308):
+                    if moves >= MAX_MOVES:
+                        raise ConfigError(method, "PORTAL_MOVED", "the portal keeps redirecting",
+                                          hint="Check the portal's address and update rest_url.")
                     self._follow_move(method, response.headers.get("Location", ""))
-                    return await self._send(method, payload)
+                    return await self._send(method, payload, moves + 1)
                 body = await response.read()
                 return _answer(method, response.status, body)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -105,10 +105,14 @@ def _position(node: yaml.Node) -> Position:
 def _describe_all(exc: ValidationError, data: Any, positions: dict[Loc, Position], filename: str) -> list[str]:
     """One line per wrong place in the file; union members that did not apply add nothing."""
     messages: dict[Loc, str] = {}
-    for err in exc.errors():
+    errors = [(err, _data_loc(tuple(err["loc"]), data, missing=err["type"] == "missing")) for err in exc.errors()]
+    # A key that is missing next to an unknown key is the same typo: report the unknown key only.
+    misspelt = {loc[:-1] for err, loc in errors if err["type"] == "extra_forbidden"}
+    for err, loc in errors:
         if err["type"] == "string_type" and isinstance(err.get("input"), dict):
             continue  # a mapping was meant for the other member of a `str | Model` union
-        loc = _data_loc(tuple(err["loc"]), data, missing=err["type"] == "missing")
+        if err["type"] == "missing" and loc[:-1] in misspelt:
+            continue
         if loc not in messages:
             messages[loc] = _describe(err, loc, data, positions, filename)
     return list(messages.values())
@@ -167,15 +171,18 @@ def _rule_name(loc: Loc, data: Any) -> str | None:
 
 def _allowed_keys(loc: Loc, data: Any) -> list[str]:
     from app.bitrix.portal import PortalConfig, RateLimit
-    from app.rules.model import Action, FixedTarget, Rule, When
+    from app.rules.model import Action, FixedTarget, Move, Rule, When
 
     shapes: list[tuple[Loc, type[BaseModel]]] = [
         (("rules", int, "when"), When), (("rules", int, "do", int, "bind", int), FixedTarget),
-        (("rules", int, "do", int), Action), (("rules", int), Rule),
+        (("rules", int, "do", int, "move"), Move), (("rules", int, "do", int), Action), (("rules", int), Rule),
         (("portals", str, "rate_limit"), RateLimit), (("portals", str), PortalConfig), ((), RuleSet),
     ]
+    if "when" in loc and (loc[-1] in ("when", "not") or (len(loc) > 1 and loc[-2] == "any")):
+        loc = ("rules", 0, "when")  # conditions nest inside `any` and `not`
     for pattern, model in shapes:
         if len(pattern) == len(loc) and all(p == part or (isinstance(p, type) and isinstance(part, p))
                                             for p, part in zip(pattern, loc)):
-            return [name for name in model.model_fields if name != "name" or model is not PortalConfig]
+            return [field.alias or name for name, field in model.model_fields.items()
+                    if name != "name" or model is not PortalConfig]
     return []

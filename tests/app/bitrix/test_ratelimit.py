@@ -14,7 +14,7 @@ from app.bitrix.ratelimit import SLOW_DOWN_SECONDS, RateLimiter
 
 @pytest.fixture
 async def second_connection(redis_url: str, redis: ArqRedis) -> AsyncIterator[Redis]:
-    """Another Redis connection, as a second worker process would have (the `redis` fixture flushed the db)."""
+    """A second Redis connection, as another worker process has (the `redis` fixture flushed the db)."""
     other = Redis.from_url(redis_url)
     yield other
     await other.aclose()

@@ -71,6 +71,24 @@ BROKEN = [
      "each step has exactly one of"),
     ("a rate limit of zero", VALID.replace("per_second: 2", "per_second: 0"),
      "rules.yaml:6:30: 'per_second': Input should be greater than 0"),
+    ("a move across types", VALID.replace("      - unbind: lead", "      - move: {from: lead, to: lead.contact}"),
+     "rules.yaml:13:15: 'move' in rule 'converted-lead-history-follows-client': a move stays within one "
+     "type: from lead cannot go to contact"),
+    ("a bad regular expression", VALID.replace("lead_status: converted", "subject_matches: '(unclosed'"),
+     "rules.yaml:10:45: 'subject_matches' in rule 'converted-lead-history-follows-client': not a valid regular "
+     "expression"),
+    ("a typo inside not", VALID.replace("lead_status: converted", "not: {subjct_contains: x}"),
+     "unknown key 'subjct_contains' in rule 'converted-lead-history-follows-client' at rules.yaml:10:34; "
+     "did you mean 'subject_contains'?"),
+    ("a wrong direction", VALID.replace("lead_status: converted", "direction: inbound"),
+     "'direction' in rule 'converted-lead-history-follows-client': Input should be 'incoming' or 'outgoing'"),
+    ("a typo in a move", VALID.replace("      - unbind: lead", "      - move: {form: deal, to: lead.deal}"),
+     "unknown key 'form' in rule 'converted-lead-history-follows-client' at rules.yaml:13:16; did you mean 'from'?"),
+    ("two rules that undo each other", VALID + "  - name: back\n    on: [ONCRMACTIVITYADD]\n    do: [{unbind: contact}]\n",
+     "rules.yaml:1:1: the file: rules 'converted-lead-history-follows-client' and 'back' bind and unbind "
+     "a contact on the same event"),
+    ("a portal without a token", VALID.replace("    application_token: ${B24_APPLICATION_TOKEN}\n", ""),
+     "rules.yaml:3:5: 'application_token': Field required"),
     ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': Field required"),
     ("an empty file", "", "rules.yaml:1:1: the rules file is empty"),
 ]

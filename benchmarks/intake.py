@@ -1,0 +1,227 @@
+"""Intake benchmark: events/s one web process accepts on one core, and latency at 1,000 events/s.
+
+    .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8]
+
+Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
+baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue. Each is a
+child process pinned to one core; the load generator (aiohttp client) is another child on another
+core. Redis is 127.0.0.1:6379 db 14 (BENCH_REDIS_URL overrides), flushed before each phase.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+from benchmarks.common import (bench_rules, bench_settings, event_body, flush_bench_db, free_port, pin_to_core,
+                               read_json_line, rss_mb, spawn, wait_for_port)
+
+KINDS = ("baseline", "service")
+
+
+# ---------------------------------------------------------------- the servers (child processes)
+
+
+async def serve(kind: str, port: int) -> None:
+    from aiohttp import web
+
+    from app import logs
+    from app.web import create_app
+
+    core = pin_to_core(0)
+    settings, rules = bench_settings(), bench_rules()
+    if kind == "service":
+        logs.configure(settings.log_level, [s for p in rules.portals.values() for s in p.secrets()])
+        app = create_app(settings, rules)
+    else:
+        app = baseline_app(settings.redis_url or "")
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print(json.dumps({"ready": kind, "core": core}), flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def baseline_app(redis_url: str) -> Any:
+    """A bare handler: read the form, enqueue the same arq job, answer its id. Nothing else."""
+    from aiohttp import web
+
+    from app.queue import PROCESS_EVENT, connect
+
+    async def receive(request: web.Request) -> web.Response:
+        form = await request.post()
+        job_id = f"{form['data[FIELDS][ID]']}-{form['ts']}"
+        await request.app["redis"].enqueue_job(PROCESS_EVENT, {"job_id": job_id, "event": form["event"]},
+                                               _job_id=job_id)
+        return web.json_response({"job_id": job_id})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def redis_context(app: web.Application) -> Any:
+        app["redis"] = await connect(redis_url)
+        yield
+        await app["redis"].aclose()
+
+    app = web.Application()
+    app.cleanup_ctx.append(redis_context)
+    app.router.add_post("/bitrix/events", receive)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+# ---------------------------------------------------------------- the load generator (child process)
+
+
+async def load(mode: str, port: int, seconds: float, rate: float, first_id: int) -> dict[str, Any]:
+    """`max`: 64 connections posting back to back. `rate`: open loop, one event every 1/rate s."""
+    import aiohttp
+
+    core = pin_to_core(1)
+    count = int(seconds * (rate if mode == "rate" else 20_000))
+    bodies = [event_body(first_id + i, 1766000000 + first_id + i) for i in range(count)]
+    url = f"http://127.0.0.1:{port}/bitrix/events"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    latencies: list[float] = []
+    failures = 0
+    connector = aiohttp.TCPConnector(limit=64 if mode == "max" else 512)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def post(body: bytes, due: float) -> None:
+            nonlocal failures
+            try:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - due)
+            else:
+                failures += 1
+
+        start = time.perf_counter()
+        if mode == "max":
+            sent = iter(bodies)
+
+            async def client() -> None:
+                for body in sent:
+                    if time.perf_counter() - start > seconds:
+                        return
+                    await post(body, time.perf_counter())
+
+            await asyncio.gather(*(client() for _ in range(64)))
+        else:
+            tasks = []
+            for i, body in enumerate(bodies):
+                due = start + i / rate  # latency counts from when the event was due, not when it left
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(post(body, due)))
+            await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"mode": mode, "core": core, "accepted": len(latencies), "failed": failures,
+            "per_second": len(latencies) / elapsed, "p50_ms": 1000 * quantile(latencies, 0.50),
+            "p99_ms": 1000 * quantile(latencies, 0.99), "max_ms": 1000 * (latencies[-1] if latencies else 0)}
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    flush_bench_db()
+    port = free_port()
+    server = spawn("benchmarks.intake", "serve", kind, str(port))
+    try:
+        ready = read_json_line(server)
+        wait_for_port(port)
+        time.sleep(0.5)
+        result: dict[str, Any] = {"kind": kind, "server_core": ready["core"], "rss_idle_mb": rss_mb(server.pid)}
+        run_load(port, "max", 1, 0, 10_000_000)  # warm-up: connections, pools, caches
+        flush_bench_db()
+        result["max"] = run_load(port, "max", args.max_seconds, 0, 20_000_000)
+        flush_bench_db()
+        result["rate"] = run_load(port, "rate", args.rate_seconds, args.rate, 30_000_000)
+        result["rss_after_mb"] = rss_mb(server.pid)
+        return result
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+
+
+def run_load(port: int, mode: str, seconds: float, rate: float, first_id: int) -> dict[str, Any]:
+    generator = spawn("benchmarks.intake", "load", mode, str(port), str(seconds), str(rate), str(first_id))
+    report = read_json_line(generator, timeout=seconds + 60)
+    generator.wait(10)
+    return report
+
+
+def table(results: dict[str, dict[str, Any]], rate: float) -> str:
+    base, service = results["baseline"], results["service"]
+    rows = [
+        ("max events/s (64 connections)", "max", "per_second", "{:,.0f}"),
+        (f"p50 ms at {rate:,.0f}/s", "rate", "p50_ms", "{:.2f}"),
+        (f"p99 ms at {rate:,.0f}/s", "rate", "p99_ms", "{:.2f}"),
+        (f"achieved /s at {rate:,.0f}/s", "rate", "per_second", "{:,.0f}"),
+        ("failed requests (max + rate)", None, "failed", "{:d}"),
+        ("RSS idle MiB", None, "rss_idle_mb", "{:.1f}"),
+        ("RSS after load MiB", None, "rss_after_mb", "{:.1f}"),
+    ]
+    lines = ["| measure | baseline (bare aiohttp + enqueue) | b24rebind web | service/baseline |",
+             "|---|---:|---:|---:|"]
+    for label, phase, key, fmt in rows:
+        if key == "failed":
+            b, s = (r["max"]["failed"] + r["rate"]["failed"] for r in (base, service))
+        else:
+            b, s = (r[phase][key] if phase else r[key] for r in (base, service))
+        ratio = f"{s / b:.2f}" if b else "-"
+        lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(s)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        asyncio.run(serve(argv[1], int(argv[2])))
+        return 0
+    if argv[:1] == ["load"]:
+        mode, port, seconds, rate, first_id = argv[1], int(argv[2]), float(argv[3]), float(argv[4]), int(argv[5])
+        print(json.dumps(asyncio.run(load(mode, port, seconds, rate, first_id))), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.intake", description=__doc__.split("\n")[0])
+    parser.add_argument("--max-seconds", type=float, default=6)
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--rate-seconds", type=float, default=8)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    results = {kind: measure(kind, args) for kind in KINDS}
+    print(table(results, args.rate))
+    cores = {r["server_core"] for r in results.values()}
+    print(f"\nservers on {', '.join(sorted(cores))}; load generator on {results['service']['max']['core']}; "
+          f"Redis unpinned; {time.perf_counter() - started:.0f} s in all")
+    ratio = results["service"]["max"]["per_second"] / results["baseline"]["max"]["per_second"]
+    p99 = results["service"]["rate"]["p99_ms"]
+    print(f"goals: rate >= 70% of baseline: {'met' if ratio >= 0.7 else 'NOT met'} ({ratio:.0%}); "
+          f"p99 < 10 ms at {args.rate:,.0f}/s: {'met' if p99 < 10 else 'NOT met'} ({p99:.2f} ms)")
+    if "--json" in sys.argv:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
