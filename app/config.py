@@ -1,14 +1,16 @@
 """Finding and loading the rules file the settings point at."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from dotenv import dotenv_values
 
-from app.rules.loader import load_rules, parse_rules
+from app.rules.loader import RulesError, load_rules, parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
 
@@ -30,3 +32,43 @@ def load_service_rules(settings: Settings) -> RuleSet:
     log.info("no %s here; using the built-in rules (see rules.example.yaml to write your own)", DEFAULT_RULES)
     text = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")
     return parse_rules(text, "built-in default rules", variables())
+
+
+class LiveRules:
+    """The rules in force, reloaded on SIGHUP or when the file changes; a broken file keeps the old ones."""
+
+    def __init__(self, rules: RuleSet, settings: Settings | None = None,
+                 adapt: Callable[[RuleSet], RuleSet] = lambda rules: rules) -> None:
+        self.current = rules
+        self.error: str | None = None
+        self._settings = settings
+        self._adapt = adapt  # e.g. adds the demo portal to every version of the file
+        self._stamp = self._file_stamp()
+
+    def reload(self) -> bool:
+        if self._settings is None:
+            return False
+        self._stamp = self._file_stamp()
+        try:
+            self.current = self._adapt(load_service_rules(self._settings))
+        except RulesError as exc:
+            self.error = f"{exc}; the previous rules stay in force"
+            log.error("rules not reloaded: %s", self.error)
+            return False
+        self.error = None
+        log.info("rules reloaded: %d rules, %d portals", len(self.current.rules), len(self.current.portals))
+        return True
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """Reload whenever the rules file's modification time or size changes."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._file_stamp() != self._stamp:
+                self.reload()
+
+    def _file_stamp(self) -> tuple[float, int] | None:
+        try:
+            stat = self._settings.rules.stat() if self._settings else None
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_size) if stat else None

@@ -16,11 +16,14 @@ from app.rules.model import RuleSet
 DEMO_DOMAIN = "demo.b24rebind.local"
 
 
-def with_demo_portal(rules: RuleSet, portal: FakePortal) -> tuple[RuleSet, PortalConfig]:
-    """The rules, plus the demo portal as their only portal."""
-    config = PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=portal.rest_url,
-                          application_token=secrets.token_hex(16), rate_limit=RateLimit(per_second=2, burst=50))
-    return rules.model_copy(update={"portals": {"demo": config}}), config
+def demo_portal_config(portal: FakePortal) -> PortalConfig:
+    return PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=portal.rest_url,
+                        application_token=secrets.token_hex(16), rate_limit=RateLimit(per_second=2, burst=50))
+
+
+def with_demo_portal(rules: RuleSet, config: PortalConfig) -> RuleSet:
+    """Rules without portals get the demo portal; a file that names its own portals is left alone."""
+    return rules if rules.portals else rules.model_copy(update={"portals": {"demo": config}})
 
 
 def event_body(portal: PortalConfig, event: str, entity_id: int, ts: int) -> str:

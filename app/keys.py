@@ -6,11 +6,11 @@ from aiohttp import web
 
 from app.jobs import JobStore
 from app.queue import JobQueue
-from app.rules.model import RuleSet
+from app.config import LiveRules
 from app.settings import Settings
 
 settings_key = web.AppKey("settings", Settings)
-rules_key = web.AppKey("rules", RuleSet)
+rules_key = web.AppKey("rules", LiveRules)
 redis_key = web.AppKey("redis", ArqRedis)
 queue_key = web.AppKey("queue", JobQueue)
 store_key = web.AppKey("store", JobStore)

@@ -14,7 +14,8 @@ PROCESS_EVENT = "process_event"
 
 
 def serialize(job: dict[str, Any]) -> bytes:
-    return json.dumps(job, separators=(",", ":")).encode()
+    # arq also stores a failed job's exception as its result: keep its text rather than fail.
+    return json.dumps(job, separators=(",", ":"), default=repr).encode()
 
 
 def deserialize(raw: bytes) -> dict[str, Any]:

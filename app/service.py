@@ -12,10 +12,9 @@ from aiohttp import web
 from app import demo, logs
 from app.bitrix.fake import FakePortal
 from app.bundled_redis import BundledRedis
-from app.config import load_service_rules
+from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
 from app.queue import connect
-from app.rules.model import RuleSet
 from app.settings import Settings
 from app.web import create_app
 from workers.main import build_worker
@@ -33,26 +32,31 @@ class Roles:
 
 async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
-    rules = load_service_rules(settings)
+    live = LiveRules(load_service_rules(settings), settings)
     async with AsyncExitStack() as stack:
         if not settings.redis_url:
             bundled = BundledRedis(settings.data_dir)
             settings = settings.model_copy(update={"redis_url": await asyncio.to_thread(bundled.start)})
             stack.callback(bundled.stop)
         fake = None
-        if roles.demo_portal and not rules.portals:
+        if roles.demo_portal and not live.current.portals:
             fake = FakePortal()
             await fake.start()
             stack.push_async_callback(fake.close)
-            rules, demo_config = demo.with_demo_portal(rules, fake)
-        logs.configure(settings.log_level, [s for p in rules.portals.values() for s in p.secrets()])
-        if not rules.portals:
+            demo_config = demo.demo_portal_config(fake)
+            live = LiveRules(demo.with_demo_portal(live.current, demo_config), settings,
+                             adapt=lambda rules: demo.with_demo_portal(rules, demo_config))
+        logs.configure(settings.log_level, [s for p in live.current.portals.values() for s in p.secrets()])
+        if not live.current.portals:
             log.warning("no portal is configured in %s: events will be refused until one is", settings.rules)
-        tasks = []
+        watcher = asyncio.create_task(live.watch())
+        stack.callback(watcher.cancel)
+        tasks: list[asyncio.Task[None]] = []
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.web:
-            base_url = await _start_web(stack, settings, rules)
+            base_url = await _start_web(stack, settings, live)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, rules))
+            tasks.append(await _start_worker(stack, settings, live))
         if fake is not None:
             _announce_demo(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
@@ -61,7 +65,7 @@ async def run(settings: Settings, roles: Roles) -> None:
         await _until_stopped(tasks)
 
 
-async def _start_web(stack: AsyncExitStack, settings: Settings, rules: RuleSet) -> str:
+async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
     runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
@@ -73,7 +77,7 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: RuleSet) 
     return url
 
 
-async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: RuleSet) -> asyncio.Task[None]:
+async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> asyncio.Task[None]:
     redis = await connect(settings.redis_url or "")
     worker = build_worker(settings, rules, redis, handle_signals=False)
     task = asyncio.create_task(worker.async_run())

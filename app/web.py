@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 from app.jobs import JobStore
 from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
-from app.rules.loader import load_rules
+from app.config import LiveRules, load_service_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.webhook import MAX_BODY, receive_event
@@ -19,11 +19,13 @@ from app.webhook import MAX_BODY, receive_event
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(settings: Settings, rules: RuleSet | None = None) -> web.Application:
+def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
     """Build the web application; `settings.redis_url` must point at a running Redis."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
     app[settings_key] = settings
-    app[rules_key] = rules if rules is not None else load_rules(settings.rules)
+    if rules is None:
+        rules = LiveRules(load_service_rules(settings), settings)
+    app[rules_key] = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     app.cleanup_ctx.append(redis_context)
     app.router.add_post("/bitrix/events", receive_event)
     app.router.add_get("/api/jobs/{job_id}", get_job)
@@ -75,7 +77,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    checks = {"rules": f"{len(request.app[rules_key].rules)} rules, {len(request.app[rules_key].portals)} portals"}
+    live = request.app[rules_key]
+    checks = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
+    if live.error:
+        checks["rules_error"] = live.error
     try:
         await request.app[redis_key].ping()
         checks["redis"] = "ok"
@@ -86,7 +91,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.Response:
-    rules = request.app[rules_key]
+    rules = request.app[rules_key].current
     return web.json_response({
         "service": "b24rebind",
         "events_url": "/bitrix/events",

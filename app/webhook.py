@@ -28,7 +28,7 @@ async def receive_event(request: web.Request) -> web.Response:
     except BadEvent as exc:
         return _answer(400, error=f"not a Bitrix24 event: {exc}")
 
-    rules = request.app[rules_key]
+    rules = request.app[rules_key].current
     portal = rules.portal_for_domain(event.domain)
     token_ok = portal is not None and hmac.compare_digest(
         event.application_token.encode(), portal.application_token.get_secret_value().encode())

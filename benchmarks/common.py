@@ -85,6 +85,12 @@ def rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU time a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def spawn(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     """This package's module in a child process, run from the repository root."""
     return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.DEVNULL,

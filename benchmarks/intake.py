@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import (bench_rules, bench_settings, event_body, flush_bench_db, free_port, pin_to_core,
-                               read_json_line, rss_mb, spawn, wait_for_port)
+from benchmarks.common import (bench_rules, bench_settings, cpu_seconds, event_body, flush_bench_db, free_port,
+                               pin_to_core, read_json_line, rss_mb, spawn, wait_for_port)
 
 KINDS = ("baseline", "service")
 
@@ -27,7 +27,7 @@ KINDS = ("baseline", "service")
 # ---------------------------------------------------------------- the servers (child processes)
 
 
-async def serve(kind: str, port: int) -> None:
+async def serve(kind: str, port: int, profile: str = "") -> None:
     from aiohttp import web
 
     from app import logs
@@ -46,7 +46,17 @@ async def serve(kind: str, port: int) -> None:
     print(json.dumps({"ready": kind, "core": core}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    profiler = None
+    if profile:
+        from pyinstrument import Profiler
+
+        profiler = Profiler(async_mode="disabled")
+        profiler.start()
     await stop.wait()
+    if profiler is not None:
+        profiler.stop()
+        with open(profile, "w") as out:
+            out.write(profiler.output_text(color=False))
     await runner.cleanup()
 
 
@@ -108,7 +118,7 @@ async def load(mode: str, port: int, seconds: float, rate: float, first_id: int)
             else:
                 failures += 1
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "max":
             sent = iter(bodies)
 
@@ -128,11 +138,12 @@ async def load(mode: str, port: int, seconds: float, rate: float, first_id: int)
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(post(body, due)))
             await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     latencies.sort()
     return {"mode": mode, "core": core, "accepted": len(latencies), "failed": failures,
             "per_second": len(latencies) / elapsed, "p50_ms": 1000 * quantile(latencies, 0.50),
-            "p99_ms": 1000 * quantile(latencies, 0.99), "max_ms": 1000 * (latencies[-1] if latencies else 0)}
+            "p99_ms": 1000 * quantile(latencies, 0.99), "max_ms": 1000 * (latencies[-1] if latencies else 0),
+            "elapsed": elapsed, "client_cpu": cpu / elapsed}
 
 
 def quantile(sorted_values: list[float], q: float) -> float:
@@ -147,17 +158,17 @@ def quantile(sorted_values: list[float], q: float) -> float:
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flush_bench_db()
     port = free_port()
-    server = spawn("benchmarks.intake", "serve", kind, str(port))
+    server = spawn("benchmarks.intake", "serve", kind, str(port), args.profile if kind == "service" else "")
     try:
         ready = read_json_line(server)
         wait_for_port(port)
         time.sleep(0.5)
         result: dict[str, Any] = {"kind": kind, "server_core": ready["core"], "rss_idle_mb": rss_mb(server.pid)}
-        run_load(port, "max", 1, 0, 10_000_000)  # warm-up: connections, pools, caches
+        run_load(port, "max", 1, 0, 10_000_000, server.pid)  # warm-up: connections, pools, caches
         flush_bench_db()
-        result["max"] = run_load(port, "max", args.max_seconds, 0, 20_000_000)
+        result["max"] = run_load(port, "max", args.max_seconds, 0, 20_000_000, server.pid)
         flush_bench_db()
-        result["rate"] = run_load(port, "rate", args.rate_seconds, args.rate, 30_000_000)
+        result["rate"] = run_load(port, "rate", args.rate_seconds, args.rate, 30_000_000, server.pid)
         result["rss_after_mb"] = rss_mb(server.pid)
         return result
     finally:
@@ -165,9 +176,11 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         server.wait(10)
 
 
-def run_load(port: int, mode: str, seconds: float, rate: float, first_id: int) -> dict[str, Any]:
+def run_load(port: int, mode: str, seconds: float, rate: float, first_id: int, server: int) -> dict[str, Any]:
     generator = spawn("benchmarks.intake", "load", mode, str(port), str(seconds), str(rate), str(first_id))
+    server_cpu = cpu_seconds(server)
     report = read_json_line(generator, timeout=seconds + 60)
+    report["server_cpu"] = (cpu_seconds(server) - server_cpu) / report["elapsed"]
     generator.wait(10)
     return report
 
@@ -179,6 +192,8 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
         (f"p50 ms at {rate:,.0f}/s", "rate", "p50_ms", "{:.2f}"),
         (f"p99 ms at {rate:,.0f}/s", "rate", "p99_ms", "{:.2f}"),
         (f"achieved /s at {rate:,.0f}/s", "rate", "per_second", "{:,.0f}"),
+        ("server CPU busy, max phase", "max", "server_cpu", "{:.0%}"),
+        ("load generator CPU busy, max phase", "max", "client_cpu", "{:.0%}"),
         ("failed requests (max + rate)", None, "failed", "{:d}"),
         ("RSS idle MiB", None, "rss_idle_mb", "{:.1f}"),
         ("RSS after load MiB", None, "rss_after_mb", "{:.1f}"),
@@ -197,7 +212,7 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
-        asyncio.run(serve(argv[1], int(argv[2])))
+        asyncio.run(serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else ""))
         return 0
     if argv[:1] == ["load"]:
         mode, port, seconds, rate, first_id = argv[1], int(argv[2]), float(argv[3]), float(argv[4]), int(argv[5])
@@ -207,6 +222,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-seconds", type=float, default=6)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--rate-seconds", type=float, default=8)
+    parser.add_argument("--profile", default="", help="write a pyinstrument profile of the service to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = {kind: measure(kind, args) for kind in KINDS}

@@ -37,8 +37,9 @@ class ChangeLog:
     async def record(self, activity_id: int, after: tuple[Binding, ...]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._key("applied", activity_id), fingerprint(after), ex=ECHO_SECONDS)
+            # SET NX starts the window once; INCR keeps its expiry (EXPIRE NX needs Redis 7).
+            pipe.set(self._key("changes", activity_id), 0, ex=CHANGE_WINDOW_SECONDS, nx=True)
             pipe.incr(self._key("changes", activity_id))
-            pipe.expire(self._key("changes", activity_id), CHANGE_WINDOW_SECONDS, nx=True)
             await pipe.execute()
 
     async def looping(self, activity_ids: list[int]) -> set[int]:

@@ -9,6 +9,7 @@ from arq.connections import ArqRedis
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
+from app.config import LiveRules
 from app.jobs import JobStore
 from app.queue import PROCESS_EVENT, deserialize, serialize
 from app.rules.model import RuleSet
@@ -36,9 +37,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["http"].close()
 
 
-def build_worker(settings: Settings, rules: RuleSet, redis: ArqRedis, **options: Any) -> Worker:
+def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> Worker:
     """A worker for the event queue; tests pass `burst=True` and their own ctx entries."""
-    ctx = {"settings": settings, "rules": rules, **options.pop("ctx", {})}
+    live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
+    ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}
     delays = ctx.get("retry_delays", RETRY_DELAYS)
     return Worker(
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=len(delays) + 1, timeout=JOB_TIMEOUT)],

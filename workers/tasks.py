@@ -24,7 +24,7 @@ RETRY_DELAYS = (5, 15, 60, 300, 900)
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     store: JobStore = ctx["store"]
-    rules: RuleSet = ctx["rules"]
+    rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
     record = await store.get(job["job_id"]) or JobRecord(id=job["job_id"], portal=job["portal"],
                                                          event=job["event"], entity_id=job["entity_id"],
                                                          event_ts=job.get("event_ts", ""))
@@ -53,6 +53,13 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
+    except Exception as exc:  # a bug or a Redis hiccup: record it on the job, and let arq try again
+        log.exception("job %s crashed", record.id)
+        last = ctx["job_try"] > len(ctx.get("retry_delays", RETRY_DELAYS))
+        record.end_attempt(JobState.FAILED if last else JobState.RETRYING, "crashed",
+                           {"code": "INTERNAL_ERROR", "description": type(exc).__name__,
+                            "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
+        raise
     finally:
         record.requests += client.requests
         await store.save(record)
