@@ -44,7 +44,9 @@ class JobRecord(BaseModel):
     event: str
     entity_id: int
     event_ts: str = ""
-    trigger: str = "webhook"
+    trigger: str = "webhook"  # webhook | backfill | retry
+    only_rule: str | None = None  # backfill --rule
+    dry_run: bool = False  # backfill --dry-run
     received_at: float = Field(default_factory=time.time)
     queued_at: float | None = None
     started_at: float | None = None
@@ -66,7 +68,8 @@ class JobRecord(BaseModel):
     def task_args(self) -> dict[str, Any]:
         """What the queue carries: enough to rebuild the record if it was lost."""
         return {"job_id": self.id, "portal": self.portal, "event": self.event, "entity_id": self.entity_id,
-                "event_ts": self.event_ts, "trigger": self.trigger}
+                "event_ts": self.event_ts, "trigger": self.trigger, "only_rule": self.only_rule,
+                "dry_run": self.dry_run}
 
     def begin_attempt(self, number: int) -> None:
         now = time.time()

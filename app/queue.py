@@ -11,6 +11,8 @@ from arq.connections import ArqRedis, RedisSettings
 from app.jobs import JobRecord, JobState, JobStore
 
 PROCESS_EVENT = "process_event"
+LIVE_QUEUE = "arq:queue"
+BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
 
 
 def serialize(job: dict[str, Any]) -> bytes:
@@ -51,4 +53,5 @@ class JobQueue:
         await self._enqueue(record)
 
     async def _enqueue(self, record: JobRecord) -> None:
-        await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id)
+        queue = BACKFILL_QUEUE if record.trigger == "backfill" else LIVE_QUEUE
+        await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id, _queue_name=queue)

@@ -14,7 +14,7 @@ from app.bitrix.fake import FakePortal
 from app.bundled_redis import BundledRedis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
-from app.queue import connect
+from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from app.settings import Settings
 from app.web import create_app
 from workers.main import build_worker
@@ -56,7 +56,9 @@ async def run(settings: Settings, roles: Roles) -> None:
         if roles.web:
             base_url = await _start_web(stack, settings, live)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, live))
+            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, max_jobs=10))
+            # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
+            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
         if fake is not None:
             _announce_demo(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
@@ -77,9 +79,10 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
     return url
 
 
-async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> asyncio.Task[None]:
+async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
+                        max_jobs: int) -> asyncio.Task[None]:
     redis = await connect(settings.redis_url or "")
-    worker = build_worker(settings, rules, redis, handle_signals=False)
+    worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
     task = asyncio.create_task(worker.async_run())
 
     async def stop() -> None:

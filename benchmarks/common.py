@@ -93,7 +93,8 @@ def cpu_seconds(pid: int | str = "self") -> float:
 
 def spawn(*args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
     """This package's module in a child process, run from the repository root."""
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdin=subprocess.PIPE, stdout=stdout,
+                            stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

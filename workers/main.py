@@ -45,6 +45,5 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     return Worker(
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=len(delays) + 1, timeout=JOB_TIMEOUT)],
         redis_pool=redis, ctx=ctx, on_startup=startup, on_shutdown=shutdown,
-        job_serializer=serialize, job_deserializer=deserialize, keep_result=3600, max_jobs=10,
-        **options,
+        job_serializer=serialize, job_deserializer=deserialize, keep_result=3600, **{"max_jobs": 10, **options},
     )

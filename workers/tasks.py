@@ -25,9 +25,7 @@ RETRY_DELAYS = (5, 15, 60, 300, 900)
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     store: JobStore = ctx["store"]
     rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
-    record = await store.get(job["job_id"]) or JobRecord(id=job["job_id"], portal=job["portal"],
-                                                         event=job["event"], entity_id=job["entity_id"],
-                                                         event_ts=job.get("event_ts", ""))
+    record = await store.get(job["job_id"]) or JobRecord.model_validate({**job, "id": job["job_id"]})
     record.begin_attempt(ctx["job_try"])
     await store.save(record)
     portal = rules.portals.get(record.portal)
@@ -37,9 +35,10 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
         await store.save(record)
         return record.state.value
-    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"])
+    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
+                        low_priority=record.trigger == "backfill")
     try:
-        await _run(record, client, rules, ChangeLog(ctx["redis"], portal.name))
+        await _run(record, client, restrict(rules, record), ChangeLog(ctx["redis"], portal.name))
     except TransientError as exc:
         delays = ctx.get("retry_delays", RETRY_DELAYS)
         if ctx["job_try"] > len(delays):
@@ -90,6 +89,13 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: C
         dry = sum(o.status == "dry_run" for o in outcomes)
         record.end_attempt(JobState.SUCCEEDED, f"re-bound {changed} items"
                            + (f"; {dry} left as they are (dry run)" if dry else ""))
+
+
+def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:
+    """A backfill may run one rule only, or only plan."""
+    if record.only_rule:
+        rules = rules.model_copy(update={"rules": [r for r in rules.rules if r.name == record.only_rule]})
+    return rules.model_copy(update={"mode": "dry_run"}) if record.dry_run else rules
 
 
 async def _hold_back_loops(plan: BindingPlan, changes: ChangeLog) -> BindingPlan:

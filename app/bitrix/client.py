@@ -70,13 +70,15 @@ class RestClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, portal: PortalConfig, limiter: RateLimiter,
-                 *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0) -> None:
+                 *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0, low_priority: bool = False) -> None:
         self._session = session
         self.portal = portal
         self._limiter = limiter
         self._retry = retry
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._base = portal.rest_url.get_secret_value()
+        # Low-priority work (backfill) leaves half the burst to live events.
+        self._reserve = portal.rate_limit.burst // 2 if low_priority else 0
         self.requests = 0
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, write: bool = False) -> Answer:
@@ -117,7 +119,7 @@ class RestClient:
 
     async def _send(self, method: str, payload: dict[str, Any], moves: int = 0) -> Answer:
         await self._limiter.acquire(self.portal.name, self.portal.rate_limit.per_second,
-                                    self.portal.rate_limit.burst)
+                                    self.portal.rate_limit.burst, self._reserve)
         self.requests += 1
         try:
             async with self._session.post(self._base + method, json=payload, allow_redirects=False,

@@ -7,6 +7,7 @@ so callers wait before the portal would refuse them.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 # While a portal has recently refused us, the drain rate is halved (the `slow` key).
 _LEAKY_BUCKET = """
 local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
+local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
 if redis.call('EXISTS', KEYS[2]) == 1 then rate = rate / 2 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -55,11 +56,12 @@ class RateLimiter:
         self._fill = redis.register_script(_FILL_BUCKET)
         self.stats = RateLimitStats()
 
-    async def acquire(self, portal: str, per_second: float, burst: int) -> None:
+    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
+        """Wait for a slot. `reserve` slots of the burst are left to others (backfill leaves half to live events)."""
         # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
         while True:
             keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-            wait = float(await self._script(keys=keys, args=[per_second, burst]))
+            wait = float(await self._script(keys=keys, args=[per_second, burst, reserve]))
             if wait <= 0:
                 return
             self.stats.waits += 1
@@ -70,3 +72,28 @@ class RateLimiter:
         """The portal refused a request: treat the bucket as full and halve the rate for a while."""
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
         await self._fill(keys=keys, args=[burst, SLOW_DOWN_SECONDS])
+
+
+class LocalRateLimiter:
+    """The same leaky bucket in this process only: for one-off commands that run without Redis."""
+
+    def __init__(self) -> None:
+        self._level: dict[str, tuple[float, float]] = {}
+        self.stats = RateLimitStats()
+
+    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
+        while True:
+            level, since = self._level.get(portal, (0.0, time.monotonic()))
+            now = time.monotonic()
+            level = max(0.0, level - (now - since) * per_second)
+            if level + 1 <= burst - reserve:
+                self._level[portal] = (level + 1, now)
+                return
+            self._level[portal] = (level, now)
+            wait = (level + 1 - burst + reserve) / per_second
+            self.stats.waits += 1
+            self.stats.waited_seconds += wait
+            await asyncio.sleep(wait)
+
+    async def slow_down(self, portal: str, burst: int) -> None:
+        self._level[portal] = (float(burst), time.monotonic())

@@ -63,7 +63,7 @@ class FakeLimiter:
         self.acquired: list[tuple[str, float, int]] = []
         self.slowed: list[tuple[str, int]] = []
 
-    async def acquire(self, portal: str, per_second: float, burst: int) -> None:
+    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         self.acquired.append((portal, per_second, burst))
 
     async def slow_down(self, portal: str, burst: int) -> None:
@@ -80,7 +80,7 @@ class StopAfter(FakeLimiter):
         super().__init__()
         self.n = n
 
-    async def acquire(self, portal: str, per_second: float, burst: int) -> None:
+    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         await super().acquire(portal, per_second, burst)
         if len(self.acquired) > self.n:
             raise self.TooManyRequests(f"{len(self.acquired)} requests")
