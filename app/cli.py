@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app import commands, service
+from app import commands, jobs_cli, service
 from app.config import load_service_rules, variables
 from app.rules.loader import RulesError, load_rules
 from app.settings import Settings
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"b24rebind: bad setting in the environment or .env:\n{exc}", file=sys.stderr)
         return 2
+    if args.command in jobs_cli.COMMANDS:
+        return jobs_cli.run_command(args, settings)
     if args.command == "rules" and args.rules_command == "check":
         return check_rules(Path(args.file) if args.file else None, settings)
     try:
@@ -50,6 +52,9 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "backfill":
         return asyncio.run(commands.backfill_command(settings, args.since, args.rule, args.dry_run, args.portal,
                                                      wait=not args.no_wait))
+    if args.command == "reconcile":
+        from workers.reconcile import reconcile_command
+        return asyncio.run(reconcile_command(settings, args.portal))
     if args.rules_command == "explain":
         return asyncio.run(commands.explain_command(settings, args.activity, args.lead, args.portal, args.event))
     return commands.test_command(Path(args.file or "rules.tests.yaml"), settings)
@@ -69,6 +74,7 @@ def check_rules(path: Path | None, settings: Settings) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="b24rebind", description=__doc__)
     commands_ = parser.add_subparsers(dest="command", required=True)
+    jobs_cli.add_commands(commands_)
     commands_.add_parser("serve", help="the web process: receives portal events and queues them")
     commands_.add_parser("worker", help="a worker: applies the rules to queued events")
     commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
@@ -91,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true", help="record the plans, write nothing")
     backfill.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     backfill.add_argument("--no-wait", action="store_true", help="only queue; running workers do the work")
+    reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
+    reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
 
 

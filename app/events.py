@@ -29,7 +29,7 @@ class PortalEvent(BaseModel):
 
     @classmethod
     def from_body(cls, content_type: str, body: bytes) -> PortalEvent:
-        return cls.from_mapping(_decode(content_type, body))
+        return cls.from_mapping(decode_body(content_type, body))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> PortalEvent:
@@ -53,7 +53,7 @@ class PortalEvent(BaseModel):
                    application_token=_text(auth, "application_token", "auth[application_token]"))
 
 
-def _decode(content_type: str, body: bytes) -> dict[str, Any]:
+def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

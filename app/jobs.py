@@ -5,8 +5,13 @@ every change and every attempt, and outlive the queue entry for the retention pe
 """
 from __future__ import annotations
 
+import base64
+import builtins
 import hashlib
+import json
+import math
 import time
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -15,6 +20,11 @@ from redis.asyncio import Redis
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
+INDEX_PREFIX = "b24:jobs:"  # sorted sets per state, portal, event, rule and trigger, also by time received
+INDEXES = "b24:jobs:indexes"  # the names of those sorted sets, for trimming
+FEED = "b24:jobs:feed"  # pub/sub channel: a job's summary at each transition
+MAX_RECORDS = 200_000  # bounds memory whatever the retention: ~2 KiB a record
+TRIM_EVERY = 60.0  # seconds between trims done in passing by `create`
 
 
 class JobState(str, Enum):
@@ -24,9 +34,10 @@ class JobState(str, Enum):
     SKIPPED = "skipped"
     RETRYING = "retrying"
     FAILED = "failed"
+    DEAD = "dead"  # a passing failure that outlasted every retry: a dead letter, to replay
 
 
-FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED)
+FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD)
 
 
 class Attempt(BaseModel):
@@ -47,6 +58,7 @@ class JobRecord(BaseModel):
     trigger: str = "webhook"  # webhook | backfill | retry
     only_rule: str | None = None  # backfill --rule
     dry_run: bool = False  # backfill --dry-run
+    lead_id: int | None = None  # the lead the work is about, once known (saves a read on each retry)
     received_at: float = Field(default_factory=time.time)
     queued_at: float | None = None
     started_at: float | None = None
@@ -71,42 +83,204 @@ class JobRecord(BaseModel):
                 "event_ts": self.event_ts, "trigger": self.trigger, "only_rule": self.only_rule,
                 "dry_run": self.dry_run}
 
+    @property
+    def failures(self) -> int:
+        """Attempts that failed for a passing reason; waiting for a lock or a time budget does not count."""
+        return sum(1 for attempt in self.attempts if attempt.outcome in ("retrying", "crashed"))
+
     def begin_attempt(self, number: int) -> None:
         now = time.time()
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
         self.attempts.append(Attempt(number=number, started_at=now))
 
-    def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None) -> None:
+    def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
+                    attempt_outcome: str | None = None) -> None:
         now = time.time()
         self.state, self.outcome, self.error = state, outcome, error
         if self.attempts:
             attempt = self.attempts[-1]
-            attempt.finished_at, attempt.outcome, attempt.error = now, state.value, error
+            attempt.finished_at, attempt.outcome, attempt.error = now, attempt_outcome or state.value, error
         if state in FINAL_STATES:
             self.finished_at = now
 
+    def summary(self) -> dict[str, Any]:
+        """The record without its plan and changes: what job lists and live updates carry."""
+        error = self.error or {}
+        return {"id": self.id, "state": self.state.value, "portal": self.portal, "event": self.event,
+                "entity_id": self.entity_id, "trigger": self.trigger, "rules": self.rules,
+                "received_at": self.received_at, "started_at": self.started_at, "finished_at": self.finished_at,
+                "outcome": self.outcome, "attempts": len(self.attempts), "requests": self.requests,
+                "changes": len(self.changes), "error": {k: error.get(k) for k in ("code", "description",
+                                                                                   "what_to_do")} if error else None}
+
+    def index_keys(self) -> list[str]:
+        """The sorted sets that find this record by state, portal, event, trigger and rule."""
+        return [f"{INDEX_PREFIX}state:{self.state.value}", f"{INDEX_PREFIX}portal:{self.portal}",
+                f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
+                *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
+
+
+class JobQuery(BaseModel):
+    """Filters for a job list; each is optional, all given ones must hold. Times are Unix seconds."""
+
+    state: JobState | None = None
+    portal: str | None = None
+    event: str | None = None
+    rule: str | None = None
+    trigger: str | None = None
+    entity: int | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def matches(self, record: JobRecord) -> bool:
+        return ((self.state is None or record.state == self.state)
+                and (self.portal is None or record.portal == self.portal)
+                and (self.event is None or record.event == self.event)
+                and (self.rule is None or self.rule in record.rules)
+                and (self.trigger is None or record.trigger == self.trigger)
+                and (self.entity is None or record.entity_id == self.entity)
+                and (self.since is None or record.received_at >= self.since)
+                and (self.until is None or record.received_at <= self.until))
+
+    def index_key(self) -> str:
+        """The smallest sorted set known to hold every match: states are the usual filter."""
+        for name in ("state", "rule", "event", "portal", "trigger"):
+            value = getattr(self, name)
+            if value is not None:
+                return f"{INDEX_PREFIX}{name}:{value.value if isinstance(value, JobState) else value}"
+        return JOB_INDEX
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page ended: the last job's time received and id (ties in time are ordered by id)."""
+
+    score: float
+    job_id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(f"{self.score!r}|{self.job_id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """Raises ValueError for anything that is not a cursor this store made."""
+        try:
+            score, job_id = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().split("|", 1)
+            cursor = cls(float(score), job_id)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError("not a cursor from a previous page") from exc
+        if not math.isfinite(cursor.score) or not job_id.isalnum():
+            raise ValueError("not a cursor from a previous page")
+        return cursor
+
+    def passed(self, score: float, job_id: str) -> bool:
+        """Whether an entry comes after the cursor, newest first (Redis orders equal scores by id)."""
+        return score < self.score or (score == self.score and job_id < self.job_id)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    records: list[JobRecord]
+    next_cursor: str | None
+
 
 class JobStore:
-    """Job records in Redis, each expiring after the retention period."""
+    """Job records in Redis, each expiring after the retention period, findable through indexes."""
 
-    def __init__(self, redis: Redis, retention_seconds: float) -> None:
+    def __init__(self, redis: Redis, retention_seconds: float, max_records: int = MAX_RECORDS) -> None:
         self._redis = redis
         self._ttl = int(retention_seconds)
+        self._max_records = max_records
+        self._next_trim = 0.0
 
     async def create(self, record: JobRecord) -> bool:
         """Store a new record; False when one with this id already exists."""
         created = await self._redis.set(JOB_KEY + record.id, record.model_dump_json(), nx=True, ex=self._ttl)
         if created:
-            await self._redis.zadd(JOB_INDEX, {record.id: record.received_at})
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._index(pipe, record)
+                await pipe.execute()
+            if time.time() >= self._next_trim:
+                await self.trim()
         return bool(created)
 
     async def save(self, record: JobRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(JOB_KEY + record.id, record.model_dump_json(), ex=self._ttl)
-            pipe.zadd(JOB_INDEX, {record.id: record.received_at})
+            self._index(pipe, record)
             await pipe.execute()
+
+    def _index(self, pipe: Any, record: JobRecord) -> None:
+        keys = record.index_keys()
+        for state in JobState:
+            if state != record.state:
+                pipe.zrem(f"{INDEX_PREFIX}state:{state.value}", record.id)
+        for key in (JOB_INDEX, *keys):
+            pipe.zadd(key, {record.id: record.received_at})
+        pipe.sadd(INDEXES, *keys)
+        # Subscribers see each transition in the order the saves happen.
+        pipe.publish(FEED, json.dumps(record.summary()))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.get(JOB_KEY + job_id)
         return JobRecord.model_validate_json(raw) if raw else None
+
+    async def list(self, query: JobQuery, limit: int = 50, cursor: Cursor | None = None) -> JobPage:
+        """Matching records, newest first, and the cursor of the next page (None on the last page)."""
+        found: builtins.list[JobRecord] = []
+        top = cursor.score if cursor else (query.until if query.until is not None else "+inf")
+        bottom = query.since if query.since is not None else "-inf"
+        batch, offset = max(2 * limit, 100), 0
+        while len(found) <= limit:
+            entries = await self._redis.zrevrangebyscore(query.index_key(), top, bottom, start=offset, num=batch,
+                                                         withscores=True)
+            offset += len(entries)
+            ids = [job_id.decode() for job_id, score in entries
+                   if cursor is None or cursor.passed(score, job_id.decode())]
+            found += [r for r in await self._load(ids) if query.matches(r)]
+            if len(entries) < batch:
+                break
+        page = found[:limit]
+        more = len(found) > limit
+        return JobPage(page, Cursor(page[-1].received_at, page[-1].id).encode() if more else None)
+
+    async def _load(self, ids: builtins.list[str]) -> builtins.list[JobRecord]:
+        if not ids:
+            return []
+        raws = await self._redis.mget([JOB_KEY + job_id for job_id in ids])
+        return [JobRecord.model_validate_json(raw) for raw in raws if raw]
+
+    async def counts(self) -> dict[str, int]:
+        """How many records are in each state."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for state in JobState:
+                pipe.zcard(f"{INDEX_PREFIX}state:{state.value}")
+            sizes = await pipe.execute()
+        return {state.value: int(size) for state, size in zip(JobState, sizes)}
+
+    async def trim(self, now: float | None = None) -> int:
+        """Forget records past the retention period, and the oldest beyond the record cap; returns how many."""
+        now = time.time() if now is None else now
+        self._next_trim = now + TRIM_EVERY
+        cutoff = now - self._ttl
+        excess = await self._redis.zcard(JOB_INDEX) - self._max_records
+        if excess > 0:
+            oldest = await self._redis.zrange(JOB_INDEX, excess - 1, excess - 1, withscores=True)
+            cutoff = max(cutoff, oldest[0][1])
+        ids = await self._redis.zrangebyscore(JOB_INDEX, "-inf", cutoff)
+        indexes = [key.decode() for key in await self._redis.smembers(INDEXES)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for start in range(0, len(ids), 1000):
+                pipe.delete(*(JOB_KEY + job_id.decode() for job_id in ids[start:start + 1000]))
+            for key in (JOB_INDEX, *indexes):
+                pipe.zremrangebyscore(key, "-inf", cutoff)
+            await pipe.execute()
+        # An index emptied by trimming no longer exists; stop listing it.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in indexes:
+                pipe.exists(key)
+            gone = [key for key, exists in zip(indexes, await pipe.execute()) if not exists]
+        if gone:
+            await self._redis.srem(INDEXES, *gone)
+        return len(ids)

@@ -17,6 +17,7 @@ from app.jobs import JobStore
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from app.settings import Settings
 from app.web import create_app
+from app.webhook import HEADER_LIMITS
 from workers.main import build_worker
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,12 @@ async def run(settings: Settings, roles: Roles) -> None:
         stack.callback(watcher.cancel)
         tasks: list[asyncio.Task[None]] = []
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
-        if roles.web:
-            base_url = await _start_web(stack, settings, live)
         if roles.worker:
             tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, max_jobs=10))
             # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
             tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
+        if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
+            base_url = await _start_web(stack, settings, live)
         if fake is not None:
             _announce_demo(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
@@ -68,7 +69,7 @@ async def run(settings: Settings, roles: Roles) -> None:
 
 
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
-    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30)
+    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -31,3 +31,29 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(default="INFO", validation_alias=_env("LOG_LEVEL"))
     data_dir: Path = Field(default=Path("var"), validation_alias=_env("B24_DATA_DIR"))
     job_retention_days: float = Field(default=14, gt=0, validation_alias=_env("B24_JOB_RETENTION_DAYS"))
+    spool_dir: Path | None = Field(
+        default=None,
+        validation_alias=_env("B24_SPOOL_DIR"),
+        description="Where events wait on disk while Redis is unreachable; unset: <data_dir>/spool.",
+    )
+    allowed_sources: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default=[],
+        validation_alias=_env("B24_ALLOWED_SOURCES"),
+        description="Addresses (or networks) allowed to post events; empty allows any.",
+    )
+    reconcile_interval: float = Field(
+        default=900, ge=0, validation_alias=_env("B24_RECONCILE_INTERVAL"),
+        description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
+    )
+
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from app.api import setup_api
+from app.dashboard import setup_dashboard
 from app.jobs import JobStore
 from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
 from app.config import LiveRules, load_service_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.spool import spool_context
 from app.webhook import MAX_BODY, receive_event
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -27,11 +30,13 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
         rules = LiveRules(load_service_rules(settings), settings)
     app[rules_key] = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     app.cleanup_ctx.append(redis_context)
+    app.cleanup_ctx.append(spool_context)  # after Redis: drains into it, and stops before it closes
     app.router.add_post("/bitrix/events", receive_event)
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/", index)
+    setup_api(app)
+    setup_dashboard(app)
     return app
 
 
@@ -50,7 +55,7 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
 @web.middleware
 async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token, loopback only."""
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") or request.path == "/metrics":
         token = request.app[settings_key].api_token
         if token is None:
             if not _is_loopback(request.remote):
@@ -88,17 +93,6 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
         return web.json_response({"status": "unavailable", **checks}, status=503)
     return web.json_response({"status": "ready", **checks})
-
-
-async def index(request: web.Request) -> web.Response:
-    rules = request.app[rules_key].current
-    return web.json_response({
-        "service": "b24rebind",
-        "events_url": "/bitrix/events",
-        "portals": sorted(rules.portals),
-        "rules": [rule.name for rule in rules.rules],
-        "jobs": "/api/jobs/{job_id}",
-    })
 
 
 def _is_loopback(remote: str | None) -> bool:

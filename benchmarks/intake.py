@@ -1,6 +1,6 @@
 """Intake benchmark: events/s one web process accepts on one core, and latency at 1,000 events/s.
 
-    .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8]
+    .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8] [--uvloop]
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
 baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue. Each is a
@@ -13,13 +13,24 @@ import argparse
 import asyncio
 import json
 import signal
-import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (bench_rules, bench_settings, cpu_seconds, event_body, flush_bench_db, free_port,
-                               pin_to_core, read_json_line, rss_mb, spawn, wait_for_port)
+from benchmarks.common import (
+    bench_rules,
+    bench_settings,
+    cpu_seconds,
+    event_body,
+    flush_bench_db,
+    free_port,
+    pin_to_core,
+    read_json_line,
+    rss_mb,
+    spawn,
+    wait_for_port,
+)
 
 KINDS = ("baseline", "service")
 
@@ -55,8 +66,7 @@ async def serve(kind: str, port: int, profile: str = "") -> None:
     await stop.wait()
     if profiler is not None:
         profiler.stop()
-        with open(profile, "w") as out:
-            out.write(profiler.output_text(color=False))
+        await asyncio.to_thread(Path(profile).write_text, profiler.output_text(color=False))
     await runner.cleanup()
 
 
@@ -158,7 +168,8 @@ def quantile(sorted_values: list[float], q: float) -> float:
 def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flush_bench_db()
     port = free_port()
-    server = spawn("benchmarks.intake", "serve", kind, str(port), args.profile if kind == "service" else "")
+    server = spawn("benchmarks.intake", "serve", kind, str(port), args.profile if kind == "service" else "",
+                   *(["--uvloop"] if args.uvloop else []))
     try:
         ready = read_json_line(server)
         wait_for_port(port)
@@ -212,6 +223,10 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
+        if "--uvloop" in argv:
+            import uvloop
+
+            uvloop.install()
         asyncio.run(serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else ""))
         return 0
     if argv[:1] == ["load"]:
@@ -222,6 +237,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-seconds", type=float, default=6)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--rate-seconds", type=float, default=8)
+    parser.add_argument("--uvloop", action="store_true", help="run both servers on uvloop (pip install uvloop)")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the service to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -16,10 +16,19 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (bench_rules, bench_settings, cpu_seconds, flush_bench_db, pin_to_core,
-                               read_json_line, rss_mb, spawn)
+from benchmarks.common import (
+    bench_rules,
+    bench_settings,
+    cpu_seconds,
+    flush_bench_db,
+    pin_to_core,
+    read_json_line,
+    rss_mb,
+    spawn,
+)
 
 KINDS = ("baseline", "service")
 EVENT = "ONCRMACTIVITYADD"
@@ -83,8 +92,7 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if profiler is not None:
         profiler.stop()
-        with open(profile, "w") as out:
-            out.write(profiler.output_text(color=False))
+        await asyncio.to_thread(Path(profile).write_text, profiler.output_text(color=False))
     print(json.dumps({"complete": worker.jobs_complete, "failed": worker.jobs_failed, "retried": worker.jobs_retried,
                       "elapsed": elapsed, "cpu": cpu / elapsed, "rss_after_mb": rss_mb()}), flush=True)
     await worker.close()

@@ -103,11 +103,11 @@ async def make_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> As
     """Workers that drain the queue and stop (burst mode), with fast retries."""
     made: list[Worker] = []
 
-    def make(rules: RuleSet = rules, queue_name: str = LIVE_QUEUE, **ctx: Any) -> Worker:
+    def make(rules: RuleSet = rules, queue_name: str = LIVE_QUEUE, max_jobs: int = 10, **ctx: Any) -> Worker:
         ctx = {"retry_policy": RetryPolicy(attempts=3, base=0.01, cap=0.05),
                "retry_delays": (0.05, 0.1, 0.2, 0.3, 0.5), **ctx}
         worker = build_worker(settings, rules, redis, burst=True, poll_delay=0.01, handle_signals=False, ctx=ctx,
-                              queue_name=queue_name)
+                              queue_name=queue_name, max_jobs=max_jobs)
         made.append(worker)
         return worker
 

@@ -42,13 +42,19 @@ class FactReader:
         self._needs = rules.needs()
         self._is_echo = is_echo
 
-    async def for_event(self, event: str, entity_id: int) -> Facts:
+    async def lead_behind(self, event: str, entity_id: int) -> int | None:
+        """The lead an event's work is about: the lead itself, or the lead a contact/company/deal came from."""
+        if event in LEAD_EVENTS:
+            return entity_id
+        if event in CHILD_GETTERS:
+            return await self._lead_of(CHILD_GETTERS[event], entity_id) or None
+        return None
+
+    async def for_event(self, event: str, entity_id: int, lead_id: int | None = None) -> Facts:
         if event in ACTIVITY_EVENTS:
             return await self.for_activity(event, entity_id)
-        if event in LEAD_EVENTS:
-            return await self.for_lead(event, entity_id)
-        if event in CHILD_GETTERS:
-            lead_id = await self._lead_of(CHILD_GETTERS[event], entity_id)
+        if event in LEAD_EVENTS or event in CHILD_GETTERS:
+            lead_id = lead_id or await self.lead_behind(event, entity_id)
             return await self.for_lead(event, lead_id) if lead_id else self._facts(event)
         return self._facts(event)
 

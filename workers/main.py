@@ -1,24 +1,32 @@
 """The arq worker: resources made once at startup, the job function, and its policies."""
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import aiohttp
-from arq import Worker, func
+from arq import Worker, cron, func
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from redis.exceptions import RedisError
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.jobs import JobStore
-from app.queue import PROCESS_EVENT, deserialize, serialize
+from app.queue import LIVE_QUEUE, PROCESS_EVENT, deserialize, serialize
 from app.rules.model import RuleSet
 from app.settings import Settings
-from workers.tasks import RETRY_DELAYS, process_event
+from workers.locks import LEASE  # a dead worker's job, and its lead, are free again after this
+from workers.reconcile import TICK, reconcile_job
+from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event
 
-# A job reads a lead's activities and writes their bindings; even a 10,000-activity lead stays well
-# inside ten minutes at the portal's rate. A dead worker's job is picked up again after this.
-JOB_TIMEOUT = 600
+log = logging.getLogger(__name__)
+
+# Retries are counted on the job record (waiting for a lock or a time budget is free); this only
+# stops a job that keeps waiting for hours.
+MAX_TRIES = 200
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -37,13 +45,52 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["http"].close()
 
 
+class LeasedWorker(Worker):
+    """A worker whose claim on a running job is a lease it renews, so a killed worker's job runs again soon.
+
+    arq marks a started job with an in-progress key that lives for the job timeout plus 10 s; a worker
+    killed with SIGKILL leaves that key, and the job waits the whole timeout (ten minutes) before another
+    worker may take it. Here the key lives LEASE seconds and the worker renews it while the job runs:
+    a live job keeps its claim up to the job timeout, a dead worker's job is free again within LEASE.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = LEASE
+
+    async def main(self) -> None:
+        heartbeat = asyncio.create_task(self._renew_leases())
+        try:
+            await super().main()
+        finally:
+            heartbeat.cancel()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE / 3)
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if not running:
+                continue
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once it ended
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:  # Redis is away; the next beat tries again
+                log.warning("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)
+
+
 def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> Worker:
     """A worker for the event queue; tests pass `burst=True` and their own ctx entries."""
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}
-    delays = ctx.get("retry_delays", RETRY_DELAYS)
-    return Worker(
-        functions=[func(process_event, name=PROCESS_EVENT, max_tries=len(delays) + 1, timeout=JOB_TIMEOUT)],
+    # Long-running live workers sweep for missed events; a gate in Redis keeps it to one sweep an interval.
+    sweeps = settings.reconcile_interval and not options.get("burst") and \
+        options.get("queue_name", LIVE_QUEUE) == LIVE_QUEUE
+    return LeasedWorker(
+        functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT)],
+        cron_jobs=[cron(reconcile_job, second=set(range(0, 60, TICK)), timeout=JOB_TIMEOUT, max_tries=1)]
+        if sweeps else None,
         redis_pool=redis, ctx=ctx, on_startup=startup, on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600, **{"max_jobs": 10, **options},
     )

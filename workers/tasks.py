@@ -2,24 +2,35 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from arq import Retry
 
+from app.audit import AuditLog
 from app.bitrix.client import RestClient
-from app.bitrix.errors import B24Error, ConfigError, TransientError
+from app.bitrix.budget import MethodBudget
+from app.bitrix.oauth import OAuthSession
+from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.jobs import JobRecord, JobState, JobStore
+from app.metrics import MeteredRestClient, record_attempt
 from app.rules.engine import plan as make_plan
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from workers.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from workers.executor import execute
+from app.rules.facts import Facts
 from workers.facts import Echo, FactReader, Gone
+from workers.locks import Busy, LeadLock
 
 log = logging.getLogger(__name__)
 
 # Seconds before each retry of a job that failed for a passing reason (5xx, timeouts, limits).
 RETRY_DELAYS = (5, 15, 60, 300, 900)
+LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
+# A job reads a lead's activities and writes their bindings; even a 10,000-activity lead stays well
+# inside ten minutes at the portal's rate. A dead worker's job is picked up again after this.
+JOB_TIMEOUT = 600
 
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
@@ -35,40 +46,67 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
         await store.save(record)
         return record.state.value
-    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
-                        low_priority=record.trigger == "backfill")
+    client = MeteredRestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
+                        low_priority=record.trigger == "backfill",
+                        budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
+                        oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+    delays = ctx.get("retry_delays", RETRY_DELAYS)
+    earlier_changes = record.changes
     try:
-        await _run(record, client, restrict(rules, record), ChangeLog(ctx["redis"], portal.name))
+        await _run(record, client, restrict(rules, record), ChangeLog(ctx["redis"], portal.name), ctx["redis"])
+    except (Busy, MethodBlocked) as exc:
+        # Waiting is not failing: the attempt does not count against the job's retries.
+        wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \
+            else LOCK_WAIT
+        record.end_attempt(JobState.RETRYING, f"waiting {wait:.0f} s: {exc}", _record_of(exc), "deferred")
+        raise Retry(defer=wait) from None
     except TransientError as exc:
-        delays = ctx.get("retry_delays", RETRY_DELAYS)
-        if ctx["job_try"] > len(delays):
-            record.end_attempt(JobState.FAILED, "gave up after retries", exc.as_record())
-        else:
-            record.end_attempt(JobState.RETRYING, "will retry", exc.as_record())
-            raise Retry(defer=delays[ctx["job_try"] - 1]) from None
+        _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
     except (Gone, Echo) as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except Exception as exc:  # a bug or a Redis hiccup: record it on the job, and let arq try again
+    except Exception as exc:  # a bug or a Redis hiccup: recorded on the job, and retried like a 5xx
         log.exception("job %s crashed", record.id)
-        last = ctx["job_try"] > len(ctx.get("retry_delays", RETRY_DELAYS))
-        record.end_attempt(JobState.FAILED if last else JobState.RETRYING, "crashed",
-                           {"code": "INTERNAL_ERROR", "description": type(exc).__name__,
-                            "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
-        raise
+        _retry_or_give_up(record, delays, "crashed", {
+            "code": "INTERNAL_ERROR", "description": type(exc).__name__,
+            "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
     finally:
         record.requests += client.requests
         await store.save(record)
+        if record.changes is not earlier_changes:  # this attempt applied a plan
+            await AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).record_job(record)
+        await record_attempt(ctx["redis"], record, client, ctx["limiter"])
         log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
                  record.outcome)
     return record.state.value
 
 
-async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog) -> None:
-    facts = await FactReader(client, rules, is_echo=changes.is_echo).for_event(record.event, record.entity_id)
+def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
+    failures = record.failures  # earlier failed attempts of this job
+    if failures >= len(delays):
+        record.end_attempt(JobState.DEAD, f"{why} ({failures + 1} attempts)", error)
+        return
+    record.end_attempt(JobState.RETRYING, f"will retry in {delays[failures]:g} s", error)
+    raise Retry(defer=delays[failures])
+
+
+def _record_of(exc: Exception) -> dict[str, Any] | None:
+    return exc.as_record() if isinstance(exc, B24Error) else None
+
+
+async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, redis: Any) -> None:
+    reader = FactReader(client, rules, is_echo=changes.is_echo)
+    lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
+    async with LeadLock(redis, client.portal.name, lead_id, ttl=JOB_TIMEOUT):
+        facts = await reader.for_event(record.event, record.entity_id, lead_id)
+        await _plan_and_apply(record, client, rules, facts, changes)
+
+
+async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet, facts: Facts,
+                          changes: ChangeLog) -> None:
     plan = await _hold_back_loops(make_plan(rules, facts), changes)
     record.rules = list(plan.matched_rules)
     record.plan = plan.summary()

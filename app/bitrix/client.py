@@ -12,7 +12,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from app.bitrix.errors import B24Error, ConfigError, RateLimited, TransientError, error_for
+from app.bitrix.budget import MethodBudget
+from app.bitrix.oauth import OAuthSession
+from app.bitrix.errors import (B24Error, ConfigError, MethodBlocked, RateLimited, TokenExpired, TransientError,
+                               error_for)
 from app.bitrix.portal import PortalConfig
 from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter
@@ -70,22 +73,45 @@ class RestClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, portal: PortalConfig, limiter: RateLimiter,
-                 *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0, low_priority: bool = False) -> None:
+                 *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0, low_priority: bool = False,
+                 budget: MethodBudget | None = None, oauth: OAuthSession | None = None) -> None:
         self._session = session
         self.portal = portal
         self._limiter = limiter
         self._retry = retry
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._base = portal.rest_url.get_secret_value()
+        # An application calls the portal's own address, never an endpoint named in an event's payload.
+        self._base = portal.rest_url.get_secret_value() if portal.rest_url else f"https://{portal.domain}/rest/"
+        self._oauth = oauth
+        self._token = ""
         # Low-priority work (backfill) leaves half the burst to live events.
         self._reserve = portal.rate_limit.burst // 2 if low_priority else 0
+        self._budget = budget
         self.requests = 0
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *, write: bool = False) -> Answer:
+    async def call(self, method: str, params: dict[str, Any] | None = None, *, write: bool = False,
+                   uses: Sequence[str] = ()) -> Answer:
+        """Call a method; `uses` names the methods a batch runs, whose time budgets it spends."""
         payload = params or {}
+        if self._budget:
+            await self._budget.check(uses or [method])
+        refreshed = False
         for attempt in range(self._retry.attempts):
             try:
-                return await self._send(method, payload)
+                answer = await self._send(method, await self._authorised(payload))
+                if self._budget and method != "batch":
+                    await self._budget.note(method, answer.time)
+                return answer
+            except MethodBlocked as blocked:
+                if self._budget:
+                    await self._budget.block(blocked.method)
+                raise
+            except TokenExpired:
+                if self._oauth is None or refreshed:
+                    raise
+                await self._oauth.refresh(self._token)  # the token the portal refused
+                refreshed = True
+                continue
             except RateLimited:
                 await self._limiter.slow_down(self.portal.name, self.portal.rate_limit.burst)
                 if attempt + 1 == self._retry.attempts:
@@ -102,9 +128,29 @@ class RestClient:
         for start in range(0, len(commands), BATCH_LIMIT):
             chunk = commands[start:start + BATCH_LIMIT]
             cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
-            answer = await self.call("batch", {"halt": 0, "cmd": cmd}, write=write)
-            results.extend(_unpack_batch(chunk, answer.result))
+            answer = await self.call("batch", {"halt": 0, "cmd": cmd}, write=write, uses=[c.method for c in chunk])
+            unpacked = _unpack_batch(chunk, answer.result)
+            await self._note_batch_times(chunk, answer.result)
+            blocked = next((r.error for r in unpacked if isinstance(r.error, MethodBlocked)), None)
+            if blocked is not None:
+                if self._budget:
+                    await self._budget.block(blocked.method)
+                raise blocked
+            results.extend(unpacked)
         return results
+
+    async def _authorised(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if self._oauth is None:
+            return payload
+        self._token = (await self._oauth.tokens()).access_token
+        return {**payload, "auth": self._token}
+
+    async def _note_batch_times(self, chunk: Sequence[Command], result: Any) -> None:
+        """Each command inside a batch spends its own method's budget; its `result_time` says how much."""
+        times = result.get("result_time") if isinstance(result, dict) else None
+        if self._budget and isinstance(times, dict):
+            for i, command in enumerate(chunk):
+                await self._budget.note(command.method, times.get(f"c{i}"))
 
     async def list_all(self, method: str, filter: dict[str, Any] | None = None,
                        select: Sequence[str] = (), *, after_id: int = 0) -> list[dict[str, Any]]:

@@ -2,9 +2,11 @@
 
     B24Error                 any failed call; carries the REST method, HTTP status, the portal's code and text
     ├── TransientError       try again later with backoff: 5xx, timeouts, QUERY_LIMIT_EXCEEDED, HTML pages
-    │   └── RateLimited      the portal's request limit was hit: slow down
+    │   ├── RateLimited      the portal's request limit was hit: slow down
+    │   └── MethodBlocked    one method used its server-time budget: defer the job until it resets
     ├── PermanentError       the portal refused this call for good: give up on it and say why
     └── ConfigError          the service is set up wrong (webhook, scope, plan): a person has to fix it
+        └── TokenExpired     an OAuth access token expired: refresh it once and retry
 
 Messages never hold the webhook URL (its path is the secret) or a request body.
 """
@@ -19,6 +21,7 @@ class Policy(str, Enum):
     RETRY = "retry"
     GIVE_UP = "give_up"
     FIX_CONFIG = "fix_config"
+    REFRESH = "refresh"  # OAuth: refresh the access token once, then retry
     DONE = "done"  # the portal already is in the state we wanted
 
 
@@ -34,7 +37,8 @@ _RETRY_LATER = "Temporary; the job retries by itself with backoff."
 # Codes are compared case-insensitively because portals and SDKs disagree on case.
 POLICIES: dict[str, ErrorPolicy] = {
     "QUERY_LIMIT_EXCEEDED": ErrorPolicy(Policy.RETRY, "The portal's request limit was reached; retrying slower."),
-    "OPERATION_TIME_LIMIT": ErrorPolicy(Policy.RETRY, "The method used its server-time budget; retrying after it resets."),
+    "OPERATION_TIME_LIMIT": ErrorPolicy(Policy.RETRY, "The method used its server-time budget; the job waits "
+                                        "until it resets."),
     "INTERNAL_SERVER_ERROR": ErrorPolicy(Policy.RETRY, _RETRY_LATER),
     "ERROR_UNEXPECTED_ANSWER": ErrorPolicy(Policy.RETRY, _RETRY_LATER),
     "OVERLOAD_LIMIT": ErrorPolicy(Policy.RETRY, "The portal blocked REST for overload; if it lasts, contact Bitrix24 support."),
@@ -45,7 +49,8 @@ POLICIES: dict[str, ErrorPolicy] = {
     "INVALID_CREDENTIALS": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user lacks permissions: use a webhook made "
                                        "by a user with full CRM rights."),
     "INSUFFICIENT_SCOPE": ErrorPolicy(Policy.FIX_CONFIG, "The webhook lacks the crm scope: tick 'CRM' in its settings."),
-    "EXPIRED_TOKEN": ErrorPolicy(Policy.FIX_CONFIG, "The webhook or token has expired: renew it and update rest_url."),
+    "EXPIRED_TOKEN": ErrorPolicy(Policy.REFRESH, "The access token expired: in application mode it is refreshed and "
+                                 "the call retried; a webhook with an expiry date must be renewed in rest_url."),
     "INVALID_TOKEN": ErrorPolicy(Policy.FIX_CONFIG, "The application token is invalid: reinstall the application."),
     "USER_ACCESS_ERROR": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user has no access to the application."),
     "AUTHORIZATION_ERROR": ErrorPolicy(Policy.FIX_CONFIG, "The webhook's user was fired or deactivated: "
@@ -104,12 +109,25 @@ class RateLimited(TransientError):
     """The portal answered QUERY_LIMIT_EXCEEDED or OPERATION_TIME_LIMIT."""
 
 
+class MethodBlocked(TransientError):
+    """A method is (nearly) out of its server-time budget until `retry_at`; other methods still work."""
+
+    def __init__(self, method: str, code: str, description: str, *, retry_at: float | None = None,
+                 status: int | None = 429) -> None:
+        super().__init__(method, code, description, status=status, hint=POLICIES["OPERATION_TIME_LIMIT"].hint)
+        self.retry_at = retry_at
+
+
 class PermanentError(B24Error):
     """The portal refused this call for good."""
 
 
 class ConfigError(B24Error):
     """The service's access to the portal is set up wrong; retrying will not help."""
+
+
+class TokenExpired(ConfigError):
+    """expired_token: an application refreshes its token and retries; for a webhook it needs renewing."""
 
 
 def normalise_code(error: Any, description: str) -> str:
@@ -135,8 +153,27 @@ def error_for(method: str, error: Any, description: Any, status: int | None = No
     code = normalise_code(error, description)
     rule = policy_for(code, status)
     cls: type[B24Error]
-    if code.upper() in ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"):
+    if code.upper() == "OPERATION_TIME_LIMIT":
+        return MethodBlocked(method, code, description, status=status)
+    if code.upper() == "QUERY_LIMIT_EXCEEDED":
         cls = RateLimited
     else:
-        cls = {Policy.RETRY: TransientError, Policy.FIX_CONFIG: ConfigError}.get(rule.policy, PermanentError)
+        cls = {Policy.RETRY: TransientError, Policy.FIX_CONFIG: ConfigError,
+               Policy.REFRESH: TokenExpired}.get(rule.policy, PermanentError)
     return cls(method, code, description, status=status, hint=rule.hint)
+
+
+def policy_table() -> str:
+    """The policy table as docs/errors.md shows it."""
+    lines = ["# What b24rebind does with each error a portal can answer", "",
+             "One table in code (`app/bitrix/errors.py`, `POLICIES`) decides; this page is generated from it",
+             "(`.venv/bin/python -m app.bitrix.errors > docs/errors.md`) and a test checks that they agree.",
+             "Codes are compared case-insensitively; an empty code is told apart by its description.",
+             "An unknown code is retried when the HTTP status is 5xx, 408 or 429, and gives up otherwise.", "",
+             "| code | policy | what the job says to do |", "|---|---|---|"]
+    lines += [f"| `{code}` | {rule.policy.value} | {rule.hint} |" for code, rule in POLICIES.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(policy_table(), end="")

@@ -13,9 +13,11 @@ up and inspect it directly through the synchronous helpers (`add_lead`, `convert
 
 from __future__ import annotations
 
+import math
+import random
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -307,7 +309,8 @@ def _now_iso() -> str:
     return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
-def _time_info(start: float, finish: float) -> dict[str, Any]:
+def _time_info(start: float, finish: float, operating: float = 0.0,
+               reset_at: float | None = None) -> dict[str, Any]:
     def iso(ts: float) -> str:
         return datetime.fromtimestamp(ts, UTC).astimezone().isoformat(timespec="seconds")
 
@@ -318,8 +321,8 @@ def _time_info(start: float, finish: float) -> dict[str, Any]:
         "processing": finish - start,
         "date_start": iso(start),
         "date_finish": iso(finish),
-        "operating": 0,
-        "operating_reset_at": int(start) + 600,
+        "operating": round(operating, 3),
+        "operating_reset_at": math.ceil(reset_at if reset_at is not None else start + 600),
     }
 
 
@@ -351,6 +354,21 @@ class FakePortal:
         self._next_ids: dict[str, int] = {}
         self._faults: deque[_Fault] = deque()
         self._lost_answers: deque[str] = deque()
+        # The per-method server-time budget (limits.md): off unless a test sets it.
+        self.operating_limit: float | None = None
+        self.operating_cost = 0.0
+        self.operating_window = 600.0
+        self._operating: dict[str, deque[tuple[float, float]]] = {}
+        self.access_tokens: dict[str, float] = {}  # application mode: token -> expiry
+        self.refresh_tokens: set[str] = set()
+        self.oauth_client: tuple[str, str] | None = None
+        self.oauth_refreshes = 0
+        self.application_token = ""
+        self._random_failures = 0.0
+        self._random = random.Random(0)
+        self.refused_for_rate = 0  # QUERY_LIMIT_EXCEEDED answers given
+        self.blocked_for_time = 0  # OPERATION_TIME_LIMIT answers given
+        self.counted_lists: Counter[str] = Counter()
         self._bucket: LeakyBucket | None = None
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
@@ -362,6 +380,8 @@ class FakePortal:
     def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
+        app.router.add_route("*", "/rest/{method}", self._handle_app)
+        app.router.add_get("/oauth/token/", self._oauth_token)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -402,6 +422,10 @@ class FakePortal:
         """Answer the next `n` authenticated requests with this error, doing nothing else."""
         text = description if description is not None else _SYSTEM_ERRORS.get(error, error)
         self._faults.extend(_Fault(status, error, text) for _ in range(n))
+
+    def fail_randomly(self, rate: float, seed: int = 0) -> None:
+        """Answer this share of requests (0..1) with a 500 before doing anything, as a flaky portal does."""
+        self._random_failures, self._random = rate, random.Random(seed)
 
     def lose_answers(self, n: int, containing: str = "") -> None:
         """The next n requests whose method and params mention `containing` run, then answer 500."""
@@ -619,16 +643,65 @@ class FakePortal:
 
     # -------------------------------------------------------- HTTP handling
 
+    # -------------------------------------------------------- application (OAuth) mode
+
+    def install_app(self, client_id: str = "app.client", client_secret: str = "app-secret") -> dict[str, str]:
+        """Install an application: returns the `auth` block its ONAPPINSTALL event carries."""
+        self.oauth_client = (client_id, client_secret)
+        self.application_token = f"apptoken{self._new_id('app')}"
+        return {**self._issue_tokens(), "application_token": self.application_token, "expires_in": "3600",
+                "client_endpoint": f"{self.base_url}/rest/", "member_id": "fake-member", "scope": "crm",
+                "domain": "fake.bitrix24.local", "status": "L"}
+
+    def expire_access_tokens(self) -> None:
+        self.access_tokens = dict.fromkeys(self.access_tokens, 0.0)
+
+    def _issue_tokens(self) -> dict[str, str]:
+        n = self._new_id("token")
+        access, refresh = f"access{n}", f"refresh{n}"
+        self.access_tokens[access] = time.time() + 3600
+        self.refresh_tokens.add(refresh)
+        return {"access_token": access, "refresh_token": refresh}
+
+    async def _oauth_token(self, request: web.Request) -> web.Response:
+        """oauth.bitrix.info/oauth/token/: a refresh token buys new tokens, once."""
+        query = request.query
+        if (query.get("client_id"), query.get("client_secret")) != self.oauth_client:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        if query.get("grant_type") != "refresh_token" or query.get("refresh_token") not in self.refresh_tokens:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        self.refresh_tokens.discard(query["refresh_token"])
+        self.oauth_refreshes += 1
+        return web.json_response({**self._issue_tokens(), "expires_in": 3600,
+                                  "client_endpoint": f"{self.base_url}/rest/"})
+
+    async def _handle_app(self, request: web.Request) -> web.StreamResponse:
+        token = request.query.get("auth") or ""
+        if not token and request.content_type == "application/json" and request.body_exists:
+            body = await request.json()
+            token = str(body.get("auth", "")) if isinstance(body, dict) else ""
+        if token not in self.access_tokens:
+            return self._error(BitrixError(401, "invalid_token", "Unable to get application by token"))
+        if self.access_tokens[token] < time.time():
+            return self._error(BitrixError(401, "expired_token", "The access token provided has expired"))
+        return await self._serve(request)
+
+    # -------------------------------------------------------- webhook mode
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.time()
         if (
             request.match_info["user_id"] != str(self.user_id)
             or request.match_info["code"] != self.webhook_code
         ):
             return self._error(BitrixError(401, "NO_AUTH_FOUND", "Wrong authorization data"))
+        return await self._serve(request)
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        started = time.time()
         method = request.match_info["method"].lower().removesuffix(".json")
         try:
             params = await self._read_params(request)
+            params.pop("auth", None)
         except BitrixError as exc:
             self.requests.append(RequestRecord(method, 1))
             return self._error(exc)
@@ -637,7 +710,10 @@ class FakePortal:
         self.requests.append(RequestRecord(method, batch_size))
         if self._faults:
             return self._fault_response(self._faults.popleft())
+        if self._random_failures and self._random.random() < self._random_failures:
+            return self._error(BitrixError(500, "INTERNAL_SERVER_ERROR", "Internal server error"))
         if self._bucket is not None and not self._bucket.try_take():
+            self.refused_for_rate += 1
             return self._error(BitrixError(503, "QUERY_LIMIT_EXCEEDED", "Too many requests"))
         try:
             result = self._batch(params) if method == "batch" else self._call(method, params)
@@ -647,7 +723,7 @@ class FakePortal:
             # The portal did the work, but the caller never learns it: as when a proxy times out.
             self._lost_answers.popleft()
             return self._error(BitrixError(500, "INTERNAL_SERVER_ERROR", "Internal server error"))
-        return web.json_response(self._envelope(result, started))
+        return web.json_response(self._timed(self._envelope(result, started), method))
 
     async def _read_params(self, request: web.Request) -> dict[str, Any]:
         """Query string and form body with PHP-style keys, overlaid by a JSON body if there is one."""
@@ -694,11 +770,37 @@ class FakePortal:
         body["time"] = _time_info(started, time.time())
         return body
 
+    def _timed(self, body: dict[str, Any], method: str) -> dict[str, Any]:
+        body["time"].update(operating=round(self.operating(method), 3),
+                            operating_reset_at=math.ceil(self.operating_reset_at(method)))
+        return body
+
     def _call(self, method: str, params: Mapping[str, Any]) -> Any:
         handler = self._methods.get(method)
         if handler is None:
             raise BitrixError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        if method.endswith(".list") and str(_param(params, "start")) != "-1":
+            self.counted_lists[method] += 1  # without start=-1 a list runs a COUNT query
+        if self.operating_limit is not None and self.operating(method) >= self.operating_limit:
+            self.blocked_for_time += 1
+            raise BitrixError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
+        self._operating.setdefault(method, deque()).append((time.time(), self.operating_cost))
         return handler(params)
+
+    def set_operating_limit(self, limit: float | None, cost_per_call: float = 1.0, window: float = 600.0) -> None:
+        """Each call of a method costs `cost_per_call` seconds; over `limit` within `window` it is blocked."""
+        self.operating_limit, self.operating_cost, self.operating_window = limit, cost_per_call, window
+
+    def operating(self, method: str) -> float:
+        """Server time `method` used within the window, as the `time.operating` of its answers reports."""
+        calls = self._operating.get(method, deque())
+        while calls and calls[0][0] < time.time() - self.operating_window:
+            calls.popleft()
+        return sum(cost for _, cost in calls)
+
+    def operating_reset_at(self, method: str) -> float:
+        calls = self._operating.get(method)
+        return (calls[0][0] if calls else time.time()) + self.operating_window
 
     # -------------------------------------------------------- batch
 
@@ -736,7 +838,9 @@ class FakePortal:
                     sections["result_next"][key] = result.next
             else:
                 sections["result"][key] = result
-            sections["result_time"][key] = _time_info(started, time.time())
+            inner = str(command).partition("?")[0].strip().strip("/").lower().removesuffix(".json")
+            sections["result_time"][key] = _time_info(started, time.time(), self.operating(inner),
+                                                      self.operating_reset_at(inner))
         # PHP serialises an empty array as [], not {}: clients must cope, so the fake does the same.
         return {name: (section or []) for name, section in sections.items()}
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 # Plan presets of the portal's request limit (../shared/bitrix24-protocol.md §6).
 PLAN_LIMITS = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
@@ -18,25 +20,47 @@ class RateLimit(BaseModel):
 
 
 class PortalConfig(BaseModel):
-    """One Bitrix24 portal: its inbound webhook (`rest_url`) and its outbound webhook's token."""
+    """One Bitrix24 portal, reached through an inbound webhook (`rest_url`, the default) or as an
+    installed application (`auth: oauth`, whose tokens and application token arrive with ONAPPINSTALL)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = ""
     domain: str
-    rest_url: SecretStr
-    application_token: SecretStr
+    auth: Literal["webhook", "oauth"] = "webhook"
+    rest_url: SecretStr | None = None
+    application_token: SecretStr | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
     member_id: str | None = None
     rate_limit: RateLimit = RateLimit()
+    operating_budget: float = Field(default=480.0, gt=0, description="server seconds per method per 10 minutes")
 
     @field_validator("domain")
     @classmethod
     def _lower_domain(cls, value: str) -> str:
         return value.strip().lower()
 
+    @model_validator(mode="after")
+    def _complete(self) -> PortalConfig:
+        if self.auth == "webhook" and (self.rest_url is None or self.application_token is None):
+            raise ValueError("a webhook portal needs rest_url (the inbound webhook) and application_token "
+                             "(the outbound webhook's token)")
+        if self.auth == "oauth" and (not self.client_id or self.client_secret is None):
+            raise ValueError("an application (auth: oauth) needs client_id and client_secret from its settings")
+        return self
+
+    @field_validator("oauth_url")
+    @classmethod
+    def _oauth_https(cls, value: str) -> str:
+        return _checked_url(value, "oauth_url")
+
     @field_validator("rest_url")
     @classmethod
-    def _https_unless_loopback(cls, value: SecretStr) -> SecretStr:
+    def _https_unless_loopback(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
         url = value.get_secret_value().strip()
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -47,8 +71,20 @@ class PortalConfig(BaseModel):
 
     def secrets(self) -> list[str]:
         """Values that must never reach a log, a job record or an error message."""
-        url = self.rest_url.get_secret_value()
-        return [s for s in (url, urlsplit(url).path.strip("/"), self.application_token.get_secret_value()) if s]
+        url = self.rest_url.get_secret_value() if self.rest_url else ""
+        values = (url, urlsplit(url).path.strip("/"),
+                  self.application_token.get_secret_value() if self.application_token else "",
+                  self.client_secret.get_secret_value() if self.client_secret else "")
+        return [value for value in values if value]
+
+
+def _checked_url(url: str, name: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} must be an https:// URL")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(f"{name} must use https:// (plain http:// is allowed only on loopback)")
+    return url.strip()
 
 
 def _is_loopback(host: str) -> bool:

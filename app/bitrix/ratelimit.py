@@ -38,6 +38,9 @@ return 1
 """
 
 SLOW_DOWN_SECONDS = 60
+# Requests reach the portal a little sooner or later than they leave the bucket here; keeping two
+# slots free absorbs that jitter, so running at the limit never becomes QUERY_LIMIT_EXCEEDED.
+HEADROOM = 2
 
 
 @dataclass
@@ -49,8 +52,9 @@ class RateLimitStats:
 class RateLimiter:
     """A leaky bucket per portal, shared through Redis; `acquire` waits for a free slot."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "b24:rate") -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "b24:rate", headroom: int = HEADROOM) -> None:
         self._redis = redis
+        self._headroom = headroom
         self._prefix = prefix
         self._script = redis.register_script(_LEAKY_BUCKET)
         self._fill = redis.register_script(_FILL_BUCKET)
@@ -61,7 +65,8 @@ class RateLimiter:
         # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
         while True:
             keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-            wait = float(await self._script(keys=keys, args=[per_second, burst, reserve]))
+            reserved = min(burst - 1, reserve + self._headroom)
+            wait = float(await self._script(keys=keys, args=[per_second, burst, reserved]))
             if wait <= 0:
                 return
             self.stats.waits += 1

@@ -121,7 +121,7 @@ async def test_a_dry_run_backfill_writes_nothing(history: Any, portal: FakePorta
 
 
 async def test_backfill_leaves_half_the_burst_to_live_events(redis: Any) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
     for _ in range(5):
         await limiter.acquire("acme", per_second=0.001, burst=10, reserve=5)
 

@@ -104,13 +104,16 @@ async def test_an_event_no_rule_listens_to_is_answered_and_ignored(client: Any, 
     assert await queued(redis) == 0
 
 
-async def test_while_redis_is_unreachable_the_event_is_refused_with_503(aiohttp_client: Any, settings: Any,
-                                                                       rules: Any, tmp_path: Any) -> None:
+async def test_while_redis_and_the_spool_are_unavailable_the_event_is_refused_with_503(
+        aiohttp_client: Any, settings: Any, rules: Any, tmp_path: Any) -> None:
+    import shutil
     from app.bundled_redis import BundledRedis
     from app.web import create_app
     own_redis = BundledRedis(tmp_path / "redis")
     client = await aiohttp_client(create_app(settings.model_copy(update={"redis_url": own_redis.start()}), rules))
     own_redis.stop()
+    shutil.rmtree(tmp_path / "spool")
+    (tmp_path / "spool").write_text("not a directory: the disk cannot take the event either")
 
     status, answer = await post_event(client, "ONCRMACTIVITYADD", 5)
 

@@ -10,7 +10,9 @@ from app.bitrix.errors import (
     ConfigError,
     PermanentError,
     Policy,
+    MethodBlocked,
     RateLimited,
+    TokenExpired,
     TransientError,
     error_for,
     normalise_code,
@@ -22,8 +24,9 @@ CLASS_FOR_POLICY = {
     Policy.FIX_CONFIG: ConfigError,
     Policy.GIVE_UP: PermanentError,
     Policy.DONE: PermanentError,
+    Policy.REFRESH: TokenExpired,
 }
-RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT"}
+RATE_CODES = {"QUERY_LIMIT_EXCEEDED"}
 
 
 @pytest.mark.parametrize("code", sorted(POLICIES))
@@ -31,7 +34,8 @@ def test_every_known_code_gets_the_class_its_policy_names(code: str) -> None:
     rule = POLICIES[code]
     error = error_for("crm.activity.binding.add", code, "some text", 400)
 
-    wanted = RateLimited if code in RATE_CODES else CLASS_FOR_POLICY[rule.policy]
+    wanted = (RateLimited if code in RATE_CODES else MethodBlocked if code == "OPERATION_TIME_LIMIT"
+              else CLASS_FOR_POLICY[rule.policy])
     assert type(error) is wanted
     assert error.code == code
     assert error.hint == rule.hint
@@ -190,3 +194,20 @@ def test_error_classes_form_the_documented_tree() -> None:
         assert issubclass(cls, B24Error)
     assert not issubclass(PermanentError, TransientError)
     assert not issubclass(ConfigError, TransientError)
+
+
+def test_a_method_out_of_its_time_budget_is_transient_but_not_a_rate_limit() -> None:
+    error = error_for("crm.activity.list", "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.",
+                      429)
+
+    assert isinstance(error, MethodBlocked) and isinstance(error, TransientError)
+    assert not isinstance(error, RateLimited), "one method's budget must not slow the whole portal"
+
+
+def test_the_documented_policy_table_is_the_one_in_code() -> None:
+    from pathlib import Path
+
+    from app.bitrix.errors import policy_table
+    documented = (Path(__file__).resolve().parents[3] / "docs" / "errors.md").read_text()
+
+    assert documented == policy_table(), "regenerate: .venv/bin/python -m app.bitrix.errors > docs/errors.md"

@@ -21,7 +21,7 @@ async def second_connection(redis_url: str, redis: ArqRedis) -> AsyncIterator[Re
 
 
 async def test_burst_is_immediate_and_the_next_acquire_waits(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
 
     for _ in range(5):
         await limiter.acquire("acme", 20.0, 5)
@@ -35,7 +35,7 @@ async def test_burst_is_immediate_and_the_next_acquire_waits(redis: ArqRedis) ->
 
 async def test_two_limiters_share_one_budget(redis: ArqRedis, second_connection: Redis) -> None:
     """15 acquisitions from two 'processes' at 20/s with a burst of 5 need at least (15 - 5) / 20 s."""
-    first, second = RateLimiter(redis), RateLimiter(second_connection)
+    first, second = RateLimiter(redis, headroom=0), RateLimiter(second_connection, headroom=0)
 
     started = time.monotonic()
     await asyncio.gather(*[first.acquire("acme", 20.0, 5) for _ in range(8)],
@@ -51,7 +51,7 @@ async def test_two_limiters_share_one_budget(redis: ArqRedis, second_connection:
 async def test_one_limiter_alone_would_not_have_to_wait_for_its_own_share(redis: ArqRedis,
                                                                          second_connection: Redis) -> None:
     """The waits of the second limiter come from the first one's use of the bucket."""
-    first, second = RateLimiter(redis), RateLimiter(second_connection)
+    first, second = RateLimiter(redis, headroom=0), RateLimiter(second_connection, headroom=0)
 
     for _ in range(5):
         await first.acquire("acme", 2.0, 5)
@@ -67,7 +67,7 @@ async def test_one_limiter_alone_would_not_have_to_wait_for_its_own_share(redis:
 
 
 async def test_the_bucket_drains_over_time(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
     for _ in range(3):
         await limiter.acquire("acme", 20.0, 3)
     assert limiter.stats.waits == 0
@@ -79,7 +79,7 @@ async def test_the_bucket_drains_over_time(redis: ArqRedis) -> None:
 
 
 async def test_after_slow_down_the_next_acquire_waits_longer(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
     await limiter.acquire("acme", 20.0, 5)
     assert limiter.stats.waits == 0
 
@@ -94,7 +94,7 @@ async def test_after_slow_down_the_next_acquire_waits_longer(redis: ArqRedis) ->
 
 
 async def test_slow_down_is_seen_by_another_process(redis: ArqRedis, second_connection: Redis) -> None:
-    refused, other = RateLimiter(redis), RateLimiter(second_connection)
+    refused, other = RateLimiter(redis, headroom=0), RateLimiter(second_connection, headroom=0)
 
     await refused.slow_down("acme", 5)
     await other.acquire("acme", 20.0, 5)
@@ -103,7 +103,7 @@ async def test_slow_down_is_seen_by_another_process(redis: ArqRedis, second_conn
 
 
 async def test_portals_have_separate_buckets(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
     for _ in range(3):
         await limiter.acquire("acme", 1.0, 3)
     await limiter.slow_down("acme", 3)
@@ -121,7 +121,7 @@ async def test_portals_have_separate_buckets(redis: ArqRedis) -> None:
 
 
 async def test_prefixes_keep_installations_apart(redis: ArqRedis) -> None:
-    one, two = RateLimiter(redis, prefix="one"), RateLimiter(redis, prefix="two")
+    one, two = RateLimiter(redis, prefix="one", headroom=0), RateLimiter(redis, prefix="two", headroom=0)
     for _ in range(2):
         await one.acquire("acme", 1.0, 2)
     for _ in range(2):
@@ -131,8 +131,18 @@ async def test_prefixes_keep_installations_apart(redis: ArqRedis) -> None:
 
 
 async def test_bucket_keys_expire(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, headroom=0)
     await limiter.acquire("acme", 2.0, 50)
 
     ttl = await redis.ttl("b24:rate:acme")
     assert 0 < ttl <= 25 + 60  # burst / rate + 60 s: idle portals leave nothing behind
+
+
+async def test_by_default_two_slots_stay_free_for_network_jitter(redis: ArqRedis) -> None:
+    limiter = RateLimiter(redis)
+
+    for _ in range(3):
+        await limiter.acquire("acme", 20.0, 5)
+    assert limiter.stats.waits == 0
+    await limiter.acquire("acme", 20.0, 5)
+    assert limiter.stats.waits >= 1

@@ -88,7 +88,7 @@ BROKEN = [
      "rules.yaml:1:1: the file: rules 'converted-lead-history-follows-client' and 'back' bind and unbind "
      "a contact on the same event"),
     ("a portal without a token", VALID.replace("    application_token: ${B24_APPLICATION_TOKEN}\n", ""),
-     "rules.yaml:3:5: 'application_token': Field required"),
+     "rules.yaml:3:5: 'main': a webhook portal needs rest_url (the inbound webhook) and application_token"),
     ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': Field required"),
     ("an empty file", "", "rules.yaml:1:1: the rules file is empty"),
 ]

@@ -1,0 +1,70 @@
+"""Each method's server-time budget, shared by every process through Redis.
+
+A portal sums the server time of each method over ten minutes; past its budget (480 s in the
+documentation's example) it answers HTTP 429 OPERATION_TIME_LIMIT for that method only. Every
+answer's `time` block says how much a method has used (`operating`) and when the oldest minute drops
+out (`operating_reset_at`); a method near its budget is left alone until then, and the jobs that need
+it are deferred instead of blocking a worker.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.bitrix.errors import MethodBlocked
+
+NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
+WINDOW = 600
+
+
+class MethodBudget:
+    def __init__(self, redis: Redis, portal: str, limit: float) -> None:
+        self._redis = redis
+        self._key = f"b24:operating:{portal}"
+        self._limit = limit
+
+    async def note(self, method: str, timing: Any) -> None:
+        """Remember what an answer's `time` block (or a batch's per-command one) reports."""
+        if not isinstance(timing, dict) or not timing.get("operating"):
+            return
+        reset_at = parse_reset_at(timing.get("operating_reset_at")) or time.time() + WINDOW
+        await self._redis.hset(self._key, method, f"{float(timing['operating'])}|{reset_at}")
+        await self._redis.expire(self._key, WINDOW)
+
+    async def block(self, method: str, reset_at: float | None = None) -> None:
+        """The portal refused the method: treat its budget as spent until it resets."""
+        stored = await self._redis.hget(self._key, method)
+        known = float(stored.decode().split("|")[1]) if stored else 0.0
+        until = reset_at or (known if known > time.time() else time.time() + 60)
+        await self._redis.hset(self._key, method, f"{self._limit}|{until}")
+        await self._redis.expire(self._key, WINDOW)
+
+    async def check(self, methods: Iterable[str]) -> None:
+        """Raise MethodBlocked for the first method that is near its budget and not yet reset."""
+        names = list(dict.fromkeys(methods))
+        now = time.time()
+        for method, stored in zip(names, await self._redis.hmget(self._key, names)):
+            if stored is None:
+                continue
+            operating, reset_at = (float(part) for part in stored.decode().split("|"))
+            if operating >= NEAR * self._limit and reset_at > now:
+                raise MethodBlocked(method, "OPERATION_TIME_LIMIT", f"{operating:.0f} s of {self._limit:.0f} s used",
+                                    retry_at=reset_at)
+
+
+def parse_reset_at(value: Any) -> float | None:
+    """A unix time, or in some answers an ISO string."""
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None

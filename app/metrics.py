@@ -1,0 +1,206 @@
+"""Prometheus metrics at /metrics, counted in Redis so that every web and worker process adds to one set.
+
+Workers and web processes come and go; counting in Redis keeps one answer for the installation,
+so Prometheus scrapes any one web process. Gauges (jobs by state, queue depth) are read at scrape time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.bitrix.client import Answer, Command, CommandResult, RestClient
+from app.bitrix.errors import B24Error
+from app.bitrix.ratelimit import RateLimiter
+from app.events import BadEvent, PortalEvent
+from app.jobs import FINAL_STATES, JobRecord
+from app.keys import redis_key, rules_key, store_key
+from app.queue import BACKFILL_QUEUE, LIVE_QUEUE
+
+log = logging.getLogger(__name__)
+
+COUNTERS = "b24:metrics"  # hash: "name|label=value|..." -> count or sum
+DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_flushed_waits: WeakKeyDictionary[RateLimiter, float] = WeakKeyDictionary()
+
+
+def field(name: str, **labels: object) -> str:
+    # Label values come from rules files and portals: keep them from breaking the field's syntax.
+    return name + "".join(f"|{key}={str(value).replace('|', '/').replace('=', '-')}" for key, value in labels.items())
+
+
+def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
+    name, *pairs = raw_field.split("|")
+    return name, dict(pair.split("=", 1) for pair in pairs)
+
+
+class MeteredRestClient(RestClient):
+    """A RestClient that counts its calls, and each command of its batches, by REST method and outcome.
+
+    `via` tells them apart: "request" is one HTTP request (a `batch` among them), "batch" a command in one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[tuple[str, str, str]] = Counter()  # method, outcome, via
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, **options: Any) -> Answer:
+        try:
+            answer = await super().call(method, params, **options)
+        except B24Error as exc:
+            self.calls[(method, str(exc.code) or "error", "request")] += 1
+            raise
+        self.calls[(method, "ok", "request")] += 1
+        return answer
+
+    async def batch(self, commands: Sequence[Command], **options: Any) -> list[CommandResult]:
+        results = await super().batch(commands, **options)
+        for result in results:
+            outcome = "ok" if result.error is None else str(result.error.code)
+            self.calls[(result.command.method, outcome, "batch")] += 1
+        return results
+
+
+async def record_attempt(redis: Redis, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
+    """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
+    ended the job, its duration. A metrics failure never fails the job."""
+    waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
+    _flushed_waits[limiter] = limiter.stats.waited_seconds
+    calls = client.calls if isinstance(client, MeteredRestClient) else Counter()
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for (method, outcome, via), n in calls.items():
+                pipe.hincrby(COUNTERS, field("rest_requests", portal=record.portal, method=method,
+                                             outcome=outcome, via=via), n)
+            if waited > 0:
+                pipe.hincrbyfloat(COUNTERS, field("rate_limit_wait_seconds", portal=record.portal), waited)
+            if record.state in FINAL_STATES and record.started_at and record.finished_at:
+                _observe_duration(pipe, record.state.value, record.finished_at - record.started_at)
+            await pipe.execute()
+    except RedisError:
+        log.warning("job %s: could not count its metrics, Redis refused", record.id)
+
+
+def _observe_duration(pipe: Any, state: str, seconds: float) -> None:
+    bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+    pipe.hincrby(COUNTERS, field("job_duration_seconds_bucket", state=state, le=bucket), 1)
+    pipe.hincrbyfloat(COUNTERS, field("job_duration_seconds_sum", state=state), seconds)
+
+
+@web.middleware
+async def count_events(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each event the portal endpoint answers, by portal, event and outcome."""
+    response = await handler(request)
+    if request.path == "/bitrix/events" and isinstance(response, web.Response):
+        portal, event, outcome = await _event_labels(request, response)
+        try:
+            await request.app[redis_key].hincrby(COUNTERS, field("events_received", portal=portal, event=event,
+                                                                 outcome=outcome), 1)
+        except RedisError:
+            pass  # the endpoint answered 503 already, or will: the count is not worth an error
+    return response
+
+
+async def _event_labels(request: web.Request, response: web.Response) -> tuple[str, str, str]:
+    if response.status != 200:
+        # Unauthenticated bodies never become labels: anyone could invent portals and events.
+        outcome = {401: "refused", 503: "unavailable"}.get(response.status, "malformed")
+        return "-", "-", outcome
+    answer = json.loads(response.body or b"{}") if isinstance(response.body, bytes) else {}
+    outcome = "ignored" if "ignored" in answer else "duplicate" if answer.get("duplicate") else "queued"
+    try:
+        event = PortalEvent.from_body(request.content_type, await request.read())
+    except BadEvent:
+        return "-", "-", outcome
+    portal = request.app[rules_key].current.portal_for_domain(event.domain)
+    return (portal.name if portal else "-"), event.name, outcome
+
+
+class _Snapshot(Collector):
+    """The metrics as read from Redis for one scrape."""
+
+    def __init__(self, counters: dict[str, float], states: dict[str, int], queues: dict[str, int],
+                 oldest_queued: float) -> None:
+        self.counters, self.states, self.queues, self.oldest_queued = counters, states, queues, oldest_queued
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._counter("events_received", "Events the portal endpoint answered, by outcome.",
+                            ["portal", "event", "outcome"])
+        yield self._counter("rest_requests", "Portal REST requests (via=request) and the commands inside "
+                            "batches (via=batch), by method and outcome.", ["portal", "method", "outcome", "via"])
+        yield self._counter("rate_limit_wait_seconds", "Seconds workers waited for the portal's request limit.",
+                            ["portal"])
+        yield self._durations()
+        jobs = GaugeMetricFamily("b24rebind_jobs", "Job records kept, by state.", labels=["state"])
+        for state, count in self.states.items():
+            jobs.add_metric([state], count)
+        yield jobs
+        depth = GaugeMetricFamily("b24rebind_queue_depth", "Jobs waiting on the arq queues.", labels=["queue"])
+        for queue, count in self.queues.items():
+            depth.add_metric([queue], count)
+        yield depth
+        yield GaugeMetricFamily("b24rebind_oldest_queued_seconds", "Age of the oldest queued job.",
+                                value=self.oldest_queued)
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
+        family = CounterMetricFamily(f"b24rebind_{name}", documentation, labels=labels)
+        for raw_field, value in self.counters.items():
+            metric, values = parse_field(raw_field)
+            if metric == name:
+                family.add_metric([values.get(label, "") for label in labels], value)
+        return family
+
+    def _durations(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily("b24rebind_job_duration_seconds", "Time from a job's start to its end.",
+                                       labels=["state"])
+        per_state: dict[str, Counter[str]] = {}
+        for raw_field, value in self.counters.items():
+            metric, values = parse_field(raw_field)
+            if metric == "job_duration_seconds_bucket":
+                per_state.setdefault(values["state"], Counter())[values["le"]] += int(value)
+        for state, counts in sorted(per_state.items()):
+            total, buckets = 0, []
+            for bound in [*(str(b) for b in DURATION_BUCKETS), "+Inf"]:
+                total += counts[bound]
+                buckets.append((bound, total))
+            family.add_metric([state], buckets, self.counters.get(field("job_duration_seconds_sum", state=state), 0))
+        return family
+
+
+async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
+    """Read what a scrape shows from Redis."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(COUNTERS)
+        pipe.zcard(LIVE_QUEUE)
+        pipe.zcard(BACKFILL_QUEUE)
+        pipe.zrange("b24:jobs:state:queued", 0, 0, withscores=True)
+        raw, live, backfill, oldest = await pipe.execute()
+    counters = {key.decode(): float(value) for key, value in raw.items()}
+    age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+    return _Snapshot(counters, states, {"live": live, "backfill": backfill}, age)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(await snapshot(request.app[redis_key], await request.app[store_key].counts()))
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def setup_metrics(app: web.Application) -> None:
+    app.middlewares.append(count_events)
+    app.router.add_get("/metrics", metrics_endpoint)

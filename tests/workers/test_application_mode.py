@@ -1,0 +1,75 @@
+"""Application (OAuth) mode: install, events checked against the installed token, one shared refresh."""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.bitrix.portal import PortalConfig
+from app.web import create_app
+from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
+
+
+@pytest.fixture
+def app_rules(portal: FakePortal) -> Any:
+    config = PortalConfig(name="acme", domain=DOMAIN, auth="oauth", rest_url=f"{portal.base_url}/rest/",
+                          client_id="app.client", client_secret="app-secret",
+                          oauth_url=f"{portal.base_url}/oauth/token/", rate_limit={"per_second": 1000, "burst": 1000})
+    return rules_with(DEFAULT_RULES, config)
+
+
+@pytest.fixture
+async def app_client(aiohttp_client: Any, settings: Any, app_rules: Any, redis: Any) -> Any:
+    return await aiohttp_client(create_app(settings, app_rules))
+
+
+async def install(client: Any, auth: dict[str, str], domain: str = DOMAIN) -> Any:
+    body = {"event": "ONAPPINSTALL", "data[VERSION]": "1", "data[ACTIVE]": "Y", "ts": "1",
+            **{f"auth[{key}]": value for key, value in {**auth, "domain": domain}.items()}}
+    return await client.post("/bitrix/events", data=urlencode(body),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+async def test_eight_jobs_that_meet_an_expired_token_refresh_it_once(app_client: Any, make_worker: Any,
+                                                                     app_rules: Any, portal: FakePortal) -> None:
+    auth = portal.install_app()
+    assert (await install(app_client, auth)).status == 200
+    cases = []
+    for _ in range(8):
+        lead = portal.add_lead()
+        made = portal.convert_lead(lead)
+        cases.append((portal.add_activity([(LEAD, lead)]), made))
+    for activity, _ in cases:
+        status, answer = await post_event(app_client, "ONCRMACTIVITYADD", activity, token=auth["application_token"])
+        assert status == 200, answer
+    portal.expire_access_tokens()
+
+    await make_worker(rules=app_rules).run_check()
+
+    assert portal.oauth_refreshes == 1
+    for activity, made in cases:
+        assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+
+
+async def test_events_must_carry_the_installed_applications_token(app_client: Any, portal: FakePortal,
+                                                                  redis: Any) -> None:
+    status, _ = await post_event(app_client, "ONCRMACTIVITYADD", 1, token="anything")
+    assert status == 401, "nothing installed yet: no token is right"
+
+    auth = portal.install_app()
+    await install(app_client, auth)
+
+    assert (await post_event(app_client, "ONCRMACTIVITYADD", 1, token="forged"))[0] == 401
+    assert (await post_event(app_client, "ONCRMACTIVITYADD", 1, token=auth["application_token"]))[0] == 200
+
+
+async def test_a_second_install_with_another_token_and_installs_for_webhook_portals_are_refused(
+        app_client: Any, client: Any, portal: FakePortal) -> None:
+    first = portal.install_app()
+    assert (await install(app_client, first)).status == 200
+
+    impostor = {**first, "application_token": "someone-elses"}
+    assert (await install(app_client, impostor)).status == 401
+    assert (await install(client, first)).status == 401, "the webhook-mode portal takes no install"

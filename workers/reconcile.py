@@ -1,0 +1,144 @@
+"""Reconciliation: find converted leads whose events were missed, and queue a job for each.
+
+Push delivery can miss events (the service was down, the handler was misconfigured). A sweep pages
+the leads converted since the portal's cursor (`DATE_MODIFY`, kept in Redis per portal), asks in one
+`batch` per page which of them still have activities bound to them, and queues a job (trigger
+"reconcile") for those only. A job's id comes from the lead and its `DATE_MODIFY`, so overlapping
+sweeps queue a lead once per version of it. The worker runs a sweep on a schedule (arq cron, every
+`B24_RECONCILE_INTERVAL` seconds across all workers); `b24rebind reconcile` runs one by hand.
+
+Offline events (`event.offline.get` with `clear=0`, then `event.offline.clear`) need an OAuth
+application, which the rules file cannot describe yet: portals are plain webhooks, so only the
+sweep runs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
+from app.bitrix.errors import B24Error
+from app.bitrix.ratelimit import RateLimiter
+from app.bundled_redis import BundledRedis
+from app.config import LiveRules, load_service_rules
+from app.jobs import JobRecord, JobStore
+from app.queue import JobQueue, connect
+from app.rules.model import EntityType
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRIGGER = "reconcile"
+LOOKBACK = timedelta(days=1)  # how far back the first sweep of a portal looks
+GATE_KEY = "b24:reconcile:gate"  # set for the interval by whichever worker sweeps first
+TICK = 10  # seconds between the cron's looks at the gate
+
+
+def cursor_key(portal: str) -> str:
+    return f"b24:reconcile:{portal}:cursor"
+
+
+@dataclass
+class Sweep:
+    portal: str
+    since: str
+    leads_seen: int = 0
+    queued: list[str] = field(default_factory=list)
+    cursor: str = ""
+
+
+async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | None = None) -> Sweep:
+    """Queue a job for each lead converted since the cursor that still has activities bound to it."""
+    portal = client.portal.name
+    stored = await redis.get(cursor_key(portal))
+    first = (datetime.now().astimezone() - LOOKBACK).isoformat("T", "seconds")
+    start = since or (stored.decode() if stored else first)
+    result = Sweep(portal, start, cursor=start)
+    last_id = 0
+    while True:
+        filter = {"STATUS_SEMANTIC_ID": "S", ">=DATE_MODIFY": start}
+        page = (await client.call("crm.lead.list", fast_page(filter, ["ID", "DATE_MODIFY"], last_id))).result or []
+        if page:
+            bound = await _with_activities(client, [int(row["ID"]) for row in page])
+            for row in page:
+                if int(row["ID"]) in bound:
+                    record = _job_for(portal, int(row["ID"]), str(row.get("DATE_MODIFY", "")))
+                    if await queue.submit(record):
+                        result.queued.append(record.id)
+                result.cursor = max(result.cursor, str(row.get("DATE_MODIFY") or ""))
+            result.leads_seen += len(page)
+            last_id = int(page[-1]["ID"])
+        if len(page) < PAGE_SIZE:
+            break
+    # Next time from the newest change seen: the portal's clock, so no skew with ours.
+    await redis.set(cursor_key(portal), result.cursor)
+    log.info("reconcile %s: %d converted leads since %s, %d queued", portal, result.leads_seen, start,
+             len(result.queued))
+    return result
+
+
+async def _with_activities(client: RestClient, lead_ids: list[int]) -> set[int]:
+    """Which of these leads still have an activity bound to them: one batch for a page of leads."""
+    commands = [Command("crm.activity.list", fast_page(
+        {"BINDINGS": [{"OWNER_TYPE_ID": int(EntityType.LEAD), "OWNER_ID": lead}]}, ["ID"], 0)) for lead in lead_ids]
+    results = await client.batch(commands)
+    # A lead whose check failed is queued anyway: the job reads it properly and skips it if need be.
+    return {lead for lead, result in zip(lead_ids, results) if not result.ok or result.result}
+
+
+def _job_for(portal: str, lead_id: int, modified: str) -> JobRecord:
+    record = JobRecord.for_event(portal, "ONCRMLEADUPDATE", lead_id, f"reconcile:{modified}")
+    return record.model_copy(update={"trigger": TRIGGER})
+
+
+async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> list[Sweep]:
+    """Sweep each portal in the rules (or the named ones) with the worker's resources."""
+    rules = ctx["rules"].current
+    queue = JobQueue(ctx["redis"], ctx["store"])
+    done = []
+    for name, portal in rules.portals.items():
+        if portals is not None and name not in portals:
+            continue
+        client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=True)
+        try:
+            done.append(await sweep(client, queue, ctx["redis"]))
+        except B24Error as exc:
+            log.error("reconcile %s failed: %s", name, exc)
+    return done
+
+
+async def reconcile_job(ctx: dict[str, Any]) -> int:
+    """The worker's cron entry: sweeps at most once per interval whichever worker gets here first."""
+    interval = ctx["settings"].reconcile_interval
+    if not interval or not await ctx["redis"].set(GATE_KEY, time.time(), nx=True, px=int(interval * 1000)):
+        return 0
+    return sum(len(s.queued) for s in await sweep_all(ctx))
+
+
+async def reconcile_command(settings: Settings, portal: str | None) -> int:
+    """`b24rebind reconcile`: one sweep now; running workers do the queued jobs."""
+    rules = load_service_rules(settings)
+    if portal is not None and portal not in rules.portals:
+        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}")
+        return 2
+    async with AsyncExitStack() as stack:
+        if not settings.redis_url:
+            bundled = BundledRedis(settings.data_dir)
+            settings = settings.model_copy(update={"redis_url": bundled.start()})
+            stack.callback(bundled.stop)
+        redis = await connect(settings.redis_url or "")
+        stack.push_async_callback(redis.aclose)
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        ctx = {"rules": LiveRules(rules), "redis": redis, "http": http, "limiter": RateLimiter(redis),
+               "store": JobStore(redis, settings.job_retention_days * 86400), "retry_policy": RetryPolicy()}
+        for done in await sweep_all(ctx, None if portal is None else [portal]):
+            print(f"reconcile {done.portal}: {done.leads_seen} leads converted since {done.since}, "
+                  f"{len(done.queued)} with activities still on the lead queued (trigger {TRIGGER!r})")
+    return 0
