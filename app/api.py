@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -210,4 +209,4 @@ def _time(text: str | None, name: str) -> float | None:
 def _iso(text: str) -> float:
     # An unescaped "+02:00" arrives as " 02:00" in a query string.
     moment = datetime.fromisoformat(re.sub(r" (\d\d:?\d\d)$", r"+\1", text.replace("Z", "+00:00")))
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()

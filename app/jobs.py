@@ -22,7 +22,7 @@ JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
 INDEX_PREFIX = "b24:jobs:"  # sorted sets per state, portal, event, rule and trigger, also by time received
 INDEXES = "b24:jobs:indexes"  # the names of those sorted sets, for trimming
-FEED = "b24:jobs:feed"  # pub/sub channel: a job's summary at each transition
+FEED = "b24:jobs:feed:"  # + db number: pub/sub channel with a job's summary at each transition
 MAX_RECORDS = 200_000  # bounds memory whatever the retention: ~2 KiB a record
 TRIM_EVERY = 60.0  # seconds between trims done in passing by `create`
 
@@ -185,6 +185,11 @@ class JobPage:
     next_cursor: str | None
 
 
+def feed_channel(redis: Redis) -> str:
+    """The job feed's channel; pub/sub ignores databases, so installations sharing a server are kept apart."""
+    return f"{FEED}{redis.connection_pool.connection_kwargs.get('db', 0)}"
+
+
 class JobStore:
     """Job records in Redis, each expiring after the retention period, findable through indexes."""
 
@@ -220,7 +225,7 @@ class JobStore:
             pipe.zadd(key, {record.id: record.received_at})
         pipe.sadd(INDEXES, *keys)
         # Subscribers see each transition in the order the saves happen.
-        pipe.publish(FEED, json.dumps(record.summary()))
+        pipe.publish(feed_channel(self._redis), json.dumps(record.summary()))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.get(JOB_KEY + job_id)

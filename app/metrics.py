@@ -116,10 +116,11 @@ async def count_events(request: web.Request, handler: Handler) -> web.StreamResp
 async def _event_labels(request: web.Request, response: web.Response) -> tuple[str, str, str]:
     if response.status != 200:
         # Unauthenticated bodies never become labels: anyone could invent portals and events.
-        outcome = {401: "refused", 503: "unavailable"}.get(response.status, "malformed")
+        outcome = {401: "refused", 403: "refused", 503: "unavailable"}.get(response.status, "malformed")
         return "-", "-", outcome
     answer = json.loads(response.body or b"{}") if isinstance(response.body, bytes) else {}
-    outcome = "ignored" if "ignored" in answer else "duplicate" if answer.get("duplicate") else "queued"
+    outcome = ("ignored" if "ignored" in answer else "spooled" if answer.get("spooled")
+               else "duplicate" if answer.get("duplicate") else "queued")
     try:
         event = PortalEvent.from_body(request.content_type, await request.read())
     except BadEvent:

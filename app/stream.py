@@ -14,7 +14,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.jobs import FEED
+from app.jobs import feed_channel
 from app.keys import redis_key
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class JobFeed:
         while True:
             try:
                 async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(FEED)
+                    await pubsub.subscribe(feed_channel(redis))
                     self.ready.set()
                     async for message in pubsub.listen():
                         if message["type"] == "message":
@@ -103,13 +103,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
         while True:
             try:
                 message = await asyncio.wait_for(queue.get(), timeout=KEEPALIVE_SECONDS)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await response.write(b": keepalive\n\n")
                 continue
             if message == _CLOSED:
                 break
             await response.write(f"event: job\ndata: {message}\n\n".encode())
-    except (ConnectionResetError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionResetError):
         pass  # the client went away, or Redis never answered: the client reconnects
     finally:
         feed.unsubscribe(queue)

@@ -1,13 +1,14 @@
 """Carrying out a BindingPlan: bind first, move, unbind last, and only what is still missing."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.bitrix.client import Command, CommandResult, RestClient
-from app.bitrix.errors import B24Error, ConfigError, Policy, TransientError, policy_for
+from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
 from app.rules.facts import Binding
 from app.rules.plan import BindingPlan, ItemPlan
 from workers.facts import TYPE_NAMES
@@ -30,6 +31,7 @@ class Outcome:
 
 
 Step = tuple[str, int, Command]  # (kind, id, command)
+WRITE_ATTEMPTS = 4  # per batch of writes; then the whole job retries later
 
 
 async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
@@ -79,13 +81,58 @@ def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
 
 
 async def _write(client: RestClient, steps: Sequence[Step], failed: dict[tuple[str, int], list[B24Error]]) -> None:
-    if not steps:
+    for attempt in range(WRITE_ATTEMPTS):
+        if not steps:
+            return
+        try:
+            results = await client.batch([command for _, _, command in steps], write=True)
+            break
+        except TransientError as exc:
+            # The writes may or may not have landed: look, then send only what is still missing.
+            if isinstance(exc, MethodBlocked) or attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * 2**attempt)
+            steps = await _still_needed(client, steps)
+    else:
         return
-    results = await client.batch([command for _, _, command in steps], write=True)
     for (kind, id_, _), result in zip(steps, results):
         error = _failure(result)
         if error is not None:
             failed.setdefault((kind, id_), []).append(error)
+
+
+async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
+    """Re-read the bindings of the items these steps touch and keep the steps not yet done."""
+    activity_ids = sorted({id_ for kind, id_, _ in steps if kind == "activity"})
+    comment_ids = sorted({id_ for kind, id_, _ in steps if kind == "comment"})
+    reads = ([Command("crm.activity.binding.list", {"activityId": i}) for i in activity_ids]
+             + [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in comment_ids])
+    results = await client.batch(reads)
+    current: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    for command, result in zip(reads, results):
+        if result.error:
+            raise result.error
+        if command.method == "crm.activity.binding.list":
+            current[("activity", command.params["activityId"])] = {
+                (int(b["entityTypeId"]), int(b["entityId"])) for b in result.result or []}
+        else:
+            names = {name: int(entity) for entity, name in TYPE_NAMES.items()}
+            current[("comment", command.params["filter"]["OWNER_ID"])] = {
+                (names.get(str(b["ENTITY_TYPE"]).lower(), 0), int(b["ENTITY_ID"])) for b in result.result or []}
+    return [step for step in steps if not _done(step, current[(step[0], step[1])])]
+
+
+def _done(step: Step, bindings: set[tuple[int, int]]) -> bool:
+    _, _, command = step
+    p = command.params
+    if command.method == "crm.activity.binding.move":
+        return (p["targetEntityTypeId"], p["targetEntityId"]) in bindings
+    if command.method.startswith("crm.timeline."):
+        names = {name: int(entity) for entity, name in TYPE_NAMES.items()}
+        pair = (names[p["fields"]["ENTITY_TYPE"]], p["fields"]["ENTITY_ID"])
+        return (pair in bindings) == command.method.endswith(".bind")
+    pair = (p["entityTypeId"], p["entityId"])
+    return (pair in bindings) == command.method.endswith(".add")
 
 
 def _failure(result: CommandResult) -> B24Error | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from unittest import mock
 
@@ -76,7 +76,7 @@ async def test_every_filter_narrows_the_list(client: Any, redis: Any) -> None:
     assert await ids("event=oncrmactivityadd&entity=103") == [acme[3].id]
     assert await ids("rule=no-such-rule") == []
     assert await ids(f"since={acme[1].received_at}&until={acme[2].received_at}") == [acme[2].id, acme[1].id]
-    iso = datetime.fromtimestamp(acme[3].received_at - 0.5, timezone.utc).isoformat().replace("+00:00", "Z")
+    iso = datetime.fromtimestamp(acme[3].received_at - 0.5, UTC).isoformat().replace("+00:00", "Z")
     assert await ids(f"since={iso}&portal=acme") == [acme[3].id]
 
 
@@ -294,7 +294,7 @@ async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, work
         block = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), timeout=5)
         if block.startswith(b"event: job\n"):
             job = json.loads(block.split(b"data: ", 1)[1])
-            assert job["id"] == answer["job_id"]
-            states.append(job["state"])
+            if job["id"] == answer["job_id"]:
+                states.append(job["state"])
     stream.close()
     assert states == ["queued", "running", "succeeded"]
