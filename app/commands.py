@@ -14,7 +14,7 @@ from app.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
-from app.bundled_redis import BundledRedis
+from app.bundled_redis import with_redis
 from app.config import load_service_rules, variables
 from app.jobs import FINAL_STATES, JobStore
 from app.queue import BACKFILL_QUEUE, JobQueue, connect
@@ -153,10 +153,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
     if only_rule and only_rule not in {rule.name for rule in rules.rules}:
         raise CommandError(f"no rule {only_rule!r}; the rules are: {', '.join(r.name for r in rules.rules)}")
     async with AsyncExitStack() as stack:
-        if not settings.redis_url:
-            bundled = BundledRedis(settings.data_dir)
-            settings = settings.model_copy(update={"redis_url": bundled.start()})
-            stack.callback(bundled.stop)
+        settings = with_redis(settings, stack)
         redis = await connect(settings.redis_url or "")
         stack.push_async_callback(redis.aclose)
         store = JobStore(redis, settings.job_retention_days * 86400)

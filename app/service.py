@@ -11,7 +11,7 @@ from aiohttp import web
 
 from app import demo, logs
 from app.bitrix.fake import FakePortal
-from app.bundled_redis import BundledRedis
+from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
@@ -35,10 +35,7 @@ async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
     live = LiveRules(load_service_rules(settings), settings)
     async with AsyncExitStack() as stack:
-        if not settings.redis_url:
-            bundled = BundledRedis(settings.data_dir)
-            settings = settings.model_copy(update={"redis_url": await asyncio.to_thread(bundled.start)})
-            stack.callback(bundled.stop)
+        settings = with_redis(settings, stack)
         fake = None
         if roles.demo_portal and not live.current.portals:
             fake = FakePortal()
@@ -69,7 +66,9 @@ async def run(settings: Settings, roles: Roles) -> None:
 
 
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
-    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS)
+    # No access log: the event handler logs one line per event already, and intake is the hot path.
+    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS,
+                           access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)
