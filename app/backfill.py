@@ -83,7 +83,7 @@ async def summarise(store: JobStore, job_ids: list[str]) -> BackfillSummary:
         summary.rebound += sum(1 for item in record.changes if "activity" in item and item["status"] == "changed")
         if record.state.value == "skipped":
             summary.skipped[record.outcome] += 1  # type: ignore[index]
-        elif record.state.value == "failed":
+        elif record.state.value in ("failed", "dead"):
             summary.failed[_error_text(record.error) or record.outcome] += 1  # type: ignore[index]
     return summary
 

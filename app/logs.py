@@ -5,8 +5,19 @@ import json
 import logging
 import sys
 from collections.abc import Iterable
+from contextvars import ContextVar
 
 MASK = "***"
+# The job a log line belongs to; arq runs each job in its own task, so each sees its own value.
+current_job: ContextVar[str | None] = ContextVar("current_job", default=None)
+
+
+class JobContext(logging.Filter):
+    """Puts the current job's id on every log line written while it runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.job_id = current_job.get()
+        return True
 
 
 class SecretMask(logging.Filter):
@@ -30,10 +41,18 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+class TerminalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
+        if getattr(record, "job_id", None):
+            entry["job_id"] = record.job_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -42,10 +61,11 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty():
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     else:
         handler.setFormatter(JsonFormatter())
     handler.addFilter(SecretMask(secrets))
+    handler.addFilter(JobContext())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -20,12 +20,10 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.bitrix.client import Answer, Command, CommandResult, RestClient
-from app.bitrix.errors import B24Error
+from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
-from app.events import BadEvent, PortalEvent
 from app.jobs import FINAL_STATES, JobRecord
-from app.keys import redis_key, rules_key, store_key
+from app.keys import redis_key, store_key
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE
 
 log = logging.getLogger(__name__)
@@ -46,39 +44,12 @@ def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
     return name, dict(pair.split("=", 1) for pair in pairs)
 
 
-class MeteredRestClient(RestClient):
-    """A RestClient that counts its calls, and each command of its batches, by REST method and outcome.
-
-    `via` tells them apart: "request" is one HTTP request (a `batch` among them), "batch" a command in one.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.calls: Counter[tuple[str, str, str]] = Counter()  # method, outcome, via
-
-    async def call(self, method: str, params: dict[str, Any] | None = None, **options: Any) -> Answer:
-        try:
-            answer = await super().call(method, params, **options)
-        except B24Error as exc:
-            self.calls[(method, str(exc.code) or "error", "request")] += 1
-            raise
-        self.calls[(method, "ok", "request")] += 1
-        return answer
-
-    async def batch(self, commands: Sequence[Command], **options: Any) -> list[CommandResult]:
-        results = await super().batch(commands, **options)
-        for result in results:
-            outcome = "ok" if result.error is None else str(result.error.code)
-            self.calls[(result.command.method, outcome, "batch")] += 1
-        return results
-
-
 async def record_attempt(redis: Redis, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
     ended the job, its duration. A metrics failure never fails the job."""
     waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
     _flushed_waits[limiter] = limiter.stats.waited_seconds
-    calls = client.calls if isinstance(client, MeteredRestClient) else Counter()
+    calls = client.calls
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for (method, outcome, via), n in calls.items():
@@ -113,6 +84,10 @@ async def count_events(request: web.Request, handler: Handler) -> web.StreamResp
     return response
 
 
+# Set by the webhook once an event is authenticated: (portal, event).
+EVENT_LABELS = web.RequestKey("event_labels", tuple)
+
+
 async def _event_labels(request: web.Request, response: web.Response) -> tuple[str, str, str]:
     if response.status != 200:
         # Unauthenticated bodies never become labels: anyone could invent portals and events.
@@ -121,12 +96,8 @@ async def _event_labels(request: web.Request, response: web.Response) -> tuple[s
     answer = json.loads(response.body or b"{}") if isinstance(response.body, bytes) else {}
     outcome = ("ignored" if "ignored" in answer else "spooled" if answer.get("spooled")
                else "duplicate" if answer.get("duplicate") else "queued")
-    try:
-        event = PortalEvent.from_body(request.content_type, await request.read())
-    except BadEvent:
-        return "-", "-", outcome
-    portal = request.app[rules_key].current.portal_for_domain(event.domain)
-    return (portal.name if portal else "-"), event.name, outcome
+    portal, event = request.get(EVENT_LABELS, ("-", "-"))
+    return portal, event, outcome
 
 
 class _Snapshot(Collector):

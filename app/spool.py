@@ -7,6 +7,7 @@ they were opened; the one a process writes to is locked, so a drainer (in this p
 started later) only ever reads finished segments. A line holds the job's fields and its id, never
 the portal's token; queueing by job id makes a line drained twice, or spooled twice, queue once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,7 +33,17 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
 DRAIN_EVERY = 1.0  # seconds between looks at the spool while it holds events
-FIELDS = ("job_id", "portal", "event", "entity_id", "event_ts", "trigger", "only_rule", "dry_run", "received_at")
+FIELDS = (
+    "job_id",
+    "portal",
+    "event",
+    "entity_id",
+    "event_ts",
+    "trigger",
+    "only_rule",
+    "dry_run",
+    "received_at",
+)
 
 
 def spool_dir(settings: Settings) -> Path:
@@ -50,8 +61,17 @@ class Spool:
 
     async def append(self, record: JobRecord) -> None:
         """Write the job to disk and fsync it; raises OSError when the disk cannot take it."""
-        line = json.dumps({"job_id": record.id, **{k: v for k, v in record.task_args().items() if k != "job_id"},
-                           "received_at": record.received_at}, separators=(",", ":")).encode() + b"\n"
+        line = (
+            json.dumps(
+                {
+                    "job_id": record.id,
+                    **{k: v for k, v in record.task_args().items() if k != "job_id"},
+                    "received_at": record.received_at,
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
         await asyncio.to_thread(self._write, line)
 
     def _write(self, line: bytes) -> None:
@@ -64,7 +84,7 @@ class Spool:
 
     def _open_segment(self) -> IO[bytes]:
         path = self.directory / f"spool-{time.time_ns():020d}-{os.getpid()}{SUFFIX}"
-        file = open(path, "ab")  # noqa: SIM115 - held open until sealed
+        file = open(path, "ab")  # held open until sealed
         fcntl.flock(file.fileno(), fcntl.LOCK_EX)  # "being written": drainers leave it alone
         _fsync_dir(self.directory)  # the new name itself must survive a crash
         return file
@@ -120,13 +140,18 @@ class Spool:
 
 
 async def _queue_once(queue: JobQueue, redis: Any, entry: dict[str, Any]) -> int:
-    record = JobRecord.model_validate({"id": entry["job_id"], **{k: entry[k] for k in FIELDS[1:] if k in entry}})
+    record = JobRecord.model_validate(
+        {"id": entry["job_id"], **{k: entry[k] for k in FIELDS[1:] if k in entry}}
+    )
     if await queue.submit(record):
         return 1
     # The record exists: queued before, or created just before Redis went away and never enqueued.
     stored = await queue.store.get(record.id)
-    if stored is not None and stored.state == JobState.QUEUED and not await redis.exists(
-            f"arq:job:{record.id}", f"arq:in-progress:{record.id}"):
+    if (
+        stored is not None
+        and stored.state == JobState.QUEUED
+        and not await redis.exists(f"arq:job:{record.id}", f"arq:in-progress:{record.id}")
+    ):
         await queue.requeue(stored)
         return 1
     return 0
@@ -154,7 +179,7 @@ class _claimed:
 
     def __enter__(self) -> IO[bytes] | None:
         try:
-            self.file = open(self.path, "rb")  # noqa: SIM115
+            self.file = open(self.path, "rb")
         except FileNotFoundError:
             return None
         try:

@@ -12,6 +12,7 @@ from app.events import FORM, JSON, BadEvent, PortalEvent, decode_body
 from app.install import INSTALL_EVENT, accept_install, expected_token
 from app.jobs import JobRecord
 from app.keys import queue_key, redis_key, rules_key, settings_key
+from app.metrics import EVENT_LABELS
 from app.spool import spool_key
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ async def receive_event(request: web.Request) -> web.Response:
                     else "application_token or member_id does not match the rules file")
         return _answer(401, error="unknown portal or wrong application_token; check the outbound webhook's "
                                   "token and the portal's domain in the rules file")
+    request[EVENT_LABELS] = (portal.name, event.name)
     if event.name not in rules.events():
         return _answer(200, ignored=f"no rule listens to {event.name}")
 

@@ -74,7 +74,7 @@ class LeasedWorker(Worker):
             try:
                 async with self.pool.pipeline(transaction=False) as pipe:
                     for job_id in running:
-                        pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once it ended
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once ended
                     await pipe.execute()
             except (RedisError, OSError) as exc:  # Redis is away; the next beat tries again
                 log.warning("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)

@@ -7,10 +7,11 @@ the leads converted since the portal's cursor (`DATE_MODIFY`, kept in Redis per 
 sweeps queue a lead once per version of it. The worker runs a sweep on a schedule (arq cron, every
 `B24_RECONCILE_INTERVAL` seconds across all workers); `b24rebind reconcile` runs one by hand.
 
-Offline events (`event.offline.get` with `clear=0`, then `event.offline.clear`) need an OAuth
-application, which the rules file cannot describe yet: portals are plain webhooks, so only the
-sweep runs.
+Offline events (`event.offline.get` with `clear=0`, then `event.offline.clear` with its
+`process_id`) need a portal in application mode (`auth: oauth`); they are not read yet, so every
+portal, in either mode, is reconciled by the sweep.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,10 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from app.bitrix.budget import MethodBudget
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
 from app.bitrix.errors import B24Error
+from app.bitrix.oauth import OAuthSession
 from app.bitrix.ratelimit import RateLimiter
 from app.bundled_redis import BundledRedis
 from app.config import LiveRules, load_service_rules
@@ -64,7 +67,9 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
     last_id = 0
     while True:
         filter = {"STATUS_SEMANTIC_ID": "S", ">=DATE_MODIFY": start}
-        page = (await client.call("crm.lead.list", fast_page(filter, ["ID", "DATE_MODIFY"], last_id))).result or []
+        page = (
+            await client.call("crm.lead.list", fast_page(filter, ["ID", "DATE_MODIFY"], last_id))
+        ).result or []
         if page:
             bound = await _with_activities(client, [int(row["ID"]) for row in page])
             for row in page:
@@ -79,15 +84,25 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
             break
     # Next time from the newest change seen: the portal's clock, so no skew with ours.
     await redis.set(cursor_key(portal), result.cursor)
-    log.info("reconcile %s: %d converted leads since %s, %d queued", portal, result.leads_seen, start,
-             len(result.queued))
+    log.info(
+        "reconcile %s: %d converted leads since %s, %d queued",
+        portal,
+        result.leads_seen,
+        start,
+        len(result.queued),
+    )
     return result
 
 
 async def _with_activities(client: RestClient, lead_ids: list[int]) -> set[int]:
     """Which of these leads still have an activity bound to them: one batch for a page of leads."""
-    commands = [Command("crm.activity.list", fast_page(
-        {"BINDINGS": [{"OWNER_TYPE_ID": int(EntityType.LEAD), "OWNER_ID": lead}]}, ["ID"], 0)) for lead in lead_ids]
+    commands = [
+        Command(
+            "crm.activity.list",
+            fast_page({"BINDINGS": [{"OWNER_TYPE_ID": int(EntityType.LEAD), "OWNER_ID": lead}]}, ["ID"], 0),
+        )
+        for lead in lead_ids
+    ]
     results = await client.batch(commands)
     # A lead whose check failed is queued anyway: the job reads it properly and skips it if need be.
     return {lead for lead, result in zip(lead_ids, results) if not result.ok or result.result}
@@ -106,7 +121,11 @@ async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> li
     for name, portal in rules.portals.items():
         if portals is not None and name not in portals:
             continue
-        client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=True)
+        client = RestClient(
+            ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=True,
+            budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
+            oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None,
+        )
         try:
             done.append(await sweep(client, queue, ctx["redis"]))
         except B24Error as exc:
@@ -136,9 +155,17 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
         redis = await connect(settings.redis_url or "")
         stack.push_async_callback(redis.aclose)
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        ctx = {"rules": LiveRules(rules), "redis": redis, "http": http, "limiter": RateLimiter(redis),
-               "store": JobStore(redis, settings.job_retention_days * 86400), "retry_policy": RetryPolicy()}
+        ctx = {
+            "rules": LiveRules(rules),
+            "redis": redis,
+            "http": http,
+            "limiter": RateLimiter(redis),
+            "store": JobStore(redis, settings.job_retention_days * 86400),
+            "retry_policy": RetryPolicy(),
+        }
         for done in await sweep_all(ctx, None if portal is None else [portal]):
-            print(f"reconcile {done.portal}: {done.leads_seen} leads converted since {done.since}, "
-                  f"{len(done.queued)} with activities still on the lead queued (trigger {TRIGGER!r})")
+            print(
+                f"reconcile {done.portal}: {done.leads_seen} leads converted since {done.since}, "
+                f"{len(done.queued)} with activities still on the lead queued (trigger {TRIGGER!r})"
+            )
     return 0

@@ -13,7 +13,8 @@ from app.bitrix.budget import MethodBudget
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.jobs import JobRecord, JobState, JobStore
-from app.metrics import MeteredRestClient, record_attempt
+from app.logs import current_job
+from app.metrics import record_attempt
 from app.rules.engine import plan as make_plan
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
@@ -36,6 +37,7 @@ JOB_TIMEOUT = 600
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     store: JobStore = ctx["store"]
     rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
+    current_job.set(job["job_id"])
     record = await store.get(job["job_id"]) or JobRecord.model_validate({**job, "id": job["job_id"]})
     record.begin_attempt(ctx["job_try"])
     await store.save(record)
@@ -46,7 +48,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
         await store.save(record)
         return record.state.value
-    client = MeteredRestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
+    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
                         low_priority=record.trigger == "backfill",
                         budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
                         oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)

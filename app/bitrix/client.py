@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,8 @@ class RestClient:
         self._reserve = portal.rate_limit.burst // 2 if low_priority else 0
         self._budget = budget
         self.requests = 0
+        # For metrics: (method, outcome, via); via "request" is one HTTP request, "batch" a command in one.
+        self.calls: Counter[tuple[str, str, str]] = Counter()
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, write: bool = False,
                    uses: Sequence[str] = ()) -> Answer:
@@ -99,6 +102,7 @@ class RestClient:
         for attempt in range(self._retry.attempts):
             try:
                 answer = await self._send(method, await self._authorised(payload))
+                self.calls[(method, "ok", "request")] += 1
                 if self._budget and method != "batch":
                     await self._budget.note(method, answer.time)
                 return answer
@@ -130,6 +134,8 @@ class RestClient:
             cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
             answer = await self.call("batch", {"halt": 0, "cmd": cmd}, write=write, uses=[c.method for c in chunk])
             unpacked = _unpack_batch(chunk, answer.result)
+            for result in unpacked:
+                self.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
             await self._note_batch_times(chunk, answer.result)
             blocked = next((r.error for r in unpacked if isinstance(r.error, MethodBlocked)), None)
             if blocked is not None:
@@ -177,8 +183,13 @@ class RestClient:
                     self._follow_move(method, response.headers.get("Location", ""))
                     return await self._send(method, payload, moves + 1)
                 body = await response.read()
-                return _answer(method, response.status, body)
+                try:
+                    return _answer(method, response.status, body)
+                except B24Error as exc:
+                    self.calls[(method, str(exc.code) or "error", "request")] += 1
+                    raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.calls[(method, "NETWORK_ERROR", "request")] += 1
             # str(exc) may hold the URL, and with it the webhook code: keep only the kind of failure.
             raise TransientError(method, "NETWORK_ERROR", type(exc).__name__,
                                  hint="The portal could not be reached; the job retries by itself.") from None

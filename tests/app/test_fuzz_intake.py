@@ -1,4 +1,5 @@
 """Fuzzing the intake: whatever arrives, never a 5xx, never a job without the right token, no leak."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,26 +7,36 @@ import gc
 import json
 import logging
 import tracemalloc
-from ipaddress import ip_network
 from collections.abc import Iterator
-from pathlib import Path
+from ipaddress import ip_network
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import pytest
 import redis as sync_redis
 from aiohttp.test_utils import TestClient, TestServer
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from app.bitrix.portal import PortalConfig
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.web import create_app
-from tests.conftest import DOMAIN, TOKEN, event_form
+from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, event_form, post_event, rules_with
 
 FORM = "application/x-www-form-urlencoded"
-CONTENT_TYPES = [FORM, "application/json", "text/plain", "multipart/form-data; boundary=x", "",
-                 "application/x-www-form-urlencoded; charset=latin-1", "application/json; charset=utf-16",
-                 "application/xml", "APPLICATION/JSON"]
+CONTENT_TYPES = [
+    FORM,
+    "application/json",
+    "text/plain",
+    "multipart/form-data; boundary=x",
+    "",
+    "application/x-www-form-urlencoded; charset=latin-1",
+    "application/json; charset=utf-16",
+    "application/xml",
+    "APPLICATION/JSON",
+]
 
 
 class Intake:
@@ -39,13 +50,17 @@ class Intake:
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)
 
-    def post(self, body: bytes, content_type: str | None, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    def post(
+        self, body: bytes, content_type: str | None, headers: dict[str, str] | None = None
+    ) -> tuple[int, str]:
         async def send() -> tuple[int, str]:
             sent = {**({"Content-Type": content_type} if content_type is not None else {}), **(headers or {})}
             # The session itself: TestClient.post keeps every response until the client closes.
-            async with self.client.session.post(self.client.make_url("/bitrix/events"), data=body,
-                                                headers=sent) as response:
+            async with self.client.session.post(
+                self.client.make_url("/bitrix/events"), data=body, headers=sent
+            ) as response:
                 return response.status, await response.text()
+
         return self.run(send())  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -55,15 +70,16 @@ class Intake:
 
 @pytest.fixture(scope="module")
 def intake(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: Any) -> Iterator[Intake]:
-    from tests.conftest import rules_with, DEFAULT_RULES
-    from app.bitrix.portal import PortalConfig
     tmp = tmp_path_factory.mktemp("fuzz")
-    config = PortalConfig(name="acme", domain=DOMAIN, rest_url="http://127.0.0.1:9/rest/1/code/",
-                          application_token=TOKEN)
+    config = PortalConfig(
+        name="acme", domain=DOMAIN, rest_url="http://127.0.0.1:9/rest/1/code/", application_token=TOKEN
+    )
     with sync_redis.Redis.from_url(redis_url) as db:
         db.flushdb()
-    app = Intake(Settings(_env_file=None, redis_url=redis_url, data_dir=tmp, rules=tmp / "rules.yaml"),
-                 rules_with(DEFAULT_RULES, config))
+    app = Intake(
+        Settings(_env_file=None, redis_url=redis_url, data_dir=tmp, rules=tmp / "rules.yaml"),
+        rules_with(DEFAULT_RULES, config),
+    )
     yield app
     app.close()
 
@@ -77,9 +93,18 @@ def nested_key(depth: int) -> str:
     return "data" + "[x]" * depth
 
 
-forged_tokens = st.one_of(st.text(max_size=80), st.just(TOKEN + "x"), st.just(TOKEN.upper()), st.just(TOKEN[:-1]),
-                          st.just(""), st.just(TOKEN + "\x00"), st.just(TOKEN[::-1]))
-field_values = st.one_of(st.text(max_size=50), st.integers().map(str), st.just("9" * 40), st.just("x" * 30_000))
+forged_tokens = st.one_of(
+    st.text(max_size=80),
+    st.just(TOKEN + "x"),
+    st.just(TOKEN.upper()),
+    st.just(TOKEN[:-1]),
+    st.just(""),
+    st.just(TOKEN + "\x00"),
+    st.just(TOKEN[::-1]),
+)
+field_values = st.one_of(
+    st.text(max_size=50), st.integers().map(str), st.just("9" * 40), st.just("x" * 30_000)
+)
 
 
 @st.composite
@@ -92,21 +117,44 @@ def bodies(draw: Any) -> tuple[bytes, str | None]:
         pairs = draw(st.lists(st.tuples(st.text(max_size=30), field_values), max_size=20))
         return urlencode(pairs).encode(), FORM
     if kind == "event":  # a well-formed event with a forged token and fuzzed fields
-        extra = draw(st.dictionaries(st.sampled_from(["data[FIELDS][ID]", "ts", "auth[domain]",
-                                                      "auth[member_id]", "event_handler_id", "data[FIELDS]"]),
-                                     field_values, max_size=4))
+        extra = draw(
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "data[FIELDS][ID]",
+                        "ts",
+                        "auth[domain]",
+                        "auth[member_id]",
+                        "event_handler_id",
+                        "data[FIELDS]",
+                    ]
+                ),
+                field_values,
+                max_size=4,
+            )
+        )
         return event_form("ONCRMACTIVITYADD", 5, token=draw(forged_tokens), **extra).encode(), FORM
     if kind == "json":
-        value = draw(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-                                  lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                                      st.text(max_size=10), inner, max_size=4), max_leaves=30))
-        body = value if not isinstance(value, dict) else {**value, "auth": {"domain": DOMAIN,
-                                                                           "application_token": draw(forged_tokens)}}
+        value = draw(
+            st.recursive(
+                st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                lambda inner: (
+                    st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+                ),
+                max_leaves=30,
+            )
+        )
+        body = (
+            value
+            if not isinstance(value, dict)
+            else {**value, "auth": {"domain": DOMAIN, "application_token": draw(forged_tokens)}}
+        )
         return json.dumps(body).encode(), "application/json"
     if kind == "deep_json":
         depth = draw(st.integers(100, 5000))
-        return ("[" * depth + "]" * depth).encode() if draw(st.booleans()) else \
-            ('{"a":' * depth + "1" + "}" * depth).encode(), "application/json"
+        return ("[" * depth + "]" * depth).encode() if draw(st.booleans()) else (
+            '{"a":' * depth + "1" + "}" * depth
+        ).encode(), "application/json"
     if kind == "deep_form":
         depth = draw(st.integers(100, 1500))
         return f"{quote(nested_key(depth))}=1&auth[application_token]={quote(TOKEN + 'x')}".encode(), FORM
@@ -116,8 +164,9 @@ def bodies(draw: Any) -> tuple[bytes, str | None]:
 
 @hypothesis_settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies())
-def test_no_body_gets_a_5xx_or_a_job_without_the_token(intake: Intake, redis_url: str,
-                                                       body: tuple[bytes, str | None]) -> None:
+def test_no_body_gets_a_5xx_or_a_job_without_the_token(
+    intake: Intake, redis_url: str, body: tuple[bytes, str | None]
+) -> None:
     before = queued(redis_url)
     status, text = intake.post(*body)
 
@@ -130,17 +179,23 @@ def test_no_body_gets_a_5xx_or_a_job_without_the_token(intake: Intake, redis_url
 @given(name=st.text(min_size=1, max_size=40), value=st.text(max_size=200))
 def test_odd_headers_never_give_a_5xx(intake: Intake, name: str, value: str) -> None:
     try:
-        status, _ = intake.post(event_form("ONCRMACTIVITYADD", 5, token="forged").encode(), FORM, {name: value})
+        status, _ = intake.post(
+            event_form("ONCRMACTIVITYADD", 5, token="forged").encode(), FORM, {name: value}
+        )
     except ValueError:
         return  # the client refuses to send a header that is not valid HTTP
     assert status < 500
 
 
-async def test_an_address_outside_the_allow_list_is_refused(aiohttp_client: Any, settings: Settings, rules: RuleSet,
-                                                           redis: Any) -> None:
-    from tests.conftest import post_event
-    outside = await aiohttp_client(create_app(settings.model_copy(update={"allowed_sources": [ip_network("10.0.0.0/8")]}), rules))
-    inside = await aiohttp_client(create_app(settings.model_copy(update={"allowed_sources": [ip_network("127.0.0.0/8")]}), rules))
+async def test_an_address_outside_the_allow_list_is_refused(
+    aiohttp_client: Any, settings: Settings, rules: RuleSet, redis: Any
+) -> None:
+    outside = await aiohttp_client(
+        create_app(settings.model_copy(update={"allowed_sources": [ip_network("10.0.0.0/8")]}), rules)
+    )
+    inside = await aiohttp_client(
+        create_app(settings.model_copy(update={"allowed_sources": [ip_network("127.0.0.0/8")]}), rules)
+    )
 
     assert (await post_event(outside, "ONCRMACTIVITYADD", 5))[0] == 403
     assert await redis.zcard("arq:queue") == 0
@@ -149,13 +204,18 @@ async def test_an_address_outside_the_allow_list_is_refused(aiohttp_client: Any,
 
 def test_the_server_limits_header_sizes_and_counts() -> None:
     from app.webhook import HEADER_LIMITS
+
     assert HEADER_LIMITS == {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64}
 
 
 def test_memory_stays_flat_over_thousands_of_bad_requests(intake: Intake) -> None:
     requests = [(event_form("ONCRMACTIVITYADD", n, token=f"forged{n}").encode(), FORM) for n in range(40)] + [
-        (b"\xff" * 500, FORM), (b"{" * 3000, "application/json"), (b"x" * 70_000, FORM),
-        (f"{quote(nested_key(1000))}=1".encode(), FORM), (b"a=1", "text/plain")]
+        (b"\xff" * 500, FORM),
+        (b"{" * 3000, "application/json"),
+        (b"x" * 70_000, FORM),
+        (f"{quote(nested_key(1000))}=1".encode(), FORM),
+        (b"a=1", "text/plain"),
+    ]
 
     def burst(n: int) -> None:
         for i in range(n):

@@ -1,4 +1,5 @@
 """The spool: events accepted while Redis is down reach the queue once it is back, once each."""
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,13 @@ async def run_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> Non
 
 
 async def test_redis_down_spools_and_the_job_runs_once_it_is_back(
-        aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, pool: ArqRedis,
-        portal: FakePortal) -> None:
+    aiohttp_client: Any,
+    bundled: BundledRedis,
+    down_settings: Settings,
+    rules: RuleSet,
+    pool: ArqRedis,
+    portal: FakePortal,
+) -> None:
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
@@ -75,10 +81,14 @@ async def test_redis_down_spools_and_the_job_runs_once_it_is_back(
 
     assert status == 200, answer
     assert answer["spooled"] is True
-    lines = [json.loads(line) for path in Spool(down_settings.data_dir / "spool").segments()
-             for line in path.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for path in Spool(down_settings.data_dir / "spool").segments()
+        for line in path.read_text().splitlines()
+    ]
     assert [(e["job_id"], e["event"], e["entity_id"]) for e in lines] == [
-        (answer["job_id"], "ONCRMACTIVITYADD", activity)]
+        (answer["job_id"], "ONCRMACTIVITYADD", activity)
+    ]
     assert TOKEN not in json.dumps(lines)
 
     bundled.start()
@@ -90,8 +100,8 @@ async def test_redis_down_spools_and_the_job_runs_once_it_is_back(
 
 
 async def test_the_spool_survives_a_restart_of_the_web_process(
-        aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet,
-        pool: ArqRedis) -> None:
+    aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, pool: ArqRedis
+) -> None:
     client = await aiohttp_client(create_app(down_settings, rules))
     bundled.stop()
     answers = [await post_event(client, "ONCRMACTIVITYADD", n) for n in (1, 2, 3)]
@@ -108,8 +118,8 @@ async def test_the_spool_survives_a_restart_of_the_web_process(
 
 
 async def test_a_duplicate_in_the_spool_is_queued_once(
-        aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet,
-        pool: ArqRedis) -> None:
+    aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, pool: ArqRedis
+) -> None:
     client = await aiohttp_client(create_app(down_settings, rules))
     bundled.stop()
     first = await post_event(client, "ONCRMACTIVITYADD", 7)
@@ -122,7 +132,8 @@ async def test_a_duplicate_in_the_spool_is_queued_once(
 
 
 async def test_a_record_made_just_before_redis_went_away_is_queued_by_the_drain(
-        redis: ArqRedis, tmp_path: Path) -> None:
+    redis: ArqRedis, tmp_path: Path
+) -> None:
     store = JobStore(redis, 60)
     queue = JobQueue(redis, store)
     record = JobRecord.for_event("acme", "ONCRMACTIVITYADD", 9, "1")

@@ -1,4 +1,5 @@
 """Real worker processes for the chaos tests: started as an operator would, killed as a crash would."""
+
 from __future__ import annotations
 
 import os
@@ -29,17 +30,29 @@ portals:
 class WorkerProcess:
     """`python -m workers` in its own process group, its log in a file."""
 
-    def __init__(self, redis_url: str, rules: Path, data_dir: Path, name: str = "worker",
-                 **env: str) -> None:
+    def __init__(self, redis_url: str, rules: Path, data_dir: Path, name: str = "worker", **env: str) -> None:
         self.log = data_dir / f"{name}.log"
-        self.env = {**os.environ, "REDIS_URL": redis_url, "B24_RULES": str(rules), "B24_DATA_DIR": str(data_dir),
-                    "LOG_LEVEL": os.environ.get("B24_TEST_WORKER_LOG", "INFO"), "B24_RECONCILE_INTERVAL": "0", **env}
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "B24_RULES": str(rules),
+            "B24_DATA_DIR": str(data_dir),
+            "LOG_LEVEL": os.environ.get("B24_TEST_WORKER_LOG", "INFO"),
+            "B24_RECONCILE_INTERVAL": "0",
+            **env,
+        }
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "workers"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

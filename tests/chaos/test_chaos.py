@@ -3,6 +3,7 @@
 The short form runs with the normal test run. The long form: B24_CHAOS_EVENTS=2000 (and, for the
 Redis-down scenario, B24_REDIS_DOWN_EVENTS=500 B24_REDIS_DOWN_SECONDS=30) `.venv/bin/pytest -s tests/chaos`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,8 +47,12 @@ def private_redis() -> Iterator[BundledRedis]:
 
 
 @pytest.fixture
-async def chaos_client(aiohttp_client: Any, private_redis: BundledRedis, rules: RuleSet, tmp_path: Path) -> Any:
-    settings = Settings(_env_file=None, redis_url=private_redis.url, data_dir=tmp_path, rules=tmp_path / "x.yaml")
+async def chaos_client(
+    aiohttp_client: Any, private_redis: BundledRedis, rules: RuleSet, tmp_path: Path
+) -> Any:
+    settings = Settings(
+        _env_file=None, redis_url=private_redis.url, data_dir=tmp_path, rules=tmp_path / "x.yaml"
+    )
     return await aiohttp_client(create_app(settings, rules))
 
 
@@ -118,27 +123,41 @@ async def all_done(store: JobStore, job_ids: set[str], timeout: float) -> dict[s
         except (RedisError, OSError):  # Redis is restarting
             records = {}
         if time.monotonic() > deadline:
-            pending = {i: (r.state.value if r else None) for i, r in records.items()
-                       if r is None or r.state not in FINAL_STATES} if records else {"?": "Redis unreachable"}
+            pending = (
+                {
+                    i: (r.state.value if r else None)
+                    for i, r in records.items()
+                    if r is None or r.state not in FINAL_STATES
+                }
+                if records
+                else {"?": "Redis unreachable"}
+            )
             raise AssertionError(f"{len(pending)} jobs not finished: {list(pending.items())[:10]}")
         await asyncio.sleep(0.25)
 
 
 def assert_every_activity_ended_right(portal: FakePortal) -> None:
-    for activity_id, row in portal.activities.items():
+    for activity_id in portal.activities:
         lead = next(i for t, i in portal.binding_history[activity_id][0] if t == LEAD)
-        expected = [(CONTACT, int(portal.leads[lead]["CONTACT_ID"])), (COMPANY, int(portal.leads[lead]["COMPANY_ID"]))]
+        expected = [
+            (CONTACT, int(portal.leads[lead]["CONTACT_ID"])),
+            (COMPANY, int(portal.leads[lead]["COMPANY_ID"])),
+        ]
         assert portal.bindings(activity_id) == expected, (activity_id, portal.binding_history[activity_id])
         assert all(portal.binding_history[activity_id]), f"activity {activity_id} was left with no binding"
 
 
 async def test_events_survive_killed_workers_redis_restarts_and_a_failing_portal(
-        chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path) -> None:
+    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path
+) -> None:
     plan = converted_leads(portal, EVENTS)
     rules_file = write_rules(tmp_path / "rules.yaml", portal, per_second=200, burst=100)
     supervisor = Supervisor(2, lambda name: WorkerProcess(private_redis.url, rules_file, tmp_path, name))
-    chaos = [asyncio.create_task(supervisor.keep_running()), asyncio.create_task(faulty(portal)),
-             asyncio.create_task(supervisor.kill_now_and_then(every=2.0))]
+    chaos = [
+        asyncio.create_task(supervisor.keep_running()),
+        asyncio.create_task(faulty(portal)),
+        asyncio.create_task(supervisor.kill_now_and_then(every=2.0)),
+    ]
     started = time.monotonic()
     accepted: set[str] = set()
     spooled = 0
@@ -161,9 +180,11 @@ async def test_events_survive_killed_workers_redis_restarts_and_a_failing_portal
     elapsed = time.monotonic() - started
 
     states = [r.state.value for r in records.values()]
-    print(f"\nchaos: {len(plan)} events, {len(accepted)} jobs ({spooled} spooled), {supervisor.kills} workers "
-          f"killed, 2 Redis restarts, {portal.request_count} portal requests; all done in {elapsed:.1f} s; "
-          f"states {({s: states.count(s) for s in set(states)})}")
+    print(
+        f"\nchaos: {len(plan)} events, {len(accepted)} jobs ({spooled} spooled), {supervisor.kills} workers "
+        f"killed, 2 Redis restarts, {portal.request_count} portal requests; all done in {elapsed:.1f} s; "
+        f"states { ({s: states.count(s) for s in set(states)}) }"
+    )
     assert spooled > 0
     assert not [r for r in records.values() if r.state.value in ("failed", "dead")], "a job gave up"
     assert_every_activity_ended_right(portal)
@@ -172,7 +193,8 @@ async def test_events_survive_killed_workers_redis_restarts_and_a_failing_portal
 
 
 async def test_redis_down_while_events_arrive_loses_none_of_them(
-        chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path) -> None:
+    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path
+) -> None:
     plan = converted_leads(portal, DOWN_EVENTS)
     rules_file = write_rules(tmp_path / "rules.yaml", portal, per_second=200, burst=100)
     worker = WorkerProcess(private_redis.url, rules_file, tmp_path, "w").start()
@@ -190,12 +212,16 @@ async def test_redis_down_while_events_arrive_loses_none_of_them(
         await asyncio.to_thread(private_redis.start)
         back = time.monotonic()
         assert all(status == 200 and answer.get("spooled") for status, answer in answers)
-        records = await all_done(JobStore(pool, 3600), {a["job_id"] for _, a in answers}, timeout=60 + len(plan) / 5)
+        records = await all_done(
+            JobStore(pool, 3600), {a["job_id"] for _, a in answers}, timeout=60 + len(plan) / 5
+        )
     finally:
         keeper.cancel()
         await asyncio.to_thread(supervisor.stop)
 
-    print(f"\nredis down {DOWN_SECONDS:g} s: {len(plan)} events spooled; all processed "
-          f"{time.monotonic() - back:.1f} s after Redis returned")
+    print(
+        f"\nredis down {DOWN_SECONDS:g} s: {len(plan)} events spooled; all processed "
+        f"{time.monotonic() - back:.1f} s after Redis returned"
+    )
     assert len(records) == len({a["job_id"] for _, a in answers})
     assert_every_activity_ended_right(portal)

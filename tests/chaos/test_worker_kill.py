@@ -1,4 +1,5 @@
 """kill -9 in the middle of a job: the job runs again within seconds and the activities end right."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,8 @@ async def wait_for(check: Any, timeout: float, what: str) -> float:
 
 
 async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
-        client: Any, redis: ArqRedis, redis_url: str, portal: FakePortal, tmp_path: Path) -> None:
+    client: Any, redis: ArqRedis, redis_url: str, portal: FakePortal, tmp_path: Path
+) -> None:
     lead = portal.add_lead()
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(300)]
     made = portal.convert_lead(lead)
@@ -36,12 +38,15 @@ async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
     store = JobStore(redis, 3600)
     try:
         _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
-        await wait_for(lambda: any(len(portal.binding_history[a]) > 1 for a in activities), 60, "the first bind")
+        await wait_for(
+            lambda: any(len(portal.binding_history[a]) > 1 for a in activities), 60, "the first bind"
+        )
         first.kill(signal.SIGKILL)
         killed_at = time.monotonic()
         half_done = sum(len(portal.binding_history[a]) > 1 for a in activities)
-        assert 0 < half_done and any(portal.bindings(a) != [(CONTACT, made["contact"]), (COMPANY, made["company"])]
-                                     for a in activities), "the job was not caught mid-way"
+        assert 0 < half_done and any(
+            portal.bindings(a) != [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities
+        ), "the job was not caught mid-way"
 
         second.start()
         deadline = time.monotonic() + 120
@@ -64,15 +69,19 @@ async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
 
 
 async def test_sigterm_lets_the_job_in_hand_finish_then_the_worker_leaves(
-        client: Any, redis: ArqRedis, redis_url: str, portal: FakePortal, tmp_path: Path) -> None:
+    client: Any, redis: ArqRedis, redis_url: str, portal: FakePortal, tmp_path: Path
+) -> None:
     lead = portal.add_lead()
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(100)]
     made = portal.convert_lead(lead)
-    worker = WorkerProcess(redis_url, write_rules(tmp_path / "rules.yaml", portal, per_second=4, burst=4),
-                           tmp_path).start()
+    worker = WorkerProcess(
+        redis_url, write_rules(tmp_path / "rules.yaml", portal, per_second=4, burst=4), tmp_path
+    ).start()
     try:
         _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
-        await wait_for(lambda: any(len(portal.binding_history[a]) > 1 for a in activities), 60, "the first bind")
+        await wait_for(
+            lambda: any(len(portal.binding_history[a]) > 1 for a in activities), 60, "the first bind"
+        )
         # The fake portal answers from this event loop: wait for the process in a thread.
         await asyncio.to_thread(worker.kill, signal.SIGTERM)
     finally:
@@ -81,4 +90,6 @@ async def test_sigterm_lets_the_job_in_hand_finish_then_the_worker_leaves(
     assert worker.process is not None and worker.process.returncode == 0
     record = await JobStore(redis, 3600).get(answer["job_id"])
     assert record is not None and record.state == JobState.SUCCEEDED, record
-    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
+    assert all(
+        portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities
+    )

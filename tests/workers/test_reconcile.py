@@ -1,4 +1,5 @@
 """The reconciler: converted leads whose events were missed get a job, the others cost nothing."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -25,8 +26,15 @@ from workers.reconcile import TRIGGER, reconcile_command, reconcile_job, sweep
 @pytest.fixture
 async def ctx(redis: ArqRedis, rules: RuleSet, settings: Settings) -> AsyncIterator[dict[str, Any]]:
     async with aiohttp.ClientSession() as http:
-        yield {"rules": LiveRules(rules), "redis": redis, "http": http, "limiter": RateLimiter(redis),
-               "store": JobStore(redis, 3600), "retry_policy": RetryPolicy(), "settings": settings}
+        yield {
+            "rules": LiveRules(rules),
+            "redis": redis,
+            "http": http,
+            "limiter": RateLimiter(redis),
+            "store": JobStore(redis, 3600),
+            "retry_policy": RetryPolicy(),
+            "settings": settings,
+        }
 
 
 def client_for(ctx: dict[str, Any], portal_config: PortalConfig) -> RestClient:
@@ -34,7 +42,8 @@ def client_for(ctx: dict[str, Any], portal_config: PortalConfig) -> RestClient:
 
 
 async def test_a_sweep_queues_only_converted_leads_with_activities_still_on_them(
-        ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig, make_worker: Any) -> None:
+    ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig, make_worker: Any
+) -> None:
     missed = portal.add_lead(title="missed")
     stranded = [portal.add_activity([(LEAD, missed)]) for _ in range(3)]
     made = portal.convert_lead(missed)
@@ -49,13 +58,16 @@ async def test_a_sweep_queues_only_converted_leads_with_activities_still_on_them
     assert result.leads_seen == 2 and len(result.queued) == 1
     assert portal.requests == [("crm.lead.list", 1), ("batch", 2)]
     await make_worker().run_check()
-    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in stranded)
+    assert all(
+        portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in stranded
+    )
     page = await ctx["store"].list(JobQuery(trigger=TRIGGER))
     assert [(r.entity_id, r.state.value, r.trigger) for r in page.records] == [(missed, "succeeded", TRIGGER)]
 
 
 async def test_the_next_sweep_starts_at_the_cursor_and_queues_nothing_twice(
-        ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig) -> None:
+    ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig
+) -> None:
     first = portal.add_lead()
     portal.add_activity([(LEAD, first)])
     portal.convert_lead(first)
@@ -74,7 +86,8 @@ async def test_the_next_sweep_starts_at_the_cursor_and_queues_nothing_twice(
 
 
 async def test_the_cron_sweeps_once_per_interval_whichever_worker_gets_there(
-        ctx: dict[str, Any], portal: FakePortal) -> None:
+    ctx: dict[str, Any], portal: FakePortal
+) -> None:
     lead = portal.add_lead()
     portal.add_activity([(LEAD, lead)])
     portal.convert_lead(lead)
@@ -85,7 +98,8 @@ async def test_the_cron_sweeps_once_per_interval_whichever_worker_gets_there(
 
 
 async def test_b24rebind_reconcile_sweeps_and_says_what_it_queued(
-        redis: ArqRedis, settings: Settings, portal: FakePortal, tmp_path: Path, capsys: Any) -> None:
+    redis: ArqRedis, settings: Settings, portal: FakePortal, tmp_path: Path, capsys: Any
+) -> None:
     lead = portal.add_lead()
     portal.add_activity([(LEAD, lead)])
     portal.convert_lead(lead)
@@ -94,5 +108,8 @@ async def test_b24rebind_reconcile_sweeps_and_says_what_it_queued(
     assert await reconcile_command(settings.model_copy(update={"rules": rules}), None) == 0
 
     out = capsys.readouterr().out
-    assert "reconcile acme: 1 leads converted since" in out and "1 with activities still on the lead queued" in out
+    assert (
+        "reconcile acme: 1 leads converted since" in out
+        and "1 with activities still on the lead queued" in out
+    )
     assert int(await redis.zcard("arq:queue")) == 1
