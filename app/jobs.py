@@ -185,6 +185,35 @@ class JobPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class QueueEntry:
+    """An arq job written together with its record: its queue, serialized job and times."""
+
+    queue: str
+    job_id: str
+    payload: bytes
+    score: int  # when it may run, in ms
+    expires_ms: int
+
+
+# One round trip accepts a job: the record, its indexes, the arq job and its queue entry appear
+# together or not at all, and a delivery seen before changes nothing.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[10] == '1' then
+  redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+end
+for i = 6, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[7], ARGV[6])
+  if i > 6 then redis.call('SADD', KEYS[5], KEYS[i]) end
+end
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return 1
+"""
+
+
 def feed_channel(redis: Redis) -> str:
     """The job feed's channel; pub/sub ignores databases, so installations sharing a server are kept apart."""
     return f"{FEED}{redis.connection_pool.connection_kwargs.get('db', 0)}"
@@ -199,15 +228,18 @@ class JobStore:
         self._max_records = max_records
         self._next_trim = 0.0
 
-    async def create(self, record: JobRecord) -> bool:
-        """Store a new record; False when one with this id already exists."""
-        created = await self._redis.set(JOB_KEY + record.id, record.model_dump_json(), nx=True, ex=self._ttl)
-        if created:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                self._index(pipe, record)
-                await pipe.execute()
-            if time.time() >= self._next_trim:
-                await self.trim()
+    async def create(self, record: JobRecord, entry: QueueEntry | None = None) -> bool:
+        """Store a new record and, in the same atomic step, its queue entry; False when the record, or a
+        queued or finished arq job with its id, exists already (nothing is written then)."""
+        arq_keys = [f"arq:job:{entry.job_id}", f"arq:result:{entry.job_id}", entry.queue] if entry else \
+            [JOB_KEY + record.id, JOB_KEY + record.id, JOB_INDEX]  # nothing to queue: harmless stand-ins
+        keys = [JOB_KEY + record.id, *arq_keys, INDEXES, JOB_INDEX, *record.index_keys()]
+        args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
+                entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),
+                json.dumps(record.summary()), int(entry is not None)]
+        created = await self._redis.eval(_CREATE, len(keys), *keys, *args)
+        if created and time.time() >= self._next_trim:
+            await self.trim()
         return bool(created)
 
     async def save(self, record: JobRecord) -> None:
