@@ -227,6 +227,7 @@ class JobStore:
         self._ttl = int(retention_seconds)
         self._max_records = max_records
         self._next_trim = 0.0
+        self._create = redis.register_script(_CREATE)  # sent once, then called by its hash
 
     async def create(self, record: JobRecord, entry: QueueEntry | None = None) -> bool:
         """Store a new record and, in the same atomic step, its queue entry; False when the record, or a
@@ -237,7 +238,7 @@ class JobStore:
         args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
                 entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),
                 json.dumps(record.summary()), int(entry is not None)]
-        created = await self._redis.eval(_CREATE, len(keys), *keys, *args)
+        created = await self._create(keys=keys, args=args)
         if created and time.time() >= self._next_trim:
             await self.trim()
         return bool(created)

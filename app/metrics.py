@@ -79,8 +79,8 @@ async def count_events(request: web.Request, handler: Handler) -> web.StreamResp
         try:
             await request.app[redis_key].hincrby(COUNTERS, field("events_received", portal=portal, event=event,
                                                                  outcome=outcome), 1)
-        except RedisError:
-            pass  # the endpoint answered 503 already, or will: the count is not worth an error
+        except (RedisError, OSError):
+            pass  # Redis is away (the event was spooled or refused): a count is not worth an error
     return response
 
 

@@ -18,42 +18,57 @@ from redis.asyncio import Redis
 from app.bitrix.errors import MethodBlocked
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
+WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written
 WINDOW = 600
 
 
 class MethodBudget:
+    """One job's view of the portal's method budgets: read from Redis once, written when it matters."""
+
     def __init__(self, redis: Redis, portal: str, limit: float) -> None:
         self._redis = redis
         self._key = f"b24:operating:{portal}"
         self._limit = limit
+        self._known: dict[str, tuple[float, float]] | None = None  # method -> (operating, reset_at)
 
     async def note(self, method: str, timing: Any) -> None:
         """Remember what an answer's `time` block (or a batch's per-command one) reports."""
-        if not isinstance(timing, dict) or not timing.get("operating"):
+        if not isinstance(timing, dict) or float(timing.get("operating") or 0) < WORTH_SHARING * self._limit:
             return
         reset_at = parse_reset_at(timing.get("operating_reset_at")) or time.time() + WINDOW
-        await self._redis.hset(self._key, method, f"{float(timing['operating'])}|{reset_at}")
-        await self._redis.expire(self._key, WINDOW)
+        await self._share(method, float(timing["operating"]), reset_at)
+
+    async def _share(self, method: str, operating: float, reset_at: float) -> None:
+        if self._known is not None:
+            self._known[method] = (operating, reset_at)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._key, method, f"{operating}|{reset_at}")
+            pipe.expire(self._key, WINDOW)
+            await pipe.execute()
 
     async def block(self, method: str, reset_at: float | None = None) -> None:
         """The portal refused the method: treat its budget as spent until it resets."""
         stored = await self._redis.hget(self._key, method)
         known = float(stored.decode().split("|")[1]) if stored else 0.0
         until = reset_at or (known if known > time.time() else time.time() + 60)
-        await self._redis.hset(self._key, method, f"{self._limit}|{until}")
-        await self._redis.expire(self._key, WINDOW)
+        await self._share(method, self._limit, until)
 
     async def check(self, methods: Iterable[str]) -> None:
         """Raise MethodBlocked for the first method that is near its budget and not yet reset."""
-        names = list(dict.fromkeys(methods))
+        if self._known is None:  # once per job; later answers of this job update it
+            stored = await self._redis.hgetall(self._key)
+            self._known = {name.decode(): _parse(value) for name, value in stored.items()}
         now = time.time()
-        for method, stored in zip(names, await self._redis.hmget(self._key, names)):
-            if stored is None:
-                continue
-            operating, reset_at = (float(part) for part in stored.decode().split("|"))
+        for method in dict.fromkeys(methods):
+            operating, reset_at = self._known.get(method, (0.0, 0.0))
             if operating >= NEAR * self._limit and reset_at > now:
                 raise MethodBlocked(method, "OPERATION_TIME_LIMIT", f"{operating:.0f} s of {self._limit:.0f} s used",
                                     retry_at=reset_at)
+
+
+def _parse(stored: bytes) -> tuple[float, float]:
+    operating, reset_at = stored.decode().split("|")
+    return float(operating), float(reset_at)
 
 
 def parse_reset_at(value: Any) -> float | None:
