@@ -7,9 +7,10 @@ the leads converted since the portal's cursor (`DATE_MODIFY`, kept in Redis per 
 sweeps queue a lead once per version of it. The worker runs a sweep on a schedule (arq cron, every
 `B24_RECONCILE_INTERVAL` seconds across all workers); `b24rebind reconcile` runs one by hand.
 
-Offline events (`event.offline.get` with `clear=0`, then `event.offline.clear` with its
-`process_id`) need a portal in application mode (`auth: oauth`); they are not read yet, so every
-portal, in either mode, is reconciled by the sweep.
+A portal in application mode set up for offline events (`auth: oauth`, `offline_events: true`, the
+events bound with `event_type=offline`) is reconciled from those instead: `event.offline.get` with
+`clear=0` reserves a batch under a `process_id`, its jobs are queued (trigger "offline"), and only
+then `event.offline.clear` drops it, so a crash in between leaves the batch to be read again.
 """
 
 from __future__ import annotations
@@ -24,17 +25,16 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from app.bitrix.budget import MethodBudget
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
 from app.bitrix.errors import B24Error
-from app.bitrix.oauth import OAuthSession
 from app.bitrix.ratelimit import RateLimiter
-from app.bundled_redis import BundledRedis
+from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobRecord, JobStore
 from app.queue import JobQueue, connect
 from app.rules.model import EntityType
 from app.settings import Settings
+from workers.tasks import portal_client
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,26 @@ async def _with_activities(client: RestClient, lead_ids: list[int]) -> set[int]:
     return {lead for lead, result in zip(lead_ids, results) if not result.ok or result.result}
 
 
+async def drain_offline(client: RestClient, queue: JobQueue, events: set[str]) -> Sweep:
+    """Queue the portal's offline events that a rule listens to; clear each batch once it is queued."""
+    result = Sweep(client.portal.name, "offline events")
+    while True:
+        answer = (await client.call("event.offline.get", {"clear": 0, "limit": PAGE_SIZE})).result or {}
+        batch = answer.get("events") or [] if isinstance(answer, dict) else []
+        for event in batch:
+            name = str(event.get("EVENT_NAME", "")).upper()
+            entity = str(((event.get("EVENT_DATA") or {}).get("FIELDS") or {}).get("ID", ""))
+            if name in events and entity.isdigit():
+                record = JobRecord.for_event(client.portal.name, name, int(entity), f"offline:{event.get('MESSAGE_ID')}")
+                if await queue.submit(record.model_copy(update={"trigger": "offline"})):
+                    result.queued.append(record.id)
+        result.leads_seen += len(batch)
+        if answer.get("process_id"):
+            await client.call("event.offline.clear", {"process_id": answer["process_id"]}, write=True)
+        if len(batch) < PAGE_SIZE:
+            return result
+
+
 def _job_for(portal: str, lead_id: int, modified: str) -> JobRecord:
     record = JobRecord.for_event(portal, "ONCRMLEADUPDATE", lead_id, f"reconcile:{modified}")
     return record.model_copy(update={"trigger": TRIGGER})
@@ -121,13 +141,12 @@ async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> li
     for name, portal in rules.portals.items():
         if portals is not None and name not in portals:
             continue
-        client = RestClient(
-            ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=True,
-            budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
-            oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None,
-        )
+        client = portal_client(ctx, portal, low_priority=True)
         try:
-            done.append(await sweep(client, queue, ctx["redis"]))
+            if portal.offline_events:
+                done.append(await drain_offline(client, queue, rules.events()))
+            else:
+                done.append(await sweep(client, queue, ctx["redis"]))
         except B24Error as exc:
             log.error("reconcile %s failed: %s", name, exc)
     return done
@@ -148,10 +167,7 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
         print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}")
         return 2
     async with AsyncExitStack() as stack:
-        if not settings.redis_url:
-            bundled = BundledRedis(settings.data_dir)
-            settings = settings.model_copy(update={"redis_url": bundled.start()})
-            stack.callback(bundled.stop)
+        settings = with_redis(settings, stack)
         redis = await connect(settings.redis_url or "")
         stack.push_async_callback(redis.aclose)
         http = await stack.enter_async_context(aiohttp.ClientSession())

@@ -11,6 +11,7 @@ from app.audit import AuditLog
 from app.bitrix.client import RestClient
 from app.bitrix.budget import MethodBudget
 from app.bitrix.oauth import OAuthSession
+from app.bitrix.portal import PortalConfig
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.jobs import JobRecord, JobState, JobStore
 from app.logs import current_job
@@ -48,10 +49,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
         await store.save(record)
         return record.state.value
-    client = RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"],
-                        low_priority=record.trigger == "backfill",
-                        budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
-                        oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+    client = portal_client(ctx, portal, low_priority=record.trigger == "backfill")
     delays = ctx.get("retry_delays", RETRY_DELAYS)
     earlier_changes = record.changes
     try:
@@ -84,6 +82,13 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
                  record.outcome)
     return record.state.value
+
+
+def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool = False) -> RestClient:
+    """A RestClient for one job, sharing the worker's session, rate limit, time budgets and tokens."""
+    return RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=low_priority,
+                      budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget),
+                      oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
 
 
 def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:

@@ -359,6 +359,7 @@ class FakePortal:
         self.operating_cost = 0.0
         self.operating_window = 600.0
         self._operating: dict[str, deque[tuple[float, float]]] = {}
+        self.offline_events: list[dict[str, Any]] = []
         self.access_tokens: dict[str, float] = {}  # application mode: token -> expiry
         self.refresh_tokens: set[str] = set()
         self.oauth_client: tuple[str, str] | None = None
@@ -868,6 +869,8 @@ class FakePortal:
             "crm.timeline.bindings.bind": self._timeline_bind,
             "crm.timeline.bindings.unbind": self._timeline_unbind,
             "crm.duplicate.findbycomm": self._find_by_comm,
+            "event.offline.get": self._offline_get,
+            "event.offline.clear": self._offline_clear,
         }
         for type_id, name in TYPE_NAMES.items():
             methods[f"crm.{name}.get"] = lambda p, t=type_id: self._entity_get(t, p)
@@ -1094,6 +1097,38 @@ class FakePortal:
         if target not in self.comment_binding_sets[owner_id]:
             raise BitrixError(400, "", "Not found.")
         self.comment_binding_sets[owner_id].discard(target)
+        return True
+
+    # -------------------------------------------------------- event.offline.*
+
+    def add_offline_event(self, event: str, entity_id: int) -> None:
+        """Queue an offline event (the portal keeps the latest record per object, not every change)."""
+        self.offline_events = [e for e in self.offline_events
+                               if (e["EVENT_NAME"], e["EVENT_DATA"]["FIELDS"]["ID"]) != (event, str(entity_id))]
+        message = self._new_id("offline")
+        self.offline_events.append({"ID": str(message), "TIMESTAMP_X": _now_iso(), "EVENT_NAME": event,
+                                    "EVENT_DATA": {"FIELDS": {"ID": str(entity_id)}}, "EVENT_ADDITIONAL": False,
+                                    "MESSAGE_ID": str(message), "PROCESS_ID": None})
+
+    def _offline_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """clear=0 reserves the records under a process id, hidden from other readers until cleared."""
+        limit = _positive_int(_param(params, "limit")) or 50
+        free = [e for e in self.offline_events if e["PROCESS_ID"] is None][:limit]
+        if _truthy(_param(params, "clear") if _param(params, "clear") is not None else 1):
+            taken = {id(e) for e in free}
+            self.offline_events = [e for e in self.offline_events if id(e) not in taken]
+            return {"process_id": None, "events": [{k: v for k, v in e.items() if k != "PROCESS_ID"} for e in free]}
+        process_id = f"p{self._new_id('process')}" if free else None
+        for event in free:
+            event["PROCESS_ID"] = process_id
+        return {"process_id": process_id,
+                "events": [{k: v for k, v in e.items() if k != "PROCESS_ID"} for e in free]}
+
+    def _offline_clear(self, params: Mapping[str, Any]) -> bool:
+        process_id = _param(params, "process_id")
+        if not process_id:
+            raise BitrixError(400, "", "PROCESS_ID is not defined")
+        self.offline_events = [e for e in self.offline_events if e["PROCESS_ID"] != process_id]
         return True
 
     # -------------------------------------------------------- crm.duplicate.findbycomm

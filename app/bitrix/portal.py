@@ -34,6 +34,8 @@ class PortalConfig(BaseModel):
     client_secret: SecretStr | None = None
     oauth_url: str = "https://oauth.bitrix.info/oauth/token/"
     member_id: str | None = None
+    offline_events: bool = Field(default=False, description="application mode: events bound with "
+                                 "event_type=offline are read with event.offline.get by the reconciler")
     rate_limit: RateLimit = RateLimit()
     operating_budget: float = Field(default=480.0, gt=0, description="server seconds per method per 10 minutes")
 
@@ -49,6 +51,8 @@ class PortalConfig(BaseModel):
                              "(the outbound webhook's token)")
         if self.auth == "oauth" and (not self.client_id or self.client_secret is None):
             raise ValueError("an application (auth: oauth) needs client_id and client_secret from its settings")
+        if self.offline_events and self.auth != "oauth":
+            raise ValueError("offline events need the application mode (auth: oauth); webhooks cannot read them")
         return self
 
     @field_validator("oauth_url")

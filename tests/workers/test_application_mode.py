@@ -6,10 +6,17 @@ from urllib.parse import urlencode
 
 import pytest
 
+import aiohttp
+
+from app.bitrix.client import RetryPolicy
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.bitrix.ratelimit import RateLimiter
+from app.config import LiveRules
+from app.jobs import JobStore
 from app.bitrix.portal import PortalConfig
 from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
+from workers.reconcile import sweep_all
 
 
 @pytest.fixture
@@ -73,3 +80,34 @@ async def test_a_second_install_with_another_token_and_installs_for_webhook_port
     impostor = {**first, "application_token": "someone-elses"}
     assert (await install(app_client, impostor)).status == 401
     assert (await install(client, first)).status == 401, "the webhook-mode portal takes no install"
+
+
+async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_queued(
+        app_client: Any, make_worker: Any, app_rules: Any, portal: FakePortal, redis: Any) -> None:
+    offline = app_rules.portals["acme"].model_copy(update={"offline_events": True})
+    rules = app_rules.model_copy(update={"portals": {"acme": offline}})
+    await install(app_client, portal.install_app())
+    lead = portal.add_lead()
+    activity = portal.add_activity([(LEAD, lead)])
+    made = portal.convert_lead(lead)
+    portal.add_offline_event("ONCRMLEADUPDATE", lead)  # the service was down when it happened
+    portal.add_offline_event("ONCRMDEALUPDATE", 77)  # no rule listens to it
+
+    worker = make_worker(rules=rules)
+    async with aiohttp.ClientSession() as http:
+        ctx = {"rules": LiveRules(rules), "redis": redis, "http": http, "limiter": RateLimiter(redis),
+               "store": JobStore(redis, 3600), "retry_policy": RetryPolicy(attempts=2, base=0.01)}
+        (done,) = await sweep_all(ctx)
+    await worker.run_check()
+
+    assert len(done.queued) == 1
+    assert portal.offline_events == [], "the batch was cleared after its jobs were queued"
+    assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    record = await JobStore(redis, 3600).get(done.queued[0])
+    assert record is not None and record.trigger == "offline"
+
+
+def test_offline_events_need_the_application_mode() -> None:
+    with pytest.raises(ValueError, match="offline events need the application mode"):
+        PortalConfig(name="x", domain=DOMAIN, rest_url="https://x.bitrix24.com/rest/1/c/", application_token="t",
+                     offline_events=True)
