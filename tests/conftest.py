@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     bundled = BundledRedis(tmp_path_factory.mktemp("redis"))
     yield bundled.start()
     bundled.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[BundledRedis]:
+    """A Redis of the test's own, which it may stop and start (a short path: unix sockets have a length limit)."""
+    directory = Path(tempfile.mkdtemp(prefix="b24redis"))
+    server = BundledRedis(directory / "redis")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,8 @@ from workers.main import build_worker, shutdown
 
 
 @pytest.fixture
-def bundled() -> Iterator[BundledRedis]:
-    """A private Redis this test may stop and start (a short path: unix sockets have a length limit)."""
-    directory = Path(tempfile.mkdtemp(prefix="b24spool"))
-    server = BundledRedis(directory / "redis")
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+def bundled(private_redis: BundledRedis) -> BundledRedis:
+    return private_redis
 
 
 @pytest.fixture

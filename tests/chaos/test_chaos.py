@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +32,6 @@ from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 EVENTS = int(os.environ.get("B24_CHAOS_EVENTS", "120"))
 DOWN_EVENTS = int(os.environ.get("B24_REDIS_DOWN_EVENTS", "100"))
 DOWN_SECONDS = float(os.environ.get("B24_REDIS_DOWN_SECONDS", "4"))
-
-
-@pytest.fixture
-def private_redis() -> Iterator[BundledRedis]:
-    directory = Path(tempfile.mkdtemp(prefix="b24chaos"))
-    server = BundledRedis(directory / "redis")
-    server.start()
-    yield server
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
