@@ -98,10 +98,12 @@ async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRu
 
 def _announce_demo(fake: FakePortal, base_url: str) -> None:
     print(f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}\n"
+          f"  dashboard:        {base_url}/\n"
           f"  events endpoint:  {base_url}/bitrix/events\n"
           f"  service status:   {base_url}/readyz\n"
           f"  job details:      {base_url}/api/jobs/<job_id>\n"
-          "To use a real portal, see README.md, 'Connect your portal'.\n", flush=True)
+          "Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,\n"
+          "'Connect your portal'.\n", flush=True)
 
 
 async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:
