@@ -54,11 +54,16 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token, loopback only."""
+    """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token set it answers reads from
+    loopback only (not through a proxy), and no writes at all."""
     if request.path.startswith("/api/") or request.path == "/metrics":
         token = request.app[settings_key].api_token
+        if token is None and request.method not in ("GET", "HEAD"):
+            # Retry, undo and replay change things: a loopback address alone (a proxy's, say) is not enough.
+            return web.json_response({"error": "retry and replay need an API token: set B24_API_TOKEN and send "
+                                      "Authorization: Bearer <token>"}, status=403)
         if token is None:
-            if not _is_loopback(request.remote):
+            if not _is_loopback(request.remote) or _forwarded(request):
                 return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
                                          status=403)
         else:
@@ -93,6 +98,11 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = f"unreachable ({type(exc).__name__})"
         return web.json_response({"status": "unavailable", **checks}, status=503)
     return web.json_response({"status": "ready", **checks})
+
+
+def _forwarded(request: web.Request) -> bool:
+    """A request a proxy passed on comes from its client, not from loopback, whatever its address."""
+    return "X-Forwarded-For" in request.headers or "Forwarded" in request.headers
 
 
 def _is_loopback(remote: str | None) -> bool:

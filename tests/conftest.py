@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 import redis as sync_redis
+from pydantic import SecretStr
 from aiohttp.test_utils import TestClient
 from arq import Worker
 from arq.connections import ArqRedis
@@ -30,6 +31,7 @@ TEST_DB = 15
 DOMAIN = "acme.bitrix24.com"
 TOKEN = "t0ken-of-the-outbound-webhook"
 WEBHOOK_CODE = "s3cretwebhookcode"
+API_TOKEN = "test-api-token"
 
 DEFAULT_RULES = """
 rules:
@@ -109,6 +111,13 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings, rules: RuleSet, redis: ArqRedis) -> TestClient:
     return await aiohttp_client(create_app(settings, rules))
+
+
+@pytest.fixture
+async def admin(aiohttp_client: Any, settings: Settings, rules: RuleSet, redis: ArqRedis) -> TestClient:
+    """The web app with an API token set, and a client that sends it: retry and replay need one."""
+    guarded = settings.model_copy(update={"api_token": SecretStr(API_TOKEN)})
+    return await aiohttp_client(create_app(guarded, rules), headers={"Authorization": f"Bearer {API_TOKEN}"})
 
 
 @pytest.fixture

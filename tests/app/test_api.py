@@ -121,7 +121,8 @@ async def test_a_bad_filter_is_a_400_that_says_what_to_send(client: Any, query: 
     assert message in (await response.json())["error"]
 
 
-async def test_unknown_routes_and_methods_answer_json_not_html(client: Any) -> None:
+async def test_unknown_routes_and_methods_answer_json_not_html(admin: Any) -> None:
+    client = admin  # retry and replay need the API token
     missing = await client.get("/api/nothing-here")
     wrong_method = await client.delete("/api/jobs")
 
@@ -129,8 +130,9 @@ async def test_unknown_routes_and_methods_answer_json_not_html(client: Any) -> N
     assert wrong_method.status == 405 and "error" in await wrong_method.json()
 
 
-async def test_retrying_a_failed_job_runs_it_again_and_it_succeeds(client: Any, make_worker: Any,
+async def test_retrying_a_failed_job_runs_it_again_and_it_succeeds(admin: Any, make_worker: Any,
                                                                    portal: FakePortal) -> None:
+    client = admin  # retry and replay need the API token
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
@@ -149,7 +151,8 @@ async def test_retrying_a_failed_job_runs_it_again_and_it_succeeds(client: Any, 
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
 
 
-async def test_retry_refuses_unknown_and_unfinished_jobs(client: Any, redis: Any) -> None:
+async def test_retry_refuses_unknown_and_unfinished_jobs(admin: Any, redis: Any) -> None:
+    client = admin  # retry and replay need the API token
     queued = await seed(redis, ["queued"])
 
     unknown = await client.post("/api/jobs/nosuchjob/retry")
@@ -162,8 +165,9 @@ async def test_retry_refuses_unknown_and_unfinished_jobs(client: Any, redis: Any
     assert odd.status == 404
 
 
-async def test_replaying_dead_letters_queues_every_failed_job_once(client: Any, make_worker: Any,
+async def test_replaying_dead_letters_queues_every_failed_job_once(admin: Any, make_worker: Any,
                                                                    portal: FakePortal, redis: Any) -> None:
+    client = admin  # retry and replay need the API token
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(3)]
@@ -298,3 +302,13 @@ async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, work
                 states.append(job["state"])
     stream.close()
     assert states == ["queued", "running", "succeeded"]
+
+
+async def test_without_a_token_writes_are_refused_and_proxied_reads_too(client: Any) -> None:
+    retry = await client.post("/api/jobs/retry?state=failed")
+    proxied = await client.get("/api/jobs", headers={"X-Forwarded-For": "203.0.113.9"})
+    direct = await client.get("/api/jobs")
+
+    assert retry.status == 403 and "B24_API_TOKEN" in (await retry.json())["error"]
+    assert proxied.status == 403
+    assert direct.status == 200
