@@ -14,7 +14,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from app import stats
-from app.audit import AuditLog
+from app.audit import AuditLog, UndoRefused, undo_with_rules
 from app.jobs import FINAL_STATES, Cursor, JobQuery, JobState
 from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.metrics import setup_metrics
@@ -41,6 +41,7 @@ def setup_api(app: web.Application) -> None:
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_post("/api/jobs/retry", retry_jobs)
     app.router.add_post("/api/jobs/{job_id}/retry", retry_job)
+    app.router.add_post("/api/jobs/{job_id}/undo", undo_job_changes)
     app.router.add_get("/api/stats", get_stats)
     app.router.add_get("/api/audit", get_audit)
     app.router.add_get("/api/openapi.json", get_openapi)
@@ -88,6 +89,21 @@ async def retry_job(request: web.Request) -> web.Response:
     await request.app[queue_key].requeue(record)
     log.info("job %s queued again by an API call", job_id)
     return web.json_response({"job_id": job_id, "state": record.state.value})
+
+
+async def undo_job_changes(request: web.Request) -> web.Response:
+    """POST /api/jobs/{id}/undo: restore the bindings a job changed, when nothing changed them since."""
+    job_id = request.match_info["job_id"]
+    if not _JOB_ID.match(job_id):
+        raise BadRequest("a job id is letters and digits")
+    audit = AuditLog(request.app[redis_key], request.app[settings_key].job_retention_days * 86400)
+    try:
+        result = await undo_with_rules(job_id, audit, request.app[rules_key].current, request.app[redis_key])
+    except UndoRefused as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    log.info("job %s undone by an API call: %d items restored", job_id, len(result.restored))
+    return web.json_response({"restored": [e.model_dump(mode="json") for e in result.restored],
+                              "errors": result.errors}, status=200 if not result.errors else 502)
 
 
 async def retry_jobs(request: web.Request) -> web.Response:

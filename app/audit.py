@@ -9,13 +9,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
+from app.bitrix.ratelimit import RateLimiter
 from app.jobs import JobRecord
-from app.rules.model import EntityType
+from app.rules.model import EntityType, RuleSet
 
 ITEM_KEY = "b24:audit:item:"  # + "activity:12" -> list of entries, newest first
 JOB_KEY = "b24:audit:job:"  # + job id -> list of entries, in the order applied
@@ -130,6 +132,18 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient) -> UndoResult
     if not result.errors:
         await log.mark_undone(job_id)
     return result
+
+
+async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Redis) -> UndoResult:
+    """Undo a job against the portal it changed, as the rules file names that portal now."""
+    entries = await log.for_job(job_id)
+    if not entries:
+        raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
+    portal = rules.portals.get(entries[0].portal)
+    if portal is None:
+        raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
+    async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
+        return await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
 
 
 async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[list[str]]:

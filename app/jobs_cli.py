@@ -14,14 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import aiohttp
 from redis.asyncio import Redis
 
 from app import stats
 from app.api import BadRequest, parse_list_query
-from app.audit import AuditLog, UndoRefused, undo_job
-from app.bitrix.client import RestClient
-from app.bitrix.ratelimit import RateLimiter
+from app.audit import AuditLog, UndoRefused, undo_with_rules
 from app.bundled_redis import BundledRedis
 from app.config import load_service_rules
 from app.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore
@@ -234,15 +231,7 @@ async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
 
 
 async def _undo(job_id: str, settings: Settings, redis: Redis, store: JobStore, log: AuditLog) -> int:
-    entries = await log.for_job(job_id)
-    if not entries:
-        raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
-    rules = load_service_rules(settings)
-    portal = rules.portals.get(entries[0].portal)
-    if portal is None:
-        raise UndoRefused(f"portal {entries[0].portal!r} is not in {settings.rules}; add it back to undo")
-    async with aiohttp.ClientSession() as http:
-        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
+    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis)
     for entry in result.restored:
         print(f"{entry.kind} {entry.item}: restored [{', '.join(entry.after)}]")
     for error in result.errors:

@@ -16,7 +16,10 @@ function token() { return localStorage.getItem("b24-token") || ""; }
 async function api(path, options = {}) {
   const headers = token() ? {Authorization: `Bearer ${token()}`} : {};
   const response = await fetch(path, {...options, headers});
-  if (response.status === 401) { $("#token-form").hidden = false; }
+  // 401: a wrong token; 403 on a write: no token yet. Either way a person can enter one.
+  if (response.status === 401 || (response.status === 403 && options.method === "POST")) {
+    $("#token-form").hidden = false;
+  }
   const body = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
   if (!response.ok) { throw new Error(body.error || `HTTP ${response.status}`); }
   return body;
@@ -108,6 +111,12 @@ async function refreshFailed() {
   }));
 }
 
+async function undoJob(id) {
+  const answer = await api(`/api/jobs/${encodeURIComponent(id)}/undo`, {method: "POST"});
+  $("#d-message").textContent = `Restored ${answer.restored.length} item(s) to their bindings before the job.`;
+  await openDetail(id);
+}
+
 async function retryJob(id) {
   await api(`/api/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"});
   await Promise.all([refreshFailed(), refreshStats()]);
@@ -176,6 +185,7 @@ function bindingsCell(list) { return el("td", list && list.length ? list.join(",
 
 async function openDetail(id) {
   const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
+  if (openJob !== id) { $("#d-message").textContent = ""; }
   openJob = id;
   $("#detail").hidden = false;
   $("#detail").dataset.job = id;
@@ -188,6 +198,7 @@ async function openDetail(id) {
     $("#d-code").textContent = `${job.error.code || ""}: ${job.error.description || ""}`;
   }
   $("#d-retry").hidden = !FINAL.has(job.state);
+  $("#d-undo").hidden = !job.changes.some((change) => change.status === "changed");
   const facts = [["Portal", job.portal], ["Event", `${job.event} for ${job.entity_id}`], ["Started by", job.trigger],
                  ["Rules that matched", job.rules.join(", ") || "none"], ["Received", ago(job.received_at)],
                  ["Finished", ago(job.finished_at) || "not yet"], ["Portal requests", job.requests]];
@@ -241,7 +252,10 @@ async function follow() {
   }
 }
 
-function showError(error) { console.warn(error); }
+function showError(error) {
+  console.warn(error);
+  $("#d-message").textContent = String(error.message || error);
+}
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); filters = readFilters(); loadJobs(); });
@@ -249,6 +263,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#more").addEventListener("click", () => loadJobs(true));
   $("#close-detail").addEventListener("click", () => { $("#detail").hidden = true; openJob = null; });
   $("#d-retry").addEventListener("click", () => retryJob(openJob).catch(showError));
+  $("#d-undo").addEventListener("click", () => undoJob(openJob).catch(showError));
   $("#retry-all").addEventListener("click", async () => {
     await api("/api/jobs/retry?state=failed&limit=1000", {method: "POST"});
     await api("/api/jobs/retry?state=dead&limit=1000", {method: "POST"});

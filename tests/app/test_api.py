@@ -312,3 +312,18 @@ async def test_without_a_token_writes_are_refused_and_proxied_reads_too(client: 
     assert retry.status == 403 and "B24_API_TOKEN" in (await retry.json())["error"]
     assert proxied.status == 403
     assert direct.status == 200
+
+
+async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: Any, portal: FakePortal) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(admin, "ONCRMACTIVITYADD", activity)
+    await make_worker().run_check()
+
+    undone = await admin.post(f"/api/jobs/{answer['job_id']}/undo")
+    again = await admin.post(f"/api/jobs/{answer['job_id']}/undo")
+
+    assert undone.status == 200, await undone.text()
+    assert portal.bindings(activity) == [(LEAD, lead)]
+    assert again.status == 409 and "undone already" in (await again.json())["error"]

@@ -86,6 +86,10 @@ async def test_a_person_finds_the_failed_job_reads_the_fix_and_retries_it(
     await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
     assert portal.bindings(broken) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+
+    await page.click("#d-undo")  # and back: the activity returns to the lead, as it was before the job
+    await expect(page.locator("#d-message")).to_contain_text("Restored 1 item")
+    assert portal.bindings(broken) == [(LEAD, lead)]
     assert page.errors == []
 
 
