@@ -5,6 +5,7 @@ so Prometheus scrapes any one web process. Gauges (jobs by state, queue depth) a
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -70,18 +71,53 @@ def _observe_duration(pipe: Any, state: str, seconds: float) -> None:
     pipe.hincrbyfloat(COUNTERS, field("job_duration_seconds_sum", state=state), seconds)
 
 
+FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches
+
+
+class EventCounts:
+    """Events answered, counted in memory and added to the shared counters about once a second."""
+
+    def __init__(self) -> None:
+        self.pending: Counter[str] = Counter()
+
+    async def flush(self, redis: Redis) -> None:
+        counts, self.pending = self.pending, Counter()
+        if not counts:
+            return
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name, n in counts.items():
+                    pipe.hincrby(COUNTERS, name, n)
+                await pipe.execute()
+        except (RedisError, OSError):
+            self.pending.update(counts)  # Redis is away: keep them for the next flush
+
+    async def flush_forever(self, redis: Redis) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            await self.flush(redis)
+
+
+event_counts_key = web.AppKey("event_counts", EventCounts)
+
+
 @web.middleware
 async def count_events(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count each event the portal endpoint answers, by portal, event and outcome."""
     response = await handler(request)
     if request.path == "/bitrix/events" and isinstance(response, web.Response):
         portal, event, outcome = await _event_labels(request, response)
-        try:
-            await request.app[redis_key].hincrby(COUNTERS, field("events_received", portal=portal, event=event,
-                                                                 outcome=outcome), 1)
-        except (RedisError, OSError):
-            pass  # Redis is away (the event was spooled or refused): a count is not worth an error
+        request.app[event_counts_key].pending[field("events_received", portal=portal, event=event,
+                                                    outcome=outcome)] += 1
     return response
+
+
+async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
+    counts = app[event_counts_key] = EventCounts()
+    flusher = asyncio.create_task(counts.flush_forever(app[redis_key]))
+    yield
+    flusher.cancel()
+    await counts.flush(app[redis_key])
 
 
 # Set by the webhook once an event is authenticated: (portal, event).
@@ -166,6 +202,7 @@ async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     """GET /metrics: the Prometheus text format."""
+    await request.app[event_counts_key].flush(request.app[redis_key])  # this process's latest counts too
     registry = CollectorRegistry(auto_describe=False)
     registry.register(await snapshot(request.app[redis_key], await request.app[store_key].counts()))
     response = web.Response(body=generate_latest(registry))
@@ -175,4 +212,5 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 def setup_metrics(app: web.Application) -> None:
     app.middlewares.append(count_events)
+    app.cleanup_ctx.append(event_counts_context)
     app.router.add_get("/metrics", metrics_endpoint)
