@@ -46,9 +46,10 @@ class Settings(BaseSettings):
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
     )
 
-    @field_validator("spool_dir", mode="before")
+    @field_validator("redis_url", "api_token", "spool_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
+        # `.env.example` lists these empty; copied as is, they mean "not set", not an empty token.
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("allowed_sources", mode="before")

@@ -45,3 +45,14 @@ async def test_the_watcher_notices_a_changed_file(settings: Any, tmp_path: Path)
     watcher.cancel()
 
     assert live.current.rules[0].name == "renamed"
+
+
+def test_empty_settings_copied_from_env_example_mean_unset(tmp_path: Path, monkeypatch: Any) -> None:
+    from app.settings import Settings
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("REDIS_URL=\nB24_API_TOKEN=\n")
+
+    settings = Settings()
+
+    assert settings.redis_url is None
+    assert settings.api_token is None, "an empty token would let anyone retry jobs"
