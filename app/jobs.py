@@ -24,7 +24,7 @@ INDEX_PREFIX = "b24:jobs:"  # sorted sets per state, portal, event, rule and tri
 INDEXES = "b24:jobs:indexes"  # the names of those sorted sets, for trimming
 FEED = "b24:jobs:feed:"  # + db number: pub/sub channel with a job's summary at each transition
 MAX_RECORDS = 200_000  # bounds memory whatever the retention: ~2 KiB a record
-TRIM_EVERY = 60.0  # seconds between trims done in passing by `create`
+TRIM_EVERY = 60.0  # seconds between trims, which the web process runs in the background
 
 
 class JobState(str, Enum):
@@ -226,7 +226,6 @@ class JobStore:
         self._redis = redis
         self._ttl = int(retention_seconds)
         self._max_records = max_records
-        self._next_trim = 0.0
         self._create = redis.register_script(_CREATE)  # sent once, then called by its hash
 
     async def create(self, record: JobRecord, entry: QueueEntry | None = None) -> bool:
@@ -238,10 +237,7 @@ class JobStore:
         args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
                 entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),
                 json.dumps(record.summary()), int(entry is not None)]
-        created = await self._create(keys=keys, args=args)
-        if created and time.time() >= self._next_trim:
-            await self.trim()
-        return bool(created)
+        return bool(await self._create(keys=keys, args=args))
 
     async def save(self, record: JobRecord) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -300,7 +296,6 @@ class JobStore:
     async def trim(self, now: float | None = None) -> int:
         """Forget records past the retention period, and the oldest beyond the record cap; returns how many."""
         now = time.time() if now is None else now
-        self._next_trim = now + TRIM_EVERY
         cutoff = now - self._ttl
         excess = await self._redis.zcard(JOB_INDEX) - self._max_records
         if excess > 0:

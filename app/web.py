@@ -1,6 +1,7 @@
 """The web application: the event endpoint, job lookups and health checks."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,7 +11,7 @@ from redis.exceptions import RedisError
 
 from app.api import setup_api
 from app.dashboard import setup_dashboard
-from app.jobs import JobStore
+from app.jobs import TRIM_EVERY, JobStore
 from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
 from app.config import LiveRules, load_service_rules
@@ -31,6 +32,7 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
     app[rules_key] = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     app.cleanup_ctx.append(redis_context)
     app.cleanup_ctx.append(spool_context)  # after Redis: drains into it, and stops before it closes
+    app.cleanup_ctx.append(trim_context)
     app.router.add_post("/bitrix/events", receive_event)
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_get("/healthz", healthz)
@@ -50,6 +52,21 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     app[queue_key] = JobQueue(redis, app[store_key])
     yield
     await redis.aclose()
+
+
+async def trim_context(app: web.Application) -> AsyncIterator[None]:
+    """Forget job records past retention once a minute, off the request path (intake stays fast)."""
+    async def trim_forever() -> None:
+        while True:
+            try:
+                await app[store_key].trim()
+            except (RedisError, OSError):
+                pass  # Redis is away; the next minute will do
+            await asyncio.sleep(TRIM_EVERY)
+
+    trimmer = asyncio.create_task(trim_forever())
+    yield
+    trimmer.cancel()
 
 
 @web.middleware
