@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -21,15 +22,8 @@ from app.settings import Settings
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 DOMAIN = "acme.bitrix24.com"
 TOKEN = "bench-application-token"
-RULES = """
-rules:
-  - name: converted-lead-history-follows-client
-    on: [ONCRMACTIVITYADD, ONCRMLEADUPDATE, ONCRMCONTACTADD, ONCRMCOMPANYADD, ONCRMDEALADD]
-    when: {bound_to: lead, lead_status: converted}
-    do:
-      - bind: [lead.contact, lead.company]
-      - unbind: lead
-"""
+# The rules the service uses when no rules file exists.
+RULES = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")
 ROOT = Path(__file__).resolve().parents[1]
 
 

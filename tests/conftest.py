@@ -5,16 +5,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 import redis as sync_redis
-from pydantic import SecretStr
 from aiohttp.test_utils import TestClient
 from arq import Worker
 from arq.connections import ArqRedis
+from pydantic import SecretStr
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.fake import FakePortal
@@ -33,15 +34,8 @@ TOKEN = "t0ken-of-the-outbound-webhook"
 WEBHOOK_CODE = "s3cretwebhookcode"
 API_TOKEN = "test-api-token"
 
-DEFAULT_RULES = """
-rules:
-  - name: converted-lead-history-follows-client
-    on: [ONCRMACTIVITYADD, ONCRMLEADUPDATE, ONCRMCONTACTADD, ONCRMCOMPANYADD, ONCRMDEALADD]
-    when: {bound_to: lead, lead_status: converted}
-    do:
-      - bind: [lead.contact, lead.company]
-      - unbind: lead
-"""
+# The rules the service uses when no rules file exists.
+DEFAULT_RULES = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="session")
