@@ -11,7 +11,7 @@ from app.bitrix.client import Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
 from app.rules.facts import Binding
 from app.rules.plan import BindingPlan, ItemPlan
-from workers.facts import TYPE_NAMES
+from workers.facts import TYPE_BY_NAME, TYPE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,8 @@ async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]
             current[("activity", command.params["activityId"])] = {
                 (int(b["entityTypeId"]), int(b["entityId"])) for b in result.result or []}
         else:
-            names = {name: int(entity) for entity, name in TYPE_NAMES.items()}
             current[("comment", command.params["filter"]["OWNER_ID"])] = {
-                (names.get(str(b["ENTITY_TYPE"]).lower(), 0), int(b["ENTITY_ID"])) for b in result.result or []}
+                (int(TYPE_BY_NAME.get(str(b["ENTITY_TYPE"]).lower(), 0)), int(b["ENTITY_ID"])) for b in result.result or []}
     return [step for step in steps if not _done(step, current[(step[0], step[1])])]
 
 
@@ -128,8 +127,7 @@ def _done(step: Step, bindings: set[tuple[int, int]]) -> bool:
     if command.method == "crm.activity.binding.move":
         return (p["targetEntityTypeId"], p["targetEntityId"]) in bindings
     if command.method.startswith("crm.timeline."):
-        names = {name: int(entity) for entity, name in TYPE_NAMES.items()}
-        pair = (names[p["fields"]["ENTITY_TYPE"]], p["fields"]["ENTITY_ID"])
+        pair = (int(TYPE_BY_NAME[p["fields"]["ENTITY_TYPE"]]), p["fields"]["ENTITY_ID"])
         return (pair in bindings) == command.method.endswith(".bind")
     pair = (p["entityTypeId"], p["entityId"])
     return (pair in bindings) == command.method.endswith(".add")

@@ -22,6 +22,7 @@ CHILD_GETTERS = {
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
 TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
               EntityType.COMPANY: "company"}
+TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
 
 
 class Gone(Exception):
@@ -203,7 +204,7 @@ def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activit
 
 def _comment_binding(row: dict[str, Any]) -> Binding | None:
     """Timeline bindings name their type in lowercase; types other than the four are left alone."""
-    entity = {name: entity for entity, name in TYPE_NAMES.items()}.get(str(row.get("ENTITY_TYPE")).lower())
+    entity = TYPE_BY_NAME.get(str(row.get("ENTITY_TYPE")).lower())
     return Binding(entity_type=entity, entity_id=int(row["ENTITY_ID"])) if entity else None
 
 
