@@ -359,6 +359,11 @@ class FakePortal:
         self.operating_cost = 0.0
         self.operating_window = 600.0
         self._operating: dict[str, deque[tuple[float, float]]] = {}
+        self._operating_sums: dict[str, float] = {}
+        # Indexes, so that the lists the service filters on cost what they cost a real portal's
+        # database, not a scan of every row (benchmarks run thousands of leads).
+        self._by_lead: dict[int, dict[int, set[int]]] = {CONTACT: {}, COMPANY: {}, DEAL: {}}
+        self._bound: dict[Binding, set[int]] = {}
         self.offline_events: list[dict[str, Any]] = []
         self.access_tokens: dict[str, float] = {}  # application mode: token -> expiry
         self.refresh_tokens: set[str] = set()
@@ -461,7 +466,17 @@ class FakePortal:
         row.update(self._clean_fields(fields))
         row["ID"] = str(new_id)
         self.table(entity_type_id)[new_id] = row
+        self._index_lead_id(entity_type_id, new_id, None)
         return new_id
+
+    def _index_lead_id(self, entity_type_id: int, entity_id: int, old_lead_id: Any) -> None:
+        index = self._by_lead.get(entity_type_id)
+        if index is None:
+            return
+        index.get(_norm(old_lead_id), set()).discard(entity_id)
+        lead_id = _norm(self.table(entity_type_id)[entity_id].get("LEAD_ID"))
+        if lead_id is not None:
+            index.setdefault(lead_id, set()).add(entity_id)
 
     @staticmethod
     def _clean_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -614,8 +629,16 @@ class FakePortal:
     def bindings(self, activity_id: int) -> list[Binding]:
         return sorted(self.activity_bindings[activity_id])
 
+    def bind_by_hand(self, activity_id: int, binding: Binding) -> None:
+        """Add a binding as a person does in the portal's UI (no REST call, no limit)."""
+        self._set_bindings(activity_id, self.activity_bindings[activity_id] | {binding})
+
     def _set_bindings(self, activity_id: int, new: set[Binding]) -> None:
         """Replace an activity's bindings, keeping the history and the owner rule."""
+        for binding in self.activity_bindings[activity_id] - new:
+            self._bound[binding].discard(activity_id)
+        for binding in new:
+            self._bound.setdefault(binding, set()).add(activity_id)
         self.activity_bindings[activity_id] = new
         self.binding_history[activity_id].append(tuple(sorted(new)))
         if len(new) == 1:  # the owner switches only when a single binding remains
@@ -785,7 +808,9 @@ class FakePortal:
         if self.operating_limit is not None and self.operating(method) >= self.operating_limit:
             self.blocked_for_time += 1
             raise BitrixError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
-        self._operating.setdefault(method, deque()).append((time.time(), self.operating_cost))
+        if self.operating_cost:
+            self._operating.setdefault(method, deque()).append((time.time(), self.operating_cost))
+            self._operating_sums[method] = self._operating_sums.get(method, 0.0) + self.operating_cost
         return handler(params)
 
     def set_operating_limit(self, limit: float | None, cost_per_call: float = 1.0, window: float = 600.0) -> None:
@@ -796,8 +821,8 @@ class FakePortal:
         """Server time `method` used within the window, as the `time.operating` of its answers reports."""
         calls = self._operating.get(method, deque())
         while calls and calls[0][0] < time.time() - self.operating_window:
-            calls.popleft()
-        return sum(cost for _, cost in calls)
+            self._operating_sums[method] -= calls.popleft()[1]
+        return max(0.0, self._operating_sums.get(method, 0.0)) if calls else 0.0
 
     def operating_reset_at(self, method: str) -> float:
         calls = self._operating.get(method)
@@ -960,11 +985,8 @@ class FakePortal:
     def _activity_list(self, params: Mapping[str, Any]) -> Page:
         filters = dict(_filter_of(params))
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
-        rows = [
-            dict(row)
-            for activity_id, row in self.activities.items()
-            if _matches(row, filters) and (not wanted or wanted & self.activity_bindings[activity_id])
-        ]
+        candidates = sorted(set().union(*(self._bound.get(b, ()) for b in wanted))) if wanted else self.activities
+        rows = [dict(row) for row in map(self.activities.__getitem__, candidates) if _matches(row, filters)]
         return _page(rows, params)
 
     def _activity_add(self, params: Mapping[str, Any]) -> int:
@@ -1005,7 +1027,11 @@ class FakePortal:
 
     def _entity_list(self, type_id: int, params: Mapping[str, Any]) -> Page:
         filters = _filter_of(params)
-        return _page([dict(r) for r in self.table(type_id).values() if _matches(r, filters)], params)
+        table = self.table(type_id)
+        by_lead = self._by_lead.get(type_id)
+        lead_id = _norm(filters.get("LEAD_ID"))
+        candidates = sorted(by_lead.get(lead_id, ())) if by_lead is not None and isinstance(lead_id, int) else table
+        return _page([dict(table[i]) for i in candidates if _matches(table[i], filters)], params)
 
     def _entity_add(self, type_id: int, params: Mapping[str, Any]) -> int:
         fields = _param(params, "fields")
@@ -1031,8 +1057,10 @@ class FakePortal:
             self.update_lead(entity_id, **fields)
         else:
             row = self.table(type_id)[entity_id]
+            old_lead_id = row.get("LEAD_ID")
             row.update(self._clean_fields(fields))
             row["DATE_MODIFY"] = _now_iso()
+            self._index_lead_id(type_id, entity_id, old_lead_id)
         return True
 
     # -------------------------------------------------------- crm.timeline.*

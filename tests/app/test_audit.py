@@ -75,7 +75,7 @@ async def test_undo_restores_exactly_the_previous_bindings(client: Any, worker: 
 async def test_undo_stops_when_an_activity_changed_since(client: Any, worker: Worker, portal: FakePortal,
                                                          redis: Any, rules: Any) -> None:
     lead, activities, made, job_id = await convert_with_activities(client, worker, portal)
-    portal.activity_bindings[activities[2]].add((LEAD, lead))  # someone bound it again by hand
+    portal.bind_by_hand(activities[2], (LEAD, lead))  # someone bound it again
     before = {a: list(portal.bindings(a)) for a in activities}
 
     with pytest.raises(UndoRefused) as refused:
