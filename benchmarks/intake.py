@@ -1,6 +1,6 @@
 """Intake benchmark: events/s one web process accepts on one core, and latency at 1,000 events/s.
 
-    .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8] [--uvloop]
+    .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8] [--asyncio-loop]
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
 baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue. Each is a
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app import loop
 from benchmarks.common import (
     bench_rules,
     bench_settings,
@@ -169,7 +170,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flush_bench_db()
     port = free_port()
     server = spawn("benchmarks.intake", "serve", kind, str(port), args.profile if kind == "service" else "",
-                   *(["--uvloop"] if args.uvloop else []))
+                   *(["--asyncio-loop"] if args.asyncio_loop else []))
     try:
         ready = read_json_line(server)
         wait_for_port(port)
@@ -223,21 +224,20 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
-        if "--uvloop" in argv:
-            import uvloop
-
-            uvloop.install()
-        asyncio.run(serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else ""))
+        run = asyncio.run if "--asyncio-loop" in argv else loop.run  # loop.run: what `b24rebind serve` uses
+        run(serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 and argv[3] != "--asyncio-loop" else ""))
         return 0
     if argv[:1] == ["load"]:
         mode, port, seconds, rate, first_id = argv[1], int(argv[2]), float(argv[3]), float(argv[4]), int(argv[5])
-        print(json.dumps(asyncio.run(load(mode, port, seconds, rate, first_id))), flush=True)
+        print(json.dumps(loop.run(load(mode, port, seconds, rate, first_id))), flush=True)
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.intake", description=__doc__.split("\n")[0])
     parser.add_argument("--max-seconds", type=float, default=6)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--rate-seconds", type=float, default=8)
-    parser.add_argument("--uvloop", action="store_true", help="run both servers on uvloop (pip install uvloop)")
+    parser.add_argument("--asyncio-loop", action="store_true",
+                        help="run both servers on asyncio's own loop instead of uvloop (as `b24rebind serve` would "
+                             "where uvloop is missing)")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the service to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from app import loop
 
 from benchmarks.common import (
     bench_rules,
@@ -175,10 +176,10 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["portal"]:
-        asyncio.run(portal(int(argv[1])))
+        loop.run(portal(int(argv[1])))
         return 0
     if argv[:1] == ["work"]:
-        asyncio.run(work(argv[1], argv[2], argv[3] if len(argv) > 3 else ""))
+        loop.run(work(argv[1], argv[2], argv[3] if len(argv) > 3 else ""))  # the loop `b24rebind worker` uses
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
