@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from pydantic import BaseModel
@@ -17,6 +18,7 @@ from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
 from app.bitrix.ratelimit import RateLimiter
 from app.jobs import JobRecord
+from app.namespace import prefixed
 from app.rules.model import EntityType, RuleSet
 
 ITEM_KEY = "b24:audit:item:"  # + "activity:12" -> list of entries, newest first
@@ -48,6 +50,13 @@ class AuditLog:
 
     async def record_job(self, record: JobRecord) -> list[AuditEntry]:
         """Log each item the job changed (not the dry-run or failed ones)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            entries = self.stage_job(pipe, record)
+            await pipe.execute()
+        return entries
+
+    def stage_job(self, pipe: Any, record: JobRecord) -> list[AuditEntry]:
+        """`record_job` as part of a pipeline: a job's last writes reach Redis in one round trip."""
         rules = {(kind, item[kind]): item.get("rules", []) for item in record.plan
                  for kind in ("activity", "comment") if kind in item}
         entries = [AuditEntry(portal=record.portal, kind=kind, item=change[kind], before=change["before"],
@@ -55,38 +64,42 @@ class AuditLog:
                               job=record.id, time=time.time())
                    for change in record.changes if change.get("status") == "changed"
                    for kind in ("activity", "comment") if kind in change]
-        await self.add(record.id, entries)
+        self._stage(pipe, record.id, entries)
         return entries
 
     async def add(self, job_id: str, entries: Sequence[AuditEntry]) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._stage(pipe, job_id, entries)
+            await pipe.execute()
+
+    def _stage(self, pipe: Any, job_id: str, entries: Sequence[AuditEntry]) -> None:
         if not entries:
             return
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for entry in entries:
-                key = f"{ITEM_KEY}{entry.kind}:{entry.item}"
-                pipe.lpush(key, entry.model_dump_json())
-                pipe.ltrim(key, 0, KEEP_PER_ITEM - 1)
-                pipe.expire(key, self._ttl)
-            pipe.rpush(JOB_KEY + job_id, *(entry.model_dump_json() for entry in entries))
-            pipe.expire(JOB_KEY + job_id, self._ttl)
-            await pipe.execute()
+        for entry in entries:
+            key = prefixed(f"{ITEM_KEY}{entry.kind}:{entry.item}")
+            pipe.lpush(key, entry.model_dump_json())
+            pipe.ltrim(key, 0, KEEP_PER_ITEM - 1)
+            pipe.expire(key, self._ttl)
+        pipe.rpush(prefixed(JOB_KEY + job_id), *(entry.model_dump_json() for entry in entries))
+        pipe.expire(prefixed(JOB_KEY + job_id), self._ttl)
 
     async def for_item(self, item: int, kind: str = "activity", portal: str | None = None,
                        limit: int = 50) -> list[AuditEntry]:
         """The changes made to one activity or comment, newest first."""
-        raws = await self._redis.lrange(f"{ITEM_KEY}{kind}:{item}", 0, KEEP_PER_ITEM - 1)
+        raws = await self._redis.lrange(prefixed(f"{ITEM_KEY}{kind}:{item}"), 0, KEEP_PER_ITEM - 1)
         entries = [AuditEntry.model_validate_json(raw) for raw in raws]
         return [e for e in entries if portal is None or e.portal == portal][:limit]
 
     async def for_job(self, job_id: str) -> list[AuditEntry]:
-        return [AuditEntry.model_validate_json(raw) for raw in await self._redis.lrange(JOB_KEY + job_id, 0, -1)]
+        raws = await self._redis.lrange(prefixed(JOB_KEY + job_id), 0, -1)
+        return [AuditEntry.model_validate_json(raw) for raw in raws]
 
     async def undone_at(self, job_id: str) -> float | None:
-        value = await self._redis.get(UNDONE_KEY + job_id)
+        value = await self._redis.get(prefixed(UNDONE_KEY + job_id))
         return float(value) if value else None
 
     async def mark_undone(self, job_id: str) -> None:
-        await self._redis.set(UNDONE_KEY + job_id, time.time(), ex=self._ttl)
+        await self._redis.set(prefixed(UNDONE_KEY + job_id), time.time(), ex=self._ttl)
 
 
 class UndoRefused(Exception):

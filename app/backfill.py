@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.client import PAGE_SIZE, RestClient, fast_page
 from app.jobs import FINAL_STATES, JobRecord, JobStore
+from app.namespace import prefixed
 from app.queue import JobQueue
 
 
@@ -27,7 +28,7 @@ class BackfillRun:
     @property
     def key(self) -> str:
         what = f"{self.portal}|{self.since}|{self.only_rule or '*'}|{'dry' if self.dry_run else 'apply'}"
-        return "b24:backfill:" + hashlib.sha256(what.encode()).hexdigest()[:16]
+        return prefixed("b24:backfill:" + hashlib.sha256(what.encode()).hexdigest()[:16])
 
     def job_for(self, lead_id: int) -> JobRecord:
         record = JobRecord.for_event(self.portal, "ONCRMLEADUPDATE", lead_id, f"backfill:{self.key}")

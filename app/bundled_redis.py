@@ -72,8 +72,9 @@ class BundledRedis:
 
 
 def with_redis(settings: Settings, stack: AsyncExitStack) -> Settings:
-    """The settings with a Redis to use: REDIS_URL, or else the bundled one, stopped when `stack` closes."""
-    if settings.redis_url:
+    """The settings with a Redis to use: REDIS_URL or REDIS_SENTINELS, or else the bundled one, stopped when
+    `stack` closes."""
+    if settings.redis_given:
         return settings
     bundled = BundledRedis(settings.data_dir)
     stack.callback(bundled.stop)

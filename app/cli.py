@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app import commands, jobs_cli, service
+from app import commands, jobs_cli, loop, namespace, service
 from app.config import load_service_rules, variables
 from app.rules.loader import RulesError, load_rules
 from app.settings import Settings
@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"b24rebind: bad setting in the environment or .env:\n{exc}", file=sys.stderr)
         return 2
+    namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
     if args.command in jobs_cli.COMMANDS:
         return jobs_cli.run_command(args, settings)
     if args.command == "rules" and args.rules_command == "check":
         return check_rules(Path(args.file) if args.file else None, settings)
     try:
         if args.command in ROLES:
-            asyncio.run(service.run(settings, ROLES[args.command]))
+            loop.run(service.run(settings, ROLES[args.command]))
             return 0
         return _tool(args, settings)
     except RulesError as exc:

@@ -154,7 +154,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         raise CommandError(f"no rule {only_rule!r}; the rules are: {', '.join(r.name for r in rules.rules)}")
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)
-        redis = await connect(settings.redis_url or "")
+        redis = await connect(settings)
         stack.push_async_callback(redis.aclose)
         store = JobStore(redis, settings.job_retention_days * 86400)
         http = await stack.enter_async_context(aiohttp.ClientSession())

@@ -77,9 +77,10 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
 @asynccontextmanager
 async def _redis(settings: Settings) -> AsyncIterator[Redis]:
     bundled = None
-    if not settings.redis_url:
+    if not settings.redis_given:
         bundled = BundledRedis(settings.data_dir)
-    redis = await connect(settings.redis_url or await asyncio.to_thread(bundled.start))  # type: ignore[union-attr]
+        settings = settings.model_copy(update={"redis_url": await asyncio.to_thread(bundled.start)})
+    redis = await connect(settings)
     try:
         yield redis
     finally:

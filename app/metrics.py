@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -25,6 +25,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
 from app.jobs import FINAL_STATES, JobRecord
 from app.keys import redis_key, store_key
+from app.namespace import prefixed
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE
 
 log = logging.getLogger(__name__)
@@ -45,30 +46,37 @@ def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
     return name, dict(pair.split("=", 1) for pair in pairs)
 
 
-async def record_attempt(redis: Redis, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
+# Adds to many counters in one command: ARGV holds field, increment pairs (HINCRBYFLOAT keeps whole
+# numbers whole, so counts stay integers).
+_ADD = """
+for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+def stage_counts(pipe: Any, counts: Mapping[str, float]) -> None:
+    """Add counts to the shared counters as part of a pipeline: one command whatever their number."""
+    if counts:
+        pairs = [part for name, n in counts.items() for part in (name, repr(n))]
+        pipe.eval(_ADD, 1, prefixed(COUNTERS), *pairs)
+
+
+def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
-    ended the job, its duration. A metrics failure never fails the job."""
+    ended the job, its duration."""
+    counts: Counter[str] = Counter()
+    for (method, outcome, via), n in client.calls.items():
+        counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
     waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
     _flushed_waits[limiter] = limiter.stats.waited_seconds
-    calls = client.calls
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for (method, outcome, via), n in calls.items():
-                pipe.hincrby(COUNTERS, field("rest_requests", portal=record.portal, method=method,
-                                             outcome=outcome, via=via), n)
-            if waited > 0:
-                pipe.hincrbyfloat(COUNTERS, field("rate_limit_wait_seconds", portal=record.portal), waited)
-            if record.state in FINAL_STATES and record.started_at and record.finished_at:
-                _observe_duration(pipe, record.state.value, record.finished_at - record.started_at)
-            await pipe.execute()
-    except RedisError:
-        log.warning("job %s: could not count its metrics, Redis refused", record.id)
-
-
-def _observe_duration(pipe: Any, state: str, seconds: float) -> None:
-    bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
-    pipe.hincrby(COUNTERS, field("job_duration_seconds_bucket", state=state, le=bucket), 1)
-    pipe.hincrbyfloat(COUNTERS, field("job_duration_seconds_sum", state=state), seconds)
+    if waited > 0:
+        counts[field("rate_limit_wait_seconds", portal=record.portal)] += waited
+    if record.state in FINAL_STATES and record.started_at and record.finished_at:
+        seconds, state = record.finished_at - record.started_at, record.state.value
+        bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+        counts[field("job_duration_seconds_bucket", state=state, le=bucket)] += 1
+        counts[field("job_duration_seconds_sum", state=state)] += seconds
+    stage_counts(pipe, counts)
 
 
 FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches
@@ -86,8 +94,7 @@ class EventCounts:
             return
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                for name, n in counts.items():
-                    pipe.hincrby(COUNTERS, name, n)
+                stage_counts(pipe, counts)
                 await pipe.execute()
         except (RedisError, OSError):
             self.pending.update(counts)  # Redis is away: keep them for the next flush
@@ -190,10 +197,10 @@ class _Snapshot(Collector):
 async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
     """Read what a scrape shows from Redis."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hgetall(COUNTERS)
-        pipe.zcard(LIVE_QUEUE)
-        pipe.zcard(BACKFILL_QUEUE)
-        pipe.zrange("b24:jobs:state:queued", 0, 0, withscores=True)
+        pipe.hgetall(prefixed(COUNTERS))
+        pipe.zcard(prefixed(LIVE_QUEUE))
+        pipe.zcard(prefixed(BACKFILL_QUEUE))
+        pipe.zrange(prefixed("b24:jobs:state:queued"), 0, 0, withscores=True)
         raw, live, backfill, oldest = await pipe.execute()
     counters = {key.decode(): float(value) for key, value in raw.items()}
     age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0

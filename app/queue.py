@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import expires_extra_ms
 from arq.jobs import serialize_job
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from app.jobs import JobRecord, JobState, JobStore, QueueEntry
+from app.namespace import prefixed
+from app.settings import Settings
 
 PROCESS_EVENT = "process_event"
 LIVE_QUEUE = "arq:queue"
@@ -26,10 +29,55 @@ def deserialize(raw: bytes) -> dict[str, Any]:
     return json.loads(raw)  # type: ignore[no-any-return]
 
 
-async def connect(redis_url: str) -> ArqRedis:
-    settings = RedisSettings.from_dsn(redis_url)
-    settings.conn_retries = 1
-    return await create_pool(settings, job_serializer=serialize, job_deserializer=deserialize)
+def redis_settings(settings: Settings) -> RedisSettings:
+    """Where this installation's Redis is: REDIS_URL, or the primary the Sentinels name.
+
+    Behind Sentinels, REDIS_URL (optional) gives the primary's user, password, database and TLS
+    (`rediss://`); its host and port are not used.
+    """
+    target = RedisSettings.from_dsn(settings.redis_url or "redis://")
+    if settings.redis_sentinels:
+        target.sentinel, target.host = True, list(settings.redis_sentinels)
+        target.sentinel_master = settings.redis_sentinel_master
+    target.conn_retries = 1
+    return target
+
+
+async def connect(settings: Settings | str) -> ArqRedis:
+    """The one way the service opens Redis: web, workers and commands alike.
+
+    Tests and benchmarks may give a bare URL: that Redis and nothing else from the environment.
+    """
+    if isinstance(settings, str):
+        settings = Settings.model_construct(redis_url=settings)
+    target = redis_settings(settings)
+    if target.sentinel:
+        return await _through_sentinels(target)
+    return await create_pool(target, job_serializer=serialize, job_deserializer=deserialize)
+
+
+class SentinelArqRedis(ArqRedis):
+    """ArqRedis on the primary the sentinels name; closing it also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in cast(SentinelConnectionPool, self.connection_pool).sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+async def _through_sentinels(target: RedisSettings) -> ArqRedis:
+    # What arq's create_pool does for Sentinel, plus a connect timeout (a Redis that is away must fail
+    # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
+    sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
+                         username=target.username, password=target.password, ssl=target.ssl)
+    redis = sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis)
+    redis.job_serializer, redis.job_deserializer = serialize, deserialize
+    try:
+        await redis.ping()  # as create_pool does: no primary, or a wrong password, fails here
+    except BaseException:
+        await redis.aclose()
+        raise
+    return redis
 
 
 class JobQueue:
@@ -64,4 +112,4 @@ class JobQueue:
 
 
 def _queue_of(record: JobRecord) -> str:
-    return BACKFILL_QUEUE if record.trigger == "backfill" else LIVE_QUEUE
+    return prefixed(BACKFILL_QUEUE if record.trigger == "backfill" else LIVE_QUEUE)

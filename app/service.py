@@ -15,6 +15,7 @@ from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
+from app.rules.model import RuleSet
 from app.settings import Settings
 from app.web import create_app
 from app.webhook import HEADER_LIMITS
@@ -60,15 +61,20 @@ async def run(settings: Settings, roles: Roles) -> None:
         if fake is not None:
             _announce_demo(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
-                store = JobStore(await connect(settings.redis_url or ""), settings.job_retention_days * 86400)
+                store = JobStore(await connect(settings), settings.job_retention_days * 86400)
                 await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
         await _until_stopped(tasks)
 
 
-async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
+def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
+    """The web process's runner (benchmarks/intake.py serves through it too)."""
     # No access log: the event handler logs one line per event already, and intake is the hot path.
-    runner = web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS,
-                           access_log=None)
+    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS,
+                         access_log=None)
+
+
+async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
+    runner = web_runner(settings, rules)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -81,7 +87,7 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
                         max_jobs: int) -> asyncio.Task[None]:
-    redis = await connect(settings.redis_url or "")
+    redis = await connect(settings)
     worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
     task = asyncio.create_task(worker.async_run())
 

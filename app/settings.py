@@ -24,6 +24,18 @@ class Settings(BaseSettings):
         validation_alias=_env("REDIS_URL"),
         description="Redis for the job queue; unset starts the bundled Redis under the data directory.",
     )
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = Field(
+        default=[],
+        validation_alias=_env("REDIS_SENTINELS"),
+        description="Sentinels as host:port, comma-separated; set, they name the Redis primary, and "
+                    "REDIS_URL gives only its password, database and TLS.",
+    )
+    redis_sentinel_master: str = Field(default="mymaster", validation_alias=_env("REDIS_SENTINEL_MASTER"))
+    key_prefix: str = Field(
+        default="",
+        validation_alias=_env("B24_KEY_PREFIX"),
+        description="Put before every name this installation uses in Redis, so several can share a database.",
+    )
     rules: Path = Field(default=Path("rules.yaml"), validation_alias=_env("B24_RULES"))
     host: str = Field(default="127.0.0.1", validation_alias=_env("B24_HOST"))
     port: int = Field(default=8080, ge=0, le=65535, validation_alias=_env("B24_PORT"))
@@ -52,9 +64,41 @@ class Settings(BaseSettings):
         # `.env.example` lists these empty; copied as is, they mean "not set", not an empty token.
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _host_port_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [_host_port(part.strip()) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _ends_with_colon(cls, value: str) -> str:
+        # "blue" and "blue:" both mean keys like "blue:b24:job:...", as Redis names are usually spelled;
+        # no glob characters, so that `SCAN MATCH blue:*` finds this installation's keys and no others.
+        value = value.strip()
+        if any(char.isspace() or char in "*?[]" for char in value):
+            raise ValueError("a key prefix takes no spaces and no glob characters (* ? [ ])")
+        return value if not value or value.endswith(":") else value + ":"
+
+    @property
+    def redis_given(self) -> bool:
+        """Whether a Redis of one's own is configured; without one the service starts the bundled Redis."""
+        return bool(self.redis_url or self.redis_sentinels)
+
     @field_validator("allowed_sources", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """host:port, or [IPv6 address]:port; without a port, Sentinel's own 26379."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = text.partition(":")
+    return host, int(port or 26379)

@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 
 from app.jobs import INDEX_PREFIX, JOB_INDEX, JobStore
 from app.metrics import COUNTERS, parse_field
+from app.namespace import prefixed
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE
 from app.rules.model import RuleSet
 
@@ -18,12 +19,12 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
     seconds, micros = await redis.time()
     now = seconds + micros / 1e6
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(LIVE_QUEUE)
-        pipe.zcard(BACKFILL_QUEUE)
-        pipe.zrange(f"{INDEX_PREFIX}state:queued", 0, 0, withscores=True)
+        pipe.zcard(prefixed(LIVE_QUEUE))
+        pipe.zcard(prefixed(BACKFILL_QUEUE))
+        pipe.zrange(prefixed(f"{INDEX_PREFIX}state:queued"), 0, 0, withscores=True)
         for minute in range(MINUTES):
-            pipe.zcount(JOB_INDEX, now - 60 * (minute + 1), f"({now - 60 * minute}")
-        pipe.hgetall(COUNTERS)
+            pipe.zcount(prefixed(JOB_INDEX), now - 60 * (minute + 1), f"({now - 60 * minute}")
+        pipe.hgetall(prefixed(COUNTERS))
         live, backfill, oldest, *per_minute, counters = await pipe.execute()
     return {
         "time": now,
@@ -53,8 +54,8 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
     """Each portal's request budget: the shared leaky bucket's free slots right now."""
     async with redis.pipeline(transaction=False) as pipe:
         for name in rules.portals:
-            pipe.hmget(f"b24:rate:{name}", "level", "ts")
-            pipe.exists(f"b24:rate:{name}:slow")
+            pipe.hmget(prefixed(f"b24:rate:{name}"), "level", "ts")
+            pipe.exists(prefixed(f"b24:rate:{name}:slow"))
         answers = await pipe.execute()
     portals = {}
     for i, (name, portal) in enumerate(rules.portals.items()):

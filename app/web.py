@@ -24,7 +24,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
-    """Build the web application; `settings.redis_url` must point at a running Redis."""
+    """Build the web application; `settings` must name a running Redis (REDIS_URL or REDIS_SENTINELS)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
     app[settings_key] = settings
     if rules is None:
@@ -44,9 +44,9 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
 
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    if not settings.redis_url:
-        raise RuntimeError("redis_url is not set; `b24rebind serve` starts the bundled Redis when it is unset")
-    redis = await connect(settings.redis_url)
+    if not settings.redis_given:
+        raise RuntimeError("no Redis is set; `b24rebind serve` starts the bundled one when none is")
+    redis = await connect(settings)
     app[redis_key] = redis
     app[store_key] = JobStore(redis, settings.job_retention_days * 86400)
     app[queue_key] = JobQueue(redis, app[store_key])

@@ -43,16 +43,15 @@ async def serve(kind: str, port: int, profile: str = "") -> None:
     from aiohttp import web
 
     from app import logs
-    from app.web import create_app
+    from app.service import web_runner
 
     core = pin_to_core(0)
     settings, rules = bench_settings(), bench_rules()
     if kind == "service":
         logs.configure(settings.log_level, [s for p in rules.portals.values() for s in p.secrets()])
-        app = create_app(settings, rules)
+        runner = web_runner(settings, rules)  # exactly as `b24rebind serve` runs it
     else:
-        app = baseline_app(settings.redis_url or "")
-    runner = web.AppRunner(app)
+        runner = web.AppRunner(baseline_app(settings.redis_url or ""), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print(json.dumps({"ready": kind, "core": core}), flush=True)

@@ -8,8 +8,11 @@ to an activity is counted for an hour: rules that keep changing one activity are
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from redis.asyncio import Redis
+
+from app.namespace import prefixed
 
 from app.rules.facts import Activity, Binding
 
@@ -18,7 +21,8 @@ CHANGE_WINDOW_SECONDS = 3600
 MAX_CHANGES_PER_WINDOW = 4  # a conversion changes an activity once or twice; more is a loop
 
 
-def fingerprint(bindings: tuple[Binding, ...] | list[Binding]) -> str:
+def fingerprint(bindings: tuple[Binding, ...] | list[Binding] | list[str]) -> str:
+    # Bindings or their text (as job records keep them): both give the same fingerprint.
     text = ",".join(sorted(str(b) for b in bindings))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -36,11 +40,15 @@ class ChangeLog:
 
     async def record(self, activity_id: int, after: tuple[Binding, ...]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._key("applied", activity_id), fingerprint(after), ex=ECHO_SECONDS)
-            # SET NX starts the window once; INCR keeps its expiry (EXPIRE NX needs Redis 7).
-            pipe.set(self._key("changes", activity_id), 0, ex=CHANGE_WINDOW_SECONDS, nx=True)
-            pipe.incr(self._key("changes", activity_id))
+            self.stage_record(pipe, activity_id, after)
             await pipe.execute()
+
+    def stage_record(self, pipe: Any, activity_id: int, after: tuple[Binding, ...] | list[str]) -> None:
+        """`record` as part of a pipeline: a job's last writes reach Redis in one round trip."""
+        pipe.set(self._key("applied", activity_id), fingerprint(after), ex=ECHO_SECONDS)
+        # SET NX starts the window once; INCR keeps its expiry (EXPIRE NX needs Redis 7).
+        pipe.set(self._key("changes", activity_id), 0, ex=CHANGE_WINDOW_SECONDS, nx=True)
+        pipe.incr(self._key("changes", activity_id))
 
     async def looping(self, activity_ids: list[int]) -> set[int]:
         """The activities this service already changed too often in the last hour."""
@@ -50,4 +58,4 @@ class ChangeLog:
         return {i for i, count in zip(activity_ids, counts) if count and int(count) >= MAX_CHANGES_PER_WINDOW}
 
     def _key(self, what: str, activity_id: int) -> str:
-        return f"b24:{what}:{self._portal}:{activity_id}"
+        return prefixed(f"b24:{what}:{self._portal}:{activity_id}")

@@ -9,6 +9,8 @@ from types import TracebackType
 
 from redis.asyncio import Redis
 
+from app.namespace import prefixed
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -30,7 +32,7 @@ class LeadLock:
 
     def __init__(self, redis: Redis, portal: str, lead_id: int | None, ttl: int) -> None:
         self._redis = redis
-        self._key = f"b24:lock:{portal}:lead:{lead_id}"
+        self._key = prefixed(f"b24:lock:{portal}:lead:{lead_id}")
         self._lead_id = lead_id
         self._ttl = ttl
         self._token = secrets.token_hex(8)

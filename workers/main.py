@@ -15,6 +15,7 @@ from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.jobs import JobStore
+from app.namespace import prefixed
 from app.queue import LIVE_QUEUE, PROCESS_EVENT, deserialize, serialize
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -85,12 +86,15 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}
     # Long-running live workers sweep for missed events; a gate in Redis keeps it to one sweep an interval.
-    sweeps = settings.reconcile_interval and not options.get("burst") and \
-        options.get("queue_name", LIVE_QUEUE) == LIVE_QUEUE
+    queue = options.pop("queue_name", LIVE_QUEUE)
+    sweeps = settings.reconcile_interval and not options.get("burst") and queue == LIVE_QUEUE
+    # arq makes a cron's job ids from its name (`<name>:<time>`): prefixed, each installation sharing a
+    # Redis runs its own sweep. Unprefixed it is arq's default name.
+    sweep_cron = cron(reconcile_job, name=prefixed("cron:reconcile_job"), second=set(range(0, 60, TICK)),
+                      timeout=JOB_TIMEOUT, max_tries=1)
     return LeasedWorker(
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT)],
-        cron_jobs=[cron(reconcile_job, second=set(range(0, 60, TICK)), timeout=JOB_TIMEOUT, max_tries=1)]
-        if sweeps else None,
+        cron_jobs=[sweep_cron] if sweeps else None, queue_name=prefixed(queue),
         redis_pool=redis, ctx=ctx, on_startup=startup, on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600, **{"max_jobs": 10, **options},
     )

@@ -31,6 +31,7 @@ from app.bitrix.ratelimit import RateLimiter
 from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobRecord, JobStore
+from app.namespace import prefixed
 from app.queue import JobQueue, connect
 from app.rules.model import EntityType
 from app.settings import Settings
@@ -45,7 +46,7 @@ TICK = 10  # seconds between the cron's looks at the gate
 
 
 def cursor_key(portal: str) -> str:
-    return f"b24:reconcile:{portal}:cursor"
+    return prefixed(f"b24:reconcile:{portal}:cursor")
 
 
 @dataclass
@@ -155,7 +156,8 @@ async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> li
 async def reconcile_job(ctx: dict[str, Any]) -> int:
     """The worker's cron entry: sweeps at most once per interval whichever worker gets here first."""
     interval = ctx["settings"].reconcile_interval
-    if not interval or not await ctx["redis"].set(GATE_KEY, time.time(), nx=True, px=int(interval * 1000)):
+    gate = prefixed(GATE_KEY)
+    if not interval or not await ctx["redis"].set(gate, time.time(), nx=True, px=int(interval * 1000)):
         return 0
     return sum(len(s.queued) for s in await sweep_all(ctx))
 
@@ -168,7 +170,7 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
         return 2
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)
-        redis = await connect(settings.redis_url or "")
+        redis = await connect(settings)
         stack.push_async_callback(redis.aclose)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         ctx = {

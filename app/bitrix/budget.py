@@ -16,20 +16,48 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app.bitrix.errors import MethodBlocked
+from app.namespace import prefixed
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
 WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written
 WINDOW = 600
+FRESH_FOR = 1.0  # seconds a process reuses what it read; budgets move over minutes
+
+
+Known = dict[str, tuple[float, float]]  # method -> (operating, reset_at)
+
+
+class BudgetReads:
+    """What a process last read of each portal's budgets, shared by its jobs for FRESH_FOR seconds.
+
+    A worker runs hundreds of short jobs a second; each reading the hash itself would cost a Redis
+    round trip per job for figures that change over minutes.
+    """
+
+    def __init__(self) -> None:
+        self._reads: dict[str, tuple[float, Known]] = {}
+
+    async def known(self, redis: Redis, key: str) -> Known:
+        read_at, known = self._reads.get(key, (0.0, {}))
+        if time.monotonic() - read_at > FRESH_FOR:
+            stored = await redis.hgetall(key)
+            known = {name.decode(): _parse(value) for name, value in stored.items()}
+            self._reads[key] = (time.monotonic(), known)
+        return dict(known)
+
+    def forget(self, key: str) -> None:
+        self._reads.pop(key, None)
 
 
 class MethodBudget:
     """One job's view of the portal's method budgets: read from Redis once, written when it matters."""
 
-    def __init__(self, redis: Redis, portal: str, limit: float) -> None:
+    def __init__(self, redis: Redis, portal: str, limit: float, reads: BudgetReads | None = None) -> None:
         self._redis = redis
-        self._key = f"b24:operating:{portal}"
+        self._reads = reads or BudgetReads()
+        self._key = prefixed(f"b24:operating:{portal}")
         self._limit = limit
-        self._known: dict[str, tuple[float, float]] | None = None  # method -> (operating, reset_at)
+        self._known: Known | None = None
 
     async def note(self, method: str, timing: Any) -> None:
         """Remember what an answer's `time` block (or a batch's per-command one) reports."""
@@ -41,6 +69,7 @@ class MethodBudget:
     async def _share(self, method: str, operating: float, reset_at: float) -> None:
         if self._known is not None:
             self._known[method] = (operating, reset_at)
+        self._reads.forget(self._key)  # this process's next job reads what was just written
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._key, method, f"{operating}|{reset_at}")
             pipe.expire(self._key, WINDOW)
@@ -56,8 +85,7 @@ class MethodBudget:
     async def check(self, methods: Iterable[str]) -> None:
         """Raise MethodBlocked for the first method that is near its budget and not yet reset."""
         if self._known is None:  # once per job; later answers of this job update it
-            stored = await self._redis.hgetall(self._key)
-            self._known = {name.decode(): _parse(value) for name, value in stored.items()}
+            self._known = await self._reads.known(self._redis, self._key)
         now = time.time()
         for method in dict.fromkeys(methods):
             operating, reset_at = self._known.get(method, (0.0, 0.0))

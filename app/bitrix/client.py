@@ -126,13 +126,19 @@ class RestClient:
             await asyncio.sleep(self._retry.delay(attempt))
         raise AssertionError("unreachable")
 
-    async def batch(self, commands: Sequence[Command], *, write: bool = False) -> list[CommandResult]:
-        """Run commands in `batch` calls of at most 50, halt=0; results keep the commands' order."""
+    async def batch(self, commands: Sequence[Command], *, write: bool = False,
+                    halt: bool = False) -> list[CommandResult]:
+        """Run commands in `batch` calls of at most 50; results keep the commands' order.
+
+        With `halt` the portal stops at the first failing command (of each call of 50): the ones after
+        it come back as NOT_RUN errors.
+        """
         results: list[CommandResult] = []
         for start in range(0, len(commands), BATCH_LIMIT):
             chunk = commands[start:start + BATCH_LIMIT]
             cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
-            answer = await self.call("batch", {"halt": 0, "cmd": cmd}, write=write, uses=[c.method for c in chunk])
+            answer = await self.call("batch", {"halt": int(halt), "cmd": cmd}, write=write,
+                                     uses=[c.method for c in chunk])
             unpacked = _unpack_batch(chunk, answer.result)
             for result in unpacked:
                 self.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.errors import ConfigError, TransientError
 from app.bitrix.portal import PortalConfig
+from app.namespace import prefixed
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,11 @@ class TokenStore:
         self._redis = redis
 
     async def load(self, portal: str) -> AppTokens | None:
-        raw = await self._redis.get(f"b24:oauth:{portal}")
+        raw = await self._redis.get(prefixed(f"b24:oauth:{portal}"))
         return AppTokens.model_validate_json(raw) if raw else None
 
     async def save(self, portal: str, tokens: AppTokens) -> None:
-        await self._redis.set(f"b24:oauth:{portal}", tokens.model_dump_json())
+        await self._redis.set(prefixed(f"b24:oauth:{portal}"), tokens.model_dump_json())
 
     @staticmethod
     def from_install(auth: dict[str, Any]) -> AppTokens:
@@ -82,7 +83,7 @@ class OAuthSession:
 
     async def refresh(self, stale_access_token: str) -> AppTokens:
         """Refresh once across all workers: whoever takes the lock refreshes, the others wait for it."""
-        lock = f"b24:oauth:{self._portal.name}:refreshing"
+        lock = prefixed(f"b24:oauth:{self._portal.name}:refreshing")
         token = secrets.token_hex(8)
         deadline = time.monotonic() + REFRESH_LOCK_SECONDS
         while time.monotonic() < deadline:

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-# Returns the seconds to wait (as a string: Lua numbers become integers on the way out).
-# While a portal has recently refused us, the drain rate is halved (the `slow` key).
+from app.namespace import prefixed
+
+# Returns the seconds to wait (as a string: Lua numbers become integers on the way out) and the
+# slots taken: one, or while the bucket is less than half full up to ARGV[4] more, for the caller to
+# use within CREDIT_SECONDS. While a portal has recently refused us, the drain rate is halved.
 _LEAKY_BUCKET = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
@@ -23,11 +26,16 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
 local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or tostring(now))
 level = math.max(0, level - (now - since) * rate)
-local wait = 0
-if level + 1 <= burst then level = level + 1 else wait = (level + 1 - burst) / rate end
+local wait, taken = 0, 0
+if level + 1 <= burst then
+  taken = 1 + math.max(0, math.min(tonumber(ARGV[4] or '0'), math.floor(burst / 2 - level - 1)))
+  level = level + taken
+else
+  wait = (level + 1 - burst) / rate
+end
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return tostring(wait)
+return {tostring(wait), taken}
 """
 
 _FILL_BUCKET = """
@@ -41,6 +49,12 @@ SLOW_DOWN_SECONDS = 60
 # Requests reach the portal a little sooner or later than they leave the bucket here; keeping two
 # slots free absorbs that jitter, so running at the limit never becomes QUERY_LIMIT_EXCEEDED.
 HEADROOM = 2
+# Slots a process may take ahead while a bucket is less than half full, and how soon it must use them.
+# Each slot used later than it was counted makes the portal's bucket fuller than ours by at most the
+# rate times that delay (one slot at 2/s): below half full there is room for that many times over,
+# and a busy portal (more than half full) is always counted one request at a time.
+PREFETCH = 3
+CREDIT_SECONDS = 0.5
 
 
 @dataclass
@@ -52,29 +66,49 @@ class RateLimitStats:
 class RateLimiter:
     """A leaky bucket per portal, shared through Redis; `acquire` waits for a free slot."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "b24:rate", headroom: int = HEADROOM) -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "b24:rate", headroom: int = HEADROOM,
+                 prefetch: int = PREFETCH) -> None:
         self._redis = redis
         self._headroom = headroom
-        self._prefix = prefix
+        self._prefetch = prefetch
+        # (portal, reserved) -> (slots taken ahead, monotonic deadline): a quiet bucket costs one
+        # Redis round trip per few requests instead of one per request.
+        self._credit: dict[tuple[str, int], tuple[int, float]] = {}
+        self._prefix = prefixed(prefix)
         self._script = redis.register_script(_LEAKY_BUCKET)
         self._fill = redis.register_script(_FILL_BUCKET)
         self.stats = RateLimitStats()
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         """Wait for a slot. `reserve` slots of the burst are left to others (backfill leaves half to live events)."""
+        reserved = min(burst - 1, reserve + self._headroom)
+        if self._use_credit((portal, reserved)):
+            return
         # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
         while True:
             keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-            reserved = min(burst - 1, reserve + self._headroom)
-            wait = float(await self._script(keys=keys, args=[per_second, burst, reserved]))
+            wait_text, taken = await self._script(keys=keys, args=[per_second, burst, reserved, self._prefetch])
+            wait = float(wait_text)
             if wait <= 0:
+                if int(taken) > 1:
+                    self._credit[(portal, reserved)] = (int(taken) - 1, time.monotonic() + CREDIT_SECONDS)
                 return
             self.stats.waits += 1
             self.stats.waited_seconds += wait
             await asyncio.sleep(wait)
 
+    def _use_credit(self, key: tuple[str, int]) -> bool:
+        slots, deadline = self._credit.get(key, (0, 0.0))
+        if slots <= 0 or time.monotonic() > deadline:
+            self._credit.pop(key, None)  # slots not used in time stay counted: the bucket only errs on the safe side
+            return False
+        self._credit[key] = (slots - 1, deadline)
+        return True
+
     async def slow_down(self, portal: str, burst: int) -> None:
         """The portal refused a request: treat the bucket as full and halve the rate for a while."""
+        for key in [key for key in self._credit if key[0] == portal]:
+            del self._credit[key]
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
         await self._fill(keys=keys, args=[burst, SLOW_DOWN_SECONDS])
 
