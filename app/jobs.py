@@ -265,18 +265,19 @@ class JobStore:
         return bool(await self._create(keys=keys, args=args))
 
     async def save(self, record: JobRecord) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.stage_save(pipe, record)
-            await pipe.execute()
+        await self._redis.eval(_SAVE, *self._save_arguments(record))
 
     def stage_save(self, pipe: Any, record: JobRecord) -> None:
         """Add the record's save to a pipeline, so a job's last writes reach Redis in one round trip."""
+        pipe.eval(_SAVE, *self._save_arguments(record))
+
+    def _save_arguments(self, record: JobRecord) -> list[Any]:
         states = [prefixed(f"{INDEX_PREFIX}state:{state.value}") for state in JobState]
         keys = [prefixed(JOB_KEY + record.id), prefixed(JOB_INDEX), prefixed(INDEXES), *states, *record.index_keys()]
         # Subscribers see each transition in the order the saves happen.
         args = [record.model_dump_json(), self._ttl, record.id, record.received_at, feed_channel(self._redis),
                 json.dumps(record.summary()), len(states)]
-        pipe.eval(_SAVE, len(keys), *keys, *args)
+        return [len(keys), *keys, *args]
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.get(prefixed(JOB_KEY + job_id))

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -149,3 +150,17 @@ def wait_for_port(port: int, timeout: float = 15) -> None:
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure across rounds (the first round's value where it is not a number)."""
+    merged: dict[str, Any] = {}
+    for key, first in results[0].items():
+        values = [r[key] for r in results]
+        if isinstance(first, dict):
+            merged[key] = median_of(values)
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            merged[key] = type(first)(statistics.median(values))
+        else:
+            merged[key] = first
+    return merged

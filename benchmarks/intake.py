@@ -18,7 +18,6 @@ import asyncio
 import gc
 import json
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from benchmarks.common import (
     event_body,
     flush_bench_db,
     free_port,
+    median_of,
     pinned_redis,
     pin_to_core,
     read_json_line,
@@ -191,20 +191,6 @@ async def load(mode: str, port: int, seconds: float, rate: float, first_id: int)
             "per_second": len(latencies) / elapsed, "p50_ms": 1000 * quantile(latencies, 0.50),
             "p99_ms": 1000 * quantile(latencies, 0.99), "max_ms": 1000 * (latencies[-1] if latencies else 0),
             "elapsed": elapsed, "client_cpu": cpu / elapsed}
-
-
-def median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of every figure across rounds (the first round's value where it is not a number)."""
-    merged: dict[str, Any] = {}
-    for key, first in results[0].items():
-        values = [r[key] for r in results]
-        if isinstance(first, dict):
-            merged[key] = median_of(values)
-        elif isinstance(first, (int, float)) and not isinstance(first, bool):
-            merged[key] = type(first)(statistics.median(values))
-        else:
-            merged[key] = first
-    return merged
 
 
 def quantile(sorted_values: list[float], q: float) -> float:

@@ -11,6 +11,7 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from redis.exceptions import RedisError
 
+from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
@@ -39,6 +40,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["limiter"] = RateLimiter(ctx["redis"])
         ctx["store"] = JobStore(ctx["redis"], settings.job_retention_days * 86400)
     ctx.setdefault("retry_policy", RetryPolicy())
+    # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
+    ctx.setdefault("budget_reads", BudgetReads())
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 
 

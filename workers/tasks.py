@@ -101,7 +101,7 @@ def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool 
     """A RestClient for one job, sharing the worker's session, rate limit, time budgets and tokens."""
     return RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=low_priority,
                       budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,
-                                          ctx.setdefault("budget_reads", BudgetReads())),
+                                          ctx.get("budget_reads") or BudgetReads()),
                       oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
 
 
