@@ -69,8 +69,7 @@ async def run(settings: Settings, roles: Roles) -> None:
 def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     """The web process's runner (benchmarks/intake.py serves through it too)."""
     # No access log: the event handler logs one line per event already, and intake is the hot path.
-    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, handler_args=HEADER_LIMITS,
-                         access_log=None)
+    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, **HEADER_LIMITS)
 
 
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:

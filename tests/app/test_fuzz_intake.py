@@ -14,6 +14,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 import redis as sync_redis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -202,10 +203,33 @@ async def test_an_address_outside_the_allow_list_is_refused(
     assert (await post_event(inside, "ONCRMACTIVITYADD", 5))[0] == 200
 
 
-def test_the_server_limits_header_sizes_and_counts() -> None:
-    from app.webhook import HEADER_LIMITS
+async def test_the_served_app_refuses_oversized_and_too_many_headers(settings: Settings, rules: RuleSet,
+                                                                    redis: Any, caplog: Any) -> None:
+    """Through the runner `b24rebind serve` uses, not the test client: the limits are the server's."""
+    from app.service import web_runner
 
-    assert HEADER_LIMITS == {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64}
+    runner = web_runner(settings, rules)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    async def status_of(headers: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        return status
+
+    try:
+        assert await status_of("") == 200
+        assert await status_of(f"X-Long: {'a' * 5000}\r\n") in (400, 431)
+        assert await status_of("".join(f"X-H{i}: 1\r\n" for i in range(70))) in (400, 431)
+        assert await status_of("".join(f"X-H{i}: 1\r\n" for i in range(40))) == 200
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if "Failed to create request handler" in r.getMessage()]
 
 
 def test_memory_stays_flat_over_thousands_of_bad_requests(intake: Intake) -> None:
