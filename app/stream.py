@@ -1,7 +1,8 @@
 """GET /api/stream: job transitions as server-sent events, for the dashboard and `jobs watch`.
 
 One Redis subscription per web process fans out to every open stream, so a dozen open dashboards
-cost one Redis connection, not a dozen.
+cost one Redis connection, not a dozen; and it exists only while a stream is open, since every
+accepted event publishes a transition that a process would otherwise receive and parse for nobody.
 """
 from __future__ import annotations
 
@@ -27,17 +28,25 @@ _CLOSED = ""
 class JobFeed:
     """The transitions published by JobStore, handed to every subscriber in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
         self._subscribers: set[asyncio.Queue[str]] = set()
+        self._listener: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     def subscribe(self) -> asyncio.Queue[str]:
         queue: asyncio.Queue[str] = asyncio.Queue(BACKLOG)
         self._subscribers.add(queue)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self.listen(self._redis))
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
         self._subscribers.discard(queue)
+        if not self._subscribers and self._listener is not None:
+            self._listener.cancel()  # the subscription closes with it
+            self._listener = None
+            self.ready.clear()
 
     def publish(self, message: str) -> None:
         for queue in list(self._subscribers):
@@ -47,14 +56,18 @@ class JobFeed:
                 self.close_one(queue)
 
     def close_one(self, queue: asyncio.Queue[str]) -> None:
-        self._subscribers.discard(queue)
+        self.unsubscribe(queue)
         while not queue.empty():
             queue.get_nowait()
         queue.put_nowait(_CLOSED)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        listener = self._listener
         for queue in list(self._subscribers):
             self.close_one(queue)
+        if listener is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
     async def listen(self, redis: Redis) -> None:
         """Relay the Redis channel until cancelled, subscribing again after a Redis failure."""
@@ -76,18 +89,14 @@ feed_key = web.AppKey("job_feed", JobFeed)
 
 
 async def feed_context(app: web.Application) -> AsyncIterator[None]:
-    feed = app[feed_key] = JobFeed()
-    task = asyncio.create_task(feed.listen(app[redis_key]))
+    feed = app[feed_key] = JobFeed(app[redis_key])
     yield
-    feed.close()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await feed.close()
 
 
 async def close_streams(app: web.Application) -> None:
     # Open streams would otherwise hold the shutdown until its timeout.
-    app[feed_key].close()
+    await app[feed_key].close()
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

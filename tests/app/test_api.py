@@ -15,7 +15,7 @@ from arq import Worker
 from pydantic import SecretStr
 
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
-from app.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
+from app.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore, feed_channel
 from app.web import api_auth, create_app
 from tests.conftest import post_event
 
@@ -302,6 +302,26 @@ async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, work
                 states.append(job["state"])
     stream.close()
     assert states == ["queued", "running", "succeeded"]
+
+
+async def test_the_web_process_subscribes_to_the_feed_only_while_a_stream_is_open(client: Any,
+                                                                                  redis: Any) -> None:
+    async def subscribers() -> int:
+        return dict(await redis.pubsub_numsub(feed_channel(redis)))[feed_channel(redis).encode()]
+
+    assert await subscribers() == 0  # intake publishes every transition: nobody watching, nobody receives
+    first, second = await client.get("/api/stream"), await client.get("/api/stream")
+    await first.content.readuntil(b"\n\n")
+    await second.content.readuntil(b"\n\n")
+    assert await subscribers() == 1  # one subscription, however many streams
+
+    first.close()
+    second.close()
+    for _ in range(50):
+        if await subscribers() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await subscribers() == 0
 
 
 async def test_without_a_token_writes_are_refused_and_proxied_reads_too(client: Any) -> None:
