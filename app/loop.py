@@ -6,6 +6,7 @@ is a dependency on Linux and macOS, and absent on Windows, where asyncio's loop 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -24,3 +25,13 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run`, on the fastest loop available."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
+
+
+def settle_heap() -> None:
+    """Call once started: what startup made (modules, models, pools) lives as long as the process.
+
+    Frozen, those objects are left out of every later collection, so a full collection walks only
+    what the service made since: tens of milliseconds of stopped event loop become one or two.
+    """
+    gc.collect()
+    gc.freeze()

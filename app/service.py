@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from app import demo, logs
+from app import demo, logs, loop
 from app.bitrix.fake import FakePortal
 from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
@@ -63,6 +63,7 @@ async def run(settings: Settings, roles: Roles) -> None:
             if roles.demo_story and roles.web and roles.worker:
                 store = JobStore(await connect(settings), settings.job_retention_days * 86400)
                 await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
+        loop.settle_heap()
         await _until_stopped(tasks)
 
 

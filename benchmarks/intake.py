@@ -46,17 +46,39 @@ KINDS = ("baseline", "service")
 # ---------------------------------------------------------------- the servers (child processes)
 
 
-class GcPauses:
-    """The garbage collector's pauses in this process, printed as a JSON line and reset on SIGUSR1.
+class Pauses:
+    """The garbage collector's pauses and the event loop's stalls, between two SIGUSR1s.
 
-    A full collection stops the event loop for as long as it takes to walk every live object: the
-    usual cause of a latency tail that the rest of the profile does not explain.
+    A full collection stops the event loop for as long as it takes to walk every live object; any
+    other blocking call stalls it too. Either shows as a latency tail the profile does not explain.
+    The first SIGUSR1 starts watching, the second prints a JSON line and stops.
     """
 
     def __init__(self) -> None:
         self._started = 0.0
         self.pauses: list[tuple[int, float]] = []
+        self._ticker: asyncio.Task[float] | None = None
         gc.callbacks.append(self._note)
+
+    def toggle(self) -> None:
+        if self._ticker is None:
+            self.pauses = []
+            self._ticker = asyncio.create_task(self._longest_stall())
+        else:
+            self._ticker.add_done_callback(lambda done: self.report(done.result()))
+            self._ticker.cancel()
+
+    @staticmethod
+    async def _longest_stall() -> float:
+        """Sleep 1 ms over and over; how much later than asked a wake-up comes is a stall."""
+        longest = 0.0
+        try:
+            while True:
+                asked = time.perf_counter()
+                await asyncio.sleep(0.001)
+                longest = max(longest, time.perf_counter() - asked - 0.001)
+        except asyncio.CancelledError:
+            return longest
 
     def _note(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -64,11 +86,11 @@ class GcPauses:
         else:
             self.pauses.append((info["generation"], time.perf_counter() - self._started))
 
-    def report(self) -> None:
+    def report(self, longest_stall: float) -> None:
         full = [seconds for generation, seconds in self.pauses if generation == 2]
         print(json.dumps({"gc": {"collections": len(self.pauses), "full": len(full),
-                                 "longest_ms": 1000 * max((s for _, s in self.pauses), default=0.0)}}), flush=True)
-        self.pauses = []
+                                 "longest_ms": 1000 * max((s for _, s in self.pauses), default=0.0),
+                                 "stall_ms": 1000 * longest_stall}}), flush=True)
 
 
 
@@ -87,10 +109,12 @@ async def serve(kind: str, port: int, profile: str = "") -> None:
         runner = web.AppRunner(baseline_app(settings.redis_url or ""), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    if kind == "service":
+        loop.settle_heap()  # as `b24rebind serve` does once started
     print(json.dumps({"ready": kind, "core": core}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, GcPauses().report)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, Pauses().toggle)
     profiler = None
     if profile:
         from pyinstrument import Profiler
@@ -216,8 +240,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         flush_bench_db()
         result["max"] = run_load(port, "max", args.max_seconds, 0, 20_000_000, server.pid)
         flush_bench_db()
-        server.send_signal(signal.SIGUSR1)
-        read_json_line(server)  # the collector's pauses count from here
+        server.send_signal(signal.SIGUSR1)  # pauses and stalls count from here
         result["rate"] = run_load(port, "rate", args.rate_seconds, args.rate, 30_000_000, server.pid)
         server.send_signal(signal.SIGUSR1)
         result["rate"].update(read_json_line(server)["gc"])
@@ -245,6 +268,7 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
         (f"p99 ms at {rate:,.0f}/s", "rate", "p99_ms", "{:.2f}"),
         (f"achieved /s at {rate:,.0f}/s", "rate", "per_second", "{:,.0f}"),
         (f"load generator's own lateness p99 ms at {rate:,.0f}/s", "rate", "lag_p99_ms", "{:.2f}"),
+        (f"longest event-loop stall ms at {rate:,.0f}/s", "rate", "stall_ms", "{:.1f}"),
         (f"longest GC pause ms at {rate:,.0f}/s", "rate", "longest_ms", "{:.1f}"),
         (f"full GC collections at {rate:,.0f}/s", "rate", "full", "{:d}"),
         ("server CPU busy, max phase", "max", "server_cpu", "{:.0%}"),
