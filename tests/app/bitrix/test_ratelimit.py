@@ -154,7 +154,7 @@ async def level(redis: Redis, portal: str = "acme") -> float:
 
 
 async def test_a_quiet_bucket_lends_a_process_a_few_slots_at_once(redis: ArqRedis) -> None:
-    limiter = RateLimiter(redis, headroom=0, prefetch=3)
+    limiter = RateLimiter(redis, headroom=0, prefetch=3, lend_from_rate=0)
 
     await limiter.acquire("acme", 2.0, 50)
     assert await level(redis) == pytest.approx(4, abs=0.05)  # one used, three lent ahead
@@ -171,7 +171,7 @@ async def test_a_bucket_past_half_full_counts_one_request_at_a_time(redis: ArqRe
     busy = RateLimiter(second_connection, headroom=0, prefetch=0)
     for _ in range(30):
         await busy.acquire("acme", 2.0, 50)
-    limiter = RateLimiter(redis, headroom=0, prefetch=3)
+    limiter = RateLimiter(redis, headroom=0, prefetch=3, lend_from_rate=0)
 
     for expected in (31, 32, 33):
         await limiter.acquire("acme", 2.0, 50)
@@ -180,7 +180,7 @@ async def test_a_bucket_past_half_full_counts_one_request_at_a_time(redis: ArqRe
 
 async def test_slots_not_used_in_time_are_not_used_at_all(redis: ArqRedis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ratelimit, "CREDIT_SECONDS", 0.05)
-    limiter = RateLimiter(redis, headroom=0, prefetch=3)
+    limiter = RateLimiter(redis, headroom=0, prefetch=3, lend_from_rate=0)
     await limiter.acquire("acme", 0.001, 50)  # the bucket barely drains: its level shows every slot taken
 
     await asyncio.sleep(0.1)
@@ -201,3 +201,12 @@ async def test_a_refusal_cancels_the_slots_lent_ahead(redis: ArqRedis) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_standard_portals_slots_are_never_lent_ahead(redis: ArqRedis) -> None:
+    """At 2 requests a second a slot left unused costs half a second: each is taken when it is used."""
+    limiter = RateLimiter(redis, headroom=0)
+
+    for expected in (1, 2, 3):
+        await limiter.acquire("acme", 2.0, 50)
+        assert await level(redis) == pytest.approx(expected, abs=0.05)
