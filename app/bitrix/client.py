@@ -8,7 +8,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -20,6 +20,9 @@ from app.bitrix.errors import (B24Error, ConfigError, MethodBlocked, RateLimited
 from app.bitrix.portal import PortalConfig
 from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from app.bitrix.sharing import SharedReads
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,8 @@ class RestClient:
 
     def __init__(self, session: aiohttp.ClientSession, portal: PortalConfig, limiter: RateLimiter,
                  *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0, low_priority: bool = False,
-                 budget: MethodBudget | None = None, oauth: OAuthSession | None = None) -> None:
+                 budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
+                 shared: SharedReads | None = None) -> None:
         self._session = session
         self.portal = portal
         self._limiter = limiter
@@ -88,6 +92,7 @@ class RestClient:
         # Low-priority work (backfill) leaves half the burst to live events.
         self._reserve = portal.rate_limit.burst // 2 if low_priority else 0
         self._budget = budget
+        self._shared = shared
         self.requests = 0
         # For metrics: (method, outcome, via); via "request" is one HTTP request, "batch" a command in one.
         self.calls: Counter[tuple[str, str, str]] = Counter()
@@ -131,8 +136,16 @@ class RestClient:
         """Run commands in `batch` calls of at most 50; results keep the commands' order.
 
         With `halt` the portal stops at the first failing command (of each call of 50): the ones after
-        it come back as NOT_RUN errors.
+        it come back as NOT_RUN errors. Reads that fit one call may travel with other jobs' reads
+        (`SharedReads`); writes always go alone.
         """
+        if self._shared is not None and not write and not halt and len(commands) < BATCH_LIMIT:
+            return await self._shared.read(self, commands)
+        return await self.send_batch(commands, write=write, halt=halt)
+
+    async def send_batch(self, commands: Sequence[Command], *, write: bool = False,
+                         halt: bool = False) -> list[CommandResult]:
+        """`batch`, sent by this client now."""
         results: list[CommandResult] = []
         for start in range(0, len(commands), BATCH_LIMIT):
             chunk = commands[start:start + BATCH_LIMIT]

@@ -37,8 +37,8 @@ async def test_a_single_activity_is_rebound_in_one_request(rest: RestClient, por
     made = portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
 
-    outcomes = await execute(BindingPlan(activities=(rebind(activity, lead, made["contact"], made["company"]),)),
-                             rest)
+    plan = BindingPlan(activities=(rebind(activity, lead, made["contact"], made["company"]),))
+    outcomes = await execute(plan, rest)
 
     assert [o.status for o in outcomes] == ["changed"]
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
@@ -60,7 +60,8 @@ async def test_a_refused_bind_stops_the_batch_before_the_unbind(rest: RestClient
     assert portal.requests == [("batch", 2)]  # halted at the bind: the unbind never ran, nothing more sent
 
 
-async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestClient, portal: FakePortal) -> None:
+async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestClient,
+                                                                   portal: FakePortal) -> None:
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])

@@ -1,0 +1,110 @@
+"""SharedReads against the fake portal: concurrent jobs' reads travel together, each gets its own."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from app.bitrix.client import Command, RestClient, RetryPolicy
+from app.bitrix.errors import ConfigError
+from app.bitrix.fake import LEAD, FakePortal
+from app.bitrix.portal import PortalConfig
+from app.bitrix.ratelimit import LocalRateLimiter
+from app.bitrix.sharing import SharedReads
+from tests.conftest import post_event
+
+
+@pytest.fixture
+async def clients(portal_config: PortalConfig) -> AsyncIterator[Any]:
+    """RestClients as a worker's jobs have them: one session and limiter, one SharedReads."""
+    shared, limiter = SharedReads(), LocalRateLimiter()
+    async with aiohttp.ClientSession() as session:
+        def make() -> RestClient:
+            return RestClient(session, portal_config, limiter, retry=RetryPolicy(attempts=2, base=0.01),
+                              shared=shared)
+        yield make, shared
+
+
+def bindings_of(activity: int) -> list[Command]:
+    return [Command("crm.activity.binding.list", {"activityId": activity}),
+            Command("crm.activity.get", {"id": activity})]
+
+
+async def test_reads_of_concurrent_jobs_leave_in_one_call(clients: Any, portal: FakePortal) -> None:
+    make, shared = clients
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)], subject=f"mail {n}") for n in range(3)]
+
+    answers = await asyncio.gather(*(make().batch(bindings_of(a)) for a in activities))
+
+    assert portal.requests == [("batch", 6)]
+    assert [answer[1].result["SUBJECT"] for answer in answers] == ["mail 0", "mail 1", "mail 2"]
+    assert shared.shared_calls == 1
+
+
+async def test_a_read_alone_leaves_at_once_and_the_request_counts_on_its_job(clients: Any,
+                                                                            portal: FakePortal) -> None:
+    make, _ = clients
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    first, second = make(), make()
+
+    await first.batch(bindings_of(activity))
+    await second.batch(bindings_of(activity))
+
+    assert portal.requests == [("batch", 2), ("batch", 2)]
+    assert (first.requests, second.requests) == (1, 1)
+
+
+async def test_reads_past_one_call_are_split_at_fifty_commands(clients: Any, portal: FakePortal) -> None:
+    make, _ = clients
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
+
+    answers = await asyncio.gather(*(make().batch(bindings_of(a)) for a in activities))
+
+    assert all(n <= 50 for _, n in portal.requests) and sum(n for _, n in portal.requests) == 60
+    assert len(portal.requests) == 2
+    assert [int(answer[1].result["ID"]) for answer in answers] == activities
+
+
+async def test_a_failed_call_fails_every_job_that_shared_it(clients: Any, portal: FakePortal) -> None:
+    make, _ = clients
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    portal.fail_next(1, status=401, error="NO_AUTH_FOUND")
+
+    outcomes = await asyncio.gather(*(make().batch(bindings_of(activity)) for _ in range(3)),
+                                    return_exceptions=True)
+
+    assert [type(o) for o in outcomes] == [ConfigError] * 3
+    assert len(portal.requests) == 1
+
+
+async def test_writes_never_travel_with_other_jobs(clients: Any, portal: FakePortal) -> None:
+    make, _ = clients
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(2)]
+
+    await asyncio.gather(*(make().batch([Command("crm.activity.binding.add", {
+        "activityId": a, "entityTypeId": 3, "entityId": made["contact"]})], write=True) for a in activities))
+
+    assert portal.requests == [("batch", 1), ("batch", 1)]
+
+
+async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_right(
+        client: Any, worker: Any, portal: FakePortal) -> None:
+    made, activities = [], []
+    for _ in range(10):
+        lead = portal.add_lead()
+        made.append(portal.convert_lead(lead))
+        activities.append(portal.add_activity([(LEAD, lead)]))
+    for activity in activities:
+        await post_event(client, "ONCRMACTIVITYADD", activity)
+
+    await worker.run_check()
+
+    assert all(portal.bindings(a) == [(3, m["contact"]), (4, m["company"])] for a, m in zip(activities, made))
+    assert len(portal.requests) < 3 * len(activities)  # each job alone makes 3
