@@ -298,8 +298,15 @@ async def test_two_installations_share_one_redis_database_with_no_key_in_common(
                   for key in keys}
         assert {key: names for key, names in owners.items() if len(names) != 1} == {}
         assert {names[0] for names in owners.values()} == {"red", "blue"}
+        # Each web process subscribes to its own feed while someone watches its stream.
         db = redis.connection_pool.connection_kwargs.get("db", 0)
-        channels = {channel.decode() for channel in await redis.pubsub_channels()}
+        async with aiohttp.ClientSession() as session:
+            streams = [await session.get(await one.base_url() + "/api/stream") for one in installations.values()]
+            for stream in streams:
+                await stream.content.readuntil(b"\n\n")
+            channels = {channel.decode() for channel in await redis.pubsub_channels()}
+            for stream in streams:
+                stream.close()
         assert {f"red:b24:jobs:feed:{db}", f"blue:b24:jobs:feed:{db}"} <= channels
         assert f"b24:jobs:feed:{db}" not in channels
 
