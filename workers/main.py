@@ -35,7 +35,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # Tests and the combined `run` may hand in their own; a second startup reuses the first's.
     if "http" not in ctx:
-        ctx["http"] = aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"})
+        # A portal's REST API sets no cookies worth keeping; the default jar would filter every request.
+        ctx["http"] = aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"},
+                                            cookie_jar=aiohttp.DummyCookieJar())
     if "store" not in ctx:
         ctx["limiter"] = RateLimiter(ctx["redis"])
         ctx["store"] = JobStore(ctx["redis"], settings.job_retention_days * 86400)

@@ -45,6 +45,7 @@ class SharedReads:
     async def _send_while_waiting(self) -> None:
         try:
             while self._waiting:
+                await asyncio.sleep(0)  # the jobs already running this turn of the loop add their reads
                 await self._send(self._next_group())
         finally:
             self._sender = None
