@@ -1,11 +1,14 @@
 """The job a worker runs for each event: read facts, plan, apply, and record every step."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from arq import Retry
+from redis.exceptions import RedisError
 
 from app.audit import AuditLog
 from app.bitrix.client import RestClient
@@ -34,6 +37,29 @@ LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
 # A job reads a lead's activities and writes their bindings; even a 10,000-activity lead stays well
 # inside ten minutes at the portal's rate. A dead worker's job is picked up again after this.
 JOB_TIMEOUT = 600
+# Most jobs end within milliseconds: a job is shown running only once it has run this long, which
+# saves each short job a record write nobody could have seen.
+SHOW_RUNNING_AFTER = 0.5
+
+
+class RunningMark:
+    """Saves a job's record as running once the job has run SHOW_RUNNING_AFTER seconds."""
+
+    def __init__(self, store: JobStore, record: JobRecord) -> None:
+        self._sending = False
+        self._task = asyncio.create_task(self._mark(store, record))
+
+    async def _mark(self, store: JobStore, record: JobRecord) -> None:
+        await asyncio.sleep(SHOW_RUNNING_AFTER)
+        self._sending = True
+        await store.save(record)
+
+    async def settle(self) -> None:
+        """Before the final save: a mark on its way must land first, or it would overwrite the end."""
+        if not self._sending:
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            await self._task
 
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
@@ -42,7 +68,6 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     current_job.set(job["job_id"])
     record = await store.get(job["job_id"]) or JobRecord.model_validate({**job, "id": job["job_id"]})
     record.begin_attempt(ctx["job_try"])
-    await store.save(record)
     portal = rules.portals.get(record.portal)
     if portal is None:
         record.end_attempt(JobState.FAILED, "portal not configured",
@@ -54,6 +79,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     delays = ctx.get("retry_delays", RETRY_DELAYS)
     earlier_changes = record.changes
     changes = ChangeLog(ctx["redis"], portal.name)
+    running = RunningMark(store, record)
     try:
         await _run(record, client, restrict(rules, record), changes, ctx["redis"])
     except (Busy, MethodBlocked) as exc:
@@ -77,6 +103,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
     finally:
         record.requests += client.requests
+        await running.settle()
         await _save_attempt(ctx, record, client, changes, applied=record.changes is not earlier_changes)
         log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
                  record.outcome)

@@ -18,6 +18,7 @@ from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore, feed_channel
 from app.web import api_auth, create_app
 from tests.conftest import post_event
+from workers import tasks
 
 DAY = 86400
 
@@ -281,8 +282,15 @@ async def test_the_openapi_document_describes_exactly_the_routes(client: Any) ->
             assert operation["summary"] and operation["responses"]
 
 
-async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, worker: Worker,
-                                                               portal: FakePortal) -> None:
+@pytest.mark.parametrize("show_running_after, transitions", [
+    (0.0, ["queued", "running", "succeeded"]),  # a job that runs a while is shown running
+    (5.0, ["queued", "succeeded"]),  # one that ends in milliseconds is not: nobody could have seen it
+])
+async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, worker: Worker, portal: FakePortal,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               show_running_after: float,
+                                                               transitions: list[str]) -> None:
+    monkeypatch.setattr(tasks, "SHOW_RUNNING_AFTER", show_running_after)
     lead = portal.add_lead()
     portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
@@ -301,7 +309,7 @@ async def test_the_stream_delivers_a_jobs_transitions_in_order(client: Any, work
             if job["id"] == answer["job_id"]:
                 states.append(job["state"])
     stream.close()
-    assert states == ["queued", "running", "succeeded"]
+    assert states == transitions
 
 
 async def test_the_web_process_subscribes_to_the_feed_only_while_a_stream_is_open(client: Any,
