@@ -9,6 +9,7 @@ import aiohttp
 from arq import Worker, cron, func
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from redis.exceptions import RedisError
 
 from app.bitrix.budget import BudgetReads
@@ -52,6 +53,17 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["http"].close()
 
 
+# arq's claim on a queued job, in one round trip instead of four (WATCH, EXISTS, ZSCORE, MULTI/EXEC):
+# free (no in-progress key), still queued and due, then marked in progress. Returns its score or nil.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+return score
+"""
+
+
 class LeasedWorker(Worker):
     """A worker whose claim on a running job is a lease it renews, so a killed worker's job runs again soon.
 
@@ -64,6 +76,28 @@ class LeasedWorker(Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = LEASE
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script.
+
+        A worker runs hundreds of short jobs a second, and arq's claim took a quarter of its time.
+        """
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            score = await self.pool.eval(_CLAIM, 2, in_progress_key_prefix + job_id, self.queue_name, job_id,
+                                         timestamp_ms(), int(self.in_progress_timeout_s * 1000))
+            if score is None:  # running elsewhere, done, or put back with a delay by another worker
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def main(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
