@@ -45,7 +45,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx.setdefault("retry_policy", RetryPolicy())
     # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
     ctx.setdefault("budget_reads", BudgetReads())
-    ctx.setdefault("shared_reads", {})  # (portal, low priority) -> SharedReads
+    ctx.setdefault("shared_batches", {})  # (portal, low priority) -> SharedBatches
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 
 

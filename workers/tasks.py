@@ -15,7 +15,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.budget import BudgetReads, MethodBudget
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
-from app.bitrix.sharing import SharedReads
+from app.bitrix.sharing import SharedBatches
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.jobs import JobRecord, JobState, JobStore
 from app.logs import current_job
@@ -128,8 +128,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
 def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool = False) -> RestClient:
     """A RestClient for one job, sharing the worker's session, rate limit, time budgets, tokens and
     read batches (with the process's other jobs for the same portal)."""
-    shared = ctx["shared_reads"].setdefault((portal.name, low_priority), SharedReads()) \
-        if "shared_reads" in ctx else None
+    shared = ctx["shared_batches"].setdefault((portal.name, low_priority), SharedBatches()) \
+        if "shared_batches" in ctx else None
     return RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=low_priority,
                       shared=shared,
                       budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,

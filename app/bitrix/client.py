@@ -22,7 +22,7 @@ from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from app.bitrix.sharing import SharedReads
+    from app.bitrix.sharing import SharedBatches
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class RestClient:
     def __init__(self, session: aiohttp.ClientSession, portal: PortalConfig, limiter: RateLimiter,
                  *, retry: RetryPolicy = RetryPolicy(), timeout: float = 30.0, low_priority: bool = False,
                  budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
-                 shared: SharedReads | None = None) -> None:
+                 shared: SharedBatches | None = None) -> None:
         self._session = session
         self.portal = portal
         self._limiter = limiter
@@ -136,11 +136,11 @@ class RestClient:
         """Run commands in `batch` calls of at most 50; results keep the commands' order.
 
         With `halt` the portal stops at the first failing command (of each call of 50): the ones after
-        it come back as NOT_RUN errors. Reads that fit one call may travel with other jobs' reads
-        (`SharedReads`); writes always go alone.
+        it come back as NOT_RUN errors. Commands that fit one call may travel with other jobs' commands
+        of the same kind (`SharedBatches`).
         """
-        if self._shared is not None and not write and not halt and len(commands) < BATCH_LIMIT:
-            return await self._shared.read(self, commands)
+        if self._shared is not None and len(commands) < BATCH_LIMIT:
+            return await self._shared.batch(self, commands, write=write, halt=halt)
         return await self.send_batch(commands, write=write, halt=halt)
 
     async def send_batch(self, commands: Sequence[Command], *, write: bool = False,

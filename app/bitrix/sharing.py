@@ -1,10 +1,17 @@
-"""Reads that concurrent jobs of one process make of one portal, sent together in one `batch` call.
+"""Batches that concurrent jobs of one process send to one portal, sent together in one `batch` call.
 
-A worker runs up to ten jobs at once, and most of them start by reading an activity, its bindings
-and its lead. While one read batch is on its way to a portal, the reads other jobs ask for wait and
-leave together in the next call, up to 50 commands: under load the portal sees one request where it
-would have seen several (at 2 requests a second that is the whole game), and the worker sends fewer
-HTTP requests. Nobody waits for company: a read that finds nothing in flight leaves at once.
+A worker runs up to ten jobs at once, and most of them read an activity, its bindings and its lead,
+then write a few bindings. While one job's call is on its way to a portal, the calls other jobs ask
+for wait and leave together in the next one, up to 50 commands: under load the portal sees one
+request where it would have seen several (at 2 requests a second that is the whole game), and the
+worker sends fewer HTTP requests. Nobody waits for company: a call that finds nothing in flight
+leaves at once.
+
+Calls travel only with calls of the same kind (reads; writes; writes that halt at the first error).
+A halting write shared with another job keeps its guarantee: sub-calls run in order and each job's
+binds come before its unbinds, so nothing is unbound unless its binds succeeded. A halt caused by
+one job stops the commands of the jobs after it; they come back NOT_RUN and their executor sends
+them again on their own.
 
 The call is made by the first job's RestClient (its budget, its token, its retries); the request is
 counted on that job, and each job gets its own commands' results, or the call's error.
@@ -19,60 +26,73 @@ from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
 
 
 @dataclass
-class _Read:
+class _Part:
     client: RestClient
     commands: list[Command]
     done: asyncio.Future[list[CommandResult]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-class SharedReads:
-    """One portal's reads in this process (one instance per portal and priority)."""
+@dataclass
+class _Lane:
+    """The calls of one kind waiting for the one in flight."""
+
+    write: bool
+    halt: bool
+    waiting: list[_Part] = field(default_factory=list)
+    sender: asyncio.Task[None] | None = None
+
+
+class SharedBatches:
+    """One portal's batch calls in this process (one instance per portal and priority)."""
 
     def __init__(self) -> None:
-        self._waiting: list[_Read] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._lanes: dict[tuple[bool, bool], _Lane] = {}
         self.calls = 0  # batch calls sent, for tests and benchmarks
-        self.shared_calls = 0  # of which carried more than one job's reads
+        self.shared_calls = 0  # of which carried more than one job's commands
 
-    async def read(self, client: RestClient, commands: Sequence[Command]) -> list[CommandResult]:
-        read = _Read(client, list(commands))
-        self._waiting.append(read)
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_while_waiting())
-        return await read.done
+    async def batch(self, client: RestClient, commands: Sequence[Command], *, write: bool,
+                    halt: bool) -> list[CommandResult]:
+        lane = self._lanes.setdefault((write, halt), _Lane(write, halt))
+        part = _Part(client, list(commands))
+        lane.waiting.append(part)
+        if lane.sender is None:
+            lane.sender = asyncio.create_task(self._send_while_waiting(lane))
+        return await part.done
 
-    async def _send_while_waiting(self) -> None:
+    async def _send_while_waiting(self, lane: _Lane) -> None:
         try:
-            while self._waiting:
-                await asyncio.sleep(0)  # the jobs already running this turn of the loop add their reads
-                await self._send(self._next_group())
+            while lane.waiting:
+                await asyncio.sleep(0)  # the jobs already running this turn of the loop add their calls
+                await self._send(lane, _next_group(lane))
         finally:
-            self._sender = None
+            lane.sender = None
 
-    def _next_group(self) -> list[_Read]:
-        group = [self._waiting.pop(0)]
-        size = len(group[0].commands)
-        while self._waiting and size + len(self._waiting[0].commands) <= BATCH_LIMIT:
-            size += len(self._waiting[0].commands)
-            group.append(self._waiting.pop(0))
-        return group
-
-    async def _send(self, group: list[_Read]) -> None:
-        live = [read for read in group if not read.done.done()]  # a job cancelled meanwhile needs nothing
+    async def _send(self, lane: _Lane, group: list[_Part]) -> None:
+        live = [part for part in group if not part.done.done()]  # a job cancelled meanwhile needs nothing
         if not live:
             return
         self.calls += 1
         self.shared_calls += len(live) > 1
         try:
-            results = await live[0].client.send_batch([c for read in live for c in read.commands])
+            results = await live[0].client.send_batch([c for part in live for c in part.commands],
+                                                      write=lane.write, halt=lane.halt)
         except Exception as exc:  # every job of the call learns what went wrong, as if it had called alone
-            for read in live:
-                if not read.done.done():
-                    read.done.set_exception(exc)
+            for part in live:
+                if not part.done.done():
+                    part.done.set_exception(exc)
             return
         start = 0
-        for read in live:
-            if not read.done.done():
-                read.done.set_result(results[start:start + len(read.commands)])
-            start += len(read.commands)
+        for part in live:
+            if not part.done.done():
+                part.done.set_result(results[start:start + len(part.commands)])
+            start += len(part.commands)
+
+
+def _next_group(lane: _Lane) -> list[_Part]:
+    group = [lane.waiting.pop(0)]
+    size = len(group[0].commands)
+    while lane.waiting and size + len(lane.waiting[0].commands) <= BATCH_LIMIT:
+        size += len(lane.waiting[0].commands)
+        group.append(lane.waiting.pop(0))
+    return group

@@ -29,7 +29,7 @@ async def test_four_workers_together_stay_inside_the_portals_limit(client: Any, 
 
     await asyncio.gather(*(make_worker(rules=shared_rules).run_check() for _ in range(4)))
 
-    assert len(portal.requests) >= 24  # the writes alone: far past the burst of 5 (reads may be shared)
+    assert len(portal.requests) > 2 * 5  # well past the burst of 5 (jobs of a worker share calls)
     assert all(len(portal.bindings(a)) == 2 for a in activities)
     assert portal.refused_for_rate == 0
 

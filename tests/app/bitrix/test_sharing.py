@@ -1,4 +1,4 @@
-"""SharedReads against the fake portal: concurrent jobs' reads travel together, each gets its own."""
+"""SharedBatches against the fake portal: concurrent jobs' reads travel together, each gets its own."""
 from __future__ import annotations
 
 import asyncio
@@ -10,17 +10,20 @@ import pytest
 
 from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError
-from app.bitrix.fake import LEAD, FakePortal
+from app.bitrix.fake import CONTACT, LEAD, FakePortal
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.bitrix.sharing import SharedReads
+from app.bitrix.sharing import SharedBatches
+from app.rules.plan import BindingPlan
 from tests.conftest import post_event
+from tests.workers.test_executor import MISSING_CONTACT, rebind
+from workers.executor import execute
 
 
 @pytest.fixture
 async def clients(portal_config: PortalConfig) -> AsyncIterator[Any]:
-    """RestClients as a worker's jobs have them: one session and limiter, one SharedReads."""
-    shared, limiter = SharedReads(), LocalRateLimiter()
+    """RestClients as a worker's jobs have them: one session and limiter, one SharedBatches."""
+    shared, limiter = SharedBatches(), LocalRateLimiter()
     async with aiohttp.ClientSession() as session:
         def make() -> RestClient:
             return RestClient(session, portal_config, limiter, retry=RetryPolicy(attempts=2, base=0.01),
@@ -82,16 +85,35 @@ async def test_a_failed_call_fails_every_job_that_shared_it(clients: Any, portal
     assert len(portal.requests) == 1
 
 
-async def test_writes_never_travel_with_other_jobs(clients: Any, portal: FakePortal) -> None:
+async def test_reads_and_writes_never_share_a_call(clients: Any, portal: FakePortal) -> None:
     make, _ = clients
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
-    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(2)]
+    activity = portal.add_activity([(LEAD, lead)])
+    bind = Command("crm.activity.binding.add", {"activityId": activity, "entityTypeId": 3,
+                                                "entityId": made["contact"]})
 
-    await asyncio.gather(*(make().batch([Command("crm.activity.binding.add", {
-        "activityId": a, "entityTypeId": 3, "entityId": made["contact"]})], write=True) for a in activities))
+    await asyncio.gather(make().batch(bindings_of(activity)), make().batch([bind], write=True))
 
-    assert portal.requests == [("batch", 1), ("batch", 1)]
+    assert sorted(portal.requests) == [("batch", 1), ("batch", 2)]
+
+
+async def test_a_halt_in_one_jobs_writes_leaves_the_others_to_send_theirs_again(clients: Any,
+                                                                                portal: FakePortal) -> None:
+    make, _ = clients
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    refused_plan = BindingPlan(activities=(rebind(refused, lead, MISSING_CONTACT),))
+    fine_plan = BindingPlan(activities=(rebind(fine, lead, made["contact"]),))
+
+    outcomes = await asyncio.gather(execute(refused_plan, make()), execute(fine_plan, make()))
+
+    assert [[o.status for o in job] for job in outcomes] == [["failed"], ["changed"]]
+    assert portal.bindings(refused) == [(LEAD, lead)]  # its bind failed: its unbind never ran
+    assert portal.bindings(fine) == [(CONTACT, made["contact"])]
+    # One shared call halted at the refused bind; the other job then bound, and unbound, on its own.
+    assert portal.requests == [("batch", 4), ("batch", 1), ("batch", 1)]
 
 
 async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_right(
