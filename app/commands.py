@@ -156,7 +156,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         settings = with_redis(settings, stack)
         redis = await connect(settings)
         stack.push_async_callback(redis.aclose)
-        store = JobStore(redis, settings.job_retention_days * 86400)
+        store = JobStore.from_settings(redis, settings)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         run = BackfillRun(portal.name, since, only_rule, dry_run)
         client = RestClient(http, portal, RateLimiter(redis), low_priority=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from app.namespace import prefixed
+from app.settings import Settings
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
@@ -251,6 +252,10 @@ class JobStore:
         self._ttl = int(retention_seconds)
         self._max_records = max_records
         self._create = redis.register_script(_CREATE)  # sent once, then called by its hash
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings) -> JobStore:
+        return cls(redis, settings.job_retention_days * 86400, settings.max_job_records)
 
     async def create(self, record: JobRecord, entry: QueueEntry | None = None) -> bool:
         """Store a new record and, in the same atomic step, its queue entry; False when the record, or a

@@ -92,7 +92,7 @@ async def _redis(settings: Settings) -> AsyncIterator[Redis]:
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     retention = settings.job_retention_days * 86400
     async with _redis(settings) as redis:
-        store = JobStore(redis, retention)
+        store = JobStore.from_settings(redis, settings)
         if args.command == "stats":
             return _print_stats(await stats.collect(redis, store, load_service_rules(settings)), args.json)
         if args.command == "audit":

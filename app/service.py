@@ -61,7 +61,7 @@ async def run(settings: Settings, roles: Roles) -> None:
         if fake is not None:
             _announce_demo(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
-                store = JobStore(await connect(settings), settings.job_retention_days * 86400)
+                store = JobStore.from_settings(await connect(settings), settings)
                 await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
         loop.settle_heap()
         await _until_stopped(tasks)

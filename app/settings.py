@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(default="INFO", validation_alias=_env("LOG_LEVEL"))
     data_dir: Path = Field(default=Path("var"), validation_alias=_env("B24_DATA_DIR"))
     job_retention_days: float = Field(default=14, gt=0, validation_alias=_env("B24_JOB_RETENTION_DAYS"))
+    max_job_records: int = Field(
+        default=200_000, ge=1000, validation_alias=_env("B24_MAX_JOB_RECORDS"),
+        description="Job records kept at most, whatever their age (the oldest go first): bounds Redis memory.",
+    )
     spool_dir: Path | None = Field(
         default=None,
         validation_alias=_env("B24_SPOOL_DIR"),

@@ -48,7 +48,7 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
         raise RuntimeError("no Redis is set; `b24rebind serve` starts the bundled one when none is")
     redis = await connect(settings)
     app[redis_key] = redis
-    app[store_key] = JobStore(redis, settings.job_retention_days * 86400)
+    app[store_key] = JobStore.from_settings(redis, settings)
     app[queue_key] = JobQueue(redis, app[store_key])
     yield
     await redis.aclose()

@@ -41,7 +41,7 @@ async def startup(ctx: dict[str, Any]) -> None:
                                             cookie_jar=aiohttp.DummyCookieJar())
     if "store" not in ctx:
         ctx["limiter"] = RateLimiter(ctx["redis"])
-        ctx["store"] = JobStore(ctx["redis"], settings.job_retention_days * 86400)
+        ctx["store"] = JobStore.from_settings(ctx["redis"], settings)
     ctx.setdefault("retry_policy", RetryPolicy())
     # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
     ctx.setdefault("budget_reads", BudgetReads())

@@ -178,7 +178,7 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
             "redis": redis,
             "http": http,
             "limiter": RateLimiter(redis),
-            "store": JobStore(redis, settings.job_retention_days * 86400),
+            "store": JobStore.from_settings(redis, settings),
             "retry_policy": RetryPolicy(),
         }
         for done in await sweep_all(ctx, None if portal is None else [portal]):

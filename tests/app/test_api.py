@@ -12,10 +12,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from arq import Worker
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore, feed_channel
+from app.settings import Settings
 from app.web import api_auth, create_app
 from tests.conftest import post_event
 from workers import tasks
@@ -232,6 +233,16 @@ async def test_the_record_cap_bounds_memory_whatever_the_retention(redis: Any) -
     kept = await store.list(JobQuery(), limit=100)
     assert [r.id for r in kept.records] == [r.id for r in reversed(made[-10:])]
     assert await redis.zcard("b24:jobs:state:succeeded") == 10
+
+
+async def test_the_record_cap_is_a_setting(redis: Any, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("B24_MAX_JOB_RECORDS", "1000")
+    store = JobStore.from_settings(redis, Settings(_env_file=None))
+    await seed(redis, ["succeeded"] * 1003, store=store)
+
+    assert await store.trim() == 3
+    with pytest.raises(ValidationError, match="greater than or equal to 1000"):
+        Settings(_env_file=None, max_job_records=10)
 
 
 async def test_the_api_needs_the_token_when_one_is_set(aiohttp_client: Any, settings: Any, rules: Any,
