@@ -58,6 +58,7 @@ class SharedBatches:
         lane.waiting.append(part)
         if lane.sender is None:
             lane.sender = asyncio.create_task(self._send_while_waiting(lane))
+            lane.sender.add_done_callback(lambda sender: _sender_ended(lane, sender))
         return await part.done
 
     async def _send_while_waiting(self, lane: _Lane) -> None:
@@ -77,6 +78,10 @@ class SharedBatches:
         try:
             results = await live[0].client.send_batch([c for part in live for c in part.commands],
                                                       write=lane.write, halt=lane.halt)
+        except asyncio.CancelledError:  # the worker is stopping: nobody waits for an answer that won't come
+            for part in live:
+                part.done.cancel()
+            raise
         except Exception as exc:  # every job of the call learns what went wrong, as if it had called alone
             for part in live:
                 if not part.done.done():
@@ -87,6 +92,16 @@ class SharedBatches:
             if not part.done.done():
                 part.done.set_result(results[start:start + len(part.commands)])
             start += len(part.commands)
+
+
+def _sender_ended(lane: _Lane, sender: asyncio.Task[None]) -> None:
+    """A sender cancelled (the worker is stopping) leaves no job waiting for a call that won't leave."""
+    if lane.sender is sender:  # cancelled before it ever ran
+        lane.sender = None
+    if sender.cancelled() and lane.sender is None:
+        for part in lane.waiting:
+            part.done.cancel()
+        lane.waiting.clear()
 
 
 def _next_group(lane: _Lane) -> list[_Part]:

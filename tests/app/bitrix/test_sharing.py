@@ -130,3 +130,18 @@ async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_
 
     assert all(portal.bindings(a) == [(3, m["contact"]), (4, m["company"])] for a, m in zip(activities, made))
     assert len(portal.requests) < 3 * len(activities)  # each job alone makes 3
+
+
+async def test_jobs_waiting_on_a_call_are_not_left_hanging_when_the_worker_stops(clients: Any,
+                                                                                 portal: FakePortal) -> None:
+    make, shared = clients
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    jobs = [asyncio.create_task(make().batch(bindings_of(activity))) for _ in range(2)]
+    await asyncio.sleep(0)  # both are waiting; the call is about to leave
+
+    for lane in shared._lanes.values():
+        assert lane.sender is not None
+        lane.sender.cancel()
+    outcomes = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), timeout=5)  # not forever
+
+    assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
