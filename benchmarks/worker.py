@@ -70,8 +70,12 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     from app.queue import PROCESS_EVENT, connect, deserialize, serialize
     from workers.main import build_worker
 
+    from app import logs
+
     core = pin_to_core(0)
     settings = bench_settings()
+    # Logging as `b24rebind worker` sets it up, for both: arq logs each job too.
+    logs.configure(settings.log_level, [s for p in bench_rules().portals.values() for s in p.secrets()])
     redis = await connect(settings.redis_url or "")
     options: dict[str, Any] = {"burst": True, "poll_delay": 0.01, "handle_signals": False}
     if kind == "service":
