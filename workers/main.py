@@ -16,7 +16,7 @@ from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.jobs import JobStore
+from app.jobs import JOB_KEY, JobStore
 from app.namespace import prefixed
 from app.queue import LIVE_QUEUE, PROCESS_EVENT, deserialize, serialize
 from app.rules.model import RuleSet
@@ -46,6 +46,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
     ctx.setdefault("budget_reads", BudgetReads())
     ctx.setdefault("shared_batches", {})  # (portal, low priority) -> SharedBatches
+    ctx.setdefault("claimed_records", {})  # job id -> its record, read when the job was claimed
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 
 
@@ -60,7 +61,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
 redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return score
+return {score, redis.call('GET', KEYS[3])}
 """
 
 
@@ -89,14 +90,19 @@ class LeasedWorker(Worker):
                 return
             self.job_counter += 1
             job_id = job_id_b.decode()
-            score = await self.pool.eval(_CLAIM, 2, in_progress_key_prefix + job_id, self.queue_name, job_id,
-                                         timestamp_ms(), int(self.in_progress_timeout_s * 1000))
-            if score is None:  # running elsewhere, done, or put back with a delay by another worker
+            claimed = await self.pool.eval(_CLAIM, 3, in_progress_key_prefix + job_id, self.queue_name,
+                                           prefixed(JOB_KEY + job_id), job_id, timestamp_ms(),
+                                           int(self.in_progress_timeout_s * 1000))
+            if claimed is None:  # running elsewhere, done, or put back with a delay by another worker
                 self.job_counter -= 1
                 self.sem.release()
                 continue
+            score, record = claimed
+            if record is not None:  # the job's record, read in the same round trip: the job starts with it
+                self.ctx["claimed_records"][job_id] = record
             task = self.loop.create_task(self.run_job(job_id, int(float(score))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            task.add_done_callback(lambda _, claimed=job_id: self.ctx["claimed_records"].pop(claimed, None))
             self.tasks[job_id] = task
 
     async def main(self) -> None:

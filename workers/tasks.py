@@ -66,7 +66,9 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     store: JobStore = ctx["store"]
     rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
     current_job.set(job["job_id"])
-    record = await store.get(job["job_id"]) or JobRecord.model_validate({**job, "id": job["job_id"]})
+    claimed = ctx.get("claimed_records", {}).pop(job["job_id"], None)
+    record = (JobRecord.model_validate_json(claimed) if claimed else await store.get(job["job_id"])) \
+        or JobRecord.model_validate({**job, "id": job["job_id"]})
     record.begin_attempt(ctx["job_try"])
     portal = rules.portals.get(record.portal)
     if portal is None:

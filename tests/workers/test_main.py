@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from arq.constants import in_progress_key_prefix
 
 from app.bitrix.fake import LEAD, FakePortal
+from app.jobs import JobStore
 from app.queue import LIVE_QUEUE
 from tests.conftest import post_event
 
@@ -42,3 +44,24 @@ async def test_a_job_put_back_for_later_is_not_started_early(client: Any, make_w
 
     assert job_id not in worker.tasks
     assert await redis.exists(in_progress_key_prefix + job_id) == 0
+
+
+async def test_the_record_read_with_the_claim_is_used_once_and_not_kept(client: Any, make_worker: Any,
+                                                                       portal: FakePortal,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_second_read(self: JobStore, job_id: str) -> None:
+        raise AssertionError("the job read its record again")
+
+    monkeypatch.setattr(JobStore, "get", no_second_read)
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    worker = make_worker()
+
+    await worker.run_check()
+    monkeypatch.undo()  # the API reads records the usual way
+
+    job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
+    assert (job["state"], job["trigger"], len(job["attempts"])) == ("succeeded", "webhook", 1)
+    assert worker.ctx["claimed_records"] == {}
