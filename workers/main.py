@@ -55,7 +55,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 # arq's claim on a queued job, in one round trip instead of four (WATCH, EXISTS, ZSCORE, MULTI/EXEC):
-# free (no in-progress key), still queued and due, then marked in progress. Returns its score or nil.
+# free (no in-progress key), still queued and due, then marked in progress. Returns its score and our
+# record of it (so the job need not read it again), or nil.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
