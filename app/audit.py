@@ -48,15 +48,9 @@ class AuditLog:
         self._redis = redis
         self._ttl = int(retention_seconds)
 
-    async def record_job(self, record: JobRecord) -> list[AuditEntry]:
-        """Log each item the job changed (not the dry-run or failed ones)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            entries = self.stage_job(pipe, record)
-            await pipe.execute()
-        return entries
-
     def stage_job(self, pipe: Any, record: JobRecord) -> list[AuditEntry]:
-        """`record_job` as part of a pipeline: a job's last writes reach Redis in one round trip."""
+        """Log each item the job changed (not the dry-run or failed ones), as part of a pipeline: a
+        job's last writes reach Redis in one round trip."""
         rules = {(kind, item[kind]): item.get("rules", []) for item in record.plan
                  for kind in ("activity", "comment") if kind in item}
         entries = [AuditEntry(portal=record.portal, kind=kind, item=change[kind], before=change["before"],

@@ -48,8 +48,7 @@ class SharedBatches:
 
     def __init__(self) -> None:
         self._lanes: dict[tuple[bool, bool], _Lane] = {}
-        self.calls = 0  # batch calls sent, for tests and benchmarks
-        self.shared_calls = 0  # of which carried more than one job's commands
+        self.shared_calls = 0  # calls that carried more than one job's commands, for tests
 
     async def batch(self, client: RestClient, commands: Sequence[Command], *, write: bool,
                     halt: bool) -> list[CommandResult]:
@@ -73,7 +72,6 @@ class SharedBatches:
         live = [part for part in group if not part.done.done()]  # a job cancelled meanwhile needs nothing
         if not live:
             return
-        self.calls += 1
         self.shared_calls += len(live) > 1
         try:
             results = await live[0].client.send_batch([c for part in live for c in part.commands],
