@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         validation_alias=_env("B24_ALLOWED_SOURCES"),
         description="Addresses (or networks) allowed to post events; empty allows any.",
     )
+    worker_jobs: int = Field(
+        default=20, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
+        description="Jobs one worker process runs at once; they mostly wait for the portal, so a few dozen "
+                    "cost little, and concurrent jobs share their calls to a portal.",
+    )
     reconcile_interval: float = Field(
         default=900, ge=0, validation_alias=_env("B24_RECONCILE_INTERVAL"),
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",

@@ -4,8 +4,9 @@
 
 Each job is ONCRMACTIVITYADD for an activity bound to a converted lead: read its bindings, the lead and
 what it became, then bind the contact and company and unbind the lead. The fake portal (rate limit off)
-runs in its own process on one core, the worker on another; the baseline in the same run is an arq
-worker with the same settings running a no-op function over the same queued jobs. Also reports
+runs in its own process on one core, the worker (as `b24rebind worker` builds it) on another; the
+baseline in the same run is a plain arq worker with as many slots, polling every 10 ms (its fastest),
+running a no-op function over the same queued jobs. Also reports
 resident memory of each worker before any job and after the run. Redis is a redis-server of the
 benchmark's own, on the fake portal's core. Baseline and service take turns for --rounds rounds and
 the table shows the medians.
@@ -77,15 +78,18 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     # Logging as `b24rebind worker` sets it up, for both: arq logs each job too.
     logs.configure(settings.log_level, [s for p in bench_rules().portals.values() for s in p.secrets()])
     redis = await connect(settings.redis_url or "")
-    options: dict[str, Any] = {"burst": True, "poll_delay": 0.01, "handle_signals": False}
+    options: dict[str, Any] = {"burst": True, "handle_signals": False}
+    # The service as shipped (build_worker's own poll delay and slots); the baseline as fast as arq goes:
+    # polling every 10 ms, since with its default 0.5 s it starts at most max_jobs jobs a half second.
     if kind == "service":
         worker = build_worker(settings, bench_rules(rest_url), redis, **options)
     else:
         async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             return "succeeded"
 
-        worker = Worker(functions=[func(process_event, name=PROCESS_EVENT)], redis_pool=redis,
-                        job_serializer=serialize, job_deserializer=deserialize, keep_result=3600, max_jobs=10,
+        worker = Worker(functions=[func(process_event, name=PROCESS_EVENT)], redis_pool=redis, poll_delay=0.01,
+                        job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,
+                        max_jobs=settings.worker_jobs,
                         **options)
     await asyncio.sleep(1)
     print(json.dumps({"rss_idle_mb": rss_mb(), "core": core}), flush=True)

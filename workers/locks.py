@@ -5,9 +5,9 @@ import asyncio
 import contextlib
 import secrets
 import time
-from types import TracebackType
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from app.namespace import prefixed
 
@@ -28,34 +28,41 @@ class Busy(Exception):
 
 
 class LeadLock:
-    """Held while a job reads and changes one lead's activities; renewed while held, for at most `ttl`."""
+    """Held while a job reads and changes one lead's activities; renewed while held, for at most `ttl`.
 
-    def __init__(self, redis: Redis, portal: str, lead_id: int | None, ttl: int) -> None:
+    A job lets go of it in its last pipeline (`stage_release`), with its record: one round trip less a
+    job, and the next job on the lead finds the record of this one saved.
+    """
+
+    def __init__(self, redis: Redis, portal: str, ttl: int) -> None:
         self._redis = redis
-        self._key = prefixed(f"b24:lock:{portal}:lead:{lead_id}")
-        self._lead_id = lead_id
+        self._portal = portal
         self._ttl = ttl
         self._token = secrets.token_hex(8)
+        self._key: str | None = None  # while held
         self._renewal: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> LeadLock:
-        lease = min(self._ttl, LEASE)
-        if self._lead_id and not await self._redis.set(self._key, self._token, nx=True, px=int(lease * 1000)):
-            raise Busy(f"another job is working on lead {self._lead_id}")
-        if self._lead_id and self._ttl > LEASE:
-            self._renewal = asyncio.create_task(self._renew(time.monotonic() + self._ttl))
-        return self
+    async def acquire(self, lead_id: int | None) -> None:
+        """Raises Busy if another job holds the lead; a job with no lead holds nothing."""
+        if not lead_id:
+            return
+        key = prefixed(f"b24:lock:{self._portal}:lead:{lead_id}")
+        if not await self._redis.set(key, self._token, nx=True, px=int(min(self._ttl, LEASE) * 1000)):
+            raise Busy(f"another job is working on lead {lead_id}")
+        self._key = key
+        if self._ttl > LEASE:
+            self._renewal = asyncio.create_task(self._renew(key, time.monotonic() + self._ttl))
 
-    async def _renew(self, until: float) -> None:
+    async def _renew(self, key: str, until: float) -> None:
         while time.monotonic() + LEASE / 3 < until:
             await asyncio.sleep(LEASE / 3)
             with contextlib.suppress(Exception):  # a missed renewal is retried at the next one
-                await self._redis.eval(_RENEW, 1, self._key, self._token,
-                                       int(min(LEASE, until - time.monotonic()) * 1000))
+                await self._redis.eval(_RENEW, 1, key, self._token, int(min(LEASE, until - time.monotonic()) * 1000))
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        trace: TracebackType | None) -> None:
+    def stage_release(self, pipe: Pipeline) -> None:
+        """If the pipeline never reaches Redis, the lock still ends within LEASE: it is no longer renewed."""
         if self._renewal is not None:
             self._renewal.cancel()
-        if self._lead_id:
-            await self._redis.eval(_RELEASE, 1, self._key, self._token)
+        if self._key is not None:
+            pipe.eval(_RELEASE, 1, self._key, self._token)
+            self._key = None

@@ -17,7 +17,7 @@ from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
-from app.jobs import JobRecord, JobState, JobStore
+from app.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from app.logs import current_job
 from app.metrics import stage_attempt
 from app.rules.engine import plan as make_plan
@@ -28,6 +28,7 @@ from workers.executor import execute
 from app.rules.facts import Facts
 from workers.facts import Echo, FactReader, Gone
 from workers.locks import Busy, LeadLock
+from workers.runner import JobClosing
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     store: JobStore = ctx["store"]
     rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
     current_job.set(job["job_id"])
-    claimed = ctx.get("claimed_records", {}).pop(job["job_id"], None)
+    claimed = ctx.get("claimed_record")  # read with the claim, in the same round trip
     record = (JobRecord.model_validate_json(claimed) if claimed else await store.get(job["job_id"])) \
         or JobRecord.model_validate({**job, "id": job["job_id"]})
     record.begin_attempt(ctx["job_try"])
@@ -82,8 +83,9 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     earlier_changes = record.changes
     changes = ChangeLog(ctx["redis"], portal.name)
     running = RunningMark(store, record)
+    lock = LeadLock(ctx["redis"], portal.name, ttl=JOB_TIMEOUT)
     try:
-        await _run(record, client, restrict(rules, record), changes, ctx["redis"])
+        await _run(record, client, restrict(rules, record), changes, lock)
     except (Busy, MethodBlocked) as exc:
         # Waiting is not failing: the attempt does not count against the job's retries.
         wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \
@@ -106,17 +108,20 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     finally:
         record.requests += client.requests
         await running.settle()
-        await _save_attempt(ctx, record, client, changes, applied=record.changes is not earlier_changes)
+        await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
+                            closing=ctx.get("closing") if record.state in FINAL_STATES else None)
         log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
                  record.outcome)
     return record.state.value
 
 
 async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClient, changes: ChangeLog,
-                        applied: bool) -> None:
-    """The record, and if the attempt applied a plan its audit entries and echo fingerprints, and the
-    attempt's metrics: all in one round trip, since a worker ends hundreds of jobs a second."""
+                        lock: LeadLock, applied: bool, closing: JobClosing | None) -> None:
+    """The record, and if the attempt applied a plan its audit entries and echo fingerprints, the
+    attempt's metrics, the lead's lock, and for a job that has ended its removal from the queue: all in
+    one round trip, since a worker ends hundreds of jobs a second."""
     async with ctx["redis"].pipeline(transaction=False) as pipe:
+        lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
         ctx["store"].stage_save(pipe, record)
         if applied:
             AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
@@ -124,6 +129,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if closing is not None:
+            closing.stage(pipe)
         await pipe.execute()
 
 
@@ -152,12 +159,12 @@ def _record_of(exc: Exception) -> dict[str, Any] | None:
     return exc.as_record() if isinstance(exc, B24Error) else None
 
 
-async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, redis: Any) -> None:
+async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, lock: LeadLock) -> None:
     reader = FactReader(client, rules, is_echo=changes.is_echo)
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
-    async with LeadLock(redis, client.portal.name, lead_id, ttl=JOB_TIMEOUT):
-        facts = await reader.for_event(record.event, record.entity_id, lead_id)
-        await _plan_and_apply(record, client, rules, facts, changes)
+    await lock.acquire(lead_id)  # let go of in the job's last pipeline
+    facts = await reader.for_event(record.event, record.entity_id, lead_id)
+    await _plan_and_apply(record, client, rules, facts, changes)
 
 
 async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet, facts: Facts,

@@ -14,7 +14,7 @@ from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.jobs import JobState, JobStore
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import post_event
-from workers.main import LEASE
+from workers.locks import LEASE
 
 
 async def wait_for(check: Any, timeout: float, what: str) -> float:

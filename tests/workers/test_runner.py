@@ -1,0 +1,190 @@
+"""How a worker takes, runs and closes event jobs (`workers/runner.py`): arq's rules, fewer round trips.
+
+That due jobs are claimed and run, exactly once among several workers, every end-to-end test shows;
+that a killed worker's job runs again, the chaos suite.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from arq import Worker
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+
+from app.bitrix.fake import LEAD, FakePortal
+from app.jobs import JobStore
+from app.queue import LIVE_QUEUE
+from tests.conftest import post_event
+from workers.main import MAX_TRIES, startup
+from workers.runner import LeasedWorker
+from workers.tasks import LOCK_WAIT
+
+
+async def started(worker: Worker) -> Worker:
+    """A worker ready to run jobs handed to it directly, as `main` makes it before polling."""
+    worker.ctx["redis"] = worker.pool
+    await startup(worker.ctx)
+    return worker
+
+
+async def queued_job(client: Any, portal: FakePortal) -> str:
+    return await queued_job_on(client, portal, portal.add_lead())
+
+
+async def queued_job_on(client: Any, portal: FakePortal, lead: int) -> str:
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    return str(answer["job_id"])
+
+
+async def test_a_job_another_worker_holds_is_left_alone(client: Any, make_worker: Any, portal: FakePortal,
+                                                       redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    await redis.psetex(in_progress_key_prefix + job_id, 10_000, b"1")
+    worker = make_worker()
+
+    await worker.start_jobs([job_id.encode()])
+
+    assert job_id not in worker.tasks
+    assert worker.job_counter == 0  # the slot it reserved is free again
+
+
+async def test_a_job_put_back_for_later_is_not_started_early(client: Any, make_worker: Any, portal: FakePortal,
+                                                            redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    await redis.zadd(LIVE_QUEUE, {job_id: int(time.time() * 1000) + 60_000})
+    worker = make_worker()
+
+    await worker.start_jobs([job_id.encode()])
+
+    assert job_id not in worker.tasks
+    assert await redis.exists(in_progress_key_prefix + job_id) == 0
+
+
+async def test_the_record_read_with_the_claim_is_used_once_and_not_kept(client: Any, make_worker: Any,
+                                                                       portal: FakePortal,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_second_read(self: JobStore, job_id: str) -> None:
+        raise AssertionError("the job read its record again")
+
+    monkeypatch.setattr(JobStore, "get", no_second_read)
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    worker = make_worker()
+
+    await worker.run_check()
+    monkeypatch.undo()  # the API reads records the usual way
+
+    job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
+    assert (job["state"], job["trigger"], len(job["attempts"])) == ("succeeded", "webhook", 1)
+    assert worker._claims == {}
+
+
+async def test_a_finished_job_takes_itself_off_the_queue_and_leaves_nothing_of_arqs(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    finished_by_arq: list[str] = []
+
+    async def finish_job(self: Worker, job_id: str, *args: Any) -> None:
+        finished_by_arq.append(job_id)
+
+    monkeypatch.setattr(Worker, "finish_job", finish_job)
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    job_id = await queued_job_on(client, portal, lead)
+
+    assert await make_worker().run_check() == 1
+
+    assert finished_by_arq == []  # the job's own last pipeline did it
+    assert await redis.zscore(LIVE_QUEUE, job_id) is None
+    for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix, "arq:result:"):
+        assert await redis.exists(prefix + job_id) == 0, prefix
+    assert (await JobStore(redis, 3600).get(job_id)).state.value == "succeeded"  # type: ignore[union-attr]
+
+
+async def test_a_job_waiting_for_its_lead_goes_back_in_the_queue_for_later(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    await redis.set(f"b24:lock:acme:lead:{lead}", "another job", px=60_000)
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    job_id = str(answer["job_id"])
+    worker = await started(make_worker())
+
+    before = time.time() * 1000
+    await worker.start_jobs([job_id.encode()])
+    await worker.tasks[job_id]
+
+    assert worker.jobs_retried == 1
+    assert await redis.zscore(LIVE_QUEUE, job_id) >= before + LOCK_WAIT * 1000
+    assert await redis.exists(job_key_prefix + job_id) == 1  # still there to run again
+    assert await redis.exists(in_progress_key_prefix + job_id) == 0  # and free to be claimed then
+    assert await redis.get(retry_key_prefix + job_id) == b"1"
+    assert await redis.get(f"b24:lock:acme:lead:{lead}") == b"another job"  # not ours to release
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "retrying" and "waiting" in record.outcome
+
+
+async def test_a_lead_job_lets_go_of_the_lead_when_it_ends(client: Any, make_worker: Any, portal: FakePortal,
+                                                          redis: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    portal.add_activity([(LEAD, lead)])
+    await post_event(client, "ONCRMLEADUPDATE", lead)
+
+    await make_worker().run_check()
+
+    assert await redis.exists(f"b24:lock:acme:lead:{lead}") == 0
+
+
+async def test_a_job_whose_data_expired_is_taken_off_the_queue(client: Any, make_worker: Any,
+                                                               portal: FakePortal, redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    await redis.delete(job_key_prefix + job_id)
+    worker = make_worker()
+
+    await worker.start_jobs([job_id.encode()])
+    await worker.tasks[job_id]
+
+    assert (worker.jobs_failed, worker.jobs_complete) == (1, 0)
+    assert await redis.zscore(LIVE_QUEUE, job_id) is None
+    assert await redis.exists(in_progress_key_prefix + job_id) == 0
+
+
+async def test_a_job_past_its_tries_is_taken_off_the_queue(client: Any, make_worker: Any, portal: FakePortal,
+                                                           redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    await redis.set(retry_key_prefix + job_id, MAX_TRIES)
+    worker = make_worker()
+
+    await worker.start_jobs([job_id.encode()])
+    await worker.tasks[job_id]
+
+    assert (worker.jobs_failed, worker.jobs_complete) == (1, 0)
+    assert await redis.zscore(LIVE_QUEUE, job_id) is None
+    assert await redis.exists(job_key_prefix + job_id) == 0
+
+
+async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_next_poll(
+        client: Any, make_worker: Any, portal: FakePortal, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = [await queued_job(client, portal) for _ in range(8)]
+    worker = make_worker(max_jobs=2)
+    worker.poll_delay_s = 2.0  # arq would start two jobs a poll, and poll every 2 s
+    claims_by_poll: list[int] = []
+    claim, poll = LeasedWorker._claim, Worker._poll_iteration
+
+    async def counted_claim(self: LeasedWorker, job_id: str) -> Any:
+        claims_by_poll[-1] += 1
+        return await claim(self, job_id)
+
+    async def counted_poll(self: Worker) -> None:
+        claims_by_poll.append(0)
+        await poll(self)
+
+    monkeypatch.setattr(LeasedWorker, "_claim", counted_claim)
+    monkeypatch.setattr(Worker, "_poll_iteration", counted_poll)
+
+    assert await worker.run_check() == len(jobs)
+    assert claims_by_poll[0] == len(jobs)

@@ -1,0 +1,223 @@
+"""How a worker takes, runs and closes an event job: arq's Worker, with its per-job bookkeeping in fewer
+round trips and a lease on every claim.
+
+arq spends four Redis round trips on each job besides the job's own work: the claim (WATCH, EXISTS,
+ZSCORE, MULTI/EXEC), a transaction reading the job and counting the try, and another deleting it once it
+ends, which also stores a result nobody here reads (the job record is the result). A worker runs
+hundreds of short jobs a second, and one round trip costs it about 0.15 ms of CPU. So here:
+
+- the claim is one script, which also counts the try and returns the job and our record of it;
+- an event job closes itself: the last pipeline it sends anyway (record, audit, metrics) also takes it
+  off the queue (`JobClosing`), and nothing is left to do when it returns.
+
+A job put back (arq's `Retry`), cancelled by a stopping worker, or one whose closing never got sent, is
+finished arq's way. Cron jobs (the reconcile sweep) run arq's own `run_job` entirely.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from arq import Retry, Worker
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import ms_to_datetime, timestamp_ms
+from arq.cron import CronJob
+from arq.worker import Function, RetryJob
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from app.jobs import JOB_KEY
+from app.namespace import prefixed
+from workers.locks import LEASE  # a dead worker's job, and its lead, are free again after this
+
+log = logging.getLogger(__name__)
+
+RETRY_COUNT_TTL = 88400  # seconds, as arq keeps its own count of tries
+
+# The claim on a queued job, in one round trip: free (no in-progress key), still queued and due, then
+# marked in progress for a lease. Returns nil, or the job's score; for an event job (ARGV[4] = 1) also
+# its try (counted here, as arq counts it when a job starts), the job itself and our record of it.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+if ARGV[4] ~= '1' then return {score} end
+local try = redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return {score, try, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3])}
+"""
+
+
+_Start = tuple[Function | CronJob, tuple[Any, ...], dict[str, Any], dict[str, Any]]
+
+
+@dataclass
+class _Claim:
+    job_try: int
+    job: bytes | None  # None: the job's data expired while it waited
+    record: bytes | None
+
+
+class JobClosing:
+    """What takes a finished job off arq's queue, staged by the job in its own last pipeline."""
+
+    def __init__(self, queue_name: str, job_id: str) -> None:
+        self._queue_name = queue_name
+        self._job_id = job_id
+        self.staged = False
+
+    def stage(self, pipe: Pipeline) -> None:
+        job_id = self._job_id
+        pipe.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id)
+        pipe.zrem(abort_jobs_ss, job_id)
+        pipe.zrem(self._queue_name, job_id)
+        self.staged = True
+
+
+class LeasedWorker(Worker):
+    """A worker whose claim on a running job is a lease it renews, so a killed worker's job runs again soon.
+
+    arq marks a started job with an in-progress key that lives for the job timeout plus 10 s; a worker
+    killed with SIGKILL leaves that key, and the job waits the whole timeout (ten minutes) before another
+    worker may take it. Here the key lives LEASE seconds and the worker renews it while the job runs:
+    a live job keeps its claim up to the job timeout, a dead worker's job is free again within LEASE.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = LEASE
+        self._cron_ids = tuple(f"{cron.name}:" for cron in self.cron_jobs)
+        self._claims: dict[str, _Claim] = {}
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script, and a slot
+        waited for while this poll lasts.
+
+        arq returns as soon as every slot is taken and polls again only `poll_delay` later (0.5 s): a
+        busy worker ran at most `max_jobs` jobs per poll, 20 a second, whatever the jobs cost. Here the
+        next job starts as soon as a slot frees, until the poll's time is up (then arq's loop beats and
+        polls again at once).
+        """
+        until = self.loop.time() + self.poll_delay_s
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if not await self._slot_free(until):
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            claimed = await self._claim(job_id)
+            if claimed is None:  # running elsewhere, done, or put back with a delay by another worker
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(claimed[0]))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _slot_free(self, until: float) -> bool:
+        """Whether a job may start now, having waited until `until` at most for a running one to end."""
+        while self.job_counter >= self.max_jobs:
+            running = [task for task in self.tasks.values() if not task.done()]
+            if not running or self.loop.time() >= until:
+                return False
+            await asyncio.wait(running, timeout=until - self.loop.time(), return_when=asyncio.FIRST_COMPLETED)
+        return True
+
+    async def _claim(self, job_id: str) -> list[Any] | None:
+        event_job = not job_id.startswith(self._cron_ids)
+        claimed = await self.pool.eval(
+            _CLAIM, 5, in_progress_key_prefix + job_id, self.queue_name, prefixed(JOB_KEY + job_id),
+            retry_key_prefix + job_id, job_key_prefix + job_id,
+            job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000), int(event_job), RETRY_COUNT_TTL)
+        if claimed is not None and event_job:
+            self._claims[job_id] = _Claim(int(claimed[1]), claimed[2], claimed[3])
+        return claimed  # type: ignore[no-any-return]
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        claim = self._claims.pop(job_id, None)
+        if claim is None:  # a cron job: arq's own way
+            await super().run_job(job_id, score)
+            return
+        start = await self._start(job_id, score, claim)
+        if start is None:
+            return
+        function, args, kwargs, ctx = start
+        closing = ctx["closing"] = JobClosing(self.queue_name, job_id)
+        self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
+        timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        try:
+            await asyncio.wait_for(task, timeout)
+        except Retry as exc:  # the job put itself back for later; its record says why
+            self.jobs_retried += 1
+            log.info("job %s will run again in %.2f s", job_id, (exc.defer_score or 0) / 1000)
+            delay = exc.defer_score and exc.defer_score + (timestamp_ms() - score)
+            await asyncio.shield(self.finish_job(job_id, False, None, None, False, delay, None))
+        except (asyncio.CancelledError, RetryJob):  # the worker is stopping: the job stays queued
+            self.jobs_retried += 1
+            log.info("job %s cancelled, will be run again", job_id)
+            await asyncio.shield(self.finish_job(job_id, False, None, None, False, None, None))
+        except Exception:
+            self.jobs_failed += 1
+            log.exception("job %s failed", job_id)
+            await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        else:
+            self.jobs_complete += 1
+            if not closing.staged:
+                await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        finally:
+            del self.job_tasks[job_id]
+
+    async def _start(self, job_id: str, score: int, claim: _Claim) -> _Start | None:
+        """The job's function, arguments and ctx (as arq makes it); None once a job that cannot run is
+        taken off the queue, as arq does."""
+        if claim.job is None:
+            log.warning("job %s expired", job_id)
+            return await self._give_up(job_id)
+        try:
+            name, args, kwargs, enqueued_try, enqueued_ms = deserialize_job_raw(
+                claim.job, deserializer=self.job_deserializer)
+        except SerializationError:
+            log.exception("job %s could not be read", job_id)
+            return await self._give_up(job_id)
+        function = self.functions.get(name)
+        if function is None:
+            log.warning("job %s, function %r not found", job_id, name)
+            return await self._give_up(job_id)
+        job_try = max(claim.job_try, enqueued_try or 0)
+        max_tries = self.max_tries if function.max_tries is None else function.max_tries
+        if job_try > max_tries:
+            log.warning("job %s: max %d tries exceeded", job_id, max_tries)
+            return await self._give_up(job_id)
+        ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "enqueue_time": ms_to_datetime(enqueued_ms),
+               "score": score, "claimed_record": claim.record}
+        return function, args, kwargs, ctx
+
+    async def _give_up(self, job_id: str) -> None:
+        self.jobs_failed += 1
+        await asyncio.shield(self.finish_failed_job(job_id, None))
+
+    async def main(self) -> None:
+        heartbeat = asyncio.create_task(self._renew_leases())
+        try:
+            await super().main()
+        finally:
+            heartbeat.cancel()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE / 3)
+            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            if not running:
+                continue
+            try:
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    for job_id in running:
+                        pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once ended
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:  # Redis is away; the next beat tries again
+                log.warning("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)
