@@ -16,7 +16,7 @@ from app.bitrix.fake import LEAD, FakePortal
 from app.jobs import JobStore
 from app.queue import LIVE_QUEUE
 from tests.conftest import post_event
-from workers.main import MAX_TRIES, startup
+from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup
 from workers.runner import LeasedWorker
 from workers.tasks import LOCK_WAIT
 
@@ -188,3 +188,10 @@ async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_ne
 
     assert await worker.run_check() == len(jobs)
     assert claims_by_poll[0] == len(jobs)
+
+
+async def test_a_worker_has_the_slots_the_settings_give_it(settings: Any, rules: Any, redis: Any) -> None:
+    worker = build_worker(settings.model_copy(update={"worker_jobs": 7}), rules, redis, handle_signals=False)
+
+    assert worker.max_jobs == 7
+    assert worker.poll_delay_s == POLL_DELAY
