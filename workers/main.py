@@ -47,6 +47,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    for shared in ctx.get("shared_batches", {}).values():
+        await shared.close()
     await ctx["http"].close()
 
 

@@ -36,6 +36,7 @@ from workers.locks import LEASE  # a dead worker's job, and its lead, are free a
 log = logging.getLogger(__name__)
 
 RETRY_COUNT_TTL = 88400  # seconds, as arq keeps its own count of tries
+TIMED_OUT = "the job ran past its time limit"  # what a job cancelled for its time limit is told
 
 # The claim on a queued job, in one round trip: free (no in-progress key), still queued and due, then
 # marked in progress for a lease. Returns nil, or the job's score; for an event job (ARGV[4] = 1) also
@@ -60,6 +61,21 @@ class _Claim:
     job_try: int
     job: bytes | None  # None: the job's data expired while it waited
     record: bytes | None
+
+
+async def _until_done(task: asyncio.Task[Any], timeout: float | None) -> Any:
+    """The job's result. Past its time limit the job is cancelled with TIMED_OUT, so it can tell a
+    timeout from a stopping worker: it records the timeout and goes back in the queue, to continue
+    where it stopped (what it changed stays changed)."""
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:  # the worker is stopping: the job stops too, and saves its record first
+        task.cancel()
+        await asyncio.wait({task})
+        raise
+    if not done:
+        task.cancel(TIMED_OUT)
+    return await task
 
 
 class JobClosing:
@@ -151,7 +167,7 @@ class LeasedWorker(Worker):
         self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
         timeout = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         try:
-            await asyncio.wait_for(task, timeout)
+            await _until_done(task, timeout)
         except Retry as exc:  # the job put itself back for later; its record says why
             self.jobs_retried += 1
             log.info("job %s will run again in %.2f s", job_id, (exc.defer_score or 0) / 1000)

@@ -28,7 +28,7 @@ from workers.executor import execute
 from app.rules.facts import Facts
 from workers.facts import Echo, FactReader, Gone
 from workers.locks import Busy, LeadLock
-from workers.runner import JobClosing
+from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     lock = LeadLock(ctx["redis"], portal.name, ttl=JOB_TIMEOUT)
     try:
         await _run(record, client, restrict(rules, record), changes, lock)
+    except asyncio.CancelledError as exc:
+        if exc.args != (TIMED_OUT,):  # the worker is stopping; the job stays queued and runs again
+            record.end_attempt(JobState.RETRYING, "interrupted: the worker stopped; the job will run again",
+                               attempt_outcome="interrupted")
+            raise
+        _retry_or_give_up(record, delays, "ran past its time limit every time", {
+            "code": "JOB_TIMEOUT", "description": f"the job ran longer than {JOB_TIMEOUT} s",
+            "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
+                          "fast the portal answers and how many activities the lead has"})
     except (Busy, MethodBlocked) as exc:
         # Waiting is not failing: the attempt does not count against the job's retries.
         wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \

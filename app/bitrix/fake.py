@@ -13,6 +13,8 @@ up and inspect it directly through the synchronous helpers (`add_lead`, `convert
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
 import re
@@ -354,6 +356,8 @@ class FakePortal:
         self._next_ids: dict[str, int] = {}
         self._faults: deque[_Fault] = deque()
         self._lost_answers: deque[str] = deque()
+        self._stalls: deque[float] = deque()
+        self._stalled: set[asyncio.Task[Any]] = set()  # ended by close(), not waited for
         # The per-method server-time budget (limits.md): off unless a test sets it.
         self.operating_limit: float | None = None
         self.operating_cost = 0.0
@@ -398,6 +402,8 @@ class FakePortal:
         self.base_url = f"http://{host}:{bound_port}"
 
     async def close(self) -> None:
+        for stall in self._stalled:
+            stall.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -436,6 +442,10 @@ class FakePortal:
     def lose_answers(self, n: int, containing: str = "") -> None:
         """The next n requests whose method and params mention `containing` run, then answer 500."""
         self._lost_answers.extend([containing] * n)
+
+    def stall_next(self, n: int, seconds: float) -> None:
+        """The next `n` requests wait this long before being served, as an overloaded portal does."""
+        self._stalls.extend([seconds] * n)
 
     def html_next(self, n: int, status: int = 502) -> None:
         """Answer the next `n` requests with an HTML page, as a proxy in front of the portal would."""
@@ -721,6 +731,12 @@ class FakePortal:
         return await self._serve(request)
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
+        if self._stalls:
+            stall = asyncio.ensure_future(asyncio.sleep(self._stalls.popleft()))
+            self._stalled.add(stall)
+            stall.add_done_callback(self._stalled.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await stall
         started = time.time()
         method = request.match_info["method"].lower().removesuffix(".json")
         try:

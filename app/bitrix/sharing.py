@@ -60,6 +60,14 @@ class SharedBatches:
             lane.sender.add_done_callback(lambda sender: _sender_ended(lane, sender))
         return await part.done
 
+    async def close(self) -> None:
+        """Stop the calls on their way (the worker is stopping): their jobs are cancelled already, or
+        are told so, and the HTTP session can close with no request left in it."""
+        senders = [lane.sender for lane in self._lanes.values() if lane.sender is not None]
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+
     async def _send_while_waiting(self, lane: _Lane) -> None:
         try:
             while lane.waiting:

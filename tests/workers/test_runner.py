@@ -5,6 +5,7 @@ that a killed worker's job runs again, the chaos suite.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 
 from app.bitrix.fake import LEAD, FakePortal
 from app.jobs import JobStore
-from app.queue import LIVE_QUEUE
+from app.queue import LIVE_QUEUE, PROCESS_EVENT
 from tests.conftest import post_event
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup
 from workers.runner import LeasedWorker
@@ -195,3 +196,63 @@ async def test_a_worker_has_the_slots_the_settings_give_it(settings: Any, rules:
 
     assert worker.max_jobs == 7
     assert worker.poll_delay_s == POLL_DELAY
+
+
+async def test_a_job_past_its_time_limit_goes_back_in_the_queue_and_continues_later(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    job_id = await queued_job_on(client, portal, lead)
+    portal.stall_next(1, 2.0)
+    worker = await started(make_worker())
+    worker.functions[PROCESS_EVENT].timeout_s = 0.3
+
+    await worker.start_jobs([job_id.encode()])
+    await worker.tasks[job_id]
+
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "retrying"
+    assert record.error is not None and record.error["code"] == "JOB_TIMEOUT"
+    assert await redis.zscore(LIVE_QUEUE, job_id) is not None  # back in the queue, not dropped
+    assert await redis.exists(job_key_prefix + job_id) == 1
+
+    worker.functions[PROCESS_EVENT].timeout_s = 30
+    await worker.run_check()
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "succeeded"
+    assert [a.outcome for a in record.attempts] == ["retrying", "succeeded"]
+
+
+async def test_a_job_that_never_finishes_in_time_ends_dead_not_lost(client: Any, make_worker: Any,
+                                                                     portal: FakePortal, redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    portal.stall_next(50, 1.0)
+    worker = make_worker()
+    worker.functions[PROCESS_EVENT].timeout_s = 0.1
+
+    await worker.run_check()
+
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "dead"
+    assert record.error is not None and record.error["code"] == "JOB_TIMEOUT"
+    assert len(record.attempts) == 6  # the first and five retries (the test workers' retry delays)
+    assert await redis.zscore(LIVE_QUEUE, job_id) is None
+
+
+async def test_a_stopping_worker_leaves_its_job_queued_and_the_record_says_so(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    job_id = await queued_job(client, portal)
+    portal.stall_next(1, 5.0)
+    worker = await started(make_worker())
+    await worker.start_jobs([job_id.encode()])
+    await asyncio.sleep(0.2)  # the job is waiting for the portal
+
+    worker.tasks[job_id].cancel()  # as arq's close does with running jobs
+    await asyncio.gather(worker.tasks[job_id], return_exceptions=True)
+
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "retrying"
+    assert record.attempts[-1].outcome == "interrupted"
+    assert await redis.zscore(LIVE_QUEUE, job_id) is not None
+    assert await redis.exists(job_key_prefix + job_id) == 1
+    assert await redis.exists(in_progress_key_prefix + job_id) == 0  # free for the next worker at once

@@ -136,12 +136,14 @@ async def test_jobs_waiting_on_a_call_are_not_left_hanging_when_the_worker_stops
                                                                                  portal: FakePortal) -> None:
     make, shared = clients
     activity = portal.add_activity([(LEAD, portal.add_lead())])
-    jobs = [asyncio.create_task(make().batch(bindings_of(activity))) for _ in range(2)]
-    await asyncio.sleep(0)  # both are waiting; the call is about to leave
+    portal.stall_next(1, 30.0)
+    first = asyncio.create_task(make().batch(bindings_of(activity)))
+    await asyncio.sleep(0.2)  # its call is on its way, and stuck
+    second = asyncio.create_task(make().batch(bindings_of(activity)))
+    await asyncio.sleep(0)  # waiting for the next call
 
-    for lane in shared._lanes.values():
-        assert lane.sender is not None
-        lane.sender.cancel()
-    outcomes = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), timeout=5)  # not forever
+    await asyncio.wait_for(shared.close(), timeout=5)  # the call on its way is stopped, not waited for
 
+    outcomes = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), timeout=5)
     assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+    assert all(lane.sender is None for lane in shared._lanes.values())
