@@ -53,7 +53,8 @@ async def run(settings: Settings, roles: Roles) -> None:
         tasks: list[asyncio.Task[None]] = []
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, max_jobs=settings.worker_jobs))
+            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE,
+                                             max_jobs=settings.worker_jobs))
             # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
             tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs

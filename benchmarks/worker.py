@@ -87,10 +87,9 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
         async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             return "succeeded"
 
-        worker = Worker(functions=[func(process_event, name=PROCESS_EVENT)], redis_pool=redis, poll_delay=0.01,
+        worker = Worker(functions=[func(process_event, name=PROCESS_EVENT)], redis_pool=redis,
                         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,
-                        max_jobs=settings.worker_jobs,
-                        **options)
+                        max_jobs=settings.worker_jobs, poll_delay=0.01, **options)
     await asyncio.sleep(1)
     print(json.dumps({"rss_idle_mb": rss_mb(), "core": core}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)

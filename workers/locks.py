@@ -57,7 +57,8 @@ class LeadLock:
         while time.monotonic() + LEASE / 3 < until:
             await asyncio.sleep(LEASE / 3)
             with contextlib.suppress(Exception):  # a missed renewal is retried at the next one
-                await self._redis.eval(_RENEW, 1, key, self._token, int(min(LEASE, until - time.monotonic()) * 1000))
+                lease = min(LEASE, until - time.monotonic())
+                await self._redis.eval(_RENEW, 1, key, self._token, int(lease * 1000))
 
     def stage_release(self, pipe: Pipeline) -> None:
         """If the pipeline never reaches Redis, the lock still ends within LEASE: it is no longer renewed."""

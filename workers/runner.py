@@ -10,8 +10,9 @@ hundreds of short jobs a second, and one round trip costs it about 0.15 ms of CP
 - an event job closes itself: the last pipeline it sends anyway (record, audit, metrics) also takes it
   off the queue (`JobClosing`), and nothing is left to do when it returns.
 
-A job put back (arq's `Retry`), cancelled by a stopping worker, or one whose closing never got sent, is
-finished arq's way. Cron jobs (the reconcile sweep) run arq's own `run_job` entirely.
+A job put back (arq's `Retry`) or cancelled by a stopping worker is handled as arq does; one whose end
+could not be saved (Redis failed it) goes back in the queue rather than being dropped as arq would.
+Cron jobs (the reconcile sweep) run arq's own `run_job` entirely.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from typing import Any
 
 from arq import Retry, Worker
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.cron import CronJob
 from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
-from arq.cron import CronJob
 from arq.worker import Function, RetryJob
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RETRY_COUNT_TTL = 88400  # seconds, as arq keeps its own count of tries
 TIMED_OUT = "the job ran past its time limit"  # what a job cancelled for its time limit is told
+AFTER_A_CRASH = 5000  # ms before a job that could not save its end runs again (and finds its work done)
 
 # The claim on a queued job, in one round trip: free (no in-progress key), still queued and due, then
 # marked in progress for a lease. Returns nil, or the job's score; for an event job (ARGV[4] = 1) also
@@ -52,7 +54,7 @@ redis.call('EXPIRE', KEYS[4], ARGV[5])
 return {score, try, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3])}
 """
 
-
+# A job ready to run: its function, arguments, keyword arguments and ctx.
 _Start = tuple[Function | CronJob, tuple[Any, ...], dict[str, Any], dict[str, Any]]
 
 
@@ -177,10 +179,11 @@ class LeasedWorker(Worker):
             self.jobs_retried += 1
             log.info("job %s cancelled, will be run again", job_id)
             await asyncio.shield(self.finish_job(job_id, False, None, None, False, None, None))
-        except Exception:
-            self.jobs_failed += 1
-            log.exception("job %s failed", job_id)
-            await asyncio.shield(self.finish_job(job_id, True, None, None, False, None, None))
+        except Exception:  # the job records its own failures: this is Redis failing its last save
+            self.jobs_retried += 1
+            log.exception("job %s could not finish; it will run again in %d s", job_id, AFTER_A_CRASH // 1000)
+            delay = AFTER_A_CRASH + (timestamp_ms() - score)
+            await asyncio.shield(self.finish_job(job_id, False, None, None, False, delay, None))
         else:
             self.jobs_complete += 1
             if not closing.staged:

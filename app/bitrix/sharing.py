@@ -4,8 +4,8 @@ A worker runs up to 20 jobs at once (`B24_WORKER_JOBS`), and most of them read a
 bindings and its lead, then write a few bindings. While one job's call is on its way to a portal, the
 calls other jobs ask for wait and leave together in the next one, up to 50 commands: under load the
 portal sees one request where it would have seen several (at 2 requests a second that is the whole
-game), and the worker sends fewer HTTP requests. Nobody waits for company: a call that finds nothing in flight
-leaves at once.
+game), and the worker sends fewer HTTP requests. Nobody waits for company: a call that finds nothing
+in flight leaves at once.
 
 Calls travel only with calls of the same kind (reads; writes; writes that halt at the first error).
 A halting write shared with another job keeps its guarantee: sub-calls run in order and each job's

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 from arq import Worker
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.bitrix.fake import LEAD, FakePortal
 from app.jobs import JobStore
 from app.queue import LIVE_QUEUE, PROCESS_EVENT
 from tests.conftest import post_event
+from workers import tasks
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup
 from workers.runner import LeasedWorker
 from workers.tasks import LOCK_WAIT
@@ -27,6 +29,12 @@ async def started(worker: Worker) -> Worker:
     worker.ctx["redis"] = worker.pool
     await startup(worker.ctx)
     return worker
+
+
+async def run_one(worker: Worker, job_id: str) -> None:
+    """Claim and run one queued job, as a poll would."""
+    await worker.start_jobs([job_id.encode()])
+    await worker.tasks[job_id]
 
 
 async def queued_job(client: Any, portal: FakePortal) -> str:
@@ -115,8 +123,7 @@ async def test_a_job_waiting_for_its_lead_goes_back_in_the_queue_for_later(
     worker = await started(make_worker())
 
     before = time.time() * 1000
-    await worker.start_jobs([job_id.encode()])
-    await worker.tasks[job_id]
+    await run_one(worker, job_id)
 
     assert worker.jobs_retried == 1
     assert await redis.zscore(LIVE_QUEUE, job_id) >= before + LOCK_WAIT * 1000
@@ -140,32 +147,22 @@ async def test_a_lead_job_lets_go_of_the_lead_when_it_ends(client: Any, make_wor
     assert await redis.exists(f"b24:lock:acme:lead:{lead}") == 0
 
 
-async def test_a_job_whose_data_expired_is_taken_off_the_queue(client: Any, make_worker: Any,
-                                                               portal: FakePortal, redis: Any) -> None:
+@pytest.mark.parametrize("why", ["its data expired", "it is past its tries"])
+async def test_a_job_that_cannot_run_is_taken_off_the_queue(why: str, client: Any, make_worker: Any,
+                                                            portal: FakePortal, redis: Any) -> None:
     job_id = await queued_job(client, portal)
-    await redis.delete(job_key_prefix + job_id)
+    if why == "its data expired":
+        await redis.delete(job_key_prefix + job_id)
+    else:
+        await redis.set(retry_key_prefix + job_id, MAX_TRIES)
     worker = make_worker()
 
-    await worker.start_jobs([job_id.encode()])
-    await worker.tasks[job_id]
+    await run_one(worker, job_id)
 
     assert (worker.jobs_failed, worker.jobs_complete) == (1, 0)
     assert await redis.zscore(LIVE_QUEUE, job_id) is None
-    assert await redis.exists(in_progress_key_prefix + job_id) == 0
-
-
-async def test_a_job_past_its_tries_is_taken_off_the_queue(client: Any, make_worker: Any, portal: FakePortal,
-                                                           redis: Any) -> None:
-    job_id = await queued_job(client, portal)
-    await redis.set(retry_key_prefix + job_id, MAX_TRIES)
-    worker = make_worker()
-
-    await worker.start_jobs([job_id.encode()])
-    await worker.tasks[job_id]
-
-    assert (worker.jobs_failed, worker.jobs_complete) == (1, 0)
-    assert await redis.zscore(LIVE_QUEUE, job_id) is None
-    assert await redis.exists(job_key_prefix + job_id) == 0
+    for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix):
+        assert await redis.exists(prefix + job_id) == 0, prefix
 
 
 async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_next_poll(
@@ -207,8 +204,7 @@ async def test_a_job_past_its_time_limit_goes_back_in_the_queue_and_continues_la
     worker = await started(make_worker())
     worker.functions[PROCESS_EVENT].timeout_s = 0.3
 
-    await worker.start_jobs([job_id.encode()])
-    await worker.tasks[job_id]
+    await run_one(worker, job_id)
 
     record = await JobStore(redis, 3600).get(job_id)
     assert record is not None and record.state.value == "retrying"
@@ -256,3 +252,30 @@ async def test_a_stopping_worker_leaves_its_job_queued_and_the_record_says_so(
     assert await redis.zscore(LIVE_QUEUE, job_id) is not None
     assert await redis.exists(job_key_prefix + job_id) == 1
     assert await redis.exists(in_progress_key_prefix + job_id) == 0  # free for the next worker at once
+
+
+async def test_a_job_whose_last_save_fails_goes_back_in_the_queue_not_away(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    job_id = await queued_job_on(client, portal, lead)
+    save = tasks._save_attempt
+
+    async def redis_goes_away(*args: Any, **kwargs: Any) -> None:
+        raise RedisConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(tasks, "_save_attempt", redis_goes_away)
+    worker = await started(make_worker())
+
+    await run_one(worker, job_id)
+
+    assert await redis.zscore(LIVE_QUEUE, job_id) > time.time() * 1000  # later, not dropped
+    assert await redis.exists(job_key_prefix + job_id) == 1
+    monkeypatch.setattr(tasks, "_save_attempt", save)
+    await redis.zadd(LIVE_QUEUE, {job_id: 0})  # no need to wait the delay out
+    await worker.run_check()
+    record = await JobStore(redis, 3600).get(job_id)
+    # The first run's changes stand (the activity left the lead); the second run, counted as the job's
+    # second try, finds nothing left to do.
+    assert record is not None and record.state.value == "skipped"
+    assert [attempt.number for attempt in record.attempts] == [2]
