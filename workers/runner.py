@@ -122,12 +122,14 @@ class LeasedWorker(Worker):
         """
         until = self.loop.time() + self.poll_delay_s
         for job_id_b in job_ids:
+            job_id = job_id_b.decode()
+            if self._running_here(job_id):  # still queued until it ends: claiming it is a wasted round trip
+                continue
             await self.sem.acquire()
             if not await self._slot_free(until):
                 self.sem.release()
                 return
             self.job_counter += 1
-            job_id = job_id_b.decode()
             claimed = await self._claim(job_id)
             if claimed is None:  # running elsewhere, done, or put back with a delay by another worker
                 self.job_counter -= 1
@@ -136,6 +138,10 @@ class LeasedWorker(Worker):
             task = self.loop.create_task(self.run_job(job_id, int(float(claimed[0]))))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    def _running_here(self, job_id: str) -> bool:
+        task = self.tasks.get(job_id)
+        return task is not None and not task.done()
 
     async def _slot_free(self, until: float) -> bool:
         """Whether a job may start now, having waited until `until` at most for a running one to end."""

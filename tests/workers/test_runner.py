@@ -279,3 +279,23 @@ async def test_a_job_whose_last_save_fails_goes_back_in_the_queue_not_away(
     # second try, finds nothing left to do.
     assert record is not None and record.state.value == "skipped"
     assert [attempt.number for attempt in record.attempts] == [2]
+
+
+async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
+        client: Any, make_worker: Any, portal: FakePortal, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = await queued_job(client, portal)
+    portal.stall_next(1, 5.0)
+    worker = await started(make_worker())
+    await worker.start_jobs([job_id.encode()])  # running: waiting for the portal, still in the queue
+    claimed: list[str] = []
+
+    async def no_claim(self: LeasedWorker, job_id: str) -> None:
+        claimed.append(job_id)
+
+    monkeypatch.setattr(LeasedWorker, "_claim", no_claim)
+
+    await worker.start_jobs([job_id.encode()])  # the next poll reads it again
+
+    assert claimed == []
+    worker.tasks[job_id].cancel()
+    await asyncio.gather(worker.tasks[job_id], return_exceptions=True)
