@@ -35,6 +35,17 @@ class SecretMask(logging.Filter):
         return True
 
 
+class QuietSweepTicks(logging.Filter):
+    """Drops arq's two INFO lines for each look the reconcile cron takes at its gate: every 10 s, per
+    worker, mostly to find it closed. A sweep that runs logs its own line; warnings and errors stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()  # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
+        return "cron:reconcile_job" not in message or not ("→" in message or "←" in message)
+
+
 def mask(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
@@ -70,3 +81,6 @@ def configure(level: str, secrets: Iterable[str] = ()) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel("WARNING")
+    arq_log = logging.getLogger("arq.worker")
+    arq_log.filters[:] = [f for f in arq_log.filters if not isinstance(f, QuietSweepTicks)]
+    arq_log.addFilter(QuietSweepTicks())

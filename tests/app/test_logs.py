@@ -5,7 +5,9 @@ import asyncio
 import json
 import logging
 
-from app.logs import JobContext, JsonFormatter, SecretMask, current_job
+import pytest
+
+from app.logs import JobContext, JsonFormatter, SecretMask, configure, current_job
 
 
 def test_each_job_task_logs_its_own_id_and_secrets_never_pass() -> None:
@@ -40,3 +42,24 @@ def test_each_job_task_logs_its_own_id_and_secrets_never_pass() -> None:
     assert sorted(entry["job_id"] for entry in entries) == ["job-a", "job-b"]
     assert all("s3cretcode" not in line for line in lines)
     assert "rest/1/***/batch" in entries[0]["message"]
+
+
+def test_the_reconcile_crons_idle_ticks_stay_out_of_the_log_but_its_failures_do_not(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    arq_log = logging.getLogger("arq.worker")
+    configure("INFO")
+    try:
+        arq_log.info("%6.2fs → %s()%s", 1.0, "cron:reconcile_job", "")
+        arq_log.info("%6.2fs ← %s ● %s", 0.0, "cron:reconcile_job", 0)
+        arq_log.info("Starting worker for 2 functions: process_event, cron:reconcile_job")
+        arq_log.error("%6.2fs ! %s failed, %s: %s", 0.1, "cron:reconcile_job", "RedisError", "down")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        arq_log.filters.clear()
+
+    logged = [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()]
+    assert logged == ["Starting worker for 2 functions: process_event, cron:reconcile_job",
+                      "  0.10s ! cron:reconcile_job failed, RedisError: down"]
