@@ -51,7 +51,8 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
         dry_run = dry_run or rule.mode == "dry_run"
         sources = _Sources(facts, activity, _leads_in_scope(rule.when, facts, activity))
         _add(wanted, [b for t in rule.bind_targets() for b in sources.resolve(t)])
-        wanted = [b for b in wanted if b.entity_type not in rule.unbind_types() or b not in activity.bindings]
+        unbind = rule.unbind_types()
+        wanted = [b for b in wanted if b.entity_type not in unbind or b not in activity.bindings]
         for move in rule.moves():
             _plan_move(move.from_, sources.resolve(move.to), activity, wanted, moves, notes)
         if rule.stop:
@@ -90,7 +91,8 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
         dry_run = dry_run or rule.mode == "dry_run"
         sources = _Sources(facts, None, leads)
         _add(wanted, [b for t in rule.bind_targets() if _lead_based(t) for b in sources.resolve(t)])
-        wanted = [b for b in wanted if b.entity_type not in rule.unbind_types() or b not in comment.bindings]
+        unbind = rule.unbind_types()
+        wanted = [b for b in wanted if b.entity_type not in unbind or b not in comment.bindings]
     return CommentPlan(comment_id=comment.id, **_safe(comment.bindings, wanted, [], []),
                        rules=tuple(matched), dry_run=dry_run)
 
@@ -103,27 +105,31 @@ def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:
 
 def _condition_fails(when: When, facts: Facts, activity: Activity) -> str | None:
     """The first condition of `when` that does not hold, in words; None when all hold."""
+    # The words are made only for a condition that fails: most hold, for every rule and activity.
     checks = [
-        (when.portal is not None, lambda: facts.portal in (when.portal or []), f"the portal is {facts.portal}"),
+        (when.portal is not None, lambda: facts.portal in (when.portal or []),
+         lambda: f"the portal is {facts.portal}"),
         (when.bound_to is not None, lambda: bool(activity.bound_to(EntityType[str(when.bound_to).upper()])),
-         f"the activity is not bound to a {when.bound_to}"),
+         lambda: f"the activity is not bound to a {when.bound_to}"),
         (when.kind is not None, lambda: any(_is_kind(activity, k) for k in when.kind or []),
-         f"the activity is a {_kind_of(activity)}, not {', '.join(when.kind or [])}"),
+         lambda: f"the activity is a {_kind_of(activity)}, not {', '.join(when.kind or [])}"),
         (when.direction is not None, lambda: _direction(activity) == when.direction,
-         f"the activity is {_direction(activity) or 'without direction'}, not {when.direction}"),
+         lambda: f"the activity is {_direction(activity) or 'without direction'}, not {when.direction}"),
         (when.responsible is not None, lambda: activity.responsible_id in (when.responsible or []),
-         f"the responsible user is {activity.responsible_id}"),
+         lambda: f"the responsible user is {activity.responsible_id}"),
         (when.subject_contains is not None,
          lambda: str(when.subject_contains).lower() in activity.subject.lower(),
-         f"the subject does not contain {when.subject_contains!r}"),
-        (when.subject_matches is not None, lambda: re.search(str(when.subject_matches), activity.subject) is not None,
-         f"the subject does not match {when.subject_matches!r}"),
+         lambda: f"the subject does not contain {when.subject_contains!r}"),
+        (when.subject_matches is not None,
+         lambda: re.search(str(when.subject_matches), activity.subject) is not None,
+         lambda: f"the subject does not match {when.subject_matches!r}"),
         (when.lead_status is not None, lambda: bool(_leads_in_scope(when, facts, activity)),
-         f"its lead's status is {_lead_statuses(facts, activity)}, not {', '.join(when.lead_status or [])}"),
+         lambda: f"its lead's status is {_lead_statuses(facts, activity)}, "
+                 f"not {', '.join(when.lead_status or [])}"),
     ]
     for given, holds, reason in checks:
         if given and not holds():
-            return reason
+            return reason()
     if when.any is not None:
         reasons = [_condition_fails(option, facts, activity) for option in when.any]
         if all(reasons):
