@@ -69,12 +69,13 @@ class AuditLog:
     def _stage(self, pipe: Any, job_id: str, entries: Sequence[AuditEntry]) -> None:
         if not entries:
             return
-        for entry in entries:
+        dumped = [entry.model_dump_json() for entry in entries]
+        for entry, text in zip(entries, dumped):
             key = prefixed(f"{ITEM_KEY}{entry.kind}:{entry.item}")
-            pipe.lpush(key, entry.model_dump_json())
+            pipe.lpush(key, text)
             pipe.ltrim(key, 0, KEEP_PER_ITEM - 1)
             pipe.expire(key, self._ttl)
-        pipe.rpush(prefixed(JOB_KEY + job_id), *(entry.model_dump_json() for entry in entries))
+        pipe.rpush(prefixed(JOB_KEY + job_id), *dumped)
         pipe.expire(prefixed(JOB_KEY + job_id), self._ttl)
 
     async def for_item(self, item: int, kind: str = "activity", portal: str | None = None,
