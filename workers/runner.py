@@ -126,7 +126,8 @@ class LeasedWorker(Worker):
             if self._running_here(job_id):  # still queued until it ends: claiming it is a wasted round trip
                 continue
             await self.sem.acquire()
-            if not await self._slot_free(until):
+            # A stopping worker picks no more jobs, even in the middle of a poll.
+            if not await self._slot_free(until) or not self.allow_pick_jobs:
                 self.sem.release()
                 return
             self.job_counter += 1

@@ -299,3 +299,19 @@ async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
     assert claimed == []
     worker.tasks[job_id].cancel()
     await asyncio.gather(worker.tasks[job_id], return_exceptions=True)
+
+
+async def test_a_stopping_worker_starts_nothing_more_even_in_the_middle_of_a_poll(
+        client: Any, make_worker: Any, portal: FakePortal) -> None:
+    first, second = await queued_job(client, portal), await queued_job(client, portal)
+    portal.stall_next(1, 0.5)
+    worker = await started(make_worker(max_jobs=1))
+    worker.poll_delay_s = 5.0
+    polling = asyncio.create_task(worker.start_jobs([first.encode(), second.encode()]))
+    await asyncio.sleep(0.1)  # the first job runs; the poll waits for its slot to start the second
+
+    worker.allow_pick_jobs = False  # as `b24rebind` does on SIGTERM
+    await asyncio.wait_for(polling, timeout=5)
+
+    assert list(worker.tasks) == [first]
+    await worker.tasks[first]
