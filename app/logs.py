@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
 
+from app.queue import SWEEP_CRON
+
 MASK = "***"
 # The job a log line belongs to; arq runs each job in its own task, so each sees its own value.
 current_job: ContextVar[str | None] = ContextVar("current_job", default=None)
@@ -43,7 +45,7 @@ class QuietSweepTicks(logging.Filter):
         if record.levelno > logging.INFO:
             return True
         message = record.getMessage()  # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
-        return "cron:reconcile_job" not in message or not ("→" in message or "←" in message)
+        return SWEEP_CRON not in message or not ("→" in message or "←" in message)
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import expires_extra_ms
+from arq.constants import expires_extra_ms, result_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
@@ -16,6 +16,7 @@ from app.namespace import prefixed
 from app.settings import Settings
 
 PROCESS_EVENT = "process_event"
+SWEEP_CRON = "cron:reconcile_job"  # arq's name for the reconcile sweep's cron (its job ids start with it)
 LIVE_QUEUE = "arq:queue"
 BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
 
@@ -103,7 +104,7 @@ class JobQueue:
         """Queue an existing job again (a retry asked for by a person)."""
         record.state, record.error, record.outcome, record.finished_at = JobState.QUEUED, None, "", None
         await self.store.save(record)
-        await self._redis.delete(f"arq:result:{record.id}")
+        await self._redis.delete(result_key_prefix + record.id)
         await self._enqueue(record)
 
     async def _enqueue(self, record: JobRecord) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from aiohttp import web
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import RedisError
 
 from app.jobs import JobRecord, JobState
@@ -150,7 +151,7 @@ async def _queue_once(queue: JobQueue, redis: Any, entry: dict[str, Any]) -> int
     if (
         stored is not None
         and stored.state == JobState.QUEUED
-        and not await redis.exists(f"arq:job:{record.id}", f"arq:in-progress:{record.id}")
+        and not await redis.exists(job_key_prefix + record.id, in_progress_key_prefix + record.id)
     ):
         await queue.requeue(stored)
         return 1

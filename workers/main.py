@@ -14,7 +14,7 @@ from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.jobs import JobStore
 from app.namespace import prefixed
-from app.queue import LIVE_QUEUE, PROCESS_EVENT, deserialize, serialize
+from app.queue import LIVE_QUEUE, PROCESS_EVENT, SWEEP_CRON, deserialize, serialize
 from app.rules.model import RuleSet
 from app.settings import Settings
 from workers.reconcile import TICK, reconcile_job
@@ -61,7 +61,7 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     sweeps = settings.reconcile_interval and not options.get("burst") and queue == LIVE_QUEUE
     # arq makes a cron's job ids from its name (`<name>:<time>`): prefixed, each installation sharing a
     # Redis runs its own sweep. Unprefixed it is arq's default name.
-    sweep_cron = cron(reconcile_job, name=prefixed("cron:reconcile_job"), second=set(range(0, 60, TICK)),
+    sweep_cron = cron(reconcile_job, name=prefixed(SWEEP_CRON), second=set(range(0, 60, TICK)),
                       timeout=JOB_TIMEOUT, max_tries=1)
     return LeasedWorker(
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT)],

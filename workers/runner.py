@@ -237,7 +237,7 @@ class LeasedWorker(Worker):
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(LEASE / 3)
-            running = [job_id for job_id, task in self.tasks.items() if not task.done()]
+            running = [job_id for job_id in self.tasks if self._running_here(job_id)]
             if not running:
                 continue
             try:

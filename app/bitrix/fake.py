@@ -357,7 +357,7 @@ class FakePortal:
         self._faults: deque[_Fault] = deque()
         self._lost_answers: deque[str] = deque()
         self._stalls: deque[float] = deque()
-        self._stalled: set[asyncio.Task[Any]] = set()  # ended by close(), not waited for
+        self._closing = asyncio.Event()  # ends the stalls: close() does not wait for them
         # The per-method server-time budget (limits.md): off unless a test sets it.
         self.operating_limit: float | None = None
         self.operating_cost = 0.0
@@ -395,6 +395,7 @@ class FakePortal:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._closing = asyncio.Event()
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
@@ -402,8 +403,7 @@ class FakePortal:
         self.base_url = f"http://{host}:{bound_port}"
 
     async def close(self) -> None:
-        for stall in self._stalled:
-            stall.cancel()
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -732,11 +732,8 @@ class FakePortal:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         if self._stalls:
-            stall = asyncio.ensure_future(asyncio.sleep(self._stalls.popleft()))
-            self._stalled.add(stall)
-            stall.add_done_callback(self._stalled.discard)
-            with contextlib.suppress(asyncio.CancelledError):
-                await stall
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._stalls.popleft())
         started = time.time()
         method = request.match_info["method"].lower().removesuffix(".json")
         try:
