@@ -262,8 +262,10 @@ class JobStore:
         """Store a new record and, in the same atomic step, its queue entry; False when the record, or a
         queued or finished arq job with its id, exists already (nothing is written then)."""
         record_key = prefixed(JOB_KEY + record.id)
-        arq_keys = [job_key_prefix + entry.job_id, result_key_prefix + entry.job_id, entry.queue] if entry else \
-            [record_key, record_key, prefixed(JOB_INDEX)]  # nothing to queue: harmless stand-ins
+        if entry:
+            arq_keys = [job_key_prefix + entry.job_id, result_key_prefix + entry.job_id, entry.queue]
+        else:
+            arq_keys = [record_key, record_key, prefixed(JOB_INDEX)]  # nothing to queue: harmless stand-ins
         keys = [record_key, *arq_keys, prefixed(INDEXES), prefixed(JOB_INDEX), *record.index_keys()]
         args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
                 entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),

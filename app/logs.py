@@ -44,7 +44,8 @@ class QuietSweepTicks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO:
             return True
-        message = record.getMessage()  # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
+        # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
+        message = record.getMessage()
         return SWEEP_CRON not in message or not ("→" in message or "←" in message)
 
 
