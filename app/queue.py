@@ -13,6 +13,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from app.jobs import JobRecord, JobState, JobStore, QueueEntry
 from app.namespace import prefixed
+from app.redis_pool import QuickCheckoutSentinelPool, with_quick_checkout
 from app.settings import Settings
 
 PROCESS_EVENT = "process_event"
@@ -54,7 +55,9 @@ async def connect(settings: Settings | str) -> ArqRedis:
     target = redis_settings(settings)
     if target.sentinel:
         return await _through_sentinels(target)
-    return await create_pool(target, job_serializer=serialize, job_deserializer=deserialize)
+    redis = await create_pool(target, job_serializer=serialize, job_deserializer=deserialize)
+    await with_quick_checkout(redis)
+    return redis
 
 
 class SentinelArqRedis(ArqRedis):
@@ -71,7 +74,8 @@ async def _through_sentinels(target: RedisSettings) -> ArqRedis:
     # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
     sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
                          username=target.username, password=target.password, ssl=target.ssl)
-    redis = sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis)
+    redis = sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
+                                 connection_pool_class=QuickCheckoutSentinelPool)
     redis.job_serializer, redis.job_deserializer = serialize, deserialize
     try:
         await redis.ping()  # as create_pool does: no primary, or a wrong password, fails here
