@@ -1,10 +1,10 @@
 """Putting jobs on the arq queue, with a JSON serializer so queued jobs stay readable."""
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, cast
 
+import orjson
 from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import expires_extra_ms, result_key_prefix
@@ -24,11 +24,11 @@ BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budg
 
 def serialize(job: dict[str, Any]) -> bytes:
     # arq also stores a failed job's exception as its result: keep its text rather than fail.
-    return json.dumps(job, separators=(",", ":"), default=repr).encode()
+    return orjson.dumps(job, default=repr, option=orjson.OPT_NON_STR_KEYS)
 
 
 def deserialize(raw: bytes) -> dict[str, Any]:
-    return json.loads(raw)  # type: ignore[no-any-return]
+    return orjson.loads(raw)  # type: ignore[no-any-return]
 
 
 def redis_settings(settings: Settings) -> RedisSettings:

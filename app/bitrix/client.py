@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections import Counter
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 
 from app.bitrix.budget import MethodBudget
 from app.bitrix.oauth import OAuthSession
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BATCH_LIMIT = 50  # commands per batch call (../shared/bitrix24-protocol.md §5)
 PAGE_SIZE = 50
 MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
+JSON_BODY = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,8 @@ class RestClient:
                                     self.portal.rate_limit.burst, self._reserve)
         self.requests += 1
         try:
-            async with self._session.post(self._base + method, json=payload, allow_redirects=False,
-                                          timeout=self._timeout) as response:
+            async with self._session.post(self._base + method, data=_json(payload), headers=JSON_BODY,
+                                          allow_redirects=False, timeout=self._timeout) as response:
                 if response.status in (301, 302, 307, 308):
                     if moves >= MAX_MOVES:
                         raise ConfigError(method, "PORTAL_MOVED", "the portal keeps redirecting",
@@ -231,9 +232,14 @@ def fast_page(filter: dict[str, Any] | None, select: Sequence[str], after_id: in
     return params
 
 
+def _json(payload: dict[str, Any]) -> bytes:
+    # orjson: the portal's answers are decoded with it too (a quarter of the stdlib's CPU a batch).
+    return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
+
+
 def _answer(method: str, status: int, body: bytes) -> Answer:
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except ValueError:
         data = None
     if not isinstance(data, dict):

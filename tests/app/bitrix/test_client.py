@@ -116,7 +116,13 @@ def client(session: aiohttp.ClientSession, config: PortalConfig, limiter: FakeLi
 
 def sent(mocked: aioresponses, url: str) -> list[Any]:
     """The JSON bodies POSTed to `url`, in order."""
-    return [call.kwargs.get("json") for call in mocked.requests.get(("POST", URL(url)), [])]
+    return [body_of(call.kwargs) for call in mocked.requests.get(("POST", URL(url)), [])]
+
+
+def body_of(request: dict[str, Any]) -> Any:
+    """A request's JSON body, sent as such."""
+    assert request["headers"]["Content-Type"] == "application/json"
+    return json.loads(request["data"])
 
 
 def total_requests(mocked: aioresponses) -> int:
@@ -442,7 +448,7 @@ def test_unpack_batch_marks_commands_that_did_not_run() -> None:
 
 def _answer_batch(url: URL, **kwargs: Any) -> CallbackResult:
     """A portal's batch: each `crm.lead.get?id=N` returns {"ID": "N"}; odd ids fail with NOT_FOUND."""
-    cmd = kwargs["json"]["cmd"]
+    cmd = body_of(kwargs)["cmd"]
     results: dict[str, Any] = {}
     errors: dict[str, Any] = {}
     for key, command in cmd.items():
@@ -533,7 +539,7 @@ async def test_list_all_pages_by_id_until_a_short_page(client: RestClient, mocke
     ids = list(range(3, 3 + 2 * 127, 2))  # 127 rows with gaps between ids
 
     def page(url: URL, **kwargs: Any) -> CallbackResult:
-        body = kwargs["json"]
+        body = body_of(kwargs)
         after = body["filter"][">ID"]
         return reply({"result": [{"ID": str(i)} for i in ids if i > after][:50], "time": TIME})
 
