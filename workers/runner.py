@@ -6,8 +6,7 @@ ZSCORE, MULTI/EXEC), a transaction reading the job and counting the try, and ano
 ends, which also stores a result nobody here reads (the job record is the result). A worker runs
 hundreds of short jobs a second, and one round trip costs it about 0.15 ms of CPU. So here:
 
-- the claim is one script, which also counts the try and returns the job and our record of it, for
-  as many jobs as there are free slots;
+- the claim is one script, which also counts the try and returns the job and our record of it;
 - an event job closes itself: the last pipeline it sends anyway (record, audit, metrics) also takes it
   off the queue (`JobClosing`), and nothing is left to do when it returns.
 
@@ -41,29 +40,18 @@ RETRY_COUNT_TTL = 88400  # seconds, as arq keeps its own count of tries
 TIMED_OUT = "the job ran past its time limit"  # what a job cancelled for its time limit is told
 AFTER_A_CRASH = 5000  # ms before a job that could not save its end runs again (and finds its work done)
 
-# The claim on queued jobs, in one round trip however many slots are free. For each job: free (no
-# in-progress key), still queued and due, then marked in progress for a lease. Gives nil for a job not
-# claimed, else its score; for an event job (flag 1) also its try (counted here, as arq counts it when
-# a job starts), the job itself and our record of it.
-# KEYS: the queue, then per job its in-progress, record, try-count and job keys.
-# ARGV: now (ms), the lease (ms), the try count's TTL, then per job its id and flag.
+# The claim on a queued job, in one round trip: free (no in-progress key), still queued and due, then
+# marked in progress for a lease. Returns nil, or the job's score; for an event job (ARGV[4] = 1) also
+# its try (counted here, as arq counts it when a job starts), the job itself and our record of it.
 _CLAIM = """
-local function claim(in_progress, record, tries, job, id, event_job)
-  if redis.call('EXISTS', in_progress) == 1 then return false end
-  local score = redis.call('ZSCORE', KEYS[1], id)
-  if not score or tonumber(score) > tonumber(ARGV[1]) then return false end
-  redis.call('PSETEX', in_progress, ARGV[2], '1')
-  if event_job ~= '1' then return {score} end
-  local try = redis.call('INCR', tries)
-  redis.call('EXPIRE', tries, ARGV[3])
-  return {score, try, redis.call('GET', job), redis.call('GET', record)}
-end
-local claims = {}
-for i = 0, (#KEYS - 1) / 4 - 1 do
-  local k, a = 2 + 4 * i, 4 + 2 * i
-  claims[i + 1] = claim(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1])
-end
-return claims
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+redis.call('PSETEX', KEYS[1], ARGV[3], '1')
+if ARGV[4] ~= '1' then return {score} end
+local try = redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], ARGV[5])
+return {score, try, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3])}
 """
 
 # A job ready to run: its function, arguments, keyword arguments and ctx.
@@ -124,35 +112,33 @@ class LeasedWorker(Worker):
         self._claims: dict[str, _Claim] = {}
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script for every
-        slot free at once, and a slot waited for while this poll lasts.
+        """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script, and a slot
+        waited for while this poll lasts.
 
         arq returns as soon as every slot is taken and polls again only `poll_delay` later (0.5 s): a
         busy worker ran at most `max_jobs` jobs per poll, 20 a second, whatever the jobs cost. Here the
-        next jobs start as soon as slots free, until the poll's time is up (then arq's loop beats and
+        next job starts as soon as a slot frees, until the poll's time is up (then arq's loop beats and
         polls again at once).
         """
         until = self.loop.time() + self.poll_delay_s
-        # The worker's own running jobs stay queued until they end: claiming them is a wasted round trip.
-        waiting = [job_id for job_id in (raw.decode() for raw in job_ids) if not self._running_here(job_id)]
-        while waiting:
+        for job_id_b in job_ids:
+            job_id = job_id_b.decode()
+            if self._running_here(job_id):  # still queued until it ends: claiming it is a wasted round trip
+                continue
             await self.sem.acquire()
             # A stopping worker picks no more jobs, even in the middle of a poll.
             if not await self._slot_free(until) or not self.allow_pick_jobs:
                 self.sem.release()
                 return
-            batch = [waiting.pop(0)]
-            while waiting and len(batch) < self.max_jobs - self.job_counter and not self.sem.locked():
-                await self.sem.acquire()  # free: at once
-                batch.append(waiting.pop(0))
-            self.job_counter += len(batch)
-            for job_id, claimed in zip(batch, await self._claim(batch)):
-                if claimed is None:  # running elsewhere, done, or put back with a delay by another worker
-                    self._release_sem_dec_counter_on_complete()
-                    continue
-                task = self.loop.create_task(self.run_job(job_id, int(float(claimed[0]))))
-                task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-                self.tasks[job_id] = task
+            self.job_counter += 1
+            claimed = await self._claim(job_id)
+            if claimed is None:  # running elsewhere, done, or put back with a delay by another worker
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(float(claimed[0]))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)
@@ -167,18 +153,15 @@ class LeasedWorker(Worker):
             await asyncio.wait(running, timeout=until - self.loop.time(), return_when=asyncio.FIRST_COMPLETED)
         return True
 
-    async def _claim(self, job_ids: list[str]) -> list[list[Any] | None]:
-        """Each job's claim (see _CLAIM), in the order of `job_ids`."""
-        keys, args = [self.queue_name], [timestamp_ms(), int(self.in_progress_timeout_s * 1000), RETRY_COUNT_TTL]
-        for job_id in job_ids:
-            keys += [in_progress_key_prefix + job_id, prefixed(JOB_KEY + job_id), retry_key_prefix + job_id,
-                     job_key_prefix + job_id]
-            args += [job_id, int(not job_id.startswith(self._cron_ids))]
-        claims = await self.pool.eval(_CLAIM, len(keys), *keys, *args)
-        for job_id, claimed in zip(job_ids, claims):
-            if claimed is not None and len(claimed) > 1:  # an event job
-                self._claims[job_id] = _Claim(int(claimed[1]), claimed[2], claimed[3])
-        return claims  # type: ignore[no-any-return]
+    async def _claim(self, job_id: str) -> list[Any] | None:
+        event_job = not job_id.startswith(self._cron_ids)
+        claimed = await self.pool.eval(
+            _CLAIM, 5, in_progress_key_prefix + job_id, self.queue_name, prefixed(JOB_KEY + job_id),
+            retry_key_prefix + job_id, job_key_prefix + job_id,
+            job_id, timestamp_ms(), int(self.in_progress_timeout_s * 1000), int(event_job), RETRY_COUNT_TTL)
+        if claimed is not None and event_job:
+            self._claims[job_id] = _Claim(int(claimed[1]), claimed[2], claimed[3])
+        return claimed  # type: ignore[no-any-return]
 
     async def run_job(self, job_id: str, score: int) -> None:
         claim = self._claims.pop(job_id, None)

@@ -59,32 +59,6 @@ async def test_a_job_another_worker_holds_is_left_alone(client: Any, make_worker
     assert worker.job_counter == 0  # the slot it reserved is free again
 
 
-async def test_the_free_slots_are_filled_with_one_claim_round_trip(client: Any, make_worker: Any,
-                                                                   portal: FakePortal, redis: Any,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    held, *free = [await queued_job(client, portal) for _ in range(5)]
-    await redis.psetex(in_progress_key_prefix + held, 10_000, b"1")  # another worker runs this one
-    worker = await started(make_worker(max_jobs=3))
-    claims: list[list[str]] = []
-    claim = LeasedWorker._claim
-
-    async def recorded_claim(self: LeasedWorker, job_ids: list[str]) -> Any:
-        claims.append(list(job_ids))
-        return await claim(self, job_ids)
-
-    monkeypatch.setattr(LeasedWorker, "_claim", recorded_claim)
-
-    worker.poll_delay_s = 0  # one poll, no waiting for a slot
-    await worker.start_jobs([job_id.encode() for job_id in [held, *free]])
-
-    # Three slots, one round trip; the held job's slot is free again, and filled by the next claim.
-    assert claims == [[held, *free[:2]], [free[2]]]
-    assert sorted(worker.tasks) == sorted(free[:3])
-    assert worker.job_counter == 3
-    await asyncio.gather(*worker.tasks.values())
-    assert worker.job_counter == 0 and not worker.sem.locked()
-
-
 async def test_a_job_put_back_for_later_is_not_started_early(client: Any, make_worker: Any, portal: FakePortal,
                                                             redis: Any) -> None:
     job_id = await queued_job(client, portal)
@@ -199,9 +173,9 @@ async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_ne
     claims_by_poll: list[int] = []
     claim, poll = LeasedWorker._claim, Worker._poll_iteration
 
-    async def counted_claim(self: LeasedWorker, job_ids: list[str]) -> Any:
-        claims_by_poll[-1] += len(job_ids)
-        return await claim(self, job_ids)
+    async def counted_claim(self: LeasedWorker, job_id: str) -> Any:
+        claims_by_poll[-1] += 1
+        return await claim(self, job_id)
 
     async def counted_poll(self: Worker) -> None:
         claims_by_poll.append(0)
@@ -315,9 +289,8 @@ async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
     await worker.start_jobs([job_id.encode()])  # running: waiting for the portal, still in the queue
     claimed: list[str] = []
 
-    async def no_claim(self: LeasedWorker, job_ids: list[str]) -> list[None]:
-        claimed.extend(job_ids)
-        return [None for _ in job_ids]
+    async def no_claim(self: LeasedWorker, job_id: str) -> None:
+        claimed.append(job_id)
 
     monkeypatch.setattr(LeasedWorker, "_claim", no_claim)
 
