@@ -13,7 +13,7 @@ from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 from app.jobs import JobRecord, JobState, JobStore, QueueEntry
 from app.namespace import prefixed
-from app.redis_pool import QuickCheckoutSentinelPool, with_quick_checkout
+from app.redis_pool import LeanSentinelPool, use_lean_pool
 from app.settings import Settings
 
 PROCESS_EVENT = "process_event"
@@ -56,7 +56,7 @@ async def connect(settings: Settings | str) -> ArqRedis:
     if target.sentinel:
         return await _through_sentinels(target)
     redis = await create_pool(target, job_serializer=serialize, job_deserializer=deserialize)
-    await with_quick_checkout(redis)
+    await use_lean_pool(redis)
     return redis
 
 
@@ -75,7 +75,7 @@ async def _through_sentinels(target: RedisSettings) -> ArqRedis:
     sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
                          username=target.username, password=target.password, ssl=target.ssl)
     redis = sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
-                                 connection_pool_class=QuickCheckoutSentinelPool)
+                                 connection_pool_class=LeanSentinelPool)
     redis.job_serializer, redis.job_deserializer = serialize, deserialize
     try:
         await redis.ping()  # as create_pool does: no primary, or a wrong password, fails here

@@ -1,24 +1,86 @@
-"""The quick checkout lends a clean connection without reading from it, and still mends a dirty one.
+"""The service's Redis pool: clean connections lent without a read, dirty ones mended, commands packed in C.
 
 Against a real Redis: a connection the server closed, and one with a reply nobody read, must each be
-replaced before the next command uses them, as redis-py's own (slower) check does.
+replaced before the next command uses them, as redis-py's own (slower) check does; commands packed
+by hiredis must be byte for byte what redis-py's own packer makes.
 """
 from __future__ import annotations
 
 import asyncio
 
+import hiredis
 import pytest
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection, UnixDomainSocketConnection
+from redis.exceptions import DataError
 
+from app.bundled_redis import BundledRedis
+from app.jobs import JobRecord, JobStore
 from app.queue import connect
-from app.redis_pool import QuickCheckout
+from app.redis_pool import LeanConnections, LeanPool
 
 
-async def test_the_service_connects_with_the_quick_checkout(redis_url: str) -> None:
+async def test_the_service_connects_through_the_lean_pool(redis_url: str) -> None:
     redis = await connect(redis_url)
     try:
-        assert isinstance(redis.connection_pool, QuickCheckout)
+        assert isinstance(redis.connection_pool, LeanConnections)
         assert await redis.ping()
+    finally:
+        await redis.aclose()
+
+
+async def test_commands_are_packed_by_hiredis(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    packed: list[tuple[object, ...]] = []
+    pack = hiredis.pack_command
+
+    def counted(args: tuple[object, ...]) -> bytes:
+        packed.append(args)
+        return pack(args)
+
+    monkeypatch.setattr(hiredis, "pack_command", counted)
+    redis = await connect(redis_url)
+    try:
+        await redis.get("b24test:packed")
+        assert packed[-1] == (b"GET", "b24test:packed")
+    finally:
+        await redis.aclose()
+
+
+async def test_the_bundled_redis_is_reached_over_its_socket_through_the_lean_pool(
+        private_redis: BundledRedis) -> None:
+    redis = await connect(private_redis.url)
+    try:
+        assert issubclass(redis.connection_pool.connection_class, UnixDomainSocketConnection)
+        await redis.set("b24test:socket", "ünïcode")
+        assert (await redis.get("b24test:socket")).decode() == "ünïcode"
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("args", [
+    ("GET", "b24test:key"),
+    ("SET", "k", 1766000000.5, "EX", 300, "NX"),
+    ("HINCRBYFLOAT", "b24:metrics", "rest_requests|portal=ünï", 1e-05),
+    ("EVAL", "return 1", 2, "k1", b"k2\x00\xff", 10**20, -3, float("inf")),
+    ("CLIENT KILL", "ID", 7),  # a two-word command name, split as redis-py splits it
+])
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+    lean = LeanPool().connection_class()
+    assert b"".join(lean.pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+@pytest.mark.parametrize("bad", [True, None, [1]])
+def test_a_value_redis_cannot_take_is_refused_as_redis_py_refuses_it(bad: object) -> None:
+    with pytest.raises(DataError):
+        LeanPool().connection_class().pack_command("SET", "k", bad)
+
+
+async def test_a_job_record_saved_through_the_lean_pool_reads_back_the_same(redis_url: str) -> None:
+    redis = await connect(redis_url)
+    store = JobStore(redis, 600)
+    record = JobRecord.for_event("acme", "ONCRMACTIVITYADD", 42, "1766000000")
+    try:
+        await store.save(record)
+        assert await store.get(record.id) == record
     finally:
         await redis.aclose()
 
