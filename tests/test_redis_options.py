@@ -36,6 +36,7 @@ from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bundled_redis import with_redis
 from app.jobs import feed_channel
 from app.queue import connect, redis_settings
+from app.redis_pool import LeanConnections
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.web import create_app
@@ -147,6 +148,7 @@ async def test_the_web_app_a_worker_and_a_command_find_redis_through_sentinel(
         await redis.aclose()
 
     assert isinstance(redis.connection_pool, SentinelConnectionPool)
+    assert isinstance(redis.connection_pool, LeanConnections)  # the same savings behind Sentinel
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
     with sync_redis.Redis(port=sentinel.primary_port, password=PASSWORD, db=DATABASE) as primary:
         assert primary.exists(f"b24:job:{answer['job_id']}")  # on the primary, in REDIS_URL's database
