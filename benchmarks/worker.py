@@ -5,8 +5,8 @@
 Each job is ONCRMACTIVITYADD for an activity bound to a converted lead: read its bindings, the lead and
 what it became, then bind the contact and company and unbind the lead. The fake portal (rate limit off)
 runs in its own process on one core, the worker (as `b24rebind worker` builds it) on another; the
-baseline in the same run is a plain arq worker with as many slots, polling every 10 ms (its fastest),
-running a no-op function over the same queued jobs. Also reports
+baseline in the same run is a plain arq worker (arq's own Redis pool) with as many slots, polling every
+10 ms (its fastest), running a no-op function over the same queued jobs. Also reports
 resident memory of each worker before any job and after the run. Redis is a redis-server of the
 benchmark's own, on the fake portal's core. Baseline and service take turns for --rounds rounds and
 the table shows the medians.
@@ -66,7 +66,8 @@ async def portal(jobs: int) -> None:
 
 async def work(kind: str, rest_url: str, profile: str) -> None:
     """Build the worker, report memory, wait for `go` on stdin, then drain the queue (burst) and report."""
-    from arq import Worker, func
+    from arq import Worker, create_pool, func
+    from arq.connections import RedisSettings
 
     from app.queue import PROCESS_EVENT, connect, deserialize, serialize
     from workers.main import build_worker
@@ -77,13 +78,16 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     settings = bench_settings()
     # Logging as `b24rebind worker` sets it up, for both: arq logs each job too.
     logs.configure(settings.log_level, [s for p in bench_rules().portals.values() for s in p.secrets()])
-    redis = await connect(settings.redis_url or "")
     options: dict[str, Any] = {"burst": True, "handle_signals": False}
     # The service as shipped (build_worker's own poll delay and slots); the baseline as fast as arq goes:
     # polling every 10 ms, since with its default 0.5 s it starts at most max_jobs jobs a half second.
     if kind == "service":
+        redis = await connect(settings.redis_url or "")
         worker = build_worker(settings, bench_rules(rest_url), redis, **options)
-    else:
+    else:  # arq as it comes: its own Redis pool (redis-py's) too
+        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url or ""), job_serializer=serialize,
+                                  job_deserializer=deserialize)
+
         async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             return "succeeded"
 
