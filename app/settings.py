@@ -58,7 +58,7 @@ class Settings(BaseSettings):
         description="Addresses (or networks) allowed to post events; empty allows any.",
     )
     worker_jobs: int = Field(
-        default=20, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
+        default=40, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
         description="Jobs one worker process runs at once; they mostly wait for the portal, so a few dozen "
                     "cost little, and concurrent jobs share their calls to a portal.",
     )

@@ -1,6 +1,6 @@
 """Batches that concurrent jobs of one process send to one portal, sent together in one `batch` call.
 
-A worker runs up to 20 jobs at once (`B24_WORKER_JOBS`), and most of them read an activity, its
+A worker runs up to 40 jobs at once (`B24_WORKER_JOBS`), and most of them read an activity, its
 bindings and its lead, then write a few bindings. While one job's call is on its way to a portal, the
 calls other jobs ask for wait and leave together in the next one, up to 50 commands: under load the
 portal sees one request where it would have seen several (at 2 requests a second that is the whole
