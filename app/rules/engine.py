@@ -106,30 +106,22 @@ def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:
 def _condition_fails(when: When, facts: Facts, activity: Activity) -> str | None:
     """The first condition of `when` that does not hold, in words; None when all hold."""
     # The words are made only for a condition that fails: most hold, for every rule and activity.
-    checks = [
-        (when.portal is not None, lambda: facts.portal in (when.portal or []),
-         lambda: f"the portal is {facts.portal}"),
-        (when.bound_to is not None, lambda: bool(activity.bound_to(EntityType[str(when.bound_to).upper()])),
-         lambda: f"the activity is not bound to a {when.bound_to}"),
-        (when.kind is not None, lambda: any(_is_kind(activity, k) for k in when.kind or []),
-         lambda: f"the activity is a {_kind_of(activity)}, not {', '.join(when.kind or [])}"),
-        (when.direction is not None, lambda: _direction(activity) == when.direction,
-         lambda: f"the activity is {_direction(activity) or 'without direction'}, not {when.direction}"),
-        (when.responsible is not None, lambda: activity.responsible_id in (when.responsible or []),
-         lambda: f"the responsible user is {activity.responsible_id}"),
-        (when.subject_contains is not None,
-         lambda: str(when.subject_contains).lower() in activity.subject.lower(),
-         lambda: f"the subject does not contain {when.subject_contains!r}"),
-        (when.subject_matches is not None,
-         lambda: re.search(str(when.subject_matches), activity.subject) is not None,
-         lambda: f"the subject does not match {when.subject_matches!r}"),
-        (when.lead_status is not None, lambda: bool(_leads_in_scope(when, facts, activity)),
-         lambda: f"its lead's status is {_lead_statuses(facts, activity)}, "
-                 f"not {', '.join(when.lead_status or [])}"),
-    ]
-    for given, holds, reason in checks:
-        if given and not holds():
-            return reason()
+    if when.portal is not None and facts.portal not in when.portal:
+        return f"the portal is {facts.portal}"
+    if when.bound_to is not None and not activity.bound_to(EntityType[str(when.bound_to).upper()]):
+        return f"the activity is not bound to a {when.bound_to}"
+    if when.kind is not None and not any(_is_kind(activity, k) for k in when.kind):
+        return f"the activity is a {_kind_of(activity)}, not {', '.join(when.kind)}"
+    if when.direction is not None and _direction(activity) != when.direction:
+        return f"the activity is {_direction(activity) or 'without direction'}, not {when.direction}"
+    if when.responsible is not None and activity.responsible_id not in when.responsible:
+        return f"the responsible user is {activity.responsible_id}"
+    if when.subject_contains is not None and str(when.subject_contains).lower() not in activity.subject.lower():
+        return f"the subject does not contain {when.subject_contains!r}"
+    if when.subject_matches is not None and re.search(str(when.subject_matches), activity.subject) is None:
+        return f"the subject does not match {when.subject_matches!r}"
+    if when.lead_status is not None and not _leads_in_scope(when, facts, activity):
+        return f"its lead's status is {_lead_statuses(facts, activity)}, not {', '.join(when.lead_status)}"
     if when.any is not None:
         reasons = [_condition_fails(option, facts, activity) for option in when.any]
         if all(reasons):
