@@ -4,7 +4,8 @@
         [--asyncio-loop]
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
-baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue. Each is a
+baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue, on arq's
+own Redis pool. Each is a
 child process pinned to one core; the load generator (aiohttp client) is another child on another
 core. Redis is a redis-server of the benchmark's own, pinned to the load generator's core so the
 server under test has its core to itself, flushed before each phase. Besides rates and latency it
@@ -129,10 +130,13 @@ async def serve(kind: str, port: int, profile: str = "") -> None:
 
 
 def baseline_app(redis_url: str) -> Any:
-    """A bare handler: read the form, enqueue the same arq job, answer its id. Nothing else."""
+    """A bare handler: read the form, enqueue the same arq job, answer its id. Nothing else: arq as it
+    comes, on its own Redis pool (redis-py's; the service's lean pool is part of what is measured)."""
     from aiohttp import web
+    from arq import create_pool
+    from arq.connections import RedisSettings
 
-    from app.queue import PROCESS_EVENT, connect
+    from app.queue import PROCESS_EVENT, deserialize, serialize
 
     async def receive(request: web.Request) -> web.Response:
         form = await request.post()
@@ -145,7 +149,8 @@ def baseline_app(redis_url: str) -> Any:
         return web.json_response({"status": "ok"})
 
     async def redis_context(app: web.Application) -> Any:
-        app["redis"] = await connect(redis_url)
+        app["redis"] = await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=serialize,
+                                         job_deserializer=deserialize)
         yield
         await app["redis"].aclose()
 
