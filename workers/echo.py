@@ -13,8 +13,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app.namespace import prefixed
-
 from app.rules.facts import Activity, Binding
+from workers.joined_reads import JoinedReads
 
 ECHO_SECONDS = 300  # the portal's event queue delivers within seconds; minutes is a generous margin
 CHANGE_WINDOW_SECONDS = 3600
@@ -30,12 +30,14 @@ def fingerprint(bindings: tuple[Binding, ...] | list[Binding] | list[str]) -> st
 class ChangeLog:
     """What the service just did to each activity, kept briefly in Redis."""
 
-    def __init__(self, redis: Redis, portal: str) -> None:
+    def __init__(self, redis: Redis, portal: str, reads: JoinedReads | None = None) -> None:
         self._redis = redis
         self._portal = portal
+        # A worker's jobs read together (one MGET for every job resumed in one turn of the loop).
+        self._read = reads.get if reads is not None else redis.mget
 
     async def is_echo(self, activity: Activity) -> bool:
-        stored = await self._redis.get(self._key("applied", activity.id))
+        [stored] = await self._read([self._key("applied", activity.id)])
         return stored is not None and stored.decode() == fingerprint(activity.bindings)
 
     async def record(self, activity_id: int, after: tuple[Binding, ...]) -> None:
@@ -54,7 +56,7 @@ class ChangeLog:
         """The activities this service already changed too often in the last hour."""
         if not activity_ids:
             return set()
-        counts = await self._redis.mget([self._key("changes", i) for i in activity_ids])
+        counts = await self._read([self._key("changes", i) for i in activity_ids])
         return {i for i, count in zip(activity_ids, counts) if count and int(count) >= MAX_CHANGES_PER_WINDOW}
 
     def _key(self, what: str, activity_id: int) -> str:

@@ -17,6 +17,7 @@ from app.namespace import prefixed
 from app.queue import LIVE_QUEUE, PROCESS_EVENT, SWEEP_CRON, deserialize, serialize
 from app.rules.model import RuleSet
 from app.settings import Settings
+from workers.joined_reads import JoinedReads
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event
@@ -43,12 +44,15 @@ async def startup(ctx: dict[str, Any]) -> None:
     # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
     ctx.setdefault("budget_reads", BudgetReads())
     ctx.setdefault("shared_batches", {})  # (portal, low priority) -> SharedBatches
+    ctx.setdefault("joined_reads", JoinedReads(ctx["redis"]))
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     for shared in ctx.get("shared_batches", {}).values():
         await shared.close()
+    if "joined_reads" in ctx:
+        await ctx["joined_reads"].close()
     await ctx["http"].close()
 
 

@@ -81,7 +81,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     client = portal_client(ctx, portal, low_priority=record.trigger == "backfill")
     delays = ctx.get("retry_delays", RETRY_DELAYS)
     earlier_changes = record.changes
-    changes = ChangeLog(ctx["redis"], portal.name)
+    changes = ChangeLog(ctx["redis"], portal.name, ctx.get("joined_reads"))
     running = RunningMark(store, record)
     lock = LeadLock(ctx["redis"], portal.name, ttl=JOB_TIMEOUT)
     try:
