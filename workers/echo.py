@@ -19,6 +19,14 @@ from workers.joined_reads import JoinedReads
 ECHO_SECONDS = 300  # the portal's event queue delivers within seconds; minutes is a generous margin
 CHANGE_WINDOW_SECONDS = 3600
 MAX_CHANGES_PER_WINDOW = 4  # a conversion changes an activity once or twice; more is a loop
+# The new state's fingerprint, and one more change counted in the hour's window, whose expiry the
+# first change sets (SET NX; INCR keeps it; EXPIRE NX would need Redis 7). One command in a job's
+# last pipeline instead of three.
+_RECORD = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], 0, 'EX', ARGV[3], 'NX')
+return redis.call('INCR', KEYS[2])
+"""
 
 
 def fingerprint(bindings: tuple[Binding, ...] | list[Binding] | list[str]) -> str:
@@ -47,10 +55,8 @@ class ChangeLog:
 
     def stage_record(self, pipe: Any, activity_id: int, after: tuple[Binding, ...] | list[str]) -> None:
         """`record` as part of a pipeline: a job's last writes reach Redis in one round trip."""
-        pipe.set(self._key("applied", activity_id), fingerprint(after), ex=ECHO_SECONDS)
-        # SET NX starts the window once; INCR keeps its expiry (EXPIRE NX needs Redis 7).
-        pipe.set(self._key("changes", activity_id), 0, ex=CHANGE_WINDOW_SECONDS, nx=True)
-        pipe.incr(self._key("changes", activity_id))
+        pipe.eval(_RECORD, 2, self._key("applied", activity_id), self._key("changes", activity_id),
+                  fingerprint(after), ECHO_SECONDS, CHANGE_WINDOW_SECONDS)
 
     async def looping(self, activity_ids: list[int]) -> set[int]:
         """The activities this service already changed too often in the last hour."""

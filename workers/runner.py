@@ -54,6 +54,14 @@ redis.call('EXPIRE', KEYS[4], ARGV[5])
 return {score, try, redis.call('GET', KEYS[5]), redis.call('GET', KEYS[3])}
 """
 
+# What arq's finish_job deletes for a job that has ended (its in-progress mark, try count, data, abort
+# request and queue entry), without the result it would store: one command instead of three.
+_CLOSE = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return redis.call('ZREM', KEYS[5], ARGV[1])
+"""
+
 # A job ready to run: its function, arguments, keyword arguments and ctx.
 _Start = tuple[Function | CronJob, tuple[Any, ...], dict[str, Any], dict[str, Any]]
 
@@ -90,9 +98,8 @@ class JobClosing:
 
     def stage(self, pipe: Pipeline) -> None:
         job_id = self._job_id
-        pipe.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id)
-        pipe.zrem(abort_jobs_ss, job_id)
-        pipe.zrem(self._queue_name, job_id)
+        pipe.eval(_CLOSE, 5, in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id,
+                  abort_jobs_ss, self._queue_name, job_id)
         self.staged = True
 
 
