@@ -74,12 +74,21 @@ def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, **HEADER_LIMITS)
 
 
+class CannotListen(Exception):
+    """The web process cannot take its address; the message says what to do."""
+
+
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
     runner = web_runner(settings, rules)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # most often the port is taken: by another b24rebind, say
+        raise CannotListen(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}. Stop what "
+                           "uses that port (another b24rebind?), or set B24_PORT (and B24_HOST) to a free "
+                           "address.") from None
     host, port = runner.addresses[0][:2]
     url = f"http://{host}:{port}"
     log.info("listening on %s; portals post events to %s/bitrix/events", url, url)

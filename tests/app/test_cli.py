@@ -1,6 +1,7 @@
-"""The `b24rebind` command's rules check, as a user runs it."""
+"""The `b24rebind` command as a user runs it: its rules check, and its errors at startup."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,16 @@ def test_the_service_refuses_to_start_on_an_invalid_rules_file(tmp_path: Path) -
 
     assert result.returncode == 1
     assert "rules.yaml:2:1: not valid YAML" in result.stderr
+
+
+def test_the_service_says_so_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = b24rebind("run", cwd=tmp_path, env={"B24_PORT": str(port), "B24_DATA_DIR": str(tmp_path)})
+
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "B24_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
