@@ -22,6 +22,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.connection import HiredisRespSerializer
+from redis.utils import HIREDIS_AVAILABLE
 
 _PACKER = HiredisRespSerializer()
 
@@ -57,7 +58,7 @@ class _PackingInC:
 @functools.cache
 def _packing_in_c(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
     """The pool's own connection class (plain, TLS, unix socket, sentinel-managed), packing in C."""
-    if issubclass(connection_class, _PackingInC):
+    if issubclass(connection_class, _PackingInC) or not HIREDIS_AVAILABLE:  # without hiredis: as redis-py packs
         return connection_class
     return type(connection_class.__name__, (_PackingInC, connection_class), {})
 
