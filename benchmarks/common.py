@@ -52,6 +52,17 @@ def event_body(entity_id: int, ts: int, event: str = "ONCRMACTIVITYADD") -> byte
                       "auth[application_token]": TOKEN}).encode()
 
 
+async def plain_arq_redis(url: str) -> Any:
+    """arq as it comes, for the baselines: its own `create_pool` (redis-py's pool, not the service's lean
+    one, which is part of what the benchmarks measure), with the service's job serializer."""
+    from arq import create_pool
+    from arq.connections import RedisSettings
+
+    from app.queue import deserialize, serialize
+
+    return await create_pool(RedisSettings.from_dsn(url), job_serializer=serialize, job_deserializer=deserialize)
+
+
 def flush_bench_db() -> None:
     """Empty db 14 (only the benchmark's own database; never another)."""
     url = bench_redis_url()

@@ -5,9 +5,8 @@
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
 baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue, on arq's
-own Redis pool. Each is a
-child process pinned to one core; the load generator (aiohttp client) is another child on another
-core. Redis is a redis-server of the benchmark's own, pinned to the load generator's core so the
+own Redis pool. Each is a child process pinned to one core; the load generator (aiohttp client) is
+another child on another core. Redis is a redis-server of the benchmark's own, pinned to the load generator's core so the
 server under test has its core to itself, flushed before each phase. Besides rates and latency it
 reports the load generator's own lateness and the garbage collector's pauses during the 1,000/s phase:
 the two usual suspects when a latency tail appears.
@@ -35,6 +34,7 @@ from benchmarks.common import (
     median_of,
     pinned_redis,
     pin_to_core,
+    plain_arq_redis,
     read_json_line,
     rss_mb,
     spawn,
@@ -133,10 +133,8 @@ def baseline_app(redis_url: str) -> Any:
     """A bare handler: read the form, enqueue the same arq job, answer its id. Nothing else: arq as it
     comes, on its own Redis pool (redis-py's; the service's lean pool is part of what is measured)."""
     from aiohttp import web
-    from arq import create_pool
-    from arq.connections import RedisSettings
 
-    from app.queue import PROCESS_EVENT, deserialize, serialize
+    from app.queue import PROCESS_EVENT
 
     async def receive(request: web.Request) -> web.Response:
         form = await request.post()
@@ -149,8 +147,7 @@ def baseline_app(redis_url: str) -> Any:
         return web.json_response({"status": "ok"})
 
     async def redis_context(app: web.Application) -> Any:
-        app["redis"] = await create_pool(RedisSettings.from_dsn(redis_url), job_serializer=serialize,
-                                         job_deserializer=deserialize)
+        app["redis"] = await plain_arq_redis(redis_url)
         yield
         await app["redis"].aclose()
 

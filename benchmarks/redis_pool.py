@@ -21,7 +21,7 @@ from typing import Any
 from app import loop
 from app.jobs import JobRecord, JobStore
 from app.queue import connect
-from benchmarks.common import bench_redis_url, flush_bench_db, pin_to_core, pinned_redis
+from benchmarks.common import bench_redis_url, flush_bench_db, pin_to_core, pinned_redis, plain_arq_redis
 
 POOLS = ("redis-py's pool", "lean pool")
 TASKS = 20
@@ -42,14 +42,8 @@ COMMANDS = {"GET": get, "job record save (EVAL)": record_save}
 
 async def cpu_per_command(pool: str, command: str, commands: int) -> float:
     """Microseconds of this process's CPU per command."""
-    from arq import create_pool
-    from arq.connections import RedisSettings
-
-    from app.queue import deserialize, serialize
-
     url = bench_redis_url()
-    redis = await connect(url) if pool == "lean pool" else \
-        await create_pool(RedisSettings.from_dsn(url), job_serializer=serialize, job_deserializer=deserialize)
+    redis = await connect(url) if pool == "lean pool" else await plain_arq_redis(url)
     send = COMMANDS[command](redis)
 
     async def client(task: int) -> None:

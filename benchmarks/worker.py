@@ -31,6 +31,7 @@ from benchmarks.common import (
     median_of,
     pin_to_core,
     pinned_redis,
+    plain_arq_redis,
     read_json_line,
     rss_mb,
     spawn,
@@ -66,8 +67,7 @@ async def portal(jobs: int) -> None:
 
 async def work(kind: str, rest_url: str, profile: str) -> None:
     """Build the worker, report memory, wait for `go` on stdin, then drain the queue (burst) and report."""
-    from arq import Worker, create_pool, func
-    from arq.connections import RedisSettings
+    from arq import Worker, func
 
     from app.queue import PROCESS_EVENT, connect, deserialize, serialize
     from workers.main import build_worker
@@ -85,8 +85,7 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
         redis = await connect(settings.redis_url or "")
         worker = build_worker(settings, bench_rules(rest_url), redis, **options)
     else:  # arq as it comes: its own Redis pool (redis-py's) too
-        redis = await create_pool(RedisSettings.from_dsn(settings.redis_url or ""), job_serializer=serialize,
-                                  job_deserializer=deserialize)
+        redis = await plain_arq_redis(settings.redis_url or "")
 
         async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             return "succeeded"
