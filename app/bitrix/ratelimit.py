@@ -14,6 +14,8 @@ from redis.asyncio import Redis
 
 from app.namespace import prefixed
 
+# Times are kept to the microsecond: Lua's tostring keeps 14 digits, 0.1 ms of a Unix time, and a
+# time rounded up made the next call's elapsed time negative and the bucket fuller than it was.
 # Returns the seconds to wait (as a string: Lua numbers become integers on the way out) and the
 # slots taken: one, or while the bucket is less than half full up to ARGV[4] more, for the caller to
 # use within CREDIT_SECONDS. While a portal has recently refused us, the drain rate is halved.
@@ -25,7 +27,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local level = tonumber(redis.call('HGET', KEYS[1], 'level') or '0')
 local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or tostring(now))
-level = math.max(0, level - (now - since) * rate)
+level = math.max(0, level - math.max(0, now - since) * rate)
 local wait, taken = 0, 0
 if level + 1 <= burst then
   taken = 1 + math.max(0, math.min(tonumber(ARGV[4] or '0'), math.floor(burst / 2 - level - 1)))
@@ -33,14 +35,14 @@ if level + 1 <= burst then
 else
   wait = (level + 1 - burst) / rate
 end
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', string.format('%.6f', now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
 return {tostring(wait), taken}
 """
 
 _FILL_BUCKET = """
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'level', ARGV[1], 'ts', tostring(tonumber(t[1]) + tonumber(t[2]) / 1000000))
+redis.call('HSET', KEYS[1], 'level', ARGV[1], 'ts', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return 1
 """

@@ -131,6 +131,21 @@ async def test_prefixes_keep_installations_apart(redis: ArqRedis) -> None:
     assert one.stats.waits == 0 and two.stats.waits == 0
 
 
+async def test_a_bucket_stamped_later_than_now_is_not_fuller_for_it(redis: ArqRedis) -> None:
+    # Lua's tostring kept 0.1 ms of a Unix time: a stamp rounded up made the next call's elapsed
+    # time negative, the bucket fuller than it was, and a caller within the burst waited.
+    seconds, micros = await redis.time()
+    await redis.hset("b24:rate:acme", mapping={"level": "1", "ts": f"{seconds + micros / 1e6 + 1:.6f}"})
+    limiter = RateLimiter(redis, headroom=0)
+
+    await limiter.acquire("acme", 1.0, 2)
+
+    assert limiter.stats.waits == 0
+    assert await level(redis) == pytest.approx(2.0)
+    stamp = (await redis.hget("b24:rate:acme", "ts")).decode()
+    assert len(stamp.split(".")[1]) == 6  # kept to the microsecond
+
+
 async def test_bucket_keys_expire(redis: ArqRedis) -> None:
     limiter = RateLimiter(redis, headroom=0)
     await limiter.acquire("acme", 2.0, 50)
