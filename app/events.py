@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import parse_qsl
-
 from pydantic import BaseModel
 
-from app.bitrix.query import parse_php_query
+from app.bitrix.query import parse_php_query, parse_query_pairs
 
 MAX_FIELDS = 200  # a real event has about ten; more is an attack or a mistake
 FORM = "application/x-www-form-urlencoded"
@@ -43,10 +41,10 @@ class PortalEvent(BaseModel):
         if not isinstance(fields, dict):
             raise BadEvent("missing 'data[FIELDS][ID]': the id of the record the event is about")
         entity = _text(fields, "ID", "data[FIELDS][ID]")
-        if not entity.isdigit() or len(entity) > 18:
+        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18:  # isdigit() passes "¹", which int() refuses
             raise BadEvent("'data[FIELDS][ID]' must be a positive whole number")
         ts = str(data.get("ts", ""))[:20]
-        return cls(name=event.upper(), entity_id=int(entity), ts=ts if ts.isdigit() else "",
+        return cls(name=event.upper(), entity_id=int(entity), ts=ts if ts.isascii() and ts.isdigit() else "",
                    handler_id=str(data.get("event_handler_id", ""))[:20],
                    domain=_text(auth, "domain", "auth[domain]").lower(),
                    member_id=str(auth.get("member_id", ""))[:64],
@@ -60,7 +58,7 @@ def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
         raise BadEvent("the body is not UTF-8 text") from None
     if content_type == FORM:
         try:
-            pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+            pairs = parse_query_pairs(text, max_fields=MAX_FIELDS)
         except ValueError:
             raise BadEvent(f"more than {MAX_FIELDS} fields; a portal's event has about ten") from None
         try:

@@ -118,7 +118,7 @@ async def drain_offline(client: RestClient, queue: JobQueue, events: set[str]) -
         for event in batch:
             name = str(event.get("EVENT_NAME", "")).upper()
             entity = str(((event.get("EVENT_DATA") or {}).get("FIELDS") or {}).get("ID", ""))
-            if name in events and entity.isdigit():
+            if name in events and entity.isascii() and entity.isdigit():
                 record = JobRecord.for_event(client.portal.name, name, int(entity), f"offline:{event.get('MESSAGE_ID')}")
                 if await queue.submit(record.model_copy(update={"trigger": "offline"})):
                     result.queued.append(record.id)

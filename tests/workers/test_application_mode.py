@@ -92,6 +92,7 @@ async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_qu
     made = portal.convert_lead(lead)
     portal.add_offline_event("ONCRMLEADUPDATE", lead)  # the service was down when it happened
     portal.add_offline_event("ONCRMDEALUPDATE", 77)  # no rule listens to it
+    portal.add_offline_event("ONCRMLEADUPDATE", "\u00b9")  # type: ignore[arg-type]  # "¹": isdigit() but no id
 
     worker = make_worker(rules=rules)
     async with aiohttp.ClientSession() as http:
