@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, unquote_plus
 
 
 def http_build_query(params: dict[str, Any]) -> str:
@@ -27,6 +27,28 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, str]]) -> None:
         out.append((prefix, ""))
     else:
         out.append((prefix, str(value)))
+
+
+def parse_query_pairs(text: str, *, max_fields: int) -> list[tuple[str, str]]:
+    """`urllib.parse.parse_qsl(text, keep_blank_values=True)`, at half its cost for a portal's event.
+
+    parse_qsl unquotes each key and value on its own, and that is most of an event's parsing. Here
+    the fields are split first and unquoted in one call, joined by NUL: a separator no escape can
+    produce unless the text holds `%00`, which goes the slow way. Raises ValueError over `max_fields`.
+    """
+    if text.count("&") >= max_fields:
+        raise ValueError(f"more than {max_fields} fields")
+    if "%00" in text:
+        return parse_qsl(text, keep_blank_values=True)
+    parts: list[str] = []
+    for field in text.split("&"):
+        if field:
+            key, _, value = field.partition("=")
+            parts += (key, value)
+    if not parts:
+        return []
+    decoded = unquote_plus("\0".join(parts)).split("\0")
+    return list(zip(decoded[::2], decoded[1::2]))
 
 
 def parse_php_query(pairs: Iterable[tuple[str, str]], *, max_depth: int = 8) -> dict[str, Any]:
