@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import orjson
 from arq.constants import job_key_prefix, result_key_prefix
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
@@ -269,7 +269,7 @@ class JobStore:
         keys = [record_key, *arq_keys, prefixed(INDEXES), prefixed(JOB_INDEX), *record.index_keys()]
         args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
                 entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),
-                json.dumps(record.summary()), int(entry is not None)]
+                orjson.dumps(record.summary()), int(entry is not None)]
         return bool(await self._create(keys=keys, args=args))
 
     async def save(self, record: JobRecord) -> None:
@@ -284,7 +284,7 @@ class JobStore:
         keys = [prefixed(JOB_KEY + record.id), prefixed(JOB_INDEX), prefixed(INDEXES), *states, *record.index_keys()]
         # Subscribers see each transition in the order the saves happen.
         args = [record.model_dump_json(), self._ttl, record.id, record.received_at, feed_channel(self._redis),
-                json.dumps(record.summary()), len(states)]
+                orjson.dumps(record.summary()), len(states)]
         return [len(keys), *keys, *args]
 
     async def get(self, job_id: str) -> JobRecord | None:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from contextvars import ContextVar
 
+import orjson
+
 from app.queue import SWEEP_CRON
 
 MASK = "***"
@@ -30,10 +32,8 @@ class SecretMask(logging.Filter):
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = mask(message, self.secrets)
-        if masked != message:
-            record.msg, record.args = masked, None
+        # The masked text replaces the template and its arguments, so no later step formats it again.
+        record.msg, record.args = mask(record.getMessage(), self.secrets), None
         return True
 
 
@@ -69,7 +69,10 @@ class JsonFormatter(logging.Formatter):
             entry["job_id"] = record.job_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        try:
+            return orjson.dumps(entry).decode()
+        except orjson.JSONEncodeError:  # a lone surrogate, from a JSON body's "\ud800": json escapes it
+            return json.dumps(entry)
 
 
 def configure(level: str, secrets: Iterable[str] = ()) -> None:

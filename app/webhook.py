@@ -5,6 +5,7 @@ import hmac
 import ipaddress
 import logging
 
+import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -34,6 +35,7 @@ async def receive_event(request: web.Request) -> web.Response:
         data = decode_body(request.content_type, await request.read())
         if str(data.get("event", "")).upper() == INSTALL_EVENT:
             status, answer = await accept_install(request.app[redis_key], request.app[rules_key].current, data)
+            request[EVENT_LABELS] = ("-", INSTALL_EVENT, "installed")
             return _answer(status, **answer)
         event = PortalEvent.from_mapping(data)
     except web.HTTPRequestEntityTooLarge:  # the app's client_max_size is MAX_BODY
@@ -55,8 +57,8 @@ async def receive_event(request: web.Request) -> web.Response:
                     else "application_token or member_id does not match the rules file")
         return _answer(401, error="unknown portal or wrong application_token; check the outbound webhook's "
                                   "token and the portal's domain in the rules file")
-    request[EVENT_LABELS] = (portal.name, event.name)
     if event.name not in rules.events():
+        request[EVENT_LABELS] = (portal.name, event.name, "ignored")
         return _answer(200, ignored=f"no rule listens to {event.name}")
 
     record = JobRecord.for_event(portal.name, event.name, event.entity_id, event.ts, event.handler_id)
@@ -66,6 +68,7 @@ async def receive_event(request: web.Request) -> web.Response:
         return await _spool(request, record)
     log.info("queued job %s: %s %s on %s%s", record.id, event.name, event.entity_id, portal.name,
              "" if created else " (duplicate delivery, nothing new queued)")
+    request[EVENT_LABELS] = (portal.name, event.name, "queued" if created else "duplicate")
     return _answer(200, job_id=record.id, duplicate=not created)
 
 
@@ -81,6 +84,7 @@ async def _spool(request: web.Request, record: JobRecord) -> web.Response:
         return _answer(503, error="the queue is unreachable; the event was not accepted. Check Redis.")
     log.warning("Redis is unreachable: spooled job %s (%s %s on %s) to disk", record.id, record.event,
                 record.entity_id, record.portal)
+    request[EVENT_LABELS] = (record.portal, record.event, "spooled")
     return _answer(200, job_id=record.id, spooled=True)
 
 
@@ -96,4 +100,4 @@ def _source_allowed(request: web.Request) -> bool:
 
 
 def _answer(status: int, **body: object) -> web.Response:
-    return web.json_response(body, status=status)
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", charset="utf-8")
