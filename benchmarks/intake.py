@@ -1,7 +1,7 @@
 """Intake benchmark: events/s one web process accepts on one core, and latency at 1,000 events/s.
 
     .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8] [--rounds 3]
-        [--asyncio-loop]
+        [--asyncio-loop] [--catch-stalls]
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
 baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue, on arq's
@@ -19,7 +19,9 @@ import gc
 import json
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -55,27 +57,33 @@ class Pauses:
     The first SIGUSR1 starts watching, the second prints a JSON line and stops.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, catch_stalls: bool = False) -> None:
         self._started = 0.0
         self.pauses: list[tuple[int, float]] = []
         self._ticker: asyncio.Task[float] | None = None
+        self._catcher = StallCatcher() if catch_stalls else None
         gc.callbacks.append(self._note)
 
     def toggle(self) -> None:
         if self._ticker is None:
             self.pauses = []
-            self._ticker = asyncio.create_task(self._longest_stall())
+            self._ticker = asyncio.create_task(self._longest_stall(self._catcher))
+            if self._catcher is not None:
+                self._catcher.start()
         else:
-            self._ticker.add_done_callback(lambda done: self.report(done.result()))
+            caught = self._catcher.stop() if self._catcher is not None else {}
+            self._ticker.add_done_callback(lambda done: self.report(done.result(), caught))
             self._ticker.cancel()
 
     @staticmethod
-    async def _longest_stall() -> float:
+    async def _longest_stall(catcher: StallCatcher | None) -> float:
         """Sleep 1 ms over and over; how much later than asked a wake-up comes is a stall."""
         longest = 0.0
         try:
             while True:
                 asked = time.perf_counter()
+                if catcher is not None:
+                    catcher.beat = asked
                 await asyncio.sleep(0.001)
                 longest = max(longest, time.perf_counter() - asked - 0.001)
         except asyncio.CancelledError:
@@ -87,15 +95,66 @@ class Pauses:
         else:
             self.pauses.append((info["generation"], time.perf_counter() - self._started))
 
-    def report(self, longest_stall: float) -> None:
+    def report(self, longest_stall: float, caught: dict[str, Any]) -> None:
         full = [seconds for generation, seconds in self.pauses if generation == 2]
         print(json.dumps({"gc": {"collections": len(self.pauses), "full": len(full),
                                  "longest_ms": 1000 * max((s for _, s in self.pauses), default=0.0),
-                                 "stall_ms": 1000 * longest_stall}}), flush=True)
+                                 "stall_ms": 1000 * longest_stall, **caught}}), flush=True)
 
 
 
-async def serve(kind: str, port: int, profile: str = "") -> None:
+class StallCatcher:
+    """What the event loop's thread is doing while the loop is stalled (`--catch-stalls`).
+
+    A thread looks every millisecond at the ticker's last beat; once it is over 5 ms old it takes
+    the main thread's stack, and again each further 5 ms the stall lasts. Stacks are counted by
+    their innermost frames. A diagnostic only: the thread takes the GIL a thousand times a second.
+    """
+
+    THRESHOLD = 0.005
+
+    def __init__(self) -> None:
+        self.beat = time.perf_counter()
+        self._main = threading.main_thread().ident
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stacks: dict[str, int] = {}
+        self.stalls = 0
+
+    def start(self) -> None:
+        self.stacks, self.stalls = {}, 0
+        self._running.set()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._running.clear()
+        if self._thread is not None:
+            self._thread.join()
+        return {"stalls": self.stalls, "stacks": sorted(self.stacks.items(), key=lambda item: -item[1])[:15]}
+
+    def _watch(self) -> None:
+        stalled_beat, taken = 0.0, 0
+        while self._running.is_set():
+            time.sleep(0.001)
+            beat = self.beat
+            if beat != stalled_beat:
+                taken = 0
+            if time.perf_counter() - beat < self.THRESHOLD * (taken + 1):
+                continue
+            if taken == 0:
+                stalled_beat = beat
+                self.stalls += 1
+            taken += 1
+            frame = sys._current_frames().get(self._main)
+            if frame is not None:
+                frames = traceback.extract_stack(frame)[-7:]
+                key = f">{taken * 5}ms " + " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                                      for f in reversed(frames))
+                self.stacks[key] = self.stacks.get(key, 0) + 1
+
+
+async def serve(kind: str, port: int, profile: str = "", catch_stalls: bool = False) -> None:
     from aiohttp import web
 
     from app import logs
@@ -115,7 +174,7 @@ async def serve(kind: str, port: int, profile: str = "") -> None:
     print(json.dumps({"ready": kind, "core": core}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, Pauses().toggle)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, Pauses(catch_stalls).toggle)
     profiler = None
     if profile:
         from pyinstrument import Profiler
@@ -232,7 +291,8 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     flush_bench_db()
     port = free_port()
     server = spawn("benchmarks.intake", "serve", kind, str(port), args.profile if kind == "service" else "",
-                   *(["--asyncio-loop"] if args.asyncio_loop else []))
+                   *(["--asyncio-loop"] if args.asyncio_loop else []),
+                   *(["--catch-stalls"] if args.catch_stalls else []))
     try:
         ready = read_json_line(server)
         wait_for_port(port)
@@ -246,11 +306,20 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         result["rate"] = run_load(port, "rate", args.rate_seconds, args.rate, 30_000_000, server.pid)
         server.send_signal(signal.SIGUSR1)
         result["rate"].update(read_json_line(server)["gc"])
+        if args.catch_stalls:
+            print_stalls(kind, result["rate"])
         result["rss_after_mb"] = rss_mb(server.pid)
         return result
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(10)
+
+
+def print_stalls(kind: str, rate: dict[str, Any]) -> None:
+    print(f"{kind}: {rate.get('stalls', 0)} stalls over {StallCatcher.THRESHOLD * 1000:.0f} ms, "
+          f"longest {rate['stall_ms']:.1f} ms; the loop's thread was in:")
+    for stack, count in rate.pop("stacks", []):
+        print(f"  {count:4d}  {stack}")
 
 
 def run_load(port: int, mode: str, seconds: float, rate: float, first_id: int, server: int) -> dict[str, Any]:
@@ -294,7 +363,7 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         run = asyncio.run if "--asyncio-loop" in argv else loop.run  # loop.run: what `b24rebind serve` uses
-        run(serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 and argv[3] != "--asyncio-loop" else ""))
+        run(serve(argv[1], int(argv[2]), argv[3], catch_stalls="--catch-stalls" in argv))
         return 0
     if argv[:1] == ["load"]:
         mode, port, seconds, rate, first_id = argv[1], int(argv[2]), float(argv[3]), float(argv[4]), int(argv[5])
@@ -308,6 +377,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--asyncio-loop", action="store_true",
                         help="run both servers on asyncio's own loop instead of uvloop (as `b24rebind serve` would "
                              "where uvloop is missing)")
+    parser.add_argument("--catch-stalls", action="store_true",
+                        help="print what each server's loop was running whenever it stalled over 5 ms (a diagnostic)")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the service to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
