@@ -6,6 +6,7 @@ so Prometheus scrapes any one web process. Gauges (jobs by state, queue depth) a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -79,6 +80,9 @@ def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: Rat
 
 
 FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches
+# Each accepted event is a job record, not a log line (a log line cost a fifth of intake's capacity,
+# see docs/benchmarks.md); the log gets what intake did once a minute instead.
+SUMMARY_EVERY = 60.0
 
 
 class EventCounts:
@@ -86,9 +90,14 @@ class EventCounts:
 
     def __init__(self) -> None:
         self.pending: Counter[str] = Counter()
+        self._unsummarized: Counter[str] = Counter()
+        self._summarized_at = time.monotonic()
 
     async def flush(self, redis: Redis) -> None:
         counts, self.pending = self.pending, Counter()
+        self._unsummarized.update(counts)
+        if time.monotonic() - self._summarized_at >= SUMMARY_EVERY:
+            self.log_summary()
         if not counts:
             return
         try:
@@ -97,6 +106,22 @@ class EventCounts:
                 await pipe.execute()
         except (RedisError, OSError):
             self.pending.update(counts)  # Redis is away: keep them for the next flush
+
+    def log_summary(self) -> None:
+        """One line for the events answered since the last: by outcome, and by portal."""
+        seconds, self._summarized_at = time.monotonic() - self._summarized_at, time.monotonic()
+        counts, self._unsummarized = self._unsummarized, Counter()
+        if not counts:
+            return
+        outcomes: Counter[str] = Counter()
+        portals: Counter[str] = Counter()
+        for raw_field, count in counts.items():
+            labels = parse_field(raw_field)[1]
+            outcomes[labels["outcome"]] += count
+            if labels["portal"] != "-":
+                portals[labels["portal"]] += count
+        log.info("events in the last %.0f s: %s; by portal: %s (each accepted one is a job record: "
+                 "/api/jobs, the dashboard)", seconds, _listed(outcomes), _listed(portals) or "none")
 
     async def flush_forever(self, redis: Redis) -> None:
         while True:
@@ -113,9 +138,17 @@ async def count_events(request: web.Request, handler: Handler) -> web.StreamResp
     response = await handler(request)
     if request.path == "/bitrix/events":
         portal, event, outcome = _event_labels(request, response.status)
-        request.app[event_counts_key].pending[field("events_received", portal=portal, event=event,
-                                                    outcome=outcome)] += 1
+        request.app[event_counts_key].pending[_event_field(portal, event, outcome)] += 1
     return response
+
+
+@functools.lru_cache(maxsize=4096)  # labels come only from authenticated events: a few per portal
+def _event_field(portal: str, event: str, outcome: str) -> str:
+    return field("events_received", portal=portal, event=event, outcome=outcome)
+
+
+def _listed(counts: Counter[str]) -> str:
+    return ", ".join(f"{count} {name}" for name, count in counts.most_common())
 
 
 async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
@@ -124,6 +157,7 @@ async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
     yield
     flusher.cancel()
     await counts.flush(app[redis_key])
+    counts.log_summary()
 
 
 # Set by the webhook when it answers 200: (portal, event, outcome), outcome one of queued, duplicate,

@@ -66,8 +66,9 @@ async def receive_event(request: web.Request) -> web.Response:
         created = await request.app[queue_key].submit(record)
     except (RedisError, OSError):
         return await _spool(request, record)
-    log.info("queued job %s: %s %s on %s%s", record.id, event.name, event.entity_id, portal.name,
-             "" if created else " (duplicate delivery, nothing new queued)")
+    # DEBUG: the job record is the lasting trace, and /metrics and a summary line a minute count intake.
+    log.debug("queued job %s: %s %s on %s%s", record.id, event.name, event.entity_id, portal.name,
+              "" if created else " (duplicate delivery, nothing new queued)")
     request[EVENT_LABELS] = (portal.name, event.name, "queued" if created else "duplicate")
     return _answer(200, job_id=record.id, duplicate=not created)
 

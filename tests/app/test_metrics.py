@@ -78,3 +78,26 @@ async def test_the_grafana_dashboard_uses_only_metrics_the_service_exposes(clien
              for m in re.findall(r"b24rebind_\w+", target["expr"])}
 
     assert names and all(f"# TYPE {name} " in exposed for name in names), names - set(exposed.split())
+
+
+async def test_intake_is_summed_up_in_one_log_line_a_minute_not_one_per_event(
+        client: Any, redis: Any, portal: FakePortal, caplog: Any, monkeypatch: Any) -> None:
+    import logging
+
+    from app import metrics
+
+    caplog.set_level(logging.INFO)
+    await post_event(client, "ONCRMACTIVITYADD", 11)
+    await post_event(client, "ONCRMACTIVITYADD", 11)  # a duplicate delivery
+    await post_event(client, "ONCRMACTIVITYADD", 12, token="guessed")
+    assert not [r for r in caplog.records if r.levelno == logging.INFO and "queued job" in r.getMessage()]
+
+    monkeypatch.setattr(metrics, "SUMMARY_EVERY", 0.0)
+    await client.server.app[metrics.event_counts_key].flush(redis)
+
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("events in the last")]
+    assert "1 queued" in summary and "1 duplicate" in summary and "1 refused" in summary
+    assert "by portal: 2 acme" in summary  # refusals name no portal
+    await client.server.app[metrics.event_counts_key].flush(redis)
+    assert len([r for r in caplog.records if r.getMessage().startswith("events in the last")]) == 1, \
+        "nothing new, no line"
