@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
 from pydantic import BaseModel
 
 from app.bitrix.query import parse_php_query, parse_query_pairs
@@ -41,7 +42,8 @@ class PortalEvent(BaseModel):
         if not isinstance(fields, dict):
             raise BadEvent("missing 'data[FIELDS][ID]': the id of the record the event is about")
         entity = _text(fields, "ID", "data[FIELDS][ID]")
-        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18:  # isdigit() passes "¹", which int() refuses
+        # isascii(): isdigit() passes "¹", which int() refuses
+        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18:
             raise BadEvent("'data[FIELDS][ID]' must be a positive whole number")
         ts = str(data.get("ts", ""))[:20]
         return cls(name=event.upper(), entity_id=int(entity), ts=ts if ts.isascii() and ts.isdigit() else "",

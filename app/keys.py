@@ -1,12 +1,12 @@
 """Typed keys for what the web application holds."""
 from __future__ import annotations
 
-from arq.connections import ArqRedis
 from aiohttp import web
+from arq.connections import ArqRedis
 
+from app.config import LiveRules
 from app.jobs import JobStore
 from app.queue import JobQueue
-from app.config import LiveRules
 from app.settings import Settings
 
 settings_key = web.AppKey("settings", Settings)

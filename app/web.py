@@ -10,11 +10,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from app.api import setup_api
+from app.config import LiveRules, load_service_rules
 from app.dashboard import setup_dashboard
 from app.jobs import TRIM_EVERY, JobStore
 from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
-from app.config import LiveRules, load_service_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.spool import spool_context

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from app import loop
 
+from app import loop
 from benchmarks.common import (
     bench_rules,
     bench_settings,
@@ -69,10 +69,9 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     """Build the worker, report memory, wait for `go` on stdin, then drain the queue (burst) and report."""
     from arq import Worker, func
 
+    from app import logs
     from app.queue import PROCESS_EVENT, connect, deserialize, serialize
     from workers.main import build_worker
-
-    from app import logs
 
     core = pin_to_core(0)
     settings = bench_settings()

@@ -14,9 +14,16 @@ import aiohttp
 import orjson
 
 from app.bitrix.budget import MethodBudget
+from app.bitrix.errors import (
+    B24Error,
+    ConfigError,
+    MethodBlocked,
+    RateLimited,
+    TokenExpired,
+    TransientError,
+    error_for,
+)
 from app.bitrix.oauth import OAuthSession
-from app.bitrix.errors import (B24Error, ConfigError, MethodBlocked, RateLimited, TokenExpired, TransientError,
-                               error_for)
 from app.bitrix.portal import PortalConfig
 from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter

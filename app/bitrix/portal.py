@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import ipaddress
-from urllib.parse import urlsplit
-
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 

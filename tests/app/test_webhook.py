@@ -108,6 +108,7 @@ async def test_an_event_no_rule_listens_to_is_answered_and_ignored(client: Any, 
 async def test_while_redis_and_the_spool_are_unavailable_the_event_is_refused_with_503(
         aiohttp_client: Any, settings: Any, rules: Any, tmp_path: Any) -> None:
     import shutil
+
     from app.bundled_redis import BundledRedis
     from app.web import create_app
     own_redis = BundledRedis(tmp_path / "redis")
@@ -131,8 +132,9 @@ async def test_an_unknown_job_id_gets_404_saying_how_long_jobs_are_kept(client: 
 
 async def test_the_api_token_is_required_when_set(aiohttp_client: Any, settings: Any, rules: Any,
                                                   redis: Any) -> None:
-    from app.web import create_app
     from pydantic import SecretStr
+
+    from app.web import create_app
     guarded = settings.model_copy(update={"api_token": SecretStr("sekret-api-token")})
     client = await aiohttp_client(create_app(guarded, rules))
     _, answer = await post_event(client, "ONCRMACTIVITYADD", 5)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import configparser
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -4,16 +4,15 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-import pytest
-
 import aiohttp
+import pytest
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.jobs import JobStore
-from app.bitrix.portal import PortalConfig
 from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
 from workers.reconcile import sweep_all

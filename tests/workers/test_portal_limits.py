@@ -10,7 +10,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bitrix.portal import RateLimit
 from app.bitrix.ratelimit import RateLimiter
-from tests.conftest import post_event, rules_with, DEFAULT_RULES
+from tests.conftest import DEFAULT_RULES, post_event, rules_with
 from workers.facts import FactReader
 
 
