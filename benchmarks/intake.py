@@ -104,7 +104,6 @@ class Pauses:
                                  "stall_ms": 1000 * longest_stall, **caught}}), flush=True)
 
 
-
 class StallCatcher:
     """What the event loop's thread is doing while the loop is stalled (`--catch-stalls`).
 
