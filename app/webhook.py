@@ -13,10 +13,14 @@ from app.events import FORM, JSON, BadEvent, PortalEvent, decode_body
 from app.install import INSTALL_EVENT, accept_install, expected_token
 from app.jobs import JobRecord
 from app.keys import queue_key, redis_key, rules_key, settings_key
+from app.logs import Throttled
 from app.metrics import EVENT_LABELS
 from app.spool import spool_key
 
 log = logging.getLogger(__name__)
+# Lines any caller can cause once per request, or every event while Redis is away: one every 10 s
+# for each kind, with a count of the rest (each spooled event is also a job record once drained).
+throttled = Throttled(log)
 
 MAX_BODY = 64 * 1024
 # Passed to the server: a portal's request has a dozen short headers; a TLS proxy adds a few more.
@@ -25,7 +29,7 @@ HEADER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 6
 
 async def receive_event(request: web.Request) -> web.Response:
     if not _source_allowed(request):
-        log.warning("refused an event from %s: not in B24_ALLOWED_SOURCES", request.remote)
+        throttled.warning("source", "refused an event from %s: not in B24_ALLOWED_SOURCES", request.remote)
         return _answer(403, error="this address may not post events; see B24_ALLOWED_SOURCES")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _answer(413, error=f"the body is over {MAX_BODY // 1024} KiB; a portal's event is far smaller")
@@ -52,9 +56,9 @@ async def receive_event(request: web.Request) -> web.Response:
     token_ok = expected is not None and hmac.compare_digest(event.application_token.encode(), expected.encode())
     if portal is None or not token_ok or (portal.member_id and portal.member_id != event.member_id):
         # The same answer for an unknown portal and a wrong token: a caller learns nothing.
-        log.warning("refused %s from %s: %s", event.name, event.domain[:100],
-                    "unknown portal; add it to the rules file" if portal is None
-                    else "application_token or member_id does not match the rules file")
+        throttled.warning("unknown portal" if portal is None else "token", "refused %s from %s: %s", event.name,
+                          event.domain[:100], "unknown portal; add it to the rules file" if portal is None
+                          else "application_token or member_id does not match the rules file")
         return _answer(401, error="unknown portal or wrong application_token; check the outbound webhook's "
                                   "token and the portal's domain in the rules file")
     if event.name not in rules.events():
@@ -83,8 +87,8 @@ async def _spool(request: web.Request, record: JobRecord) -> web.Response:
     except OSError:
         log.error("could not queue or spool %s %s for %s", record.event, record.entity_id, record.portal)
         return _answer(503, error="the queue is unreachable; the event was not accepted. Check Redis.")
-    log.warning("Redis is unreachable: spooled job %s (%s %s on %s) to disk", record.id, record.event,
-                record.entity_id, record.portal)
+    throttled.warning("spooled", "Redis is unreachable: spooled job %s (%s %s on %s) to disk", record.id,
+                      record.event, record.entity_id, record.portal)
     request[EVENT_LABELS] = (record.portal, record.event, "spooled")
     return _answer(200, job_id=record.id, spooled=True)
 

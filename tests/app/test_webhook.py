@@ -50,6 +50,30 @@ async def test_a_wrong_token_and_an_unknown_portal_get_the_same_401(client: Any,
     assert await queued(redis) == 0
 
 
+async def test_a_flood_of_forged_events_is_one_log_line_every_few_seconds_with_a_count(
+        client: Any, redis: Any, caplog: Any, monkeypatch: Any) -> None:
+    import asyncio
+    import logging
+
+    from app import webhook
+    from app.logs import Throttled
+
+    monkeypatch.setattr(webhook, "throttled", Throttled(webhook.log, every=0.3))
+    caplog.set_level(logging.WARNING, logger="app.webhook")
+
+    for _ in range(5):
+        assert (await post_event(client, "ONCRMACTIVITYADD", 5, token="guessed"))[0] == 401
+    await post_event(client, "ONCRMACTIVITYADD", 5, domain="evil.bitrix24.com")  # another kind: its own line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "does not match" in lines[0] and "unknown portal" in lines[1]
+
+    await asyncio.sleep(0.35)
+    await post_event(client, "ONCRMACTIVITYADD", 5, token="guessed")
+    last = caplog.records[-1].getMessage()
+    assert len(caplog.records) == 3 and "does not match" in last and "(and 4 more like it in the last" in last
+    assert await queued(redis) == 0
+
+
 async def test_a_portal_pinned_by_member_id_refuses_another_member(aiohttp_client: Any, settings: Any,
                                                                    rules: Any, redis: Any) -> None:
     from app.web import create_app
