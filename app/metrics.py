@@ -109,7 +109,8 @@ class EventCounts:
 
     def log_summary(self) -> None:
         """One line for the events answered since the last: by outcome, and by portal."""
-        seconds, self._summarized_at = time.monotonic() - self._summarized_at, time.monotonic()
+        now = time.monotonic()
+        seconds, self._summarized_at = now - self._summarized_at, now
         counts, self._unsummarized = self._unsummarized, Counter()
         if not counts:
             return
@@ -160,8 +161,8 @@ async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
     counts.log_summary()
 
 
-# Set by the webhook when it answers 200: (portal, event, outcome), outcome one of queued, duplicate,
-# spooled, ignored or installed.
+# Set by the webhook: (portal, event, outcome), outcome one of queued, duplicate, spooled, ignored or
+# installed. Read only when the answer is a 200.
 EVENT_LABELS = web.RequestKey("event_labels", tuple)
 
 

@@ -56,9 +56,9 @@ async def receive_event(request: web.Request) -> web.Response:
     token_ok = expected is not None and hmac.compare_digest(event.application_token.encode(), expected.encode())
     if portal is None or not token_ok or (portal.member_id and portal.member_id != event.member_id):
         # The same answer for an unknown portal and a wrong token: a caller learns nothing.
-        throttled.warning("unknown portal" if portal is None else "token", "refused %s from %s: %s", event.name,
-                          event.domain[:100], "unknown portal; add it to the rules file" if portal is None
-                          else "application_token or member_id does not match the rules file")
+        reason = ("unknown portal; add it to the rules file" if portal is None
+                  else "application_token or member_id does not match the rules file")
+        throttled.warning(reason, "refused %s from %s: %s", event.name, event.domain[:100], reason)
         return _answer(401, error="unknown portal or wrong application_token; check the outbound webhook's "
                                   "token and the portal's domain in the rules file")
     if event.name not in rules.events():
