@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-import redis as sync_redis
 from aiohttp.test_utils import TestClient
 from arq import Worker
 from arq.connections import ArqRedis
@@ -28,7 +27,6 @@ from app.settings import Settings
 from app.web import create_app
 from workers.main import build_worker, shutdown
 
-TEST_DB = 15
 DOMAIN = "acme.bitrix24.com"
 TOKEN = "t0ken-of-the-outbound-webhook"
 WEBHOOK_CODE = "s3cretwebhookcode"
@@ -39,19 +37,17 @@ DEFAULT_RULES = resources.files("app.rules").joinpath("default.yaml").read_text(
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The machine's Redis on 127.0.0.1:6379 when it answers, else the bundled one."""
-    url = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
-    try:
-        with sync_redis.Redis.from_url(url, socket_connect_timeout=1) as probe:
-            probe.ping()
-        yield url
+def redis_url() -> Iterator[str]:
+    """A redis-server of this test run's own, on a private unix socket: tests may flush it freely, and two
+    suites on one machine never meet. TEST_REDIS_URL names another (a database nothing else uses)."""
+    if "TEST_REDIS_URL" in os.environ:
+        yield os.environ["TEST_REDIS_URL"]
         return
-    except (sync_redis.RedisError, OSError):
-        pass
-    bundled = BundledRedis(tmp_path_factory.mktemp("redis"))
-    yield bundled.start()
-    bundled.stop()
+    directory = Path(tempfile.mkdtemp(prefix="b24test"))  # short: unix socket paths have a length limit
+    server = BundledRedis(directory / "redis")
+    yield server.start()
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
