@@ -65,7 +65,7 @@ def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: Rat
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
     ended the job, its duration."""
     counts: Counter[str] = Counter()
-    for (method, outcome, via), n in client.calls.items():
+    for (method, outcome, via), n in client.take_calls().items():
         counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
     waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
     _flushed_waits[limiter] = limiter.stats.waited_seconds

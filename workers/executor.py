@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
+from app.bitrix.client import Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
 from app.rules.facts import Binding
 from app.rules.plan import BindingPlan, ItemPlan
@@ -31,27 +31,55 @@ class Outcome:
 
 
 Step = tuple[str, int, Command]  # (kind, id, command)
-WRITE_ATTEMPTS = 4  # per batch of writes; then the whole job retries later
+WRITE_ATTEMPTS = 4  # per item; then the whole job retries later
 
 
 async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
-    """Apply a plan. All binds go first; an item loses a binding only once its binds succeeded.
+    """Apply a plan. Each item is a group of stages (binds, moves, unbinds) the portal session sends in
+    order, packed with every other item's and job's: an item loses a binding only once its binds
+    succeeded, and one item's failure stops only its own later stages.
 
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
     items = [("activity", a.activity_id, a) for a in plan.activities if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
-    phases = [[step for kind, id_, item in items for step in phase(kind, id_, item)]
-              for phase in (_binds, _moves, _unbinds)]
-    left = await _in_one_request(client, phases, failed)
-    for phase in phases:
-        steps = phase if left is None else [step for step in phase if step in left]
-        await _write(client, [step for step in steps if step[:2] not in failed], failed)
+    ended = await asyncio.gather(*(_apply(client, kind, id_, item, failed) for kind, id_, item in items),
+                                 return_exceptions=True)
+    errors = [e for e in ended if isinstance(e, BaseException)]
+    for kind in (ConfigError, MethodBlocked, BaseException):  # the one that says most about what to do
+        first = next((e for e in errors if isinstance(e, kind)), None)
+        if first is not None:
+            raise first
     outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)))
                 for a in plan.activities if a.changes]
     return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
                        for c in plan.comments if c.changes]
+
+
+async def _apply(client: RestClient, kind: str, id_: int, item: ItemPlan,
+                 failed: dict[tuple[str, int], list[B24Error]]) -> None:
+    stages = [phase(kind, id_, item) for phase in (_binds, _moves, _unbinds)]
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            results = await client.write([[command for _, _, command in stage] for stage in stages])
+            break
+        except TransientError as exc:
+            # The writes may or may not have landed: look, then send only what is still missing.
+            if isinstance(exc, MethodBlocked) or attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * 2**attempt)
+            needed = {id(step) for step in await _still_needed(client, [step for stage in stages for step in stage])}
+            stages = [[step for step in stage if id(step) in needed] for stage in stages]
+    else:
+        return
+    for stage, stage_results in zip(stages, results):
+        for step, result in zip(stage, stage_results):
+            if step[:2] in failed and result.error is not None and result.error.code == "NOT_RUN":
+                continue  # not sent: an earlier stage of this item failed
+            error = _failure(result)
+            if error is not None:
+                failed.setdefault(step[:2], []).append(error)
 
 
 def _binds(kind: str, id_: int, item: ItemPlan) -> list[Step]:
@@ -81,55 +109,6 @@ def _binding_command(method: str, activity_id: int, binding: Binding) -> Command
 def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
     return Command(method, {"fields": {"OWNER_ID": comment_id, "ENTITY_ID": binding.entity_id,
                                        "ENTITY_TYPE": TYPE_NAMES[binding.entity_type]}})
-
-
-async def _in_one_request(client: RestClient, phases: list[list[Step]],
-                          failed: dict[tuple[str, int], list[B24Error]]) -> list[Step] | None:
-    """Send a small plan's binds, moves and unbinds in one batch that halts at the first error; return
-    the steps left to do phase by phase (None: not tried, all of them).
-
-    Sub-calls run in order, so nothing is unbound unless every bind before it succeeded: the same
-    guarantee as a request per phase, for one request instead of two or three (at 2 requests a
-    second, that is most of a single-activity job's cost).
-    """
-    steps = [step for phase in phases for step in phase]
-    if sum(1 for phase in phases if phase) < 2 or len(steps) > BATCH_LIMIT:
-        return None  # one phase is one request anyway, and without halting others' items keep going
-    try:
-        results = await client.batch([command for _, _, command in steps], write=True, halt=True)
-    except TransientError as exc:
-        if isinstance(exc, MethodBlocked):
-            raise
-        await asyncio.sleep(0.5)
-        return await _still_needed(client, steps)  # the writes may or may not have landed: look first
-    for position, (step, result) in enumerate(zip(steps, results)):
-        if result.error is not None and result.error.code == "NOT_RUN":
-            return steps[position:]  # the batch halted before it
-        error = _failure(result)
-        if error is not None:
-            failed.setdefault(step[:2], []).append(error)
-    return []
-
-
-async def _write(client: RestClient, steps: Sequence[Step], failed: dict[tuple[str, int], list[B24Error]]) -> None:
-    for attempt in range(WRITE_ATTEMPTS):
-        if not steps:
-            return
-        try:
-            results = await client.batch([command for _, _, command in steps], write=True)
-            break
-        except TransientError as exc:
-            # The writes may or may not have landed: look, then send only what is still missing.
-            if isinstance(exc, MethodBlocked) or attempt + 1 == WRITE_ATTEMPTS:
-                raise
-            await asyncio.sleep(0.5 * 2**attempt)
-            steps = await _still_needed(client, steps)
-    else:
-        return
-    for (kind, id_, _), result in zip(steps, results):
-        error = _failure(result)
-        if error is not None:
-            failed.setdefault((kind, id_), []).append(error)
 
 
 async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
