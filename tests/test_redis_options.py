@@ -267,6 +267,7 @@ async def until(check: Callable[[], Any] | Callable[[], Awaitable[Any]], what: s
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_two_installations_share_one_redis_database_with_no_key_in_common(
         redis: ArqRedis, redis_url: str, tmp_path: Path) -> None:
     portals = {name: FakePortal(webhook_code=WEBHOOK_CODE, per_second=None) for name in ("red", "blue")}

@@ -29,6 +29,8 @@ from app.web import create_app
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
+pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
+
 EVENTS = int(os.environ.get("B24_CHAOS_EVENTS", "120"))
 DOWN_EVENTS = int(os.environ.get("B24_REDIS_DOWN_EVENTS", "100"))
 DOWN_SECONDS = float(os.environ.get("B24_REDIS_DOWN_SECONDS", "4"))

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 
 from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
@@ -15,6 +16,8 @@ from app.jobs import JobState, JobStore
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import post_event
 from workers.locks import LEASE
+
+pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 
 
 async def wait_for(check: Any, timeout: float, what: str) -> float:
