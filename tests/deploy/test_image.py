@@ -46,7 +46,7 @@ from dotenv import dotenv_values
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from tests.conftest import TOKEN, event_form
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)

@@ -8,11 +8,11 @@ import aiohttp
 import pytest
 
 from app.bitrix.client import RestClient
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bitrix.portal import RateLimit
 from app.bitrix.ratelimit import RateLimiter
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rebind.facts import FactReader
 from tests.conftest import DEFAULT_RULES, post_event, rules_with
-from workers.facts import FactReader
 
 
 async def test_four_workers_together_stay_inside_the_portals_limit(client: Any, make_worker: Any,
