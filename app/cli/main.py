@@ -57,8 +57,7 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(commands.backfill_command(settings, args.since, args.rule, args.dry_run, args.portal,
                                                      wait=not args.no_wait))
     if args.command == "reconcile":
-        from workers.reconcile import reconcile_command
-        return asyncio.run(reconcile_command(settings, args.portal))
+        return asyncio.run(service.reconcile_command(settings, args.portal))
     if args.rules_command == "explain":
         return asyncio.run(commands.explain_command(settings, args.activity, args.lead, args.portal, args.event))
     return commands.test_command(Path(args.file or "rules.tests.yaml"), settings)
