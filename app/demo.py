@@ -8,10 +8,10 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from app.bitrix.fake import FakePortal
 from app.bitrix.portal import PortalConfig, RateLimit
-from app.jobs import FINAL_STATES, JobRecord, JobStore
+from app.fakeportal.portal import FakePortal
 from app.rules.model import RuleSet
+from app.store.jobs import FINAL_STATES, JobRecord, JobStore
 
 DEMO_DOMAIN = "demo.b24rebind.local"
 

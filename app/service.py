@@ -10,15 +10,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from app import demo, logs, loop
-from app.bitrix.fake import FakePortal
-from app.bundled_redis import with_redis
+from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
-from app.jobs import JobStore
-from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
+from app.fakeportal.portal import FakePortal
+from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.web import create_app
-from app.webhook import HEADER_LIMITS
+from app.store.bundled_redis import with_redis
+from app.store.jobs import JobStore
+from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from workers.main import build_worker
 
 log = logging.getLogger(__name__)
