@@ -36,6 +36,7 @@ CLIENT_TYPES = (CONTACT, COMPANY)  # never the owner while another binding exist
 PAGE_SIZE = 50
 MAX_BATCH = 50
 MAX_BINDINGS = 100
+FINDBYCOMM_LIMIT = 20
 
 Binding = tuple[int, int]  # (entityTypeId, entityId)
 
@@ -404,6 +405,7 @@ class FakePortal:
         self.refused_for_rate = 0  # QUERY_LIMIT_EXCEEDED answers given
         self.blocked_for_time = 0  # OPERATION_TIME_LIMIT answers given
         self.counted_lists: Counter[str] = Counter()
+        self.method_calls: Counter[str] = Counter()  # every method run, inside a batch or not
         self._bucket: LeakyBucket | None = None
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
@@ -949,6 +951,7 @@ class FakePortal:
         handler = self._methods.get(method)
         if handler is None:
             raise BitrixError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
+        self.method_calls[method] += 1
         if method.endswith(".list") and str(_param(params, "start")) != "-1":
             self.counted_lists[method] += 1  # without start=-1 a list runs a COUNT query
         if self.operating_limit is not None and self.operating(method) >= self.operating_limit:
@@ -1355,7 +1358,8 @@ class FakePortal:
         kind = str(_param(params, "type") or "").upper()
         if kind not in ("EMAIL", "PHONE"):
             raise BitrixError(400, "", "Communication type is not defined or invalid.")
-        wanted = {_comm_key(kind, str(v)) for v in _items(_param(params, "values"))}
+        # The portal silently looks at the first 20 values only (crm restservice.php).
+        wanted = {_comm_key(kind, str(v)) for v in _items(_param(params, "values"))[:FINDBYCOMM_LIMIT]}
         requested = str(_param(params, "entity_type") or "").upper()
         found: dict[str, list[int]] = {}
         for type_id in (LEAD, CONTACT, COMPANY):
