@@ -94,11 +94,12 @@ class JobRecord(BaseModel):
         """Attempts that failed for a passing reason; waiting for a lock or a time budget does not count."""
         return sum(1 for attempt in self.attempts if attempt.outcome in ("retrying", "crashed"))
 
-    def begin_attempt(self, number: int) -> None:
+    def begin_attempt(self) -> None:
+        # Numbered from the record, not from arq's try count: a retry by hand starts a new arq job.
         now = time.time()
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        self.attempts.append(Attempt(number=number, started_at=now))
+        self.attempts.append(Attempt(number=len(self.attempts) + 1, started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:

@@ -79,7 +79,7 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
     matched: list[str] = []
     dry_run = rules.mode == "dry_run"
     for rule in rules.rules:
-        if not rule.comments_follow() or facts.event not in rule.on:
+        if not rule.enabled or not rule.comments_follow() or facts.event not in rule.on:
             continue
         leads = [facts.leads[b.entity_id] for b in comment.bindings
                  if b.entity_type == EntityType.LEAD and b.entity_id in facts.leads]
@@ -98,6 +98,8 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
 
 
 def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:
+    if not rule.enabled:
+        return "the rule is paused (enabled: false)"
     if facts.event not in rule.on:
         return f"it listens to {', '.join(rule.on)}, not {facts.event}"
     return _condition_fails(rule.when, facts, activity)

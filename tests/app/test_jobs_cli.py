@@ -43,7 +43,7 @@ async def test_list_show_stats_and_audit(client: Any, worker: Worker, portal: Fa
     job_id = answer["job_id"]
 
     status, out, _ = await command("jobs", "list", "--state", "succeeded", capsys=capsys)
-    assert status == 0 and job_id in out and "re-bound 1 items" in out
+    assert status == 0 and job_id in out and "re-bound 1 item" in out and "1 items" not in out
     status, out, _ = await command("jobs", "show", job_id, capsys=capsys)
     assert f"activity {activity}: [lead {lead}] -> [contact {made['contact']}, company {made['company']}]" in out
     status, out, _ = await command("stats", "--json", capsys=capsys)
