@@ -16,6 +16,7 @@ from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.bundled_redis import with_redis
 from app.config import load_service_rules, variables
+from app.exits import NotFound
 from app.jobs import FINAL_STATES, JobStore
 from app.queue import BACKFILL_QUEUE, JobQueue, connect
 from app.rules.engine import explain, plan
@@ -23,8 +24,8 @@ from app.rules.facts import Activity, Binding, Client, Facts, Lead
 from app.rules.loader import RulesError, load_rules
 from app.rules.model import KINDS, EntityType, RuleSet
 from app.settings import Settings
-from workers.facts import FactReader
-from workers.main import build_worker
+from workers.facts import FactReader, Gone
+from workers.main import build_worker, shutdown
 
 
 class CommandError(Exception):
@@ -50,10 +51,15 @@ async def explain_command(settings: Settings, activity: int | None, lead: int | 
     async with aiohttp.ClientSession() as http:
         client = RestClient(http, portal, LocalRateLimiter())
         reader = FactReader(client, rules)
-        if activity is not None:
-            facts = await reader.for_activity(event or "ONCRMACTIVITYADD", activity)
-        else:
-            facts = await reader.for_lead(event or "ONCRMLEADUPDATE", lead or 0)
+        try:
+            if activity is not None:
+                facts = await reader.for_activity(event or "ONCRMACTIVITYADD", activity)
+            else:
+                facts = await reader.for_lead(event or "ONCRMLEADUPDATE", lead or 0)
+        except Gone:
+            what = f"activity {activity}" if activity is not None else f"lead {lead}"
+            raise NotFound(f"portal {portal.name} ({portal.domain}) has no {what}, or the webhook's user cannot "
+                           "see it: check the id (it is in the record's address in the portal)") from None
     print(render_explanation(rules, facts))
     print(f"\n({client.requests} read requests; nothing was written)")
     return 0
@@ -93,8 +99,14 @@ def test_command(path: Path, settings: Settings) -> int:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise CommandError(f"cannot read rule tests {path}: {exc}") from None
-    rules_path = (path.parent / spec["rules"]) if spec.get("rules") else settings.rules
-    rules = load_rules(rules_path, variables()) if rules_path.exists() else load_service_rules(settings)
+    if spec.get("rules"):  # named: that file and no other, or the cases would pass against the wrong rules
+        rules_path = path.parent / str(spec["rules"])
+        if not rules_path.is_file():
+            raise NotFound(f"the rule tests {path} name the rules file {rules_path}, which does not exist: "
+                           f"fix `rules:` in {path} (a path relative to it)")
+        rules = load_rules(rules_path, variables())
+    else:
+        rules_path, rules = settings.rules, load_service_rules(settings)
     failures = 0
     for number, case in enumerate(spec.get("cases") or [], start=1):
         name = case.get("name") or f"case {number}"
@@ -162,7 +174,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         client = RestClient(http, portal, RateLimiter(redis), low_priority=True)
         job_ids = await queue_backfill(run, client, JobQueue(redis, store), redis)
         print(f"backfill: {len(job_ids)} converted leads since {since} queued on the low-priority queue"
-              + (" (dry run: nothing will be written)" if dry_run else ""))
+              + (" (dry run: nothing will be written)" if dry_run else ""), flush=True)
         if wait:
             await _work_off(settings, rules, redis, store, job_ids)
         for line in (await summarise(store, job_ids)).lines():
@@ -174,14 +186,28 @@ async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobSt
     worker = build_worker(settings, rules, redis, queue_name=BACKFILL_QUEUE, burst=True, handle_signals=False,
                           max_jobs=2, poll_delay=0.2)
     task = asyncio.create_task(worker.async_run())
-    while not task.done():
-        states = [await store.get(job_id) for job_id in job_ids]
-        done = sum(1 for r in states if r is not None and r.state in FINAL_STATES)
-        print(f"\r{progress_bar(done, len(job_ids))}", end="", file=sys.stderr, flush=True)
-        await asyncio.wait([task], timeout=0.5)
-    print(file=sys.stderr)
-    if "http" in worker.ctx:
-        await worker.ctx["http"].close()
+    try:
+        while not task.done():
+            await _draw_progress(store, job_ids)
+            await asyncio.wait([task], timeout=0.5)
+        await _draw_progress(store, job_ids)  # the last job's end too: the bar stops at the real count
+    finally:
+        # On Ctrl-C as on success: the job in hand is recorded as interrupted (it runs again later), and
+        # the worker's HTTP session and shared calls are closed, not left for the garbage collector.
+        worker.allow_pick_jobs = False
+        running = [task, *worker.tasks.values()]
+        for each in running:
+            each.cancel()  # a job cancelled puts itself back on the queue before its task ends
+        await asyncio.gather(*running, return_exceptions=True)
+        print(file=sys.stderr)
+        if "http" in worker.ctx:
+            await shutdown(worker.ctx)
+
+
+async def _draw_progress(store: JobStore, job_ids: list[str]) -> None:
+    states = [await store.get(job_id) for job_id in job_ids]
+    done = sum(1 for r in states if r is not None and r.state in FINAL_STATES)
+    print(f"\r{progress_bar(done, len(job_ids))}", end="", file=sys.stderr, flush=True)
 
 
 __all__ = ["CommandError", "RulesError", "backfill_command", "explain_command", "test_command"]

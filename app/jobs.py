@@ -39,9 +39,18 @@ class JobState(str, Enum):
     RETRYING = "retrying"
     FAILED = "failed"
     DEAD = "dead"  # a passing failure that outlasted every retry: a dead letter, to replay
+    UNDONE = "undone"  # succeeded, then its changes were restored by an undo
 
 
-FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD)
+FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD, JobState.UNDONE)
+
+
+class UnknownJob(LookupError):
+    """No record of that job id: never accepted, or past the retention period."""
+
+    def __init__(self, job_id: str, retention_days: float) -> None:
+        super().__init__(f"no job {job_id[:64]!r}: no such id was accepted in the last {retention_days:g} days "
+                         "(job records are kept that long); `b24rebind jobs list` shows the ids")
 
 
 class Attempt(BaseModel):
@@ -111,6 +120,11 @@ class JobRecord(BaseModel):
         if state in FINAL_STATES:
             self.finished_at = now
 
+    def mark_undone(self, restored: int) -> None:
+        """The job's changes were restored: its state says so, and what will happen next."""
+        self.state = JobState.UNDONE
+        self.outcome = f"undone: {restored} {'item' if restored == 1 else 'items'} restored. " + reapply_note(self.rules)
+
     def summary(self) -> dict[str, Any]:
         """The record without its plan and changes: what job lists and live updates carry."""
         error = self.error or {}
@@ -127,6 +141,13 @@ class JobRecord(BaseModel):
                  f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
                  *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
         return [prefixed(name) for name in names]
+
+
+def reapply_note(rules: list[str]) -> str:
+    """What an undo does not stop: the rules still hold, and the next event or reconcile applies them."""
+    names = ", ".join(repr(name) for name in rules) or "that made the change"
+    return (f"The rules apply again on the next event about these items or at the next reconcile, unless you "
+            f"pause the rule {names} (enabled: false in the rules file).")
 
 
 class JobQuery(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from app.api import BadRequest, parse_list_query
 from app.audit import AuditLog, UndoRefused, undo_with_rules
 from app.bundled_redis import BundledRedis
 from app.config import load_service_rules
-from app.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore
+from app.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
 from app.queue import JobQueue, connect
 from app.settings import Settings
 
@@ -66,12 +67,8 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one of COMMANDS; the exit status is 0, 1 (refused) or 2 (bad arguments)."""
-    try:
-        return asyncio.run(_dispatch(args, settings))
-    except (BadRequest, UndoRefused) as exc:
-        print(f"b24rebind: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, BadRequest) else 1
+    """Run one of COMMANDS; failures are put in words at the command's edge (app.exits)."""
+    return asyncio.run(_dispatch(args, settings))
 
 
 @asynccontextmanager
@@ -124,15 +121,28 @@ def _table(records: list[JobRecord]) -> str:
     for r in records:
         what = f"{r.outcome}: {r.error.get('what_to_do')}" if r.error and r.error.get("what_to_do") else r.outcome
         rows.append((time.strftime("%m-%d %H:%M:%S", time.localtime(r.received_at)), r.state.value, r.id,
-                     r.portal, r.event, str(r.entity_id), what[:80]))
+                     r.portal, r.event, str(r.entity_id), what))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+    room = _last_column_room(sum(widths) + 2 * len(widths))
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + _fit(row[-1], room)
+                     for row in rows)
+
+
+def _last_column_room(used: int) -> int | None:
+    """What the terminal leaves for the last column; None (the full text) when the output is not a terminal."""
+    if not sys.stdout.isatty():
+        return None
+    return max(20, shutil.get_terminal_size().columns - used)
+
+
+def _fit(text: str, room: int | None) -> str:
+    return text if room is None or len(text) <= room else text[:room - 1] + "…"
 
 
 async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
     record = await store.get(args.job_id)
     if record is None:
-        raise UndoRefused(f"no job {args.job_id!r}; job records are kept for {settings.job_retention_days:g} days")
+        raise UnknownJob(args.job_id, settings.job_retention_days)
     if args.json:
         print(record.model_dump_json(indent=2))
         return 0
@@ -144,7 +154,8 @@ async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, setting
               f"  what to do: {record.error.get('what_to_do')}")
     for change in record.changes:
         item = f"activity {change['activity']}" if "activity" in change else f"comment {change.get('comment')}"
-        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {change['status']}")
+        status = {"dry_run": "(dry run: would be, nothing written)"}.get(change["status"], change["status"])
+        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {status}")
     for attempt in record.attempts:
         error = f" ({attempt.error.get('code')})" if attempt.error else ""
         print(f"  attempt {attempt.number} at {time.strftime('%H:%M:%S', time.localtime(attempt.started_at))}: "
@@ -156,9 +167,10 @@ async def _retry(args: argparse.Namespace, store: JobStore, redis: Redis, settin
     queue = JobQueue(redis, store)  # type: ignore[arg-type]
     if args.job_id:
         record = await store.get(args.job_id)
-        if record is None or record.state not in FINAL_STATES:
-            raise UndoRefused(f"job {args.job_id} is {record.state.value if record else 'unknown'}; "
-                              "only a finished job can be retried")
+        if record is None:
+            raise UnknownJob(args.job_id, settings.job_retention_days)
+        if record.state not in FINAL_STATES:
+            raise UndoRefused(f"job {args.job_id} is {record.state.value}; only a finished job can be retried")
         records = [record]
     else:
         query, _, _ = parse_list_query(_filters(args))
@@ -232,9 +244,14 @@ async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
 
 
 async def _undo(job_id: str, settings: Settings, redis: Redis, store: JobStore, log: AuditLog) -> int:
-    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis)
+    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis, store,
+                                   settings.job_retention_days)
     for entry in result.restored:
         print(f"{entry.kind} {entry.item}: restored [{', '.join(entry.after)}]")
     for error in result.errors:
         print(f"could not restore {error}", file=sys.stderr)
-    return 1 if result.errors else 0
+    if result.errors:
+        return 1
+    record = await store.get(job_id)
+    print(f"job {job_id} is now undone. " + reapply_note(record.rules if record else []))
+    return 0

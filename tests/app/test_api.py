@@ -364,5 +364,13 @@ async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: An
     again = await admin.post(f"/api/jobs/{answer['job_id']}/undo")
 
     assert undone.status == 200, await undone.text()
+    body = await undone.json()
+    assert body["state"] == "undone" and "apply again on the next event" in body["outcome"]
     assert portal.bindings(activity) == [(LEAD, lead)]
     assert again.status == 409 and "undone already" in (await again.json())["error"]
+    job = await (await admin.get(f"/api/jobs/{answer['job_id']}")).json()
+    assert job["state"] == "undone" and job["outcome"].startswith("undone: 1 item restored")
+    listed = await (await admin.get("/api/jobs?state=undone")).json()
+    assert [j["id"] for j in listed["jobs"]] == [answer["job_id"]]
+    unknown = await admin.post("/api/jobs/nosuchjob/undo")
+    assert unknown.status == 404 and "no job 'nosuchjob'" in (await unknown.json())["error"]
