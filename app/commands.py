@@ -72,7 +72,7 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
                                                           ("deal", lead.deal_ids)) for i in ids) or "nothing"
         lines.append(f"Lead {lead.id}: status {lead.status_id or '?'}; conversion made {made}")
     if not facts.activities:
-        lines.append("No activities to look at (no rule for this event could match, or none are bound).")
+        lines.append(_why_no_activities(rules, facts))
     verdicts = explain(rules, facts)
     for activity in facts.activities:
         lines.append(f"\nActivity {activity.id} {activity.subject!r}, bound to "
@@ -85,6 +85,21 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
             for p in result.activities]
     lines += ["", "Plan (before -> after):", *_table(("activity", "before", "after", "notes"), rows)]
     return "\n".join(lines)
+
+
+def _why_no_activities(rules: RuleSet, facts: Facts) -> str:
+    """Say which of the reasons it is: a lead no rule applies to yet (its activities are not read), or none."""
+    listening = [rule for rule in rules.rules if rule.enabled and facts.event in rule.on]
+    if not listening:
+        return f"No rule listens to {facts.event}, so nothing was read; try --event with one the rules name."
+    for lead in facts.leads.values():
+        wanted = {s for rule in listening for s in rule.when.lead_status or ()}
+        if wanted and not any(lead.has_status(s) for s in wanted):
+            state = "converted" if lead.converted else f"in progress (status {lead.status_id or 'unknown'})"
+            return (f"Lead {lead.id} is {state}; the rules for {facts.event} apply to leads whose status is "
+                    f"{', '.join(sorted(wanted))}, so its activities were not read. They will be once it is.")
+        return f"Lead {lead.id} has no activities bound to it."
+    return "No activities to look at."
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

@@ -103,12 +103,14 @@ class JobRecord(BaseModel):
         """Attempts that failed for a passing reason; waiting for a lock or a time budget does not count."""
         return sum(1 for attempt in self.attempts if attempt.outcome in ("retrying", "crashed"))
 
-    def begin_attempt(self) -> None:
-        # Numbered from the record, not from arq's try count: a retry by hand starts a new arq job.
+    def begin_attempt(self, tries: int = 1) -> None:
+        """`tries`: the queue's count of this job's runs. A retry by hand starts that count again, and a run
+        whose record was never saved is in it but not in the record: the number is the larger of the two."""
         now = time.time()
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        self.attempts.append(Attempt(number=len(self.attempts) + 1, started_at=now))
+        last = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:

@@ -71,7 +71,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     claimed = ctx.get("claimed_record")  # read with the claim, in the same round trip
     record = (JobRecord.model_validate_json(claimed) if claimed else await store.get(job["job_id"])) \
         or JobRecord.model_validate({**job, "id": job["job_id"]})
-    record.begin_attempt()
+    record.begin_attempt(ctx["job_try"])
     portal = rules.portals.get(record.portal)
     if portal is None:
         record.end_attempt(JobState.FAILED, "portal not configured",

@@ -50,7 +50,10 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
         matched.append(rule.name)
         dry_run = dry_run or rule.mode == "dry_run"
         sources = _Sources(facts, activity, _leads_in_scope(rule.when, facts, activity))
-        _add(wanted, [b for t in rule.bind_targets() for b in sources.resolve(t)])
+        found = {str(t): sources.resolve(t) for t in rule.bind_targets()}
+        _add(wanted, [b for bindings in found.values() for b in bindings])
+        if found and not any(found.values()):
+            notes.append(_nothing_to_bind(rule.name, list(found)))
         unbind = rule.unbind_types()
         wanted = [b for b in wanted if b.entity_type not in unbind or b not in activity.bindings]
         for move in rule.moves():
@@ -95,6 +98,19 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
         wanted = [b for b in wanted if b.entity_type not in unbind or b not in comment.bindings]
     return CommentPlan(comment_id=comment.id, **_safe(comment.bindings, wanted, [], []),
                        rules=tuple(matched), dry_run=dry_run)
+
+
+# Why a target can come out empty, by where it is looked up.
+_EMPTY_BECAUSE = {"matched": "no client has the activity's e-mail or phone", "contact": "the contact has no company",
+                  "deal": "the deal names no such client"}
+
+
+def _nothing_to_bind(rule: str, targets: list[str]) -> str:
+    made = [t.split(".")[1] for t in targets if t.startswith("lead.")]
+    reasons = ([f"the lead's conversion made no {' or '.join(made)}"] if made else []) + \
+        list(dict.fromkeys(_EMPTY_BECAUSE[t.split(".")[0]] for t in targets if t.split(".")[0] in _EMPTY_BECAUSE))
+    return (f"rule {rule!r} has nothing to bind: {', '.join(targets)} {'is' if len(targets) == 1 else 'are'} empty"
+            + (f" ({'; '.join(reasons)})" if reasons else ""))
 
 
 def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:

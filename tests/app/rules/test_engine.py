@@ -61,7 +61,9 @@ def test_a_conversion_into_a_deal_only_keeps_the_lead_rather_than_leave_nothing(
     result = plan(FOLLOW_CLIENT, facts(Activity(id=5, bindings=(b(LEAD, 1),)), leads=(lead,)))
 
     assert result.empty
-    assert "last binding" in result.activities[0].notes[0]
+    assert "lead.contact, lead.company are empty (the lead's conversion made no contact or company)" in \
+        result.activities[0].notes[0]
+    assert "last binding" in result.activities[0].notes[1]
 
 
 def test_an_activity_that_would_pass_100_bindings_is_reported_not_changed() -> None:
