@@ -19,12 +19,14 @@ from redis.asyncio import Redis
 
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
+from app.cli.backfill import progress_bar
 from app.config import load_service_rules
 from app.settings import Settings
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
 from app.store.queue import JobQueue, connect
+from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
 FILTERS = ("state", "portal", "rule", "event", "entity", "since", "until")
@@ -188,15 +190,32 @@ def _print_stats(answer: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     print("jobs:  " + "  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-    queue = answer["queue"]
-    oldest = f", oldest waiting {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
-    print(f"queue: {queue['depth']} waiting ({queue['live']} live, {queue['backfill']} backfill){oldest}")
-    print(f"throughput: {answer['jobs_per_minute']} jobs in the last minute")
+    print(f"queue: {_queue_line(answer['queue'])}")
+    print(f"throughput: {plural(answer['jobs_finished_last_minute'], 'job')} finished in the last minute, "
+          f"{answer['jobs_per_minute']} received")
     for name, portal in answer["portals"].items():
-        print(f"portal {name} ({portal['domain']}): {portal['headroom']:.0f} of {portal['burst']} requests free, "
+        print(f"portal {name} ({portal['domain']}): {_reachability(portal['reachability'])}; "
+              f"{portal['headroom']:.0f} of {portal['burst']} requests free, "
               f"{portal['per_second']}/s{' (slowed down)' if portal['slowed_down'] else ''}; "
-              f"{portal['requests']} requests made, {portal['errors']} refused")
+              f"{plural(portal['requests'], 'request')} made, {portal['refused']} refused by the portal, "
+              f"{portal['unreachable']} could not reach it")
     return 0
+
+
+def _queue_line(queue: dict[str, Any]) -> str:
+    if not queue["depth"]:
+        return "empty"
+    oldest = f", the oldest for {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
+    later = f", {queue['later']} to retry later" if queue["later"] else ""
+    return (f"{queue['depth']} ({queue['live']} live, {queue['backfill']} backfill): {queue['ready']} ready"
+            f"{oldest}{later}")
+
+
+def _reachability(reach: dict[str, Any]) -> str:
+    if reach["state"] == "unknown":
+        return "not asked yet"
+    seen = time.strftime("%H:%M:%S", time.localtime(reach["at"]))
+    return f"{reach['state']} (seen at {seen})"
 
 
 async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
@@ -207,10 +226,12 @@ async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settin
         backfill = (await store.list(JobQuery(trigger="backfill"), 10_000)).records
         screen = [f"b24rebind — {time.strftime('%H:%M:%S')} (Ctrl-C to stop)", ""]
         screen.append("  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-        screen.append(f"queue {answer['queue']['depth']}, {answer['jobs_per_minute']} jobs/min")
-        if backfill:
-            done = sum(r.state in FINAL_STATES for r in backfill)
-            screen.append(f"backfill {_bar(done, len(backfill))}")
+        screen.append(f"queue: {_queue_line(answer['queue'])}; {answer['jobs_finished_last_minute']} finished/min")
+        for dry_run in (False, True):  # a dry run and a real one are two runs: never one count
+            runs = [r for r in backfill if r.dry_run == dry_run]
+            if runs:
+                done = sum(r.state in FINAL_STATES for r in runs)
+                screen.append(f"{'backfill (dry run)' if dry_run else 'backfill':<19}{progress_bar(done, len(runs))}")
         screen += ["", _table(latest)]
         if not args.once:
             print("\x1b[H\x1b[2J", end="")  # clear the terminal, then redraw
@@ -218,11 +239,6 @@ async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settin
         if args.once:
             return 0
         await asyncio.sleep(args.interval)
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // total if total else width
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 async def _audit(args: argparse.Namespace, log: AuditLog) -> int:

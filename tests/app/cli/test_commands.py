@@ -118,6 +118,10 @@ async def test_a_dry_run_backfill_writes_nothing(history: Any, portal: FakePorta
     assert {a: portal.binding_history[a] for a in before} == before
     record = await JobStore(redis, 3600).get(job_ids[0])
     assert record is not None and record.plan[0]["dry_run"] is True
+    lines = (await summarise(JobStore(redis, 3600), job_ids)).lines()
+    activities = sum(len(acts) for _, acts in history)
+    assert f"dry run: would re-bind {activities} activities (nothing was written;" in "\n".join(lines)
+    assert not any(line.startswith("activities re-bound") for line in lines)
 
 
 async def test_backfill_leaves_half_the_burst_to_live_events(redis: Any) -> None:

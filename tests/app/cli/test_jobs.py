@@ -124,3 +124,22 @@ async def test_a_dry_run_shows_what_it_would_do(client: Any, make_worker: Any, p
     assert (f"activity {activity}: [lead {lead}] -> [contact {made['contact']}, company {made['company']}] "
             "(dry run: would be, nothing written)") in out
     assert portal.bindings(activity) == [(LEAD, lead)]
+
+
+async def test_watch_keeps_a_dry_run_backfill_apart_from_a_real_one(redis: Any, command: Any, capsys: Any) -> None:
+    from app.store.jobs import JobRecord, JobState, JobStore
+    store = JobStore(redis, 3600)
+    for lead, dry_run, state in ((1, True, JobState.SUCCEEDED), (2, True, JobState.SUCCEEDED),
+                                 (1, False, JobState.SUCCEEDED), (2, False, JobState.QUEUED)):
+        record = JobRecord.for_event("acme", "ONCRMLEADUPDATE", lead, f"backfill:{dry_run}")
+        record = record.model_copy(update={"trigger": "backfill", "dry_run": dry_run, "state": state})
+        await store.create(record)
+
+    status, out, _ = await command("jobs", "watch", "--once", capsys=capsys)
+
+    assert status == 0
+    assert "backfill           [###############...............] 1/2" in out
+    assert "backfill (dry run) [##############################] 2/2" in out
+    status, out, _ = await command("stats", capsys=capsys)
+    assert "throughput: 0 jobs finished in the last minute, 4 received" in out
+    assert "portal acme (acme.bitrix24.com): not asked yet;" in out and "0 refused by the portal" in out
