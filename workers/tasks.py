@@ -28,6 +28,7 @@ from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
 from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from app.words import plural
 from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         await running.settle()
         await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
                             closing=ctx.get("closing") if record.state in FINAL_STATES else None)
-        log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
-                 record.outcome)
+        _log_end(record, client.requests)
     return record.state.value
 
 
@@ -153,6 +153,16 @@ def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool 
                       budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,
                                           ctx.get("budget_reads") or BudgetReads()),
                       oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+
+
+def _log_end(record: JobRecord, requests: int) -> None:
+    """A failed job is a person's business: WARNING, with the portal's code to look up."""
+    if record.state in (JobState.FAILED, JobState.DEAD):
+        code = (record.error or {}).get("code") or "no code"
+        log.warning("job %s %s (%s) after %d requests: %s", record.id, record.state.value, code, requests,
+                    record.outcome)
+    else:
+        log.info("job %s %s after %d requests: %s", record.id, record.state.value, requests, record.outcome)
 
 
 def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
@@ -214,13 +224,14 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {len(outcomes)} items could not be changed",
-                           first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
+                           "not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        record.end_attempt(JobState.SUCCEEDED, gone + f"re-bound {changed} items"
-                           + (f"; {dry} left as they are (dry run)" if dry else ""))
+        done = f"re-bound {plural(changed, 'item')}" if changed or not dry else ""
+        would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
+        record.end_attempt(JobState.SUCCEEDED, gone + "; ".join(part for part in (done, would) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -210,6 +210,6 @@ def _failure(result: CommandResult) -> B24Error | None:
 
 def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None) -> Outcome:
     status = "dry_run" if item.dry_run else "failed" if errors else "changed"
-    after = item.before if item.dry_run or errors else item.after
+    after = item.before if errors else item.after  # a dry run's is what it would have been
     return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
                    [e.as_record() for e in errors or []])
