@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except RulesError as exc:
         print(f"b24rebind: the rules file is invalid:\n{exc}", file=sys.stderr)
         return 1
-    except (commands.CommandError, service.CannotListen) as exc:
+    except (commands.CommandError, service.CannotListen, service.WorkerStopped) as exc:
         print(f"b24rebind: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

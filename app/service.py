@@ -14,6 +14,7 @@ from app.bitrix.fake import FakePortal
 from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
+from app.outage import describe
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -78,6 +79,10 @@ class CannotListen(Exception):
     """The web process cannot take its address; the message says what to do."""
 
 
+class WorkerStopped(Exception):
+    """A worker ended by itself (a bug: a Redis outage only makes it wait); the message says what to do."""
+
+
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
     runner = web_runner(settings, rules)
     await runner.setup()
@@ -97,7 +102,7 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
                         max_jobs: int) -> asyncio.Task[None]:
-    redis = await connect(settings)
+    redis = await connect(settings, wait=False)  # the worker waits for a Redis that is away
     worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
     task = asyncio.create_task(worker.async_run())
 
@@ -129,4 +134,10 @@ async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:
         loop.add_signal_handler(sig, stopped.set)
     waiters = [asyncio.create_task(stopped.wait()), *tasks]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    ended = [task for task in tasks if task.done()]
+    if ended and not stopped.is_set():
+        error = ended[0].exception() if not ended[0].cancelled() else None
+        log.error("a worker ended by itself (%s); stopping the service", describe(error) if error else "cancelled")
+        raise WorkerStopped(f"a worker ended unexpectedly ({describe(error) if error else 'cancelled'}); see the "
+                            "log above, and report it if it is not explained there. Start the service again.")
     log.info("stopping")

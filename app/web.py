@@ -7,6 +7,7 @@ import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from app.api import setup_api
@@ -17,7 +18,8 @@ from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.spool import spool_context
+from app.outage import RedisOutage
+from app.spool import spool_context, spool_key
 from app.webhook import MAX_BODY, receive_event
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,16 +44,36 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
     return app
 
 
+outage_key = web.AppKey("redis_outage", RedisOutage)
+WATCH_EVERY = 1.0  # seconds between the web process's looks at Redis
+
+
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
+    """Redis for the web process, which starts and answers even while Redis is away: events go to the
+    spool meanwhile. A watch says once when Redis goes and once when it is back."""
     settings = app[settings_key]
     if not settings.redis_given:
         raise RuntimeError("no Redis is set; `b24rebind serve` starts the bundled one when none is")
-    redis = await connect(settings)
+    redis = await connect(settings, wait=False)
     app[redis_key] = redis
     app[store_key] = JobStore.from_settings(redis, settings)
     app[queue_key] = JobQueue(redis, app[store_key])
+    app[outage_key] = outage = RedisOutage("web")
+    watch = asyncio.create_task(_watch_redis(redis, outage))
     yield
+    watch.cancel()
     await redis.aclose()
+
+
+async def _watch_redis(redis: ArqRedis, outage: RedisOutage) -> None:
+    while True:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            outage.down(exc)
+        else:
+            outage.up()
+        await asyncio.sleep(WATCH_EVERY)
 
 
 async def trim_context(app: web.Application) -> AsyncIterator[None]:
@@ -105,14 +127,22 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     live = request.app[rules_key]
-    checks = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
+    checks: dict[str, object] = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
     if live.error:
         checks["rules_error"] = live.error
+    spool = request.app.get(spool_key)
+    if spool is not None:
+        checks["spool"] = spool.status()
+    outage = request.app[outage_key]
     try:
         await request.app[redis_key].ping()
+        outage.up()
         checks["redis"] = "ok"
     except (RedisError, OSError) as exc:
-        checks["redis"] = f"unreachable ({type(exc).__name__})"
+        outage.down(exc)
+        # Events are still accepted (into the spool): unavailable means "nothing is being worked on".
+        checks["redis"] = outage.status()
+        checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
     return web.json_response({"status": "ready", **checks})
 

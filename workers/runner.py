@@ -13,6 +13,9 @@ hundreds of short jobs a second, and one round trip costs it about 0.15 ms of CP
 A job put back (arq's `Retry`) or cancelled by a stopping worker is handled as arq does; one whose end
 could not be saved (Redis failed it) goes back in the queue rather than being dropped as arq would.
 Cron jobs (the reconcile sweep) run arq's own `run_job` entirely.
+
+A Redis outage does not end the worker: a poll that fails waits (backoff, one WARNING, one INFO once
+Redis is back) and polls again; a worker started or stopped while Redis is away waits, or stops anyway.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from redis.exceptions import RedisError
 
 from app.jobs import JOB_KEY
 from app.namespace import prefixed
+from app.outage import RedisOutage, describe
 from workers.locks import LEASE  # a dead worker's job, and its lead, are free again after this
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,7 @@ class LeasedWorker(Worker):
         self.in_progress_timeout_s = LEASE
         self._cron_ids = tuple(f"{cron.name}:" for cron in self.cron_jobs)
         self._claims: dict[str, _Claim] = {}
+        self.outage = RedisOutage(f"worker ({self.queue_name})", log)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script, and a slot
@@ -235,11 +240,47 @@ class LeasedWorker(Worker):
         await asyncio.shield(self.finish_failed_job(job_id, None))
 
     async def main(self) -> None:
+        await self._until_redis_answers()
         heartbeat = asyncio.create_task(self._renew_leases())
         try:
             await super().main()
         finally:
             heartbeat.cancel()
+
+    async def _until_redis_answers(self) -> None:
+        """A worker started while Redis is away waits for it (arq would fail on its first command)."""
+        while True:
+            try:
+                await self.pool.ping()
+            except (RedisError, OSError) as exc:
+                self.outage.down(exc)
+                await self.outage.wait()
+            else:
+                self.outage.up()
+                return
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, which raises when Redis is away (and arq's loop ends): here the worker waits and
+        polls again. Running jobs carry on; what they cannot save, they save on their next run."""
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            self.outage.down(exc)
+            await self.outage.wait()
+        else:
+            self.outage.up()
+
+    async def close(self) -> None:
+        """arq's close, which stops at its first failed command when Redis is away: the rest (the job
+        resources, the connections) is closed anyway; the health key arq would delete expires by itself."""
+        try:
+            await super().close()
+        except (RedisError, OSError) as exc:
+            log.warning("stopped without Redis (%s): the worker's health key expires by itself", describe(exc))
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            await self.pool.aclose(close_connection_pool=True)
+            self._pool = None
 
     async def _renew_leases(self) -> None:
         while True:
@@ -252,5 +293,5 @@ class LeasedWorker(Worker):
                     for job_id in running:
                         pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once ended
                     await pipe.execute()
-            except (RedisError, OSError) as exc:  # Redis is away; the next beat tries again
-                log.warning("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)
+            except (RedisError, OSError) as exc:  # Redis is away (the poll says so once); the next beat tries again
+                log.debug("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)
