@@ -96,6 +96,9 @@ class JobRecord(BaseModel):
 
     def begin_attempt(self, number: int) -> None:
         now = time.time()
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
+            last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
         self.attempts.append(Attempt(number=number, started_at=now))

@@ -6,6 +6,7 @@ from arq.connections import ArqRedis
 
 from app.config import LiveRules
 from app.jobs import JobStore
+from app.outage import RedisOutage
 from app.queue import JobQueue
 from app.settings import Settings
 
@@ -14,3 +15,4 @@ rules_key = web.AppKey("rules", LiveRules)
 redis_key = web.AppKey("redis", ArqRedis)
 queue_key = web.AppKey("queue", JobQueue)
 store_key = web.AppKey("store", JobStore)
+outage_key = web.AppKey("redis_outage", RedisOutage)  # the web process's view of Redis

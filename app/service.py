@@ -14,7 +14,7 @@ from app.bitrix.fake import FakePortal
 from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
 from app.jobs import JobStore
-from app.outage import describe
+from app.outage import RedisOutage, describe
 from app.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -54,10 +54,11 @@ async def run(settings: Settings, roles: Roles) -> None:
         tasks: list[asyncio.Task[None]] = []
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE,
+            outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
+            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, outage,
                                              max_jobs=settings.worker_jobs))
             # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
-            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
+            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage, max_jobs=1))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
@@ -101,9 +102,10 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
-                        max_jobs: int) -> asyncio.Task[None]:
+                        outage: RedisOutage, max_jobs: int) -> asyncio.Task[None]:
     redis = await connect(settings, wait=False)  # the worker waits for a Redis that is away
     worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
+    worker.outage = outage
     task = asyncio.create_task(worker.async_run())
 
     async def stop() -> None:

@@ -14,7 +14,7 @@ from app.api import setup_api
 from app.config import LiveRules, load_service_rules
 from app.dashboard import setup_dashboard
 from app.jobs import TRIM_EVERY, JobStore
-from app.keys import queue_key, redis_key, rules_key, settings_key, store_key
+from app.keys import outage_key, queue_key, redis_key, rules_key, settings_key, store_key
 from app.queue import JobQueue, connect
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -44,7 +44,6 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
     return app
 
 
-outage_key = web.AppKey("redis_outage", RedisOutage)
 WATCH_EVERY = 1.0  # seconds between the web process's looks at Redis
 
 

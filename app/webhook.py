@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from app.events import FORM, JSON, BadEvent, PortalEvent, decode_body
 from app.install import INSTALL_EVENT, accept_install, expected_token
 from app.jobs import JobRecord
-from app.keys import queue_key, redis_key, rules_key, settings_key
+from app.keys import outage_key, queue_key, redis_key, rules_key, settings_key
 from app.logs import Throttled
 from app.metrics import EVENT_LABELS
 from app.spool import spool_key
@@ -66,6 +66,9 @@ async def receive_event(request: web.Request) -> web.Response:
         return _answer(200, ignored=f"no rule listens to {event.name}")
 
     record = JobRecord.for_event(portal.name, event.name, event.entity_id, event.ts, event.handler_id)
+    outage = request.app.get(outage_key)
+    if outage is not None and outage.down_for is not None:
+        return await _spool(request, record)  # Redis is known to be away: no need to wait for it to fail again
     try:
         created = await request.app[queue_key].submit(record)
     except (RedisError, OSError):

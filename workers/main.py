@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 import aiohttp
-from arq import Worker, cron, func
+from arq import cron, func
 from arq.connections import ArqRedis
 
 from app.bitrix.budget import BudgetReads
@@ -56,7 +56,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     await ctx["http"].close()
 
 
-def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> Worker:
+def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> LeasedWorker:
     """A worker for the event queue; tests pass `burst=True` and their own ctx entries."""
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}

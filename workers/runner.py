@@ -176,6 +176,13 @@ class LeasedWorker(Worker):
         return claimed  # type: ignore[no-any-return]
 
     async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await self._run_job(job_id, score)
+        except RedisError as exc:  # said when it happened (the poll fails too): not raised again later by the poll
+            log.info("job %s: its end could not be saved (%s); it runs again once its lease ends", job_id,
+                     describe(exc))
+
+    async def _run_job(self, job_id: str, score: int) -> None:
         claim = self._claims.pop(job_id, None)
         if claim is None:  # a cron job: arq's own way
             await super().run_job(job_id, score)
@@ -198,7 +205,12 @@ class LeasedWorker(Worker):
             self.jobs_retried += 1
             log.info("job %s cancelled, will be run again", job_id)
             await asyncio.shield(self.finish_job(job_id, False, None, None, False, None, None))
-        except Exception:  # the job records its own failures: this is Redis failing its last save
+        except RedisError as exc:  # the job records its own failures: this is Redis failing its last save
+            self.jobs_retried += 1
+            log.info("job %s could not save its end (%s); it will run again", job_id, describe(exc))
+            delay = AFTER_A_CRASH + (timestamp_ms() - score)
+            await asyncio.shield(self.finish_job(job_id, False, None, None, False, delay, None))
+        except Exception:
             self.jobs_retried += 1
             log.exception("job %s could not finish; it will run again in %d s", job_id, AFTER_A_CRASH // 1000)
             delay = AFTER_A_CRASH + (timestamp_ms() - score)
