@@ -53,7 +53,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await shared.close()
     if "joined_reads" in ctx:
         await ctx["joined_reads"].close()
-    await ctx["http"].close()
+    if "http" in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
+        await ctx["http"].close()
 
 
 def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> LeasedWorker:

@@ -161,3 +161,58 @@ async def test_run_rides_out_redis_going_away(
         await ride_out(outage, [run.start()], f"http://127.0.0.1:{port}", private_redis, portal, pool)
     finally:
         await asyncio.to_thread(run.kill)
+
+
+async def test_serve_and_a_worker_started_while_redis_is_down_spool_wait_and_catch_up(
+    private_redis: BundledRedis, portal: FakePortal, pool: ArqRedis, tmp_path: Path
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", portal, per_second=200, burst=100)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(private_redis.stop)
+    web = ServiceProcess("serve", private_redis.url, rules, tmp_path, "serve", B24_PORT=str(port)).start()
+    worker = WorkerProcess(private_redis.url, rules, tmp_path).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until(lambda: answers(session, url + "/healthz"), 60, "the web process")
+            stream = Stream(portal, url + "/bitrix/events")
+            for _ in range(10):
+                lead = portal.add_lead()
+                activity = portal.add_activity([(LEAD, lead)])
+                portal.convert_lead(lead)
+                await stream.post(session, "ONCRMACTIVITYADD", activity)
+            await asyncio.sleep(1.5)  # the web process's watch has seen Redis away by now
+            async with session.get(url + "/readyz") as response:
+                ready = await response.json()
+            await asyncio.to_thread(private_redis.start)
+            records = await all_done(JobStore(pool, 3600), stream.accepted, timeout=60)
+    finally:
+        web_status = await asyncio.to_thread(web.stop)
+        worker_status = await asyncio.to_thread(worker.stop)
+
+    assert not stream.refused and stream.spooled == 10 == len(records), (stream.refused, stream.spooled)
+    assert response.status == 503 and ready["redis"].startswith("unreachable (ConnectionError) for ")
+    assert ready["redis_down_seconds"] > 0 and ready["spool"]["waiting_segments"] >= 1, ready
+    assert_every_activity_ended_right(portal)
+    assert (web_status, worker_status) == (0, 0)
+    for log in (web.log, worker.log):
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text and "Redis is back after" in text, text[-3000:]
+
+
+async def test_a_worker_stopped_while_redis_is_away_leaves_cleanly(
+    private_redis: BundledRedis, portal: FakePortal, tmp_path: Path
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", portal)
+    worker = WorkerProcess(private_redis.url, rules, tmp_path).start()
+    try:
+        await asyncio.sleep(2)  # started, polling
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.sleep(2)  # the poll has failed and waits
+        status = await asyncio.to_thread(worker.stop)  # SIGTERM; SIGKILL (status -9) after 40 s
+    finally:
+        worker.kill()
+
+    text = worker.log.read_text(errors="replace")
+    assert status == 0, text[-3000:]
+    assert "Traceback" not in text and "Redis is unreachable (" in text, text[-3000:]
