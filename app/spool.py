@@ -66,6 +66,7 @@ class Spool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._file: IO[bytes] | None = None
+        self._whole = 0  # bytes of whole lines in the current segment
         self._lock = threading.Lock()  # appends come from worker threads; keep lines whole and ordered
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -87,21 +88,19 @@ class Spool:
     def _write(self, line: bytes) -> None:
         with self._lock:
             if self._file is None:
-                self._file = self._open_segment()
-            try:
-                if self._file.write(line) != len(line):
-                    raise OSError(errno.ENOSPC, "the disk took part of the line")
-                os.fsync(self._file.fileno())
-            except OSError:
+                self._file, self._whole = self._open_segment(), 0
+            if os.fstat(self._file.fileno()).st_size != self._whole:  # an earlier write failed part-way
                 self._cut_torn_tail(self._file)
-                raise
+            if self._file.write(line) != len(line):
+                raise OSError(errno.ENOSPC, "the disk took part of the line")
+            os.fsync(self._file.fileno())
+            self._whole += len(line)
 
-    @staticmethod
-    def _cut_torn_tail(file: IO[bytes]) -> None:
-        """Back to the last whole line: the next append would be glued to a torn one, and lost with it."""
-        with contextlib.suppress(OSError):
-            whole = Path(file.name).read_bytes().rfind(b"\n") + 1
-            os.ftruncate(file.fileno(), whole)
+    def _cut_torn_tail(self, file: IO[bytes]) -> None:
+        """Back to the last whole line: the next line would be glued to a torn one, and lost with it."""
+        self._whole = Path(file.name).read_bytes().rfind(b"\n") + 1
+        os.ftruncate(file.fileno(), self._whole)
+        log.warning("cut a torn line (a write that failed part-way) off the end of %s", Path(file.name).name)
 
     def _open_segment(self) -> IO[bytes]:
         path = self.directory / f"spool-{time.time_ns():020d}-{os.getpid()}{SUFFIX}"
