@@ -11,7 +11,7 @@ from contextvars import ContextVar
 
 import orjson
 
-from app.queue import SWEEP_CRON
+from app.store.queue import SWEEP_CRON
 
 MASK = "***"
 # The job a log line belongs to; arq runs each job in its own task, so each sees its own value.

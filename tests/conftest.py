@@ -16,15 +16,15 @@ from arq import Worker
 from arq.connections import ArqRedis
 from pydantic import SecretStr
 
+from app.api.web import create_app
 from app.bitrix.client import RetryPolicy
-from app.bitrix.fake import FakePortal
 from app.bitrix.portal import PortalConfig
-from app.bundled_redis import BundledRedis
-from app.queue import LIVE_QUEUE, connect
+from app.fakeportal.portal import FakePortal
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.web import create_app
+from app.store.bundled_redis import BundledRedis
+from app.store.queue import LIVE_QUEUE, connect
 from workers.main import build_worker, shutdown
 
 DOMAIN = "acme.bitrix24.com"

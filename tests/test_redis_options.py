@@ -32,14 +32,14 @@ from arq import Worker
 from arq.connections import ArqRedis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
-from app.bundled_redis import with_redis
-from app.jobs import feed_channel
-from app.queue import connect, redis_settings
-from app.redis_pool import LeanConnections
+from app.api.web import create_app
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.web import create_app
+from app.store.bundled_redis import with_redis
+from app.store.jobs import feed_channel
+from app.store.queue import connect, redis_settings
+from app.store.redis_pool import LeanConnections
 from tests.chaos.processes import ROOT, write_rules
 from tests.conftest import WEBHOOK_CODE, event_form, post_event
 from workers.main import build_worker, shutdown
@@ -267,6 +267,7 @@ async def until(check: Callable[[], Any] | Callable[[], Awaitable[Any]], what: s
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.slow
 async def test_two_installations_share_one_redis_database_with_no_key_in_common(
         redis: ArqRedis, redis_url: str, tmp_path: Path) -> None:
     portals = {name: FakePortal(webhook_code=WEBHOOK_CODE, per_second=None) for name in ("red", "blue")}

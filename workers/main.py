@@ -12,12 +12,12 @@ from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.jobs import JobStore
-from app.namespace import prefixed
-from app.queue import LIVE_QUEUE, PROCESS_EVENT, SWEEP_CRON, deserialize, serialize
+from app.rebind.joined_reads import JoinedReads
 from app.rules.model import RuleSet
 from app.settings import Settings
-from workers.joined_reads import JoinedReads
+from app.store.jobs import JobStore
+from app.store.namespace import prefixed
+from app.store.queue import LIVE_QUEUE, PROCESS_EVENT, SWEEP_CRON, deserialize, serialize
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event

@@ -33,10 +33,10 @@ from arq.worker import Function, RetryJob
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from app.jobs import JOB_KEY
-from app.namespace import prefixed
-from app.outage import RedisOutage, describe
-from workers.locks import LEASE  # a dead worker's job, and its lead, are free again after this
+from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
+from app.store.jobs import JOB_KEY
+from app.store.namespace import prefixed
+from app.store.outage import RedisOutage, describe
 
 log = logging.getLogger(__name__)
 

@@ -10,24 +10,24 @@ from typing import Any
 from arq import Retry
 from redis.exceptions import RedisError
 
-from app.audit import AuditLog
+from app.api.metrics import stage_attempt
 from app.bitrix.budget import BudgetReads, MethodBudget
 from app.bitrix.client import RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
-from app.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from app.logs import current_job
-from app.metrics import stage_attempt
+from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
+from app.rebind.executor import execute
+from app.rebind.facts import Echo, FactReader, Gone
+from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
 from app.rules.facts import Facts
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
-from workers.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
-from workers.executor import execute
-from workers.facts import Echo, FactReader, Gone
-from workers.locks import Busy, LeadLock
+from app.store.audit import AuditLog
+from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 from arq.connections import ArqRedis
 
-from app.bitrix.fake import LEAD, FakePortal
-from app.bundled_redis import BundledRedis
-from app.jobs import JobStore
-from app.queue import connect
+from app.fakeportal.portal import LEAD, FakePortal
+from app.store.bundled_redis import BundledRedis
+from app.store.jobs import JobStore
+from app.store.queue import connect
 from tests.chaos.processes import ServiceProcess, WorkerProcess, free_port, write_rules
 from tests.chaos.test_chaos import all_done, assert_every_activity_ended_right
 from tests.conftest import event_form

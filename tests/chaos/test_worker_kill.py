@@ -8,13 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from arq.connections import ArqRedis
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
-from app.jobs import JobState, JobStore
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rebind.locks import LEASE
+from app.store.jobs import JobState, JobStore
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import post_event
-from workers.locks import LEASE
+
+pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 
 
 async def wait_for(check: Any, timeout: float, what: str) -> float:

@@ -5,7 +5,7 @@ from typing import Any
 
 from arq import Worker
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 

@@ -14,9 +14,9 @@ from arq import Worker
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.bitrix.fake import LEAD, FakePortal
-from app.jobs import JobStore
-from app.queue import LIVE_QUEUE, PROCESS_EVENT
+from app.fakeportal.portal import LEAD, FakePortal
+from app.store.jobs import JobStore
+from app.store.queue import LIVE_QUEUE, PROCESS_EVENT
 from tests.conftest import post_event
 from workers import tasks
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup

@@ -10,14 +10,14 @@ import pytest
 
 from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError
-from app.bitrix.fake import CONTACT, LEAD, FakePortal
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.sharing import SharedBatches
+from app.fakeportal.portal import CONTACT, LEAD, FakePortal
+from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
+from tests.app.rebind.test_executor import MISSING_CONTACT, rebind
 from tests.conftest import post_event
-from tests.workers.test_executor import MISSING_CONTACT, rebind
-from workers.executor import execute
 
 
 @pytest.fixture
