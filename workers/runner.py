@@ -34,7 +34,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
-from app.store.jobs import JOB_KEY
+from app.store.jobs import JOB_KEY, JobRecord, JobStore
 from app.store.namespace import prefixed
 from app.store.outage import RedisOutage, describe
 
@@ -242,10 +242,22 @@ class LeasedWorker(Worker):
         max_tries = self.max_tries if function.max_tries is None else function.max_tries
         if job_try > max_tries:
             log.warning("job %s: max %d tries exceeded", job_id, max_tries)
+            await self._record_given_up(claim, max_tries)
             return await self._give_up(job_id)
         ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "enqueue_time": ms_to_datetime(enqueued_ms),
                "score": score, "claimed_record": claim.record}
         return function, args, kwargs, ctx
+
+    async def _record_given_up(self, claim: _Claim, max_tries: int) -> None:
+        """arq deletes a job past its tries: its record must not stay `retrying` for ever."""
+        if claim.record is None:
+            return
+        record = JobRecord.model_validate_json(claim.record)
+        record.give_up(f"gave up after {max_tries} tries", {
+            "code": "TOO_MANY_TRIES", "description": f"the job was started {max_tries} times without ending",
+            "what_to_do": "its attempts say why it kept running again; retry it once that is fixed"})
+        store = self.ctx.get("store") or JobStore.from_settings(self.pool, self.ctx["settings"])
+        await store.save(record)
 
     async def _give_up(self, job_id: str) -> None:
         self.jobs_failed += 1

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
@@ -143,6 +144,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if record.attempts and record.attempts[-1].outcome == "deferred":
+            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         if closing is not None:
             closing.stage(pipe)
         await pipe.execute()

@@ -99,6 +99,8 @@ class JobRecord(BaseModel):
         last = self.attempts[-1] if self.attempts else None
         if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
             last.outcome, last.finished_at = "interrupted", now
+        elif last is not None and last.outcome == "deferred":
+            self.attempts.pop()  # a wait for a lock is kept only while it lasts: a long wait is not 300 attempts
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
         self.attempts.append(Attempt(number=number, started_at=now))
@@ -112,6 +114,10 @@ class JobRecord(BaseModel):
             attempt.finished_at, attempt.outcome, attempt.error = now, attempt_outcome or state.value, error
         if state in FINAL_STATES:
             self.finished_at = now
+
+    def give_up(self, outcome: str, error: dict[str, Any]) -> None:
+        """The queue gave up on the job between attempts: it is dead, and says why."""
+        self.state, self.outcome, self.error, self.finished_at = JobState.DEAD, outcome, error, time.time()
 
     def summary(self) -> dict[str, Any]:
         """The record without its plan and changes: what job lists and live updates carry."""

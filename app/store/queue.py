@@ -6,7 +6,7 @@ from typing import Any, cast
 
 import orjson
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import expires_extra_ms, result_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
@@ -14,13 +14,17 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
 from app.settings import Settings
-from app.store.jobs import JobRecord, JobState, JobStore, QueueEntry
+from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
 from app.store.namespace import prefixed
 from app.store.redis_pool import LeanPool, LeanSentinelPool
 
 PROCESS_EVENT = "process_event"
+RESCUE_CRON = "cron:requeue_stranded"  # the minute's look for stranded jobs (see JobQueue.requeue_stranded)
 SWEEP_CRON = "cron:reconcile_job"  # arq's name for the reconcile sweep's cron (its job ids start with it)
 LIVE_QUEUE = "arq:queue"
+# A job whose record still waits to run this long after its event arrived, with no arq job behind it,
+# is stranded (arq gave up on it, or a Redis restarted without its data): it is queued again.
+STRANDED_AFTER = 300.0
 BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
 
 
@@ -124,6 +128,30 @@ class JobQueue:
         await self.store.save(record)
         await self._redis.delete(result_key_prefix + record.id)
         await self._enqueue(record)
+
+    async def requeue_stranded(self, now: float | None = None, limit: int = 1000) -> list[str]:
+        """Queue again the jobs whose records say they are still to run (queued, running, retrying) but
+        that have no arq job and no worker on them; each record says why. Returns their ids."""
+        until = (now or time.time()) - STRANDED_AFTER
+        candidates: list[str] = []
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+            index = prefixed(f"{INDEX_PREFIX}state:{state.value}")
+            candidates += [i.decode() for i in await self._redis.zrangebyscore(index, "-inf", until, 0, limit)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in candidates:
+                pipe.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+            alive = await pipe.execute()
+        rescued = []
+        for job_id, keys in zip(candidates, alive):
+            record = await self.store.get(job_id) if keys == 0 else None
+            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+                continue  # its job is there, or it has ended (or expired) since
+            record.outcome = f"queued again: its job had left the queue while it was {record.state.value}"
+            record.state = JobState.QUEUED
+            await self.store.save(record)
+            await self._enqueue(record)  # arq queues a job id once: a job queued meanwhile is left as it is
+            rescued.append(job_id)
+        return rescued
 
     async def _enqueue(self, record: JobRecord) -> None:
         await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id,
