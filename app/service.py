@@ -73,7 +73,9 @@ async def run(settings: Settings, roles: Roles) -> None:
 def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     """The web process's runner (benchmarks/intake.py serves through it too)."""
     # No access log: the event handler logs one line per event already, and intake is the hot path.
-    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, **HEADER_LIMITS)
+    # An idle kept-alive connection is closed after 15 s (aiohttp's default is 75): slots are not held by idlers.
+    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, keepalive_timeout=15,
+                         **HEADER_LIMITS)
 
 
 class CannotListen(Exception):

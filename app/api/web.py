@@ -14,6 +14,7 @@ from app.api.dashboard import setup_dashboard
 from app.api.endpoints import setup_api
 from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key, store_key
 from app.config import LiveRules, load_service_rules
+from app.logs import QuietBadRequests
 from app.intake.spool import spool_context, spool_key
 from app.intake.webhook import MAX_BODY, receive_event
 from app.rules.model import RuleSet
@@ -27,6 +28,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
     """Build the web application; `settings` must name a running Redis (REDIS_URL or REDIS_SENTINELS)."""
+    QuietBadRequests.install()
     app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
     app[settings_key] = settings
     if rules is None:
@@ -101,7 +103,9 @@ async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse
             return web.json_response({"error": "retry and replay need an API token: set B24_API_TOKEN and send "
                                       "Authorization: Bearer <token>"}, status=403)
         if token is None:
-            if not _is_loopback(request.remote) or _forwarded(request):
+            # The Host header too: a page from elsewhere whose name resolves to 127.0.0.1 (DNS rebinding)
+            # makes the browser send its own name there.
+            if not _is_loopback(request.remote) or _forwarded(request) or not _loopback_host(request):
                 return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
                                          status=403)
         else:
@@ -156,3 +160,14 @@ def _is_loopback(remote: str | None) -> bool:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _loopback_host(request: web.Request) -> bool:
+    try:
+        host = request.url.host
+    except ValueError:
+        return False
+    return host is not None and (host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"))
