@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -216,3 +219,28 @@ async def test_a_worker_stopped_while_redis_is_away_leaves_cleanly(
     text = worker.log.read_text(errors="replace")
     assert status == 0, text[-3000:]
     assert "Traceback" not in text and "Redis is unreachable (" in text, text[-3000:]
+
+
+async def test_jobs_watch_waits_for_a_restarting_redis_and_goes_on(private_redis: BundledRedis, tmp_path: Path) -> None:
+    watch = subprocess.Popen([sys.executable, "-m", "app", "jobs", "watch", "--interval", "0.2"], cwd=tmp_path,
+                             env={**os.environ, "REDIS_URL": private_redis.url, "B24_DATA_DIR": str(tmp_path)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        await asyncio.sleep(3)
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.sleep(2)
+        await asyncio.to_thread(private_redis.start)
+        down_at = time.time()
+        await asyncio.sleep(2)
+        assert watch.poll() is None, "jobs watch ended"
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+
+    text = err.decode(errors="replace")
+    assert "Traceback" not in text and text.count("Redis is unreachable") == 1, text
+    assert watch.returncode == 130
+    screens = re.findall(r"b24rebind — (\d\d:\d\d:\d\d)", out.decode())
+    assert screens and screens[-1] >= time.strftime("%H:%M:%S", time.localtime(down_at)), screens  # drawn again
