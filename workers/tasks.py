@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
@@ -110,7 +111,12 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except Exception as exc:  # a bug or a Redis hiccup: recorded on the job, and retried like a 5xx
+    except RedisError as exc:
+        # Redis is away (the worker says so once): the job runs again once it is back and its lease ends.
+        record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
+                           "will run again", attempt_outcome="interrupted")
+        raise
+    except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
         log.exception("job %s crashed", record.id)
         _retry_or_give_up(record, delays, "crashed", {
             "code": "INTERNAL_ERROR", "description": type(exc).__name__,
@@ -138,6 +144,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if record.attempts and record.attempts[-1].outcome == "deferred":
+            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         if closing is not None:
             closing.stage(pipe)
         await pipe.execute()

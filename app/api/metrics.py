@@ -220,6 +220,8 @@ class _Snapshot(Collector):
                             "batches (via=batch), by method and outcome.", ["portal", "method", "outcome", "via"])
         yield self._counter("rate_limit_wait_seconds", "Seconds workers waited for the portal's request limit.",
                             ["portal"])
+        yield self._counter("spool_quarantined", "Spooled events that could not become jobs, moved to the "
+                            "spool's quarantine.jsonl for a person to look at.", [])
         yield self._durations()
         jobs = GaugeMetricFamily("b24rebind_jobs", "Job records kept, by state.", labels=["state"])
         for state, count in self.states.items():

@@ -63,7 +63,7 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     """The words and exit status for an expected failure; (str, None) for one that is a bug."""
     from app.api.endpoints import BadRequest
     from app.rules.loader import RulesError
-    from app.service import CannotListen
+    from app.service import CannotListen, WorkerStopped
     from app.store.audit import UndoRefused
 
     if isinstance(exc, Failure):
@@ -72,7 +72,7 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
         return str(exc), Exit.NOT_FOUND
     if isinstance(exc, RulesError):
         return f"the rules file is invalid:\n{exc}", Exit.REFUSED
-    if isinstance(exc, UndoRefused):
+    if isinstance(exc, (UndoRefused, WorkerStopped)):
         return str(exc), Exit.REFUSED
     if isinstance(exc, (BadRequest, CannotListen)):
         return str(exc), Exit.USAGE

@@ -107,6 +107,11 @@ class JobRecord(BaseModel):
         """`tries`: the queue's count of this job's runs. A retry by hand starts that count again, and a run
         whose record was never saved is in it but not in the record: the number is the larger of the two."""
         now = time.time()
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
+            last.outcome, last.finished_at = "interrupted", now
+        elif last is not None and last.outcome == "deferred":
+            self.attempts.pop()  # a wait for a lock is kept only while it lasts: a long wait is not 300 attempts
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
         last = self.attempts[-1].number if self.attempts else 0
@@ -126,6 +131,10 @@ class JobRecord(BaseModel):
         """The job's changes were restored: its state says so, and what will happen next."""
         self.state = JobState.UNDONE
         self.outcome = f"undone: {restored} {'item' if restored == 1 else 'items'} restored. " + reapply_note(self.rules)
+
+    def give_up(self, outcome: str, error: dict[str, Any]) -> None:
+        """The queue gave up on the job between attempts: it is dead, and says why."""
+        self.state, self.outcome, self.error, self.finished_at = JobState.DEAD, outcome, error, time.time()
 
     def summary(self) -> dict[str, Any]:
         """The record without its plan and changes: what job lists and live updates carry."""
