@@ -208,7 +208,7 @@ async def test_without_a_prefix_every_name_is_what_earlier_releases_used(
     assert feed_channel(redis) == f"b24:jobs:feed:{redis.connection_pool.connection_kwargs.get('db', 0)}"
     assert worker.queue_name == "arq:queue"
     sweeping = build_worker(settings, rules, redis, handle_signals=False)
-    assert [cron_job.name for cron_job in sweeping.cron_jobs] == ["cron:reconcile_job"]
+    assert [cron_job.name for cron_job in sweeping.cron_jobs] == ["cron:reconcile_job", "cron:requeue_stranded"]
 
 
 class Installation:

@@ -110,8 +110,6 @@ class JobRecord(BaseModel):
         last = self.attempts[-1] if self.attempts else None
         if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
             last.outcome, last.finished_at = "interrupted", now
-        elif last is not None and last.outcome == "deferred":
-            self.attempts.pop()  # a wait for a lock is kept only while it lasts: a long wait is not 300 attempts
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
         last = self.attempts[-1].number if self.attempts else 0
@@ -124,6 +122,8 @@ class JobRecord(BaseModel):
         if self.attempts:
             attempt = self.attempts[-1]
             attempt.finished_at, attempt.outcome, attempt.error = now, attempt_outcome or state.value, error
+            if attempt.outcome == "deferred" and len(self.attempts) > 1 and self.attempts[-2].outcome == "deferred":
+                del self.attempts[-2]  # a run of waits is kept as its latest: a long wait is not 300 attempts
         if state in FINAL_STATES:
             self.finished_at = now
 

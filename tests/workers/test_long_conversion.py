@@ -54,5 +54,6 @@ async def test_the_siblings_of_a_long_conversion_wait_for_it_and_end_right(
     assert records[0] is not None and records[0].state == JobState.SUCCEEDED, records[0]
     for sibling in records[1:]:
         assert sibling is not None and sibling.state in (JobState.SUCCEEDED, JobState.SKIPPED), sibling
-        assert [a.outcome for a in sibling.attempts] in (["succeeded"], ["skipped"]), sibling.attempts
+        assert [a.outcome for a in sibling.attempts][-2:] in (["deferred", "succeeded"], ["deferred", "skipped"]), \
+            sibling.attempts  # its waits, kept as one, then its run
     assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
