@@ -58,7 +58,7 @@ async def plain_arq_redis(url: str) -> Any:
     from arq import create_pool
     from arq.connections import RedisSettings
 
-    from app.queue import deserialize, serialize
+    from app.store.queue import deserialize, serialize
 
     return await create_pool(RedisSettings.from_dsn(url), job_serializer=serialize, job_deserializer=deserialize)
 

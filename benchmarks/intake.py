@@ -194,7 +194,7 @@ def baseline_app(redis_url: str) -> Any:
     comes, on its own Redis pool (redis-py's; the service's lean pool is part of what is measured)."""
     from aiohttp import web
 
-    from app.queue import PROCESS_EVENT
+    from app.store.queue import PROCESS_EVENT
 
     async def receive(request: web.Request) -> web.Response:
         form = await request.post()

@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from app.jobs import JOB_KEY, JobRecord, JobState, JobStore
-from app.queue import connect
-from app.web import create_app
+from app.api.web import create_app
+from app.store.jobs import JOB_KEY, JobRecord, JobState, JobStore
+from app.store.queue import connect
 from benchmarks.common import REDIS_URL, bench_rules, bench_settings, flush_bench_db, free_port
 
 PAGE = 50
@@ -42,7 +42,7 @@ async def seed(records: int, failed_share: float) -> int:
                            received_at=start + i * 86400 / records, state=state, rules=["rule-a"],
                            plan=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"]}],
                            changes=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"],
-                                     "status": "changed", "errors": []}], outcome="re-bound 1 items")
+                                     "status": "changed", "errors": []}], outcome="re-bound 1 item")
         await store.save(record)
     await redis.aclose()
     return failed

@@ -25,12 +25,12 @@ from tempfile import TemporaryDirectory
 
 import redis as sync_redis
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bitrix.portal import PortalConfig
-from app.jobs import JobRecord, JobStore
-from app.queue import JobQueue, connect
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.loader import parse_rules
 from app.settings import Settings
+from app.store.jobs import JobRecord, JobStore
+from app.store.queue import JobQueue, connect
 from benchmarks.common import RULES
 from workers.main import build_worker, shutdown
 

@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.redis_pool [--commands 10000] [--rounds 5]
 
 Twenty tasks at once (as a worker's jobs) send a short command (GET) and, separately, the job
-record's save (one EVAL of 28 arguments, `JobStore.save`), through `app.queue.connect` (the lean
-pool, app/redis_pool.py) and through redis-py's pool as arq builds it (the baseline), taking turns
+record's save (one EVAL of 28 arguments, `JobStore.save`), through `app.store.queue.connect` (the lean
+pool, app/store/redis_pool.py) and through redis-py's pool as arq builds it (the baseline), taking turns
 for --rounds rounds on the loop the service runs on. Redis is a redis-server of the benchmark's own,
 on the other core.
 """
@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app import loop
-from app.jobs import JobRecord, JobStore
-from app.queue import connect
+from app.store.jobs import JobRecord, JobStore
+from app.store.queue import connect
 from benchmarks.common import bench_redis_url, flush_bench_db, pin_to_core, pinned_redis, plain_arq_redis
 
 POOLS = ("redis-py's pool", "lean pool")

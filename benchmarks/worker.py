@@ -46,7 +46,7 @@ EVENT = "ONCRMACTIVITYADD"
 
 async def portal(jobs: int) -> None:
     """The fake portal with `jobs` converted leads, each with one activity still bound to the lead."""
-    from app.bitrix.fake import LEAD, FakePortal
+    from app.fakeportal.portal import LEAD, FakePortal
 
     core = pin_to_core(1)
     fake = FakePortal(per_second=None)
@@ -70,7 +70,7 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
     from arq import Worker, func
 
     from app import logs
-    from app.queue import PROCESS_EVENT, connect, deserialize, serialize
+    from app.store.queue import PROCESS_EVENT, connect, deserialize, serialize
     from workers.main import build_worker
 
     core = pin_to_core(0)
@@ -117,8 +117,8 @@ async def work(kind: str, rest_url: str, profile: str) -> None:
 
 async def enqueue(activities: list[int]) -> None:
     """Queue one job per activity the way the web process does (job record, then the arq entry)."""
-    from app.jobs import JobRecord, JobStore
-    from app.queue import JobQueue, connect
+    from app.store.jobs import JobRecord, JobStore
+    from app.store.queue import JobQueue, connect
 
     redis = await connect(bench_settings().redis_url or "")
     queue = JobQueue(redis, JobStore(redis, 86400))
@@ -130,8 +130,8 @@ async def enqueue(activities: list[int]) -> None:
 
 async def job_requests(sample: list[int]) -> float:
     """REST requests per job, read from the job records."""
-    from app.jobs import JobRecord, JobStore
-    from app.queue import connect
+    from app.store.jobs import JobRecord, JobStore
+    from app.store.queue import connect
 
     redis = await connect(bench_settings().redis_url or "")
     store = JobStore(redis, 86400)

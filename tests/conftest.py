@@ -16,15 +16,15 @@ from arq import Worker
 from arq.connections import ArqRedis
 from pydantic import SecretStr
 
+from app.api.web import create_app
 from app.bitrix.client import RetryPolicy
-from app.bitrix.fake import FakePortal
 from app.bitrix.portal import PortalConfig
-from app.bundled_redis import BundledRedis
-from app.queue import LIVE_QUEUE, connect
+from app.fakeportal.portal import FakePortal
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.web import create_app
+from app.store.bundled_redis import BundledRedis
+from app.store.queue import LIVE_QUEUE, connect
 from workers.main import build_worker, shutdown
 
 DOMAIN = "acme.bitrix24.com"
@@ -75,6 +75,8 @@ async def portal() -> AsyncIterator[FakePortal]:
     await fake.start()
     yield fake
     await fake.close()
+    # A real portal lets a binding to a missing record through; the service must never make one.
+    assert fake.check_invariants() == [], "the service left a dangling binding"
 
 
 @pytest.fixture

@@ -28,13 +28,13 @@ from redis.asyncio import Redis
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
 from app.bitrix.errors import B24Error
 from app.bitrix.ratelimit import RateLimiter
-from app.bundled_redis import with_redis
 from app.config import LiveRules, load_service_rules
-from app.jobs import JobRecord, JobStore
-from app.namespace import prefixed
-from app.queue import JobQueue, connect
 from app.rules.model import EntityType
 from app.settings import Settings
+from app.store.bundled_redis import with_redis
+from app.store.jobs import JobRecord, JobStore
+from app.store.namespace import prefixed
+from app.store.queue import JobQueue, connect
 from workers.tasks import portal_client
 
 log = logging.getLogger(__name__)

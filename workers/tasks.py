@@ -8,26 +8,28 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
-from app.audit import AuditLog
+from app.api.metrics import stage_attempt
 from app.bitrix.budget import BudgetReads, MethodBudget
 from app.bitrix.client import RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.session import PortalSession
-from app.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from app.logs import current_job
-from app.metrics import stage_attempt
+from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
+from app.rebind.executor import TargetsGone, execute
+from app.rebind.facts import Echo, FactReader, Gone
+from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
 from app.rules.facts import Facts
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
-from workers.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
-from workers.executor import execute
-from workers.facts import Echo, FactReader, Gone
-from workers.locks import Busy, LeadLock
+from app.store.audit import AuditLog
+from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from app.words import plural
 from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,12 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except Exception as exc:  # a bug or a Redis hiccup: recorded on the job, and retried like a 5xx
+    except RedisError as exc:
+        # Redis is away (the worker says so once): the job runs again once it is back and its lease ends.
+        record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
+                           "will run again", attempt_outcome="interrupted")
+        raise
+    except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
         log.exception("job %s crashed", record.id)
         _retry_or_give_up(record, delays, "crashed", {
             "code": "INTERNAL_ERROR", "description": type(exc).__name__,
@@ -120,8 +127,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         await running.settle()
         await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
                             closing=ctx.get("closing") if record.state in FINAL_STATES else None)
-        log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
-                 record.outcome)
+        _log_end(record, client.requests)
     return record.state.value
 
 
@@ -132,13 +138,15 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
     one round trip, since a worker ends hundreds of jobs a second."""
     async with ctx["redis"].pipeline(transaction=False) as pipe:
         lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
-        ctx["store"].stage_save(pipe, record)
+        await ctx["store"].stage_save(pipe, record)
         if applied:
             AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if record.attempts and record.attempts[-1].outcome == "deferred":
+            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         if closing is not None:
             closing.stage(pipe)
         await pipe.execute()
@@ -164,6 +172,16 @@ def portal_session(ctx: dict[str, Any], portal: PortalConfig) -> PortalSession:
     return session
 
 
+def _log_end(record: JobRecord, requests: int) -> None:
+    """A failed job is a person's business: WARNING, with the portal's code to look up."""
+    if record.state in (JobState.FAILED, JobState.DEAD):
+        code = (record.error or {}).get("code") or "no code"
+        log.warning("job %s %s (%s) after %d requests: %s", record.id, record.state.value, code, requests,
+                    record.outcome)
+    else:
+        log.info("job %s %s after %d requests: %s", record.id, record.state.value, requests, record.outcome)
+
+
 def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
     failures = record.failures  # earlier failed attempts of this job
     if failures >= len(delays):
@@ -185,25 +203,52 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: C
     await _plan_and_apply(record, client, rules, facts, changes)
 
 
+MAX_REPLANS = 3  # targets deleted while the job runs: plan again without them, this many times
+
+
 async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet, facts: Facts,
                           changes: ChangeLog) -> None:
-    plan = await _hold_back_loops(make_plan(rules, facts), changes)
-    record.rules = list(plan.matched_rules)
-    record.plan = plan.summary()
-    if plan.empty:
-        record.end_attempt(JobState.SKIPPED, _why_nothing(plan, facts.activities))
-        return
-    outcomes = await execute(plan, client)
+    for replans in range(MAX_REPLANS + 1):
+        plan = await _hold_back_loops(make_plan(rules, facts), changes)
+        record.rules = list(plan.matched_rules)
+        record.plan = plan.summary()
+        gone = _gone_note(facts)
+        if plan.empty:
+            record.end_attempt(JobState.SKIPPED, gone + _why_nothing(plan, facts.activities))
+            return
+        try:
+            outcomes = await execute(plan, client)
+            break
+        except TargetsGone as exc:
+            # Nothing was written: a binding to a deleted record would leave the activity bound to
+            # nothing real once the lead binding goes. Plan again without it.
+            log.info("job %s: %s; planning again without them", record.id, exc)
+            if replans == MAX_REPLANS:
+                raise
+            facts = facts.model_copy(update={"missing": facts.missing | exc.targets})
+    _record_outcomes(record, outcomes, _gone_note(facts))
+
+
+def _gone_note(facts: Facts) -> str:
+    if not facts.missing:
+        return ""
+    names = ", ".join(sorted(str(b) for b in facts.missing))
+    return f"left out of the plan, deleted since they were read: {names}; "
+
+
+def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     record.changes = [o.as_record() for o in outcomes]  # the echo fingerprints are saved from these
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, f"{len(failed)} of {len(outcomes)} items could not be changed", first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
+                           "not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        record.end_attempt(JobState.SUCCEEDED, f"re-bound {changed} items"
-                           + (f"; {dry} left as they are (dry run)" if dry else ""))
+        done = f"re-bound {plural(changed, 'item')}" if changed or not dry else ""
+        would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
+        record.end_attempt(JobState.SUCCEEDED, gone + "; ".join(part for part in (done, would) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

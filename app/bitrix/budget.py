@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app.bitrix.errors import MethodBlocked
-from app.namespace import prefixed
+from app.store.namespace import prefixed
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
 WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written

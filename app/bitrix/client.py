@@ -6,7 +6,7 @@ into shared batches; a RestClient hands it this job's commands and counts what t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -93,10 +93,11 @@ class RestClient:
             return results
         return await self.session.read(self.meter, commands, low=self.low_priority)
 
-    async def write(self, stages: Sequence[Sequence[Command]]) -> list[list[CommandResult]]:
+    async def write(self, stages: Sequence[Sequence[Command]], *,
+                    stops: Callable[[CommandResult], bool] | None = None) -> list[list[CommandResult]]:
         """Write in stages: each only after every command of the one before succeeded (or was already
-        done); after a failure the later stages come back NOT_RUN."""
-        return await self.session.write(self.meter, stages, low=self.low_priority)
+        done); after a failure (as `stops` judges it) the later stages come back NOT_RUN."""
+        return await self.session.write(self.meter, stages, low=self.low_priority, stops=stops)
 
     async def list_all(self, method: str, filter: dict[str, Any] | None = None,
                        select: Sequence[str] = (), *, after_id: int = 0) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.errors import ConfigError, TransientError
 from app.bitrix.portal import PortalConfig
-from app.namespace import prefixed
+from app.store.namespace import prefixed
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from app.namespace import prefixed
+from app.store.namespace import prefixed
 
 # Times are kept to the microsecond: Lua's tostring keeps 14 digits, 0.1 ms of a Unix time, and a
 # time rounded up made the next call's elapsed time negative and the bucket fuller than it was.

@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -129,8 +129,10 @@ def not_run(command: Command, why: str = "the batch did not run this command") -
 class _Part:
     """One job's commands waiting for the session: one stage for reads, a group of stages for writes."""
 
-    def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool) -> None:
+    def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool,
+                 stops: Callable[[CommandResult], bool] | None = None) -> None:
         self.meter, self.write, self.low = meter, write, low
+        self.stops = stops or stops_group
         self.stages = [stage for stage in stages if stage]
         self.results: list[list[CommandResult | None]] = [[None] * len(s) for s in self.stages]
         self.until = len(self.stages)  # stages to send: a failure stops the ones after its own
@@ -226,12 +228,13 @@ class PortalSession:
         (results,) = await self._submit(_Part(meter, [list(commands)], write=False, low=low))
         return results
 
-    async def write(self, meter: Meter, stages: Sequence[Sequence[Command]], *,
-                    low: bool = False) -> list[list[CommandResult]]:
+    async def write(self, meter: Meter, stages: Sequence[Sequence[Command]], *, low: bool = False,
+                    stops: Callable[[CommandResult], bool] | None = None) -> list[list[CommandResult]]:
         """Run a group of write stages: each stage only once every command before it succeeded (or was
         already done); after a failure the later stages come back NOT_RUN. Raises TransientError when a
-        call's fate is unknown (a 5xx or a timeout): the writes may or may not have landed."""
-        part = _Part(meter, [list(s) for s in stages], write=True, low=low)
+        call's fate is unknown (a 5xx or a timeout): the writes may or may not have landed. `stops` says
+        which results stop the group (by default any error but 'already so')."""
+        part = _Part(meter, [list(s) for s in stages], write=True, low=low, stops=stops)
         if not part.stages:
             return [[] for _ in stages]
         results = iter(await self._submit(part))
@@ -408,7 +411,7 @@ class PortalSession:
             part.results[at[0]][at[1]] = result
             if isinstance(result.error, MethodBlocked):
                 part.finish(result.error)
-            elif _failed(result):
+            elif part.stops(result):
                 part.until = min(part.until, at[0] + 1)
             halted = call.halt and result.error is not None
             if halted and not part.done.done():  # the rest of its group goes again (unless it failed)
@@ -545,7 +548,7 @@ class PortalSession:
         self._base = urlunsplit((new.scheme, new.netloc, old.path, "", ""))
 
 
-def _failed(result: CommandResult) -> bool:
+def stops_group(result: CommandResult) -> bool:
     """A command that stops its group: an error other than 'already so' (already bound, not bound any more)."""
     return result.error is not None and policy_for(result.error.code).policy != Policy.DONE
 

@@ -5,7 +5,17 @@ import re
 from dataclasses import dataclass
 
 from app.rules.facts import Activity, Binding, Comment, Facts, Lead
-from app.rules.model import KINDS, EntityType, FixedTarget, Rule, RuleSet, Target, When, target_type
+from app.rules.model import (
+    KINDS,
+    EntityType,
+    FixedTarget,
+    Rule,
+    RuleSet,
+    Target,
+    When,
+    entity_label,
+    target_type,
+)
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
 
 MAX_BINDINGS = 100  # per activity (crm.activity.binding overview)
@@ -50,7 +60,10 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
         matched.append(rule.name)
         dry_run = dry_run or rule.mode == "dry_run"
         sources = _Sources(facts, activity, _leads_in_scope(rule.when, facts, activity))
-        _add(wanted, [b for t in rule.bind_targets() for b in sources.resolve(t)])
+        found = {str(t): sources.resolve(t) for t in rule.bind_targets()}
+        _add(wanted, [b for bindings in found.values() for b in bindings])
+        if found and not any(found.values()):
+            notes.append(_nothing_to_bind(rule.name, list(found)))
         unbind = rule.unbind_types()
         wanted = [b for b in wanted if b.entity_type not in unbind or b not in activity.bindings]
         for move in rule.moves():
@@ -63,7 +76,7 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
 
 def _plan_move(source_type: str, targets: list[Binding], activity: Activity, wanted: list[Binding],
                moves: list[tuple[Binding, Binding]], notes: list[str]) -> None:
-    sources = [b for b in wanted if b.entity_type.label == source_type and b in activity.bindings]
+    sources = [b for b in wanted if entity_label(b.entity_type) == source_type and b in activity.bindings]
     targets = [t for t in targets if t not in wanted]
     if len(sources) != 1 or len(targets) != 1:
         if sources and targets:
@@ -79,7 +92,7 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
     matched: list[str] = []
     dry_run = rules.mode == "dry_run"
     for rule in rules.rules:
-        if not rule.comments_follow() or facts.event not in rule.on:
+        if not rule.enabled or not rule.comments_follow() or facts.event not in rule.on:
             continue
         leads = [facts.leads[b.entity_id] for b in comment.bindings
                  if b.entity_type == EntityType.LEAD and b.entity_id in facts.leads]
@@ -97,7 +110,22 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
                        rules=tuple(matched), dry_run=dry_run)
 
 
+# Why a target can come out empty, by where it is looked up.
+_EMPTY_BECAUSE = {"matched": "no client has the activity's e-mail or phone", "contact": "the contact has no company",
+                  "deal": "the deal names no such client"}
+
+
+def _nothing_to_bind(rule: str, targets: list[str]) -> str:
+    made = [t.split(".")[1] for t in targets if t.startswith("lead.")]
+    reasons = ([f"the lead's conversion made no {' or '.join(made)}"] if made else []) + \
+        list(dict.fromkeys(_EMPTY_BECAUSE[t.split(".")[0]] for t in targets if t.split(".")[0] in _EMPTY_BECAUSE))
+    return (f"rule {rule!r} has nothing to bind: {', '.join(targets)} {'is' if len(targets) == 1 else 'are'} empty"
+            + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
 def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:
+    if not rule.enabled:
+        return "the rule is paused (enabled: false)"
     if facts.event not in rule.on:
         return f"it listens to {', '.join(rule.on)}, not {facts.event}"
     return _condition_fails(rule.when, facts, activity)
@@ -168,10 +196,12 @@ class _Sources:
     def resolve(self, target: Target) -> list[Binding]:
         entity = target_type(target)
         if isinstance(target, FixedTarget):
-            return [Binding(entity_type=entity, entity_id=target.id)]
-        source, _ = target.split(".")
-        ids = [i for client in self._clients(source) for i in _ids_of(client, entity)]
-        return [Binding(entity_type=entity, entity_id=i) for i in dict.fromkeys(ids)]
+            found = [Binding(entity_type=entity, entity_id=target.id)]
+        else:
+            source, _ = target.split(".")
+            ids = [i for client in self._clients(source) for i in _ids_of(client, entity)]
+            found = [Binding(entity_type=entity, entity_id=i) for i in dict.fromkeys(ids)]
+        return [b for b in found if b not in self.facts.missing]
 
     def _clients(self, source: str) -> list[Lead] | list[object]:
         if source == "lead":

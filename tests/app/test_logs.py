@@ -67,11 +67,11 @@ def test_the_reconcile_crons_idle_ticks_stay_out_of_the_log_but_its_failures_do_
 
 def test_a_message_no_fast_encoder_takes_still_becomes_one_json_line() -> None:
     # A JSON body can carry a lone surrogate ("\ud800") into a refusal's log line.
-    record = logging.LogRecord("app.webhook", logging.WARNING, __file__, 1, "refused an event from %s",
+    record = logging.LogRecord("app.intake.webhook", logging.WARNING, __file__, 1, "refused an event from %s",
                                ("evil\ud800.bitrix24.com",), None)
     SecretMask([]).filter(record)
 
     entry = json.loads(JsonFormatter().format(record))
 
     assert entry["message"] == "refused an event from evil\ud800.bitrix24.com"
-    assert entry["level"] == "WARNING" and entry["logger"] == "app.webhook"
+    assert entry["level"] == "WARNING" and entry["logger"] == "app.intake.webhook"

@@ -19,15 +19,17 @@ import pytest
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
-from app.bundled_redis import BundledRedis
-from app.jobs import FINAL_STATES, JobStore
-from app.queue import connect
+from app.api.web import create_app
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.web import create_app
+from app.store.bundled_redis import BundledRedis
+from app.store.jobs import FINAL_STATES, JobStore
+from app.store.queue import connect
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
+
+pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 
 EVENTS = int(os.environ.get("B24_CHAOS_EVENTS", "120"))
 DOWN_EVENTS = int(os.environ.get("B24_REDIS_DOWN_EVENTS", "100"))

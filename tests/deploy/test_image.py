@@ -46,8 +46,10 @@ from dotenv import dotenv_values
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from tests.conftest import TOKEN, event_form
+
+pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from app.cli import _parser
+from app.api.web import create_app
+from app.cli.main import _parser
 from app.rules.loader import load_rules
 from app.settings import Settings
-from app.web import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -239,13 +239,13 @@ def test_the_image_runs_b24rebind_as_a_non_root_user() -> None:
     assert yaml.safe_load(instructions["CMD"])[0] in cli_commands()
     assert instructions["USER"].split(":")[0] not in ("root", "0")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["b24rebind"] == "app.cli:main"
+    assert scripts["b24rebind"] == "app.cli.main:main"
 
 
 def test_the_entry_point_starts_and_checks_the_deployed_rules(tmp_path: Path) -> None:
     rules = KUBE / "base" / "rules.yaml"
     env = {"PATH": "", "B24_RULES": str(rules), **RULES_VARIABLES}
-    command = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
+    command = [sys.executable, "-c", "import sys; from app.cli.main import main; sys.exit(main())"]
     checked = subprocess.run([*command, "rules", "check"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
                              capture_output=True, text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stderr

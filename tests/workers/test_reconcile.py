@@ -11,14 +11,14 @@ import pytest
 from arq.connections import ArqRedis
 
 from app.bitrix.client import RestClient, RetryPolicy
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.jobs import JobQuery, JobStore
-from app.queue import JobQueue
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.store.jobs import JobQuery, JobStore
+from app.store.queue import JobQueue
 from tests.chaos.processes import write_rules
 from workers.reconcile import TRIGGER, reconcile_command, reconcile_job, sweep
 

@@ -11,14 +11,14 @@ import pytest
 
 from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
-from app.bitrix.fake import COMPANY, CONTACT, LEAD, FakePortal
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.session import PortalSession
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
 from tests.conftest import post_event
-from tests.workers.test_executor import MISSING_CONTACT, rebind
-from workers.executor import execute
+from tests.app.rebind.test_executor import rebind
 
 
 @pytest.fixture
@@ -174,12 +174,14 @@ async def test_one_jobs_failure_stops_only_its_own_group(jobs: Any, portal: Fake
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    hidden = portal.add_contact()
+    portal.set_access_denied({(CONTACT, hidden)})
 
     refused_results, fine_results = await asyncio.gather(
-        make().write([[add(refused, CONTACT, MISSING_CONTACT)], [delete(refused, LEAD, lead)]]),
+        make().write([[add(refused, CONTACT, hidden)], [delete(refused, LEAD, lead)]]),
         make().write([[add(fine, CONTACT, made["contact"])], [delete(fine, LEAD, lead)]]))
 
-    assert refused_results[0][0].error is not None and refused_results[0][0].error.code == "OWNER_NOT_FOUND"
+    assert refused_results[0][0].error is not None and refused_results[0][0].error.code == "ACCESS_DENIED"
     assert refused_results[1][0].error is not None and refused_results[1][0].error.code == "NOT_RUN"
     assert all(r.ok for stage in fine_results for r in stage)
     assert portal.bindings(refused) == [(LEAD, lead)]
@@ -282,8 +284,10 @@ async def test_a_halt_in_one_jobs_plan_leaves_the_other_jobs_plan_whole(jobs: An
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    hidden = portal.add_contact()
+    portal.set_access_denied({(CONTACT, hidden)})
 
-    outcomes = await asyncio.gather(execute(BindingPlan(activities=(rebind(refused, lead, MISSING_CONTACT),)), make()),
+    outcomes = await asyncio.gather(execute(BindingPlan(activities=(rebind(refused, lead, hidden),)), make()),
                                     execute(BindingPlan(activities=(rebind(fine, lead, made["contact"]),)), make()))
 
     assert [[o.status for o in job] for job in outcomes] == [["failed"], ["changed"]]

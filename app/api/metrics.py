@@ -1,0 +1,289 @@
+"""Prometheus metrics at /metrics, counted in Redis so that every web and worker process adds to one set.
+
+Workers and web processes come and go; counting in Redis keeps one answer for the installation,
+so Prometheus scrapes any one web process. Gauges (jobs by state, queue depth) are read at scrape time.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.api.keys import redis_key, store_key
+from app.bitrix.client import RestClient
+from app.bitrix.ratelimit import RateLimiter
+from app.store.jobs import FINAL_STATES, JobRecord
+from app.store.namespace import prefixed
+from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
+
+log = logging.getLogger(__name__)
+
+COUNTERS = "b24:metrics"  # hash: "name|label=value|..." -> count or sum
+DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_flushed_waits: WeakKeyDictionary[RateLimiter, float] = WeakKeyDictionary()
+
+
+def field(name: str, **labels: object) -> str:
+    # Label values come from rules files and portals: keep them from breaking the field's syntax.
+    return name + "".join(f"|{key}={str(value).replace('|', '/').replace('=', '-')}" for key, value in labels.items())
+
+
+def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
+    name, *pairs = raw_field.split("|")
+    return name, dict(pair.split("=", 1) for pair in pairs)
+
+
+MINUTES = "b24:minute:"  # + Unix minute -> hash: events, jobs (finished), requests (to portals) in that minute
+KEEP_MINUTES = 7200  # seconds: the dashboard's chart shows the last hour
+
+# Adds to many counters in one command: ARGV holds field, increment pairs (HINCRBYFLOAT keeps whole
+# numbers whole, so counts stay integers), then the seconds a minute's counts are kept. Three of them are also counted per minute, for the chart:
+# events received, jobs finished (each adds one to exactly one duration bucket) and requests sent.
+_ADD = """
+local minute = false
+for i = 1, #ARGV - 1, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  local name = string.match(ARGV[i], '^[^|]+')
+  local series = nil
+  if name == 'events_received' then series = 'events'
+  elseif name == 'job_duration_seconds_bucket' then series = 'jobs'
+  elseif name == 'rest_requests' and string.find(ARGV[i], '|via=request', 1, true) then series = 'requests' end
+  if series then
+    redis.call('HINCRBYFLOAT', KEYS[2], series, ARGV[i + 1])
+    minute = true
+  end
+end
+if minute then redis.call('EXPIRE', KEYS[2], ARGV[#ARGV]) end
+return 1
+"""
+
+
+def stage_counts(pipe: Any, counts: Mapping[str, float]) -> None:
+    """Add counts to the shared counters as part of a pipeline: one command whatever their number."""
+    if counts:
+        pairs = [part for name, n in counts.items() for part in (name, repr(n))]
+        minute = prefixed(f"{MINUTES}{int(time.time() // 60)}")
+        pipe.eval(_ADD, 2, prefixed(COUNTERS), minute, *pairs, KEEP_MINUTES)
+
+
+def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
+    """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
+    ended the job, its duration."""
+    counts: Counter[str] = Counter()
+    calls = client.take_calls()
+    for (method, outcome, via), n in calls.items():
+        counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
+    waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
+    _flushed_waits[limiter] = limiter.stats.waited_seconds
+    if waited > 0:
+        counts[field("rate_limit_wait_seconds", portal=record.portal)] += waited
+    _stage_reachability(pipe, record.portal, {outcome for (_, outcome, via) in calls if via == "request"})
+    if record.state in FINAL_STATES and record.started_at and record.finished_at:
+        seconds, state = record.finished_at - record.started_at, record.state.value
+        bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
+        counts[field("job_duration_seconds_bucket", state=state, le=bucket)] += 1
+        counts[field("job_duration_seconds_sum", state=state)] += seconds
+    stage_counts(pipe, counts)
+
+
+REACHABILITY = "b24:reach:"  # + portal -> hash: answered_at, unreachable_at (Unix seconds)
+
+
+def _stage_reachability(pipe: Any, portal: str, outcomes: set[str]) -> None:
+    """When the portal last answered (anything, even an error) and when it last could not be reached."""
+    now, seen = time.time(), {}
+    if outcomes - {"NETWORK_ERROR"}:
+        seen["answered_at"] = now
+    if "NETWORK_ERROR" in outcomes:
+        seen["unreachable_at"] = now - 0.001 if "answered_at" in seen else now  # a retry that got through wins
+    if seen:
+        pipe.hset(prefixed(REACHABILITY + portal), mapping=seen)
+
+
+FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches
+# Each accepted event is a job record, not a log line (a log line cost a fifth of intake's capacity,
+# see docs/benchmarks.md); the log gets what intake did once a minute instead.
+SUMMARY_EVERY = 60.0
+
+
+class EventCounts:
+    """Events answered, counted in memory and added to the shared counters about once a second."""
+
+    def __init__(self) -> None:
+        self.pending: Counter[str] = Counter()
+        self._unsummarized: Counter[str] = Counter()
+        self._summarized_at = time.monotonic()
+
+    async def flush(self, redis: Redis) -> None:
+        counts, self.pending = self.pending, Counter()
+        self._unsummarized.update(counts)
+        if time.monotonic() - self._summarized_at >= SUMMARY_EVERY:
+            self.log_summary()
+        if not counts:
+            return
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                stage_counts(pipe, counts)
+                await pipe.execute()
+        except (RedisError, OSError):
+            self.pending.update(counts)  # Redis is away: keep them for the next flush
+
+    def log_summary(self) -> None:
+        """One line for the events answered since the last: by outcome, and by portal."""
+        now = time.monotonic()
+        seconds, self._summarized_at = now - self._summarized_at, now
+        counts, self._unsummarized = self._unsummarized, Counter()
+        if not counts:
+            return
+        outcomes: Counter[str] = Counter()
+        portals: Counter[str] = Counter()
+        for raw_field, count in counts.items():
+            labels = parse_field(raw_field)[1]
+            outcomes[labels["outcome"]] += count
+            if labels["portal"] != "-":
+                portals[labels["portal"]] += count
+        log.info("events in the last %.0f s: %s; by portal: %s (each accepted one is a job record: "
+                 "/api/jobs, the dashboard)", seconds, _listed(outcomes), _listed(portals) or "none")
+
+    async def flush_forever(self, redis: Redis) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY)
+            await self.flush(redis)
+
+
+event_counts_key = web.AppKey("event_counts", EventCounts)
+
+
+@web.middleware
+async def count_events(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count each event the portal endpoint answers, by portal, event and outcome."""
+    response = await handler(request)
+    if request.path == "/bitrix/events":
+        portal, event, outcome = _event_labels(request, response.status)
+        request.app[event_counts_key].pending[_event_field(portal, event, outcome)] += 1
+    return response
+
+
+@functools.lru_cache(maxsize=4096)  # labels come only from authenticated events: a few per portal
+def _event_field(portal: str, event: str, outcome: str) -> str:
+    return field("events_received", portal=portal, event=event, outcome=outcome)
+
+
+def _listed(counts: Counter[str]) -> str:
+    return ", ".join(f"{count} {name}" for name, count in counts.most_common())
+
+
+async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
+    counts = app[event_counts_key] = EventCounts()
+    flusher = asyncio.create_task(counts.flush_forever(app[redis_key]))
+    yield
+    flusher.cancel()
+    await counts.flush(app[redis_key])
+    counts.log_summary()
+
+
+# Set by the webhook: (portal, event, outcome), outcome one of queued, duplicate, spooled, ignored or
+# installed. Read only when the answer is a 200.
+EVENT_LABELS = web.RequestKey("event_labels", tuple)
+
+
+def _event_labels(request: web.Request, status: int) -> tuple[str, str, str]:
+    if status == 200 and EVENT_LABELS in request:
+        return request[EVENT_LABELS]  # type: ignore[no-any-return]
+    # Unauthenticated bodies never become labels: anyone could invent portals and events.
+    return "-", "-", {401: "refused", 403: "refused", 503: "unavailable"}.get(status, "malformed")
+
+
+class _Snapshot(Collector):
+    """The metrics as read from Redis for one scrape."""
+
+    def __init__(self, counters: dict[str, float], states: dict[str, int], queues: dict[str, int],
+                 oldest_queued: float) -> None:
+        self.counters, self.states, self.queues, self.oldest_queued = counters, states, queues, oldest_queued
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._counter("events_received", "Events the portal endpoint answered, by outcome.",
+                            ["portal", "event", "outcome"])
+        yield self._counter("rest_requests", "Portal REST requests (via=request) and the commands inside "
+                            "batches (via=batch), by method and outcome.", ["portal", "method", "outcome", "via"])
+        yield self._counter("rate_limit_wait_seconds", "Seconds workers waited for the portal's request limit.",
+                            ["portal"])
+        yield self._counter("spool_quarantined", "Spooled events that could not become jobs, moved to the "
+                            "spool's quarantine.jsonl for a person to look at.", [])
+        yield self._durations()
+        jobs = GaugeMetricFamily("b24rebind_jobs", "Job records kept, by state.", labels=["state"])
+        for state, count in self.states.items():
+            jobs.add_metric([state], count)
+        yield jobs
+        depth = GaugeMetricFamily("b24rebind_queue_depth", "Jobs waiting on the arq queues.", labels=["queue"])
+        for queue, count in self.queues.items():
+            depth.add_metric([queue], count)
+        yield depth
+        yield GaugeMetricFamily("b24rebind_oldest_queued_seconds", "Age of the oldest queued job.",
+                                value=self.oldest_queued)
+
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
+        family = CounterMetricFamily(f"b24rebind_{name}", documentation, labels=labels)
+        for raw_field, value in self.counters.items():
+            metric, values = parse_field(raw_field)
+            if metric == name:
+                family.add_metric([values.get(label, "") for label in labels], value)
+        return family
+
+    def _durations(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily("b24rebind_job_duration_seconds", "Time from a job's start to its end.",
+                                       labels=["state"])
+        per_state: dict[str, Counter[str]] = {}
+        for raw_field, value in self.counters.items():
+            metric, values = parse_field(raw_field)
+            if metric == "job_duration_seconds_bucket":
+                per_state.setdefault(values["state"], Counter())[values["le"]] += int(value)
+        for state, counts in sorted(per_state.items()):
+            total, buckets = 0, []
+            for bound in [*(str(b) for b in DURATION_BUCKETS), "+Inf"]:
+                total += counts[bound]
+                buckets.append((bound, total))
+            family.add_metric([state], buckets, self.counters.get(field("job_duration_seconds_sum", state=state), 0))
+        return family
+
+
+async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
+    """Read what a scrape shows from Redis."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(prefixed(COUNTERS))
+        pipe.zcard(prefixed(LIVE_QUEUE))
+        pipe.zcard(prefixed(BACKFILL_QUEUE))
+        pipe.zrange(prefixed("b24:jobs:state:queued"), 0, 0, withscores=True)
+        raw, live, backfill, oldest = await pipe.execute()
+    counters = {key.decode(): float(value) for key, value in raw.items()}
+    age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+    return _Snapshot(counters, states, {"live": live, "backfill": backfill}, age)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text format."""
+    await request.app[event_counts_key].flush(request.app[redis_key])  # this process's latest counts too
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(await snapshot(request.app[redis_key], await request.app[store_key].counts()))
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def setup_metrics(app: web.Application) -> None:
+    app.middlewares.append(count_events)
+    app.cleanup_ctx.append(event_counts_context)
+    app.router.add_get("/metrics", metrics_endpoint)

@@ -1,0 +1,135 @@
+"""b24rebind keeps Bitrix24 CRM activities bound to the right client: it receives a portal's events and
+re-binds e-mails, calls, meetings and to-dos by rules written in YAML.
+
+Start with `b24rebind demo` (a demo portal and a conversion played out on it), then `b24rebind rules
+check` on your rules file. Exit status: 0 done, 1 refused (invalid rules, failing rule tests, undo
+refused), 2 bad arguments or settings, 3 Redis unreachable, 4 portal unreachable, 5 portal refused our
+access, 6 not found, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app import loop, service
+from app.cli import commands
+from app.cli import jobs as jobs_cli
+from app.cli.exits import Exit, at_the_edge
+from app.config import load_service_rules, variables
+from app.rules.loader import load_rules
+from app.settings import Settings
+from app.store import namespace
+from app.words import plural
+
+ROLES = {
+    "serve": service.Roles(web=True, worker=False),
+    "worker": service.Roles(web=False, worker=True),
+    "run": service.Roles(demo_portal=True),
+    "demo": service.Roles(demo_portal=True, demo_story=True),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"b24rebind: a setting in the environment or .env is wrong: {problems}. Fix it (see .env.example)",
+              file=sys.stderr)
+        return Exit.USAGE
+    namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
+    return at_the_edge(lambda: _command(args, settings), settings)
+
+
+def _command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command not in ROLES:
+        # A tool says in one line why it cannot reach Redis; arq's retry notices would only add noise.
+        logging.getLogger("arq.connections").setLevel(logging.ERROR)
+    if args.command in jobs_cli.COMMANDS:
+        return jobs_cli.run_command(args, settings)
+    if args.command == "rules" and args.rules_command == "check":
+        return check_rules(Path(args.file) if args.file else None, settings)
+    if args.command in ROLES:
+        loop.run(service.run(settings, ROLES[args.command]))
+        return 0
+    return _tool(args, settings)
+
+
+def _tool(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "backfill":
+        return asyncio.run(commands.backfill_command(settings, args.since, args.rule, args.dry_run, args.portal,
+                                                     wait=not args.no_wait))
+    if args.command == "reconcile":
+        return asyncio.run(service.reconcile_command(settings, args.portal))
+    if args.rules_command == "explain":
+        return asyncio.run(commands.explain_command(settings, args.activity, args.lead, args.portal, args.event))
+    return commands.test_command(Path(args.file or "rules.tests.yaml"), settings)
+
+
+def check_rules(path: Path | None, settings: Settings) -> int:
+    rules = load_rules(path, variables()) if path else load_service_rules(settings)
+    paused = [rule.name for rule in rules.rules if not rule.enabled]
+    print(f"{path or settings.rules}: OK, {plural(len(rules.rules), 'rule')}, {plural(len(rules.portals), 'portal')} "
+          f"({', '.join(rules.portals) or 'none: the demo portal will be used'})"
+          + (f"; paused: {', '.join(paused)}" if paused else ""))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="b24rebind", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    jobs_cli.add_commands(commands_)
+    commands_.add_parser("serve", help="the web process: receives portal events and queues them")
+    commands_.add_parser("worker", help="a worker: applies the rules to queued events")
+    commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
+    commands_.add_parser("demo", help="`run` with the demo portal and a few sample events")
+    rules = commands_.add_parser("rules", help="work with the rules file")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")
+    check.add_argument("file", nargs="?", help="the rules file (default: B24_RULES, or rules.yaml)")
+    explain = rules_commands.add_parser("explain", help="read the portal, show which rules match and the plan")
+    target = explain.add_mutually_exclusive_group(required=True)
+    target.add_argument("--activity", type=int, help="an activity id")
+    target.add_argument("--lead", type=int, help="a lead id: all its activities")
+    explain.add_argument("--event", help="the event to assume (default: ONCRMACTIVITYADD or ONCRMLEADUPDATE)")
+    explain.add_argument("--portal", help="the portal's name in the rules file, when it has several")
+    test = rules_commands.add_parser("test", help="run rule test cases (default: rules.tests.yaml)")
+    test.add_argument("file", nargs="?", help="the test cases (default: rules.tests.yaml)")
+    backfill = commands_.add_parser("backfill", help="apply the rules to leads converted since a date")
+    backfill.add_argument("--since", required=True, type=_date,
+                          help="the first day, YYYY-MM-DD: leads converted (modified) since then")
+    backfill.add_argument("--rule", help="apply this rule only")
+    backfill.add_argument("--dry-run", action="store_true", help="record the plans, write nothing")
+    backfill.add_argument("--portal", help="the portal's name in the rules file, when it has several")
+    backfill.add_argument("--no-wait", action="store_true", help="only queue; running workers do the work")
+    reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
+    reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
+    return parser
+
+
+def _version() -> str:
+    try:
+        return version("b24rebind")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
+def _date(text: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-01-31") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

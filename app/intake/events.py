@@ -1,0 +1,94 @@
+"""Outbound-webhook events as a portal posts them, parsed without trusting any of it."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.bitrix.query import parse_php_query, parse_query_pairs
+
+MAX_FIELDS = 200  # a real event has about ten; more is an attack or a mistake
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+
+
+class BadEvent(ValueError):
+    """The body is not an event a portal would send; the message says what is wrong."""
+
+
+class PortalEvent(BaseModel):
+    name: str
+    entity_id: int
+    ts: str
+    handler_id: str
+    domain: str
+    member_id: str
+    application_token: str
+
+    @classmethod
+    def from_body(cls, content_type: str, body: bytes) -> PortalEvent:
+        return cls.from_mapping(decode_body(content_type, body))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> PortalEvent:
+        auth = data.get("auth")
+        fields = (data.get("data") or {}).get("FIELDS") if isinstance(data.get("data"), dict) else None
+        if not isinstance(auth, dict):
+            raise BadEvent("missing 'auth' (auth[domain], auth[application_token]); is this a Bitrix24 event?")
+        event = _text(data, "event")
+        if not event.isascii() or not event.replace("_", "").isalnum():
+            raise BadEvent("'event' must be an event code such as ONCRMACTIVITYADD")
+        if not isinstance(fields, dict):
+            raise BadEvent("missing 'data[FIELDS][ID]': the id of the record the event is about")
+        entity = _text(fields, "ID", "data[FIELDS][ID]")
+        # isascii(): isdigit() passes "¹", which int() refuses
+        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18 or int(entity) == 0:
+            raise BadEvent("'data[FIELDS][ID]' must be a positive whole number")
+        ts = str(data.get("ts", ""))[:20]
+        return cls(name=event.upper(), entity_id=int(entity), ts=ts if ts.isascii() and ts.isdigit() else "",
+                   handler_id=str(data.get("event_handler_id", ""))[:20],
+                   domain=_text(auth, "domain", "auth[domain]").lower(),
+                   member_id=str(auth.get("member_id", ""))[:64],
+                   application_token=_text(auth, "application_token", "auth[application_token]"))
+
+
+def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
+    data = _decode(content_type, body)
+    try:  # a JSON "\ud800" (or a form's escaped equivalent) is text no one can store, log or compare
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadEvent("a field holds a lone surrogate (such as \\ud800), which is not text") from None
+    return data
+
+
+def _decode(content_type: str, body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadEvent("the body is not UTF-8 text") from None
+    if content_type == FORM:
+        try:
+            pairs = parse_query_pairs(text, max_fields=MAX_FIELDS)
+        except ValueError:
+            raise BadEvent(f"more than {MAX_FIELDS} fields; a portal's event has about ten") from None
+        try:
+            return parse_php_query(pairs)
+        except ValueError as exc:
+            raise BadEvent(str(exc)) from None
+    if content_type == JSON:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            raise BadEvent("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadEvent("the JSON body must be an object")
+        return data
+    raise BadEvent(f"unsupported content type; send {FORM} (as portals do) or {JSON}")
+
+
+def _text(data: dict[str, Any], key: str, label: str | None = None) -> str:
+    value = data.get(key)
+    if not isinstance(value, (str, int)) or str(value).strip() == "":
+        raise BadEvent(f"missing '{label or key}'")
+    return str(value).strip()

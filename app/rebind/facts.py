@@ -1,0 +1,258 @@
+"""Reading what the rules need from the portal: an activity's bindings, a lead and what it became.
+
+Only what the rules file can use is read (`RuleSet.needs`), and always through `batch`.
+"""
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient, fast_page
+from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
+from app.rules.model import EntityType, RuleSet
+
+ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
+LEAD_EVENTS = {"ONCRMLEADADD", "ONCRMLEADUPDATE"}
+# Conversion creates these from a lead: such an event re-runs that lead.
+CHILD_GETTERS = {
+    "ONCRMCONTACTADD": "crm.contact.get", "ONCRMCONTACTUPDATE": "crm.contact.get",
+    "ONCRMCOMPANYADD": "crm.company.get", "ONCRMCOMPANYUPDATE": "crm.company.get",
+    "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
+}
+ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
+# crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
+FINDBYCOMM_VALUES = 20
+TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
+              EntityType.COMPANY: "company"}
+TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
+
+
+class Gone(Exception):
+    """The record the event is about no longer exists; there is nothing to do."""
+
+
+class Echo(Exception):
+    """The activity is exactly as this service last left it: the event is the echo of our change."""
+
+
+class FactReader:
+    """Reads facts for one job through a RestClient, with as few requests as the API allows."""
+
+    def __init__(self, client: RestClient, rules: RuleSet,
+                 is_echo: Callable[[Activity], Awaitable[bool]] | None = None) -> None:
+        self._client = client
+        self._rules = rules
+        self._needs = rules.needs()
+        self._is_echo = is_echo
+
+    async def lead_behind(self, event: str, entity_id: int) -> int | None:
+        """The lead an event's work is about: the lead itself, or the lead a contact/company/deal came from."""
+        if event in LEAD_EVENTS:
+            return entity_id
+        if event in CHILD_GETTERS:
+            return await self._lead_of(CHILD_GETTERS[event], entity_id) or None
+        return None
+
+    async def for_event(self, event: str, entity_id: int, lead_id: int | None = None) -> Facts:
+        if event in ACTIVITY_EVENTS:
+            return await self.for_activity(event, entity_id)
+        if event in LEAD_EVENTS or event in CHILD_GETTERS:
+            lead_id = lead_id or await self.lead_behind(event, entity_id)
+            return await self.for_lead(event, lead_id) if lead_id else self._facts(event)
+        return self._facts(event)
+
+    async def for_activity(self, event: str, activity_id: int) -> Facts:
+        # crm.activity.get never returns COMMUNICATIONS: only a list that selects them does.
+        binding_list, activity = await self._client.batch([
+            Command("crm.activity.binding.list", {"activityId": activity_id}),
+            Command("crm.activity.list", {"filter": {"ID": activity_id}, "select": list(self._activity_fields()),
+                                          "start": -1}),
+        ])
+        _raise_gone(binding_list, activity)
+        rows = _checked(activity)
+        if not rows:  # deleted between the two reads, or hidden from the webhook's user
+            raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)")
+        facts = _activity(rows[0], binding_list.result)
+        if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
+            raise Echo("the activity is as this service left it: the event echoes our own change")
+        lead_ids = facts.bound_to(EntityType.LEAD)
+        commands = [c for lead_id in lead_ids for c in _lead_commands(lead_id)]
+        extras = self._extra_commands([facts])
+        results = await self._client.batch(commands + extras) if commands or extras else []
+        leads = {lead.id: lead for lead in (_lead(results[i:i + 4]) for i in range(0, len(commands), 4)
+                                            if results[i].ok)}
+        return self._facts(event, (facts,), leads, results[len(commands):], extras)
+
+    async def for_lead(self, event: str, lead_id: int) -> Facts:
+        # One batch reads the lead, what it became, and the first page of its activities.
+        first_page = Command("crm.activity.list", fast_page(_bound_to_lead(lead_id), self._activity_fields(), 0))
+        results = await self._client.batch([*_lead_commands(lead_id), first_page])
+        _raise_gone(results[0])
+        lead = _lead(results[:4])
+        if not self._rules_may_apply(event, lead):
+            return self._facts(event, leads={lead.id: lead})
+        rows = _checked(results[4])
+        if len(rows) == PAGE_SIZE:
+            rows += await self._client.list_all("crm.activity.list", _bound_to_lead(lead_id),
+                                                self._activity_fields(), after_id=int(rows[-1]["ID"]))
+        bindings = await self._client.batch(
+            [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows])
+        activities = [_activity(row, result.result) for row, result in zip(rows, bindings) if result.ok]
+        extras = self._extra_commands(activities)
+        extra_results = await self._client.batch(extras) if extras else []
+        comments = await self._comments(lead_id) if "comments" in self._needs else ()
+        return self._facts(event, tuple(activities), {lead.id: lead}, extra_results, extras, comments)
+
+    def _activity_fields(self) -> tuple[str, ...]:
+        return ACTIVITY_FIELDS + (("COMMUNICATIONS",) if "matched" in self._needs else ())
+
+    def _extra_commands(self, activities: list[Activity]) -> list[Command]:
+        """Reads for `contact.*`, `deal.*` and `matched.*` targets, only when the rules use them."""
+        commands: list[Command] = []
+        if "contact" in self._needs:
+            ids = sorted({i for a in activities for i in a.bound_to(EntityType.CONTACT)})
+            commands += [Command("crm.contact.get", {"id": i}) for i in ids]
+        if "deal" in self._needs:
+            ids = sorted({i for a in activities for i in a.bound_to(EntityType.DEAL)})
+            commands += [Command("crm.deal.get", {"id": i}) for i in ids]
+        if "matched" in self._needs:
+            searches = {(kind, chunk, entity): None for activity in activities
+                        for kind, chunk in _comm_chunks(activity) for entity in ("CONTACT", "COMPANY")}
+            commands += [Command("crm.duplicate.findbycomm", {"type": kind, "values": list(chunk),
+                                                              "entity_type": entity})
+                         for kind, chunk, entity in searches]
+        return commands
+
+    async def _comments(self, lead_id: int) -> tuple[Comment, ...]:
+        """Every comment on the lead's timeline, all pages. Paged by `start`: the method's filter on ID
+        is not documented, so the fast `>ID` form is not used; the later pages go in one batch."""
+        query = {"filter": {"ENTITY_ID": lead_id, "ENTITY_TYPE": "lead"}, "select": ["ID"], "order": {"ID": "ASC"}}
+        answer = await self._client.call("crm.timeline.comment.list", query)
+        rows = list(answer.result or [])
+        if answer.next is not None:
+            total = answer.total if answer.total is not None else 0
+            starts = range(answer.next, max(total, answer.next + 1), PAGE_SIZE)
+            pages = await self._client.batch([Command("crm.timeline.comment.list", {**query, "start": start})
+                                              for start in starts])
+            rows += [row for page in pages for row in _checked(page)]
+        ids = list(dict.fromkeys(int(row["ID"]) for row in rows))
+        results = await self._client.batch(
+            [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in ids])
+        return tuple(Comment(id=i, bindings=tuple(b for row in _checked(result) if (b := _comment_binding(row))))
+                     for i, result in zip(ids, results))
+
+    async def _lead_of(self, getter: str, entity_id: int) -> int:
+        (result,) = await self._client.batch([Command(getter, {"id": entity_id})])
+        _raise_gone(result)
+        return _id(result.result.get("LEAD_ID"))
+
+    def _rules_may_apply(self, event: str, lead: Lead) -> bool:
+        """Skip reading a lead's activities when no rule for this event could match it (most lead edits)."""
+        return any(event in rule.on and (rule.when.lead_status is None
+                                         or any(lead.has_status(s) for s in rule.when.lead_status))
+                   for rule in self._rules.rules)
+
+    def _facts(self, event: str, activities: tuple[Activity, ...] = (), leads: dict[int, Lead] | None = None,
+               extra_results: list[CommandResult] | None = None, extras: list[Command] | None = None,
+               comments: tuple[Comment, ...] = ()) -> Facts:
+        contacts, deals, matches = _clients(activities, extras or [], extra_results or [])
+        return Facts(portal=self._client.portal.name, event=event, activities=activities, leads=leads or {},
+                     contacts=contacts, deals=deals, matches=matches, comments=comments)
+
+
+def _clients(activities: tuple[Activity, ...], commands: list[Command],
+             results: list[CommandResult]) -> tuple[dict[int, Client], dict[int, Client], dict[int, Client]]:
+    contacts: dict[int, Client] = {}
+    deals: dict[int, Client] = {}
+    found: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for command, result in zip(commands, results):
+        if not result.ok:
+            continue
+        if command.method in ("crm.contact.get", "crm.deal.get"):
+            row = result.result or {}
+            client = Client(id=_id(row.get("ID")), contact_ids=_ids(row.get("CONTACT_ID")),
+                            company_ids=_ids(row.get("COMPANY_ID")))
+            (contacts if command.method == "crm.contact.get" else deals)[client.id] = client
+        else:
+            key = (command.params["type"], tuple(command.params["values"]))
+            found.setdefault(key, {}).update(result.result if isinstance(result.result, dict) else {})
+    matches = {}
+    for activity in activities:
+        hits = [found.get(chunk, {}) for chunk in _comm_chunks(activity)]
+        contact_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("CONTACT", [])))
+        company_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("COMPANY", [])))
+        if contact_ids or company_ids:
+            matches[activity.id] = Client(id=activity.id, contact_ids=contact_ids, company_ids=company_ids)
+    return contacts, deals, matches
+
+
+def _comm_chunks(activity: Activity) -> list[tuple[str, tuple[str, ...]]]:
+    """The activity's e-mails and phones in searches of at most FINDBYCOMM_VALUES values."""
+    return [(kind, values[i:i + FINDBYCOMM_VALUES])
+            for kind, values in (("EMAIL", activity.emails), ("PHONE", activity.phones))
+            for i in range(0, len(values), FINDBYCOMM_VALUES)]
+
+
+def _lead_commands(lead_id: int) -> list[Command]:
+    by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
+    return [Command("crm.lead.get", {"id": lead_id}), Command("crm.contact.list", by_lead),
+            Command("crm.company.list", by_lead), Command("crm.deal.list", by_lead)]
+
+
+def _bound_to_lead(lead_id: int) -> dict[str, Any]:
+    return {"BINDINGS": [{"OWNER_TYPE_ID": int(EntityType.LEAD), "OWNER_ID": lead_id}]}
+
+
+def _lead(results: list[CommandResult]) -> Lead:
+    fields = results[0].result
+    contacts, companies, deals = (tuple(_id(row.get("ID")) for row in _checked(r)) for r in results[1:4])
+    return Lead(id=_id(fields.get("ID")), status_id=str(fields.get("STATUS_ID") or ""),
+                status_semantic=str(fields.get("STATUS_SEMANTIC_ID") or ""),
+                contact_ids=contacts or _ids(fields.get("CONTACT_ID")),
+                company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals)
+
+
+def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activity:
+    communications = fields.get("COMMUNICATIONS") or []
+    return Activity(
+        id=_id(fields.get("ID")), subject=str(fields.get("SUBJECT") or ""),
+        type_id=str(fields.get("TYPE_ID") or ""), provider_id=str(fields.get("PROVIDER_ID") or ""),
+        direction=str(fields.get("DIRECTION") or ""), responsible_id=_id(fields.get("RESPONSIBLE_ID")),
+        emails=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "EMAIL" and c.get("VALUE")),
+        phones=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "PHONE" and c.get("VALUE")),
+        # Every binding, of any type: the ones the rules cannot name still count in the guards.
+        bindings=tuple(Binding(entity_type=int(b["entityTypeId"]), entity_id=int(b["entityId"]))
+                       for b in bindings or []))
+
+
+def _comment_binding(row: dict[str, Any]) -> Binding | None:
+    """Timeline bindings name their type in lowercase; types other than the four are left alone."""
+    entity = TYPE_BY_NAME.get(str(row.get("ENTITY_TYPE")).lower())
+    return Binding(entity_type=entity, entity_id=int(row["ENTITY_ID"])) if entity else None
+
+
+def _checked(result: CommandResult) -> list[dict[str, Any]]:
+    if result.error:
+        raise result.error
+    return list(result.result or [])
+
+
+def _raise_gone(*results: CommandResult) -> None:
+    for result in results:
+        if result.error and result.error.code == "NOT_FOUND":
+            what = result.command.method.split(".")[1]
+            number = result.command.params.get("id") or result.command.params.get("activityId")
+            raise Gone(f"{what} {number} no longer exists in the portal")
+        if result.error:
+            raise result.error
+
+
+def _id(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    return (_id(value),) if _id(value) else ()

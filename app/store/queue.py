@@ -1,0 +1,162 @@
+"""Putting jobs on the arq queue, with a JSON serializer so queued jobs stay readable."""
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import orjson
+from arq.connections import ArqRedis, RedisSettings
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError, TimeoutError
+
+from app.settings import Settings
+from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
+from app.store.namespace import prefixed
+from app.store.redis_pool import LeanPool, LeanSentinelPool
+
+PROCESS_EVENT = "process_event"
+RESCUE_CRON = "cron:requeue_stranded"  # the minute's look for stranded jobs (see JobQueue.requeue_stranded)
+SWEEP_CRON = "cron:reconcile_job"  # arq's name for the reconcile sweep's cron (its job ids start with it)
+LIVE_QUEUE = "arq:queue"
+# A job whose record still waits to run this long after its event arrived, with no arq job behind it,
+# is stranded (arq gave up on it, or a Redis restarted without its data): it is queued again.
+STRANDED_AFTER = 300.0
+BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
+
+
+def serialize(job: dict[str, Any]) -> bytes:
+    # arq also stores a failed job's exception as its result: keep its text rather than fail.
+    return orjson.dumps(job, default=repr, option=orjson.OPT_NON_STR_KEYS)
+
+
+def deserialize(raw: bytes) -> dict[str, Any]:
+    return orjson.loads(raw)  # type: ignore[no-any-return]
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """Where this installation's Redis is: REDIS_URL, or the primary the Sentinels name.
+
+    Behind Sentinels, REDIS_URL (optional) gives the primary's user, password, database and TLS
+    (`rediss://`); its host and port are not used.
+    """
+    target = RedisSettings.from_dsn(settings.redis_url or "redis://")
+    if settings.redis_sentinels:
+        target.sentinel, target.host = True, list(settings.redis_sentinels)
+        target.sentinel_master = settings.redis_sentinel_master
+    return target
+
+
+def _retries() -> dict[str, Any]:
+    """Each command rides out a connection lost mid-way (a Redis restarting, a failover) by
+    reconnecting a few times with jittered backoff, about 2 s in all; a longer outage raises, and each
+    process waits it out at its own level (the worker's poll, the web process's spool)."""
+    return {"retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.1), retries=4),
+            "retry_on_error": [ConnectionError, TimeoutError]}
+
+
+async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
+    """The one way the service opens Redis: web, workers and commands alike.
+
+    With `wait` the first connection is made here, so a command fails at once on a Redis that is
+    away; without it (the long-running processes) the client is made whatever Redis's state, and
+    each command connects when it runs.
+    Tests and benchmarks may give a bare URL: that Redis and nothing else from the environment.
+    """
+    if isinstance(settings, str):
+        settings = Settings.model_construct(redis_url=settings)
+    target = redis_settings(settings)
+    if target.sentinel:
+        redis = _through_sentinels(target)
+    else:
+        pool = LeanPool.from_url(settings.redis_url or "redis://", socket_connect_timeout=target.conn_timeout,
+                                 max_connections=target.max_connections, **_retries())
+        redis = ArqRedis.from_pool(pool)
+    redis.job_serializer, redis.job_deserializer = serialize, deserialize
+    if wait:
+        try:
+            await redis.ping()  # as arq's create_pool does: no Redis, or a wrong password, fails here
+        except BaseException:
+            await redis.aclose()
+            raise
+    return redis
+
+
+class SentinelArqRedis(ArqRedis):
+    """ArqRedis on the primary the sentinels name; closing it also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in cast(SentinelConnectionPool, self.connection_pool).sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def _through_sentinels(target: RedisSettings) -> ArqRedis:
+    # What arq's create_pool does for Sentinel, plus a connect timeout (a Redis that is away must fail
+    # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
+    sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
+                         username=target.username, password=target.password, ssl=target.ssl, **_retries())
+    return sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
+                                connection_pool_class=LeanSentinelPool)
+
+
+class JobQueue:
+    """Accepts a job: its record first, then the queue entry, both in Redis before anyone is told."""
+
+    def __init__(self, redis: ArqRedis, store: JobStore) -> None:
+        self._redis = redis
+        self.store = store
+
+    async def submit(self, record: JobRecord) -> bool:
+        """Queue a job; False when the same delivery was accepted before (nothing new is queued).
+
+        The record and arq's job are written in one atomic step (arq's own `enqueue_job` takes three
+        round trips more), so an accepted event is never half-stored.
+        """
+        record.queued_at = time.time()
+        now_ms = int(record.queued_at * 1000)
+        payload = serialize_job(PROCESS_EVENT, (record.task_args(),), {}, None, now_ms, serializer=serialize)
+        entry = QueueEntry(_queue_of(record), record.id, payload, now_ms, expires_extra_ms)
+        return await self.store.create(record, entry)
+
+    async def requeue(self, record: JobRecord) -> None:
+        """Queue an existing job again (a retry asked for by a person)."""
+        record.state, record.error, record.outcome, record.finished_at = JobState.QUEUED, None, "", None
+        await self.store.save(record)
+        await self._redis.delete(result_key_prefix + record.id)
+        await self._enqueue(record)
+
+    async def requeue_stranded(self, now: float | None = None, limit: int = 1000) -> list[str]:
+        """Queue again the jobs whose records say they are still to run (queued, running, retrying) but
+        that have no arq job and no worker on them; each record says why. Returns their ids."""
+        until = (now or time.time()) - STRANDED_AFTER
+        candidates: list[str] = []
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+            index = prefixed(f"{INDEX_PREFIX}state:{state.value}")
+            candidates += [i.decode() for i in await self._redis.zrangebyscore(index, "-inf", until, 0, limit)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in candidates:
+                pipe.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+            alive = await pipe.execute()
+        rescued = []
+        for job_id, keys in zip(candidates, alive):
+            record = await self.store.get(job_id) if keys == 0 else None
+            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+                continue  # its job is there, or it has ended (or expired) since
+            record.outcome = f"queued again: its job had left the queue while it was {record.state.value}"
+            record.state = JobState.QUEUED
+            await self.store.save(record)
+            await self._enqueue(record)  # arq queues a job id once: a job queued meanwhile is left as it is
+            rescued.append(job_id)
+        return rescued
+
+    async def _enqueue(self, record: JobRecord) -> None:
+        await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id,
+                                      _queue_name=_queue_of(record))
+
+
+def _queue_of(record: JobRecord) -> str:
+    return prefixed(BACKFILL_QUEUE if record.trigger == "backfill" else LIVE_QUEUE)

@@ -1,0 +1,71 @@
+"""The `b24rebind` command as a user runs it: its rules check, and its errors at startup."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def b24rebind(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}, timeout=60)
+
+
+def test_rules_check_accepts_the_example_with_its_variables_set(tmp_path: Path) -> None:
+    result = b24rebind("rules", "check", str(ROOT / "rules.example.yaml"), cwd=tmp_path,
+                       env={"B24_WEBHOOK_URL": "https://example.bitrix24.com/rest/1/x/", "B24_APPLICATION_TOKEN": "t"})
+
+    assert result.returncode == 0, result.stderr
+    assert "OK, 3 rules, 1 portal (main)" in result.stdout
+
+
+def test_rules_check_reads_variables_from_dot_env(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("B24_WEBHOOK_URL=https://example.bitrix24.com/rest/1/x/\n"
+                                   "B24_APPLICATION_TOKEN=t\n")
+    (tmp_path / "rules.yaml").write_text((ROOT / "rules.example.yaml").read_text())
+
+    result = b24rebind("rules", "check", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_rules_check_names_the_line_and_exits_1(tmp_path: Path) -> None:
+    broken = tmp_path / "rules.yaml"
+    broken.write_text("rules:\n  - name: x\n    on: [ONCRMACTIVITYADD]\n    do:\n      - bnid: [lead.contact]\n")
+
+    result = b24rebind("rules", "check", str(broken), cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert f"unknown key 'bnid' in rule 'x' at {broken}:5:9; did you mean 'bind'?" in result.stderr
+
+
+def test_without_a_rules_file_the_built_in_rules_are_used(tmp_path: Path) -> None:
+    result = b24rebind("rules", "check", cwd=tmp_path)
+
+    assert result.returncode == 0
+    assert "none: the demo portal will be used" in result.stdout
+
+
+def test_the_service_refuses_to_start_on_an_invalid_rules_file(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text("rules: [\n")
+
+    result = b24rebind("serve", cwd=tmp_path, env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+
+    assert result.returncode == 1
+    assert "rules.yaml:2:1: not valid YAML" in result.stderr
+
+
+def test_the_service_says_so_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = b24rebind("run", cwd=tmp_path, env={"B24_PORT": str(port), "B24_DATA_DIR": str(tmp_path)})
+
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "B24_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
