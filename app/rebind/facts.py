@@ -4,13 +4,15 @@ Only what the rules file can use is read (`RuleSet.needs`), and always through `
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient, fast_page
+from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient
 from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
+BINDINGS_SAMPLE = 2  # activities of a lead whose bindings are read to tell a portal's conversion from a bare one
 ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
 LEAD_EVENTS = {"ONCRMLEADADD", "ONCRMLEADUPDATE"}
 # Conversion creates these from a lead: such an event re-runs that lead.
@@ -84,24 +86,68 @@ class FactReader:
         return self._facts(event, (facts,), leads, results[len(commands):], extras)
 
     async def for_lead(self, event: str, lead_id: int) -> Facts:
-        # One batch reads the lead, what it became, and the first page of its activities.
-        first_page = Command("crm.activity.list", fast_page(_bound_to_lead(lead_id), self._activity_fields(), 0))
-        results = await self._client.batch([*_lead_commands(lead_id), first_page])
+        # One batch reads the lead, what it became, and the first page of its activities with their
+        # count; knowing the count, every other page goes at once (count-known paging).
+        query = counted_page(_bound_to_lead(lead_id), self._activity_fields())
+        results = await self._client.batch([*_lead_commands(lead_id), Command("crm.activity.list", query)])
         _raise_gone(results[0])
         lead = _lead(results[:4])
         if not self._rules_may_apply(event, lead):
             return self._facts(event, leads={lead.id: lead})
-        rows = _checked(results[4])
-        if len(rows) == PAGE_SIZE:
-            rows += await self._client.list_all("crm.activity.list", _bound_to_lead(lead_id),
-                                                self._activity_fields(), after_id=int(rows[-1]["ID"]))
-        bindings = await self._client.batch(
-            [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows])
+        first = _checked(results[4])
+        if self._planned_from_the_lead_alone(event):
+            # A sample of the bindings, read with the other pages, tells whether the portal attached
+            # the activities to the new records itself (then reading them all saves the adds) or not
+            # (then adding blind saves the reads: 'already bound' counts as done).
+            sample = first[:BINDINGS_SAMPLE]
+            rows, sampled = await asyncio.gather(self._all_pages("crm.activity.list", query, results[4]),
+                                                 self._client.batch(_binding_reads(sample)))
+            if all(r.ok and _bound_to_lead_only(r.result, lead_id) for r in sampled):
+                known = {int(row["ID"]): r.result for row, r in zip(sample, sampled)}
+                lead_only = [{"entityTypeId": int(EntityType.LEAD), "entityId": lead_id}]
+                activities = [_activity(row, known.get(int(row["ID"]), lead_only)) for row in rows]
+                return await self._with_extras(event, activities, lead)
+            rest = rows[len(sample):]
+            bindings = [*sampled, *await self._client.batch(_binding_reads(rest))]
+        else:
+            rows = await self._all_pages("crm.activity.list", query, results[4])
+            bindings = await self._client.batch(_binding_reads(rows))
         activities = [_activity(row, result.result) for row, result in zip(rows, bindings) if result.ok]
+        return await self._with_extras(event, activities, lead)
+
+    async def _with_extras(self, event: str, activities: list[Activity], lead: Lead) -> Facts:
         extras = self._extra_commands(activities)
         extra_results = await self._client.batch(extras) if extras else []
-        comments = await self._comments(lead_id) if "comments" in self._needs else ()
+        comments = await self._comments(lead.id) if "comments" in self._needs else ()
         return self._facts(event, tuple(activities), {lead.id: lead}, extra_results, extras, comments)
+
+    def _planned_from_the_lead_alone(self, event: str) -> bool:
+        """Whether every rule listening to the event plans the same whatever else an activity listed
+        under the lead is bound to: its conditions ask only about the lead, it binds only the lead's
+        records (or fixed ones) and unbinds only the lead. Then the bindings need not be read."""
+        for rule in self._rules.rules:
+            if event not in rule.on or not rule.enabled:
+                continue
+            when = rule.when
+            if when.bound_to not in (None, "lead") or when.any is not None or when.not_ is not None:
+                return False
+            if rule.moves() or any(t != EntityType.LEAD for t in rule.unbind_types()):
+                return False
+            if any(isinstance(t, str) and t.split(".")[0] != "lead" for t in rule.bind_targets()):
+                return False
+        return True
+
+    async def _all_pages(self, method: str, query: dict[str, Any], first: CommandResult) -> list[dict[str, Any]]:
+        """The rows of every page, given the first (read with its count): the others in one go."""
+        rows = _checked(first)
+        if first.next is None:
+            return rows
+        starts = range(first.next, max(first.total or 0, first.next + 1), PAGE_SIZE)
+        pages = await self._client.batch([Command(method, {**query, "start": start}) for start in starts])
+        seen = {row.get("ID") for row in rows}
+        # Ordered by ID, a row added meanwhile comes last; one deleted shifts the later pages back by one,
+        # so a row may come twice (kept once); the one it pushed onto an earlier page is left to the sweep.
+        return rows + [row for page in pages for row in _checked(page) if row.get("ID") not in seen]
 
     def _activity_fields(self) -> tuple[str, ...]:
         return ACTIVITY_FIELDS + (("COMMUNICATIONS",) if "matched" in self._needs else ())
@@ -197,6 +243,19 @@ def _lead_commands(lead_id: int) -> list[Command]:
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
     return [Command("crm.lead.get", {"id": lead_id}), Command("crm.contact.list", by_lead),
             Command("crm.company.list", by_lead), Command("crm.deal.list", by_lead)]
+
+
+def _binding_reads(rows: list[dict[str, Any]]) -> list[Command]:
+    return [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows]
+
+
+def _bound_to_lead_only(bindings: Any, lead_id: int) -> bool:
+    return [(int(b["entityTypeId"]), int(b["entityId"])) for b in bindings or []] == [(int(EntityType.LEAD), lead_id)]
+
+
+def counted_page(filter: dict[str, Any], select: Sequence[str]) -> dict[str, Any]:
+    """A first page that tells the count (`start=0`), ordered by ID so the later pages follow it."""
+    return {"order": {"ID": "ASC"}, "filter": filter, "select": list(select), "start": 0}
 
 
 def _bound_to_lead(lead_id: int) -> dict[str, Any]:
