@@ -75,6 +75,8 @@ async def portal() -> AsyncIterator[FakePortal]:
     await fake.start()
     yield fake
     await fake.close()
+    # A real portal lets a binding to a missing record through; the service must never make one.
+    assert fake.check_invariants() == [], "the service left a dangling binding"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
 from app.logs import current_job
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
-from app.rebind.executor import execute
+from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
 from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
@@ -131,7 +131,7 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
     one round trip, since a worker ends hundreds of jobs a second."""
     async with ctx["redis"].pipeline(transaction=False) as pipe:
         lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
-        ctx["store"].stage_save(pipe, record)
+        await ctx["store"].stage_save(pipe, record)
         if applied:
             AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:
@@ -186,27 +186,52 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: C
     await _plan_and_apply(record, client, rules, facts, changes)
 
 
+MAX_REPLANS = 3  # targets deleted while the job runs: plan again without them, this many times
+
+
 async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet, facts: Facts,
                           changes: ChangeLog) -> None:
-    plan = await _hold_back_loops(make_plan(rules, facts), changes)
-    record.rules = list(plan.matched_rules)
-    record.plan = plan.summary()
-    if plan.empty:
-        record.end_attempt(JobState.SKIPPED, _why_nothing(plan, facts.activities))
-        return
-    outcomes = await execute(plan, client)
+    for replans in range(MAX_REPLANS + 1):
+        plan = await _hold_back_loops(make_plan(rules, facts), changes)
+        record.rules = list(plan.matched_rules)
+        record.plan = plan.summary()
+        gone = _gone_note(facts)
+        if plan.empty:
+            record.end_attempt(JobState.SKIPPED, gone + _why_nothing(plan, facts.activities))
+            return
+        try:
+            outcomes = await execute(plan, client)
+            break
+        except TargetsGone as exc:
+            # Nothing was written: a binding to a deleted record would leave the activity bound to
+            # nothing real once the lead binding goes. Plan again without it.
+            log.info("job %s: %s; planning again without them", record.id, exc)
+            if replans == MAX_REPLANS:
+                raise
+            facts = facts.model_copy(update={"missing": facts.missing | exc.targets})
+    _record_outcomes(record, outcomes, _gone_note(facts))
+
+
+def _gone_note(facts: Facts) -> str:
+    if not facts.missing:
+        return ""
+    names = ", ".join(sorted(str(b) for b in facts.missing))
+    return f"left out of the plan, deleted since they were read: {names}; "
+
+
+def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     record.changes = [o.as_record() for o in outcomes]  # the echo fingerprints are saved from these
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, f"{len(failed)} of {plural(len(outcomes), 'item')} could not be "
-                           "changed", first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could not "
+                           "be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
         done = f"re-bound {plural(changed, 'item')}" if changed or not dry else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
-        record.end_attempt(JobState.SUCCEEDED, "; ".join(part for part in (done, would) if part))
+        record.end_attempt(JobState.SUCCEEDED, gone + "; ".join(part for part in (done, would) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

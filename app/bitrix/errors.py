@@ -63,7 +63,8 @@ POLICIES: dict[str, ErrorPolicy] = {
                                           "check its edition and the webhook's scopes."),
     "ACCESS_DENIED": ErrorPolicy(Policy.GIVE_UP, "The webhook's user may not change this record: give it CRM rights "
                                  "(REST also needs a commercial plan)."),
-    "NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The record no longer exists in the portal; nothing to do."),
+    "NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The record no longer exists in the portal; nothing to do "
+                             "(a job about it ends as skipped, with the reason)."),
     "OWNER_NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The entity to bind to no longer exists in the portal."),
     "LAST_BINDING_CANNOT_BE_DELETED": ErrorPolicy(Policy.GIVE_UP, "An activity keeps at least one binding; "
                                                   "the service never removes the last one."),
@@ -74,14 +75,19 @@ POLICIES: dict[str, ErrorPolicy] = {
     "INVALID_ARG_VALUE": ErrorPolicy(Policy.GIVE_UP, "A parameter had a wrong value (a bug: report it)."),
 }
 
-# Some methods answer with an empty code; only the description tells the errors apart.
+# Some methods answer with an empty code; only the description tells the errors apart. Descriptions
+# are compared lowercased and without a final period ("Not found" and "Not found." alike).
 DESCRIPTION_CODES: dict[str, str] = {
     "source and target entity id cannot be equal": "SOURCE_AND_TARGET_ENTITY_ID_ARE_EQUAL_ERROR",
     "source and target entity types are not equal": "SOURCE_AND_TARGET_ENTITY_TYPES_ARE_NOT_EQUAL_ERROR",
-    "not found.": "BINDING_NOT_FOUND",
-    "activity is not found": "NOT_FOUND",
-    "access denied.": "ACCESS_DENIED",
+    "not found": "NOT_FOUND",  # crm.lead|contact|company|deal.get of a record that is gone
+    "activity is not found": "NOT_FOUND",  # crm.activity.get
     "access denied": "ACCESS_DENIED",
+}
+# The same words mean something else from one method: crm.timeline.bindings.unbind answers "Not found."
+# when the comment is not bound there, which is what an unbind wants.
+METHOD_DESCRIPTION_CODES: dict[tuple[str, str], str] = {
+    ("crm.timeline.bindings.unbind", "not found"): "BINDING_NOT_FOUND",
 }
 POLICIES["SOURCE_AND_TARGET_ENTITY_ID_ARE_EQUAL_ERROR"] = ErrorPolicy(Policy.DONE, "Already where it should be.")
 POLICIES["SOURCE_AND_TARGET_ENTITY_TYPES_ARE_NOT_EQUAL_ERROR"] = ErrorPolicy(
@@ -130,11 +136,13 @@ class TokenExpired(ConfigError):
     """expired_token: an application refreshes its token and retries; for a webhook it needs renewing."""
 
 
-def normalise_code(error: Any, description: str) -> str:
-    """The portal's `error` may be a string, an empty string or a number."""
+def normalise_code(error: Any, description: str, method: str = "") -> str:
+    """The portal's `error` may be a string, an empty string or a number; an empty one is read from the
+    description (see docs/errors.md, "Errors without a code")."""
     code = str(error).strip() if error is not None else ""
     if code in ("", "0"):
-        return DESCRIPTION_CODES.get(description.strip().lower(), code)
+        words = description.strip().lower().removesuffix(".").strip()
+        return METHOD_DESCRIPTION_CODES.get((method.lower(), words)) or DESCRIPTION_CODES.get(words, code)
     return code.upper() if not code.isdigit() else code
 
 
@@ -150,7 +158,7 @@ def policy_for(code: str, status: int | None = None) -> ErrorPolicy:
 def error_for(method: str, error: Any, description: Any, status: int | None = None) -> B24Error:
     """Build the typed error for one failed call from what the portal answered."""
     description = str(description or "")
-    code = normalise_code(error, description)
+    code = normalise_code(error, description, method)
     rule = policy_for(code, status)
     cls: type[B24Error]
     if code.upper() == "OPERATION_TIME_LIMIT":
@@ -172,6 +180,17 @@ def policy_table() -> str:
              "An unknown code is retried when the HTTP status is 5xx, 408 or 429, and gives up otherwise.", "",
              "| code | policy | what the job says to do |", "|---|---|---|"]
     lines += [f"| `{code}` | {rule.policy.value} | {rule.hint} |" for code, rule in POLICIES.items()]
+    lines += ["", "## Errors without a code", "",
+              "Some methods answer `\"error\": \"\"` (or `0`) and only the description says what happened "
+              "(the CRM module's REST service raises them without a code). They are read case-insensitively, "
+              "with or without a final period, as the code in the right column:", "",
+              "| description | method | read as |", "|---|---|---|"]
+    lines += [f"| {words} | {method} | `{code}` |" for (method, words), code in METHOD_DESCRIPTION_CODES.items()]
+    lines += [f"| {words} | any other | `{code}` |" for words, code in DESCRIPTION_CODES.items()]
+    lines += ["", "A `NOT_FOUND` while reading the record an event is about (the lead, the activity, the contact "
+              "a conversion made) means it was deleted: the job ends as skipped with that reason, never as failed. "
+              "A target of the plan that is gone (`crm.contact.get` answers \"Not found\" at the head of the write "
+              "batch, before anything is written) is left out of the plan and the job's outcome names it."]
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ from app.rebind.facts import FactReader, Gone
 from app.rules.engine import explain, plan
 from app.rules.facts import Activity, Binding, Client, Facts, Lead
 from app.rules.loader import RulesError, load_rules
-from app.rules.model import KINDS, EntityType, RuleSet
+from app.rules.model import KINDS, RuleSet, entity_type_of
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import FINAL_STATES, JobStore
@@ -172,7 +172,7 @@ def _run_case(rules: RuleSet, case: dict[str, Any]) -> list[str]:
 
 def _binding(text: str) -> Binding:
     kind, _, number = str(text).partition(" ")
-    return Binding(entity_type=EntityType[kind.upper()], entity_id=int(number))
+    return Binding(entity_type=entity_type_of(kind), entity_id=int(number))
 
 
 async def backfill_command(settings: Settings, since: str, only_rule: str | None, dry_run: bool,

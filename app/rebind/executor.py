@@ -34,8 +34,20 @@ Step = tuple[str, int, Command]  # (kind, id, command)
 WRITE_ATTEMPTS = 4  # per batch of writes; then the whole job retries later
 
 
+class TargetsGone(Exception):
+    """Records the plan would bind to no longer exist; nothing was written. Plan again without them."""
+
+    def __init__(self, targets: set[Binding]) -> None:
+        self.targets = targets
+        super().__init__(", ".join(sorted(str(t) for t in targets)) + " no longer exist(s) in the portal")
+
+
 async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
     """Apply a plan. All binds go first; an item loses a binding only once its binds succeeded.
+
+    A portal accepts a binding to a record that does not exist, so every record the plan binds to is
+    read first (at the head of the halting write batch when the plan fits in one): a missing one stops
+    everything before a write, and TargetsGone is raised.
 
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
@@ -44,7 +56,10 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
     failed: dict[tuple[str, int], list[B24Error]] = {}
     phases = [[step for kind, id_, item in items for step in phase(kind, id_, item)]
               for phase in (_binds, _moves, _unbinds)]
-    left = await _in_one_request(client, phases, failed)
+    checks = _target_checks(items)
+    left = await _in_one_request(client, phases, failed, checks)
+    if left is None and checks:
+        _raise_gone(checks, await client.batch([command for _, command in checks]))
     for phase in phases:
         steps = phase if left is None else [step for step in phase if step in left]
         await _write(client, [step for step in steps if step[:2] not in failed], failed)
@@ -52,6 +67,21 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
                 for a in plan.activities if a.changes]
     return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
                        for c in plan.comments if c.changes]
+
+
+def _target_checks(items: list[tuple[str, int, ItemPlan]]) -> list[tuple[Binding, Command]]:
+    """A read of each record the plan binds or moves something to."""
+    targets = {b for _, _, item in items for b in item.add} | {t for _, _, item in items for _, t in item.moves}
+    return [(t, Command(f"crm.{TYPE_NAMES[t.entity_type]}.get", {"id": t.entity_id}))
+            for t in sorted(targets, key=lambda b: (int(b.entity_type), b.entity_id)) if t.entity_type in TYPE_NAMES]
+
+
+def _raise_gone(checks: list[tuple[Binding, Command]], results: Sequence[CommandResult]) -> None:
+    """Other errors of a check (no rights on the record) are left to the write, which reports them."""
+    gone = {target for (target, _), result in zip(checks, results)
+            if result.error is not None and result.error.code == "NOT_FOUND"}
+    if gone:
+        raise TargetsGone(gone)
 
 
 def _binds(kind: str, id_: int, item: ItemPlan) -> list[Step]:
@@ -84,7 +114,8 @@ def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
 
 
 async def _in_one_request(client: RestClient, phases: list[list[Step]],
-                          failed: dict[tuple[str, int], list[B24Error]]) -> list[Step] | None:
+                          failed: dict[tuple[str, int], list[B24Error]],
+                          checks: list[tuple[Binding, Command]]) -> list[Step] | None:
     """Send a small plan's binds, moves and unbinds in one batch that halts at the first error; return
     the steps left to do phase by phase (None: not tried, all of them).
 
@@ -93,15 +124,18 @@ async def _in_one_request(client: RestClient, phases: list[list[Step]],
     second, that is most of a single-activity job's cost).
     """
     steps = [step for phase in phases for step in phase]
-    if sum(1 for phase in phases if phase) < 2 or len(steps) > BATCH_LIMIT:
+    if sum(1 for phase in phases if phase) < 2 or len(steps) + len(checks) > BATCH_LIMIT:
         return None  # one phase is one request anyway, and without halting others' items keep going
     try:
-        results = await client.batch([command for _, _, command in steps], write=True, halt=True)
+        results = await client.batch([command for _, command in checks] + [command for _, _, command in steps],
+                                     write=True, halt=True)
     except TransientError as exc:
         if isinstance(exc, MethodBlocked):
             raise
         await asyncio.sleep(0.5)
         return await _still_needed(client, steps)  # the writes may or may not have landed: look first
+    _raise_gone(checks, results[:len(checks)])  # a target missing halted the batch before any write
+    results = results[len(checks):]
     for position, (step, result) in enumerate(zip(steps, results)):
         if result.error is not None and result.error.code == "NOT_RUN":
             return steps[position:]  # the batch halted before it

@@ -20,6 +20,8 @@ CHILD_GETTERS = {
     "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
 }
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
+# crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
+FINDBYCOMM_VALUES = 20
 TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
               EntityType.COMPANY: "company"}
 TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
@@ -60,12 +62,17 @@ class FactReader:
         return self._facts(event)
 
     async def for_activity(self, event: str, activity_id: int) -> Facts:
+        # crm.activity.get never returns COMMUNICATIONS: only a list that selects them does.
         binding_list, activity = await self._client.batch([
             Command("crm.activity.binding.list", {"activityId": activity_id}),
-            Command("crm.activity.get", {"id": activity_id}),
+            Command("crm.activity.list", {"filter": {"ID": activity_id}, "select": list(self._activity_fields()),
+                                          "start": -1}),
         ])
         _raise_gone(binding_list, activity)
-        facts = _activity(activity.result, binding_list.result)
+        rows = _checked(activity)
+        if not rows:  # deleted between the two reads, or hidden from the webhook's user
+            raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)")
+        facts = _activity(rows[0], binding_list.result)
         if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
             raise Echo("the activity is as this service left it: the event echoes our own change")
         lead_ids = facts.bound_to(EntityType.LEAD)
@@ -109,18 +116,26 @@ class FactReader:
             ids = sorted({i for a in activities for i in a.bound_to(EntityType.DEAL)})
             commands += [Command("crm.deal.get", {"id": i}) for i in ids]
         if "matched" in self._needs:
-            for activity in activities:
-                for kind, values in (("EMAIL", activity.emails), ("PHONE", activity.phones)):
-                    if values:
-                        commands += [Command("crm.duplicate.findbycomm", {"type": kind, "values": list(values),
-                                                                          "entity_type": entity})
-                                     for entity in ("CONTACT", "COMPANY")]
+            searches = {(kind, chunk, entity): None for activity in activities
+                        for kind, chunk in _comm_chunks(activity) for entity in ("CONTACT", "COMPANY")}
+            commands += [Command("crm.duplicate.findbycomm", {"type": kind, "values": list(chunk),
+                                                              "entity_type": entity})
+                         for kind, chunk, entity in searches]
         return commands
 
     async def _comments(self, lead_id: int) -> tuple[Comment, ...]:
-        answer = await self._client.call("crm.timeline.comment.list", {
-            "filter": {"ENTITY_ID": lead_id, "ENTITY_TYPE": "lead"}, "select": ["ID"]})
-        ids = [int(row["ID"]) for row in answer.result or []]
+        """Every comment on the lead's timeline, all pages. Paged by `start`: the method's filter on ID
+        is not documented, so the fast `>ID` form is not used; the later pages go in one batch."""
+        query = {"filter": {"ENTITY_ID": lead_id, "ENTITY_TYPE": "lead"}, "select": ["ID"], "order": {"ID": "ASC"}}
+        answer = await self._client.call("crm.timeline.comment.list", query)
+        rows = list(answer.result or [])
+        if answer.next is not None:
+            total = answer.total if answer.total is not None else 0
+            starts = range(answer.next, max(total, answer.next + 1), PAGE_SIZE)
+            pages = await self._client.batch([Command("crm.timeline.comment.list", {**query, "start": start})
+                                              for start in starts])
+            rows += [row for page in pages for row in _checked(page)]
+        ids = list(dict.fromkeys(int(row["ID"]) for row in rows))
         results = await self._client.batch(
             [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in ids])
         return tuple(Comment(id=i, bindings=tuple(b for row in _checked(result) if (b := _comment_binding(row))))
@@ -159,16 +174,23 @@ def _clients(activities: tuple[Activity, ...], commands: list[Command],
                             company_ids=_ids(row.get("COMPANY_ID")))
             (contacts if command.method == "crm.contact.get" else deals)[client.id] = client
         else:
-            key = (command.params["type"], ",".join(command.params["values"]))
+            key = (command.params["type"], tuple(command.params["values"]))
             found.setdefault(key, {}).update(result.result if isinstance(result.result, dict) else {})
     matches = {}
     for activity in activities:
-        hits = [found.get(("EMAIL", ",".join(activity.emails)), {}), found.get(("PHONE", ",".join(activity.phones)), {})]
+        hits = [found.get(chunk, {}) for chunk in _comm_chunks(activity)]
         contact_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("CONTACT", [])))
         company_ids = tuple(dict.fromkeys(int(i) for hit in hits for i in hit.get("COMPANY", [])))
         if contact_ids or company_ids:
             matches[activity.id] = Client(id=activity.id, contact_ids=contact_ids, company_ids=company_ids)
     return contacts, deals, matches
+
+
+def _comm_chunks(activity: Activity) -> list[tuple[str, tuple[str, ...]]]:
+    """The activity's e-mails and phones in searches of at most FINDBYCOMM_VALUES values."""
+    return [(kind, values[i:i + FINDBYCOMM_VALUES])
+            for kind, values in (("EMAIL", activity.emails), ("PHONE", activity.phones))
+            for i in range(0, len(values), FINDBYCOMM_VALUES)]
 
 
 def _lead_commands(lead_id: int) -> list[Command]:
@@ -198,8 +220,9 @@ def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activit
         direction=str(fields.get("DIRECTION") or ""), responsible_id=_id(fields.get("RESPONSIBLE_ID")),
         emails=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "EMAIL" and c.get("VALUE")),
         phones=tuple(str(c["VALUE"]) for c in communications if c.get("TYPE") == "PHONE" and c.get("VALUE")),
-        bindings=tuple(Binding(entity_type=EntityType(int(b["entityTypeId"])), entity_id=int(b["entityId"]))
-                       for b in bindings or [] if int(b["entityTypeId"]) in EntityType._value2member_map_))
+        # Every binding, of any type: the ones the rules cannot name still count in the guards.
+        bindings=tuple(Binding(entity_type=int(b["entityTypeId"]), entity_id=int(b["entityId"]))
+                       for b in bindings or []))
 
 
 def _comment_binding(row: dict[str, Any]) -> Binding | None:

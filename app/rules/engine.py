@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 
 from app.rules.facts import Activity, Binding, Comment, Facts, Lead
-from app.rules.model import KINDS, EntityType, FixedTarget, Rule, RuleSet, Target, When, target_type
+from app.rules.model import KINDS, EntityType, FixedTarget, Rule, RuleSet, Target, When, entity_label, target_type
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
 
 MAX_BINDINGS = 100  # per activity (crm.activity.binding overview)
@@ -66,7 +66,7 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
 
 def _plan_move(source_type: str, targets: list[Binding], activity: Activity, wanted: list[Binding],
                moves: list[tuple[Binding, Binding]], notes: list[str]) -> None:
-    sources = [b for b in wanted if b.entity_type.label == source_type and b in activity.bindings]
+    sources = [b for b in wanted if entity_label(b.entity_type) == source_type and b in activity.bindings]
     targets = [t for t in targets if t not in wanted]
     if len(sources) != 1 or len(targets) != 1:
         if sources and targets:
@@ -186,10 +186,12 @@ class _Sources:
     def resolve(self, target: Target) -> list[Binding]:
         entity = target_type(target)
         if isinstance(target, FixedTarget):
-            return [Binding(entity_type=entity, entity_id=target.id)]
-        source, _ = target.split(".")
-        ids = [i for client in self._clients(source) for i in _ids_of(client, entity)]
-        return [Binding(entity_type=entity, entity_id=i) for i in dict.fromkeys(ids)]
+            found = [Binding(entity_type=entity, entity_id=target.id)]
+        else:
+            source, _ = target.split(".")
+            ids = [i for client in self._clients(source) for i in _ids_of(client, entity)]
+            found = [Binding(entity_type=entity, entity_id=i) for i in dict.fromkeys(ids)]
+        return [b for b in found if b not in self.facts.missing]
 
     def _clients(self, source: str) -> list[Lead] | list[object]:
         if source == "lead":

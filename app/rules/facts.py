@@ -1,9 +1,11 @@
 """What the worker learned from the portal, in the shape the rules engine reads."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
 
-from app.rules.model import EntityType
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.rules.model import EntityType, entity_label
 
 
 class Frozen(BaseModel):
@@ -11,11 +13,13 @@ class Frozen(BaseModel):
 
 
 class Binding(Frozen):
-    entity_type: EntityType
+    # An activity may be bound to any CRM type (quotes, smart invoices, smart processes 128+ and 1030+):
+    # the rules name only the four main ones, but every binding counts in the guards and is kept.
+    entity_type: Annotated[EntityType | int, Field(union_mode="left_to_right")]
     entity_id: int
 
     def __str__(self) -> str:
-        return f"{self.entity_type.label} {self.entity_id}"
+        return f"{entity_label(self.entity_type)} {self.entity_id}"
 
 
 class Activity(Frozen):
@@ -77,3 +81,5 @@ class Facts(Frozen):
     deals: dict[int, Client] = {}
     matches: dict[int, Client] = {}  # by activity id: existing clients with the activity's e-mail or phone
     comments: tuple[Comment, ...] = ()
+    # Records found deleted since they were read: never a target (a binding to them would dangle).
+    missing: frozenset[Binding] = frozenset()

@@ -25,6 +25,22 @@ class EntityType(IntEnum):
         return self.name.lower()
 
 
+def entity_label(entity_type: int) -> str:
+    """`contact`, `deal`...; a type the rules cannot name (a quote, a smart process) as `type128`."""
+    try:
+        return EntityType(entity_type).label
+    except ValueError:
+        return f"type{int(entity_type)}"
+
+
+def entity_type_of(label: str) -> EntityType | int:
+    """The inverse of `entity_label`."""
+    label = label.strip().lower()
+    if label.startswith("type") and label[4:].isdigit():
+        return int(label[4:])
+    return EntityType[label.upper()]
+
+
 EntityName = Literal["lead", "deal", "contact", "company"]
 
 EVENTS = (

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
 from app.bitrix.ratelimit import RateLimiter
-from app.rules.model import EntityType, RuleSet
+from app.rules.model import RuleSet, entity_label, entity_type_of
 from app.store.jobs import JobRecord, JobStore, UnknownJob
 from app.store.namespace import prefixed
 
@@ -175,7 +175,7 @@ async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[
                               f"{answer.error.description}; nothing was changed")
         rows = answer.result or []
         if entry.kind == "activity":
-            bindings.append([f"{EntityType(int(r['entityTypeId'])).label} {r['entityId']}" for r in rows])
+            bindings.append([f"{entity_label(int(r['entityTypeId']))} {r['entityId']}" for r in rows])
         else:
             bindings.append([f"{str(r['ENTITY_TYPE']).lower()} {r['ENTITY_ID']}" for r in rows])
     return bindings
@@ -183,7 +183,7 @@ async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[
 
 def _command(entry: AuditEntry, binding: str, *, bind: bool) -> Command:
     label, _, number = binding.partition(" ")
-    entity = EntityType[label.upper()]
+    entity = entity_type_of(label)
     if entry.kind == "activity":
         method = "crm.activity.binding.add" if bind else "crm.activity.binding.delete"
         return Command(method, {"activityId": entry.item, "entityTypeId": int(entity), "entityId": int(number)})

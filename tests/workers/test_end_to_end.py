@@ -5,7 +5,7 @@ from typing import Any
 
 from arq import Worker
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 
@@ -38,7 +38,8 @@ async def test_a_conversion_moves_120_activities_in_at_most_20_requests(client: 
     status, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
     await worker.run_check()
 
-    expected = [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    # The portal's conversion copied them to the deal, contact and company; the service removed the lead.
+    expected = [(DEAL, made["deal"]), (CONTACT, made["contact"]), (COMPANY, made["company"])]
     assert all(portal.bindings(a) == expected for a in activities)
     assert portal.request_count <= 20, portal.requests
     job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
@@ -134,7 +135,8 @@ async def test_writes_failing_with_500_are_re_read_not_blindly_resent(client: An
     # Read the activity, its lead, write binds and unbind in one batch (done, answer lost), re-read the
     # bindings: all done, nothing is sent again.
     assert portal.request_count == 4
-    assert portal.requests[-2:] == [("batch", 3), ("batch", 1)]  # 2 binds + 1 unbind, then the re-read
+    # 2 target reads + 2 binds + 1 unbind, then the re-read
+    assert portal.requests[-2:] == [("batch", 5), ("batch", 1)]
 
 
 async def test_a_contact_made_from_a_lead_re_runs_that_lead(client: Any, worker: Worker, portal: FakePortal) -> None:

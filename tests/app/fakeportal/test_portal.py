@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal, parse_php_query
+from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, SMART_INVOICE, FakePortal, parse_php_query
 
 
 @pytest.fixture
@@ -97,7 +97,11 @@ async def test_binding_errors(portal: FakePortal, session: aiohttp.ClientSession
         "crm.activity.binding.add",
         {"activityId": activity, "entityTypeId": CONTACT, "entityId": 42},
     )
-    assert (status, body["error"]) == (400, "OWNER_NOT_FOUND")
+    # A real portal never checks the target: the binding is saved, and left dangling.
+    assert (status, body["result"]) == (200, True)
+    assert portal.bindings(activity) == [(LEAD, lead), (CONTACT, 42)]
+    assert portal.violations == [f"activity {activity} was bound to contact 42, which does not exist"]
+    portal.violations.clear()
 
 
 async def test_binding_cap_of_100(portal: FakePortal, session: aiohttp.ClientSession) -> None:
@@ -209,7 +213,8 @@ async def test_bindings_filter_finds_non_owner_bindings(
     portal: FakePortal, session: aiohttp.ClientSession
 ) -> None:
     lead, contact = portal.add_lead(), portal.add_contact("Ann")
-    by_contact = portal.add_activity([(CONTACT, contact), (LEAD, lead)])
+    deal = portal.add_deal()
+    by_contact = portal.add_activity([(LEAD, lead), (CONTACT, contact), (DEAL, deal)])  # the deal owns it
     portal.add_activity([(CONTACT, contact)])
     params = {"filter": {"BINDINGS": [{"OWNER_TYPE_ID": "1", "OWNER_ID": lead}]}}
     status, body = await call(session, portal, "crm.activity.list", params)
@@ -271,7 +276,12 @@ async def test_convert_lead_creates_entities(portal: FakePortal, session: aiohtt
     lead = portal.add_lead("Website order", name="Ann", email="ann@example.com")
     activity = portal.add_activity([(LEAD, lead)])
     created = portal.convert_lead(lead, deal=True)
-    assert portal.bindings(activity) == [(LEAD, lead)]  # conversion leaves activities on the lead
+    # The portal copies: every created record gets a binding, the lead binding stays, and the deal
+    # (the last binding that is not a contact or company) becomes the owner.
+    assert portal.bindings(activity) == sorted([(LEAD, lead), (DEAL, created["deal"]),
+                                                (CONTACT, created["contact"]), (COMPANY, created["company"])])
+    assert (portal.activities[activity]["OWNER_TYPE_ID"], portal.activities[activity]["OWNER_ID"]) == (
+        str(DEAL), str(created["deal"]))
     status, body = await call(session, portal, "crm.lead.get", {"id": lead})
     assert body["result"]["STATUS_ID"] == "CONVERTED" and body["result"]["STATUS_SEMANTIC_ID"] == "S"
     assert body["result"]["CONTACT_ID"] == str(created["contact"])
@@ -388,7 +398,10 @@ async def test_add_and_update_over_http(portal: FakePortal, session: aiohttp.Cli
     activity = body["result"]
     assert portal.bindings(activity) == [(LEAD, lead)]
     status, body = await call(session, portal, "crm.activity.get", {"id": activity})
-    assert body["result"]["COMMUNICATIONS"] == [{"TYPE": "EMAIL", "VALUE": "a@b.c"}]
+    assert "COMMUNICATIONS" not in body["result"]  # only a list that selects them returns them
+    status, body = await call(session, portal, "crm.activity.list",
+                              {"filter": {"ID": activity}, "select": ["ID", "COMMUNICATIONS"]})
+    assert body["result"][0]["COMMUNICATIONS"] == [{"TYPE": "EMAIL", "VALUE": "a@b.c"}]
     status, body = await call(session, portal, "crm.activity.get", {"id": 999})
     assert (status, body["error_description"]) == (400, "Activity is not found")
     before = portal.leads[lead]["DATE_MODIFY"]
@@ -397,4 +410,159 @@ async def test_add_and_update_over_http(portal: FakePortal, session: aiohttp.Cli
     status, body = await call(session, portal, "crm.lead.list", {"filter": {">=DATE_MODIFY": before}})
     assert [row["ID"] for row in body["result"]] == [str(lead)]
     status, body = await call(session, portal, "crm.contact.get", {"id": 5})
-    assert (status, body) == (400, {"error": "NOT_FOUND", "error_description": "Not found"})
+    assert (status, body) == (400, {"error": "", "error_description": "Not found"})
+
+
+# ---------------------------------------------------------------- as a real portal behaves (protocol §0)
+
+
+async def test_conversion_copies_activities_and_comments_and_keeps_the_lead(
+    portal: FakePortal, session: aiohttp.ClientSession
+) -> None:
+    lead = portal.add_lead("Order", name="Ann")
+    activity = portal.add_activity([(LEAD, lead)])
+    comment = portal.add_timeline_comment("lead", lead, "called back")
+    portal.events.clear()
+    made = portal.convert_lead(lead, contact=True, company=True, deal=True)
+    assert portal.events == [("ONCRMCOMPANYADD", made["company"]), ("ONCRMCONTACTADD", made["contact"]),
+                             ("ONCRMDEALADD", made["deal"]), ("ONCRMLEADUPDATE", lead)]  # no activity update
+    status, body = await call(session, portal, "crm.activity.binding.list", {"activityId": activity})
+    assert body["result"] == [{"entityTypeId": LEAD, "entityId": lead},
+                              {"entityTypeId": COMPANY, "entityId": made["company"]},
+                              {"entityTypeId": CONTACT, "entityId": made["contact"]},
+                              {"entityTypeId": DEAL, "entityId": made["deal"]}]
+    assert portal.comment_bindings(comment) == sorted([("lead", lead), ("company", made["company"]),
+                                                       ("contact", made["contact"]), ("deal", made["deal"])])
+
+
+async def test_repeat_lead_makes_only_a_deal(portal: FakePortal) -> None:
+    contact, company = portal.add_contact("Ann"), portal.add_company("Acme")
+    lead = portal.add_lead("Ann again", contact_id=contact, company_id=company)
+    activity = portal.add_activity([(LEAD, lead)])
+    contacts_before = set(portal.contacts)
+    made = portal.convert_lead(lead)  # asked for a contact and a company: a repeat lead makes a deal only
+    assert made["contact"] is None and made["company"] is None and made["deal"]
+    assert set(portal.contacts) == contacts_before
+    assert portal.bindings(activity) == [(LEAD, lead), (DEAL, made["deal"])]  # the client gets nothing
+    assert portal.deals[made["deal"]]["CONTACT_ID"] == str(contact)
+
+
+async def test_rest_conversion_attaches_nothing(portal: FakePortal) -> None:
+    lead = portal.add_lead("Order", name="Ann")
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.events.clear()
+    contact = portal.convert_lead_over_rest(lead)
+    assert portal.events == [("ONCRMCONTACTADD", contact), ("ONCRMLEADUPDATE", lead)]
+    assert portal.bindings(activity) == [(LEAD, lead)]
+    assert portal.leads[lead]["STATUS_SEMANTIC_ID"] == "S" and portal.leads[lead]["CONTACT_ID"] == str(contact)
+    assert portal.contacts[contact].get("LEAD_ID") in (None, "")  # read-only over REST
+
+
+async def test_missing_records_answer_not_found_without_a_code(
+    portal: FakePortal, session: aiohttp.ClientSession
+) -> None:
+    for method in ("crm.lead.get", "crm.contact.get", "crm.company.get", "crm.deal.get"):
+        assert await call(session, portal, method, {"id": 77}) == (
+            400, {"error": "", "error_description": "Not found"})
+    status, body = await call(session, portal, "crm.activity.get", {"id": 77})
+    assert body == {"error": "", "error_description": "Activity is not found"}
+
+
+async def test_move_checks_already_bound_before_the_source(
+    portal: FakePortal, session: aiohttp.ClientSession
+) -> None:
+    lead, other = portal.add_lead(), portal.add_lead()
+    activity = portal.add_activity([(LEAD, other)])
+    move = {"activityId": activity, "sourceEntityTypeId": LEAD, "sourceEntityId": lead,
+            "targetEntityTypeId": LEAD, "targetEntityId": other}
+    status, body = await call(session, portal, "crm.activity.binding.move", move)
+    assert body["error"] == "ACTIVITY_IS_ALREADY_BOUND"  # although the source binding does not exist
+    # Equal ids are checked first, even before the activity is looked for.
+    status, body = await call(session, portal, "crm.activity.binding.move",
+                              {**move, "activityId": 999, "targetEntityId": lead})
+    assert body == {"error": "", "error_description": "Source and target entity ID cannot be equal"}
+
+
+async def test_owner_is_recalculated_on_every_save(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    lead, contact, deal = portal.add_lead(), portal.add_contact(), portal.add_deal()
+    activity = portal.add_activity([(LEAD, lead)])
+
+    def owner() -> tuple[int, int]:
+        row = portal.activities[activity]
+        return int(row["OWNER_TYPE_ID"]), int(row["OWNER_ID"])
+
+    ids = {"activityId": activity}
+    await call(session, portal, "crm.activity.binding.add", {**ids, "entityTypeId": CONTACT, "entityId": contact})
+    assert owner() == (LEAD, lead)  # a contact never takes over from another type
+    await call(session, portal, "crm.activity.binding.add", {**ids, "entityTypeId": DEAL, "entityId": deal})
+    assert owner() == (DEAL, deal)  # the last binding that is not a contact or company
+    await call(session, portal, "crm.activity.binding.delete", {**ids, "entityTypeId": DEAL, "entityId": deal})
+    assert owner() == (LEAD, lead)
+    await call(session, portal, "crm.activity.binding.delete", {**ids, "entityTypeId": LEAD, "entityId": lead})
+    assert owner() == (CONTACT, contact)  # else the first
+
+
+async def test_bindings_of_any_type_are_kept_and_listed(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    lead = portal.add_lead()
+    spa, invoice = portal.add_item(1038, "Project"), portal.add_item(SMART_INVOICE)
+    activity = portal.add_activity([(LEAD, lead), (1038, spa)])
+    status, body = await call(session, portal, "crm.activity.binding.add",
+                              {"activityId": activity, "entityTypeId": SMART_INVOICE, "entityId": invoice})
+    assert body["result"] is True
+    status, body = await call(session, portal, "crm.activity.binding.list", {"activityId": activity})
+    assert body["result"] == [{"entityTypeId": LEAD, "entityId": lead}, {"entityTypeId": 1038, "entityId": spa},
+                              {"entityTypeId": SMART_INVOICE, "entityId": invoice}]
+    assert portal.activities[activity]["OWNER_TYPE_ID"] == str(SMART_INVOICE)
+    assert portal.violations == []
+
+
+async def test_deleting_a_record_takes_its_bindings_and_is_not_a_violation(portal: FakePortal) -> None:
+    lead, contact = portal.add_lead(), portal.add_contact()
+    shared = portal.add_activity([(LEAD, lead), (CONTACT, contact)])
+    only_contact = portal.add_activity([(CONTACT, contact)])
+    portal.delete_entity(CONTACT, contact)
+    assert portal.bindings(shared) == [(LEAD, lead)]
+    assert only_contact not in portal.activities
+    assert portal.check_invariants() == []
+
+
+async def test_before_request_changes_the_crm_between_read_and_write(
+    portal: FakePortal, session: aiohttp.ClientSession
+) -> None:
+    contact = portal.add_contact()
+    portal.before_request("crm.contact.get", lambda: portal.delete_entity(CONTACT, contact))
+    assert (await call(session, portal, "crm.lead.get", {"id": 5}))[1]["error"] == ""  # not this one
+    assert contact in portal.contacts
+    status, body = await call(session, portal, "crm.contact.get", {"id": contact})
+    assert body == {"error": "", "error_description": "Not found"}
+
+
+async def test_a_webhook_user_without_rights_sees_less_and_changes_nothing(
+    portal: FakePortal, session: aiohttp.ClientSession
+) -> None:
+    lead, hidden_contact, contact = portal.add_lead(), portal.add_contact(), portal.add_contact()
+    activity = portal.add_activity([(LEAD, lead), (CONTACT, hidden_contact)])
+    private = portal.add_activity([(CONTACT, hidden_contact)])
+    portal.set_access_denied({(CONTACT, hidden_contact)})
+    status, body = await call(session, portal, "crm.activity.binding.list", {"activityId": activity})
+    assert body["result"] == [{"entityTypeId": LEAD, "entityId": lead}]
+    status, body = await call(session, portal, "crm.contact.list", {})
+    assert [row["ID"] for row in body["result"]] == [str(contact)]
+    status, body = await call(session, portal, "crm.activity.list", {})
+    assert str(private) not in [row["ID"] for row in body["result"]]
+    status, body = await call(session, portal, "crm.contact.get", {"id": hidden_contact})
+    assert body["error_description"] == "Access denied."
+    status, body = await call(session, portal, "crm.activity.binding.delete",
+                              {"activityId": activity, "entityTypeId": CONTACT, "entityId": hidden_contact})
+    assert (status, body["error"]) == (403, "ACCESS_DENIED")
+    assert portal.bindings(activity) == [(LEAD, lead), (CONTACT, hidden_contact)]
+
+
+async def test_doctor_methods(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    assert (await call(session, portal, "scope"))[1]["result"] == ["crm", "user_brief"]
+    assert (await call(session, portal, "crm.settings.mode.get"))[1]["result"] == 1
+    status, body = await call(session, portal, "method.get", {"name": "crm.activity.binding.move"})
+    assert body["result"] == {"isExisting": True, "isAvailable": True}
+    portal.remove_method("crm.activity.binding.move")
+    status, body = await call(session, portal, "method.get", {"name": "crm.activity.binding.move"})
+    assert body["result"]["isExisting"] is False

@@ -10,7 +10,7 @@ from app.bitrix.client import RestClient, RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
-from app.rebind.executor import execute
+from app.rebind.executor import TargetsGone, execute
 from app.rules.facts import Binding
 from app.rules.model import EntityType
 from app.rules.plan import ActivityPlan, BindingPlan
@@ -42,22 +42,37 @@ async def test_a_single_activity_is_rebound_in_one_request(rest: RestClient, por
 
     assert [o.status for o in outcomes] == ["changed"]
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
-    assert portal.requests == [("batch", 3)]
+    assert portal.requests == [("batch", 5)]  # the targets' two reads head the three writes
     # The portal's history: never without a binding, and the lead goes only after both binds.
     assert portal.binding_history[activity][-2:] == [
         ((LEAD, lead), (CONTACT, made["contact"]), (COMPANY, made["company"])),
         ((CONTACT, made["contact"]), (COMPANY, made["company"]))]
 
 
-async def test_a_refused_bind_stops_the_batch_before_the_unbind(rest: RestClient, portal: FakePortal) -> None:
+async def test_a_missing_target_stops_the_batch_before_any_write(rest: RestClient, portal: FakePortal) -> None:
     lead = portal.add_lead()
     activity = portal.add_activity([(LEAD, lead)])
 
-    outcomes = await execute(BindingPlan(activities=(rebind(activity, lead, MISSING_CONTACT),)), rest)
+    with pytest.raises(TargetsGone) as gone:
+        await execute(BindingPlan(activities=(rebind(activity, lead, MISSING_CONTACT),)), rest)
 
-    assert [(o.status, o.errors[0]["code"]) for o in outcomes] == [("failed", "OWNER_NOT_FOUND")]
+    assert gone.value.targets == {Binding(entity_type=EntityType.CONTACT, entity_id=MISSING_CONTACT)}
+    assert portal.bindings(activity) == [(LEAD, lead)]  # a portal would have bound it to nothing real
+    assert portal.requests == [("batch", 3)]  # halted at the read of the target: nothing more sent
+    assert portal.violations == []
+
+
+async def test_a_refused_bind_stops_the_batch_before_the_unbind(rest: RestClient, portal: FakePortal) -> None:
+    lead, contact = portal.add_lead(), portal.add_contact()
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.set_access_denied({(CONTACT, contact)})
+
+    outcomes = await execute(BindingPlan(activities=(rebind(activity, lead, contact),)), rest)
+
+    assert [(o.status, o.errors[0]["code"]) for o in outcomes] == [("failed", "ACCESS_DENIED")]
     assert portal.bindings(activity) == [(LEAD, lead)]
-    assert portal.requests == [("batch", 2)]  # halted at the bind: the unbind never ran, nothing more sent
+    # The read of the target halted the batch; the bind alone was then refused, and the unbind never sent.
+    assert portal.requests == [("batch", 3), ("batch", 1)]
 
 
 async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestClient,
@@ -65,12 +80,14 @@ async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestCli
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    hidden = portal.add_contact()
+    portal.set_access_denied({(CONTACT, hidden)})
 
-    outcomes = await execute(BindingPlan(activities=(rebind(refused, lead, MISSING_CONTACT),
+    outcomes = await execute(BindingPlan(activities=(rebind(refused, lead, hidden),
                                                      rebind(fine, lead, made["contact"]))), rest)
 
     assert {o.id: o.status for o in outcomes} == {refused: "failed", fine: "changed"}
     assert portal.bindings(refused) == [(LEAD, lead)]
     assert portal.bindings(fine) == [(CONTACT, made["contact"])]
     # The halting batch, then phase by phase for what it did not reach: the bind, then the unbind.
-    assert portal.requests == [("batch", 4), ("batch", 1), ("batch", 1)]
+    assert portal.requests == [("batch", 6), ("batch", 2), ("batch", 1)]

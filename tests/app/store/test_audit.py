@@ -38,8 +38,9 @@ async def test_each_change_is_in_the_audit_log_of_its_activity(client: Any, work
 
     [entry] = (await response.json())["entries"]
     assert entry["portal"] == "acme" and entry["job"] == job_id and entry["item"] == activities[1]
-    assert entry["before"] == [f"lead {lead}"]
-    assert entry["after"] == [f"contact {made['contact']}", f"company {made['company']}"]
+    # The portal's conversion copied the activity to the company and the contact; the job removed the lead.
+    assert entry["before"] == [f"lead {lead}", f"company {made['company']}", f"contact {made['contact']}"]
+    assert entry["after"] == [f"company {made['company']}", f"contact {made['contact']}"]
     assert entry["rules"] == ["converted-lead-history-follows-client"]
     assert [e["item"] for e in by_job["entries"]] == activities
 
@@ -64,7 +65,7 @@ async def test_undo_restores_exactly_the_previous_bindings(client: Any, worker: 
     assert result.errors == []
     assert [e.item for e in result.restored] == activities
     for activity in activities:
-        assert portal.bindings(activity) == [(LEAD, lead)]
+        assert portal.bindings(activity) == [(LEAD, lead), (CONTACT, made["contact"]), (COMPANY, made["company"])]
         assert all(state for state in portal.binding_history[activity]), "never without a binding"
     history = await (await client.get(f"/api/audit?activity={activities[0]}")).json()
     assert [e["undo_of"] for e in history["entries"]] == [job_id, None]
@@ -81,6 +82,6 @@ async def test_undo_stops_when_an_activity_changed_since(client: Any, worker: Wo
     with pytest.raises(UndoRefused) as refused:
         await undo(job_id, redis, rules)
 
-    assert f"activity {activities[2]}: the job left [contact {made['contact']}, company {made['company']}]" \
+    assert f"activity {activities[2]}: the job left [company {made['company']}, contact {made['contact']}]" \
         in str(refused.value)
     assert {a: portal.bindings(a) for a in activities} == before, "nothing was changed"

@@ -1,0 +1,206 @@
+"""The service against a portal that behaves as Bitrix24's CRM source does (protocol notes, section 0):
+real Redis, the real worker, the fake portal over HTTP. The `portal` fixture asserts after each test that
+no activity was ever bound to a record that does not exist."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from arq import Worker
+
+from app.api.web import create_app
+from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from tests.conftest import post_event, rules_with
+
+SMART_PROCESS = 1038  # a smart process's entityTypeId (128+ and 1030+ on real portals)
+
+MATCHED_RULES = """
+rules:
+  - name: known-client-emails-go-to-the-client
+    on: [ONCRMACTIVITYADD]
+    when: {bound_to: lead, kind: email, not: {lead_status: converted}}
+    do:
+      - bind: [matched.contact, matched.company]
+      - unbind: lead
+"""
+
+
+async def job(client: TestClient, answer: dict[str, Any]) -> dict[str, Any]:
+    return await (await client.get(f"/api/jobs/{answer['job_id']}")).json()  # type: ignore[no-any-return]
+
+
+async def send_portal_events(client: TestClient, portal: FakePortal, since: int = 0) -> list[dict[str, Any]]:
+    """Post what the portal recorded since `since`, in its order, as its outbound webhook would."""
+    answers = []
+    for event, entity_id in portal.events[since:]:
+        status, answer = await post_event(client, event, entity_id)
+        assert status == 200, answer
+        answers.append(answer)
+    return answers
+
+
+@pytest.mark.slow
+async def test_a_portal_made_conversion_of_1000_activities_writes_only_unbinds(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Big client")
+    activities = [portal.add_activity([(LEAD, lead)], subject=f"mail {i}") for i in range(1000)]
+    mark = len(portal.events)
+    made = portal.convert_lead(lead)
+    portal.reset_counters()
+    portal.method_calls.clear()
+
+    *_, answer = await send_portal_events(client, portal, mark)  # company, contact, then the lead's update
+    await worker.run_check()
+
+    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
+    # The conversion attached them: the service only removes the lead binding.
+    assert portal.method_calls["crm.activity.binding.add"] == 0
+    assert portal.method_calls["crm.activity.binding.delete"] == 1000
+    # Near the floor: facts and the first page (1), the other 19 pages, 20 batches of binding reads,
+    # 20 of unbinds; the company and contact events find the lead's job already done or queued.
+    lead_job = await job(client, answer)
+    assert lead_job["state"] == "succeeded", lead_job
+    assert lead_job["requests"] <= 1 + 19 + 20 + 20, lead_job["requests"]
+
+
+async def test_late_emails_on_a_converted_lead_follow_the_client(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann", email="ann@example.com")
+    portal.add_activity([(LEAD, lead)])
+    made = portal.convert_lead(lead)
+    await send_portal_events(client, portal)
+    await worker.run_check()
+    mark = len(portal.events)
+    late = [portal.add_activity([(LEAD, lead)], subject=f"Re: offer {i}") for i in range(3)]  # bound to the lead only
+
+    answers = await send_portal_events(client, portal, mark)
+    await worker.run_check()
+
+    for activity in late:
+        assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    assert [(await job(client, a))["state"] for a in answers] == ["succeeded"] * 3
+
+
+async def test_a_repeat_lead_of_a_known_client_brings_its_history_to_the_client(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    company = portal.add_company("Acme")
+    contact = portal.add_contact("Ann", company_id=company)
+    lead = portal.add_lead("Ann again", contact_id=contact, company_id=company)
+    activity = portal.add_activity([(LEAD, lead)], subject="new order")
+    mark = len(portal.events)
+    made = portal.convert_lead(lead)  # the portal makes only a deal, and attaches only that
+    assert portal.bindings(activity) == [(LEAD, lead), (DEAL, made["deal"])]
+
+    await send_portal_events(client, portal, mark)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == [(DEAL, made["deal"]), (CONTACT, contact), (COMPANY, company)]
+
+
+async def test_a_conversion_over_rest_attaches_nothing_so_the_service_binds(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(3)]
+    mark = len(portal.events)
+    contact = portal.convert_lead_over_rest(lead)
+
+    await send_portal_events(client, portal, mark)
+    await worker.run_check()
+
+    assert all(portal.bindings(a) == [(CONTACT, contact)] for a in activities)
+
+
+async def test_a_known_clients_email_on_a_fresh_lead_goes_to_the_client(
+        aiohttp_client: Any, settings: Any, portal_config: Any, make_worker: Any, portal: FakePortal) -> None:
+    rules = rules_with(MATCHED_RULES, portal_config)
+    client = await aiohttp_client(create_app(settings, rules))
+    company = portal.add_company("Acme")
+    contact = portal.add_contact("Ann", email="ann@acme.test", company_id=company)
+    lead = portal.add_lead("Web form")
+    activity = portal.add_activity([(LEAD, lead)], email="ANN@acme.test")
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await make_worker(rules=rules).run_check()
+
+    assert portal.bindings(activity) == [(CONTACT, contact)], await job(client, answer)
+    assert portal.method_calls["crm.activity.get"] == 0  # it has no COMMUNICATIONS: the list is read
+
+
+async def test_an_address_past_the_twentieth_is_still_searched(
+        aiohttp_client: Any, settings: Any, portal_config: Any, make_worker: Any, portal: FakePortal) -> None:
+    rules = rules_with(MATCHED_RULES, portal_config)
+    client = await aiohttp_client(create_app(settings, rules))
+    contact = portal.add_contact("Ann", email="ann@acme.test")
+    lead = portal.add_lead("Mailing list reply")
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.activities[activity]["COMMUNICATIONS"] = (
+        [{"TYPE": "EMAIL", "VALUE": f"someone{i}@elsewhere.test"} for i in range(24)]
+        + [{"TYPE": "EMAIL", "VALUE": "ann@acme.test"}])
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await make_worker(rules=rules).run_check()
+
+    # The portal looks at 20 values a call: the 25th address is found only because the search was split.
+    assert portal.bindings(activity) == [(CONTACT, contact)], await job(client, answer)
+
+
+async def test_a_contact_deleted_between_read_and_write_is_left_out(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)], subject="late mail")
+    # Someone deletes the contact after the job read the lead, before it writes.
+    portal.before_request("crm.activity.binding.delete", lambda: portal.delete_entity(CONTACT, made["contact"]))
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == [(COMPANY, made["company"])]
+    record = await job(client, answer)
+    assert record["state"] == "succeeded", record
+    assert f"contact {made['contact']}" in record["outcome"] and "deleted" in record["outcome"]
+    assert portal.check_invariants() == []
+
+
+async def test_every_target_deleted_keeps_the_lead_binding(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    made = portal.convert_lead_over_rest(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.before_request("crm.activity.binding.delete", lambda: portal.delete_entity(CONTACT, made))
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == [(LEAD, lead)]  # never bound to nothing real
+    record = await job(client, answer)
+    assert record["state"] == "skipped" and f"contact {made}" in record["outcome"], record
+
+
+async def test_a_smart_process_binding_is_kept_and_counts(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    project = portal.add_item(SMART_PROCESS, "Fit-out project")
+    activity = portal.add_activity([(LEAD, lead), (SMART_PROCESS, project)])
+    made = portal.convert_lead(lead)
+
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == sorted([(SMART_PROCESS, project), (CONTACT, made["contact"]),
+                                                (COMPANY, made["company"])])
+    record = await job(client, answer)
+    assert "type1038 1" in record["plan"][0]["after"], record["plan"]
+
+
+@pytest.mark.parametrize("event, what", [("ONCRMACTIVITYADD", "activity"), ("ONCRMLEADUPDATE", "lead"),
+                                         ("ONCRMCONTACTADD", "contact")])
+async def test_a_record_gone_before_the_job_ends_it_as_nothing_to_do(
+        client: TestClient, worker: Worker, portal: FakePortal, event: str, what: str) -> None:
+    _, answer = await post_event(client, event, 4242)
+    await worker.run_check()
+
+    record = await job(client, answer)
+    assert record["state"] == "skipped", record
+    assert f"{what} 4242 no longer exists" in record["outcome"]
