@@ -137,4 +137,4 @@ async def test_ctrl_c_in_backfill_stops_cleanly(tmp_path: Path, portal: FakePort
     assert process.returncode == Exit.INTERRUPTED
     text = err.decode()
     assert "Traceback" not in text and "Unclosed" not in text, text
-    assert "b24rebind: interrupted; what was queued stays queued" in text
+    assert "b24rebind: interrupted (Ctrl-C); nothing queued is lost" in text
