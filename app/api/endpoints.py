@@ -145,9 +145,10 @@ async def get_audit(request: web.Request) -> web.Response:
         entries = (await audit.for_job(params["job"]))[:limit]
     else:
         kind = "comment" if params["comment"] else "activity"
-        if not params[kind]:
+        given = params[kind]
+        if not given:
             raise BadRequest("give activity=ID, comment=ID or job=ID")
-        item = _int(params[kind], kind, 1, 2**63)
+        item = _int(given, kind, 1, 2**63)
         entries = await audit.for_item(item, kind, params["portal"], limit)
     return web.json_response({"entries": [e.model_dump(mode="json") for e in entries]})
 
