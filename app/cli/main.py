@@ -56,6 +56,9 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "backfill":
         return asyncio.run(commands.backfill_command(settings, args.since, args.rule, args.dry_run, args.portal,
                                                      wait=not args.no_wait))
+    if args.command == "doctor":
+        from app.cli.doctor import doctor
+        return asyncio.run(doctor(settings, args.portal))
     if args.command == "reconcile":
         from workers.reconcile import reconcile_command
         return asyncio.run(reconcile_command(settings, args.portal))
@@ -101,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true", help="record the plans, write nothing")
     backfill.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     backfill.add_argument("--no-wait", action="store_true", help="only queue; running workers do the work")
+    doctor = commands_.add_parser("doctor", help="check the portal's setup against the rules file, reading only")
+    doctor.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
