@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,9 @@ from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.cli.commands import pick_portal
-from app.config import load_service_rules
+from app.config import load_service_rules, variables
+from app.rebind.crm_mode import read_mode, simple_mode_warning
+from app.rules.loader import load_rules
 from app.rules.model import SIMPLE_CRM, RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
@@ -110,7 +113,7 @@ class Doctor:
                      "(a box edition needs the crm module updated) and check the scope")
 
     async def _crm_mode(self) -> Check:
-        mode = int((await self._call("crm.settings.mode.get")).result or 0)
+        mode = int((await self._call("crm.settings.mode.get")).result or 0)  # as read_mode, with its time
         if mode != SIMPLE_CRM:
             return Check("CRM mode", True, "classic (leads are kept until converted)")
         never = self.rules.lead_rules()
@@ -188,6 +191,26 @@ async def doctor(settings: Settings, portal_name: str | None) -> int:
         redis = await connect(with_redis(settings, stack))
         stack.push_async_callback(redis.aclose)
         return await doctor_command(portal, rules, lambda: TokenStore(redis).load(portal.name))
+
+
+async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str) -> int:
+    """`rules check --portal`: one read of the portal's CRM mode; rules about leads never fire without leads."""
+    rules = load_rules(path, variables()) if path else load_service_rules(settings)
+    portal = pick_portal(rules, portal_name)
+    async with aiohttp.ClientSession() as http:
+        client = RestClient(http, portal, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
+        try:
+            mode = await read_mode(client)
+        except B24Error as exc:
+            print(f"b24rebind: could not read portal {portal_name}'s CRM mode: {exc.code or 'error'} "
+                  f"({exc.description}); run `b24rebind doctor --portal {portal_name}`", file=sys.stderr)
+            return 2
+    warning = simple_mode_warning(rules, portal_name, mode)
+    if warning:
+        print(f"b24rebind: {warning}", file=sys.stderr)
+        return 1
+    print(f"portal {portal_name}: {'simple' if mode == SIMPLE_CRM else 'classic'} CRM mode; the rules can fire there")
+    return 0
 
 
 async def doctor_command(portal: PortalConfig, rules: RuleSet,

@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in jobs_cli.COMMANDS:
         return jobs_cli.run_command(args, settings)
     if args.command == "rules" and args.rules_command == "check":
-        return check_rules(Path(args.file) if args.file else None, settings)
+        code = check_rules(Path(args.file) if args.file else None, settings)
+        if code == 0 and args.portal:
+            from app.cli.doctor import check_crm_mode
+            return asyncio.run(check_crm_mode(Path(args.file) if args.file else None, settings, args.portal))
+        return code
     try:
         if args.command in ROLES:
             loop.run(service.run(settings, ROLES[args.command]))
@@ -90,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")
     check.add_argument("file", nargs="?")
+    check.add_argument("--portal", help="also ask this portal (its name in the rules file) whether the rules "
+                                        "can fire there: a portal in simple CRM mode has no leads")
     explain = rules_commands.add_parser("explain", help="read the portal, show which rules match and the plan")
     target = explain.add_mutually_exclusive_group(required=True)
     target.add_argument("--activity", type=int, help="an activity id")

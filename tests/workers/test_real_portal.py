@@ -204,3 +204,30 @@ async def test_a_record_gone_before_the_job_ends_it_as_nothing_to_do(
     record = await job(client, answer)
     assert record["state"] == "skipped", record
     assert f"{what} 4242 no longer exists" in record["outcome"]
+
+
+async def test_a_portal_in_simple_crm_mode_says_lead_rules_can_never_fire(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    portal.crm_mode = 2  # no leads: a lead becomes a deal at once and cannot be read
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 77)
+    await worker.run_check()
+
+    record = await job(client, answer)
+    assert record["state"] == "skipped"
+    assert "simple CRM mode" in record["outcome"] and "converted-lead-history-follows-client" in record["outcome"]
+    ready = await (await client.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    assert ready["warnings"] == [record["outcome"].split("; ", 1)[1]]
+    # Learnt once: the next gone lead costs no extra read of the mode.
+    calls = portal.method_calls["crm.settings.mode.get"]
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 78)
+    await worker.run_check()
+    assert portal.method_calls["crm.settings.mode.get"] == calls == 1
+
+
+async def test_a_classic_portal_has_no_warning(client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 77)
+    await worker.run_check()
+
+    assert (await job(client, answer))["outcome"] == "lead 77 no longer exists in the portal"
+    assert "warnings" not in await (await client.get("/readyz")).json()

@@ -135,3 +135,23 @@ async def test_the_command_line(portal: FakePortal, tmp_path: Any, monkeypatch: 
     out = capsys.readouterr().out
     assert code == 0, out
     assert "b24rebind doctor: portal acme (127.0.0.1), reading only" in out
+
+
+@pytest.mark.parametrize("mode, rules_text, code, words", [
+    (1, DEFAULT_RULES, 0, "portal acme: classic CRM mode; the rules can fire there"),
+    (2, NO_LEAD_RULES, 0, "portal acme: simple CRM mode; the rules can fire there"),
+    (2, DEFAULT_RULES, 1, "portal acme is in simple CRM mode (no leads): these rules can never fire: "
+                          "converted-lead-history-follows-client"),
+])
+async def test_rules_check_with_a_portal_asks_its_crm_mode(portal: FakePortal, tmp_path: Any, monkeypatch: Any,
+                                                           capsys: Any, mode: int, rules_text: str, code: int,
+                                                           words: str) -> None:
+    from app.cli.main import main
+    portal.crm_mode = mode
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(f"portals:\n  acme:\n    domain: 127.0.0.1\n    rest_url: {portal.rest_url}\n"
+                          f"    application_token: {TOKEN}\n" + rules_text.replace("rules:\n", "rules:\n", 1))
+    monkeypatch.chdir(tmp_path)
+    assert await asyncio.to_thread(main, ["rules", "check", str(rules_file), "--portal", "acme"]) == code
+    captured = capsys.readouterr()
+    assert words in captured.out + captured.err
