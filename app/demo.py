@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from contextlib import AsyncExitStack
 from urllib.parse import urlencode
 
 import aiohttp
@@ -14,6 +15,24 @@ from app.rules.model import RuleSet
 from app.store.jobs import FINAL_STATES, JobRecord, JobStore
 
 DEMO_DOMAIN = "demo.b24rebind.local"
+
+
+async def start_portal(stack: AsyncExitStack) -> FakePortal:
+    """The demo portal, listening until `stack` closes."""
+    fake = FakePortal()
+    await fake.start()
+    stack.push_async_callback(fake.close)
+    return fake
+
+
+def announce(fake: FakePortal, base_url: str) -> None:
+    print(f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}\n"
+          f"  dashboard:        {base_url}/\n"
+          f"  events endpoint:  {base_url}/bitrix/events\n"
+          f"  service status:   {base_url}/readyz\n"
+          f"  job details:      {base_url}/api/jobs/<job_id>\n"
+          "Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,\n"
+          "'Connect your portal'.\n", flush=True)
 
 
 def demo_portal_config(portal: FakePortal) -> PortalConfig:

@@ -8,11 +8,12 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from aiohttp import web
+from arq import Worker
+from arq.connections import ArqRedis
 
 from app import demo, logs, loop
 from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
-from app.fakeportal.portal import FakePortal
 from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -20,6 +21,7 @@ from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from workers.main import build_worker
+from workers.reconcile import reconcile_command
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,7 @@ async def run(settings: Settings, roles: Roles) -> None:
         settings = with_redis(settings, stack)
         fake = None
         if roles.demo_portal and not live.current.portals:
-            fake = FakePortal()
-            await fake.start()
-            stack.push_async_callback(fake.close)
+            fake = await demo.start_portal(stack)
             demo_config = demo.demo_portal_config(fake)
             live = LiveRules(demo.with_demo_portal(live.current, demo_config), settings,
                              adapt=lambda rules: demo.with_demo_portal(rules, demo_config))
@@ -60,7 +60,7 @@ async def run(settings: Settings, roles: Roles) -> None:
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
-            _announce_demo(fake, base_url if roles.web else "")
+            demo.announce(fake, base_url if roles.web else "")
             if roles.demo_story and roles.web and roles.worker:
                 store = JobStore.from_settings(await connect(settings), settings)
                 await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
@@ -112,14 +112,13 @@ async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRu
     return task
 
 
-def _announce_demo(fake: FakePortal, base_url: str) -> None:
-    print(f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}\n"
-          f"  dashboard:        {base_url}/\n"
-          f"  events endpoint:  {base_url}/bitrix/events\n"
-          f"  service status:   {base_url}/readyz\n"
-          f"  job details:      {base_url}/api/jobs/<job_id>\n"
-          "Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,\n"
-          "'Connect your portal'.\n", flush=True)
+def backfill_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> Worker:
+    """A worker that drains the backfill queue and stops: `b24rebind backfill` works off its own jobs."""
+    return build_worker(settings, rules, redis, queue_name=BACKFILL_QUEUE, burst=True, handle_signals=False,
+                        max_jobs=2, poll_delay=0.2)
+
+
+__all__ = ["CannotListen", "Roles", "backfill_worker", "reconcile_command", "run", "web_runner"]
 
 
 async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:

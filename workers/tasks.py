@@ -134,7 +134,7 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
     one round trip, since a worker ends hundreds of jobs a second."""
     async with ctx["redis"].pipeline(transaction=False) as pipe:
         lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
-        ctx["store"].stage_save(pipe, record)
+        await ctx["store"].stage_save(pipe, record)
         if applied:
             AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import yaml
 
+from app import service
 from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
@@ -23,8 +24,7 @@ from app.rules.model import KINDS, RuleSet, entity_type_of
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import FINAL_STATES, JobStore
-from app.store.queue import BACKFILL_QUEUE, JobQueue, connect
-from workers.main import build_worker
+from app.store.queue import JobQueue, connect
 
 
 class CommandError(Exception):
@@ -171,8 +171,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
 
 
 async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobStore, job_ids: list[str]) -> None:
-    worker = build_worker(settings, rules, redis, queue_name=BACKFILL_QUEUE, burst=True, handle_signals=False,
-                          max_jobs=2, poll_delay=0.2)
+    worker = service.backfill_worker(settings, rules, redis)
     task = asyncio.create_task(worker.async_run())
     while not task.done():
         states = [await store.get(job_id) for job_id in job_ids]

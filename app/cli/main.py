@@ -64,8 +64,7 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
         from app.cli.doctor import doctor
         return asyncio.run(doctor(settings, args.portal))
     if args.command == "reconcile":
-        from workers.reconcile import reconcile_command
-        return asyncio.run(reconcile_command(settings, args.portal))
+        return asyncio.run(service.reconcile_command(settings, args.portal))
     if args.rules_command == "explain":
         return asyncio.run(commands.explain_command(settings, args.activity, args.lead, args.portal, args.event))
     return commands.test_command(Path(args.file or "rules.tests.yaml"), settings)

@@ -205,39 +205,60 @@ class QueueEntry:
 
 
 # One round trip accepts a job: the record, its indexes, the arq job and its queue entry appear
-# together or not at all, and a delivery seen before changes nothing.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3]) > 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if ARGV[10] == '1' then
-  redis.call('PSETEX', KEYS[2], ARGV[3], ARGV[4])
-  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
-end
+# together or not at all, and a delivery seen before changes nothing. KEYS and ARGV are named in the
+# order `_script_call` sends them; KEYS past the named ones are the record's indexes, the first of
+# them the all-jobs index.
+_CREATE_QUEUED = """
+local record, job, result, queue, index_names = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local body, ttl, id, received, channel, summary, payload, job_ms, score = unpack(ARGV)
+if redis.call('EXISTS', record, job, result) > 0 then return 0 end
+redis.call('SET', record, body, 'EX', ttl)
+redis.call('PSETEX', job, job_ms, payload)
+redis.call('ZADD', queue, score, id)
 for i = 6, #KEYS do
-  redis.call('ZADD', KEYS[i], ARGV[7], ARGV[6])
-  if i > 6 then redis.call('SADD', KEYS[5], KEYS[i]) end
+  redis.call('ZADD', KEYS[i], received, id)
+  if i > 6 then redis.call('SADD', index_names, KEYS[i]) end
 end
-redis.call('PUBLISH', ARGV[8], ARGV[9])
+redis.call('PUBLISH', channel, summary)
 return 1
 """
 
+# The same without a queue entry: a record of something that runs elsewhere (a backfill's summary).
+_CREATE_RECORD = """
+local record, index_names = KEYS[1], KEYS[2]
+local body, ttl, id, received, channel, summary = unpack(ARGV)
+if redis.call('EXISTS', record) > 0 then return 0 end
+redis.call('SET', record, body, 'EX', ttl)
+for i = 3, #KEYS do
+  redis.call('ZADD', KEYS[i], received, id)
+  if i > 3 then redis.call('SADD', index_names, KEYS[i]) end
+end
+redis.call('PUBLISH', channel, summary)
+return 1
+"""
 
 # One command saves a record: it leaves every other state's index, joins its own indexes, and
 # subscribers hear of it; atomic, and far cheaper to send than the dozen commands it replaces.
-# KEYS: record, all-jobs index, the set of index names, every state's index (ARGV[7] of them), then
-# the record's own indexes. Sent with EVAL, so a restarted Redis without the script cache is no matter.
+# KEYS past the named ones: every state's index (`states` of them), then the record's own indexes.
 _SAVE = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-local states = tonumber(ARGV[7])
-for i = 4, 3 + states do redis.call('ZREM', KEYS[i], ARGV[3]) end
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+local record, all_jobs, index_names = KEYS[1], KEYS[2], KEYS[3]
+local body, ttl, id, received, channel, summary, states = unpack(ARGV)
+states = tonumber(states)
+redis.call('SET', record, body, 'EX', ttl)
+for i = 4, 3 + states do redis.call('ZREM', KEYS[i], id) end
+redis.call('ZADD', all_jobs, received, id)
 for i = 4 + states, #KEYS do
-  redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
-  redis.call('SADD', KEYS[3], KEYS[i])
+  redis.call('ZADD', KEYS[i], received, id)
+  redis.call('SADD', index_names, KEYS[i])
 end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+redis.call('PUBLISH', channel, summary)
 return 1
 """
+
+
+def _script_call(named_keys: dict[str, Any], more_keys: list[str], named_args: dict[str, Any]) -> dict[str, Any]:
+    """A script's KEYS and ARGV from names, in the order the script's first lines name them."""
+    return {"keys": [*named_keys.values(), *more_keys], "args": list(named_args.values())}
 
 
 def feed_channel(redis: Redis) -> str:
@@ -252,7 +273,10 @@ class JobStore:
         self._redis = redis
         self._ttl = int(retention_seconds)
         self._max_records = max_records
-        self._create = redis.register_script(_CREATE)  # sent once, then called by its hash
+        # Each sent once, then called by its hash; redis-py sends it again if a restarted Redis forgot it.
+        self._create_queued = redis.register_script(_CREATE_QUEUED)
+        self._create_record = redis.register_script(_CREATE_RECORD)
+        self._save = redis.register_script(_SAVE)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings) -> JobStore:
@@ -261,31 +285,35 @@ class JobStore:
     async def create(self, record: JobRecord, entry: QueueEntry | None = None) -> bool:
         """Store a new record and, in the same atomic step, its queue entry; False when the record, or a
         queued or finished arq job with its id, exists already (nothing is written then)."""
-        record_key = prefixed(JOB_KEY + record.id)
-        if entry:
-            arq_keys = [job_key_prefix + entry.job_id, result_key_prefix + entry.job_id, entry.queue]
-        else:
-            arq_keys = [record_key, record_key, prefixed(JOB_INDEX)]  # nothing to queue: harmless stand-ins
-        keys = [record_key, *arq_keys, prefixed(INDEXES), prefixed(JOB_INDEX), *record.index_keys()]
-        args = [record.model_dump_json(), self._ttl, entry.expires_ms if entry else 0, entry.payload if entry else b"",
-                entry.score if entry else 0, record.id, record.received_at, feed_channel(self._redis),
-                orjson.dumps(record.summary()), int(entry is not None)]
-        return bool(await self._create(keys=keys, args=args))
+        indexes = [prefixed(JOB_INDEX), *record.index_keys()]
+        if entry is None:
+            call = _script_call({"record": prefixed(JOB_KEY + record.id), "index_names": prefixed(INDEXES)},
+                                indexes, self._record_args(record))
+            return bool(await self._create_record(**call))
+        call = _script_call(
+            {"record": prefixed(JOB_KEY + record.id), "job": job_key_prefix + entry.job_id,
+             "result": result_key_prefix + entry.job_id, "queue": entry.queue, "index_names": prefixed(INDEXES)},
+            indexes,
+            {**self._record_args(record), "payload": entry.payload, "job_ms": entry.expires_ms, "score": entry.score})
+        return bool(await self._create_queued(**call))
 
     async def save(self, record: JobRecord) -> None:
-        await self._redis.eval(_SAVE, *self._save_arguments(record))
+        await self._save(**self._save_call(record))
 
-    def stage_save(self, pipe: Any, record: JobRecord) -> None:
+    async def stage_save(self, pipe: Any, record: JobRecord) -> None:
         """Add the record's save to a pipeline, so a job's last writes reach Redis in one round trip."""
-        pipe.eval(_SAVE, *self._save_arguments(record))
+        await self._save(**self._save_call(record), client=pipe)
 
-    def _save_arguments(self, record: JobRecord) -> list[Any]:
-        states = [prefixed(f"{INDEX_PREFIX}state:{state.value}") for state in JobState]
-        keys = [prefixed(JOB_KEY + record.id), prefixed(JOB_INDEX), prefixed(INDEXES), *states, *record.index_keys()]
+    def _record_args(self, record: JobRecord) -> dict[str, Any]:
         # Subscribers see each transition in the order the saves happen.
-        args = [record.model_dump_json(), self._ttl, record.id, record.received_at, feed_channel(self._redis),
-                orjson.dumps(record.summary()), len(states)]
-        return [len(keys), *keys, *args]
+        return {"body": record.model_dump_json(), "ttl": self._ttl, "id": record.id, "received": record.received_at,
+                "channel": feed_channel(self._redis), "summary": orjson.dumps(record.summary())}
+
+    def _save_call(self, record: JobRecord) -> dict[str, Any]:
+        states = [prefixed(f"{INDEX_PREFIX}state:{state.value}") for state in JobState]
+        return _script_call(
+            {"record": prefixed(JOB_KEY + record.id), "all_jobs": prefixed(JOB_INDEX), "index_names": prefixed(INDEXES)},
+            [*states, *record.index_keys()], {**self._record_args(record), "states": len(states)})
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.get(prefixed(JOB_KEY + job_id))

@@ -1,0 +1,93 @@
+"""The rules of the house, read from the code's own imports (with `ast`), so they stay true.
+
+- no import cycle between modules;
+- `app` imports `workers` in one place only, the module that assembles the service;
+- the fake portal is imported only by the demo, tests and benchmarks.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("app", "workers")
+ASSEMBLY = "app.service"  # the one module of `app` that may import `workers`
+FAKE_PORTAL = "app.fakeportal"
+MAY_IMPORT_THE_FAKE = ("app.demo", "app.fakeportal")  # besides tests/ and benchmarks/
+# TEMPORARY: the per-portal sender (issue 16) replaces this pair; remove the entry when it lands.
+KNOWN_CYCLES = [["app.bitrix.client", "app.bitrix.sharing", "app.bitrix.client"]]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(path): path for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+
+
+def imports_of(path: Path, known: dict[str, Path]) -> Iterator[str]:
+    """The project's modules that `path` imports, at any depth (a function-level import counts too)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from app import service` imports the module app.service, `from app.x import Y` imports app.x
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                yield name
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: set(imports_of(path, known)) - {name} for name, path in known.items()}
+
+
+def test_no_module_imports_itself_back_through_others() -> None:
+    edges = graph()
+    # A package's __init__ importing its own modules is not a cycle a reader trips on: leave those edges out.
+    edges = {name: {t for t in targets if not (name and t.startswith(name + "."))} for name, targets in edges.items()}
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target] if target in path else [node, target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = "done"
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+    cycles = [cycle for cycle in cycles if cycle not in KNOWN_CYCLES]
+    assert cycles == [], "import cycles: " + "; ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_app_imports_workers_only_where_the_service_is_assembled() -> None:
+    offenders = {name: sorted(t for t in targets if t.split(".")[0] == "workers")
+                 for name, targets in graph().items() if name.split(".")[0] == "app" and name != ASSEMBLY}
+    assert {name: targets for name, targets in offenders.items() if targets} == {}
+
+
+def test_the_fake_portal_is_imported_only_by_the_demo_tests_and_benchmarks() -> None:
+    importers = sorted(name for name, targets in graph().items()
+                       if any(t == FAKE_PORTAL or t.startswith(FAKE_PORTAL + ".") for t in targets)
+                       and not name.startswith(MAY_IMPORT_THE_FAKE))
+    assert importers == []
+
+
+def test_the_checks_see_the_imports_they_guard() -> None:
+    """A rule that sees nothing passes for nothing: the graph must hold the edges the service is built on."""
+    edges = graph()
+    assert "workers.main" in edges[ASSEMBLY]
+    assert FAKE_PORTAL + ".portal" in edges["app.demo"]
+    assert any(t.startswith("app.") for t in edges["workers.tasks"])
