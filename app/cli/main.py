@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 from datetime import date
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from app import loop, service
+from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
 from app.config import load_service_rules, variables
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"b24rebind: bad setting in the environment or .env:\n{exc}", file=sys.stderr)
         return 2
+    if args.command == "demo":
+        # The demo's jobs and its bundled Redis live apart from a real installation's.
+        settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo",
+                                               "key_prefix": settings.key_prefix + "demo:"})
+        if "LOG_LEVEL" not in os.environ:  # the story reads better without the service's routine lines
+            settings = settings.model_copy(update={"log_level": "WARNING"})
     namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
     if args.command in jobs_cli.COMMANDS:
         return jobs_cli.run_command(args, settings)
@@ -42,14 +50,19 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(check_crm_mode(Path(args.file) if args.file else None, settings, args.portal))
         return code
     try:
+        if args.command == "demo" and args.demo_command == "convert":
+            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat))
         if args.command in ROLES:
-            loop.run(service.run(settings, ROLES[args.command]))
+            roles = ROLES[args.command]
+            if args.command == "demo" and args.keep:
+                roles = dataclasses.replace(roles, keep=True)
+            loop.run(service.run(settings, roles))
             return 0
         return _tool(args, settings)
     except RulesError as exc:
         print(f"b24rebind: the rules file is invalid:\n{exc}", file=sys.stderr)
         return 1
-    except (commands.CommandError, service.CannotListen) as exc:
+    except (commands.CommandError, service.CannotListen, demo.DemoError) as exc:
         print(f"b24rebind: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -88,7 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     commands_.add_parser("serve", help="the web process: receives portal events and queues them")
     commands_.add_parser("worker", help="a worker: applies the rules to queued events")
     commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
-    commands_.add_parser("demo", help="`run` with the demo portal and a few sample events")
+    demo_ = commands_.add_parser("demo", help="the real sequence on a built-in demo portal: the portal's "
+                                              "conversion, then what b24rebind adds")
+    demo_.add_argument("--keep", action="store_true",
+                       help=f"stay up, the demo portal on port {demo.DEMO_PORT}, for `demo convert`")
+    demo_commands = demo_.add_subparsers(dest="demo_command")
+    convert = demo_commands.add_parser("convert", help="play another conversion on a `demo --keep` running")
+    convert.add_argument("--activities", type=int, default=3, help="activities on the lead (default 3)")
+    convert.add_argument("--late", type=int, default=0, help="e-mails arriving after the conversion (default 0)")
+    convert.add_argument("--repeat", action="store_true", help="then a repeat lead of the same client")
     rules = commands_.add_parser("rules", help="work with the rules file")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")

@@ -410,6 +410,7 @@ class FakePortal:
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.extra_routes: list[tuple[str, str, Any]] = []  # the demo's control routes
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = self._method_table()
 
     # -------------------------------------------------------- server lifecycle
@@ -419,6 +420,8 @@ class FakePortal:
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
         app.router.add_route("*", "/rest/{method}", self._handle_app)
         app.router.add_get("/oauth/token/", self._oauth_token)
+        for method, path, handler in self.extra_routes:
+            app.router.add_route(method, path, handler)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
