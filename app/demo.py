@@ -45,12 +45,9 @@ def demo_rules() -> RuleSet:
     return parse_rules(text, "built-in default rules", {})
 
 
-async def start_portal(stack: AsyncExitStack, port: int = 0,
-                       control: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None) -> FakePortal:
-    """The demo portal, listening until `stack` closes; `control` answers `demo convert`."""
-    fake = FakePortal(webhook_code=DEMO_WEBHOOK_CODE)
-    if control is not None:
-        fake.extra_routes.append(("POST", CONVERT_PATH, control))
+async def start_portal(stack: AsyncExitStack, port: int = 0, fake: FakePortal | None = None) -> FakePortal:
+    """The demo portal, listening until `stack` closes."""
+    fake = fake or FakePortal(webhook_code=DEMO_WEBHOOK_CODE)
     try:
         await fake.start(port=port)
     except OSError as exc:
@@ -110,10 +107,13 @@ class Stage:
     """What a scene needs: the portal, the service's events URL and job store; filled in as they start."""
 
     fake: FakePortal
-    config: PortalConfig
     events_url: str = ""
     store: JobStore | None = None
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> PortalConfig:
+        return demo_portal_config(self.fake)
 
     def say(self, text: str) -> None:
         self.lines.append(text)
@@ -215,10 +215,9 @@ async def repeat_lead(stage: Stage, first_lead: int) -> None:
 
 async def start_stage(stack: AsyncExitStack, port: int = 0) -> Stage:
     """The demo portal with its control route, ready for `play` once the service has started."""
-    stage = Stage(fake=FakePortal(webhook_code=DEMO_WEBHOOK_CODE), config=PortalConfig(
-        name="demo", domain=DEMO_DOMAIN, rest_url="http://127.0.0.1/", application_token=DEMO_APP_TOKEN))
-    stage.fake = await start_portal(stack, port, convert_handler(stage))
-    stage.config = demo_portal_config(stage.fake)
+    stage = Stage(fake=FakePortal(webhook_code=DEMO_WEBHOOK_CODE))
+    stage.fake.extra_routes.append(("POST", CONVERT_PATH, convert_handler(stage)))
+    await start_portal(stack, port, stage.fake)
     return stage
 
 

@@ -231,3 +231,32 @@ async def test_a_classic_portal_has_no_warning(client: TestClient, worker: Worke
 
     assert (await job(client, answer))["outcome"] == "lead 77 no longer exists in the portal"
     assert "warnings" not in await (await client.get("/readyz")).json()
+
+
+COMMENT_RULES = """
+rules:
+  - name: history-follows-client
+    on: [ONCRMLEADUPDATE]
+    when: {bound_to: lead, lead_status: converted}
+    do:
+      - bind: [lead.contact, lead.company]
+      - unbind: lead
+      - timeline_comments: follow
+"""
+
+
+async def test_every_page_of_timeline_comments_follows(
+        aiohttp_client: Any, settings: Any, portal_config: Any, make_worker: Any, portal: FakePortal) -> None:
+    rules = rules_with(COMMENT_RULES, portal_config)
+    client = await aiohttp_client(create_app(settings, rules))
+    lead = portal.add_lead("Ann")
+    portal.add_activity([(LEAD, lead)])
+    comments = [portal.add_timeline_comment("lead", lead, f"note {i}") for i in range(120)]  # three pages
+    made = portal.convert_lead(lead)  # the portal copies them and keeps the lead binding
+
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await make_worker(rules=rules).run_check()
+
+    assert (await job(client, answer))["state"] == "succeeded"
+    assert all(portal.comment_bindings(c) == sorted([("company", made["company"]), ("contact", made["contact"])])
+               for c in comments)
