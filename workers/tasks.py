@@ -240,8 +240,11 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        record.end_attempt(JobState.SUCCEEDED, gone + f"re-bound {changed} items"
-                           + (f"; {dry} left as they are (dry run)" if dry else ""))
+        deleted = sum(o.status == "gone" for o in outcomes)
+        outcome = gone + f"re-bound {changed} items" + (f"; {dry} left as they are (dry run)" if dry else "") \
+            + (f"; {deleted} deleted since they were read: nothing to do for them" if deleted else "")
+        state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
+        record.end_attempt(state, outcome)
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -557,6 +557,13 @@ class FakePortal:
                 del self.comment_binding_sets[comment_id], self.comments[comment_id]
         self.events.append((f"ONCRM{(name or 'item').upper()}DELETE", entity_id))
 
+    def delete_activity(self, activity_id: int) -> None:
+        """Delete an activity as a person does in the UI."""
+        for binding in self._binding_order.pop(activity_id):
+            self._bound[binding].discard(activity_id)
+        del self.activities[activity_id], self.activity_bindings[activity_id]
+        self.events.append(("ONCRMACTIVITYDELETE", activity_id))
+
     def set_access_denied(self, records: Iterable[Binding]) -> None:
         """The webhook's user has no rights on these records (off by default): lists leave them out,
         crm.activity.binding.list hides bindings to them, reads answer "Access denied." and writes

@@ -260,3 +260,19 @@ async def test_every_page_of_timeline_comments_follows(
     assert (await job(client, answer))["state"] == "succeeded"
     assert all(portal.comment_bindings(c) == sorted([("company", made["company"]), ("contact", made["contact"])])
                for c in comments)
+
+
+async def test_an_activity_deleted_between_read_and_write_is_nothing_to_do(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.before_request("crm.activity.binding.delete", lambda: portal.delete_activity(activity))
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    record = await job(client, answer)
+    assert record["state"] == "skipped", record
+    assert "1 deleted since they were read: nothing to do for them" in record["outcome"]
+    assert [change["status"] for change in record["changes"]] == ["gone"]
