@@ -121,15 +121,24 @@ class Stage:
 
     async def send_events(self, since: int) -> list[JobRecord | None]:
         """Post what the portal recorded since `since`, in its order, and wait for the jobs."""
-        job_ids = []
+        job_ids, sent = [], []
         async with aiohttp.ClientSession() as http:
             for event, entity_id in self.fake.events[since:]:
                 async with http.post(self.events_url, data=event_body(self.config, event, entity_id,
                                                                       int(time.time())),
                                      headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
                     answer = await response.json()
-                job_ids.append(str(answer.get("job_id", "")))
-                self.say(f"  the portal sent {event} {entity_id}")
+                if answer.get("job_id"):  # events no rule listens to are answered "ignored"
+                    job_ids.append(str(answer["job_id"]))
+                if sent and sent[-1][0] == event:
+                    sent[-1][1].append(entity_id)
+                else:
+                    sent.append((event, [entity_id]))
+        for event, ids in sent:
+            what = f"{event} {ids[0]}" if len(ids) == 1 else f"{event} for {len(ids)} records"
+            why = " (a closed lead's open calls and to-dos are completed; no rule listens to it)" \
+                if event == "ONCRMACTIVITYUPDATE" else ""
+            self.say(f"  the portal sent {what}{why}")
         return [await self._wait(job_id) for job_id in job_ids]
 
     async def _wait(self, job_id: str, timeout: float = 60) -> JobRecord | None:

@@ -37,6 +37,7 @@ PAGE_SIZE = 50
 MAX_BATCH = 50
 MAX_BINDINGS = 100
 FINDBYCOMM_LIMIT = 20
+COMPLETABLE_TYPES = ("1", "2", "6")  # meeting, call, task/to-do: completed when their lead closes
 
 Binding = tuple[int, int]  # (entityTypeId, entityId)
 
@@ -664,11 +665,24 @@ class FakePortal:
     def update_lead(self, lead_id: int, **fields: Any) -> None:
         """Change lead fields; STATUS_SEMANTIC_ID and DATE_MODIFY follow, as on the portal."""
         lead = self.leads[lead_id]
+        was_final = lead.get("STATUS_SEMANTIC_ID") in ("S", "F")
         lead.update(self._clean_fields(fields))
         if "STATUS_ID" in {k.upper() for k in fields}:
             lead["STATUS_SEMANTIC_ID"] = _SEMANTICS.get(lead["STATUS_ID"], "P")
         lead["DATE_MODIFY"] = _now_iso()
         self.events.append(("ONCRMLEADUPDATE", lead_id))
+        if lead["STATUS_SEMANTIC_ID"] in ("S", "F") and not was_final:
+            self._complete_open_activities((LEAD, lead_id))
+
+    def _complete_open_activities(self, owner: Binding) -> None:
+        """A lead reaching a final status completes its open activities of the kinds that can be completed
+        (CCrmLead), a burst of ONCRMACTIVITYUPDATE. Which kinds exactly is not documented: the fake takes
+        meetings, calls and to-dos, and leaves e-mails (completed when read) alone."""
+        for activity_id in sorted(self._bound.get(owner, set())):
+            activity = self.activities[activity_id]
+            if activity["COMPLETED"] == "N" and activity["TYPE_ID"] in COMPLETABLE_TYPES:
+                activity["COMPLETED"], activity["LAST_UPDATED"] = "Y", _now_iso()
+                self.events.append(("ONCRMACTIVITYUPDATE", activity_id))
 
     def convert_lead(
         self, lead_id: int, contact: bool = True, company: bool = True, deal: bool = False
