@@ -61,6 +61,10 @@ async def start_portal(stack: AsyncExitStack, port: int = 0, fake: FakePortal | 
 class DemoError(Exception):
     """The demo cannot start or reach its portal; the message says what to do."""
 
+    def __init__(self, message: str, portal_down: bool = False) -> None:
+        super().__init__(message)
+        self.portal_down = portal_down
+
 
 def announce(fake: FakePortal, base_url: str, story: bool = False, keep: bool = False) -> None:
     lines = [f"\nThe built-in DEMO portal is running at {fake.base_url}" if story else
@@ -268,7 +272,7 @@ async def convert_command(activities: int, late: int, repeat: bool) -> int:
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         raise DemoError(f"no demo portal answers on 127.0.0.1:{DEMO_PORT}: start one with `b24rebind demo --keep` "
-                        "in another terminal, then run this again") from None
+                        "in another terminal, then run this again", portal_down=True) from None
     if "error" in body:
         raise DemoError(f"the demo refused: {body['error']}")
     print("\n".join(body["lines"]))

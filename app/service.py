@@ -19,6 +19,7 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
+from app.store.outage import RedisOutage, describe
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from workers.main import build_worker
 from workers.reconcile import reconcile_command
@@ -58,10 +59,11 @@ async def run(settings: Settings, roles: Roles) -> None:
         tasks: list[asyncio.Task[None]] = []
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE,
+            outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
+            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, outage,
                                              max_jobs=settings.worker_jobs))
             # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
-            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
+            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage, max_jobs=1))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
@@ -82,11 +84,17 @@ async def run(settings: Settings, roles: Roles) -> None:
 def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     """The web process's runner (benchmarks/intake.py serves through it too)."""
     # No access log: the event handler logs one line per event already, and intake is the hot path.
-    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, **HEADER_LIMITS)
+    # An idle kept-alive connection is closed after 15 s (aiohttp's default is 75): slots are not held by idlers.
+    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, keepalive_timeout=15,
+                         **HEADER_LIMITS)
 
 
 class CannotListen(Exception):
     """The web process cannot take its address; the message says what to do."""
+
+
+class WorkerStopped(Exception):
+    """A worker ended by itself (a bug: a Redis outage only makes it wait); the message says what to do."""
 
 
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
@@ -107,9 +115,10 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
-                        max_jobs: int) -> asyncio.Task[None]:
-    redis = await connect(settings)
+                        outage: RedisOutage, max_jobs: int) -> asyncio.Task[None]:
+    redis = await connect(settings, wait=False)  # the worker waits for a Redis that is away
     worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
+    worker.outage = outage
     task = asyncio.create_task(worker.async_run())
 
     async def stop() -> None:
@@ -139,4 +148,10 @@ async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:
         loop.add_signal_handler(sig, stopped.set)
     waiters = [asyncio.create_task(stopped.wait()), *tasks]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    ended = [task for task in tasks if task.done()]
+    if ended and not stopped.is_set():
+        error = ended[0].exception() if not ended[0].cancelled() else None
+        log.error("a worker ended by itself (%s); stopping the service", describe(error) if error else "cancelled")
+        raise WorkerStopped(f"a worker ended unexpectedly ({describe(error) if error else 'cancelled'}); see the "
+                            "log above, and report it if it is not explained there. Start the service again.")
     log.info("stopping")

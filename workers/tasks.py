@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
@@ -29,6 +30,7 @@ from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
 from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from app.words import plural
 from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,12 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except Exception as exc:  # a bug or a Redis hiccup: recorded on the job, and retried like a 5xx
+    except RedisError as exc:
+        # Redis is away (the worker says so once): the job runs again once it is back and its lease ends.
+        record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
+                           "will run again", attempt_outcome="interrupted")
+        raise
+    except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
         log.exception("job %s crashed", record.id)
         _retry_or_give_up(record, delays, "crashed", {
             "code": "INTERNAL_ERROR", "description": type(exc).__name__,
@@ -122,8 +129,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         await running.settle()
         await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
                             closing=ctx.get("closing") if record.state in FINAL_STATES else None)
-        log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
-                 record.outcome)
+        _log_end(record, client.requests)
     return record.state.value
 
 
@@ -141,6 +147,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if record.attempts and record.attempts[-1].outcome == "deferred":
+            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         if closing is not None:
             closing.stage(pipe)
         await pipe.execute()
@@ -174,6 +182,16 @@ async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, c
         await note_mode(ctx["redis"], portal.name, mode)
     warning = simple_mode_warning(rules, portal.name, mode)
     return f"; {warning}" if warning else ""
+
+
+def _log_end(record: JobRecord, requests: int) -> None:
+    """A failed job is a person's business: WARNING, with the portal's code to look up."""
+    if record.state in (JobState.FAILED, JobState.DEAD):
+        code = (record.error or {}).get("code") or "no code"
+        log.warning("job %s %s (%s) after %d requests: %s", record.id, record.state.value, code, requests,
+                    record.outcome)
+    else:
+        log.info("job %s %s after %d requests: %s", record.id, record.state.value, requests, record.outcome)
 
 
 def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
@@ -235,16 +253,18 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {len(outcomes)} items could not be changed",
-                           first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
+                           "not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
         deleted = sum(o.status == "gone" for o in outcomes)
-        outcome = gone + f"re-bound {changed} items" + (f"; {dry} left as they are (dry run)" if dry else "") \
-            + (f"; {deleted} deleted since they were read: nothing to do for them" if deleted else "")
+        done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
+        would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
+        left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
+            if deleted else ""
         state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
-        record.end_attempt(state, outcome)
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -199,12 +199,7 @@ async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str
     portal = pick_portal(rules, portal_name)
     async with aiohttp.ClientSession() as http:
         client = RestClient(http, portal, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
-        try:
-            mode = await read_mode(client)
-        except B24Error as exc:
-            print(f"b24rebind: could not read portal {portal_name}'s CRM mode: {exc.code or 'error'} "
-                  f"({exc.description}); run `b24rebind doctor --portal {portal_name}`", file=sys.stderr)
-            return 2
+        mode = await read_mode(client)  # a refusal or no answer: the command's edge says what to do
     warning = simple_mode_warning(rules, portal_name, mode)
     if warning:
         print(f"b24rebind: {warning}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -15,15 +16,19 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
+from app.cli.backfill import progress_bar
 from app.config import load_service_rules
 from app.settings import Settings
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.bundled_redis import BundledRedis
-from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore
+from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
+from app.store.outage import describe
 from app.store.queue import JobQueue, connect
+from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
 FILTERS = ("state", "portal", "rule", "event", "entity", "since", "until")
@@ -66,12 +71,8 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one of COMMANDS; the exit status is 0, 1 (refused) or 2 (bad arguments)."""
-    try:
-        return asyncio.run(_dispatch(args, settings))
-    except (BadRequest, UndoRefused) as exc:
-        print(f"b24rebind: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, BadRequest) else 1
+    """Run one of COMMANDS; failures are put in words at the command's edge (app.exits)."""
+    return asyncio.run(_dispatch(args, settings))
 
 
 @asynccontextmanager
@@ -124,15 +125,28 @@ def _table(records: list[JobRecord]) -> str:
     for r in records:
         what = f"{r.outcome}: {r.error.get('what_to_do')}" if r.error and r.error.get("what_to_do") else r.outcome
         rows.append((time.strftime("%m-%d %H:%M:%S", time.localtime(r.received_at)), r.state.value, r.id,
-                     r.portal, r.event, str(r.entity_id), what[:80]))
+                     r.portal, r.event, str(r.entity_id), what))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+    room = _last_column_room(sum(widths) + 2 * len(widths))
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + _fit(row[-1], room)
+                     for row in rows)
+
+
+def _last_column_room(used: int) -> int | None:
+    """What the terminal leaves for the last column; None (the full text) when the output is not a terminal."""
+    if not sys.stdout.isatty():
+        return None
+    return max(20, shutil.get_terminal_size().columns - used)
+
+
+def _fit(text: str, room: int | None) -> str:
+    return text if room is None or len(text) <= room else text[:room - 1] + "…"
 
 
 async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
     record = await store.get(args.job_id)
     if record is None:
-        raise UndoRefused(f"no job {args.job_id!r}; job records are kept for {settings.job_retention_days:g} days")
+        raise UnknownJob(args.job_id, settings.job_retention_days)
     if args.json:
         print(record.model_dump_json(indent=2))
         return 0
@@ -144,7 +158,8 @@ async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, setting
               f"  what to do: {record.error.get('what_to_do')}")
     for change in record.changes:
         item = f"activity {change['activity']}" if "activity" in change else f"comment {change.get('comment')}"
-        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {change['status']}")
+        status = {"dry_run": "(dry run: would be, nothing written)"}.get(change["status"], change["status"])
+        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {status}")
     for attempt in record.attempts:
         error = f" ({attempt.error.get('code')})" if attempt.error else ""
         print(f"  attempt {attempt.number} at {time.strftime('%H:%M:%S', time.localtime(attempt.started_at))}: "
@@ -156,9 +171,10 @@ async def _retry(args: argparse.Namespace, store: JobStore, redis: Redis, settin
     queue = JobQueue(redis, store)  # type: ignore[arg-type]
     if args.job_id:
         record = await store.get(args.job_id)
-        if record is None or record.state not in FINAL_STATES:
-            raise UndoRefused(f"job {args.job_id} is {record.state.value if record else 'unknown'}; "
-                              "only a finished job can be retried")
+        if record is None:
+            raise UnknownJob(args.job_id, settings.job_retention_days)
+        if record.state not in FINAL_STATES:
+            raise UndoRefused(f"job {args.job_id} is {record.state.value}; only a finished job can be retried")
         records = [record]
     else:
         query, _, _ = parse_list_query(_filters(args))
@@ -176,29 +192,60 @@ def _print_stats(answer: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     print("jobs:  " + "  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-    queue = answer["queue"]
-    oldest = f", oldest waiting {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
-    print(f"queue: {queue['depth']} waiting ({queue['live']} live, {queue['backfill']} backfill){oldest}")
-    print(f"throughput: {answer['jobs_per_minute']} jobs in the last minute")
+    print(f"queue: {_queue_line(answer['queue'])}")
+    print(f"throughput: {plural(answer['jobs_finished_last_minute'], 'job')} finished in the last minute, "
+          f"{answer['jobs_per_minute']} received")
     for name, portal in answer["portals"].items():
-        print(f"portal {name} ({portal['domain']}): {portal['headroom']:.0f} of {portal['burst']} requests free, "
+        print(f"portal {name} ({portal['domain']}): {_reachability(portal['reachability'])}; "
+              f"{portal['headroom']:.0f} of {portal['burst']} requests free, "
               f"{portal['per_second']}/s{' (slowed down)' if portal['slowed_down'] else ''}; "
-              f"{portal['requests']} requests made, {portal['errors']} refused")
+              f"{plural(portal['requests'], 'request')} made, {portal['refused']} refused by the portal, "
+              f"{portal['unreachable']} could not reach it")
     return 0
+
+
+def _queue_line(queue: dict[str, Any]) -> str:
+    if not queue["depth"]:
+        return "empty"
+    oldest = f", the oldest for {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
+    later = f", {queue['later']} to retry later" if queue["later"] else ""
+    return (f"{queue['depth']} ({queue['live']} live, {queue['backfill']} backfill): {queue['ready']} ready"
+            f"{oldest}{later}")
+
+
+def _reachability(reach: dict[str, Any]) -> str:
+    if reach["state"] == "unknown":
+        return "not asked yet"
+    seen = time.strftime("%H:%M:%S", time.localtime(reach["at"]))
+    return f"{reach['state']} (seen at {seen})"
 
 
 async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
     rules = load_service_rules(settings)
+    away = False  # while Redis is away (restarting, say): the screen waits for it, and says so once
     while True:
-        answer = await stats.collect(redis, store, rules)
-        latest = (await store.list(JobQuery(), 15)).records
-        backfill = (await store.list(JobQuery(trigger="backfill"), 10_000)).records
+        try:
+            answer = await stats.collect(redis, store, rules)
+            latest = (await store.list(JobQuery(), 15)).records
+            backfill = (await store.list(JobQuery(trigger="backfill"), 10_000)).records
+        except (RedisError, OSError) as exc:
+            if args.once:
+                raise
+            if not away:
+                away = True
+                print(f"\nRedis is unreachable ({describe(exc)}); waiting for it (Ctrl-C to stop)", file=sys.stderr,
+                      flush=True)
+            await asyncio.sleep(args.interval)
+            continue
+        away = False
         screen = [f"b24rebind — {time.strftime('%H:%M:%S')} (Ctrl-C to stop)", ""]
         screen.append("  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-        screen.append(f"queue {answer['queue']['depth']}, {answer['jobs_per_minute']} jobs/min")
-        if backfill:
-            done = sum(r.state in FINAL_STATES for r in backfill)
-            screen.append(f"backfill {_bar(done, len(backfill))}")
+        screen.append(f"queue: {_queue_line(answer['queue'])}; {answer['jobs_finished_last_minute']} finished/min")
+        for dry_run in (False, True):  # a dry run and a real one are two runs: never one count
+            runs = [r for r in backfill if r.dry_run == dry_run]
+            if runs:
+                done = sum(r.state in FINAL_STATES for r in runs)
+                screen.append(f"{'backfill (dry run)' if dry_run else 'backfill':<19}{progress_bar(done, len(runs))}")
         screen += ["", _table(latest)]
         if not args.once:
             print("\x1b[H\x1b[2J", end="")  # clear the terminal, then redraw
@@ -206,11 +253,6 @@ async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settin
         if args.once:
             return 0
         await asyncio.sleep(args.interval)
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // total if total else width
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
@@ -232,9 +274,14 @@ async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
 
 
 async def _undo(job_id: str, settings: Settings, redis: Redis, store: JobStore, log: AuditLog) -> int:
-    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis)
+    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis, store,
+                                   settings.job_retention_days)
     for entry in result.restored:
         print(f"{entry.kind} {entry.item}: restored [{', '.join(entry.after)}]")
     for error in result.errors:
         print(f"could not restore {error}", file=sys.stderr)
-    return 1 if result.errors else 0
+    if result.errors:
+        return 1
+    record = await store.get(job_id)
+    print(f"job {job_id} is now undone. " + reapply_note(record.rules if record else []))
+    return 0

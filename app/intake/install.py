@@ -9,9 +9,11 @@ from redis.asyncio import Redis
 
 from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
+from app.logs import Throttled
 from app.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
+throttled = Throttled(log)  # anyone can post an ONAPPINSTALL: refusals are one line every 10 s
 
 INSTALL_EVENT = "ONAPPINSTALL"
 
@@ -31,7 +33,8 @@ async def accept_install(redis: Redis, rules: RuleSet, data: dict[str, Any]) -> 
     portal = rules.portal_for_domain(str(auth.get("domain", "")))
     needed = ("access_token", "refresh_token", "application_token", "member_id")
     if portal is None or portal.auth != "oauth" or not all(auth.get(key) for key in needed):
-        log.warning("refused ONAPPINSTALL for %s: not a portal in application mode", str(auth.get("domain"))[:100])
+        throttled.warning("install", "refused ONAPPINSTALL for %s: not a portal in application mode",
+                          str(auth.get("domain"))[:100])
         return 401, {"error": "unknown portal, or not configured with auth: oauth in the rules file"}
     if portal.member_id and portal.member_id != auth["member_id"]:
         return 401, {"error": "member_id does not match the rules file"}
@@ -39,7 +42,8 @@ async def accept_install(redis: Redis, rules: RuleSet, data: dict[str, Any]) -> 
     known = await store.load(portal.name)
     if known and not hmac.compare_digest(known.application_token.encode(), str(auth["application_token"]).encode()):
         # Trust on first install only: a second install must prove it is the same application.
-        log.warning("refused a second ONAPPINSTALL for %s with another application token", portal.name)
+        throttled.warning("reinstall", "refused a second ONAPPINSTALL for %s with another application token",
+                          portal.name)
         return 401, {"error": "the application is installed already; uninstall it first"}
     await store.save(portal.name, TokenStore.from_install(auth))
     log.info("application installed on portal %s", portal.name)

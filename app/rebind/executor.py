@@ -212,6 +212,6 @@ def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None)
     # A binding write answering NOT_FOUND ("Element not found") means the activity itself is gone.
     gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
     status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
-    after = item.before if item.dry_run or errors else item.after
+    after = item.before if errors else item.after  # a dry run's is what it would have been
     return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
                    [e.as_record() for e in errors or []])

@@ -39,9 +39,18 @@ class JobState(str, Enum):
     RETRYING = "retrying"
     FAILED = "failed"
     DEAD = "dead"  # a passing failure that outlasted every retry: a dead letter, to replay
+    UNDONE = "undone"  # succeeded, then its changes were restored by an undo
 
 
-FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD)
+FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD, JobState.UNDONE)
+
+
+class UnknownJob(LookupError):
+    """No record of that job id: never accepted, or past the retention period."""
+
+    def __init__(self, job_id: str, retention_days: float) -> None:
+        super().__init__(f"no job {job_id[:64]!r}: no such id was accepted in the last {retention_days:g} days "
+                         "(job records are kept that long); `b24rebind jobs list` shows the ids")
 
 
 class Attempt(BaseModel):
@@ -94,11 +103,17 @@ class JobRecord(BaseModel):
         """Attempts that failed for a passing reason; waiting for a lock or a time budget does not count."""
         return sum(1 for attempt in self.attempts if attempt.outcome in ("retrying", "crashed"))
 
-    def begin_attempt(self, number: int) -> None:
+    def begin_attempt(self, tries: int = 1) -> None:
+        """`tries`: the queue's count of this job's runs. A retry by hand starts that count again, and a run
+        whose record was never saved is in it but not in the record: the number is the larger of the two."""
         now = time.time()
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
+            last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        self.attempts.append(Attempt(number=number, started_at=now))
+        last = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:
@@ -107,8 +122,19 @@ class JobRecord(BaseModel):
         if self.attempts:
             attempt = self.attempts[-1]
             attempt.finished_at, attempt.outcome, attempt.error = now, attempt_outcome or state.value, error
+            if attempt.outcome == "deferred" and len(self.attempts) > 1 and self.attempts[-2].outcome == "deferred":
+                del self.attempts[-2]  # a run of waits is kept as its latest: a long wait is not 300 attempts
         if state in FINAL_STATES:
             self.finished_at = now
+
+    def mark_undone(self, restored: int) -> None:
+        """The job's changes were restored: its state says so, and what will happen next."""
+        self.state = JobState.UNDONE
+        self.outcome = f"undone: {restored} {'item' if restored == 1 else 'items'} restored. " + reapply_note(self.rules)
+
+    def give_up(self, outcome: str, error: dict[str, Any]) -> None:
+        """The queue gave up on the job between attempts: it is dead, and says why."""
+        self.state, self.outcome, self.error, self.finished_at = JobState.DEAD, outcome, error, time.time()
 
     def summary(self) -> dict[str, Any]:
         """The record without its plan and changes: what job lists and live updates carry."""
@@ -126,6 +152,13 @@ class JobRecord(BaseModel):
                  f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
                  *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
         return [prefixed(name) for name in names]
+
+
+def reapply_note(rules: list[str]) -> str:
+    """What an undo does not stop: the rules still hold, and the next event or reconcile applies them."""
+    names = ", ".join(repr(name) for name in rules) or "that made the change"
+    return (f"The rules apply again on the next event about these items or at the next reconcile, unless you "
+            f"pause the rule {names} (enabled: false in the rules file).")
 
 
 class JobQuery(BaseModel):

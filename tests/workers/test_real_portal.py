@@ -274,5 +274,5 @@ async def test_an_activity_deleted_between_read_and_write_is_nothing_to_do(
 
     record = await job(client, answer)
     assert record["state"] == "skipped", record
-    assert "1 deleted since they were read: nothing to do for them" in record["outcome"]
+    assert record["outcome"] == "1 item deleted since read: nothing to do for it"
     assert [change["status"] for change in record["changes"]] == ["gone"]

@@ -6,6 +6,8 @@ from pathlib import Path
 from aiohttp import web
 
 STATIC = Path(__file__).parent
+# What the browser loads; the package's Python files (and anything else beside them) are not served.
+ASSET_SUFFIXES = {".html", ".js", ".css", ".svg", ".png", ".ico"}
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -13,6 +15,14 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def asset(request: web.Request) -> web.FileResponse:
+    name = request.match_info["filename"]
+    path = STATIC / name
+    if Path(name).suffix not in ASSET_SUFFIXES or path.parent != STATIC or not path.is_file():
+        raise web.HTTPNotFound(text="no such dashboard file")
+    return web.FileResponse(path)
+
+
 def setup_dashboard(app: web.Application) -> None:
     app.router.add_get("/", index)
-    app.router.add_static("/dashboard/", STATIC, append_version=False)
+    app.router.add_get("/dashboard/{filename}", asset)

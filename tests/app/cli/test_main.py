@@ -19,7 +19,7 @@ def test_rules_check_accepts_the_example_with_its_variables_set(tmp_path: Path) 
                        env={"B24_WEBHOOK_URL": "https://example.bitrix24.com/rest/1/x/", "B24_APPLICATION_TOKEN": "t"})
 
     assert result.returncode == 0, result.stderr
-    assert "OK, 3 rules, 1 portals" in result.stdout
+    assert "OK, 3 rules, 1 portal (main)" in result.stdout
 
 
 def test_rules_check_reads_variables_from_dot_env(tmp_path: Path) -> None:
