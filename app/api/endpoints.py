@@ -64,7 +64,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except (RedisError, OSError):
         if not request.path.startswith("/api/"):
             raise
-        log.error("API request %s failed: Redis is unreachable", request.path)
+        log.debug("API request %s failed: Redis is unreachable", request.path)  # the outage is logged once
         return web.json_response({"error": "Redis is unreachable; job records cannot be read. Check Redis."},
                                  status=503)
 
