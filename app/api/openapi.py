@@ -97,8 +97,9 @@ _PATHS: dict[str, dict[str, Any]] = {
                                   {"200": _json("ready", {"type": "object"}), "503": _json("not ready", {"type": "object"})},
                                   auth=False)},
     "/": {"get": _operation("The dashboard (HTML)", {"200": {"description": "the page"}}, auth=False)},
+    "/favicon.ico": {"get": _operation("The dashboard's icon (SVG)", {"200": {"description": "the icon"}}, auth=False)},
     "/dashboard/{filename}": {"get": _operation(
-        "The dashboard's script and style sheet", {"200": {"description": "a static file"}, "404": _ERROR},
+        "The dashboard's script, style sheet and icon", {"200": {"description": "a static file"}, "404": _ERROR},
         [_param("filename", "file name", {"type": "string"}, "path")], auth=False)},
 }
 

@@ -122,7 +122,9 @@ async def test_ctrl_c_in_backfill_stops_cleanly(tmp_path: Path, portal: FakePort
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "backfill", "--since", "2000-01-01", cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_DATA_DIR": str(tmp_path), "REDIS_URL": redis_url})
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_DATA_DIR": str(tmp_path), "REDIS_URL": redis_url},
+        # As from a terminal: Ctrl-C is not ignored (a child inherits an ignored SIGINT from whoever runs the tests).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout is not None
     first = await asyncio.wait_for(process.stdout.readline(), timeout=60)
     assert b"queued" in first
