@@ -10,8 +10,9 @@ from collections.abc import Iterable
 from contextvars import ContextVar
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
-from app.store.queue import SWEEP_CRON
+from app.store.queue import RESCUE_CRON, SWEEP_CRON
 
 MASK = "***"
 # The job a log line belongs to; arq runs each job in its own task, so each sees its own value.
@@ -41,14 +42,15 @@ class SecretMask(logging.Filter):
 
 class QuietSweepTicks(logging.Filter):
     """Drops arq's two INFO lines for each look the reconcile cron takes at its gate: every 10 s, per
-    worker, mostly to find it closed. A sweep that runs logs its own line; warnings and errors stay."""
+    worker, mostly to find it closed; and for the minute's look for stranded jobs. A sweep that runs,
+    and a stranded job found, log their own lines; warnings and errors stay."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO:
             return True
         # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
         message = record.getMessage()
-        return SWEEP_CRON not in message or not ("→" in message or "←" in message)
+        return (SWEEP_CRON not in message and RESCUE_CRON not in message) or not ("→" in message or "←" in message)
 
 
 class Throttled:
@@ -78,6 +80,39 @@ class Throttled:
         self._logger.warning(message, *args)
 
 
+class QuietBadRequests(logging.Filter):
+    """aiohttp logs every malformed request (oversized or too many headers, broken HTTP) with a
+    traceback, and anyone can send one a request: here one line, at most one every 10 s, with a count
+    of the rest. Errors in the service's own handlers keep their traceback."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self._every = every
+        self._written, self._held = -math.inf, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._written < self._every:
+            self._held += 1
+            return False
+        held, self._held, self._written = self._held, 0, now
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "refused a malformed request from %s: %s" + (" (and %d more like it)" if held else "")
+        record.args = (remote, str(error.message)[:200], *((held,) if held else ()))
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        server = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, cls) for f in server.filters):
+            server.addFilter(cls())
+
+
 def mask(text: str, secrets: Iterable[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, MASK)
@@ -87,15 +122,16 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 class TerminalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
+        job_id = getattr(record, "job_id", None)
+        return f"{line} [job {job_id}]" if job_id else line
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
-        if getattr(record, "job_id", None):
-            entry["job_id"] = record.job_id
+        if job_id := getattr(record, "job_id", None):
+            entry["job_id"] = job_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         try:

@@ -19,6 +19,7 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
+from app.store.outage import RedisOutage, describe
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from workers.main import build_worker
 from workers.reconcile import reconcile_command
@@ -31,16 +32,21 @@ class Roles:
     web: bool = True
     worker: bool = True
     demo_portal: bool = False  # start the demo portal when no portal is configured
-    demo_story: bool = False
+    demo_story: bool = False  # `demo`: the built-in rules on the demo portal only, the real sequence played
+    keep: bool = False  # `demo --keep`: stay up, the demo portal on a fixed port, for `demo convert`
 
 
 async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
-    live = LiveRules(load_service_rules(settings), settings)
+    live = LiveRules(demo.demo_rules() if roles.demo_story else load_service_rules(settings), settings)
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)
-        fake = None
-        if roles.demo_portal and not live.current.portals:
+        fake = stage = None
+        if roles.demo_story:  # the demo's own rules and portal, whatever the rules file says
+            stage = await demo.start_stage(stack, demo.DEMO_PORT if roles.keep else 0)
+            fake = stage.fake
+            live = LiveRules(demo.with_demo_portal(live.current, stage.config))
+        elif roles.demo_portal and not live.current.portals:
             fake = await demo.start_portal(stack)
             demo_config = demo.demo_portal_config(fake)
             live = LiveRules(demo.with_demo_portal(live.current, demo_config), settings,
@@ -53,17 +59,24 @@ async def run(settings: Settings, roles: Roles) -> None:
         tasks: list[asyncio.Task[None]] = []
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.worker:
-            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE,
+            outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
+            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, outage,
                                              max_jobs=settings.worker_jobs))
             # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
-            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, max_jobs=1))
+            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage, max_jobs=1))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
-            demo.announce(fake, base_url if roles.web else "")
-            if roles.demo_story and roles.web and roles.worker:
-                store = JobStore.from_settings(await connect(settings), settings)
-                await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
+            demo.announce(fake, base_url if roles.web else "", story=stage is not None, keep=roles.keep)
+        if stage is not None:
+            redis = await connect(settings)
+            stack.push_async_callback(redis.aclose)
+            stage.store, stage.events_url = JobStore.from_settings(redis, settings), base_url + "/bitrix/events"
+            await demo.play(stage)
+            if not roles.keep:
+                return
+            print("\nThe demo stays up (Ctrl-C stops it). Play another conversion on it from another terminal:\n"
+                  "  b24rebind demo convert [--activities N] [--late M] [--repeat]\n", flush=True)
         loop.settle_heap()
         await _until_stopped(tasks)
 
@@ -71,11 +84,17 @@ async def run(settings: Settings, roles: Roles) -> None:
 def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     """The web process's runner (benchmarks/intake.py serves through it too)."""
     # No access log: the event handler logs one line per event already, and intake is the hot path.
-    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, **HEADER_LIMITS)
+    # An idle kept-alive connection is closed after 15 s (aiohttp's default is 75): slots are not held by idlers.
+    return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, keepalive_timeout=15,
+                         **HEADER_LIMITS)
 
 
 class CannotListen(Exception):
     """The web process cannot take its address; the message says what to do."""
+
+
+class WorkerStopped(Exception):
+    """A worker ended by itself (a bug: a Redis outage only makes it wait); the message says what to do."""
 
 
 async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
@@ -96,9 +115,10 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
-                        max_jobs: int) -> asyncio.Task[None]:
-    redis = await connect(settings)
+                        outage: RedisOutage, max_jobs: int) -> asyncio.Task[None]:
+    redis = await connect(settings, wait=False)  # the worker waits for a Redis that is away
     worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
+    worker.outage = outage
     task = asyncio.create_task(worker.async_run())
 
     async def stop() -> None:
@@ -128,4 +148,10 @@ async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:
         loop.add_signal_handler(sig, stopped.set)
     waiters = [asyncio.create_task(stopped.wait()), *tasks]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    ended = [task for task in tasks if task.done()]
+    if ended and not stopped.is_set():
+        error = ended[0].exception() if not ended[0].cancelled() else None
+        log.error("a worker ended by itself (%s); stopping the service", describe(error) if error else "cancelled")
+        raise WorkerStopped(f"a worker ended unexpectedly ({describe(error) if error else 'cancelled'}); see the "
+                            "log above, and report it if it is not explained there. Start the service again.")
     log.info("stopping")

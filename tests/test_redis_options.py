@@ -208,7 +208,7 @@ async def test_without_a_prefix_every_name_is_what_earlier_releases_used(
     assert feed_channel(redis) == f"b24:jobs:feed:{redis.connection_pool.connection_kwargs.get('db', 0)}"
     assert worker.queue_name == "arq:queue"
     sweeping = build_worker(settings, rules, redis, handle_signals=False)
-    assert [cron_job.name for cron_job in sweeping.cron_jobs] == ["cron:reconcile_job"]
+    assert [cron_job.name for cron_job in sweeping.cron_jobs] == ["cron:reconcile_job", "cron:requeue_stranded"]
 
 
 class Installation:
@@ -320,7 +320,7 @@ async def test_two_installations_share_one_redis_database_with_no_key_in_common(
         shown = await b24rebind(["jobs", "show", jobs["red"], "--json"], red.environment, red.directory)
         assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == jobs["red"], shown.stderr
         other = await b24rebind(["jobs", "show", jobs["blue"]], red.environment, red.directory)
-        assert other.returncode == 6 and "no job" in other.stderr, other  # not found
+        assert other.returncode == 6 and "no such id" in other.stderr, other  # 6: not found (app/cli/exits.py)
     finally:
         for installation in installations.values():
             installation.stop()

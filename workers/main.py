@@ -5,8 +5,9 @@ import logging
 from typing import Any
 
 import aiohttp
-from arq import Worker, cron, func
+from arq import cron, func
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
@@ -17,7 +18,15 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.store.namespace import prefixed
-from app.store.queue import LIVE_QUEUE, PROCESS_EVENT, SWEEP_CRON, deserialize, serialize
+from app.store.queue import (
+    LIVE_QUEUE,
+    PROCESS_EVENT,
+    RESCUE_CRON,
+    SWEEP_CRON,
+    JobQueue,
+    deserialize,
+    serialize,
+)
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event
@@ -53,10 +62,24 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await shared.close()
     if "joined_reads" in ctx:
         await ctx["joined_reads"].close()
-    await ctx["http"].close()
+    if "http" in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
+        await ctx["http"].close()
 
 
-def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> Worker:
+async def requeue_stranded(ctx: dict[str, Any]) -> int:
+    """The minute's look for jobs whose records wait to run but that have left the queue."""
+    try:
+        rescued = await JobQueue(ctx["redis"], ctx["store"]).requeue_stranded()
+    except RedisError as exc:  # the worker says once that Redis is away; the next minute looks again
+        log.info("the look for stranded jobs was skipped: Redis is unreachable (%s)", type(exc).__name__)
+        return 0
+    if rescued:
+        log.warning("queued again %d jobs that had left the queue without ending (%s)", len(rescued),
+                    ", ".join(rescued[:5]) + (", ..." if len(rescued) > 5 else ""))
+    return len(rescued)
+
+
+def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> LeasedWorker:
     """A worker for the event queue; tests pass `burst=True` and their own ctx entries."""
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
     ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}
@@ -67,9 +90,13 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     # Redis runs its own sweep. Unprefixed it is arq's default name.
     sweep_cron = cron(reconcile_job, name=prefixed(SWEEP_CRON), second=set(range(0, 60, TICK)),
                       timeout=JOB_TIMEOUT, max_tries=1)
+    # One worker a minute (arq's cron job ids are unique per run time) looks for stranded jobs.
+    rescue_cron = cron(requeue_stranded, name=prefixed(RESCUE_CRON), second=0, timeout=60, max_tries=1)
+    long_running = not options.get("burst") and queue == LIVE_QUEUE
+    crons = [*([sweep_cron] if sweeps else []), *([rescue_cron] if long_running else [])]
     return LeasedWorker(
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT)],
-        cron_jobs=[sweep_cron] if sweeps else None, queue_name=prefixed(queue),
+        cron_jobs=crons or None, queue_name=prefixed(queue),
         redis_pool=redis, ctx=ctx, on_startup=startup, on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,
         # arq polls every 0.5 s by default: an event would wait up to that long for an idle worker, and a

@@ -13,6 +13,9 @@ hundreds of short jobs a second, and one round trip costs it about 0.15 ms of CP
 A job put back (arq's `Retry`) or cancelled by a stopping worker is handled as arq does; one whose end
 could not be saved (Redis failed it) goes back in the queue rather than being dropped as arq would.
 Cron jobs (the reconcile sweep) run arq's own `run_job` entirely.
+
+A Redis outage does not end the worker: a poll that fails waits (backoff, one WARNING, one INFO once
+Redis is back) and polls again; a worker started or stopped while Redis is away waits, or stops anyway.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
-from app.store.jobs import JOB_KEY
+from app.store.jobs import JOB_KEY, JobRecord, JobStore
 from app.store.namespace import prefixed
+from app.store.outage import RedisOutage, describe
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,7 @@ class LeasedWorker(Worker):
         self.in_progress_timeout_s = LEASE
         self._cron_ids = tuple(f"{cron.name}:" for cron in self.cron_jobs)
         self._claims: dict[str, _Claim] = {}
+        self.outage = RedisOutage(f"worker ({self.queue_name})", log)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's `Worker.start_jobs` (arq 0.26 to 0.28), with the claim in one atomic script, and a slot
@@ -171,6 +176,13 @@ class LeasedWorker(Worker):
         return claimed  # type: ignore[no-any-return]
 
     async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await self._run_job(job_id, score)
+        except RedisError as exc:  # said when it happened (the poll fails too): not raised again later by the poll
+            log.info("job %s: its end could not be saved (%s); it runs again once its lease ends", job_id,
+                     describe(exc))
+
+    async def _run_job(self, job_id: str, score: int) -> None:
         claim = self._claims.pop(job_id, None)
         if claim is None:  # a cron job: arq's own way
             await super().run_job(job_id, score)
@@ -193,7 +205,12 @@ class LeasedWorker(Worker):
             self.jobs_retried += 1
             log.info("job %s cancelled, will be run again", job_id)
             await asyncio.shield(self.finish_job(job_id, False, None, None, False, None, None))
-        except Exception:  # the job records its own failures: this is Redis failing its last save
+        except RedisError as exc:  # the job records its own failures: this is Redis failing its last save
+            self.jobs_retried += 1
+            log.info("job %s could not save its end (%s); it will run again", job_id, describe(exc))
+            delay = AFTER_A_CRASH + (timestamp_ms() - score)
+            await asyncio.shield(self.finish_job(job_id, False, None, None, False, delay, None))
+        except Exception:
             self.jobs_retried += 1
             log.exception("job %s could not finish; it will run again in %d s", job_id, AFTER_A_CRASH // 1000)
             delay = AFTER_A_CRASH + (timestamp_ms() - score)
@@ -225,21 +242,69 @@ class LeasedWorker(Worker):
         max_tries = self.max_tries if function.max_tries is None else function.max_tries
         if job_try > max_tries:
             log.warning("job %s: max %d tries exceeded", job_id, max_tries)
+            await self._record_given_up(claim, max_tries)
             return await self._give_up(job_id)
         ctx = {**self.ctx, "job_id": job_id, "job_try": job_try, "enqueue_time": ms_to_datetime(enqueued_ms),
                "score": score, "claimed_record": claim.record}
         return function, args, kwargs, ctx
+
+    async def _record_given_up(self, claim: _Claim, max_tries: int) -> None:
+        """arq deletes a job past its tries: its record must not stay `retrying` for ever."""
+        if claim.record is None:
+            return
+        record = JobRecord.model_validate_json(claim.record)
+        record.give_up(f"gave up after {max_tries} tries", {
+            "code": "TOO_MANY_TRIES", "description": f"the job was started {max_tries} times without ending",
+            "what_to_do": "its attempts say why it kept running again; retry it once that is fixed"})
+        store = self.ctx.get("store") or JobStore.from_settings(self.pool, self.ctx["settings"])
+        await store.save(record)
 
     async def _give_up(self, job_id: str) -> None:
         self.jobs_failed += 1
         await asyncio.shield(self.finish_failed_job(job_id, None))
 
     async def main(self) -> None:
+        await self._until_redis_answers()
         heartbeat = asyncio.create_task(self._renew_leases())
         try:
             await super().main()
         finally:
             heartbeat.cancel()
+
+    async def _until_redis_answers(self) -> None:
+        """A worker started while Redis is away waits for it (arq would fail on its first command)."""
+        while True:
+            try:
+                await self.pool.ping()
+            except (RedisError, OSError) as exc:
+                self.outage.down(exc)
+                await self.outage.wait()
+            else:
+                self.outage.up()
+                return
+
+    async def _poll_iteration(self) -> None:
+        """arq's poll, which raises when Redis is away (and arq's loop ends): here the worker waits and
+        polls again. Running jobs carry on; what they cannot save, they save on their next run."""
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            self.outage.down(exc)
+            await self.outage.wait()
+        else:
+            self.outage.up()
+
+    async def close(self) -> None:
+        """arq's close, which stops at its first failed command when Redis is away: the rest (the job
+        resources, the connections) is closed anyway; the health key arq would delete expires by itself."""
+        try:
+            await super().close()
+        except (RedisError, OSError) as exc:
+            log.warning("stopped without Redis (%s): the worker's health key expires by itself", describe(exc))
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            await self.pool.aclose(close_connection_pool=True)
+            self._pool = None
 
     async def _renew_leases(self) -> None:
         while True:
@@ -252,5 +317,5 @@ class LeasedWorker(Worker):
                     for job_id in running:
                         pipe.pexpire(in_progress_key_prefix + job_id, int(LEASE * 1000))  # no-op once ended
                     await pipe.execute()
-            except (RedisError, OSError) as exc:  # Redis is away; the next beat tries again
-                log.warning("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)
+            except (RedisError, OSError) as exc:  # Redis is away (the poll says so once); the next beat tries again
+                log.debug("could not renew the leases of %d jobs: %s", len(running), type(exc).__name__)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from arq import Retry
+from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
@@ -18,6 +19,7 @@ from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
 from app.logs import current_job
+from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
@@ -104,13 +106,20 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         raise Retry(defer=wait) from None
     except TransientError as exc:
         _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
-    except (Gone, Echo) as exc:
+    except Gone as exc:
+        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(ctx, rules, portal, client, exc))
+    except Echo as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except Exception as exc:  # a bug or a Redis hiccup: recorded on the job, and retried like a 5xx
+    except RedisError as exc:
+        # Redis is away (the worker says so once): the job runs again once it is back and its lease ends.
+        record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
+                           "will run again", attempt_outcome="interrupted")
+        raise
+    except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
         log.exception("job %s crashed", record.id)
         _retry_or_give_up(record, delays, "crashed", {
             "code": "INTERNAL_ERROR", "description": type(exc).__name__,
@@ -138,6 +147,8 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], change["after"])
         stage_attempt(pipe, record, client, ctx["limiter"])
+        if record.attempts and record.attempts[-1].outcome == "deferred":
+            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         if closing is not None:
             closing.stage(pipe)
         await pipe.execute()
@@ -153,6 +164,24 @@ def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool 
                       budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,
                                           ctx.get("budget_reads") or BudgetReads()),
                       oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+
+
+async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,
+                    gone: Gone) -> str:
+    """A lead that cannot be read may be a portal in simple CRM mode, where leads never last: ask, once
+    a day at most, only when rules about leads exist, and say so."""
+    if gone.what != "lead" or not rules.lead_rules():
+        return ""
+    modes = await noted_modes(ctx["redis"], [portal.name])
+    mode = modes.get(portal.name)
+    if mode is None:
+        try:
+            mode = await read_mode(client)
+        except B24Error:
+            return ""
+        await note_mode(ctx["redis"], portal.name, mode)
+    warning = simple_mode_warning(rules, portal.name, mode)
+    return f"; {warning}" if warning else ""
 
 
 def _log_end(record: JobRecord, requests: int) -> None:
@@ -224,14 +253,18 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could not "
-                           "be changed", first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
+                           "not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        done = f"re-bound {plural(changed, 'item')}" if changed or not dry else ""
+        deleted = sum(o.status == "gone" for o in outcomes)
+        done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
-        record.end_attempt(JobState.SUCCEEDED, gone + "; ".join(part for part in (done, would) if part))
+        left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
+            if deleted else ""
+        state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

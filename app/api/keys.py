@@ -7,6 +7,7 @@ from arq.connections import ArqRedis
 from app.config import LiveRules
 from app.settings import Settings
 from app.store.jobs import JobStore
+from app.store.outage import RedisOutage
 from app.store.queue import JobQueue
 
 settings_key = web.AppKey("settings", Settings)
@@ -14,3 +15,4 @@ rules_key = web.AppKey("rules", LiveRules)
 redis_key = web.AppKey("redis", ArqRedis)
 queue_key = web.AppKey("queue", JobQueue)
 store_key = web.AppKey("store", JobStore)
+outage_key = web.AppKey("redis_outage", RedisOutage)  # the web process's view of Redis

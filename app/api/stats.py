@@ -5,7 +5,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from app.api.metrics import COUNTERS, MINUTES as MINUTES_KEY, REACHABILITY, parse_field
+from app.api.metrics import COUNTERS, REACHABILITY, parse_field
+from app.api.metrics import MINUTES as MINUTES_KEY
 from app.rules.model import RuleSet
 from app.store.jobs import INDEX_PREFIX, JOB_INDEX, JobStore
 from app.store.namespace import prefixed
@@ -72,9 +73,9 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
     """Each portal's request budget: the shared leaky bucket's free slots right now."""
     async with redis.pipeline(transaction=False) as pipe:
         for name in rules.portals:
-            pipe.hmget(prefixed(f"b24:rate:{name}"), "level", "ts")
+            pipe.hmget(prefixed(f"b24:rate:{name}"), ["level", "ts"])
             pipe.exists(prefixed(f"b24:rate:{name}:slow"))
-            pipe.hmget(prefixed(REACHABILITY + name), "answered_at", "unreachable_at")
+            pipe.hmget(prefixed(REACHABILITY + name), ["answered_at", "unreachable_at"])
         answers = await pipe.execute()
     portals = {}
     for i, (name, portal) in enumerate(rules.portals.items()):

@@ -5,19 +5,24 @@ import asyncio
 import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from app.api.dashboard import setup_dashboard
 from app.api.endpoints import setup_api
-from app.api.keys import queue_key, redis_key, rules_key, settings_key, store_key
+from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key, store_key
 from app.config import LiveRules, load_service_rules
-from app.intake.spool import spool_context
+from app.intake.spool import spool_context, spool_key
 from app.intake.webhook import MAX_BODY, receive_event
+from app.logs import QuietBadRequests
+from app.rebind.crm_mode import noted_modes, simple_mode_warning
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import TRIM_EVERY, JobStore
+from app.store.outage import RedisOutage
 from app.store.queue import JobQueue, connect
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -25,7 +30,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
     """Build the web application; `settings` must name a running Redis (REDIS_URL or REDIS_SENTINELS)."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
+    QuietBadRequests.install()
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[redis_away, api_auth])
     app[settings_key] = settings
     if rules is None:
         rules = LiveRules(load_service_rules(settings), settings)
@@ -42,16 +48,35 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
     return app
 
 
+WATCH_EVERY = 1.0  # seconds between the web process's looks at Redis
+
+
 async def redis_context(app: web.Application) -> AsyncIterator[None]:
+    """Redis for the web process, which starts and answers even while Redis is away: events go to the
+    spool meanwhile. A watch says once when Redis goes and once when it is back."""
     settings = app[settings_key]
     if not settings.redis_given:
         raise RuntimeError("no Redis is set; `b24rebind serve` starts the bundled one when none is")
-    redis = await connect(settings)
+    redis = await connect(settings, wait=False)
     app[redis_key] = redis
     app[store_key] = JobStore.from_settings(redis, settings)
     app[queue_key] = JobQueue(redis, app[store_key])
+    app[outage_key] = outage = RedisOutage("web")
+    watch = asyncio.create_task(_watch_redis(redis, outage))
     yield
+    watch.cancel()
     await redis.aclose()
+
+
+async def _watch_redis(redis: ArqRedis, outage: RedisOutage) -> None:
+    while True:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            outage.down(exc)
+        else:
+            outage.up()
+        await asyncio.sleep(WATCH_EVERY)
 
 
 async def trim_context(app: web.Application) -> AsyncIterator[None]:
@@ -70,6 +95,18 @@ async def trim_context(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
+async def redis_away(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A read of jobs or metrics while Redis is away is a 503 that says so, not a 500 with a traceback
+    (the outage itself is logged once, by the web process's watch)."""
+    try:
+        return await handler(request)
+    except RedisError:
+        outage = request.app[outage_key]
+        return web.json_response({"error": f"Redis is {outage.status() if outage.down_for else 'unreachable'}; "
+                                  "try again once it is back (GET /readyz says when)"}, status=503)
+
+
+@web.middleware
 async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token set it answers reads from
     loopback only (not through a proxy), and no writes at all."""
@@ -80,7 +117,9 @@ async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse
             return web.json_response({"error": "retry and replay need an API token: set B24_API_TOKEN and send "
                                       "Authorization: Bearer <token>"}, status=403)
         if token is None:
-            if not _is_loopback(request.remote) or _forwarded(request):
+            # The Host header too: a page from elsewhere whose name resolves to 127.0.0.1 (DNS rebinding)
+            # makes the browser send its own name there.
+            if not _is_loopback(request.remote) or _forwarded(request) or not _loopback_host(request):
                 return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
                                          status=403)
         else:
@@ -105,16 +144,36 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     live = request.app[rules_key]
-    checks = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
+    checks: dict[str, object] = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
     if live.error:
         checks["rules_error"] = live.error
+    spool = request.app.get(spool_key)
+    if spool is not None:
+        checks["spool"] = spool.status()
+    outage = request.app[outage_key]
     try:
         await request.app[redis_key].ping()
+        outage.up()
         checks["redis"] = "ok"
     except (RedisError, OSError) as exc:
-        checks["redis"] = f"unreachable ({type(exc).__name__})"
+        outage.down(exc)
+        # Events are still accepted (into the spool): unavailable means "nothing is being worked on".
+        checks["redis"] = outage.status()
+        checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
-    return web.json_response({"status": "ready", **checks})
+    warnings = await _mode_warnings(request.app[redis_key], live.current)
+    return web.json_response({"status": "ready", **checks, **({"warnings": warnings} if warnings else {})})
+
+
+async def _mode_warnings(redis: Any, rules: RuleSet) -> list[str]:
+    """Portals a worker found in simple CRM mode, where rules about leads can never fire."""
+    if not rules.lead_rules():
+        return []
+    try:
+        modes = await noted_modes(redis, list(rules.portals))
+    except (RedisError, OSError):
+        return []
+    return [w for name, mode in modes.items() if (w := simple_mode_warning(rules, name, mode))]
 
 
 def _forwarded(request: web.Request) -> bool:
@@ -127,3 +186,14 @@ def _is_loopback(remote: str | None) -> bool:
         return remote is not None and ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def _loopback_host(request: web.Request) -> bool:
+    try:
+        host = request.url.host
+    except ValueError:
+        return False
+    return host is not None and (host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"))

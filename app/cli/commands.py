@@ -15,8 +15,8 @@ from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
-from app.config import load_service_rules, variables
 from app.cli.exits import Exit, Failure, NotFound
+from app.config import load_service_rules, variables
 from app.rebind.facts import FactReader, Gone
 from app.rules.engine import explain, plan
 from app.rules.facts import Activity, Binding, Client, Facts, Lead

@@ -15,9 +15,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.bitrix.errors import B24Error, ConfigError, TransientError
+from app.settings import Settings
 from app.store.bundled_redis import BundledRedisFailed
 from app.store.jobs import UnknownJob
-from app.settings import Settings
 
 
 class Exit(IntEnum):
@@ -64,7 +64,7 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     """The words and exit status for an expected failure; (str, None) for one that is a bug."""
     from app.api.endpoints import BadRequest
     from app.rules.loader import RulesError
-    from app.service import CannotListen
+    from app.service import CannotListen, WorkerStopped
     from app.store.audit import UndoRefused
 
     if isinstance(exc, Failure):
@@ -73,7 +73,7 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
         return str(exc), Exit.NOT_FOUND
     if isinstance(exc, RulesError):
         return f"the rules file is invalid:\n{exc}", Exit.REFUSED
-    if isinstance(exc, UndoRefused):
+    if isinstance(exc, (UndoRefused, WorkerStopped)):
         return str(exc), Exit.REFUSED
     if isinstance(exc, (BadRequest, CannotListen)):
         return str(exc), Exit.USAGE

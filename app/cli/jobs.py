@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
@@ -25,6 +26,7 @@ from app.settings import Settings
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
+from app.store.outage import describe
 from app.store.queue import JobQueue, connect
 from app.words import plural
 
@@ -234,10 +236,22 @@ def _reachability(reach: dict[str, Any]) -> str:
 
 async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
     rules = load_service_rules(settings)
+    away = False  # while Redis is away (restarting, say): the screen waits for it, and says so once
     while True:
-        answer = await stats.collect(redis, store, rules)
-        latest = (await store.list(JobQuery(), 15)).records
-        backfill = (await store.list(JobQuery(trigger="backfill"), 10_000)).records
+        try:
+            answer = await stats.collect(redis, store, rules)
+            latest = (await store.list(JobQuery(), 15)).records
+            backfill = (await store.list(JobQuery(trigger="backfill"), 10_000)).records
+        except (RedisError, OSError) as exc:
+            if args.once:
+                raise
+            if not away:
+                away = True
+                print(f"\nRedis is unreachable ({describe(exc)}); waiting for it (Ctrl-C to stop)", file=sys.stderr,
+                      flush=True)
+            await asyncio.sleep(args.interval)
+            continue
+        away = False
         screen = [f"b24rebind — {time.strftime('%H:%M:%S')} (Ctrl-C to stop)", ""]
         screen.append("  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
         screen.append(f"queue: {_queue_line(answer['queue'])}; {answer['jobs_finished_last_minute']} finished/min")

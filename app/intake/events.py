@@ -43,7 +43,7 @@ class PortalEvent(BaseModel):
             raise BadEvent("missing 'data[FIELDS][ID]': the id of the record the event is about")
         entity = _text(fields, "ID", "data[FIELDS][ID]")
         # isascii(): isdigit() passes "¹", which int() refuses
-        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18:
+        if not (entity.isascii() and entity.isdigit()) or len(entity) > 18 or int(entity) == 0:
             raise BadEvent("'data[FIELDS][ID]' must be a positive whole number")
         ts = str(data.get("ts", ""))[:20]
         return cls(name=event.upper(), entity_id=int(entity), ts=ts if ts.isascii() and ts.isdigit() else "",
@@ -54,6 +54,15 @@ class PortalEvent(BaseModel):
 
 
 def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
+    data = _decode(content_type, body)
+    try:  # a JSON "\ud800" (or a form's escaped equivalent) is text no one can store, log or compare
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadEvent("a field holds a lone surrogate (such as \\ud800), which is not text") from None
+    return data
+
+
+def _decode(content_type: str, body: bytes) -> dict[str, Any]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

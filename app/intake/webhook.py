@@ -1,15 +1,17 @@
 """POST /bitrix/events: authenticate, validate, queue, and only then answer."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
+from typing import TypedDict
 
 import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from app.api.keys import queue_key, redis_key, rules_key, settings_key
+from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key
 from app.api.metrics import EVENT_LABELS
 from app.intake.events import FORM, JSON, BadEvent, PortalEvent, decode_body
 from app.intake.install import INSTALL_EVENT, accept_install, expected_token
@@ -23,8 +25,15 @@ log = logging.getLogger(__name__)
 throttled = Throttled(log)
 
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0  # seconds for a body of at most MAX_BODY: a portal sends it at once; a slow sender holds a slot
 # Passed to the server: a portal's request has a dozen short headers; a TLS proxy adds a few more.
-HEADER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64}
+class HeaderLimits(TypedDict):
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
+HEADER_LIMITS = HeaderLimits(max_line_size=4096, max_field_size=4096, max_headers=64)
 
 
 async def receive_event(request: web.Request) -> web.Response:
@@ -36,12 +45,16 @@ async def receive_event(request: web.Request) -> web.Response:
     if request.content_type not in (FORM, JSON):
         return _answer(415, error=f"unsupported content type; send {FORM} (as portals do) or {JSON}")
     try:
-        data = decode_body(request.content_type, await request.read())
+        data = decode_body(request.content_type, await asyncio.wait_for(request.read(), BODY_TIMEOUT))
         if str(data.get("event", "")).upper() == INSTALL_EVENT:
             status, answer = await accept_install(request.app[redis_key], request.app[rules_key].current, data)
             request[EVENT_LABELS] = ("-", INSTALL_EVENT, "installed")
             return _answer(status, **answer)
         event = PortalEvent.from_mapping(data)
+    except TimeoutError:
+        throttled.warning("slow body", "refused an event from %s: its body took over %g s", request.remote,
+                          BODY_TIMEOUT)
+        return _answer(408, error=f"the body did not arrive within {BODY_TIMEOUT:g} s")
     except web.HTTPRequestEntityTooLarge:  # the app's client_max_size is MAX_BODY
         return _answer(413, error=f"the body is over {MAX_BODY // 1024} KiB; a portal's event is far smaller")
     except BadEvent as exc:
@@ -66,6 +79,9 @@ async def receive_event(request: web.Request) -> web.Response:
         return _answer(200, ignored=f"no rule listens to {event.name}")
 
     record = JobRecord.for_event(portal.name, event.name, event.entity_id, event.ts, event.handler_id)
+    outage = request.app.get(outage_key)
+    if outage is not None and outage.down_for is not None:
+        return await _spool(request, record)  # Redis is known to be away: no need to wait for it to fail again
     try:
         created = await request.app[queue_key].submit(record)
     except (RedisError, OSError):

@@ -5,7 +5,17 @@ import re
 from dataclasses import dataclass
 
 from app.rules.facts import Activity, Binding, Comment, Facts, Lead
-from app.rules.model import KINDS, EntityType, FixedTarget, Rule, RuleSet, Target, When, entity_label, target_type
+from app.rules.model import (
+    KINDS,
+    EntityType,
+    FixedTarget,
+    Rule,
+    RuleSet,
+    Target,
+    When,
+    entity_label,
+    target_type,
+)
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
 
 MAX_BINDINGS = 100  # per activity (crm.activity.binding overview)

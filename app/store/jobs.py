@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
@@ -107,10 +108,13 @@ class JobRecord(BaseModel):
         """`tries`: the queue's count of this job's runs. A retry by hand starts that count again, and a run
         whose record was never saved is in it but not in the record: the number is the larger of the two."""
         now = time.time()
+        last = self.attempts[-1] if self.attempts else None
+        if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
+            last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        last = self.attempts[-1].number if self.attempts else 0
-        self.attempts.append(Attempt(number=max(tries, last + 1), started_at=now))
+        last_number = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last_number + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:
@@ -119,6 +123,8 @@ class JobRecord(BaseModel):
         if self.attempts:
             attempt = self.attempts[-1]
             attempt.finished_at, attempt.outcome, attempt.error = now, attempt_outcome or state.value, error
+            if attempt.outcome == "deferred" and len(self.attempts) > 1 and self.attempts[-2].outcome == "deferred":
+                del self.attempts[-2]  # a run of waits is kept as its latest: a long wait is not 300 attempts
         if state in FINAL_STATES:
             self.finished_at = now
 
@@ -126,6 +132,10 @@ class JobRecord(BaseModel):
         """The job's changes were restored: its state says so, and what will happen next."""
         self.state = JobState.UNDONE
         self.outcome = f"undone: {restored} {'item' if restored == 1 else 'items'} restored. " + reapply_note(self.rules)
+
+    def give_up(self, outcome: str, error: dict[str, Any]) -> None:
+        """The queue gave up on the job between attempts: it is dead, and says why."""
+        self.state, self.outcome, self.error, self.finished_at = JobState.DEAD, outcome, error, time.time()
 
     def summary(self) -> dict[str, Any]:
         """The record without its plan and changes: what job lists and live updates carry."""
@@ -386,7 +396,7 @@ class JobStore:
             oldest = await self._redis.zrange(job_index, excess - 1, excess - 1, withscores=True)
             cutoff = max(cutoff, oldest[0][1])
         ids = await self._redis.zrangebyscore(job_index, "-inf", cutoff)
-        indexes = [key.decode() for key in await self._redis.smembers(all_indexes)]
+        indexes = [key.decode() for key in await awaited(self._redis.smembers(all_indexes))]
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(ids), 1000):
                 pipe.delete(*(prefixed(JOB_KEY + job_id.decode()) for job_id in ids[start:start + 1000]))
@@ -399,5 +409,5 @@ class JobStore:
                 pipe.exists(key)
             gone = [key for key, exists in zip(indexes, await pipe.execute()) if not exists]
         if gone:
-            await self._redis.srem(all_indexes, *gone)
+            await awaited(self._redis.srem(all_indexes, *gone))
         return len(ids)

@@ -5,20 +5,26 @@ import time
 from typing import Any, cast
 
 import orjson
-from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
-from arq.constants import expires_extra_ms, result_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError, TimeoutError
 
 from app.settings import Settings
-from app.store.jobs import JobRecord, JobState, JobStore, QueueEntry
+from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
 from app.store.namespace import prefixed
-from app.store.redis_pool import LeanSentinelPool, use_lean_pool
+from app.store.redis_pool import LeanPool, LeanSentinelPool
 
 PROCESS_EVENT = "process_event"
+RESCUE_CRON = "cron:requeue_stranded"  # the minute's look for stranded jobs (see JobQueue.requeue_stranded)
 SWEEP_CRON = "cron:reconcile_job"  # arq's name for the reconcile sweep's cron (its job ids start with it)
 LIVE_QUEUE = "arq:queue"
+# A job whose record still waits to run this long after its event arrived, with no arq job behind it,
+# is stranded (arq gave up on it, or a Redis restarted without its data): it is queued again.
+STRANDED_AFTER = 300.0
 BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
 
 
@@ -41,22 +47,41 @@ def redis_settings(settings: Settings) -> RedisSettings:
     if settings.redis_sentinels:
         target.sentinel, target.host = True, list(settings.redis_sentinels)
         target.sentinel_master = settings.redis_sentinel_master
-    target.conn_retries = 1
     return target
 
 
-async def connect(settings: Settings | str) -> ArqRedis:
+def _retries() -> dict[str, Any]:
+    """Each command rides out a connection lost mid-way (a Redis restarting, a failover) by
+    reconnecting a few times with jittered backoff, about 2 s in all; a longer outage raises, and each
+    process waits it out at its own level (the worker's poll, the web process's spool)."""
+    return {"retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.1), retries=4),
+            "retry_on_error": [ConnectionError, TimeoutError]}
+
+
+async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
     """The one way the service opens Redis: web, workers and commands alike.
 
+    With `wait` the first connection is made here, so a command fails at once on a Redis that is
+    away; without it (the long-running processes) the client is made whatever Redis's state, and
+    each command connects when it runs.
     Tests and benchmarks may give a bare URL: that Redis and nothing else from the environment.
     """
     if isinstance(settings, str):
         settings = Settings.model_construct(redis_url=settings)
     target = redis_settings(settings)
     if target.sentinel:
-        return await _through_sentinels(target)
-    redis = await create_pool(target, job_serializer=serialize, job_deserializer=deserialize)
-    await use_lean_pool(redis)
+        redis = _through_sentinels(target)
+    else:
+        pool = LeanPool.from_url(settings.redis_url or "redis://", socket_connect_timeout=target.conn_timeout,
+                                 max_connections=target.max_connections, **_retries())
+        redis = ArqRedis.from_pool(pool)
+    redis.job_serializer, redis.job_deserializer = serialize, deserialize
+    if wait:
+        try:
+            await redis.ping()  # as arq's create_pool does: no Redis, or a wrong password, fails here
+        except BaseException:
+            await redis.aclose()
+            raise
     return redis
 
 
@@ -69,20 +94,13 @@ class SentinelArqRedis(ArqRedis):
             await sentinel.aclose()
 
 
-async def _through_sentinels(target: RedisSettings) -> ArqRedis:
+def _through_sentinels(target: RedisSettings) -> ArqRedis:
     # What arq's create_pool does for Sentinel, plus a connect timeout (a Redis that is away must fail
     # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
     sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
-                         username=target.username, password=target.password, ssl=target.ssl)
-    redis = sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
-                                 connection_pool_class=LeanSentinelPool)
-    redis.job_serializer, redis.job_deserializer = serialize, deserialize
-    try:
-        await redis.ping()  # as create_pool does: no primary, or a wrong password, fails here
-    except BaseException:
-        await redis.aclose()
-        raise
-    return redis
+                         username=target.username, password=target.password, ssl=target.ssl, **_retries())
+    return sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
+                                connection_pool_class=LeanSentinelPool)
 
 
 class JobQueue:
@@ -110,6 +128,30 @@ class JobQueue:
         await self.store.save(record)
         await self._redis.delete(result_key_prefix + record.id)
         await self._enqueue(record)
+
+    async def requeue_stranded(self, now: float | None = None, limit: int = 1000) -> list[str]:
+        """Queue again the jobs whose records say they are still to run (queued, running, retrying) but
+        that have no arq job and no worker on them; each record says why. Returns their ids."""
+        until = (now or time.time()) - STRANDED_AFTER
+        candidates: list[str] = []
+        for state in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+            index = prefixed(f"{INDEX_PREFIX}state:{state.value}")
+            candidates += [i.decode() for i in await self._redis.zrangebyscore(index, "-inf", until, 0, limit)]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in candidates:
+                pipe.exists(job_key_prefix + job_id, in_progress_key_prefix + job_id)
+            alive = await pipe.execute()
+        rescued = []
+        for job_id, keys in zip(candidates, alive):
+            record = await self.store.get(job_id) if keys == 0 else None
+            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+                continue  # its job is there, or it has ended (or expired) since
+            record.outcome = f"queued again: its job had left the queue while it was {record.state.value}"
+            record.state = JobState.QUEUED
+            await self.store.save(record)
+            await self._enqueue(record)  # arq queues a job id once: a job queued meanwhile is left as it is
+            rescued.append(job_id)
+        return rescued
 
     async def _enqueue(self, record: JobRecord) -> None:
         await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id,

@@ -18,7 +18,7 @@ import functools
 from typing import Any
 
 from redis._parsers.hiredis import _AsyncHiredisParser
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.connection import HiredisRespSerializer
@@ -61,17 +61,6 @@ def _packing_in_c(connection_class: type[AbstractConnection]) -> type[AbstractCo
     if issubclass(connection_class, _PackingInC) or not HIREDIS_AVAILABLE:  # without hiredis: as redis-py packs
         return connection_class
     return type(connection_class.__name__, (_PackingInC, connection_class), {})
-
-
-async def use_lean_pool(redis: Redis) -> None:
-    """Give a client the same pool it has (same connection class and options), made lean."""
-    built = redis.connection_pool
-    if isinstance(built, LeanConnections):
-        return
-    options: dict[str, Any] = dict(built.connection_kwargs)
-    redis.connection_pool = LeanPool(connection_class=built.connection_class,
-                                     max_connections=built.max_connections, **options)
-    await built.disconnect()
 
 
 def _has_something_unread(connection: Any) -> bool:

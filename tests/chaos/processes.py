@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,11 @@ portals:
     return path
 
 
-class WorkerProcess:
-    """`python -m workers` in its own process group, its log in a file."""
+class ServiceProcess:
+    """`python -m app <command>` (serve, worker, run) in its own process group, its log in a file."""
 
-    def __init__(self, redis_url: str, rules: Path, data_dir: Path, name: str = "worker", **env: str) -> None:
+    def __init__(self, command: str, redis_url: str, rules: Path, data_dir: Path, name: str, **env: str) -> None:
+        self.command = command
         self.log = data_dir / f"{name}.log"
         self.env = {
             **os.environ,
@@ -43,10 +45,10 @@ class WorkerProcess:
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> WorkerProcess:
+    def start(self) -> ServiceProcess:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers"],
+                [sys.executable, "-m", "app", self.command],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
@@ -63,12 +65,26 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it does not leave within the grace period."""
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not leave within the grace period; the exit status."""
         if self.process is None or self.process.poll() is not None:
-            return
+            return self.process.returncode if self.process else None
         self.process.terminate()
         try:
-            self.process.wait(timeout=40)
+            return self.process.wait(timeout=40)
         except subprocess.TimeoutExpired:
             self.kill()
+            return None
+
+
+class WorkerProcess(ServiceProcess):
+    """`python -m app worker` (what `python -m workers` runs)."""
+
+    def __init__(self, redis_url: str, rules: Path, data_dir: Path, name: str = "worker", **env: str) -> None:
+        super().__init__("worker", redis_url, rules, data_dir, name, **env)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -72,13 +72,18 @@ async def test_events_must_carry_the_installed_applications_token(app_client: An
 
 
 async def test_a_second_install_with_another_token_and_installs_for_webhook_portals_are_refused(
-        app_client: Any, client: Any, portal: FakePortal) -> None:
+        app_client: Any, client: Any, portal: FakePortal, caplog: Any) -> None:
     first = portal.install_app()
     assert (await install(app_client, first)).status == 200
 
     impostor = {**first, "application_token": "someone-elses"}
     assert (await install(app_client, impostor)).status == 401
     assert (await install(client, first)).status == 401, "the webhook-mode portal takes no install"
+    for _ in range(20):  # anyone can post these: the log gets one line a kind every 10 s
+        assert (await install(app_client, impostor)).status == 401
+        assert (await install(client, first)).status == 401
+    refusals = [r for r in caplog.records if "refused" in r.getMessage() and "ONAPPINSTALL" in r.getMessage()]
+    assert len(refusals) == 2, [r.getMessage() for r in refusals]
 
 
 async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_queued(

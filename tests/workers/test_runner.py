@@ -15,8 +15,8 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.fakeportal.portal import LEAD, FakePortal
-from app.store.jobs import JobStore
-from app.store.queue import LIVE_QUEUE, PROCESS_EVENT
+from app.store.jobs import JobState, JobStore
+from app.store.queue import LIVE_QUEUE, PROCESS_EVENT, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event
 from workers import tasks
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup
@@ -129,7 +129,7 @@ async def test_a_job_waiting_for_its_lead_goes_back_in_the_queue_for_later(
     assert await redis.zscore(LIVE_QUEUE, job_id) >= before + LOCK_WAIT * 1000
     assert await redis.exists(job_key_prefix + job_id) == 1  # still there to run again
     assert await redis.exists(in_progress_key_prefix + job_id) == 0  # and free to be claimed then
-    assert await redis.get(retry_key_prefix + job_id) == b"1"
+    assert await redis.get(retry_key_prefix + job_id) == b"0"  # waiting spends none of its tries
     assert await redis.get(f"b24:lock:acme:lead:{lead}") == b"another job"  # not ours to release
     record = await JobStore(redis, 3600).get(job_id)
     assert record is not None and record.state.value == "retrying" and "waiting" in record.outcome
@@ -163,6 +163,10 @@ async def test_a_job_that_cannot_run_is_taken_off_the_queue(why: str, client: An
     assert await redis.zscore(LIVE_QUEUE, job_id) is None
     for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix):
         assert await redis.exists(prefix + job_id) == 0, prefix
+    if why == "it is past its tries":  # its record must not say it is still to run
+        record = await JobStore(redis, 3600).get(job_id)
+        assert record is not None and record.state.value == "dead" and record.error is not None
+        assert record.outcome == f"gave up after {MAX_TRIES} tries" and record.error["code"] == "TOO_MANY_TRIES"
 
 
 async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_next_poll(
@@ -315,3 +319,70 @@ async def test_a_stopping_worker_starts_nothing_more_even_in_the_middle_of_a_pol
 
     assert list(worker.tasks) == [first]
     await worker.tasks[first]
+
+
+async def test_a_job_waiting_for_a_long_lead_job_waits_past_its_tries_and_keeps_one_wait_on_record(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    lead = portal.add_lead()
+    portal.add_activity([(LEAD, lead)])
+    portal.convert_lead(lead)
+    await redis.set(f"b24:lock:acme:lead:{lead}", "a long conversion", px=60_000)
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    job_id = str(answer["job_id"])
+    worker = await started(make_worker())
+
+    for _ in range(MAX_TRIES + 5):  # more waits than it has tries
+        await redis.zadd(LIVE_QUEUE, {job_id: 0})  # no need to wait the delay out
+        await run_one(worker, job_id)
+    await redis.delete(f"b24:lock:acme:lead:{lead}")  # the conversion ends
+    await redis.zadd(LIVE_QUEUE, {job_id: 0})
+    await run_one(worker, job_id)
+
+    record = await JobStore(redis, 3600).get(job_id)
+    assert record is not None and record.state.value == "succeeded", record
+    assert [a.outcome for a in record.attempts] == ["deferred", "succeeded"]  # the waits, kept as one
+
+
+async def converted_lead_job(client: Any, portal: FakePortal) -> str:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    return await queued_job_on(client, portal, lead)
+
+
+async def test_an_attempt_cut_off_by_a_killed_worker_is_recorded_as_interrupted(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    job_id = await converted_lead_job(client, portal)
+    store = JobStore(redis, 3600)
+    record = await store.get(job_id)
+    assert record is not None
+    record.begin_attempt(1)  # saved as running (the job ran past SHOW_RUNNING_AFTER), then the worker died
+    await store.save(record)
+
+    await make_worker().run_check()
+
+    record = await store.get(job_id)
+    assert record is not None and [a.outcome for a in record.attempts] == ["interrupted", "succeeded"]
+    assert record.attempts[0].finished_at is not None
+
+
+async def test_records_left_waiting_with_no_job_behind_them_are_queued_again(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    stranded, healthy = await converted_lead_job(client, portal), await converted_lead_job(client, portal)
+    store = JobStore(redis, 3600)
+    for job_id in (stranded, healthy):
+        record = await store.get(job_id)
+        assert record is not None
+        record.state = JobState.RETRYING
+        await store.save(record)
+    await redis.delete(job_key_prefix + stranded)  # arq dropped it, say, or a Redis lost it
+    await redis.zrem(LIVE_QUEUE, stranded)
+    queue = JobQueue(redis, store)
+
+    assert await queue.requeue_stranded(now=time.time()) == []  # too recent to tell
+    assert await queue.requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == [stranded]
+    assert await queue.requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == []  # queued now: once is enough
+
+    rescued = await store.get(stranded)
+    assert rescued is not None and rescued.state == JobState.QUEUED and "left the queue" in rescued.outcome
+    await make_worker().run_check()
+    assert [(await store.get(i)).state for i in (stranded, healthy)] == [JobState.SUCCEEDED] * 2  # type: ignore

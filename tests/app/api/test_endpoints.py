@@ -374,6 +374,23 @@ async def test_without_a_token_writes_are_refused_and_proxied_reads_too(client: 
     assert direct.status == 200
 
 
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.nip.io", "localhost.evil.example"])
+async def test_without_a_token_a_read_for_another_host_name_is_refused(client: Any, host: str) -> None:
+    """DNS rebinding: a page from evil.example whose name now resolves to 127.0.0.1 reads as that name."""
+    for path in ("/api/jobs", "/metrics"):
+        response = await client.get(path, headers={"Host": host})
+        assert response.status == 403, path
+    for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "b24.localhost"):
+        assert (await client.get("/api/jobs", headers={"Host": host})).status == 200, host
+
+
+@pytest.mark.parametrize("path", ["/dashboard/__init__.py", "/dashboard/__pycache__", "/dashboard/../web.py",
+                                  "/dashboard/%2e%2e/web.py", "/dashboard/nothing.js"])
+async def test_only_the_dashboards_assets_are_served(client: Any, path: str) -> None:
+    assert (await client.get("/dashboard/app.js")).status == 200
+    assert (await client.get(path)).status == 404
+
+
 async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: Any, portal: FakePortal) -> None:
     lead = portal.add_lead()
     portal.convert_lead(lead)

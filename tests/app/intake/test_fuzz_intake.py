@@ -10,7 +10,7 @@ import tracemalloc
 from collections.abc import Iterator
 from ipaddress import ip_network
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import pytest
 import redis as sync_redis
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from app.api.web import create_app
 from app.bitrix.portal import PortalConfig
+from app.logs import QuietBadRequests
 from app.rules.model import RuleSet
 from app.settings import Settings
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, event_form, post_event, rules_with
@@ -209,6 +210,9 @@ async def test_the_served_app_refuses_oversized_and_too_many_headers(settings: S
     from app.service import web_runner
 
     runner = web_runner(settings, rules)
+    server_log = logging.getLogger("aiohttp.server")  # a fresh throttle: earlier tests may have used its 10 s
+    server_log.filters[:] = [f for f in server_log.filters if not isinstance(f, QuietBadRequests)]
+    QuietBadRequests.install()
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -230,6 +234,10 @@ async def test_the_served_app_refuses_oversized_and_too_many_headers(settings: S
     finally:
         await runner.cleanup()
     assert not [r for r in caplog.records if "Failed to create request handler" in r.getMessage()]
+    # aiohttp's own line for each: one line without a traceback, at most one every 10 s
+    malformed = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(malformed) == 1 and malformed[0].exc_info is None, [r.getMessage() for r in malformed]
+    assert malformed[0].getMessage().startswith("refused a malformed request from 127.0.0.1")
 
 
 def test_memory_stays_flat_over_thousands_of_bad_requests(intake: Intake) -> None:
@@ -261,3 +269,72 @@ def test_memory_stays_flat_over_thousands_of_bad_requests(intake: Intake) -> Non
         logging.disable(logging.NOTSET)
     print(f"memory: {(end - start) / 1e3:+.0f} kB over 3000 requests")
     assert end - start < 1_000_000, f"grew {(end - start) / 1e6:.1f} MB over 3000 requests"
+
+
+def json_event(event: str = "ONCRMACTIVITYADD") -> dict[str, Any]:
+    """An event as JSON, the same fields a portal's form post has."""
+    return {"event": event, "event_handler_id": "975", "data": {"FIELDS": {"ID": "5"}}, "ts": "1766047124",
+            "auth": {"domain": DOMAIN, "client_endpoint": f"https://{DOMAIN}/rest/",
+                     "server_endpoint": "https://oauth.bitrix.info/rest/", "member_id": "d897063e1ce7c5eb9f04b9751eef",
+                     "application_token": TOKEN, "access_token": "a", "refresh_token": "r"}}
+
+
+def paths(value: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, inner in value.items():
+        if isinstance(inner, dict):
+            yield from paths(inner, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+EVENT_FIELDS = list(paths(json_event()))
+FORM_FIELDS = [key for key, _ in parse_qsl(event_form("ONCRMACTIVITYADD", 5))]
+
+
+@pytest.mark.parametrize("event", ["ONCRMACTIVITYADD", "ONAPPINSTALL"])
+@pytest.mark.parametrize("where", ["value", "key"])
+@pytest.mark.parametrize("field", EVENT_FIELDS, ids=".".join)
+async def test_a_lone_surrogate_in_any_json_field_is_a_400(client: Any, redis: Any, field: tuple[str, ...],
+                                                          where: str, event: str, caplog: Any) -> None:
+    body = json_event(event)
+    holder = body
+    for key in field[:-1]:
+        holder = holder[key]
+    if where == "value":
+        holder[field[-1]] = "x\ud800"
+    else:
+        holder[field[-1] + "\udfff"] = holder.pop(field[-1])
+
+    response = await client.post("/bitrix/events", data=json.dumps(body), headers={"Content-Type": "application/json"})
+
+    assert response.status == 400, await response.text()
+    assert "lone surrogate" in (await response.json())["error"]
+    assert await redis.zcard("arq:queue") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("encoded", ["%ED%A0%80", "%ud800", "\\ud800"])
+@pytest.mark.parametrize("field", FORM_FIELDS)
+async def test_a_surrogate_in_any_form_field_never_gets_a_5xx(client: Any, redis: Any, field: str,
+                                                              encoded: str, caplog: Any) -> None:
+    pairs = parse_qsl(event_form("ONCRMACTIVITYADD", 5))
+    body = "&".join(f"{quote(k)}={quote(v) + (encoded if k == field else '')}" for k, v in pairs)
+
+    response = await client.post("/bitrix/events", data=body.encode(), headers={"Content-Type": FORM})
+
+    # Percent-escapes of a surrogate's bytes are not UTF-8: the form's decoding replaces them, and the
+    # field is then refused as its content warrants (or, where any text goes, accepted).
+    assert response.status < 500, await response.text()
+    if field == "auth[application_token]":
+        assert response.status == 401  # the token with anything added is not the token
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("entity", ["0", "00", "-1"])
+async def test_an_id_that_is_not_positive_is_a_400(client: Any, redis: Any, entity: str) -> None:
+    response = await client.post("/bitrix/events", data=event_form("ONCRMACTIVITYADD", 5).replace(
+        "data%5BFIELDS%5D%5BID%5D=5", f"data%5BFIELDS%5D%5BID%5D={entity}"), headers={"Content-Type": FORM})
+
+    assert response.status == 400
+    assert "positive whole number" in (await response.json())["error"]
+    assert await redis.zcard("arq:queue") == 0

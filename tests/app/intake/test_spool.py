@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,70 @@ async def _queued(redis: ArqRedis, n: int) -> bool:
 
 async def _no_segments(settings: Settings) -> bool:
     return not Spool(settings.data_dir / "spool").pending()
+
+
+async def test_lines_that_cannot_become_jobs_are_quarantined_and_draining_goes_on(
+    redis: ArqRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    good = [JobRecord.for_event("acme", "ONCRMACTIVITYADD", n, "1") for n in (1, 2, 3)]
+    await spool.append(good[0])
+    spool.seal()
+    poisoned = b'{"job_id":"p01","portal":"acme","event":"ONCRMACTIVITYADD","entity_id":"not a number"}\n'
+    with spool.segments()[0].open("ab") as file:  # valid JSON with a bad field, then a line that is not JSON
+        file.write(poisoned + b"\x00garbage\n")
+    await spool.append(good[1])
+    spool.seal()
+    with spool.segments()[-1].open("ab") as file:
+        file.write(b'{"job_id": "torn", "por')  # a process died mid-write; that event got no answer
+    await spool.append(good[2])  # a later segment still drains
+
+    assert await spool.drain(JobQueue(redis, JobStore(redis, 60)), redis) == 3
+
+    assert {r.id for r in good} <= {m.decode() for m in await redis.zrange(LIVE_QUEUE, 0, -1)}
+    assert spool.quarantine.read_bytes() == poisoned + b"\x00garbage\n" + b'{"job_id": "torn", "por\n'
+    assert spool.status() == {"waiting_segments": 0, "quarantined": 3}
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "quarantine.jsonl" in errors[0].getMessage()  # one line per segment
+    assert float(await redis.hget("b24:metrics", "spool_quarantined")) == 3
+
+
+async def test_a_torn_tail_is_cut_before_the_next_append(redis: ArqRedis, tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    first, second = (JobRecord.for_event("acme", "ONCRMACTIVITYADD", n, "1") for n in (1, 2))
+    await spool.append(first)
+    with spool.segments()[0].open("ab") as file:
+        file.write(b'{"job_id": "half a li')  # as a write that failed part-way (a full disk) leaves it
+
+    await spool.append(second)  # would be glued to the torn line, and lost with it
+
+    assert await spool.drain(JobQueue(redis, JobStore(redis, 60)), redis) == 2
+    assert spool.status()["quarantined"] == 0
+
+
+async def test_readyz_and_metrics_count_quarantined_lines(client: Any, redis: ArqRedis, settings: Settings) -> None:
+    spool_dir = settings.data_dir / "spool"
+    (spool_dir / "spool-00000000000000000001-1.jsonl").write_bytes(b'{"job_id": 7}\n')
+
+    await eventually(lambda: _quarantined(client))
+
+    response = await client.get("/metrics")
+    assert "b24rebind_spool_quarantined_total 1.0" in await response.text()
+
+
+async def _quarantined(client: Any) -> bool:
+    answer = await (await client.get("/readyz")).json()
+    return bool(answer["spool"]["quarantined"] == 1 and answer["spool"]["waiting_segments"] == 0)
+
+
+async def test_reads_while_redis_is_away_are_a_503_that_says_so(
+    aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, caplog: Any
+) -> None:
+    client = await aiohttp_client(create_app(down_settings, rules))
+    bundled.stop()
+
+    for path in ("/api/jobs", "/metrics", "/api/jobs/abc"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert "Redis is" in (await response.json())["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
