@@ -128,6 +128,10 @@ async def _list(args: argparse.Namespace, store: JobStore, redis: Redis, setting
     if args.json:
         print(json.dumps({"jobs": [r.summary() for r in page.records], "next_cursor": page.next_cursor}, indent=2))
         return 0
+    if not page.records:
+        print("no jobs" + (" match these filters" if _filters(args) else " yet: they appear as the portal's "
+                           "events arrive (or try `b24rebind demo`)"))
+        return 0
     print(_table(page.records))
     if page.next_cursor:
         print(f"\nolder jobs: --cursor {page.next_cursor}")
