@@ -64,7 +64,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except (RedisError, OSError):
         if not request.path.startswith("/api/"):
             raise
-        log.error("API request %s failed: Redis is unreachable", request.path)
+        log.debug("API request %s failed: Redis is unreachable", request.path)  # the outage is logged once
         return web.json_response({"error": "Redis is unreachable; job records cannot be read. Check Redis."},
                                  status=503)
 
@@ -145,9 +145,10 @@ async def get_audit(request: web.Request) -> web.Response:
         entries = (await audit.for_job(params["job"]))[:limit]
     else:
         kind = "comment" if params["comment"] else "activity"
-        if not params[kind]:
+        given = params[kind]
+        if not given:
             raise BadRequest("give activity=ID, comment=ID or job=ID")
-        item = _int(params[kind], kind, 1, 2**63)
+        item = _int(given, kind, 1, 2**63)
         entries = await audit.for_item(item, kind, params["portal"], limit)
     return web.json_response({"entries": [e.model_dump(mode="json") for e in entries]})
 

@@ -31,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
     """Build the web application; `settings` must name a running Redis (REDIS_URL or REDIS_SENTINELS)."""
     QuietBadRequests.install()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[redis_away, api_auth])
     app[settings_key] = settings
     if rules is None:
         rules = LiveRules(load_service_rules(settings), settings)
@@ -92,6 +92,18 @@ async def trim_context(app: web.Application) -> AsyncIterator[None]:
     trimmer = asyncio.create_task(trim_forever())
     yield
     trimmer.cancel()
+
+
+@web.middleware
+async def redis_away(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A read of jobs or metrics while Redis is away is a 503 that says so, not a 500 with a traceback
+    (the outage itself is logged once, by the web process's watch)."""
+    try:
+        return await handler(request)
+    except RedisError:
+        outage = request.app[outage_key]
+        return web.json_response({"error": f"Redis is {outage.status() if outage.down_for else 'unreachable'}; "
+                                  "try again once it is back (GET /readyz says when)"}, status=503)
 
 
 @web.middleware

@@ -20,6 +20,7 @@ from app.bitrix.ratelimit import RateLimiter
 from app.rules.model import RuleSet, entity_label, entity_type_of
 from app.store.jobs import JobRecord, JobStore, UnknownJob
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 ITEM_KEY = "b24:audit:item:"  # + "activity:12" -> list of entries, newest first
 JOB_KEY = "b24:audit:job:"  # + job id -> list of entries, in the order applied
@@ -81,12 +82,12 @@ class AuditLog:
     async def for_item(self, item: int, kind: str = "activity", portal: str | None = None,
                        limit: int = 50) -> list[AuditEntry]:
         """The changes made to one activity or comment, newest first."""
-        raws = await self._redis.lrange(prefixed(f"{ITEM_KEY}{kind}:{item}"), 0, KEEP_PER_ITEM - 1)
+        raws = await awaited(self._redis.lrange(prefixed(f"{ITEM_KEY}{kind}:{item}"), 0, KEEP_PER_ITEM - 1))
         entries = [AuditEntry.model_validate_json(raw) for raw in raws]
         return [e for e in entries if portal is None or e.portal == portal][:limit]
 
     async def for_job(self, job_id: str) -> list[AuditEntry]:
-        raws = await self._redis.lrange(prefixed(JOB_KEY + job_id), 0, -1)
+        raws = await awaited(self._redis.lrange(prefixed(JOB_KEY + job_id), 0, -1))
         return [AuditEntry.model_validate_json(raw) for raw in raws]
 
     async def undone_at(self, job_id: str) -> float | None:

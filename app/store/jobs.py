@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
@@ -112,8 +113,8 @@ class JobRecord(BaseModel):
             last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        last = self.attempts[-1].number if self.attempts else 0
-        self.attempts.append(Attempt(number=max(tries, last + 1), started_at=now))
+        last_number = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last_number + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:
@@ -395,7 +396,7 @@ class JobStore:
             oldest = await self._redis.zrange(job_index, excess - 1, excess - 1, withscores=True)
             cutoff = max(cutoff, oldest[0][1])
         ids = await self._redis.zrangebyscore(job_index, "-inf", cutoff)
-        indexes = [key.decode() for key in await self._redis.smembers(all_indexes)]
+        indexes = [key.decode() for key in await awaited(self._redis.smembers(all_indexes))]
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(ids), 1000):
                 pipe.delete(*(prefixed(JOB_KEY + job_id.decode()) for job_id in ids[start:start + 1000]))
@@ -408,5 +409,5 @@ class JobStore:
                 pipe.exists(key)
             gone = [key for key, exists in zip(indexes, await pipe.execute()) if not exists]
         if gone:
-            await self._redis.srem(all_indexes, *gone)
+            await awaited(self._redis.srem(all_indexes, *gone))
         return len(ids)

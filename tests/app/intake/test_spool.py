@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,16 @@ async def test_readyz_and_metrics_count_quarantined_lines(client: Any, redis: Ar
 async def _quarantined(client: Any) -> bool:
     answer = await (await client.get("/readyz")).json()
     return bool(answer["spool"]["quarantined"] == 1 and answer["spool"]["waiting_segments"] == 0)
+
+
+async def test_reads_while_redis_is_away_are_a_503_that_says_so(
+    aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, caplog: Any
+) -> None:
+    client = await aiohttp_client(create_app(down_settings, rules))
+    bundled.stop()
+
+    for path in ("/api/jobs", "/metrics", "/api/jobs/abc"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert "Redis is" in (await response.json())["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
