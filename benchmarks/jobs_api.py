@@ -42,7 +42,7 @@ async def seed(records: int, failed_share: float) -> int:
                            received_at=start + i * 86400 / records, state=state, rules=["rule-a"],
                            plan=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"]}],
                            changes=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"],
-                                     "status": "changed", "errors": []}], outcome="re-bound 1 items")
+                                     "status": "changed", "errors": []}], outcome="re-bound 1 item")
         await store.save(record)
     await redis.aclose()
     return failed

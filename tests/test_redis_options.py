@@ -320,7 +320,7 @@ async def test_two_installations_share_one_redis_database_with_no_key_in_common(
         shown = await b24rebind(["jobs", "show", jobs["red"], "--json"], red.environment, red.directory)
         assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == jobs["red"], shown.stderr
         other = await b24rebind(["jobs", "show", jobs["blue"]], red.environment, red.directory)
-        assert other.returncode == 1 and "no job" in other.stderr, other
+        assert other.returncode == 6 and "no such id" in other.stderr, other  # 6: not found (app/cli/exits.py)
     finally:
         for installation in installations.values():
             installation.stop()

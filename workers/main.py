@@ -18,7 +18,15 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.store.namespace import prefixed
-from app.store.queue import LIVE_QUEUE, PROCESS_EVENT, RESCUE_CRON, SWEEP_CRON, JobQueue, deserialize, serialize
+from app.store.queue import (
+    LIVE_QUEUE,
+    PROCESS_EVENT,
+    RESCUE_CRON,
+    SWEEP_CRON,
+    JobQueue,
+    deserialize,
+    serialize,
+)
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event

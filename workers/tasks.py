@@ -19,6 +19,7 @@ from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
 from app.logs import current_job
+from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
@@ -29,6 +30,7 @@ from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
 from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from app.words import plural
 from workers.runner import TIMED_OUT, JobClosing
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,9 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         raise Retry(defer=wait) from None
     except TransientError as exc:
         _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
-    except (Gone, Echo) as exc:
+    except Gone as exc:
+        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(ctx, rules, portal, client, exc))
+    except Echo as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
@@ -125,8 +129,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         await running.settle()
         await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
                             closing=ctx.get("closing") if record.state in FINAL_STATES else None)
-        log.info("job %s %s after %d requests: %s", record.id, record.state.value, client.requests,
-                 record.outcome)
+        _log_end(record, client.requests)
     return record.state.value
 
 
@@ -161,6 +164,34 @@ def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool 
                       budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,
                                           ctx.get("budget_reads") or BudgetReads()),
                       oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+
+
+async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,
+                    gone: Gone) -> str:
+    """A lead that cannot be read may be a portal in simple CRM mode, where leads never last: ask, once
+    a day at most, only when rules about leads exist, and say so."""
+    if gone.what != "lead" or not rules.lead_rules():
+        return ""
+    modes = await noted_modes(ctx["redis"], [portal.name])
+    mode = modes.get(portal.name)
+    if mode is None:
+        try:
+            mode = await read_mode(client)
+        except B24Error:
+            return ""
+        await note_mode(ctx["redis"], portal.name, mode)
+    warning = simple_mode_warning(rules, portal.name, mode)
+    return f"; {warning}" if warning else ""
+
+
+def _log_end(record: JobRecord, requests: int) -> None:
+    """A failed job is a person's business: WARNING, with the portal's code to look up."""
+    if record.state in (JobState.FAILED, JobState.DEAD):
+        code = (record.error or {}).get("code") or "no code"
+        log.warning("job %s %s (%s) after %d requests: %s", record.id, record.state.value, code, requests,
+                    record.outcome)
+    else:
+        log.info("job %s %s after %d requests: %s", record.id, record.state.value, requests, record.outcome)
 
 
 def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
@@ -222,13 +253,18 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {len(outcomes)} items could not be changed",
-                           first)
+        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
+                           "not be changed", first)
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        record.end_attempt(JobState.SUCCEEDED, gone + f"re-bound {changed} items"
-                           + (f"; {dry} left as they are (dry run)" if dry else ""))
+        deleted = sum(o.status == "gone" for o in outcomes)
+        done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
+        would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
+        left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
+            if deleted else ""
+        state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -19,7 +19,7 @@ from app.api.metrics import setup_metrics
 from app.api.openapi import openapi_document
 from app.api.stream import setup_stream
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
-from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobState
+from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobState, UnknownJob
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,20 @@ async def undo_job_changes(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     if not _JOB_ID.match(job_id):
         raise BadRequest("a job id is letters and digits")
-    audit = AuditLog(request.app[redis_key], request.app[settings_key].job_retention_days * 86400)
+    days = request.app[settings_key].job_retention_days
+    audit = AuditLog(request.app[redis_key], days * 86400)
     try:
-        result = await undo_with_rules(job_id, audit, request.app[rules_key].current, request.app[redis_key])
+        result = await undo_with_rules(job_id, audit, request.app[rules_key].current, request.app[redis_key],
+                                       request.app[store_key], days)
+    except UnknownJob as exc:
+        return web.json_response({"error": str(exc)}, status=404)
     except UndoRefused as exc:
         return web.json_response({"error": str(exc)}, status=409)
     log.info("job %s undone by an API call: %d items restored", job_id, len(result.restored))
-    return web.json_response({"restored": [e.model_dump(mode="json") for e in result.restored],
+    record = await request.app[store_key].get(job_id)
+    return web.json_response({"state": record.state.value if record else None,
+                              "outcome": record.outcome if record else None,
+                              "restored": [e.model_dump(mode="json") for e in result.restored],
                               "errors": result.errors}, status=200 if not result.errors else 502)
 
 
@@ -138,9 +145,10 @@ async def get_audit(request: web.Request) -> web.Response:
         entries = (await audit.for_job(params["job"]))[:limit]
     else:
         kind = "comment" if params["comment"] else "activity"
-        if not params[kind]:
+        given = params[kind]
+        if not given:
             raise BadRequest("give activity=ID, comment=ID or job=ID")
-        item = _int(params[kind], kind, 1, 2**63)
+        item = _int(given, kind, 1, 2**63)
         entries = await audit.for_item(item, kind, params["portal"], limit)
     return web.json_response({"entries": [e.model_dump(mode="json") for e in entries]})
 

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -46,10 +46,27 @@ def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
     return name, dict(pair.split("=", 1) for pair in pairs)
 
 
+MINUTES = "b24:minute:"  # + Unix minute -> hash: events, jobs (finished), requests (to portals) in that minute
+KEEP_MINUTES = 7200  # seconds: the dashboard's chart shows the last hour
+
 # Adds to many counters in one command: ARGV holds field, increment pairs (HINCRBYFLOAT keeps whole
-# numbers whole, so counts stay integers).
+# numbers whole, so counts stay integers), then the seconds a minute's counts are kept. Three of them are also counted per minute, for the chart:
+# events received, jobs finished (each adds one to exactly one duration bucket) and requests sent.
 _ADD = """
-for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local minute = false
+for i = 1, #ARGV - 1, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  local name = string.match(ARGV[i], '^[^|]+')
+  local series = nil
+  if name == 'events_received' then series = 'events'
+  elseif name == 'job_duration_seconds_bucket' then series = 'jobs'
+  elseif name == 'rest_requests' and string.find(ARGV[i], '|via=request', 1, true) then series = 'requests' end
+  if series then
+    redis.call('HINCRBYFLOAT', KEYS[2], series, ARGV[i + 1])
+    minute = true
+  end
+end
+if minute then redis.call('EXPIRE', KEYS[2], ARGV[#ARGV]) end
 return 1
 """
 
@@ -58,25 +75,41 @@ def stage_counts(pipe: Any, counts: Mapping[str, float]) -> None:
     """Add counts to the shared counters as part of a pipeline: one command whatever their number."""
     if counts:
         pairs = [part for name, n in counts.items() for part in (name, repr(n))]
-        pipe.eval(_ADD, 1, prefixed(COUNTERS), *pairs)
+        minute = prefixed(f"{MINUTES}{int(time.time() // 60)}")
+        pipe.eval(_ADD, 2, prefixed(COUNTERS), minute, *pairs, KEEP_MINUTES)
 
 
 def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
     ended the job, its duration."""
-    counts: Counter[str] = Counter()
+    counts: defaultdict[str, float] = defaultdict(float)  # requests, and seconds waited
     for (method, outcome, via), n in client.calls.items():
         counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
     waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
     _flushed_waits[limiter] = limiter.stats.waited_seconds
     if waited > 0:
         counts[field("rate_limit_wait_seconds", portal=record.portal)] += waited
+    _stage_reachability(pipe, record.portal, {outcome for (_, outcome, via) in client.calls if via == "request"})
     if record.state in FINAL_STATES and record.started_at and record.finished_at:
         seconds, state = record.finished_at - record.started_at, record.state.value
         bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
         counts[field("job_duration_seconds_bucket", state=state, le=bucket)] += 1
         counts[field("job_duration_seconds_sum", state=state)] += seconds
     stage_counts(pipe, counts)
+
+
+REACHABILITY = "b24:reach:"  # + portal -> hash: answered_at, unreachable_at (Unix seconds)
+
+
+def _stage_reachability(pipe: Any, portal: str, outcomes: set[str]) -> None:
+    """When the portal last answered (anything, even an error) and when it last could not be reached."""
+    now, seen = time.time(), {}
+    if outcomes - {"NETWORK_ERROR"}:
+        seen["answered_at"] = now
+    if "NETWORK_ERROR" in outcomes:
+        seen["unreachable_at"] = now - 0.001 if "answered_at" in seen else now  # a retry that got through wins
+    if seen:
+        pipe.hset(prefixed(REACHABILITY + portal), mapping=seen)
 
 
 FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches
@@ -163,12 +196,12 @@ async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
 
 # Set by the webhook: (portal, event, outcome), outcome one of queued, duplicate, spooled, ignored or
 # installed. Read only when the answer is a 200.
-EVENT_LABELS = web.RequestKey("event_labels", tuple)
+EVENT_LABELS = web.RequestKey[tuple[str, str, str]]("event_labels", tuple)
 
 
 def _event_labels(request: web.Request, status: int) -> tuple[str, str, str]:
     if status == 200 and EVENT_LABELS in request:
-        return request[EVENT_LABELS]  # type: ignore[no-any-return]
+        return request[EVENT_LABELS]
     # Unauthenticated bodies never become labels: anyone could invent portals and events.
     return "-", "-", {401: "refused", 403: "refused", 503: "unavailable"}.get(status, "malformed")
 

@@ -71,8 +71,10 @@ _PATHS: dict[str, dict[str, Any]] = {
         "Queue a finished job again; it re-reads the portal before writing",
         {"200": _json("queued", {"type": "object"}), "400": _ERROR, "404": _ERROR}, [_JOB_ID])},
     "/api/jobs/{job_id}/undo": {"post": _operation(
-        "Restore the bindings a job changed, all or nothing; refused when any of them changed since",
-        {"200": _json("the items restored", {"type": "object"}), "400": _ERROR, "409": _ERROR,
+        "Restore the bindings a job changed, all or nothing; refused when any of them changed since. The job's "
+        "state becomes `undone`; its rules apply again on the next event unless the rule is paused",
+        {"200": _json("the job's new state and outcome, and the items restored", {"type": "object"}), "400": _ERROR,
+         "404": _ERROR, "409": _ERROR,
          "502": _ERROR}, [_JOB_ID])},
     "/api/stats": {"get": _operation(
         "Counts per state, queue depth, oldest queued age, jobs per minute, REST requests and headroom per portal",
@@ -95,8 +97,9 @@ _PATHS: dict[str, dict[str, Any]] = {
                                   {"200": _json("ready", {"type": "object"}), "503": _json("not ready", {"type": "object"})},
                                   auth=False)},
     "/": {"get": _operation("The dashboard (HTML)", {"200": {"description": "the page"}}, auth=False)},
+    "/favicon.ico": {"get": _operation("The dashboard's icon (SVG)", {"200": {"description": "the icon"}}, auth=False)},
     "/dashboard/{filename}": {"get": _operation(
-        "The dashboard's script and style sheet", {"200": {"description": "a static file"}, "404": _ERROR},
+        "The dashboard's script, style sheet and icon", {"200": {"description": "a static file"}, "404": _ERROR},
         [_param("filename", "file name", {"type": "string"}, "path")], auth=False)},
 }
 

@@ -5,34 +5,49 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from app.api.metrics import COUNTERS, parse_field
+from app.api.metrics import COUNTERS, REACHABILITY, parse_field
+from app.api.metrics import MINUTES as MINUTES_KEY
 from app.rules.model import RuleSet
 from app.store.jobs import INDEX_PREFIX, JOB_INDEX, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
 
-MINUTES = 30  # throughput history the dashboard draws
+MINUTES = 30  # jobs received per minute, for `jobs_per_minute_history`
+HOUR = 60  # minutes of events, finished jobs and portal requests, for the dashboard's chart
+SERIES = ("events", "jobs", "requests")
 
 
 async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, Any]:
     """Everything GET /api/stats answers, read from Redis in a few round trips."""
     seconds, micros = await redis.time()
     now = seconds + micros / 1e6
+    this_minute = int(now // 60)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcard(prefixed(LIVE_QUEUE))
         pipe.zcard(prefixed(BACKFILL_QUEUE))
+        pipe.zcount(prefixed(LIVE_QUEUE), "-inf", now * 1000)
+        pipe.zcount(prefixed(BACKFILL_QUEUE), "-inf", now * 1000)
         pipe.zrange(prefixed(f"{INDEX_PREFIX}state:queued"), 0, 0, withscores=True)
         for minute in range(MINUTES):
             pipe.zcount(prefixed(JOB_INDEX), now - 60 * (minute + 1), f"({now - 60 * minute}")
+        for minute in range(this_minute - HOUR + 1, this_minute + 1):
+            pipe.hgetall(prefixed(f"{MINUTES_KEY}{minute}"))
         pipe.hgetall(prefixed(COUNTERS))
-        live, backfill, oldest, *per_minute, counters = await pipe.execute()
+        live, backfill, live_ready, backfill_ready, oldest, *rest = await pipe.execute()
+    per_minute, minutes, counters = rest[:MINUTES], rest[MINUTES:-1], rest[-1]
+    history = {series: [int(float(m.get(series.encode(), 0))) for m in minutes] for series in SERIES}
+    ready = live_ready + backfill_ready
     return {
         "time": now,
         "jobs": await store.counts(),
-        "queue": {"depth": live + backfill, "live": live, "backfill": backfill,
+        # Retries wait in the queue too, scheduled for later: "ready" is what a worker could take now.
+        "queue": {"depth": live + backfill, "live": live, "backfill": backfill, "ready": ready,
+                  "later": live + backfill - ready,
                   "oldest_queued_seconds": round(now - oldest[0][1], 3) if oldest else None},
-        "jobs_per_minute": per_minute[0],
+        "jobs_per_minute": per_minute[0],  # received
         "jobs_per_minute_history": per_minute[::-1],  # oldest minute first, the current one last
+        "jobs_finished_last_minute": sum(history["jobs"][-2:]) if history["jobs"] else 0,
+        "history": {"minute_starts": [60 * m for m in range(this_minute - HOUR + 1, this_minute + 1)], **history},
         "portals": await _portals(redis, rules, now, _requests_per_portal(counters)),
     }
 
@@ -43,9 +58,13 @@ def _requests_per_portal(counters: dict[bytes, bytes]) -> dict[str, dict[str, in
     for raw_field, value in counters.items():
         name, labels = parse_field(raw_field.decode())
         if name == "rest_requests" and labels.get("via") == "request":
-            entry = totals.setdefault(labels.get("portal", "-"), {"requests": 0, "errors": 0})
-            entry["requests"] += int(value)
-            entry["errors"] += int(value) if labels.get("outcome") != "ok" else 0
+            entry = totals.setdefault(labels.get("portal", "-"), {"requests": 0, "errors": 0, "refused": 0,
+                                                                   "unreachable": 0})
+            outcome, count = labels.get("outcome"), int(value)
+            entry["requests"] += count
+            entry["errors"] += count if outcome != "ok" else 0
+            # The portal answered with an error code, or could not be reached at all: two different troubles.
+            entry["unreachable" if outcome == "NETWORK_ERROR" else "refused"] += count if outcome != "ok" else 0
     return totals
 
 
@@ -54,16 +73,29 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
     """Each portal's request budget: the shared leaky bucket's free slots right now."""
     async with redis.pipeline(transaction=False) as pipe:
         for name in rules.portals:
-            pipe.hmget(prefixed(f"b24:rate:{name}"), "level", "ts")
+            pipe.hmget(prefixed(f"b24:rate:{name}"), ["level", "ts"])
             pipe.exists(prefixed(f"b24:rate:{name}:slow"))
+            pipe.hmget(prefixed(REACHABILITY + name), ["answered_at", "unreachable_at"])
         answers = await pipe.execute()
     portals = {}
     for i, (name, portal) in enumerate(rules.portals.items()):
-        (level, ts), slow = answers[2 * i], bool(answers[2 * i + 1])
+        (level, ts), slow = answers[3 * i], bool(answers[3 * i + 1])
         rate = portal.rate_limit.per_second / (2 if slow else 1)
         used = max(0.0, float(level or 0) - (now - float(ts or now)) * rate)
         burst = portal.rate_limit.burst
         portals[name] = {"domain": portal.domain, "per_second": rate, "burst": burst, "slowed_down": slow,
                          "headroom": round(burst - used, 2), "headroom_ratio": round((burst - used) / burst, 3),
-                         **requests.get(name, {"requests": 0, "errors": 0})}
+                         "reachability": _reachability(*answers[3 * i + 2]),
+                         **requests.get(name, {"requests": 0, "errors": 0, "refused": 0, "unreachable": 0})}
     return portals
+
+
+def _reachability(answered: bytes | None, unreachable: bytes | None) -> dict[str, Any]:
+    """Whether the portal answered the workers' last requests (`at`: when that was seen), or not asked yet."""
+    answered_at = float(answered) if answered else None
+    unreachable_at = float(unreachable) if unreachable else None
+    if unreachable_at is not None and (answered_at is None or unreachable_at > answered_at):
+        return {"state": "unreachable", "at": unreachable_at, "last_answer": answered_at}
+    if answered_at is not None:
+        return {"state": "reachable", "at": answered_at, "last_answer": answered_at}
+    return {"state": "unknown", "at": None, "last_answer": None}

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from arq.connections import ArqRedis
@@ -14,9 +15,10 @@ from app.api.dashboard import setup_dashboard
 from app.api.endpoints import setup_api
 from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key, store_key
 from app.config import LiveRules, load_service_rules
-from app.logs import QuietBadRequests
 from app.intake.spool import spool_context, spool_key
 from app.intake.webhook import MAX_BODY, receive_event
+from app.logs import QuietBadRequests
+from app.rebind.crm_mode import noted_modes, simple_mode_warning
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import TRIM_EVERY, JobStore
@@ -159,7 +161,19 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = outage.status()
         checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
-    return web.json_response({"status": "ready", **checks})
+    warnings = await _mode_warnings(request.app[redis_key], live.current)
+    return web.json_response({"status": "ready", **checks, **({"warnings": warnings} if warnings else {})})
+
+
+async def _mode_warnings(redis: Any, rules: RuleSet) -> list[str]:
+    """Portals a worker found in simple CRM mode, where rules about leads can never fire."""
+    if not rules.lead_rules():
+        return []
+    try:
+        modes = await noted_modes(redis, list(rules.portals))
+    except (RedisError, OSError):
+        return []
+    return [w for name, mode in modes.items() if (w := simple_mode_warning(rules, name, mode))]
 
 
 def _forwarded(request: web.Request) -> bool:

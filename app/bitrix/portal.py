@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -41,7 +42,13 @@ class PortalConfig(BaseModel):
     @field_validator("domain")
     @classmethod
     def _lower_domain(cls, value: str) -> str:
-        return value.strip().lower()
+        # Events name their portal by host alone (auth[domain]); a URL here would match none of them.
+        domain = value.strip().lower()
+        host = urlsplit(domain if "//" in domain else "//" + domain).hostname or ""
+        if not domain or "/" in domain or host != domain.split(":")[0] or " " in domain:
+            raise ValueError(f"domain is the portal's host name alone, as events name it: write "
+                             f"{host or 'example.bitrix24.com'!r}, with no https:// and no path")
+        return domain
 
     @model_validator(mode="after")
     def _complete(self) -> PortalConfig:
@@ -50,6 +57,8 @@ class PortalConfig(BaseModel):
                              "(the outbound webhook's token)")
         if self.auth == "oauth" and (not self.client_id or self.client_secret is None):
             raise ValueError("an application (auth: oauth) needs client_id and client_secret from its settings")
+        if self.auth == "webhook" and self.rest_url is not None:
+            _webhook_shape(self.rest_url.get_secret_value())
         if self.offline_events and self.auth != "oauth":
             raise ValueError("offline events need the application mode (auth: oauth); webhooks cannot read them")
         return self
@@ -79,6 +88,24 @@ class PortalConfig(BaseModel):
                   self.application_token.get_secret_value() if self.application_token else "",
                   self.client_secret.get_secret_value() if self.client_secret else "")
         return [value for value in values if value]
+
+
+_WEBHOOK_PATH = re.compile(r"/rest/\d+/[^/]+/$")
+_METHOD = re.compile(r"/([a-z0-9_]+(?:\.[a-z0-9_]+)+?)(?:\.json|\.xml)?/?$", re.IGNORECASE)
+
+
+def _webhook_shape(url: str) -> None:
+    """An inbound webhook is https://<portal>/rest/<user id>/<code>/; the usual slip is to paste the
+    example call the portal shows, which ends with a method."""
+    path = urlsplit(url).path
+    if _WEBHOOK_PATH.search(path):
+        return
+    method = _METHOD.search(path)
+    if method and "/rest/" in path:
+        raise ValueError(f"rest_url ends with a method ({method.group(1)}): give the webhook's base URL only, "
+                         "https://<portal>/rest/<user id>/<code>/, without the method")
+    raise ValueError("rest_url is not an inbound webhook URL: it looks like https://<portal>/rest/<user id>/<code>/ "
+                     "(Developer resources, Other, Inbound webhook)")
 
 
 def _checked_url(url: str, name: str) -> str:

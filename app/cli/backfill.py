@@ -62,12 +62,18 @@ class BackfillSummary:
     finished: int = 0
     activities_seen: int = 0
     rebound: int = 0
+    would_rebind: int = 0  # a dry run's plan
     skipped: Counter[str] | None = None
     failed: Counter[str] | None = None
 
     def lines(self) -> list[str]:
-        out = [f"leads: {self.jobs} ({self.finished} finished)", f"activities seen: {self.activities_seen}",
-               f"activities re-bound: {self.rebound}"]
+        out = [f"leads: {self.jobs} ({self.finished} finished)", f"activities seen: {self.activities_seen}"]
+        if self.rebound or not self.would_rebind:
+            out.append(f"activities re-bound: {self.rebound}")
+        if self.would_rebind:
+            out.append(f"dry run: would re-bind {self.would_rebind} "
+                       f"{'activity' if self.would_rebind == 1 else 'activities'} (nothing was written; "
+                       "`b24rebind jobs list --trigger backfill` shows each plan, before -> after)")
         out += [f"skipped ({count}): {why}" for why, count in (self.skipped or Counter()).most_common()]
         out += [f"failed ({count}): {why}" for why, count in (self.failed or Counter()).most_common()]
         return out
@@ -82,6 +88,7 @@ async def summarise(store: JobStore, job_ids: list[str]) -> BackfillSummary:
         summary.finished += 1
         summary.activities_seen += sum(1 for item in record.plan if "activity" in item)
         summary.rebound += sum(1 for item in record.changes if "activity" in item and item["status"] == "changed")
+        summary.would_rebind += sum(1 for item in record.changes if "activity" in item and item["status"] == "dry_run")
         if record.state.value == "skipped":
             summary.skipped[record.outcome] += 1  # type: ignore[index]
         elif record.state.value in ("failed", "dead"):

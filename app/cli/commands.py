@@ -15,8 +15,9 @@ from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
+from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables
-from app.rebind.facts import FactReader
+from app.rebind.facts import FactReader, Gone
 from app.rules.engine import explain, plan
 from app.rules.facts import Activity, Binding, Client, Facts, Lead
 from app.rules.loader import RulesError, load_rules
@@ -27,8 +28,11 @@ from app.store.jobs import FINAL_STATES, JobStore
 from app.store.queue import JobQueue, connect
 
 
-class CommandError(Exception):
-    """A tool cannot run; the message says what to do."""
+class CommandError(Failure):
+    """A tool cannot run as asked (a wrong argument); the message says what to do."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Exit.USAGE)
 
 
 def pick_portal(rules: RuleSet, name: str | None) -> PortalConfig:
@@ -50,10 +54,15 @@ async def explain_command(settings: Settings, activity: int | None, lead: int | 
     async with aiohttp.ClientSession() as http:
         client = RestClient(http, portal, LocalRateLimiter())
         reader = FactReader(client, rules)
-        if activity is not None:
-            facts = await reader.for_activity(event or "ONCRMACTIVITYADD", activity)
-        else:
-            facts = await reader.for_lead(event or "ONCRMLEADUPDATE", lead or 0)
+        try:
+            if activity is not None:
+                facts = await reader.for_activity(event or "ONCRMACTIVITYADD", activity)
+            else:
+                facts = await reader.for_lead(event or "ONCRMLEADUPDATE", lead or 0)
+        except Gone:
+            what = f"activity {activity}" if activity is not None else f"lead {lead}"
+            raise NotFound(f"portal {portal.name} ({portal.domain}) has no {what}, or the webhook's user cannot "
+                           "see it: check the id (it is in the record's address in the portal)") from None
     print(render_explanation(rules, facts))
     print(f"\n({client.requests} read requests; nothing was written)")
     return 0
@@ -66,7 +75,7 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
                                                           ("deal", lead.deal_ids)) for i in ids) or "nothing"
         lines.append(f"Lead {lead.id}: status {lead.status_id or '?'}; conversion made {made}")
     if not facts.activities:
-        lines.append("No activities to look at (no rule for this event could match, or none are bound).")
+        lines.append(_why_no_activities(rules, facts))
     verdicts = explain(rules, facts)
     for activity in facts.activities:
         lines.append(f"\nActivity {activity.id} {activity.subject!r}, bound to "
@@ -81,6 +90,21 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
     return "\n".join(lines)
 
 
+def _why_no_activities(rules: RuleSet, facts: Facts) -> str:
+    """Say which of the reasons it is: a lead no rule applies to yet (its activities are not read), or none."""
+    listening = [rule for rule in rules.rules if rule.enabled and facts.event in rule.on]
+    if not listening:
+        return f"No rule listens to {facts.event}, so nothing was read; try --event with one the rules name."
+    for lead in facts.leads.values():
+        wanted = {s for rule in listening for s in rule.when.lead_status or ()}
+        if wanted and not any(lead.has_status(s) for s in wanted):
+            state = "converted" if lead.converted else f"in progress (status {lead.status_id or 'unknown'})"
+            return (f"Lead {lead.id} is {state}; the rules for {facts.event} apply to leads whose status is "
+                    f"{', '.join(sorted(wanted))}, so its activities were not read. They will be once it is.")
+        return f"Lead {lead.id} has no activities bound to it."
+    return "No activities to look at."
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -93,8 +117,14 @@ def test_command(path: Path, settings: Settings) -> int:
         spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise CommandError(f"cannot read rule tests {path}: {exc}") from None
-    rules_path = (path.parent / spec["rules"]) if spec.get("rules") else settings.rules
-    rules = load_rules(rules_path, variables()) if rules_path.exists() else load_service_rules(settings)
+    if spec.get("rules"):  # named: that file and no other, or the cases would pass against the wrong rules
+        rules_path = path.parent / str(spec["rules"])
+        if not rules_path.is_file():
+            raise NotFound(f"the rule tests {path} name the rules file {rules_path}, which does not exist: "
+                           f"fix `rules:` in {path} (a path relative to it)")
+        rules = load_rules(rules_path, variables())
+    else:
+        rules_path, rules = settings.rules, load_service_rules(settings)
     failures = 0
     for number, case in enumerate(spec.get("cases") or [], start=1):
         name = case.get("name") or f"case {number}"
@@ -162,7 +192,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         client = RestClient(http, portal, RateLimiter(redis), low_priority=True)
         job_ids = await queue_backfill(run, client, JobQueue(redis, store), redis)
         print(f"backfill: {len(job_ids)} converted leads since {since} queued on the low-priority queue"
-              + (" (dry run: nothing will be written)" if dry_run else ""))
+              + (" (dry run: nothing will be written)" if dry_run else ""), flush=True)
         if wait:
             await _work_off(settings, rules, redis, store, job_ids)
         for line in (await summarise(store, job_ids)).lines():
@@ -173,14 +203,28 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
 async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobStore, job_ids: list[str]) -> None:
     worker = service.backfill_worker(settings, rules, redis)
     task = asyncio.create_task(worker.async_run())
-    while not task.done():
-        states = [await store.get(job_id) for job_id in job_ids]
-        done = sum(1 for r in states if r is not None and r.state in FINAL_STATES)
-        print(f"\r{progress_bar(done, len(job_ids))}", end="", file=sys.stderr, flush=True)
-        await asyncio.wait([task], timeout=0.5)
-    print(file=sys.stderr)
-    if "http" in worker.ctx:
-        await worker.ctx["http"].close()
+    try:
+        while not task.done():
+            await _draw_progress(store, job_ids)
+            await asyncio.wait([task], timeout=0.5)
+        await _draw_progress(store, job_ids)  # the last job's end too: the bar stops at the real count
+    finally:
+        # On Ctrl-C as on success: the job in hand is recorded as interrupted (it runs again later), and
+        # the worker's HTTP session and shared calls are closed, not left for the garbage collector.
+        worker.allow_pick_jobs = False
+        running = [task, *worker.tasks.values()]
+        for each in running:
+            each.cancel()  # a job cancelled puts itself back on the queue before its task ends
+        await asyncio.gather(*running, return_exceptions=True)
+        print(file=sys.stderr)
+        if "http" in worker.ctx:  # a burst worker does not run its shutdown itself
+            await worker.on_shutdown(worker.ctx)
+
+
+async def _draw_progress(store: JobStore, job_ids: list[str]) -> None:
+    states = [await store.get(job_id) for job_id in job_ids]
+    done = sum(1 for r in states if r is not None and r.state in FINAL_STATES)
+    print(f"\r{progress_bar(done, len(job_ids))}", end="", file=sys.stderr, flush=True)
 
 
 __all__ = ["CommandError", "RulesError", "backfill_command", "explain_command", "test_command"]

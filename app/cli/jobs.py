@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,13 +20,15 @@ from redis.exceptions import RedisError
 
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
+from app.cli.backfill import progress_bar
 from app.config import load_service_rules
 from app.settings import Settings
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.bundled_redis import BundledRedis
-from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore
+from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
 from app.store.outage import describe
 from app.store.queue import JobQueue, connect
+from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
 FILTERS = ("state", "portal", "rule", "event", "entity", "since", "until")
@@ -37,45 +40,52 @@ def add_commands(subparsers: Any) -> None:
     actions = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = actions.add_parser("list", help="jobs, newest first")
     _add_filters(listing)
-    listing.add_argument("--limit", default="20")
+    listing.add_argument("--limit", default="20", help="jobs per page (default 20, at most 500)")
     listing.add_argument("--cursor", help="next_cursor printed under the previous page")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     show = actions.add_parser("show", help="one job: plan, changes, attempts")
-    show.add_argument("job_id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("job_id", help=JOB_HELP)
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
     retry = actions.add_parser("retry", help="queue a finished job again, or every failed one (--state failed)")
-    retry.add_argument("job_id", nargs="?")
+    retry.add_argument("job_id", nargs="?", help=JOB_HELP + "; or leave it out and give --state failed (or dead)")
     _add_filters(retry)
     watch = actions.add_parser("watch", help="a live view: counts, latest jobs, backfill progress")
-    watch.add_argument("--interval", type=float, default=1.0)
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default 1)")
     watch.add_argument("--once", action="store_true", help="draw once and stop")
     stats_parser = subparsers.add_parser("stats", help="counts per state, queue, throughput, portal budgets")
-    stats_parser.add_argument("--json", action="store_true")
+    stats_parser.add_argument("--json", action="store_true", help=JSON_HELP)
     audit = subparsers.add_parser("audit", help="binding changes of an activity, comment or job")
     target = audit.add_mutually_exclusive_group(required=True)
-    target.add_argument("--activity", type=int)
-    target.add_argument("--comment", type=int)
-    target.add_argument("--job")
-    audit.add_argument("--portal")
-    audit.add_argument("--json", action="store_true")
+    target.add_argument("--activity", type=int, help="an activity id")
+    target.add_argument("--comment", type=int, help="a timeline comment id")
+    target.add_argument("--job", help="a job id: every change it made")
+    audit.add_argument("--portal", help="only this portal's changes (its name in the rules file)")
+    audit.add_argument("--json", action="store_true", help=JSON_HELP)
     undo = subparsers.add_parser("undo", help="restore the bindings a job changed, if nothing changed them since")
-    undo.add_argument("job_id")
+    undo.add_argument("job_id", help=JOB_HELP)
+
+
+JSON_HELP = "print JSON, as the API answers"
+JOB_HELP = "a job id, as `jobs list` shows it"
+FILTER_HELP = {
+    "state": "queued, running, succeeded, skipped, retrying, failed, dead or undone",
+    "portal": "the portal's name in the rules file",
+    "rule": "jobs in which this rule matched",
+    "event": "an event name, e.g. ONCRMLEADUPDATE",
+    "entity": "the event's entity id: an activity or lead id",
+    "since": "received since: 2026-01-31, 2026-01-31T12:00 or Unix seconds",
+    "until": "received until, in the same forms as --since",
+}
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     for name in FILTERS:
-        parser.add_argument(f"--{name}")
+        parser.add_argument(f"--{name}", help=FILTER_HELP[name])
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run one of COMMANDS; the exit status is 0, 1 (refused) or 2 (bad arguments)."""
-    try:
-        return asyncio.run(_dispatch(args, settings))
-    except (BadRequest, UndoRefused) as exc:
-        print(f"b24rebind: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, BadRequest) else 1
-    except KeyboardInterrupt:  # Ctrl-C ends `jobs watch`
-        return 130
+    """Run one of COMMANDS; failures are put in words at the command's edge (app.exits)."""
+    return asyncio.run(_dispatch(args, settings))
 
 
 @asynccontextmanager
@@ -128,15 +138,28 @@ def _table(records: list[JobRecord]) -> str:
     for r in records:
         what = f"{r.outcome}: {r.error.get('what_to_do')}" if r.error and r.error.get("what_to_do") else r.outcome
         rows.append((time.strftime("%m-%d %H:%M:%S", time.localtime(r.received_at)), r.state.value, r.id,
-                     r.portal, r.event, str(r.entity_id), what[:80]))
+                     r.portal, r.event, str(r.entity_id), what))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+    room = _last_column_room(sum(widths) + 2 * len(widths))
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + _fit(row[-1], room)
+                     for row in rows)
+
+
+def _last_column_room(used: int) -> int | None:
+    """What the terminal leaves for the last column; None (the full text) when the output is not a terminal."""
+    if not sys.stdout.isatty():
+        return None
+    return max(20, shutil.get_terminal_size().columns - used)
+
+
+def _fit(text: str, room: int | None) -> str:
+    return text if room is None or len(text) <= room else text[:room - 1] + "…"
 
 
 async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
     record = await store.get(args.job_id)
     if record is None:
-        raise UndoRefused(f"no job {args.job_id!r}; job records are kept for {settings.job_retention_days:g} days")
+        raise UnknownJob(args.job_id, settings.job_retention_days)
     if args.json:
         print(record.model_dump_json(indent=2))
         return 0
@@ -148,7 +171,8 @@ async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, setting
               f"  what to do: {record.error.get('what_to_do')}")
     for change in record.changes:
         item = f"activity {change['activity']}" if "activity" in change else f"comment {change.get('comment')}"
-        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {change['status']}")
+        status = {"dry_run": "(dry run: would be, nothing written)"}.get(change["status"], change["status"])
+        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {status}")
     for attempt in record.attempts:
         error = f" ({attempt.error.get('code')})" if attempt.error else ""
         print(f"  attempt {attempt.number} at {time.strftime('%H:%M:%S', time.localtime(attempt.started_at))}: "
@@ -160,9 +184,10 @@ async def _retry(args: argparse.Namespace, store: JobStore, redis: Redis, settin
     queue = JobQueue(redis, store)  # type: ignore[arg-type]
     if args.job_id:
         record = await store.get(args.job_id)
-        if record is None or record.state not in FINAL_STATES:
-            raise UndoRefused(f"job {args.job_id} is {record.state.value if record else 'unknown'}; "
-                              "only a finished job can be retried")
+        if record is None:
+            raise UnknownJob(args.job_id, settings.job_retention_days)
+        if record.state not in FINAL_STATES:
+            raise UndoRefused(f"job {args.job_id} is {record.state.value}; only a finished job can be retried")
         records = [record]
     else:
         query, _, _ = parse_list_query(_filters(args))
@@ -180,15 +205,32 @@ def _print_stats(answer: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(answer, indent=2))
         return 0
     print("jobs:  " + "  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-    queue = answer["queue"]
-    oldest = f", oldest waiting {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
-    print(f"queue: {queue['depth']} waiting ({queue['live']} live, {queue['backfill']} backfill){oldest}")
-    print(f"throughput: {answer['jobs_per_minute']} jobs in the last minute")
+    print(f"queue: {_queue_line(answer['queue'])}")
+    print(f"throughput: {plural(answer['jobs_finished_last_minute'], 'job')} finished in the last minute, "
+          f"{answer['jobs_per_minute']} received")
     for name, portal in answer["portals"].items():
-        print(f"portal {name} ({portal['domain']}): {portal['headroom']:.0f} of {portal['burst']} requests free, "
+        print(f"portal {name} ({portal['domain']}): {_reachability(portal['reachability'])}; "
+              f"{portal['headroom']:.0f} of {portal['burst']} requests free, "
               f"{portal['per_second']}/s{' (slowed down)' if portal['slowed_down'] else ''}; "
-              f"{portal['requests']} requests made, {portal['errors']} refused")
+              f"{plural(portal['requests'], 'request')} made, {portal['refused']} refused by the portal, "
+              f"{portal['unreachable']} could not reach it")
     return 0
+
+
+def _queue_line(queue: dict[str, Any]) -> str:
+    if not queue["depth"]:
+        return "empty"
+    oldest = f", the oldest for {queue['oldest_queued_seconds']:.0f} s" if queue["oldest_queued_seconds"] else ""
+    later = f", {queue['later']} to retry later" if queue["later"] else ""
+    return (f"{queue['depth']} ({queue['live']} live, {queue['backfill']} backfill): {queue['ready']} ready"
+            f"{oldest}{later}")
+
+
+def _reachability(reach: dict[str, Any]) -> str:
+    if reach["state"] == "unknown":
+        return "not asked yet"
+    seen = time.strftime("%H:%M:%S", time.localtime(reach["at"]))
+    return f"{reach['state']} (seen at {seen})"
 
 
 async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settings: Settings) -> int:
@@ -211,10 +253,12 @@ async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settin
         away = False
         screen = [f"b24rebind — {time.strftime('%H:%M:%S')} (Ctrl-C to stop)", ""]
         screen.append("  ".join(f"{state} {count}" for state, count in answer["jobs"].items()))
-        screen.append(f"queue {answer['queue']['depth']}, {answer['jobs_per_minute']} jobs/min")
-        if backfill:
-            done = sum(r.state in FINAL_STATES for r in backfill)
-            screen.append(f"backfill {_bar(done, len(backfill))}")
+        screen.append(f"queue: {_queue_line(answer['queue'])}; {answer['jobs_finished_last_minute']} finished/min")
+        for dry_run in (False, True):  # a dry run and a real one are two runs: never one count
+            runs = [r for r in backfill if r.dry_run == dry_run]
+            if runs:
+                done = sum(r.state in FINAL_STATES for r in runs)
+                screen.append(f"{'backfill (dry run)' if dry_run else 'backfill':<19}{progress_bar(done, len(runs))}")
         screen += ["", _table(latest)]
         if not args.once:
             print("\x1b[H\x1b[2J", end="")  # clear the terminal, then redraw
@@ -222,11 +266,6 @@ async def _watch(args: argparse.Namespace, store: JobStore, redis: Redis, settin
         if args.once:
             return 0
         await asyncio.sleep(args.interval)
-
-
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // total if total else width
-    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
@@ -248,9 +287,14 @@ async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
 
 
 async def _undo(job_id: str, settings: Settings, redis: Redis, store: JobStore, log: AuditLog) -> int:
-    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis)
+    result = await undo_with_rules(job_id, log, load_service_rules(settings), redis, store,
+                                   settings.job_retention_days)
     for entry in result.restored:
         print(f"{entry.kind} {entry.item}: restored [{', '.join(entry.after)}]")
     for error in result.errors:
         print(f"could not restore {error}", file=sys.stderr)
-    return 1 if result.errors else 0
+    if result.errors:
+        return 1
+    record = await store.get(job_id)
+    print(f"job {job_id} is now undone. " + reapply_note(record.rules if record else []))
+    return 0

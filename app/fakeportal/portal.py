@@ -37,6 +37,7 @@ PAGE_SIZE = 50
 MAX_BATCH = 50
 MAX_BINDINGS = 100
 FINDBYCOMM_LIMIT = 20
+COMPLETABLE_TYPES = ("1", "2", "6")  # meeting, call, task/to-do: completed when their lead closes
 
 Binding = tuple[int, int]  # (entityTypeId, entityId)
 
@@ -410,6 +411,7 @@ class FakePortal:
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.extra_routes: list[tuple[str, str, Any]] = []  # the demo's control routes
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = self._method_table()
 
     # -------------------------------------------------------- server lifecycle
@@ -419,6 +421,8 @@ class FakePortal:
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
         app.router.add_route("*", "/rest/{method}", self._handle_app)
         app.router.add_get("/oauth/token/", self._oauth_token)
+        for method, path, handler in self.extra_routes:
+            app.router.add_route(method, path, handler)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -554,6 +558,13 @@ class FakePortal:
                 del self.comment_binding_sets[comment_id], self.comments[comment_id]
         self.events.append((f"ONCRM{(name or 'item').upper()}DELETE", entity_id))
 
+    def delete_activity(self, activity_id: int) -> None:
+        """Delete an activity as a person does in the UI."""
+        for binding in self._binding_order.pop(activity_id):
+            self._bound[binding].discard(activity_id)
+        del self.activities[activity_id], self.activity_bindings[activity_id]
+        self.events.append(("ONCRMACTIVITYDELETE", activity_id))
+
     def set_access_denied(self, records: Iterable[Binding]) -> None:
         """The webhook's user has no rights on these records (off by default): lists leave them out,
         crm.activity.binding.list hides bindings to them, reads answer "Access denied." and writes
@@ -654,11 +665,24 @@ class FakePortal:
     def update_lead(self, lead_id: int, **fields: Any) -> None:
         """Change lead fields; STATUS_SEMANTIC_ID and DATE_MODIFY follow, as on the portal."""
         lead = self.leads[lead_id]
+        was_final = lead.get("STATUS_SEMANTIC_ID") in ("S", "F")
         lead.update(self._clean_fields(fields))
         if "STATUS_ID" in {k.upper() for k in fields}:
             lead["STATUS_SEMANTIC_ID"] = _SEMANTICS.get(lead["STATUS_ID"], "P")
         lead["DATE_MODIFY"] = _now_iso()
         self.events.append(("ONCRMLEADUPDATE", lead_id))
+        if lead["STATUS_SEMANTIC_ID"] in ("S", "F") and not was_final:
+            self._complete_open_activities((LEAD, lead_id))
+
+    def _complete_open_activities(self, owner: Binding) -> None:
+        """A lead reaching a final status completes its open activities of the kinds that can be completed
+        (CCrmLead), a burst of ONCRMACTIVITYUPDATE. Which kinds exactly is not documented: the fake takes
+        meetings, calls and to-dos, and leaves e-mails (completed when read) alone."""
+        for activity_id in sorted(self._bound.get(owner, set())):
+            activity = self.activities[activity_id]
+            if activity["COMPLETED"] == "N" and activity["TYPE_ID"] in COMPLETABLE_TYPES:
+                activity["COMPLETED"], activity["LAST_UPDATED"] = "Y", _now_iso()
+                self.events.append(("ONCRMACTIVITYUPDATE", activity_id))
 
     def convert_lead(
         self, lead_id: int, contact: bool = True, company: bool = True, deal: bool = False

@@ -40,7 +40,9 @@ async def expected_token(redis: Redis, portal: PortalConfig) -> str | None:
 async def accept_install(redis: Redis, rules: RuleSet, data: dict[str, Any]) -> tuple[int, dict[str, str]]:
     """Store an application's tokens. Only a portal of the rules file in `auth: oauth` mode may install;
     a reinstall must come from the same member, and with the application token already known."""
-    auth = data.get("auth") if isinstance(data.get("auth"), dict) else {}
+    auth = data.get("auth")
+    if not isinstance(auth, dict):
+        auth = {}
     portal = rules.portal_for_domain(str(auth.get("domain", "")))
     needed = ("access_token", "refresh_token", "application_token", "member_id")
     if portal is None or portal.auth != "oauth" or not all(auth.get(key) for key in needed):

@@ -5,7 +5,17 @@ import re
 from dataclasses import dataclass
 
 from app.rules.facts import Activity, Binding, Comment, Facts, Lead
-from app.rules.model import KINDS, EntityType, FixedTarget, Rule, RuleSet, Target, When, entity_label, target_type
+from app.rules.model import (
+    KINDS,
+    EntityType,
+    FixedTarget,
+    Rule,
+    RuleSet,
+    Target,
+    When,
+    entity_label,
+    target_type,
+)
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
 
 MAX_BINDINGS = 100  # per activity (crm.activity.binding overview)
@@ -50,7 +60,10 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
         matched.append(rule.name)
         dry_run = dry_run or rule.mode == "dry_run"
         sources = _Sources(facts, activity, _leads_in_scope(rule.when, facts, activity))
-        _add(wanted, [b for t in rule.bind_targets() for b in sources.resolve(t)])
+        found = {str(t): sources.resolve(t) for t in rule.bind_targets()}
+        _add(wanted, [b for bindings in found.values() for b in bindings])
+        if found and not any(found.values()):
+            notes.append(_nothing_to_bind(rule.name, list(found)))
         unbind = rule.unbind_types()
         wanted = [b for b in wanted if b.entity_type not in unbind or b not in activity.bindings]
         for move in rule.moves():
@@ -79,7 +92,7 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
     matched: list[str] = []
     dry_run = rules.mode == "dry_run"
     for rule in rules.rules:
-        if not rule.comments_follow() or facts.event not in rule.on:
+        if not rule.enabled or not rule.comments_follow() or facts.event not in rule.on:
             continue
         leads = [facts.leads[b.entity_id] for b in comment.bindings
                  if b.entity_type == EntityType.LEAD and b.entity_id in facts.leads]
@@ -97,7 +110,22 @@ def _plan_comment(rules: RuleSet, facts: Facts, comment: Comment) -> CommentPlan
                        rules=tuple(matched), dry_run=dry_run)
 
 
+# Why a target can come out empty, by where it is looked up.
+_EMPTY_BECAUSE = {"matched": "no client has the activity's e-mail or phone", "contact": "the contact has no company",
+                  "deal": "the deal names no such client"}
+
+
+def _nothing_to_bind(rule: str, targets: list[str]) -> str:
+    made = [t.split(".")[1] for t in targets if t.startswith("lead.")]
+    reasons = ([f"the lead's conversion made no {' or '.join(made)}"] if made else []) + \
+        list(dict.fromkeys(_EMPTY_BECAUSE[t.split(".")[0]] for t in targets if t.split(".")[0] in _EMPTY_BECAUSE))
+    return (f"rule {rule!r} has nothing to bind: {', '.join(targets)} {'is' if len(targets) == 1 else 'are'} empty"
+            + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
 def _why_not(rule: Rule, facts: Facts, activity: Activity) -> str | None:
+    if not rule.enabled:
+        return "the rule is paused (enabled: false)"
     if facts.event not in rule.on:
         return f"it listens to {', '.join(rule.on)}, not {facts.event}"
     return _condition_fails(rule.when, facts, activity)

@@ -91,8 +91,12 @@ class _Converter:
         return value
 
     def _variable(self, name: str, where: Position) -> str:
-        if name in self.environ:
+        if self.environ.get(name, "").strip():
             return self.environ[name]
+        if name in self.environ:  # `.env.example` lists them empty: say so, rather than "malformed"
+            self.problems.append(f"{self.filename}:{where.line}:{where.column}: ${{{name}}} is empty; "
+                                 f"give {name} a value in .env or in the environment")
+            return ""
         self.problems.append(f"{self.filename}:{where.line}:{where.column}: ${{{name}}} is not set; "
                              f"set {name} in .env or in the environment")
         return ""

@@ -1,7 +1,9 @@
 """The rules file as typed models: portals, rules, their conditions, targets and actions."""
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Literal
 
@@ -56,6 +58,13 @@ TARGETS = ("lead.contact", "lead.company", "lead.deal", "contact.company", "deal
 # Activity kinds by name, as TYPE_ID / PROVIDER_ID of crm.activity.get.
 KINDS = {"meeting": ("1", None), "call": ("2", None), "email": ("4", None), "task": ("6", "TASKS"),
          "todo": ("6", "CRM_TODO")}
+# PROVIDER_IDs a portal's own activities carry; another is named explicitly: `kind: {provider: MY_APP}`.
+PROVIDERS = ("CRM_EMAIL", "VOXIMPLANT_CALL", "CRM_MEETING", "CRM_CALL_LIST", "CRM_TODO", "TASKS", "TASKS_TASK",
+             "IMOPENLINES_SESSION", "CRM_WEBFORM", "CRM_SMS", "CRM_REQUEST", "REST_APP", "CRM_DELIVERY",
+             "CRM_EXTERNAL_CHANNEL", "CRM_VISIT", "CALENDAR_SHARING", "ZOOM", "CRM_NOTIFICATION")
+# A lead's STATUS_IDs as a portal ships them (crm.status.list, ENTITY_ID=STATUS); statuses a portal
+# adds are UC_... ids, or are named explicitly: `lead_status: {status: MY_STATUS}`.
+LEAD_STATUSES = ("NEW", "IN_PROCESS", "PROCESSED", "CONVERTED", "JUNK")
 
 
 class Strict(BaseModel):
@@ -79,6 +88,34 @@ def _one_or_many(value: object) -> object:
     return value if isinstance(value, list) or value is None else [value]
 
 
+def _known_values(values: object, field: str, explicit: str, known: list[str], normal: Callable[[str], str],
+                  custom: re.Pattern[str] | None = None) -> object:
+    """Known names pass (in their usual spelling); `{explicit: X}` passes X as given; a near miss of a
+    known name is refused with it, since a misspelt value would make the rule never match."""
+    values = _one_or_many(values)
+    if not isinstance(values, list):
+        return values
+    out: list[object] = []
+    for value in values:
+        if isinstance(value, dict) and set(value) == {explicit} and str(value[explicit]).strip():
+            out.append(str(value[explicit]).strip())
+            continue
+        if not isinstance(value, str):
+            out.append(value)  # the type check says what is wrong
+            continue
+        text = normal(value.strip())
+        if text in known or (custom is not None and custom.match(text)):
+            out.append(text)
+            continue
+        near = difflib.get_close_matches(value.strip(), known, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(text, known, n=1, cutoff=0.6)
+        raise ValueError(f"unknown {field} {value!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                         + f" Known: {', '.join(known[:7])}{', ...' if len(known) > 7 else ''}; to name one "
+                           "this service does not know, write "
+                           f"{{{explicit}: {value.strip()}}}")
+    return out
+
+
 class When(Strict):
     """Conditions on the activity; all that are given must hold."""
 
@@ -95,6 +132,19 @@ class When(Strict):
 
     _lists = field_validator("kind", "lead_status", "responsible", "portal", mode="before")(
         classmethod(lambda cls, v: _one_or_many(v)))
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kinds(cls, kinds: object) -> object:
+        return _known_values(kinds, "kind", "provider", [*KINDS, *PROVIDERS],
+                             lambda text: text.lower() if text.lower() in KINDS else text.upper())
+
+    @field_validator("lead_status", mode="before")
+    @classmethod
+    def _known_statuses(cls, statuses: object) -> object:
+        return _known_values(statuses, "lead_status", "status", ["converted", *LEAD_STATUSES],
+                             lambda text: "converted" if text == "converted" else text.upper(),
+                             custom=re.compile(r"^UC_[A-Z0-9]+$", re.IGNORECASE))
 
     @field_validator("subject_matches")
     @classmethod
@@ -161,6 +211,7 @@ class Rule(Strict):
     do: list[Action] = Field(min_length=1)
     stop: bool = False
     mode: Literal["apply", "dry_run"] | None = None
+    enabled: bool = Field(default=True, description="false pauses the rule: it matches nothing until set back")
 
     @field_validator("on", mode="before")
     @classmethod
@@ -171,7 +222,9 @@ class Rule(Strict):
         upper = [str(event).upper() for event in events]
         for event in upper:
             if event not in EVENTS:
-                raise ValueError(f"unknown event {event!r}; allowed: {', '.join(EVENTS)}")
+                near = difflib.get_close_matches(event, EVENTS, n=1, cutoff=0.6)
+                raise ValueError(f"unknown event {event!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                                 + f" Allowed: {', '.join(EVENTS)}")
         return upper
 
     @model_validator(mode="after")
@@ -199,6 +252,23 @@ class Rule(Strict):
     def targets(self) -> list[Target]:
         return self.bind_targets() + [move.to for move in self.moves()]
 
+    def needs_leads(self) -> str | None:
+        """Why this rule can never fire on a portal without leads (simple CRM mode), or None."""
+        if all(event.startswith("ONCRMLEAD") for event in self.on):
+            return "it listens only to lead events"
+        if self.when.bound_to == "lead":
+            return "it applies to activities bound to a lead"
+        if self.when.lead_status is not None:
+            return "it asks for a lead status"
+        targets = self.targets()
+        if targets and all(isinstance(t, str) and t.startswith("lead.") for t in targets) \
+                and not self.unbind_types():
+            return "it binds only to what a lead became"
+        return None
+
+
+SIMPLE_CRM = 2  # crm.settings.mode.get: 1 classic, 2 simple (no leads: a new lead is a deal at once)
+
 
 class RuleSet(Strict):
     """The whole rules file."""
@@ -221,6 +291,10 @@ class RuleSet(Strict):
 
     def events(self) -> set[str]:
         return {event for rule in self.rules for event in rule.on}
+
+    def lead_rules(self) -> dict[str, str]:
+        """Rules that can never fire on a portal in simple CRM mode, each with the reason."""
+        return {rule.name: reason for rule in self.rules if (reason := rule.needs_leads())}
 
     def portal_for_domain(self, domain: str) -> PortalConfig | None:
         domain = domain.strip().lower()

@@ -18,8 +18,9 @@ from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
 from app.bitrix.ratelimit import RateLimiter
 from app.rules.model import RuleSet, entity_label, entity_type_of
-from app.store.jobs import JobRecord
+from app.store.jobs import JobRecord, JobStore, UnknownJob
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 ITEM_KEY = "b24:audit:item:"  # + "activity:12" -> list of entries, newest first
 JOB_KEY = "b24:audit:job:"  # + job id -> list of entries, in the order applied
@@ -81,12 +82,12 @@ class AuditLog:
     async def for_item(self, item: int, kind: str = "activity", portal: str | None = None,
                        limit: int = 50) -> list[AuditEntry]:
         """The changes made to one activity or comment, newest first."""
-        raws = await self._redis.lrange(prefixed(f"{ITEM_KEY}{kind}:{item}"), 0, KEEP_PER_ITEM - 1)
+        raws = await awaited(self._redis.lrange(prefixed(f"{ITEM_KEY}{kind}:{item}"), 0, KEEP_PER_ITEM - 1))
         entries = [AuditEntry.model_validate_json(raw) for raw in raws]
         return [e for e in entries if portal is None or e.portal == portal][:limit]
 
     async def for_job(self, job_id: str) -> list[AuditEntry]:
-        raws = await self._redis.lrange(prefixed(JOB_KEY + job_id), 0, -1)
+        raws = await awaited(self._redis.lrange(prefixed(JOB_KEY + job_id), 0, -1))
         return [AuditEntry.model_validate_json(raw) for raw in raws]
 
     async def undone_at(self, job_id: str) -> float | None:
@@ -142,16 +143,26 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient) -> UndoResult
     return result
 
 
-async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Redis) -> UndoResult:
-    """Undo a job against the portal it changed, as the rules file names that portal now."""
+async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Redis, store: JobStore,
+                          retention_days: float) -> UndoResult:
+    """Undo a job against the portal it changed, as the rules file names that portal now; the job's
+    record then says `undone`. An unknown job raises UnknownJob."""
+    record = await store.get(job_id)
+    if record is None:
+        raise UnknownJob(job_id, retention_days)
     entries = await log.for_job(job_id)
     if not entries:
-        raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
+        raise UndoRefused(f"job {job_id} changed no bindings ({record.state.value}: {record.outcome}); "
+                          "there is nothing to undo")
     portal = rules.portals.get(entries[0].portal)
     if portal is None:
         raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
     async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
-        return await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
+        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
+    if not result.errors:
+        record.mark_undone(len(result.restored))
+        await store.save(record)
+    return result
 
 
 async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[list[str]]:

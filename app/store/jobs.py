@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
@@ -39,9 +40,18 @@ class JobState(str, Enum):
     RETRYING = "retrying"
     FAILED = "failed"
     DEAD = "dead"  # a passing failure that outlasted every retry: a dead letter, to replay
+    UNDONE = "undone"  # succeeded, then its changes were restored by an undo
 
 
-FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD)
+FINAL_STATES = (JobState.SUCCEEDED, JobState.SKIPPED, JobState.FAILED, JobState.DEAD, JobState.UNDONE)
+
+
+class UnknownJob(LookupError):
+    """No record of that job id: never accepted, or past the retention period."""
+
+    def __init__(self, job_id: str, retention_days: float) -> None:
+        super().__init__(f"no job {job_id[:64]!r}: no such id was accepted in the last {retention_days:g} days "
+                         "(job records are kept that long); `b24rebind jobs list` shows the ids")
 
 
 class Attempt(BaseModel):
@@ -94,14 +104,17 @@ class JobRecord(BaseModel):
         """Attempts that failed for a passing reason; waiting for a lock or a time budget does not count."""
         return sum(1 for attempt in self.attempts if attempt.outcome in ("retrying", "crashed"))
 
-    def begin_attempt(self, number: int) -> None:
+    def begin_attempt(self, tries: int = 1) -> None:
+        """`tries`: the queue's count of this job's runs. A retry by hand starts that count again, and a run
+        whose record was never saved is in it but not in the record: the number is the larger of the two."""
         now = time.time()
         last = self.attempts[-1] if self.attempts else None
         if last is not None and last.finished_at is None:  # its worker was killed, or lost Redis, mid-way
             last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        self.attempts.append(Attempt(number=number, started_at=now))
+        last_number = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last_number + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:
@@ -114,6 +127,11 @@ class JobRecord(BaseModel):
                 del self.attempts[-2]  # a run of waits is kept as its latest: a long wait is not 300 attempts
         if state in FINAL_STATES:
             self.finished_at = now
+
+    def mark_undone(self, restored: int) -> None:
+        """The job's changes were restored: its state says so, and what will happen next."""
+        self.state = JobState.UNDONE
+        self.outcome = f"undone: {restored} {'item' if restored == 1 else 'items'} restored. " + reapply_note(self.rules)
 
     def give_up(self, outcome: str, error: dict[str, Any]) -> None:
         """The queue gave up on the job between attempts: it is dead, and says why."""
@@ -135,6 +153,13 @@ class JobRecord(BaseModel):
                  f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
                  *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
         return [prefixed(name) for name in names]
+
+
+def reapply_note(rules: list[str]) -> str:
+    """What an undo does not stop: the rules still hold, and the next event or reconcile applies them."""
+    names = ", ".join(repr(name) for name in rules) or "that made the change"
+    return (f"The rules apply again on the next event about these items or at the next reconcile, unless you "
+            f"pause the rule {names} (enabled: false in the rules file).")
 
 
 class JobQuery(BaseModel):
@@ -371,7 +396,7 @@ class JobStore:
             oldest = await self._redis.zrange(job_index, excess - 1, excess - 1, withscores=True)
             cutoff = max(cutoff, oldest[0][1])
         ids = await self._redis.zrangebyscore(job_index, "-inf", cutoff)
-        indexes = [key.decode() for key in await self._redis.smembers(all_indexes)]
+        indexes = [key.decode() for key in await awaited(self._redis.smembers(all_indexes))]
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(ids), 1000):
                 pipe.delete(*(prefixed(JOB_KEY + job_id.decode()) for job_id in ids[start:start + 1000]))
@@ -384,5 +409,5 @@ class JobStore:
                 pipe.exists(key)
             gone = [key for key, exists in zip(indexes, await pipe.execute()) if not exists]
         if gone:
-            await self._redis.srem(all_indexes, *gone)
+            await awaited(self._redis.srem(all_indexes, *gone))
         return len(ids)

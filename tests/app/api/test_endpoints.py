@@ -207,6 +207,27 @@ async def test_stats_show_states_queue_throughput_and_portal_headroom(client: An
     acme = stats["portals"]["acme"]
     assert acme["requests"] == portal.request_count and acme["errors"] == 0
     assert acme["burst"] == 1000 and 990 < acme["headroom"] <= 1000 and not acme["slowed_down"]
+    assert acme["reachability"]["state"] == "reachable"
+    assert stats["queue"]["ready"] == 1 and stats["queue"]["later"] == 0
+    history = stats["history"]
+    assert len(history["minute_starts"]) == len(history["jobs"]) == len(history["requests"]) == 60
+    assert sum(history["jobs"]) == 1 and sum(history["requests"]) == portal.request_count
+    assert stats["jobs_finished_last_minute"] == 1
+
+
+async def test_stats_tell_an_unreachable_portal_from_one_that_refuses(
+        aiohttp_client: Any, settings: Any, rules: Any, redis: Any, make_worker: Any, portal_config: Any) -> None:
+    from app.api.web import create_app
+    away = portal_config.model_copy(update={"rest_url": SecretStr("http://127.0.0.1:9/rest/1/code/")})
+    gone = rules.model_copy(update={"portals": {"acme": away}})
+    client = await aiohttp_client(create_app(settings, gone))
+    await post_event(client, "ONCRMACTIVITYADD", 5)
+    await make_worker(rules=gone).run_check()
+
+    acme = (await (await client.get("/api/stats")).json())["portals"]["acme"]
+
+    assert acme["reachability"]["state"] == "unreachable"
+    assert acme["unreachable"] == acme["errors"] > 0 and acme["refused"] == 0
 
 
 async def test_old_records_are_trimmed_with_their_index_entries(redis: Any) -> None:
@@ -381,5 +402,13 @@ async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: An
     again = await admin.post(f"/api/jobs/{answer['job_id']}/undo")
 
     assert undone.status == 200, await undone.text()
+    body = await undone.json()
+    assert body["state"] == "undone" and "apply again on the next event" in body["outcome"]
     assert portal.bindings(activity) == [(LEAD, lead)]
     assert again.status == 409 and "undone already" in (await again.json())["error"]
+    job = await (await admin.get(f"/api/jobs/{answer['job_id']}")).json()
+    assert job["state"] == "undone" and job["outcome"].startswith("undone: 1 item restored")
+    listed = await (await admin.get("/api/jobs?state=undone")).json()
+    assert [j["id"] for j in listed["jobs"]] == [answer["job_id"]]
+    unknown = await admin.post("/api/jobs/nosuchjob/undo")
+    assert unknown.status == 404 and "no job 'nosuchjob'" in (await unknown.json())["error"]

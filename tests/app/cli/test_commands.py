@@ -118,6 +118,10 @@ async def test_a_dry_run_backfill_writes_nothing(history: Any, portal: FakePorta
     assert {a: portal.binding_history[a] for a in before} == before
     record = await JobStore(redis, 3600).get(job_ids[0])
     assert record is not None and record.plan[0]["dry_run"] is True
+    lines = (await summarise(JobStore(redis, 3600), job_ids)).lines()
+    activities = sum(len(acts) for _, acts in history)
+    assert f"dry run: would re-bind {activities} activities (nothing was written;" in "\n".join(lines)
+    assert not any(line.startswith("activities re-bound") for line in lines)
 
 
 async def test_backfill_leaves_half_the_burst_to_live_events(redis: Any) -> None:
@@ -128,3 +132,34 @@ async def test_backfill_leaves_half_the_burst_to_live_events(redis: Any) -> None
     assert limiter.stats.waits == 0
     await limiter.acquire("acme", per_second=0.001, burst=10)  # a live request still gets in at once
     assert limiter.stats.waits == 0
+
+
+async def explanation(portal: FakePortal, rules: Any, portal_config: Any, lead: int) -> str:
+    import aiohttp
+    async with aiohttp.ClientSession() as http:
+        client = RestClient(http, portal_config, LocalRateLimiter())
+        facts = await FactReader(client, rules).for_lead("ONCRMLEADUPDATE", lead)
+    return render_explanation(rules, facts)
+
+
+async def test_explain_says_a_lead_in_progress_is_not_converted_yet(portal: FakePortal, rules: Any,
+                                                                    portal_config: Any) -> None:
+    lead = portal.add_lead(status="IN_PROCESS")
+    portal.add_activity([(LEAD, lead)])
+
+    text = await explanation(portal, rules, portal_config, lead)
+
+    assert f"Lead {lead} is in progress (status IN_PROCESS)" in text and "converted" in text
+    assert "none are bound" not in text
+
+
+async def test_explain_says_a_conversion_that_made_no_client_leaves_the_targets_empty(
+        portal: FakePortal, rules: Any, portal_config: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead, contact=False, company=False, deal=True)
+    portal.add_activity([(LEAD, lead)])
+
+    text = await explanation(portal, rules, portal_config, lead)
+
+    assert ("has nothing to bind: lead.contact, lead.company are empty (the lead's conversion made no contact or "
+            "company)") in text

@@ -11,7 +11,7 @@ from arq import Worker
 
 from app.cli.main import main
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
-from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, post_event
+from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, post_event, rules_with
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def test_list_show_stats_and_audit(client: Any, worker: Worker, portal: Fa
     job_id = answer["job_id"]
 
     status, out, _ = await command("jobs", "list", "--state", "succeeded", capsys=capsys)
-    assert status == 0 and job_id in out and "re-bound 1 items" in out
+    assert status == 0 and job_id in out and "re-bound 1 item" in out and "1 items" not in out
     status, out, _ = await command("jobs", "show", job_id, capsys=capsys)
     assert f"activity {activity}: [lead {lead}] -> [contact {made['contact']}, company {made['company']}]" in out
     status, out, _ = await command("stats", "--json", capsys=capsys)
@@ -61,7 +61,9 @@ async def test_bad_filters_and_unknown_jobs_exit_non_zero_with_a_message(client:
     status, _, err = await command("jobs", "retry", capsys=capsys)
     assert status == 2 and "--state failed" in err
     status, _, err = await command("undo", "nosuchjob", capsys=capsys)
-    assert status == 1 and "changed no bindings" in err
+    assert status == 6 and "no job 'nosuchjob'" in err
+    status, _, err = await command("jobs", "show", "nosuchjob", capsys=capsys)
+    assert status == 6 and "no job 'nosuchjob'" in err
 
 
 async def test_retry_failed_jobs_then_undo_one(client: Any, make_worker: Any, portal: FakePortal, command: Any,
@@ -80,6 +82,64 @@ async def test_retry_failed_jobs_then_undo_one(client: Any, make_worker: Any, po
 
     status, out, _ = await command("undo", answer["job_id"], capsys=capsys)
     assert status == 0 and f"activity {activity}: restored [lead {lead}]" in out
+    assert "is now undone" in out and "apply again on the next event" in out and "enabled: false" in out
     assert portal.bindings(activity) == [(LEAD, lead)]
+    status, out, _ = await command("jobs", "show", answer["job_id"], capsys=capsys)
+    assert f"job {answer['job_id']}: undone — undone: 1 item restored" in out
+    status, out, _ = await command("jobs", "list", "--state", "undone", capsys=capsys)
+    assert answer["job_id"] in out
     status, _, err = await command("undo", answer["job_id"], capsys=capsys)
     assert status == 1 and "undone already" in err
+
+
+async def test_attempts_are_numbered_across_retries_by_hand(client: Any, make_worker: Any, portal: FakePortal,
+                                                            command: Any, capsys: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    for _ in range(2):
+        portal.fail_next(1, status=403, error="ACCESS_DENIED", description="Access denied!")
+        await make_worker().run_check()
+        await command("jobs", "retry", answer["job_id"], capsys=capsys)
+    await make_worker().run_check()
+
+    status, out, _ = await command("jobs", "show", answer["job_id"], capsys=capsys)
+    attempts = [line.split(" at ")[0].strip() for line in out.splitlines() if line.strip().startswith("attempt")]
+    assert attempts == ["attempt 1", "attempt 2", "attempt 3"], out
+    assert "attempt 3 at" in out and out.count("failed (ACCESS_DENIED)") == 2
+
+
+async def test_a_dry_run_shows_what_it_would_do(client: Any, make_worker: Any, portal: FakePortal,
+                                                portal_config: Any, command: Any, capsys: Any) -> None:
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    dry = rules_with(DEFAULT_RULES.replace("rules:", "mode: dry_run\nrules:", 1), portal_config)
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await make_worker(rules=dry).run_check()
+
+    status, out, _ = await command("jobs", "show", answer["job_id"], capsys=capsys)
+    assert "succeeded — dry run: would re-bind 1 item, wrote nothing" in out
+    assert (f"activity {activity}: [lead {lead}] -> [contact {made['contact']}, company {made['company']}] "
+            "(dry run: would be, nothing written)") in out
+    assert portal.bindings(activity) == [(LEAD, lead)]
+
+
+async def test_watch_keeps_a_dry_run_backfill_apart_from_a_real_one(redis: Any, command: Any, capsys: Any) -> None:
+    from app.store.jobs import JobRecord, JobState, JobStore
+    store = JobStore(redis, 3600)
+    for lead, dry_run, state in ((1, True, JobState.SUCCEEDED), (2, True, JobState.SUCCEEDED),
+                                 (1, False, JobState.SUCCEEDED), (2, False, JobState.QUEUED)):
+        record = JobRecord.for_event("acme", "ONCRMLEADUPDATE", lead, f"backfill:{dry_run}")
+        record = record.model_copy(update={"trigger": "backfill", "dry_run": dry_run, "state": state})
+        await store.create(record)
+
+    status, out, _ = await command("jobs", "watch", "--once", capsys=capsys)
+
+    assert status == 0
+    assert "backfill           [###############...............] 1/2" in out
+    assert "backfill (dry run) [##############################] 2/2" in out
+    status, out, _ = await command("stats", capsys=capsys)
+    assert "throughput: 0 jobs finished in the last minute, 4 received" in out
+    assert "portal acme (acme.bitrix24.com): not asked yet;" in out and "0 refused by the portal" in out

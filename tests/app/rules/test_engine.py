@@ -10,7 +10,7 @@ from app.rules.loader import parse_rules
 from app.rules.model import EntityType, RuleSet
 from app.rules.plan import BindingPlan
 
-FOLLOW_CLIENT = parse_rules("""
+FOLLOW_CLIENT_TEXT = """
 rules:
   - name: follow-client
     on: [ONCRMACTIVITYADD, ONCRMLEADUPDATE]
@@ -18,7 +18,8 @@ rules:
     do:
       - bind: [lead.contact, lead.company]
       - unbind: lead
-""", "rules.yaml", {})
+"""
+FOLLOW_CLIENT = parse_rules(FOLLOW_CLIENT_TEXT, "rules.yaml", {})
 
 LEAD, CONTACT, COMPANY, DEAL = EntityType.LEAD, EntityType.CONTACT, EntityType.COMPANY, EntityType.DEAL
 
@@ -60,7 +61,9 @@ def test_a_conversion_into_a_deal_only_keeps_the_lead_rather_than_leave_nothing(
     result = plan(FOLLOW_CLIENT, facts(Activity(id=5, bindings=(b(LEAD, 1),)), leads=(lead,)))
 
     assert result.empty
-    assert "last binding" in result.activities[0].notes[0]
+    assert "lead.contact, lead.company are empty (the lead's conversion made no contact or company)" in \
+        result.activities[0].notes[0]
+    assert "last binding" in result.activities[0].notes[1]
 
 
 def test_an_activity_that_would_pass_100_bindings_is_reported_not_changed() -> None:
@@ -76,6 +79,15 @@ def test_other_events_do_not_trigger_the_rule() -> None:
     result = plan(FOLLOW_CLIENT, facts(Activity(id=5, bindings=(b(LEAD, 1),)), event="ONCRMDEALADD"))
 
     assert result.empty
+
+
+def test_a_paused_rule_matches_nothing_and_says_why() -> None:
+    from app.rules.engine import explain
+    paused = parse_rules(FOLLOW_CLIENT_TEXT.replace("    do:", "    enabled: false\n    do:"), "rules.yaml", {})
+    activity = Activity(id=5, bindings=(b(LEAD, 1),))
+
+    assert plan(paused, facts(activity)).empty
+    assert explain(paused, facts(activity))[0].reason == "the rule is paused (enabled: false)"
 
 
 def test_dry_run_mode_marks_the_plan_and_keeps_it() -> None:

@@ -89,6 +89,23 @@ BROKEN = [
      "a contact on the same event"),
     ("a portal without a token", VALID.replace("    application_token: ${B24_APPLICATION_TOKEN}\n", ""),
      "rules.yaml:3:5: 'main': a webhook portal needs rest_url (the inbound webhook) and application_token"),
+    ("a misspelt kind", VALID.replace("lead_status: converted", "kind: emial"),
+     "rules.yaml:10:34: 'kind' in rule 'converted-lead-history-follows-client': unknown kind 'emial'; "
+     "did you mean 'email'?"),
+    ("a misspelt lead status", VALID.replace("lead_status: converted", "lead_status: convertd"),
+     "'lead_status' in rule 'converted-lead-history-follows-client': unknown lead_status 'convertd'; "
+     "did you mean 'converted'?"),
+    ("a misspelt event gets its near miss", VALID.replace("oncrmleadupdate", "ONCRMLEADUPDTE"),
+     "unknown event 'ONCRMLEADUPDTE'; did you mean 'ONCRMLEADUPDATE'?"),
+    ("a domain given as a URL", VALID.replace("domain: Example.Bitrix24.com", "domain: https://example.bitrix24.com/"),
+     "rules.yaml:3:13: 'domain': domain is the portal's host name alone, as events name it: write "
+     "'example.bitrix24.com', with no https:// and no path"),
+    ("an empty variable", VALID, "rules.yaml:4:15: ${B24_WEBHOOK_URL} is empty; give B24_WEBHOOK_URL a value"),
+    ("a webhook URL ending with a method", VALID.replace("${B24_WEBHOOK_URL}",
+                                                         "https://example.bitrix24.com/rest/1/abc/crm.lead.list.json"),
+     "rules.yaml:3:5: 'main': rest_url ends with a method (crm.lead.list): give the webhook's base URL only"),
+    ("a URL that is no webhook", VALID.replace("${B24_WEBHOOK_URL}", "https://example.bitrix24.com/"),
+     "'main': rest_url is not an inbound webhook URL"),
     ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': Field required"),
     ("an empty file", "", "rules.yaml:1:1: the rules file is empty"),
 ]
@@ -98,6 +115,8 @@ BROKEN = [
                          ids=[name for name, _, _ in BROKEN])
 def test_a_broken_file_gets_one_line_naming_where(text: str, expected: str) -> None:
     env = {"B24_APPLICATION_TOKEN": "tok"} if "is not set" in expected else ENV
+    if "is empty" in expected:
+        env = {**ENV, "B24_WEBHOOK_URL": ""}  # as .env.example ships it
     messages = errors_of(text, env)
 
     assert len(messages) == 1, messages
@@ -114,3 +133,13 @@ def test_two_rules_with_one_name_are_refused() -> None:
 def test_a_missing_file_says_which_setting_to_change(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="set B24_RULES"):
         load_rules(tmp_path / "nope.yaml", {})
+
+
+def test_names_a_portal_does_not_know_are_given_explicitly() -> None:
+    text = VALID.replace("lead_status: converted", "kind: [email, VOXIMPLANT_CALL, {provider: MY_APP}], "
+                                                   "lead_status: [converted, in_process, UC_7X2K, {status: HOT}]")
+    when = parse_rules(text, "rules.yaml", ENV).rules[0].when
+
+    assert when.kind == ["email", "VOXIMPLANT_CALL", "MY_APP"]
+    assert when.lead_status == ["converted", "IN_PROCESS", "UC_7X2K", "HOT"]
+    assert "{provider: emial}" in errors_of(VALID.replace("lead_status: converted", "kind: emial"))[0]

@@ -1,0 +1,117 @@
+"""What every `b24rebind` command does with an expected failure: one line saying what is wrong and
+what to do, and an exit status that tells the kinds apart (README, "Exit status").
+
+The command's own code raises; only `at_the_edge` turns exceptions into words, so no command can
+forget one and no traceback reaches a user.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+
+from redis.exceptions import AuthenticationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.bitrix.errors import B24Error, ConfigError, TransientError
+from app.settings import Settings
+from app.store.jobs import UnknownJob
+
+
+class Exit(IntEnum):
+    OK = 0
+    REFUSED = 1  # a check failed or an action was refused: invalid rules, failing rule tests, undo refused
+    USAGE = 2  # a bad argument or setting, or a port taken
+    REDIS_DOWN = 3  # Redis cannot be reached: start it, or fix REDIS_URL
+    PORTAL_DOWN = 4  # the portal did not answer, or asked us to slow down: try again later
+    PORTAL_ACCESS = 5  # the portal refused our access (webhook code, scope, plan): fix the configuration
+    NOT_FOUND = 6  # no such activity, lead or job
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class Failure(Exception):
+    """An expected failure, already in words, with its exit status."""
+
+    def __init__(self, message: str, status: Exit) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(Failure):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Exit.NOT_FOUND)
+
+
+def at_the_edge(run: Callable[[], int], settings: Settings | None) -> int:
+    """Run a command; an expected failure becomes one line on stderr and its exit status."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print("b24rebind: interrupted; what was queued stays queued, and running the command again "
+              "continues where it stopped", file=sys.stderr)
+        return Exit.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - sorted below; anything unknown is re-raised
+        message, status = describe(exc, settings)
+        if status is None:
+            raise
+        print(f"b24rebind: {message}", file=sys.stderr)
+        return status
+
+
+def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit | None]:
+    """The words and exit status for an expected failure; (str, None) for one that is a bug."""
+    from app.api.endpoints import BadRequest
+    from app.rules.loader import RulesError
+    from app.service import CannotListen, WorkerStopped
+    from app.store.audit import UndoRefused
+
+    if isinstance(exc, Failure):
+        return str(exc), exc.status
+    if isinstance(exc, UnknownJob):
+        return str(exc), Exit.NOT_FOUND
+    if isinstance(exc, RulesError):
+        return f"the rules file is invalid:\n{exc}", Exit.REFUSED
+    if isinstance(exc, (UndoRefused, WorkerStopped)):
+        return str(exc), Exit.REFUSED
+    if isinstance(exc, (BadRequest, CannotListen)):
+        return str(exc), Exit.USAGE
+    if isinstance(exc, ConfigError):
+        return (f"the portal refused our access ({exc.method}: {exc.code}): {exc.hint or exc.description}",
+                Exit.PORTAL_ACCESS)
+    if isinstance(exc, TransientError):
+        what = "could not be reached" if exc.code == "NETWORK_ERROR" else f"answered {exc.code or exc.status}"
+        return (f"the portal {what} ({exc.description}): check its address in rest_url and this machine's "
+                "network, then try again", Exit.PORTAL_DOWN)
+    if isinstance(exc, B24Error):
+        return f"the portal refused {exc.method}: {exc.code} ({exc.description}). {exc.hint}".strip(), Exit.REFUSED
+    if isinstance(exc, AuthenticationError):
+        return (f"Redis at {redis_address(settings)} refused the password: check the one in REDIS_URL",
+                Exit.REDIS_DOWN)
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return (f"Redis at {redis_address(settings)} is unreachable ({_reason(exc)}): start it, or fix "
+                "REDIS_URL (unset, b24rebind starts its bundled Redis)", Exit.REDIS_DOWN)
+    return str(exc), None
+
+
+def redis_address(settings: Settings | None) -> str:
+    """Where Redis was looked for, without its password."""
+    from app.store.queue import redis_settings
+
+    if settings is None:
+        return "REDIS_URL"
+    if not settings.redis_given:
+        return f"{settings.data_dir}/redis.sock (the bundled Redis)"
+    target = redis_settings(settings)
+    if target.unix_socket_path:
+        return target.unix_socket_path
+    hosts = target.host if isinstance(target.host, list) else [(target.host, target.port)]
+    return ", ".join(f"{host}:{port}" for host, port in hosts) + (" (through Sentinel)" if target.sentinel else "")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).rstrip(".")
+    for known in ("Connection refused", "Connect call failed", "No such file or directory", "Timeout"):
+        if known.lower() in text.lower():
+            return "connection refused" if known == "Connect call failed" else known.lower()
+    return type(exc).__name__
