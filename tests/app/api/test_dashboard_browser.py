@@ -222,7 +222,7 @@ async def test_retry_without_a_token_on_the_service_says_how_to_fix_it(client: A
 
 
 async def test_search_by_job_id_or_by_activity(client: Any, worker: Any, portal: FakePortal, page: Any) -> None:
-    lead = portal.add_lead()
+    lead = [portal.add_lead() for _ in range(5)][-1]  # an id no activity has
     portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
     _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
@@ -234,6 +234,11 @@ async def test_search_by_job_id_or_by_activity(client: Any, worker: Any, portal:
     await page.click("#search button[type=submit]")
     await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(1)
     await expect_text(page, "#search-result", f"activity {activity} was changed by {answer['job_id']}")
+
+    await page.fill("#q", str(lead))  # the lead: the jobs that moved its activities
+    await page.click("#search button[type=submit]")
+    await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(2)
+    await expect_text(page, "#search-result", f"2 jobs about activity or lead {lead}")
 
     await page.fill("#q", answer["job_id"])
     await page.click("#search button[type=submit]")

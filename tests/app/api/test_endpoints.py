@@ -412,3 +412,17 @@ async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: An
     assert [j["id"] for j in listed["jobs"]] == [answer["job_id"]]
     unknown = await admin.post("/api/jobs/nosuchjob/undo")
     assert unknown.status == 404 and "no job 'nosuchjob'" in (await unknown.json())["error"]
+
+
+async def test_jobs_about_a_lead_include_those_that_moved_its_activities(client: Any, worker: Worker,
+                                                                        portal: FakePortal) -> None:
+    lead = [portal.add_lead() for _ in range(5)][-1]  # an id no activity has
+    portal.convert_lead(lead)
+    _, moved = await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    _, own = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, portal.add_lead())]))
+    await worker.run_check()
+
+    listed = await (await client.get(f"/api/jobs?lead={lead}")).json()
+
+    assert {job["id"] for job in listed["jobs"]} == {moved["job_id"], own["job_id"]}
