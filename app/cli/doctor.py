@@ -10,6 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +19,7 @@ import aiohttp
 
 from app.bitrix.client import Answer, RestClient, RetryPolicy
 from app.bitrix.errors import B24Error, ConfigError
-from app.bitrix.oauth import TokenStore
+from app.bitrix.oauth import OAuthSession, TokenStore
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.cli.commands import pick_portal
@@ -64,10 +65,15 @@ class Doctor:
         self._times: list[dict[str, Any]] = []
 
     async def run(self) -> list[Check]:
+        installed: list[Check] = []
+        if self.portal.auth == "oauth":  # without the install's tokens nothing else can be asked
+            installed = [await self._installed_check()]
+            if not installed[0].ok:
+                return installed + [Check("the other checks", False, "not run: the application must be installed")]
         answered, scopes = await self._answers()
         if not answered.ok:
-            return [answered, Check("the other checks", False, "not run: the portal must answer first")]
-        checks = [answered, self._crm_scope(scopes)]
+            return [*installed, answered, Check("the other checks", False, "not run: the portal must answer first")]
+        checks = [*installed, answered, self._crm_scope(scopes)]
         for name, check in (("the binding methods exist", self._methods), ("CRM mode", self._crm_mode),
                             ("crm.activity.list filters by BINDINGS", self._bindings_filter)):
             checks.append(await _guarded(name, check))
@@ -148,12 +154,15 @@ class Doctor:
                      f"set domain: {host} in the rules file (events carry the portal's domain, and an event "
                      "from an unknown domain is refused), unless the portal really has two addresses")
 
-    async def _application(self) -> list[Check]:
+    async def _installed_check(self) -> Check:
         tokens = await self._installed() if self._installed else None
-        checks = [Check("the application is installed", tokens is not None,
-                        "tokens from ONAPPINSTALL are stored" if tokens else "no tokens from ONAPPINSTALL",
-                        "install (or reinstall) the application on the portal while `b24rebind serve` is "
-                        "running, so its ONAPPINSTALL reaches /bitrix/install")]
+        return Check("the application is installed", tokens is not None,
+                     "tokens from ONAPPINSTALL are stored" if tokens else "no tokens from ONAPPINSTALL",
+                     "install (or reinstall) the application on the portal while `b24rebind serve` is "
+                     "running, so its ONAPPINSTALL reaches /bitrix/install")
+
+    async def _application(self) -> list[Check]:
+        checks: list[Check] = []
         if self.portal.offline_events:
             found = (await self._call("method.get", {"name": "event.offline.get"})).result or {}
             ok = bool(found.get("isExisting") and found.get("isAvailable"))
@@ -187,10 +196,10 @@ async def doctor(settings: Settings, portal_name: str | None) -> int:
     portal = pick_portal(rules, portal_name)
     if portal.auth != "oauth":
         return await doctor_command(portal, rules)
-    async with AsyncExitStack() as stack:
+    async with AsyncExitStack() as stack:  # an application's tokens are kept in Redis
         redis = await connect(with_redis(settings, stack))
         stack.push_async_callback(redis.aclose)
-        return await doctor_command(portal, rules, lambda: TokenStore(redis).load(portal.name))
+        return await doctor_command(portal, rules, redis)
 
 
 async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str) -> int:
@@ -208,12 +217,16 @@ async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str
     return 0
 
 
-async def doctor_command(portal: PortalConfig, rules: RuleSet,
+async def doctor_command(portal: PortalConfig, rules: RuleSet, redis: Any = None,
                          installed: Callable[[], Awaitable[Any]] | None = None) -> int:
+    """`installed` stands in for the token store in tests; by default it is read from `redis`."""
     print(f"b24rebind doctor: portal {portal.name or portal.domain} ({portal.domain}), reading only")
     async with aiohttp.ClientSession() as http:
+        oauth = OAuthSession(http, redis, portal) if portal.auth == "oauth" and redis is not None else None
+        if installed is None and redis is not None:
+            installed = partial(TokenStore(redis).load, portal.name)
         client = RestClient(http, portal, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.5),
-                            timeout=20)
+                            timeout=20, oauth=oauth)
         checks = await Doctor(portal, rules, client, installed).run()
     for check in checks:
         print("\n".join(check.lines()))

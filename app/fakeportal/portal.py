@@ -282,6 +282,15 @@ def _page(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> Page:
     return Page(rows[start:following], len(rows), following if following < len(rows) else None)
 
 
+def _selected(page: Page, params: Mapping[str, Any], multiple: tuple[str, ...] = ()) -> Page:
+    """Only the fields `select` names (ID always); "*" or no select means every single-valued field."""
+    wanted = {str(f).upper() for f in _items(_param(params, "select"))}
+    keep: Callable[[str], bool] = (lambda k: k not in multiple or k in wanted) if not wanted or "*" in wanted \
+        else (lambda k: k in wanted or k == "ID")
+    page.rows = [{k: v for k, v in row.items() if keep(k)} for row in page.rows]
+    return page
+
+
 def _filter_of(params: Mapping[str, Any]) -> dict[str, Any]:
     value = _param(params, "filter")
     return value if isinstance(value, dict) else {}
@@ -1194,13 +1203,10 @@ class FakePortal:
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
         wanted = set() if self.bindings_filter_ignored else wanted
         candidates = sorted(set().union(*(self._bound.get(b, ()) for b in wanted))) if wanted else self.activities
-        selected = {str(f).upper() for f in _items(_param(params, "select"))}
         rows = [dict(row) for row in map(self.activities.__getitem__, candidates)
                 if _matches(row, filters) and self._readable_activity(int(row["ID"]))]
-        if "COMMUNICATIONS" not in selected:
-            for row in rows:
-                row.pop("COMMUNICATIONS", None)
-        return _page(rows, params)
+        # COMMUNICATIONS is a multiple field: returned only when named, never for "*" or no select.
+        return _selected(_page(rows, params), params, multiple=("COMMUNICATIONS",))
 
     def _activity_add(self, params: Mapping[str, Any]) -> int:
         fields = _param(params, "fields") or {}
@@ -1246,8 +1252,9 @@ class FakePortal:
         by_lead = self._by_lead.get(type_id)
         lead_id = _norm(filters.get("LEAD_ID"))
         candidates = sorted(by_lead.get(lead_id, ())) if by_lead is not None and isinstance(lead_id, int) else table
-        return _page([dict(table[i]) for i in candidates
-                      if _matches(table[i], filters) and (type_id, i) not in self.unreadable], params)
+        return _selected(_page([dict(table[i]) for i in candidates
+                                if _matches(table[i], filters) and (type_id, i) not in self.unreadable], params),
+                         params, multiple=("EMAIL", "PHONE"))
 
     def _entity_add(self, type_id: int, params: Mapping[str, Any]) -> int:
         fields = _param(params, "fields")

@@ -276,3 +276,19 @@ async def test_an_activity_deleted_between_read_and_write_is_nothing_to_do(
     assert record["state"] == "skipped", record
     assert record["outcome"] == "1 item deleted since read: nothing to do for it"
     assert [change["status"] for change in record["changes"]] == ["gone"]
+
+
+async def test_a_webhook_user_without_rights_on_the_client_leaves_the_activity_as_it_was(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    made = portal.convert_lead_over_rest(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.set_access_denied({(CONTACT, made)})  # the webhook's user may not change this contact
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == [(LEAD, lead)]  # bind refused, so the lead binding stays
+    record = await job(client, answer)
+    assert record["state"] == "failed", record
+    assert record["error"]["code"] == "ACCESS_DENIED" and "CRM rights" in record["error"]["what_to_do"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
 from app.cli.doctor import doctor_command
 from app.fakeportal.portal import LEAD, FakePortal
@@ -115,11 +116,26 @@ async def test_an_application_not_installed(portal: FakePortal, capsys: Any) -> 
     async def no_tokens() -> None:
         return None
 
-    portal.remove_method("event.offline.get")
     code, out = await run(config, rules_for(config), capsys, installed=no_tokens)
     assert code == 1
     assert "✗ the application is installed: no tokens from ONAPPINSTALL" in out
-    assert "✗ offline events can be read" in out
+    assert "what to do: install (or reinstall) the application" in out
+    assert "the other checks: not run" in out
+
+
+async def test_an_installed_application_is_checked_with_its_own_tokens(portal: FakePortal, redis: Any,
+                                                                      capsys: Any) -> None:
+    config = PortalConfig(name="acme", domain="127.0.0.1", auth="oauth", client_id="app.client",
+                          client_secret="app-secret", rest_url=f"{portal.base_url}/rest/",
+                          oauth_url=f"{portal.base_url}/oauth/token/", offline_events=True)
+    await TokenStore(redis).save("acme", TokenStore.from_install(portal.install_app()))
+    portal.remove_method("event.offline.get")
+
+    code, out = await run(config, rules_for(config), capsys, redis=redis)
+
+    assert code == 1, out
+    assert "✓ the application is installed" in out and "✓ the portal answers the app" in out
+    assert "✗ offline events can be read: event.offline.get not allowed" in out
 
 
 async def test_the_command_line(portal: FakePortal, tmp_path: Any, monkeypatch: Any, capsys: Any) -> None:
