@@ -1,43 +1,88 @@
-"""The built-in demo portal: a FakePortal wired in as portal `demo`, and a short scripted story."""
+"""The built-in demo: a FakePortal that behaves as a real Bitrix24 portal, wired in as portal `demo`,
+and the real sequence played on it.
+
+A conversion in the portal copies the lead's activities to the new company and contact and keeps the
+lead binding; b24rebind then removes the lead binding, brings a late e-mail to the client, and gives a
+repeat lead's history to the known client. `b24rebind demo --keep` leaves the demo portal running on a
+fixed port with a fixed webhook, and `b24rebind demo convert` plays another conversion on it.
+"""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+from aiohttp import web
+from pydantic import SecretStr
 
 from app.bitrix.portal import PortalConfig, RateLimit
-from app.fakeportal.portal import FakePortal
+from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, FakePortal
+from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.store.jobs import FINAL_STATES, JobRecord, JobStore
 
 DEMO_DOMAIN = "demo.b24rebind.local"
+# `demo --keep`: the demo portal's fixed address and webhook, printed, so a person can call it too.
+DEMO_PORT = 8099
+DEMO_WEBHOOK_CODE = "demo0secret0code"
+DEMO_APP_TOKEN = "demo-application-token"
+CONVERT_PATH = "/demo/convert"
+KINDS = [("Re: price list", 4, "CRM_EMAIL"), ("Call about delivery", 2, "VOXIMPLANT_CALL"),
+         ("Send the contract", 6, "CRM_TODO")]
+SHOWN = 5  # activities listed one by one; more are summed up
+# Words in the order a CRM card shows its links.
+ORDER = {LEAD: 0, DEAL: 1, CONTACT: 2, COMPANY: 3}
 
 
-async def start_portal(stack: AsyncExitStack) -> FakePortal:
+def demo_rules() -> RuleSet:
+    """The demo always runs the built-in rules: a real rules file and its portals are left alone."""
+    text = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")
+    return parse_rules(text, "built-in default rules", {})
+
+
+async def start_portal(stack: AsyncExitStack, port: int = 0, fake: FakePortal | None = None) -> FakePortal:
     """The demo portal, listening until `stack` closes."""
-    fake = FakePortal()
-    await fake.start()
+    fake = fake or FakePortal(webhook_code=DEMO_WEBHOOK_CODE)
+    try:
+        await fake.start(port=port)
+    except OSError as exc:
+        raise DemoError(f"the demo portal cannot listen on 127.0.0.1:{port}: {exc.strerror}. Is another "
+                        "`b24rebind demo --keep` running? Stop it, or play on it with `b24rebind demo convert`.") \
+            from None
     stack.push_async_callback(fake.close)
     return fake
 
 
-def announce(fake: FakePortal, base_url: str) -> None:
-    print(f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}\n"
-          f"  dashboard:        {base_url}/\n"
-          f"  events endpoint:  {base_url}/bitrix/events\n"
-          f"  service status:   {base_url}/readyz\n"
-          f"  job details:      {base_url}/api/jobs/<job_id>\n"
-          "Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,\n"
-          "'Connect your portal'.\n", flush=True)
+class DemoError(Exception):
+    """The demo cannot start or reach its portal; the message says what to do."""
+
+    def __init__(self, message: str, portal_down: bool = False) -> None:
+        super().__init__(message)
+        self.portal_down = portal_down
+
+
+def announce(fake: FakePortal, base_url: str, story: bool = False, keep: bool = False) -> None:
+    lines = [f"\nThe built-in DEMO portal is running at {fake.base_url}" if story else
+             f"\nNo portal is configured, so the built-in DEMO portal is running at {fake.base_url}",
+             f"  dashboard:        {base_url}/", f"  events endpoint:  {base_url}/bitrix/events",
+             f"  service status:   {base_url}/readyz", f"  job details:      {base_url}/api/jobs/<job_id>"]
+    if keep:
+        lines += [f"  demo webhook:     {fake.rest_url}  (fixed: port {DEMO_PORT}, code {DEMO_WEBHOOK_CODE})"]
+    if not story:
+        lines += ["Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,",
+                  "'Connect your portal'."]
+    print("\n".join(lines) + "\n", flush=True)
 
 
 def demo_portal_config(portal: FakePortal) -> PortalConfig:
-    return PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=portal.rest_url,
-                        application_token=secrets.token_hex(16), rate_limit=RateLimit(per_second=2, burst=50))
+    return PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=SecretStr(portal.rest_url),
+                        application_token=SecretStr(DEMO_APP_TOKEN), rate_limit=RateLimit(per_second=2, burst=50))
 
 
 def with_demo_portal(rules: RuleSet, config: PortalConfig) -> RuleSet:
@@ -47,43 +92,190 @@ def with_demo_portal(rules: RuleSet, config: PortalConfig) -> RuleSet:
 
 def event_body(portal: PortalConfig, event: str, entity_id: int, ts: int) -> str:
     """An outbound-webhook event exactly as a portal posts it (form-encoded, PHP-style keys)."""
+    token = portal.application_token.get_secret_value() if portal.application_token else ""
     return urlencode({
         "event": event, "event_handler_id": "1", "data[FIELDS][ID]": str(entity_id), "ts": str(ts),
         "auth[domain]": portal.domain, "auth[client_endpoint]": f"https://{portal.domain}/rest/",
         "auth[server_endpoint]": "https://oauth.bitrix.info/rest/", "auth[member_id]": "demo",
-        "auth[application_token]": portal.application_token.get_secret_value(),
+        "auth[application_token]": token,
     })
 
 
-async def play(fake: FakePortal, config: PortalConfig, events_url: str, store: JobStore) -> None:
-    """Seed a lead with history, convert it, fire the portal's events and show the activities move."""
-    lead = fake.add_lead(title="Anna Petrova, 20 chairs", email="anna@example.com")
-    activities = [
-        fake.add_activity([(1, lead)], subject="Re: price list", type_id=4, provider_id="CRM_EMAIL"),
-        fake.add_activity([(1, lead)], subject="Call about delivery", type_id=2, provider_id="VOXIMPLANT_CALL"),
-        fake.add_activity([(1, lead)], subject="Send the contract", type_id=6, provider_id="CRM_TODO"),
-    ]
+def in_words(fake: FakePortal, activity: int) -> str:
+    """`lead 1, contact 1, company 1`: an activity's bindings as a CRM card lists its links."""
+    bindings = sorted(fake.bindings(activity), key=lambda b: (ORDER.get(b[0], 9), b[1]))
+    return ", ".join(f"{TYPE_NAMES.get(t, f'type {t}')} {i}" for t, i in bindings)
+
+
+@dataclass
+class Stage:
+    """What a scene needs: the portal, the service's events URL and job store; filled in as they start."""
+
+    fake: FakePortal
+    events_url: str = ""
+    store: JobStore | None = None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> PortalConfig:
+        return demo_portal_config(self.fake)
+
+    def say(self, text: str) -> None:
+        self.lines.append(text)
+        print(text, flush=True)
+
+    async def send_events(self, since: int) -> list[JobRecord | None]:
+        """Post what the portal recorded since `since`, in its order, and wait for the jobs."""
+        job_ids: list[str] = []
+        sent: list[tuple[str, list[int]]] = []
+        async with aiohttp.ClientSession() as http:
+            for event, entity_id in self.fake.events[since:]:
+                async with http.post(self.events_url, data=event_body(self.config, event, entity_id,
+                                                                      int(time.time())),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+                    answer = await response.json()
+                if answer.get("job_id"):  # events no rule listens to are answered "ignored"
+                    job_ids.append(str(answer["job_id"]))
+                if sent and sent[-1][0] == event:
+                    sent[-1][1].append(entity_id)
+                else:
+                    sent.append((event, [entity_id]))
+        for event, ids in sent:
+            what = f"{event} {ids[0]}" if len(ids) == 1 else f"{event} for {len(ids)} records"
+            why = " (a closed lead's open calls and to-dos are completed; no rule listens to it)" \
+                if event == "ONCRMACTIVITYUPDATE" else ""
+            self.say(f"  the portal sent {what}{why}")
+        return [await self._wait(job_id) for job_id in job_ids]
+
+    async def _wait(self, job_id: str, timeout: float = 60) -> JobRecord | None:
+        assert self.store is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            record = await self.store.get(job_id)
+            if record and record.state in FINAL_STATES:
+                return record
+            await asyncio.sleep(0.2)
+        return await self.store.get(job_id)
+
+    def show(self, activities: dict[int, str]) -> None:
+        for activity, subject in list(activities.items())[:SHOWN]:
+            self.say(f"    activity {activity} ({subject}): {in_words(self.fake, activity)}")
+        rest = list(activities)[SHOWN:]
+        if rest:
+            alike = sum(in_words(self.fake, a) == in_words(self.fake, rest[0]) for a in rest)
+            self.say(f"    ... and {len(rest)} more" + (", the same" if alike == len(rest) else ""))
+
+
+async def play(stage: Stage) -> None:
+    """The real sequence, scene by scene, each with what the portal did and what b24rebind added."""
+    lead = await conversion(stage, activities=3, late=1)
+    await repeat_lead(stage, lead)
+    stage.say("\nWhat the portal did by itself: it copied the lead's activities to the company and contact it "
+              "made,\nand left them bound to the lead. What b24rebind added: it removed the lead binding, "
+              "brought the late\ne-mail to the client, and gave the repeat lead's history to the client the "
+              "portal already knew.")
+
+
+async def conversion(stage: Stage, activities: int = 3, late: int = 0, name: str = "Anna Petrova") -> int:
+    """A lead with history, converted in the portal (it copies), then the late e-mails."""
+    fake = stage.fake
+    lead = fake.add_lead(title=f"{name}, 20 chairs", name=name, email=f"{name.split()[0].lower()}@example.com")
+    made_activities = {}
+    for i in range(activities):
+        subject, type_id, provider = KINDS[i % len(KINDS)]
+        subject += f" #{i + 1}" if i >= len(KINDS) else ""
+        made_activities[fake.add_activity([(LEAD, lead)], subject=subject, type_id=type_id,
+                                          provider_id=provider)] = subject
+    since = len(fake.events)
     made = fake.convert_lead(lead, contact=True, company=True)
-    print(f"demo: lead {lead} converted into contact {made['contact']} and company {made['company']}; "
-          f"its {len(activities)} activities are still bound to the lead")
-    ts = int(time.time())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(events_url, data=event_body(config, "ONCRMLEADUPDATE", lead, ts),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
-            answer = await response.json()
-    print(f"demo: the portal sent ONCRMLEADUPDATE; the service answered {answer}")
-    record = await _wait(store, answer.get("job_id", ""))
-    print(f"demo: job {record.id if record else '?'} is {record.state.value if record else 'missing'}: "
-          f"{record.outcome if record else ''}")
-    for activity in activities:
-        print(f"demo:   activity {activity} now bound to {fake.bindings(activity)} (type id, entity id)")
+    stage.say(f"\n1. Lead {lead} ({name}) is converted in the portal into contact {made['contact']} and company "
+              f"{made['company']}.\n   The portal copies its {activities} activities there and keeps the lead "
+              "binding:")
+    stage.show(made_activities)
+    await stage.send_events(since)
+    stage.say("   b24rebind removes the lead binding (the only writes it needs):")
+    stage.show(made_activities)
+    if late:
+        since = len(fake.events)
+        late_ones = {fake.add_activity([(LEAD, lead)], subject=f"Re: delivery date #{i + 1}",
+                                       email=f"{name.split()[0].lower()}@example.com"): f"late e-mail #{i + 1}"
+                     for i in range(late)}
+        stage.say(f"\n2. {late} e-mail{'s arrive' if late > 1 else ' arrives'} after the conversion, bound to the "
+                  "converted lead only:")
+        stage.show(late_ones)
+        await stage.send_events(since)
+        stage.say("   b24rebind brings them to the client:")
+        stage.show(late_ones)
+    return lead
 
 
-async def _wait(store: JobStore, job_id: str, timeout: float = 30) -> JobRecord | None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        record = await store.get(job_id)
-        if record and record.state in FINAL_STATES:
-            return record
-        await asyncio.sleep(0.2)
-    return await store.get(job_id)
+async def repeat_lead(stage: Stage, first_lead: int) -> None:
+    """A known client writes again: the portal makes a repeat lead, and its conversion makes only a deal."""
+    fake = stage.fake
+    first = fake.leads[first_lead]
+    contact, company = int(first["CONTACT_ID"]), int(first["COMPANY_ID"])
+    lead = fake.add_lead(title=f"{first.get('NAME') or 'Client'}: 10 more chairs", contact_id=contact,
+                         company_id=company)
+    activity = fake.add_activity([(LEAD, lead)], subject="New order")
+    since = len(fake.events)
+    made = fake.convert_lead(lead)
+    stage.say(f"\n3. The same client writes again: repeat lead {lead}. Its conversion makes only deal {made['deal']},"
+              f"\n   and the portal attaches the activity to the deal alone; contact {contact} and company "
+              f"{company} get nothing:")
+    stage.show({activity: "New order"})
+    await stage.send_events(since)
+    stage.say("   b24rebind gives it to the client the portal already knew:")
+    stage.show({activity: "New order"})
+
+
+async def start_stage(stack: AsyncExitStack, port: int = 0) -> Stage:
+    """The demo portal with its control route, ready for `play` once the service has started."""
+    stage = Stage(fake=FakePortal(webhook_code=DEMO_WEBHOOK_CODE))
+    stage.fake.extra_routes.append(("POST", CONVERT_PATH, convert_handler(stage)))
+    await start_portal(stack, port, stage.fake)
+    return stage
+
+
+def convert_handler(stage: Stage) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """`b24rebind demo convert` asks the kept demo for another conversion through this."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.query.get("code") != stage.fake.webhook_code:
+            return web.json_response({"error": "wrong demo code"}, status=401)
+        if not stage.events_url:
+            return web.json_response({"error": "the demo is still starting; try again in a moment"}, status=503)
+        try:
+            activities = max(0, min(int(request.query.get("activities", 3)), 500))
+            late = max(0, min(int(request.query.get("late", 0)), 50))
+        except ValueError:
+            return web.json_response({"error": "--activities and --late take whole numbers"}, status=400)
+        stage.lines = []
+        lead = await conversion(stage, activities=activities, late=late, name=_next_name(stage.fake))
+        if request.query.get("repeat") == "1":
+            await repeat_lead(stage, lead)
+        return web.json_response({"lines": stage.lines})
+
+    return handle
+
+
+def _next_name(fake: FakePortal) -> str:
+    names = ["Boris Ivanov", "Clara Sidorova", "Dmitri Orlov", "Elena Smirnova", "Fyodor Kuznetsov"]
+    return names[len(fake.leads) % len(names)]
+
+
+async def convert_command(activities: int, late: int, repeat: bool) -> int:
+    """`b24rebind demo convert`: another conversion on the demo kept running by `demo --keep`."""
+    url = f"http://127.0.0.1:{DEMO_PORT}{CONVERT_PATH}"
+    query: dict[str, Any] = {"code": DEMO_WEBHOOK_CODE, "activities": activities, "late": late,
+                             "repeat": "1" if repeat else "0"}
+    try:
+        async with aiohttp.ClientSession() as http, http.post(url, params=query,
+                                                              timeout=aiohttp.ClientTimeout(total=300)) as response:
+            body = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        raise DemoError(f"no demo portal answers on 127.0.0.1:{DEMO_PORT}: start one with `b24rebind demo --keep` "
+                        "in another terminal, then run this again", portal_down=True) from None
+    if "error" in body:
+        raise DemoError(f"the demo refused: {body['error']}")
+    print("\n".join(body["lines"]))
+    return 0

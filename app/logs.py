@@ -122,15 +122,16 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 class TerminalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        return f"{line} [job {record.job_id}]" if getattr(record, "job_id", None) else line
+        job_id = getattr(record, "job_id", None)
+        return f"{line} [job {job_id}]" if job_id else line
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
-        if getattr(record, "job_id", None):
-            entry["job_id"] = record.job_id
+        if job_id := getattr(record, "job_id", None):
+            entry["job_id"] = job_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         try:

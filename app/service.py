@@ -12,7 +12,6 @@ from arq import Worker
 from arq.connections import ArqRedis
 
 from app import demo, logs, loop
-from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
 from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
@@ -21,6 +20,7 @@ from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
+from app.web import create_app
 from workers.main import build_worker
 from workers.reconcile import reconcile_command
 
@@ -32,16 +32,21 @@ class Roles:
     web: bool = True
     worker: bool = True
     demo_portal: bool = False  # start the demo portal when no portal is configured
-    demo_story: bool = False
+    demo_story: bool = False  # `demo`: the built-in rules on the demo portal only, the real sequence played
+    keep: bool = False  # `demo --keep`: stay up, the demo portal on a fixed port, for `demo convert`
 
 
 async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
-    live = LiveRules(load_service_rules(settings), settings)
+    live = LiveRules(demo.demo_rules() if roles.demo_story else load_service_rules(settings), settings)
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)
-        fake = None
-        if roles.demo_portal and not live.current.portals:
+        fake = stage = None
+        if roles.demo_story:  # the demo's own rules and portal, whatever the rules file says
+            stage = await demo.start_stage(stack, demo.DEMO_PORT if roles.keep else 0)
+            fake = stage.fake
+            live = LiveRules(demo.with_demo_portal(live.current, stage.config))
+        elif roles.demo_portal and not live.current.portals:
             fake = await demo.start_portal(stack)
             demo_config = demo.demo_portal_config(fake)
             live = LiveRules(demo.with_demo_portal(live.current, demo_config), settings,
@@ -62,10 +67,16 @@ async def run(settings: Settings, roles: Roles) -> None:
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
-            demo.announce(fake, base_url if roles.web else "")
-            if roles.demo_story and roles.web and roles.worker:
-                store = JobStore.from_settings(await connect(settings), settings)
-                await demo.play(fake, demo_config, base_url + "/bitrix/events", store)
+            demo.announce(fake, base_url if roles.web else "", story=stage is not None, keep=roles.keep)
+        if stage is not None:
+            redis = await connect(settings)
+            stack.push_async_callback(redis.aclose)
+            stage.store, stage.events_url = JobStore.from_settings(redis, settings), base_url + "/bitrix/events"
+            await demo.play(stage)
+            if not roles.keep:
+                return
+            print("\nThe demo stays up (Ctrl-C stops it). Play another conversion on it from another terminal:\n"
+                  "  b24rebind demo convert [--activities N] [--late M] [--repeat]\n", flush=True)
         loop.settle_heap()
         await _until_stopped(tasks)
 

@@ -191,7 +191,7 @@ async def serve(kind: str, port: int, profile: str = "", catch_stalls: bool = Fa
 
 def baseline_app(redis_url: str) -> Any:
     """A bare handler: read the form, enqueue the same arq job, answer its id. Nothing else: arq as it
-    comes, on its own Redis pool (redis-py's; the service's lean pool is part of what is measured)."""
+    comes, on its own Redis pool (redis-py's, as the service's is too)."""
     from aiohttp import web
 
     from app.store.queue import PROCESS_EVENT

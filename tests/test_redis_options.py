@@ -32,14 +32,13 @@ from arq import Worker
 from arq.connections import ArqRedis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import feed_channel
 from app.store.queue import connect, redis_settings
-from app.store.redis_pool import LeanConnections
+from app.web import create_app
 from tests.chaos.processes import ROOT, write_rules
 from tests.conftest import WEBHOOK_CODE, event_form, post_event
 from workers.main import build_worker, shutdown
@@ -148,7 +147,6 @@ async def test_the_web_app_a_worker_and_a_command_find_redis_through_sentinel(
         await redis.aclose()
 
     assert isinstance(redis.connection_pool, SentinelConnectionPool)
-    assert isinstance(redis.connection_pool, LeanConnections)  # the same savings behind Sentinel
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
     with sync_redis.Redis(port=sentinel.primary_port, password=PASSWORD, db=DATABASE) as primary:
         assert primary.exists(f"b24:job:{answer['job_id']}")  # on the primary, in REDIS_URL's database

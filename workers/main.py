@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 from arq import cron, func
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
@@ -67,7 +68,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def requeue_stranded(ctx: dict[str, Any]) -> int:
     """The minute's look for jobs whose records wait to run but that have left the queue."""
-    rescued = await JobQueue(ctx["redis"], ctx["store"]).requeue_stranded()
+    try:
+        rescued = await JobQueue(ctx["redis"], ctx["store"]).requeue_stranded()
+    except RedisError as exc:  # the worker says once that Redis is away; the next minute looks again
+        log.info("the look for stranded jobs was skipped: Redis is unreachable (%s)", type(exc).__name__)
+        return 0
     if rescued:
         log.warning("queued again %d jobs that had left the queue without ending (%s)", len(rescued),
                     ", ".join(rescued[:5]) + (", ..." if len(rescued) > 5 else ""))

@@ -16,6 +16,7 @@ then `event.offline.clear` drops it, so a crash in between leaves the batch to b
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
 from app.bitrix.errors import B24Error
@@ -159,16 +161,21 @@ async def reconcile_job(ctx: dict[str, Any]) -> int:
     """The worker's cron entry: sweeps at most once per interval whichever worker gets here first."""
     interval = ctx["settings"].reconcile_interval
     gate = prefixed(GATE_KEY)
-    if not interval or not await ctx["redis"].set(gate, time.time(), nx=True, px=int(interval * 1000)):
+    try:
+        if not interval or not await ctx["redis"].set(gate, time.time(), nx=True, px=int(interval * 1000)):
+            return 0
+        return sum(len(s.queued) for s in await sweep_all(ctx))
+    except RedisError as exc:  # the worker says once that Redis is away; the next tick sweeps again
+        log.info("reconcile skipped: Redis is unreachable (%s)", type(exc).__name__)
         return 0
-    return sum(len(s.queued) for s in await sweep_all(ctx))
 
 
 async def reconcile_command(settings: Settings, portal: str | None) -> int:
     """`b24rebind reconcile`: one sweep now; running workers do the queued jobs."""
     rules = load_service_rules(settings)
     if portal is not None and portal not in rules.portals:
-        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}")
+        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}",
+              file=sys.stderr)
         return 2
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)

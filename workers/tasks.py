@@ -19,6 +19,7 @@ from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.session import PortalSession
 from app.logs import current_job
+from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
@@ -105,7 +106,9 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         raise Retry(defer=wait) from None
     except TransientError as exc:
         _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
-    except (Gone, Echo) as exc:
+    except Gone as exc:
+        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(ctx, rules, portal, client, exc))
+    except Echo as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
         record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
@@ -170,6 +173,24 @@ def portal_session(ctx: dict[str, Any], portal: PortalConfig) -> PortalSession:
                                 ctx.get("budget_reads") or BudgetReads()),
             oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
     return session
+
+
+async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,
+                    gone: Gone) -> str:
+    """A lead that cannot be read may be a portal in simple CRM mode, where leads never last: ask, once
+    a day at most, only when rules about leads exist, and say so."""
+    if gone.what != "lead" or not rules.lead_rules():
+        return ""
+    modes = await noted_modes(ctx["redis"], [portal.name])
+    mode = modes.get(portal.name)
+    if mode is None:
+        try:
+            mode = await read_mode(client)
+        except B24Error:
+            return ""
+        await note_mode(ctx["redis"], portal.name, mode)
+    warning = simple_mode_warning(rules, portal.name, mode)
+    return f"; {warning}" if warning else ""
 
 
 def _log_end(record: JobRecord, requests: int) -> None:
@@ -246,9 +267,13 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     else:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
-        done = f"re-bound {plural(changed, 'item')}" if changed or not dry else ""
+        deleted = sum(o.status == "gone" for o in outcomes)
+        done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
-        record.end_attempt(JobState.SUCCEEDED, gone + "; ".join(part for part in (done, would) if part))
+        left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
+            if deleted else ""
+        state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

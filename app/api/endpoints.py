@@ -24,7 +24,7 @@ from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobState, UnknownJob
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LIST_PARAMS = ("state", "portal", "event", "rule", "trigger", "entity", "since", "until", "limit", "cursor")
+LIST_PARAMS = ("state", "portal", "event", "rule", "trigger", "entity", "lead", "since", "until", "limit", "cursor")
 MAX_LIMIT = 500
 MAX_RETRY = 1000
 _NAME = re.compile(r"^[\w.:@/+-]{1,200}$")
@@ -64,7 +64,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     except (RedisError, OSError):
         if not request.path.startswith("/api/"):
             raise
-        log.error("API request %s failed: Redis is unreachable", request.path)
+        log.debug("API request %s failed: Redis is unreachable", request.path)  # the outage is logged once
         return web.json_response({"error": "Redis is unreachable; job records cannot be read. Check Redis."},
                                  status=503)
 
@@ -145,9 +145,10 @@ async def get_audit(request: web.Request) -> web.Response:
         entries = (await audit.for_job(params["job"]))[:limit]
     else:
         kind = "comment" if params["comment"] else "activity"
-        if not params[kind]:
+        given = params[kind]
+        if not given:
             raise BadRequest("give activity=ID, comment=ID or job=ID")
-        item = _int(params[kind], kind, 1, 2**63)
+        item = _int(given, kind, 1, 2**63)
         entries = await audit.for_item(item, kind, params["portal"], limit)
     return web.json_response({"entries": [e.model_dump(mode="json") for e in entries]})
 
@@ -166,6 +167,7 @@ def parse_list_query(params: Mapping[str, str], *, default_limit: int = 50, max_
                      event=(_name(values["event"], "event") or "").upper() or None,
                      rule=_name(values["rule"], "rule"), trigger=_name(values["trigger"], "trigger"),
                      entity=_int(values["entity"], "entity", 1, 2**63) if values["entity"] else None,
+                     lead=_int(values["lead"], "lead", 1, 2**63) if values["lead"] else None,
                      since=_time(values["since"], "since"), until=_time(values["until"], "until"))
     if query.since is not None and query.until is not None and query.since > query.until:
         raise BadRequest("since is after until; give the earlier time as since")

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -82,7 +82,7 @@ def stage_counts(pipe: Any, counts: Mapping[str, float]) -> None:
 def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
     ended the job, its duration."""
-    counts: Counter[str] = Counter()
+    counts: defaultdict[str, float] = defaultdict(float)  # requests, and seconds waited
     calls = client.take_calls()
     for (method, outcome, via), n in calls.items():
         counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
@@ -197,12 +197,12 @@ async def event_counts_context(app: web.Application) -> AsyncIterator[None]:
 
 # Set by the webhook: (portal, event, outcome), outcome one of queued, duplicate, spooled, ignored or
 # installed. Read only when the answer is a 200.
-EVENT_LABELS = web.RequestKey("event_labels", tuple)
+EVENT_LABELS = web.RequestKey[tuple[str, str, str]]("event_labels", tuple)
 
 
 def _event_labels(request: web.Request, status: int) -> tuple[str, str, str]:
     if status == 200 and EVENT_LABELS in request:
-        return request[EVENT_LABELS]  # type: ignore[no-any-return]
+        return request[EVENT_LABELS]
     # Unauthenticated bodies never become labels: anyone could invent portals and events.
     return "-", "-", {401: "refused", 403: "refused", 503: "unavailable"}.get(status, "malformed")
 

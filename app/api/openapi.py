@@ -31,6 +31,8 @@ _FILTERS = [
     _param("rule", "a rule that matched", {"type": "string"}),
     _param("trigger", "webhook, backfill or retry", {"type": "string"}),
     _param("entity", "the entity id the event was about", {"type": "integer", "minimum": 1}),
+    _param("lead", "the lead the job was about: its own events and its activities'",
+           {"type": "integer", "minimum": 1}),
     _param("since", "received at or after: Unix seconds or ISO 8601", {"type": "string"}),
     _param("until", "received at or before: Unix seconds or ISO 8601", {"type": "string"}),
 ]
@@ -97,8 +99,9 @@ _PATHS: dict[str, dict[str, Any]] = {
                                   {"200": _json("ready", {"type": "object"}), "503": _json("not ready", {"type": "object"})},
                                   auth=False)},
     "/": {"get": _operation("The dashboard (HTML)", {"200": {"description": "the page"}}, auth=False)},
+    "/favicon.ico": {"get": _operation("The dashboard's icon (SVG)", {"200": {"description": "the icon"}}, auth=False)},
     "/dashboard/{filename}": {"get": _operation(
-        "The dashboard's script and style sheet", {"200": {"description": "a static file"}, "404": _ERROR},
+        "The dashboard's script, style sheet and icon", {"200": {"description": "a static file"}, "404": _ERROR},
         [_param("filename", "file name", {"type": "string"}, "path")], auth=False)},
 }
 

@@ -73,9 +73,9 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
     """Each portal's request budget: the shared leaky bucket's free slots right now."""
     async with redis.pipeline(transaction=False) as pipe:
         for name in rules.portals:
-            pipe.hmget(prefixed(f"b24:rate:{name}"), "level", "ts")
+            pipe.hmget(prefixed(f"b24:rate:{name}"), ["level", "ts"])
             pipe.exists(prefixed(f"b24:rate:{name}:slow"))
-            pipe.hmget(prefixed(REACHABILITY + name), "answered_at", "unreachable_at")
+            pipe.hmget(prefixed(REACHABILITY + name), ["answered_at", "unreachable_at"])
         answers = await pipe.execute()
     portals = {}
     for i, (name, portal) in enumerate(rules.portals.items()):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def _why_no_activities(rules: RuleSet, facts: Facts) -> str:
     return "No activities to look at."
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
             for row in (header, *rows)]
@@ -217,7 +218,7 @@ async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobSt
             each.cancel()  # a job cancelled puts itself back on the queue before its task ends
         await asyncio.gather(*running, return_exceptions=True)
         print(file=sys.stderr)
-        if "http" in worker.ctx:  # a burst worker does not run its shutdown itself
+        if "http" in worker.ctx and worker.on_shutdown:  # a burst worker does not run its shutdown itself
             await worker.on_shutdown(worker.ctx)
 
 

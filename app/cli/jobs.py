@@ -31,7 +31,7 @@ from app.store.queue import JobQueue, connect
 from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
-FILTERS = ("state", "portal", "rule", "event", "entity", "since", "until")
+FILTERS = ("state", "portal", "rule", "event", "entity", "lead", "trigger", "since", "until")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -40,34 +40,49 @@ def add_commands(subparsers: Any) -> None:
     actions = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = actions.add_parser("list", help="jobs, newest first")
     _add_filters(listing)
-    listing.add_argument("--limit", default="20")
+    listing.add_argument("--limit", default="20", help="jobs per page (default 20, at most 500)")
     listing.add_argument("--cursor", help="next_cursor printed under the previous page")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     show = actions.add_parser("show", help="one job: plan, changes, attempts")
-    show.add_argument("job_id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("job_id", help=JOB_HELP)
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
     retry = actions.add_parser("retry", help="queue a finished job again, or every failed one (--state failed)")
-    retry.add_argument("job_id", nargs="?")
+    retry.add_argument("job_id", nargs="?", help=JOB_HELP + "; or leave it out and give --state failed (or dead)")
     _add_filters(retry)
     watch = actions.add_parser("watch", help="a live view: counts, latest jobs, backfill progress")
-    watch.add_argument("--interval", type=float, default=1.0)
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default 1)")
     watch.add_argument("--once", action="store_true", help="draw once and stop")
     stats_parser = subparsers.add_parser("stats", help="counts per state, queue, throughput, portal budgets")
-    stats_parser.add_argument("--json", action="store_true")
+    stats_parser.add_argument("--json", action="store_true", help=JSON_HELP)
     audit = subparsers.add_parser("audit", help="binding changes of an activity, comment or job")
     target = audit.add_mutually_exclusive_group(required=True)
-    target.add_argument("--activity", type=int)
-    target.add_argument("--comment", type=int)
-    target.add_argument("--job")
-    audit.add_argument("--portal")
-    audit.add_argument("--json", action="store_true")
+    target.add_argument("--activity", type=int, help="an activity id")
+    target.add_argument("--comment", type=int, help="a timeline comment id")
+    target.add_argument("--job", help="a job id: every change it made")
+    audit.add_argument("--portal", help="only this portal's changes (its name in the rules file)")
+    audit.add_argument("--json", action="store_true", help=JSON_HELP)
     undo = subparsers.add_parser("undo", help="restore the bindings a job changed, if nothing changed them since")
-    undo.add_argument("job_id")
+    undo.add_argument("job_id", help=JOB_HELP)
+
+
+JSON_HELP = "print JSON, as the API answers"
+JOB_HELP = "a job id, as `jobs list` shows it"
+FILTER_HELP = {
+    "state": "queued, running, succeeded, skipped, retrying, failed, dead or undone",
+    "portal": "the portal's name in the rules file",
+    "rule": "jobs in which this rule matched",
+    "event": "an event name, e.g. ONCRMLEADUPDATE",
+    "entity": "the event's entity id: an activity or lead id",
+    "lead": "jobs about this lead: its own events and its activities'",
+    "trigger": "what queued the job: webhook, backfill, reconcile or retry",
+    "since": "received since: 2026-01-31, 2026-01-31T12:00 or Unix seconds",
+    "until": "received until, in the same forms as --since",
+}
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
     for name in FILTERS:
-        parser.add_argument(f"--{name}")
+        parser.add_argument(f"--{name}", help=FILTER_HELP[name])
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,6 +128,10 @@ async def _list(args: argparse.Namespace, store: JobStore, redis: Redis, setting
     page = await store.list(query, limit, cursor)
     if args.json:
         print(json.dumps({"jobs": [r.summary() for r in page.records], "next_cursor": page.next_cursor}, indent=2))
+        return 0
+    if not page.records:
+        print("no jobs" + (" match these filters" if _filters(args) else " yet: they appear as the portal's "
+                           "events arrive (or try `b24rebind demo`)"))
         return 0
     print(_table(page.records))
     if page.next_cursor:

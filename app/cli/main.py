@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import sys
 from datetime import date
 from importlib.metadata import PackageNotFoundError, version
@@ -18,10 +20,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app import loop, service
+from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
-from app.cli.exits import Exit, at_the_edge
+from app.cli.exits import Exit, Failure, at_the_edge
 from app.config import load_service_rules, variables
 from app.rules.loader import load_rules
 from app.settings import Settings
@@ -41,10 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"b24rebind: a setting in the environment or .env is wrong: {problems}. Fix it (see .env.example)",
               file=sys.stderr)
         return Exit.USAGE
+    if args.command == "demo":
+        # The demo's jobs and its bundled Redis live apart from a real installation's.
+        settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo",
+                                               "key_prefix": settings.key_prefix + "demo:"})
+        if "LOG_LEVEL" not in os.environ:  # the story reads better without the service's routine lines
+            settings = settings.model_copy(update={"log_level": "WARNING"})
     namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
     return at_the_edge(lambda: _command(args, settings), settings)
 
@@ -56,10 +64,22 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in jobs_cli.COMMANDS:
         return jobs_cli.run_command(args, settings)
     if args.command == "rules" and args.rules_command == "check":
-        return check_rules(Path(args.file) if args.file else None, settings)
-    if args.command in ROLES:
-        loop.run(service.run(settings, ROLES[args.command]))
-        return 0
+        code = check_rules(Path(args.file) if args.file else None, settings)
+        if code == 0 and args.portal:
+            from app.cli.doctor import check_crm_mode
+            return asyncio.run(check_crm_mode(Path(args.file) if args.file else None, settings, args.portal))
+        return code
+    try:
+        if args.command == "demo" and args.demo_command == "convert":
+            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat))
+        if args.command in ROLES:
+            roles = ROLES[args.command]
+            if args.command == "demo" and args.keep:
+                roles = dataclasses.replace(roles, keep=True)
+            loop.run(service.run(settings, roles))
+            return 0
+    except demo.DemoError as exc:
+        raise Failure(str(exc), Exit.PORTAL_DOWN if exc.portal_down else Exit.USAGE) from None
     return _tool(args, settings)
 
 
@@ -67,6 +87,9 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "backfill":
         return asyncio.run(commands.backfill_command(settings, args.since, args.rule, args.dry_run, args.portal,
                                                      wait=not args.no_wait))
+    if args.command == "doctor":
+        from app.cli.doctor import doctor
+        return asyncio.run(doctor(settings, args.portal))
     if args.command == "reconcile":
         return asyncio.run(service.reconcile_command(settings, args.portal))
     if args.rules_command == "explain":
@@ -92,11 +115,21 @@ def _parser() -> argparse.ArgumentParser:
     commands_.add_parser("serve", help="the web process: receives portal events and queues them")
     commands_.add_parser("worker", help="a worker: applies the rules to queued events")
     commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
-    commands_.add_parser("demo", help="`run` with the demo portal and a few sample events")
+    demo_ = commands_.add_parser("demo", help="the real sequence on a built-in demo portal: the portal's "
+                                              "conversion, then what b24rebind adds")
+    demo_.add_argument("--keep", action="store_true",
+                       help=f"stay up, the demo portal on port {demo.DEMO_PORT}, for `demo convert`")
+    demo_commands = demo_.add_subparsers(dest="demo_command")
+    convert = demo_commands.add_parser("convert", help="play another conversion on a `demo --keep` running")
+    convert.add_argument("--activities", type=int, default=3, help="activities on the lead (default 3)")
+    convert.add_argument("--late", type=int, default=0, help="e-mails arriving after the conversion (default 0)")
+    convert.add_argument("--repeat", action="store_true", help="then a repeat lead of the same client")
     rules = commands_.add_parser("rules", help="work with the rules file")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")
     check.add_argument("file", nargs="?", help="the rules file (default: B24_RULES, or rules.yaml)")
+    check.add_argument("--portal", help="also ask this portal (its name in the rules file) whether the rules "
+                                        "can fire there: a portal in simple CRM mode has no leads")
     explain = rules_commands.add_parser("explain", help="read the portal, show which rules match and the plan")
     target = explain.add_mutually_exclusive_group(required=True)
     target.add_argument("--activity", type=int, help="an activity id")
@@ -112,9 +145,18 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true", help="record the plans, write nothing")
     backfill.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     backfill.add_argument("--no-wait", action="store_true", help="only queue; running workers do the work")
+    doctor = commands_.add_parser("doctor", help="check the portal's setup against the rules file, reading only")
+    doctor.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
+
+
+def _variable(loc: tuple[object, ...]) -> str:
+    """The environment variable behind a setting, as .env names it (B24_PORT, not port)."""
+    field = Settings.model_fields.get(str(loc[0])) if loc else None
+    alias = getattr(field, "validation_alias", None) if field else None
+    return alias.choices[0] if alias is not None and hasattr(alias, "choices") else ".".join(map(str, loc)).upper()
 
 
 def _version() -> str:

@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from json import JSONDecodeError
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
@@ -37,6 +38,7 @@ PAGE_SIZE = 50
 MAX_BATCH = 50
 MAX_BINDINGS = 100
 FINDBYCOMM_LIMIT = 20
+COMPLETABLE_TYPES = ("1", "2", "6")  # meeting, call, task/to-do: completed when their lead closes
 
 Binding = tuple[int, int]  # (entityTypeId, entityId)
 
@@ -237,7 +239,7 @@ def _test(actual: Any, op: str, wanted: Any) -> bool:
         return False
     if not (isinstance(a, int) and isinstance(b, int)):
         a, b = str(a), str(b)  # ISO dates compare correctly as strings
-    return {">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[op]
+    return bool({">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[op])
 
 
 def _split_operator(key: str) -> tuple[str, str]:
@@ -279,6 +281,15 @@ def _page(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> Page:
     start = max(start, 0)
     following = start + PAGE_SIZE
     return Page(rows[start:following], len(rows), following if following < len(rows) else None)
+
+
+def _selected(page: Page, params: Mapping[str, Any], multiple: tuple[str, ...] = ()) -> Page:
+    """Only the fields `select` names (ID always); "*" or no select means every single-valued field."""
+    wanted = {str(f).upper() for f in _items(_param(params, "select"))}
+    keep: Callable[[str], bool] = (lambda k: k not in multiple or k in wanted) if not wanted or "*" in wanted \
+        else (lambda k: k in wanted or k == "ID")
+    page.rows = [{k: v for k, v in row.items() if keep(k)} for row in page.rows]
+    return page
 
 
 def _filter_of(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,6 +421,7 @@ class FakePortal:
         self.set_rate_limit(per_second, burst)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.extra_routes: list[tuple[str, str, Any]] = []  # the demo's control routes
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = self._method_table()
 
     # -------------------------------------------------------- server lifecycle
@@ -419,6 +431,8 @@ class FakePortal:
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
         app.router.add_route("*", "/rest/{method}", self._handle_app)
         app.router.add_get("/oauth/token/", self._oauth_token)
+        for method, path, handler in self.extra_routes:
+            app.router.add_route(method, path, handler)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -554,6 +568,13 @@ class FakePortal:
                 del self.comment_binding_sets[comment_id], self.comments[comment_id]
         self.events.append((f"ONCRM{(name or 'item').upper()}DELETE", entity_id))
 
+    def delete_activity(self, activity_id: int) -> None:
+        """Delete an activity as a person does in the UI."""
+        for binding in self._binding_order.pop(activity_id):
+            self._bound[binding].discard(activity_id)
+        del self.activities[activity_id], self.activity_bindings[activity_id]
+        self.events.append(("ONCRMACTIVITYDELETE", activity_id))
+
     def set_access_denied(self, records: Iterable[Binding]) -> None:
         """The webhook's user has no rights on these records (off by default): lists leave them out,
         crm.activity.binding.list hides bindings to them, reads answer "Access denied." and writes
@@ -654,11 +675,24 @@ class FakePortal:
     def update_lead(self, lead_id: int, **fields: Any) -> None:
         """Change lead fields; STATUS_SEMANTIC_ID and DATE_MODIFY follow, as on the portal."""
         lead = self.leads[lead_id]
+        was_final = lead.get("STATUS_SEMANTIC_ID") in ("S", "F")
         lead.update(self._clean_fields(fields))
         if "STATUS_ID" in {k.upper() for k in fields}:
             lead["STATUS_SEMANTIC_ID"] = _SEMANTICS.get(lead["STATUS_ID"], "P")
         lead["DATE_MODIFY"] = _now_iso()
         self.events.append(("ONCRMLEADUPDATE", lead_id))
+        if lead["STATUS_SEMANTIC_ID"] in ("S", "F") and not was_final:
+            self._complete_open_activities((LEAD, lead_id))
+
+    def _complete_open_activities(self, owner: Binding) -> None:
+        """A lead reaching a final status completes its open activities of the kinds that can be completed
+        (CCrmLead), a burst of ONCRMACTIVITYUPDATE. Which kinds exactly is not documented: the fake takes
+        meetings, calls and to-dos, and leaves e-mails (completed when read) alone."""
+        for activity_id in sorted(self._bound.get(owner, set())):
+            activity = self.activities[activity_id]
+            if activity["COMPLETED"] == "N" and activity["TYPE_ID"] in COMPLETABLE_TYPES:
+                activity["COMPLETED"], activity["LAST_UPDATED"] = "Y", _now_iso()
+                self.events.append(("ONCRMACTIVITYUPDATE", activity_id))
 
     def convert_lead(
         self, lead_id: int, contact: bool = True, company: bool = True, deal: bool = False
@@ -698,8 +732,8 @@ class FakePortal:
                 created["contact"] or _norm(lead.get("CONTACT_ID")) or None,
                 created["company"] or _norm(lead.get("COMPANY_ID")) or None,
             )
-        made = [(type_id, created[name]) for type_id, name in ((COMPANY, "company"), (CONTACT, "contact"),
-                                                              (DEAL, "deal")) if created[name]]
+        made = [(type_id, made_id) for type_id, name in ((COMPANY, "company"), (CONTACT, "contact"), (DEAL, "deal"))
+                if (made_id := created[name])]
         self._attach_all((LEAD, lead_id), made)
         fields: dict[str, Any] = {"STATUS_ID": "CONVERTED"}
         if not repeat:
@@ -1051,10 +1085,10 @@ class FakePortal:
             "crm.settings.mode.get": lambda p: self.crm_mode,
         }
         for type_id, name in TYPE_NAMES.items():
-            methods[f"crm.{name}.get"] = lambda p, t=type_id: self._entity_get(t, p)
-            methods[f"crm.{name}.list"] = lambda p, t=type_id: self._entity_list(t, p)
-            methods[f"crm.{name}.add"] = lambda p, t=type_id: self._entity_add(t, p)
-            methods[f"crm.{name}.update"] = lambda p, t=type_id: self._entity_update(t, p)
+            methods[f"crm.{name}.get"] = partial(self._entity_get, type_id)
+            methods[f"crm.{name}.list"] = partial(self._entity_list, type_id)
+            methods[f"crm.{name}.add"] = partial(self._entity_add, type_id)
+            methods[f"crm.{name}.update"] = partial(self._entity_update, type_id)
         return methods
 
     def _method_get(self, params: Mapping[str, Any]) -> dict[str, bool]:
@@ -1170,13 +1204,10 @@ class FakePortal:
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
         wanted = set() if self.bindings_filter_ignored else wanted
         candidates = sorted(set().union(*(self._bound.get(b, ()) for b in wanted))) if wanted else self.activities
-        selected = {str(f).upper() for f in _items(_param(params, "select"))}
         rows = [dict(row) for row in map(self.activities.__getitem__, candidates)
                 if _matches(row, filters) and self._readable_activity(int(row["ID"]))]
-        if "COMMUNICATIONS" not in selected:
-            for row in rows:
-                row.pop("COMMUNICATIONS", None)
-        return _page(rows, params)
+        # COMMUNICATIONS is a multiple field: returned only when named, never for "*" or no select.
+        return _selected(_page(rows, params), params, multiple=("COMMUNICATIONS",))
 
     def _activity_add(self, params: Mapping[str, Any]) -> int:
         fields = _param(params, "fields") or {}
@@ -1222,8 +1253,9 @@ class FakePortal:
         by_lead = self._by_lead.get(type_id)
         lead_id = _norm(filters.get("LEAD_ID"))
         candidates = sorted(by_lead.get(lead_id, ())) if by_lead is not None and isinstance(lead_id, int) else table
-        return _page([dict(table[i]) for i in candidates
-                      if _matches(table[i], filters) and (type_id, i) not in self.unreadable], params)
+        return _selected(_page([dict(table[i]) for i in candidates
+                                if _matches(table[i], filters) and (type_id, i) not in self.unreadable], params),
+                         params, multiple=("EMAIL", "PHONE"))
 
     def _entity_add(self, type_id: int, params: Mapping[str, Any]) -> int:
         fields = _param(params, "fields")

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
@@ -16,20 +17,32 @@ log = logging.getLogger(__name__)
 throttled = Throttled(log)  # anyone can post an ONAPPINSTALL: refusals are one line every 10 s
 
 INSTALL_EVENT = "ONAPPINSTALL"
+_last_read: dict[tuple[str, str], str] = {}  # (portal, domain) -> the application token last read from Redis
 
 
 async def expected_token(redis: Redis, portal: PortalConfig) -> str | None:
     """The application token an event must carry: from the rules file, or the one ONAPPINSTALL brought."""
     if portal.application_token is not None:
         return portal.application_token.get_secret_value()
-    tokens = await TokenStore(redis).load(portal.name)
-    return tokens.application_token if tokens else None
+    try:
+        tokens = await TokenStore(redis).load(portal.name)
+    except (RedisError, OSError):
+        # While Redis is away, the token last read still checks events: they are spooled, not refused.
+        if (portal.name, portal.domain) in _last_read:
+            return _last_read[portal.name, portal.domain]
+        raise
+    token = tokens.application_token if tokens else None
+    if token:
+        _last_read[portal.name, portal.domain] = token
+    return token
 
 
 async def accept_install(redis: Redis, rules: RuleSet, data: dict[str, Any]) -> tuple[int, dict[str, str]]:
     """Store an application's tokens. Only a portal of the rules file in `auth: oauth` mode may install;
     a reinstall must come from the same member, and with the application token already known."""
-    auth = data.get("auth") if isinstance(data.get("auth"), dict) else {}
+    auth = data.get("auth")
+    if not isinstance(auth, dict):
+        auth = {}
     portal = rules.portal_for_domain(str(auth.get("domain", "")))
     needed = ("access_token", "refresh_token", "application_token", "member_id")
     if portal is None or portal.auth != "oauth" or not all(auth.get(key) for key in needed):

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+from typing import TypedDict
 
 import orjson
 from aiohttp import web
@@ -26,7 +27,13 @@ throttled = Throttled(log)
 MAX_BODY = 64 * 1024
 BODY_TIMEOUT = 10.0  # seconds for a body of at most MAX_BODY: a portal sends it at once; a slow sender holds a slot
 # Passed to the server: a portal's request has a dozen short headers; a TLS proxy adds a few more.
-HEADER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64}
+class HeaderLimits(TypedDict):
+    max_line_size: int
+    max_field_size: int
+    max_headers: int
+
+
+HEADER_LIMITS = HeaderLimits(max_line_size=4096, max_field_size=4096, max_headers=64)
 
 
 async def receive_event(request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ class Outcome:
     id: int
     before: list[str]
     after: list[str]
-    status: str  # changed | dry_run | failed
+    status: str  # changed | dry_run | failed | gone (the activity or comment was deleted since it was read)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
@@ -235,7 +235,9 @@ def _failure(result: CommandResult) -> B24Error | None:
 
 
 def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None) -> Outcome:
-    status = "dry_run" if item.dry_run else "failed" if errors else "changed"
+    # A binding write answering NOT_FOUND ("Element not found") means the activity itself is gone.
+    gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
+    status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
     after = item.before if errors else item.after  # a dry run's is what it would have been
     return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
                    [e.as_record() for e in errors or []])

@@ -32,6 +32,10 @@ TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline
 class Gone(Exception):
     """The record the event is about no longer exists; there is nothing to do."""
 
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
+        self.what = what  # lead, activity, contact...
+
 
 class Echo(Exception):
     """The activity is exactly as this service last left it: the event is the echo of our change."""
@@ -73,7 +77,8 @@ class FactReader:
         _raise_gone(binding_list, activity)
         rows = _checked(activity)
         if not rows:  # deleted between the two reads, or hidden from the webhook's user
-            raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)")
+            raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)",
+                       "activity")
         facts = _activity(rows[0], binding_list.result)
         if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
             raise Echo("the activity is as this service left it: the event echoes our own change")
@@ -301,7 +306,7 @@ def _raise_gone(*results: CommandResult) -> None:
         if result.error and result.error.code == "NOT_FOUND":
             what = result.command.method.split(".")[1]
             number = result.command.params.get("id") or result.command.params.get("activityId")
-            raise Gone(f"{what} {number} no longer exists in the portal")
+            raise Gone(f"{what} {number} no longer exists in the portal", what)
         if result.error:
             raise result.error
 

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -58,7 +59,7 @@ class LeadLock:
             await asyncio.sleep(LEASE / 3)
             with contextlib.suppress(Exception):  # a missed renewal is retried at the next one
                 lease = min(LEASE, until - time.monotonic())
-                await self._redis.eval(_RENEW, 1, key, self._token, int(lease * 1000))
+                await awaited(self._redis.eval(_RENEW, 1, key, self._token, str(int(lease * 1000))))
 
     def stage_release(self, pipe: Pipeline) -> None:
         """If the pipeline never reaches Redis, the lock still ends within LEASE: it is no longer renewed."""

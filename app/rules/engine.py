@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
-from app.rules.facts import Activity, Binding, Comment, Facts, Lead
+from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import (
     KINDS,
     EntityType,
@@ -203,7 +205,7 @@ class _Sources:
             found = [Binding(entity_type=entity, entity_id=i) for i in dict.fromkeys(ids)]
         return [b for b in found if b not in self.facts.missing]
 
-    def _clients(self, source: str) -> list[Lead] | list[object]:
+    def _clients(self, source: str) -> Sequence[Lead | Client]:
         if source == "lead":
             return self.leads
         if self.activity is None:
@@ -229,8 +231,15 @@ def _add(wanted: list[Binding], new: list[Binding]) -> None:
     wanted.extend(b for b in dict.fromkeys(new) if b not in wanted)
 
 
+class _Change(TypedDict):
+    before: tuple[Binding, ...]
+    after: tuple[Binding, ...]
+    moves: tuple[tuple[Binding, Binding], ...]
+    notes: tuple[str, ...]
+
+
 def _safe(before: tuple[Binding, ...], wanted: list[Binding], moves: list[tuple[Binding, Binding]],
-          notes: list[str]) -> dict[str, object]:
+          notes: list[str]) -> _Change:
     """Refuse what the portal forbids: nothing without bindings, nothing over 100."""
     if not wanted:
         notes = [*notes, "kept as is: the rules would remove its last binding and bind nothing in its place"]
@@ -239,4 +248,4 @@ def _safe(before: tuple[Binding, ...], wanted: list[Binding], moves: list[tuple[
         notes = [*notes, f"kept as is: the rules would give it {len(wanted)} bindings, over the limit of "
                          f"{MAX_BINDINGS}"]
         wanted, moves = list(before), []
-    return {"before": before, "after": tuple(wanted), "moves": tuple(moves), "notes": tuple(notes)}
+    return _Change(before=before, after=tuple(wanted), moves=tuple(moves), notes=tuple(notes))

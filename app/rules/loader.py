@@ -177,7 +177,8 @@ def _allowed_keys(loc: Loc, data: Any) -> list[str]:
     from app.bitrix.portal import PortalConfig, RateLimit
     from app.rules.model import Action, FixedTarget, Move, Rule, When
 
-    shapes: list[tuple[Loc, type[BaseModel]]] = [
+    # Where each model sits in the file; `int` and `str` stand for any list index and any mapping key.
+    shapes: list[tuple[tuple[str | type[int] | type[str], ...], type[BaseModel]]] = [
         (("rules", int, "when"), When), (("rules", int, "do", int, "bind", int), FixedTarget),
         (("rules", int, "do", int, "move"), Move), (("rules", int, "do", int), Action), (("rules", int), Rule),
         (("portals", str, "rate_limit"), RateLimit), (("portals", str), PortalConfig), ((), RuleSet),

@@ -252,6 +252,23 @@ class Rule(Strict):
     def targets(self) -> list[Target]:
         return self.bind_targets() + [move.to for move in self.moves()]
 
+    def needs_leads(self) -> str | None:
+        """Why this rule can never fire on a portal without leads (simple CRM mode), or None."""
+        if all(event.startswith("ONCRMLEAD") for event in self.on):
+            return "it listens only to lead events"
+        if self.when.bound_to == "lead":
+            return "it applies to activities bound to a lead"
+        if self.when.lead_status is not None:
+            return "it asks for a lead status"
+        targets = self.targets()
+        if targets and all(isinstance(t, str) and t.startswith("lead.") for t in targets) \
+                and not self.unbind_types():
+            return "it binds only to what a lead became"
+        return None
+
+
+SIMPLE_CRM = 2  # crm.settings.mode.get: 1 classic, 2 simple (no leads: a new lead is a deal at once)
+
 
 class RuleSet(Strict):
     """The whole rules file."""
@@ -274,6 +291,10 @@ class RuleSet(Strict):
 
     def events(self) -> set[str]:
         return {event for rule in self.rules for event in rule.on}
+
+    def lead_rules(self) -> dict[str, str]:
+        """Rules that can never fire on a portal in simple CRM mode, each with the reason."""
+        return {rule.name: reason for rule in self.rules if (reason := rule.needs_leads())}
 
     def portal_for_domain(self, domain: str) -> PortalConfig | None:
         domain = domain.strip().lower()

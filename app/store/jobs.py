@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received
@@ -112,8 +113,8 @@ class JobRecord(BaseModel):
             last.outcome, last.finished_at = "interrupted", now
         self.state = JobState.RUNNING
         self.started_at = self.started_at or now
-        last = self.attempts[-1].number if self.attempts else 0
-        self.attempts.append(Attempt(number=max(tries, last + 1), started_at=now))
+        last_number = self.attempts[-1].number if self.attempts else 0
+        self.attempts.append(Attempt(number=max(tries, last_number + 1), started_at=now))
 
     def end_attempt(self, state: JobState, outcome: str, error: dict[str, Any] | None = None,
                     attempt_outcome: str | None = None) -> None:
@@ -170,6 +171,7 @@ class JobQuery(BaseModel):
     rule: str | None = None
     trigger: str | None = None
     entity: int | None = None
+    lead: int | None = None  # the lead a job was about: its own events and its activities'
     since: float | None = None
     until: float | None = None
 
@@ -180,6 +182,7 @@ class JobQuery(BaseModel):
                 and (self.rule is None or self.rule in record.rules)
                 and (self.trigger is None or record.trigger == self.trigger)
                 and (self.entity is None or record.entity_id == self.entity)
+                and (self.lead is None or _about_lead(record, self.lead))
                 and (self.since is None or record.received_at >= self.since)
                 and (self.until is None or record.received_at <= self.until))
 
@@ -191,6 +194,14 @@ class JobQuery(BaseModel):
                 value = value.value if isinstance(value, JobState) else value
                 return prefixed(f"{INDEX_PREFIX}{name}:{value}")
         return prefixed(JOB_INDEX)
+
+
+def _about_lead(record: JobRecord, lead: int) -> bool:
+    """The lead's own events, the jobs that worked on it, and those whose activities were bound to it."""
+    if record.lead_id == lead or (record.entity_id == lead and record.event.startswith("ONCRMLEAD")):
+        return True
+    binding = f"lead {lead}"
+    return any(binding in item.get("before", ()) for item in record.plan)
 
 
 @dataclass(frozen=True)
@@ -395,7 +406,7 @@ class JobStore:
             oldest = await self._redis.zrange(job_index, excess - 1, excess - 1, withscores=True)
             cutoff = max(cutoff, oldest[0][1])
         ids = await self._redis.zrangebyscore(job_index, "-inf", cutoff)
-        indexes = [key.decode() for key in await self._redis.smembers(all_indexes)]
+        indexes = [key.decode() for key in await awaited(self._redis.smembers(all_indexes))]
         async with self._redis.pipeline(transaction=False) as pipe:
             for start in range(0, len(ids), 1000):
                 pipe.delete(*(prefixed(JOB_KEY + job_id.decode()) for job_id in ids[start:start + 1000]))
@@ -408,5 +419,5 @@ class JobStore:
                 pipe.exists(key)
             gone = [key for key, exists in zip(indexes, await pipe.execute()) if not exists]
         if gone:
-            await self._redis.srem(all_indexes, *gone)
+            await awaited(self._redis.srem(all_indexes, *gone))
         return len(ids)

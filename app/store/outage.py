@@ -45,7 +45,8 @@ class RedisOutage:
 
     def next_wait(self) -> float:
         """Bounded exponential backoff with jitter: many processes do not all knock at once."""
-        return min(LONGEST_WAIT, FIRST_WAIT * 2 ** min(self._failures, 10)) * random.uniform(0.5, 1.0)
+        longest = min(LONGEST_WAIT, FIRST_WAIT * 2.0 ** min(self._failures, 10))
+        return longest * random.uniform(0.5, 1.0)
 
     async def wait(self) -> None:
         await asyncio.sleep(self.next_wait())

@@ -8,6 +8,7 @@ import orjson
 from arq.connections import ArqRedis, RedisSettings
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import serialize_job
+from redis.asyncio import ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
@@ -16,7 +17,6 @@ from redis.exceptions import ConnectionError, TimeoutError
 from app.settings import Settings
 from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
 from app.store.namespace import prefixed
-from app.store.redis_pool import LeanPool, LeanSentinelPool
 
 PROCESS_EVENT = "process_event"
 RESCUE_CRON = "cron:requeue_stranded"  # the minute's look for stranded jobs (see JobQueue.requeue_stranded)
@@ -72,9 +72,9 @@ async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
     if target.sentinel:
         redis = _through_sentinels(target)
     else:
-        pool = LeanPool.from_url(settings.redis_url or "redis://", socket_connect_timeout=target.conn_timeout,
-                                 max_connections=target.max_connections, **_retries())
-        redis = ArqRedis.from_pool(pool)
+        pool = ConnectionPool.from_url(settings.redis_url or "redis://", socket_connect_timeout=target.conn_timeout,
+                                       max_connections=target.max_connections, **_retries())
+        redis = cast(ArqRedis, ArqRedis.from_pool(pool))  # from_pool is typed as returning a plain Redis
     redis.job_serializer, redis.job_deserializer = serialize, deserialize
     if wait:
         try:
@@ -97,10 +97,10 @@ class SentinelArqRedis(ArqRedis):
 def _through_sentinels(target: RedisSettings) -> ArqRedis:
     # What arq's create_pool does for Sentinel, plus a connect timeout (a Redis that is away must fail
     # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
-    sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
-                         username=target.username, password=target.password, ssl=target.ssl, **_retries())
-    return sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
-                                connection_pool_class=LeanSentinelPool)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves its __init__ untyped
+        target.host, socket_connect_timeout=target.conn_timeout, db=target.database, username=target.username,
+        password=target.password, ssl=target.ssl, **_retries())
+    return cast(ArqRedis, sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis))
 
 
 class JobQueue:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
+from app.web import create_app
 
 GOOD = "rules:\n  - name: {name}\n    on: [ONCRMACTIVITYADD]\n    do: [{{bind: [lead.contact]}}]\n"
 
@@ -56,3 +56,14 @@ def test_empty_settings_copied_from_env_example_mean_unset(tmp_path: Path, monke
 
     assert settings.redis_url is None
     assert settings.api_token is None, "an empty token would let anyone retry jobs"
+
+
+def test_every_setting_is_documented_in_docs_and_in_env_example() -> None:
+    from app.settings import Settings
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "settings.md").read_text()
+    example = (root / ".env.example").read_text()
+    names = [field.validation_alias.choices[0] for field in Settings.model_fields.values()]  # type: ignore[union-attr]
+
+    assert [name for name in names if f"`{name}`" not in page] == []
+    assert [name for name in names if f"\n{name}=" not in example] == []

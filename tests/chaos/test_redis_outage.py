@@ -56,6 +56,9 @@ class Stream:
     spooled: int = 0
     refused: list[tuple[int, str]] = field(default_factory=list)
     sent: int = 0
+    # Stopped between leads, never by cancelling: a lead converted whose events were never posted
+    # would stay bound to its lead, rightly, and read as the service's fault.
+    stopped: bool = False
 
     async def post(self, session: aiohttp.ClientSession, event: str, entity: int) -> None:
         self.sent += 1
@@ -70,7 +73,7 @@ class Stream:
         self.spooled += bool(answer.get("spooled"))
 
     async def run(self, session: aiohttp.ClientSession, every: float = 0.1) -> None:
-        while True:
+        while not self.stopped:
             lead = self.portal.add_lead()
             activity = self.portal.add_activity([(LEAD, lead)])
             self.portal.convert_lead(lead)
@@ -107,7 +110,8 @@ async def ride_out(outage: float, processes: list[ServiceProcess], web_url: str,
         streaming = asyncio.create_task(stream.run(session))
         try:
             async def conversion_under_way() -> bool:
-                return any(len(portal.binding_history[a]) > 1 for a in big_activities)
+                # The portal's conversion is the second state; the service's first unbind the third.
+                return any(len(portal.binding_history[a]) > 2 for a in big_activities)
 
             await until(conversion_under_way, 60, "the big conversion to start")
             await asyncio.to_thread(private_redis.stop)
@@ -115,7 +119,8 @@ async def ride_out(outage: float, processes: list[ServiceProcess], web_url: str,
             await asyncio.to_thread(private_redis.start)
             await asyncio.sleep(3)  # events keep coming once Redis is back
         finally:
-            streaming.cancel()
+            stream.stopped = True
+            await streaming
         records = await all_done(JobStore(pool, 3600), stream.accepted, timeout=180 + outage)
 
     logs = {process.log.name: process.log.read_text(errors="replace") for process in processes}

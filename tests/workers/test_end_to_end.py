@@ -226,3 +226,17 @@ async def test_the_payloads_endpoints_are_never_called(client: Any, worker: Work
 
         assert elsewhere.request_count == 0
     assert portal.request_count > 0
+
+
+async def test_a_failed_job_is_logged_as_a_warning_with_its_code(client: Any, worker: Worker, portal: FakePortal,
+                                                                 caplog: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    portal.fail_next(1, status=403, error="ACCESS_DENIED", description="Access denied!")
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+
+    with caplog.at_level("INFO", logger="workers.tasks"):
+        await worker.run_check()
+
+    (line,) = [r for r in caplog.records if r.name == "workers.tasks" and answer["job_id"] in r.getMessage()]
+    assert line.levelname == "WARNING" and "failed (ACCESS_DENIED)" in line.getMessage()

@@ -9,8 +9,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from arq import Worker
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.web import create_app
 from tests.conftest import post_event, rules_with
 
 SMART_PROCESS = 1038  # a smart process's entityTypeId (128+ and 1030+ on real portals)
@@ -204,3 +204,91 @@ async def test_a_record_gone_before_the_job_ends_it_as_nothing_to_do(
     record = await job(client, answer)
     assert record["state"] == "skipped", record
     assert f"{what} 4242 no longer exists" in record["outcome"]
+
+
+async def test_a_portal_in_simple_crm_mode_says_lead_rules_can_never_fire(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    portal.crm_mode = 2  # no leads: a lead becomes a deal at once and cannot be read
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 77)
+    await worker.run_check()
+
+    record = await job(client, answer)
+    assert record["state"] == "skipped"
+    assert "simple CRM mode" in record["outcome"] and "converted-lead-history-follows-client" in record["outcome"]
+    ready = await (await client.get("/readyz")).json()
+    assert ready["status"] == "ready"
+    assert ready["warnings"] == [record["outcome"].split("; ", 1)[1]]
+    # Learnt once: the next gone lead costs no extra read of the mode.
+    calls = portal.method_calls["crm.settings.mode.get"]
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 78)
+    await worker.run_check()
+    assert portal.method_calls["crm.settings.mode.get"] == calls == 1
+
+
+async def test_a_classic_portal_has_no_warning(client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", 77)
+    await worker.run_check()
+
+    assert (await job(client, answer))["outcome"] == "lead 77 no longer exists in the portal"
+    assert "warnings" not in await (await client.get("/readyz")).json()
+
+
+COMMENT_RULES = """
+rules:
+  - name: history-follows-client
+    on: [ONCRMLEADUPDATE]
+    when: {bound_to: lead, lead_status: converted}
+    do:
+      - bind: [lead.contact, lead.company]
+      - unbind: lead
+      - timeline_comments: follow
+"""
+
+
+async def test_every_page_of_timeline_comments_follows(
+        aiohttp_client: Any, settings: Any, portal_config: Any, make_worker: Any, portal: FakePortal) -> None:
+    rules = rules_with(COMMENT_RULES, portal_config)
+    client = await aiohttp_client(create_app(settings, rules))
+    lead = portal.add_lead("Ann")
+    portal.add_activity([(LEAD, lead)])
+    comments = [portal.add_timeline_comment("lead", lead, f"note {i}") for i in range(120)]  # three pages
+    made = portal.convert_lead(lead)  # the portal copies them and keeps the lead binding
+
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await make_worker(rules=rules).run_check()
+
+    assert (await job(client, answer))["state"] == "succeeded"
+    assert all(portal.comment_bindings(c) == sorted([("company", made["company"]), ("contact", made["contact"])])
+               for c in comments)
+
+
+async def test_an_activity_deleted_between_read_and_write_is_nothing_to_do(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.before_request("crm.activity.binding.delete", lambda: portal.delete_activity(activity))
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    record = await job(client, answer)
+    assert record["state"] == "skipped", record
+    assert record["outcome"] == "1 item deleted since read: nothing to do for it"
+    assert [change["status"] for change in record["changes"]] == ["gone"]
+
+
+async def test_a_webhook_user_without_rights_on_the_client_leaves_the_activity_as_it_was(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead("Ann")
+    made = portal.convert_lead_over_rest(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.set_access_denied({(CONTACT, made)})  # the webhook's user may not change this contact
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+
+    assert portal.bindings(activity) == [(LEAD, lead)]  # bind refused, so the lead binding stays
+    record = await job(client, answer)
+    assert record["state"] == "failed", record
+    assert record["error"]["code"] == "ACCESS_DENIED" and "CRM rights" in record["error"]["what_to_do"]

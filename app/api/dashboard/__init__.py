@@ -23,6 +23,13 @@ async def asset(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path)
 
 
+async def favicon(request: web.Request) -> web.FileResponse:
+    # Browsers ask for /favicon.ico whatever the page links: the same icon, not a 404 in every log.
+    return web.FileResponse(STATIC / "favicon.svg", headers={"Content-Type": "image/svg+xml",
+                                                             "Cache-Control": "max-age=86400"})
+
+
 def setup_dashboard(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/dashboard/{filename}", asset)
+    app.router.add_get("/favicon.ico", favicon)

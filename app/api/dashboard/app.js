@@ -3,27 +3,76 @@
 "use strict";
 
 const LABELS = {queued: "waiting", running: "working", succeeded: "done", skipped: "nothing to do",
-                retrying: "will retry", failed: "failed", dead: "gave up"};
-const FINAL = new Set(["succeeded", "skipped", "failed", "dead"]);
+                retrying: "will retry", failed: "failed", dead: "gave up", undone: "undone"};
+const FINAL = new Set(["succeeded", "skipped", "failed", "dead", "undone"]);
+// Entities that have a page in the portal: https://<domain>/crm/<type>/details/<id>/
+const PAGES = new Set(["lead", "contact", "company", "deal"]);
 const $ = (selector) => document.querySelector(selector);
 let filters = {};
 let nextCursor = null;
 let openJob = null;
 let statsTimer = null;
+let domains = {};  // portal name -> domain, from /api/stats
+let authorised = true;
 
 function token() { return localStorage.getItem("b24-token") || ""; }
+
+class Refused extends Error {}
 
 async function api(path, options = {}) {
   const headers = token() ? {Authorization: `Bearer ${token()}`} : {};
   const response = await fetch(path, {...options, headers});
-  // 401: a wrong token; 403 on a write: no token yet. Either way a person can enter one.
-  if (response.status === 401 || (response.status === 403 && options.method === "POST")) {
-    $("#token-form").hidden = false;
-  }
   const body = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
+  if (response.status === 401 || response.status === 403) {
+    showRefusal(response.status, body.error || `HTTP ${response.status}`, options.method === "POST");
+    throw new Refused(body.error || `HTTP ${response.status}`);
+  }
   if (!response.ok) { throw new Error(body.error || `HTTP ${response.status}`); }
   return body;
 }
+
+// The API's refusal, said in words with the fix, instead of empty lists that read as "all is well".
+function showRefusal(status, error, writing) {
+  const fix = $("#auth-fix");
+  if (status === 401) {
+    $("#auth-what").textContent = token() ? "The API token this page sent is wrong." : "This service needs its API token.";
+    fix.replaceChildren("Enter the value of ", el("code", "B24_API_TOKEN"), " (in the service's .env) below.");
+  } else {
+    $("#auth-what").textContent = writing ? "Retry and undo need an API token, and this service has none set."
+      : "The API answers this page only from the service's own machine until it has an API token.";
+    fix.replaceChildren("Fix: set ", el("code", "B24_API_TOKEN=<a long random string>"), " in the service's .env, ",
+      "restart b24rebind (", el("code", "./scripts/start"), "), then enter the same token below. (", error, ")");
+  }
+  $("#auth").hidden = false;
+  if (!writing) {
+    authorised = false;
+    $("#attention-empty").textContent = "Unknown: the API refused this page (see above).";
+    $("#attention-empty").hidden = false;
+    $("#failed-list").replaceChildren();
+  }
+}
+
+function portalLink(portal, type, id, text) {
+  const domain = domains[portal];
+  if (!domain || !PAGES.has(type)) { return document.createTextNode(text); }
+  return el("a", text, {href: `https://${domain}/crm/${type}/details/${id}/`, target: "_blank", rel: "noopener"});
+}
+
+// "lead 57, contact 52" with each entity a link to its page in the portal
+function bindingsNodes(portal, list) {
+  if (!list || !list.length) { return [document.createTextNode("nothing")]; }
+  return list.flatMap((binding, i) => {
+    const [type, id] = binding.split(" ");
+    return [...(i ? [document.createTextNode(", ")] : []), portalLink(portal, type, id, binding)];
+  });
+}
+
+function entityOf(job) {
+  const match = /^ONCRM(ACTIVITY|LEAD|CONTACT|COMPANY|DEAL)/.exec(job.event || "");
+  return match ? match[1].toLowerCase() : "";
+}
+
+function plural(count, noun, many) { return `${count} ${count === 1 ? noun : (many || noun + "s")}`; }
 
 function el(tag, text, attrs = {}) {
   const node = document.createElement(tag);
@@ -49,11 +98,19 @@ function ago(seconds) {
 
 async function refreshStats() {
   const stats = await api("/api/stats");
-  $("#per-minute").textContent = stats.jobs_per_minute;
-  $("#queue-depth").textContent = stats.queue.depth;
-  $("#oldest").textContent = stats.queue.oldest_queued_seconds === null ? "nothing waiting"
-    : `oldest waits ${Math.round(stats.queue.oldest_queued_seconds)} s`;
-  drawSpark(stats.jobs_per_minute_history);
+  domains = Object.fromEntries(Object.entries(stats.portals).map(([name, portal]) => [name, portal.domain]));
+  $("#per-minute").textContent = stats.jobs_finished_last_minute;
+  $("#received").textContent = `${plural(stats.jobs_per_minute, "event")} received`;
+  const queue = stats.queue;
+  $("#queue-depth").textContent = queue.depth;
+  const parts = [];
+  if (queue.ready) {
+    parts.push(`${queue.ready} ready` + (queue.oldest_queued_seconds === null ? ""
+      : `, the oldest for ${Math.round(queue.oldest_queued_seconds)} s`));
+  }
+  if (queue.later) { parts.push(`${queue.later} to retry later`); }
+  $("#oldest").textContent = queue.depth ? parts.join("; ") : "nothing waiting";
+  drawChart(stats.history);
   const counts = $("#state-counts");
   counts.replaceChildren(...Object.entries(stats.jobs).map(([state, count]) => {
     const box = el("div", null, {class: "state-count", "data-state": state});
@@ -67,24 +124,57 @@ async function refreshStats() {
     const budget = el("td");
     budget.append(meter, ` ${Math.floor(portal.headroom)} of ${portal.burst}, ${portal.per_second}/s`
       + (portal.slowed_down ? " (slowed down: the portal refused recently)" : ""));
-    row.append(el("td", `${name} (${portal.domain})`), budget, el("td", portal.requests), el("td", portal.errors));
+    const site = el("td");
+    site.append(el("a", `${name} (${portal.domain})`, {href: `https://${portal.domain}/`, target: "_blank", rel: "noopener"}));
+    const reach = portal.reachability;
+    const reachable = el("td", null, {class: "reach", "data-reach": reach.state});
+    reachable.append(reach.state === "unknown" ? "not asked yet" : el("span", reach.state, {class: `badge ${reach.state}`}),
+                     reach.at ? ` ${ago(reach.at)}` : "");
+    row.append(site, reachable, budget, el("td", portal.requests), el("td", portal.refused), el("td", portal.unreachable));
     return row;
   }));
   const failed = (stats.jobs.failed || 0) + (stats.jobs.dead || 0);
   $("#retry-all").hidden = failed === 0;
 }
 
-function drawSpark(history) {
-  const svg = $("#spark");
-  const top = Math.max(1, ...history);
-  const width = 300 / history.length;
-  svg.replaceChildren(...history.map((count, i) => {
-    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
-    const height = Math.max(count ? 2 : 0, 40 * count / top);
-    rect.setAttribute("x", i * width); rect.setAttribute("width", width - 1);
-    rect.setAttribute("y", 40 - height); rect.setAttribute("height", height);
-    return rect;
-  }));
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) { node.setAttribute(key, value); }
+  if (text !== undefined) { node.textContent = text; }
+  return node;
+}
+
+// Three lines over the last hour, one point a minute, with a labelled count axis and a time axis.
+function drawChart(history) {
+  const chart = $("#chart");
+  const [left, right, top, bottom] = [44, 630, 12, 190];
+  const series = ["events", "jobs", "requests"];
+  const points = history.minute_starts.length;
+  const highest = Math.max(1, ...series.flatMap((name) => history[name]));
+  const step = Math.pow(10, Math.floor(Math.log10(highest)));
+  const ceiling = Math.ceil(highest / step) * step;
+  const x = (i) => left + (right - left) * i / Math.max(1, points - 1);
+  const y = (value) => bottom - (bottom - top) * value / ceiling;
+  const nodes = [];
+  for (const tick of [0, ceiling / 2, ceiling]) {
+    nodes.push(svg("line", {class: "grid", x1: left, x2: right, y1: y(tick), y2: y(tick)}),
+               svg("text", {x: left - 6, y: y(tick) + 4, "text-anchor": "end"}, String(Math.round(tick))));
+  }
+  nodes.push(svg("line", {class: "axis", x1: left, x2: left, y1: top, y2: bottom}),
+             svg("line", {class: "axis", x1: left, x2: right, y1: bottom, y2: bottom}),
+             svg("text", {x: left + 6, y: top + 10}, "per minute"));
+  for (const [i, label] of [[0, "60 min ago"], [Math.floor((points - 1) / 2), "30 min ago"], [points - 1, "now"]]) {
+    nodes.push(svg("line", {class: "axis", x1: x(i), x2: x(i), y1: bottom, y2: bottom + 4}),
+               svg("text", {x: x(i), y: bottom + 18, "text-anchor": i === 0 ? "start" : i === points - 1 ? "end" : "middle"}, label));
+  }
+  for (const name of series) {
+    const line = history[name].map((value, i) => `${x(i).toFixed(1)},${y(value).toFixed(1)}`).join(" ");
+    nodes.push(svg("polyline", {class: name, points: line, "data-series": name,
+                                "data-total": history[name].reduce((a, b) => a + b, 0)}));
+  }
+  chart.replaceChildren(...nodes);
 }
 
 function statsSoon() {
@@ -94,34 +184,59 @@ function statsSoon() {
 
 // ------------------------------------------------------------------ failed jobs
 
+// Identical failures (same state, portal, code and fix) are one item with a count: a hundred jobs
+// refused for one reason are one thing to fix.
 async function refreshFailed() {
-  const [failed, dead] = await Promise.all([api("/api/jobs?state=failed&limit=20"), api("/api/jobs?state=dead&limit=20")]);
+  if (!authorised) { return; }
+  const [failed, dead] = await Promise.all([api("/api/jobs?state=failed&limit=200"), api("/api/jobs?state=dead&limit=200")]);
   const jobs = [...failed.jobs, ...dead.jobs].sort((a, b) => b.received_at - a.received_at);
-  $("#attention-empty").hidden = jobs.length > 0;
-  $("#failed-list").replaceChildren(...jobs.map((job) => {
-    const item = el("li", null, {"data-job": job.id});
+  const groups = new Map();
+  for (const job of jobs) {
     const what = job.error && job.error.what_to_do ? job.error.what_to_do : job.outcome;
-    const retry = el("button", "Retry", {type: "button", class: "retry"});
-    retry.addEventListener("click", () => retryJob(job.id));
-    const open = el("a", `${job.event} ${job.entity_id} on ${job.portal}`, {href: `#${job.id}`});
-    open.addEventListener("click", (e) => { e.preventDefault(); openDetail(job.id); });
-    item.append(badge(job.state), " ", open, ` (${ago(job.received_at)}): `,
-                el("strong", job.error ? job.error.code : ""), " ", el("span", what, {class: "what"}), " ", retry);
+    const key = [job.state, job.portal, job.error ? job.error.code : "", what].join("|");
+    if (!groups.has(key)) { groups.set(key, {first: job, what, ids: []}); }
+    groups.get(key).ids.push(job.id);
+  }
+  $("#attention-empty").textContent = "Nothing has failed.";
+  $("#attention-empty").hidden = jobs.length > 0;
+  $("#failed-list").replaceChildren(...[...groups.values()].map(({first, what, ids}) => {
+    const item = el("li", null, {"data-job": first.id, "data-count": ids.length});
+    const retry = el("button", ids.length > 1 ? `Retry these ${ids.length}` : "Retry", {type: "button", class: "retry"});
+    retry.addEventListener("click", () => retryJobs(ids).catch(showError));
+    const open = el("a", `${first.event} ${first.entity_id} on ${first.portal}`, {href: `#${first.id}`});
+    open.addEventListener("click", (e) => { e.preventDefault(); openDetail(first.id).catch(showError); });
+    item.append(badge(first.state), " ");
+    if (ids.length > 1) { item.append(el("span", `${ids.length} jobs ×`, {class: "count"}), "latest "); }
+    item.append(open, ` (${ago(first.received_at)}): `, el("strong", first.error ? first.error.code : ""), " ",
+                el("span", what, {class: "what"}), " ", retry);
     return item;
   }));
 }
 
 async function undoJob(id) {
-  const answer = await api(`/api/jobs/${encodeURIComponent(id)}/undo`, {method: "POST"});
-  $("#d-message").textContent = `Restored ${answer.restored.length} item(s) to their bindings before the job.`;
-  await openDetail(id);
+  const sure = window.confirm("Undo this job? The bindings it changed go back to what they were before it ran.\n\n"
+    + "The rules still hold: the next event about these items, or the next reconcile, applies them again "
+    + "unless you pause the rule (enabled: false in the rules file).");
+  if (!sure) { return; }
+  $("#d-undo").disabled = true;
+  try {
+    const answer = await api(`/api/jobs/${encodeURIComponent(id)}/undo`, {method: "POST"});
+    await openDetail(id);
+    $("#d-message").textContent = `Restored ${plural(answer.restored.length, "item")} to their bindings before the job. `
+      + "The rules apply again on the next event or reconcile, unless you pause the rule (enabled: false).";
+  } catch (error) {
+    $("#d-undo").disabled = false;
+    throw error;
+  }
 }
 
-async function retryJob(id) {
-  await api(`/api/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"});
+async function retryJobs(ids) {
+  for (const id of ids) { await api(`/api/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"}); }
   await Promise.all([refreshFailed(), refreshStats()]);
-  if (openJob === id) { await openDetail(id); }
+  if (ids.includes(openJob)) { await openDetail(openJob); }
 }
+
+async function retryJob(id) { await retryJobs([id]); }
 
 // ------------------------------------------------------------------ job list
 
@@ -145,9 +260,13 @@ function jobRow(job) {
   const row = el("tr", null, {"data-job": job.id, "data-state": job.state});
   row.append(el("td", ago(job.received_at), {title: new Date(job.received_at * 1000).toLocaleString()}));
   const state = el("td"); state.append(badge(job.state));
-  row.append(state, el("td", job.portal), el("td", job.event), el("td", job.entity_id),
+  const entity = el("td");
+  const type = entityOf(job);
+  entity.append(portalLink(job.portal, type, job.entity_id, `${type} ${job.entity_id}`.trim()));
+  entity.addEventListener("click", (e) => { if (e.target.tagName === "A") { e.stopPropagation(); } });
+  row.append(state, el("td", job.portal), el("td", job.event), entity,
              el("td", job.error && job.error.what_to_do ? `${job.outcome}: ${job.error.what_to_do}` : job.outcome));
-  row.addEventListener("click", () => openDetail(job.id));
+  row.addEventListener("click", () => openDetail(job.id).catch(showError));
   return row;
 }
 
@@ -162,9 +281,46 @@ async function loadJobs(append = false) {
     nextCursor = page.next_cursor;
     $("#more").hidden = !nextCursor;
   } catch (error) {
+    if (error instanceof Refused) { $("#jobs tbody").replaceChildren(); return; }
     $("#filter-error").textContent = error.message;
     $("#filter-error").hidden = false;
   }
+}
+
+// One box for the ids people have at hand: a job id opens the job; a number lists the jobs about that
+// activity or lead, and the jobs that changed that activity's bindings.
+async function search(text) {
+  const query = text.trim();
+  const result = $("#search-result");
+  result.replaceChildren();
+  if (!query) { return; }
+  if (!/^\d+$/.test(query)) {
+    try { await openDetail(query); } catch (error) { result.textContent = String(error.message || error); }
+    return;
+  }
+  // Not the form's reset(): its handler reloads the list, which would race this one.
+  for (const field of $("#filters").querySelectorAll("input, select")) { field.value = ""; }
+  $("#filters input[name=entity]").value = query;
+  filters = {entity: query};  // live updates add new jobs about the same id
+  const [byEntity, byLead, audit] = await Promise.all([
+    api(`/api/jobs?entity=${query}&limit=100`), api(`/api/jobs?lead=${query}&limit=100`),
+    api(`/api/audit?activity=${query}`).catch(() => ({entries: []}))]);
+  const found = new Map([...byEntity.jobs, ...byLead.jobs].map((job) => [job.id, job]));
+  const listed = [...found.values()].sort((a, b) => b.received_at - a.received_at);
+  $("#jobs tbody").replaceChildren(...listed.map(jobRow));
+  nextCursor = null;
+  $("#more").hidden = true;
+  const jobs = [...new Set(audit.entries.map((entry) => entry.job))];
+  result.append(`${plural(listed.length, "job")} about activity or lead ${query} (listed below)`);
+  if (jobs.length) {
+    result.append(`; activity ${query} was changed by `);
+    jobs.forEach((id, i) => {
+      const link = el("a", id, {href: `#${id}`});
+      link.addEventListener("click", (e) => { e.preventDefault(); openDetail(id.replace(/^undo/, "")).catch(showError); });
+      result.append(...(i ? [", "] : []), link);
+    });
+  }
+  result.append(".");
 }
 
 function onJobEvent(job) {
@@ -181,7 +337,11 @@ function onJobEvent(job) {
 
 // ------------------------------------------------------------------ job detail
 
-function bindingsCell(list) { return el("td", list && list.length ? list.join(", ") : "nothing"); }
+function bindingsCell(portal, list) {
+  const cell = el("td");
+  cell.append(...bindingsNodes(portal, list));
+  return cell;
+}
 
 async function openDetail(id) {
   const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
@@ -198,27 +358,37 @@ async function openDetail(id) {
     $("#d-code").textContent = `${job.error.code || ""}: ${job.error.description || ""}`;
   }
   $("#d-retry").hidden = !FINAL.has(job.state);
+  // Undone is a state: the button stays, disabled, and says so.
   $("#d-undo").hidden = !job.changes.some((change) => change.status === "changed");
-  const facts = [["Portal", job.portal], ["Event", `${job.event} for ${job.entity_id}`], ["Started by", job.trigger],
+  $("#d-undo").disabled = job.state === "undone";
+  $("#d-undo").textContent = job.state === "undone" ? "Undone" : "Undo its changes";
+  const type = entityOf(job);
+  const event = el("dd");
+  event.append(`${job.event} for `, portalLink(job.portal, type, job.entity_id, `${type} ${job.entity_id}`.trim()));
+  const facts = [["Portal", job.portal], ["Event", event], ["Started by", job.trigger + (job.dry_run ? " (dry run)" : "")],
                  ["Rules that matched", job.rules.join(", ") || "none"], ["Received", ago(job.received_at)],
                  ["Finished", ago(job.finished_at) || "not yet"], ["Portal requests", job.requests]];
-  $("#d-facts").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", name), el("dd", value)]));
+  $("#d-facts").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", name),
+                                                                      value instanceof Node ? value : el("dd", value)]));
   const itemName = (entry) => entry.activity ? `activity ${entry.activity}` : `comment ${entry.comment}`;
   $("#d-no-changes").hidden = job.changes.length > 0;
   $("#d-changes tbody").replaceChildren(...job.changes.map((change) => {
     const row = el("tr", null, {"data-item": itemName(change)});
-    row.append(el("td", itemName(change)), bindingsCell(change.before), el("td", "→"), bindingsCell(change.after),
-               el("td", change.status + (change.errors.length ? `: ${change.errors[0].what_to_do || change.errors[0].code}` : "")));
+    const status = change.status === "dry_run" ? "dry run: would be, nothing written" : change.status;
+    row.append(el("td", itemName(change)), bindingsCell(job.portal, change.before), el("td", "→"),
+               bindingsCell(job.portal, change.after),
+               el("td", status + (change.errors.length ? `: ${change.errors[0].what_to_do || change.errors[0].code}` : "")));
     return row;
   }));
   $("#d-plan tbody").replaceChildren(...job.plan.map((item) => {
     const row = el("tr");
-    row.append(el("td", itemName(item)), bindingsCell(item.before), el("td", "→"), bindingsCell(item.after),
+    row.append(el("td", itemName(item)), bindingsCell(job.portal, item.before), el("td", "→"),
+               bindingsCell(job.portal, item.after),
                el("td", [...(item.rules || []), ...(item.notes || [])].join("; ") + (item.dry_run ? " (dry run)" : "")));
     return row;
   }));
   $("#d-attempts").replaceChildren(...job.attempts.map((attempt) => el("li",
-    `${new Date(attempt.started_at * 1000).toLocaleTimeString()}: ${attempt.outcome}`
+    `attempt ${attempt.number} at ${new Date(attempt.started_at * 1000).toLocaleTimeString()}: ${attempt.outcome}`
     + (attempt.error ? ` (${attempt.error.code}: ${attempt.error.what_to_do || attempt.error.description})` : ""))));
 }
 
@@ -230,6 +400,10 @@ async function follow() {
     try {
       const headers = token() ? {Authorization: `Bearer ${token()}`} : {};
       const response = await fetch("/api/stream", {headers});
+      if (response.status === 401 || response.status === 403) {
+        $("#live").className = "live off"; $("#live").textContent = "not authorised";
+        return;  // the banner says why; entering a token reloads the page
+      }
       if (!response.ok) { throw new Error(`stream: HTTP ${response.status}`); }
       $("#live").className = "live on"; $("#live").textContent = "live";
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -253,6 +427,7 @@ async function follow() {
 }
 
 function showError(error) {
+  if (error instanceof Refused) { return; }  // already said, with the fix, in the banner
   console.warn(error);
   $("#d-message").textContent = String(error.message || error);
 }
@@ -260,21 +435,24 @@ function showError(error) {
 document.addEventListener("DOMContentLoaded", () => {
   $("#filters").addEventListener("submit", (event) => { event.preventDefault(); filters = readFilters(); loadJobs(); });
   $("#filters").addEventListener("reset", () => { filters = {}; setTimeout(loadJobs); });
+  $("#search").addEventListener("submit", (event) => { event.preventDefault(); search($("#q").value).catch(showError); });
   $("#more").addEventListener("click", () => loadJobs(true));
   $("#close-detail").addEventListener("click", () => { $("#detail").hidden = true; openJob = null; });
   $("#d-retry").addEventListener("click", () => retryJob(openJob).catch(showError));
   $("#d-undo").addEventListener("click", () => undoJob(openJob).catch(showError));
   $("#retry-all").addEventListener("click", async () => {
-    await api("/api/jobs/retry?state=failed&limit=1000", {method: "POST"});
-    await api("/api/jobs/retry?state=dead&limit=1000", {method: "POST"});
-    await Promise.all([refreshFailed(), refreshStats(), loadJobs()]);
+    try {
+      await api("/api/jobs/retry?state=failed&limit=1000", {method: "POST"});
+      await api("/api/jobs/retry?state=dead&limit=1000", {method: "POST"});
+      await Promise.all([refreshFailed(), refreshStats(), loadJobs()]);
+    } catch (error) { showError(error); }
   });
   $("#token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     localStorage.setItem("b24-token", $("#token").value.trim());
     location.reload();
   });
-  Promise.all([refreshStats(), refreshFailed(), loadJobs()]).catch(showError);
+  Promise.all([refreshStats().then(refreshFailed), loadJobs()]).catch(showError);
   setInterval(() => refreshStats().catch(showError), 10000);
   follow();
 });

@@ -30,15 +30,32 @@ pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM) and not os.environ.ge
 
 
 @pytest.fixture
-async def page() -> Any:
+async def browser() -> Any:
     async with playwright_api.async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = await browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.errors = errors
-        yield page
+        yield browser
         await browser.close()
+
+
+async def open_page(browser: Any, width: int, height: int = 1000) -> Any:
+    page = await browser.new_page(viewport={"width": width, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: page.dialogs.append(dialog.message) or dialog.accept())
+    page.errors, page.dialogs = errors, []
+    return page
+
+
+@pytest.fixture
+async def page(browser: Any) -> Any:
+    return await open_page(browser, 1400)
+
+
+@pytest.fixture(params=[390, 360], ids=["390px", "360px"])
+async def phone(browser: Any, request: Any) -> Any:
+    page = await open_page(browser, request.param, 800)
+    page.width = request.param
+    return page
 
 
 async def test_a_person_finds_the_failed_job_reads_the_fix_and_retries_it(
@@ -87,10 +104,145 @@ async def test_a_person_finds_the_failed_job_reads_the_fix_and_retries_it(
 
     assert portal.bindings(broken) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
 
+    contact_link = page.locator(f"#d-changes tr[data-item='activity {broken}'] a", has_text=f"contact {made['contact']}")
+    await expect(contact_link).to_have_attribute("href", f"https://acme.bitrix24.com/crm/contact/details/{made['contact']}/")
+
     await page.click("#d-undo")  # and back: the activity returns to the lead, as it was before the job
     await expect(page.locator("#d-message")).to_contain_text("Restored 1 item")
+    assert page.dialogs and "applies them again" in page.dialogs[0]  # it asked first, and said what follows
     assert portal.bindings(broken) == [(LEAD, lead)]
+    await expect(page.locator("#d-state")).to_have_attribute("data-state", "undone")
+    await expect(page.locator("#d-undo")).to_be_disabled()
+    await expect(page.locator("#d-message")).to_contain_text("apply again on the next event")
+    await expect(page.locator(f'#jobs tbody tr[data-job="{failed["job_id"]}"]')).to_have_count(0)  # filter: failed
+    await page.click("#close-detail")
+    await page.select_option("#filters select[name=state]", "undone")
+    await page.click("#filters button[type=submit]")
+    await expect(page.locator(f'#jobs tbody tr[data-job="{failed["job_id"]}"] .badge')).to_have_text("undone")
     assert page.errors == []
+
+
+async def test_on_a_phone_nothing_is_wider_than_the_screen_and_the_job_panel_closes(
+        client: Any, worker: Any, portal: FakePortal, phone: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await worker.run_check()
+    expect = playwright_api.expect
+
+    await phone.goto(str(client.make_url("/")))
+    await expect(phone.locator("#jobs tbody tr")).to_have_count(1)
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= phone.width
+    ARTIFACTS.mkdir(exist_ok=True)
+    await phone.screenshot(path=str(ARTIFACTS / f"dashboard-{phone.width}px-list.png"), full_page=True)
+
+    await phone.click(f'#jobs tbody tr[data-job="{answer["job_id"]}"] td:first-child')
+    await expect(phone.locator("#detail")).to_be_visible()
+    panel = await phone.locator("#detail").bounding_box()
+    close = await phone.locator("#close-detail").bounding_box()
+    assert panel["x"] >= 0 and panel["x"] + panel["width"] <= phone.width  # the panel's left edge is on the screen
+    assert close["x"] >= 0 and close["x"] + close["width"] <= phone.width and close["width"] >= 44 and close["height"] >= 44
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= phone.width
+    ARTIFACTS.mkdir(exist_ok=True)
+    await phone.screenshot(path=str(ARTIFACTS / f"dashboard-{phone.width}px-job.png"))
+    await phone.click("#close-detail")
+    await expect(phone.locator("#detail")).to_be_hidden()
+    assert phone.errors == []
+
+
+async def test_at_desktop_width_the_chart_has_axes_and_each_portal_its_reachability(
+        client: Any, worker: Any, portal: FakePortal, page: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    await worker.run_check()
+    expect = playwright_api.expect
+
+    await page.goto(str(client.make_url("/")))
+
+    await expect(page.locator("#chart polyline")).to_have_count(3)
+    await expect(page.locator("#chart polyline.jobs")).to_have_attribute("data-total", "1")
+    await expect(page.locator("#chart text", has_text="60 min ago")).to_have_count(1)
+    await expect(page.locator("#chart text", has_text="now")).to_have_count(1)
+    await expect(page.locator("#portals tbody tr[data-portal=acme] .reach")).to_have_attribute("data-reach", "reachable")
+    await expect(page.locator("#per-minute")).to_have_text("1")
+    await expect(page.locator("#oldest")).to_have_text("nothing waiting")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 1400
+    icon = await page.request.get(str(client.make_url("/favicon.ico")))
+    assert icon.status == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert page.errors == []
+
+
+async def test_identical_failures_are_one_item_with_a_count(client: Any, make_worker: Any, portal: FakePortal,
+                                                             page: Any) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    portal.fail_next(3, status=403, error="ACCESS_DENIED", description="Access denied!")
+    for _ in range(3):
+        await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    await make_worker().run_check()
+
+    await page.goto(str(client.make_url("/")))
+
+    items = page.locator("#failed-list li")
+    await playwright_api.expect(items).to_have_count(1)
+    await playwright_api.expect(items).to_have_attribute("data-count", "3")
+    await playwright_api.expect(items).to_contain_text("3 jobs ×")
+    await playwright_api.expect(items.locator("button")).to_have_text("Retry these 3")
+
+
+async def test_unauthorised_it_says_so_and_shows_the_fix(admin: Any, make_worker: Any, portal: FakePortal,
+                                                         page: Any) -> None:
+    portal.fail_next(1, status=403, error="ACCESS_DENIED", description="Access denied!")
+    await post_event(admin, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, portal.add_lead())]))
+    await make_worker().run_check()
+
+    await page.goto(str(admin.make_url("/")))  # no token in this browser
+
+    await expect_text(page, "#auth", "needs its API token")
+    await expect_text(page, "#auth", "B24_API_TOKEN")
+    await expect_text(page, "#attention-empty", "Unknown: the API refused this page")
+    await playwright_api.expect(page.locator("#attention-empty")).not_to_contain_text("Nothing has failed")
+    await expect_text(page, "#live", "not authorised")
+
+
+async def test_retry_without_a_token_on_the_service_says_how_to_fix_it(client: Any, make_worker: Any,
+                                                                       portal: FakePortal, page: Any) -> None:
+    portal.fail_next(1, status=403, error="ACCESS_DENIED", description="Access denied!")
+    await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, portal.add_lead())]))
+    await make_worker().run_check()
+    await page.goto(str(client.make_url("/")))
+
+    await page.click("#failed-list li button.retry")
+
+    await expect_text(page, "#auth", "Retry and undo need an API token, and this service has none set")
+    await expect_text(page, "#auth-fix", "restart b24rebind")
+    await playwright_api.expect(page.locator("#failed-list li")).to_have_count(1)  # reads still work
+
+
+async def test_search_by_job_id_or_by_activity(client: Any, worker: Any, portal: FakePortal, page: Any) -> None:
+    lead = [portal.add_lead() for _ in range(5)][-1]  # an id no activity has
+    portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    await worker.run_check()
+    await page.goto(str(client.make_url("/")))
+
+    await page.fill("#q", str(activity))
+    await page.click("#search button[type=submit]")
+    await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(1)
+    await expect_text(page, "#search-result", f"activity {activity} was changed by {answer['job_id']}")
+
+    await page.fill("#q", str(lead))  # the lead: the jobs that moved its activities
+    await page.click("#search button[type=submit]")
+    await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(2)
+    await expect_text(page, "#search-result", f"2 jobs about activity or lead {lead}")
+
+    await page.fill("#q", answer["job_id"])
+    await page.click("#search button[type=submit]")
+    await playwright_api.expect(page.locator("#d-id")).to_have_text(answer["job_id"])
 
 
 async def test_a_bad_filter_is_shown_in_words(client: Any, page: Any) -> None:

@@ -69,3 +69,32 @@ def test_the_service_says_so_when_its_port_is_taken(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "B24_PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_describes_the_tool_and_every_flag_has_help_text() -> None:
+    import argparse
+
+    from app.cli.main import _parser
+
+    def flags(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, str]]:
+        found = []
+        for action in parser._actions:  # argparse keeps no public list of a parser's arguments
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += flags(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                found.append((path, action.dest))
+                if not action.help:
+                    found.append((path, f"{action.dest}: NO HELP"))
+        return found
+
+    assert [f for f in flags(_parser(), "b24rebind") if f[1].endswith("NO HELP")] == []
+    help_text = _parser().format_help()
+    assert "keeps Bitrix24 CRM activities bound to the right client" in help_text
+    assert "3 Redis unreachable" in help_text
+
+
+def test_version(tmp_path: Path) -> None:
+    result = b24rebind("--version", cwd=tmp_path)
+
+    assert result.returncode == 0 and result.stdout.startswith("b24rebind ")

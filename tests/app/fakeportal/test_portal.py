@@ -566,3 +566,23 @@ async def test_doctor_methods(portal: FakePortal, session: aiohttp.ClientSession
     portal.remove_method("crm.activity.binding.move")
     status, body = await call(session, portal, "method.get", {"name": "crm.activity.binding.move"})
     assert body["result"]["isExisting"] is False
+
+
+async def test_a_lead_closing_completes_its_open_calls_and_todos(portal: FakePortal) -> None:
+    lead = portal.add_lead()
+    call, todo, email = (portal.add_activity([(LEAD, lead)], type_id=t) for t in (2, 6, 4))
+    portal.events.clear()
+    portal.convert_lead(lead, contact=True, company=False)
+    assert portal.events[-2:] == [("ONCRMACTIVITYUPDATE", call), ("ONCRMACTIVITYUPDATE", todo)]
+    assert [portal.activities[a]["COMPLETED"] for a in (call, todo, email)] == ["Y", "Y", "N"]
+
+
+async def test_lists_return_the_selected_fields_and_multiple_ones_only_when_named(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    portal.add_contact("Ann", email="ann@example.com")
+    status, body = await call(session, portal, "crm.contact.list", {"select": ["NAME"]})
+    assert body["result"] == [{"ID": "1", "NAME": "Ann"}]
+    status, body = await call(session, portal, "crm.contact.list", {"select": ["*"]})
+    assert "EMAIL" not in body["result"][0] and body["result"][0]["NAME"] == "Ann"
+    status, body = await call(session, portal, "crm.contact.list", {"select": ["*", "EMAIL"]})
+    assert body["result"][0]["EMAIL"][0]["VALUE"] == "ann@example.com"

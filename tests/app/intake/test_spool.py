@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,6 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.intake.spool import Spool
 from app.rules.model import RuleSet
@@ -19,6 +19,7 @@ from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.queue import LIVE_QUEUE, JobQueue, connect
+from app.web import create_app
 from tests.conftest import TOKEN, post_event
 from workers.main import build_worker, shutdown
 
@@ -222,3 +223,16 @@ async def test_readyz_and_metrics_count_quarantined_lines(client: Any, redis: Ar
 async def _quarantined(client: Any) -> bool:
     answer = await (await client.get("/readyz")).json()
     return bool(answer["spool"]["quarantined"] == 1 and answer["spool"]["waiting_segments"] == 0)
+
+
+async def test_reads_while_redis_is_away_are_a_503_that_says_so(
+    aiohttp_client: Any, bundled: BundledRedis, down_settings: Settings, rules: RuleSet, caplog: Any
+) -> None:
+    client = await aiohttp_client(create_app(down_settings, rules))
+    bundled.stop()
+
+    for path in ("/api/jobs", "/metrics", "/api/jobs/abc"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert "Redis is" in (await response.json())["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -5,6 +5,7 @@ import asyncio
 import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from arq.connections import ArqRedis
@@ -17,11 +18,13 @@ from app.config import LiveRules, load_service_rules
 from app.intake.spool import spool_context, spool_key
 from app.intake.webhook import MAX_BODY, receive_event
 from app.logs import QuietBadRequests
+from app.rebind.crm_mode import noted_modes, simple_mode_warning
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import TRIM_EVERY, JobStore
 from app.store.outage import RedisOutage
 from app.store.queue import JobQueue, connect
+from app.words import plural
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,7 +32,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> web.Application:
     """Build the web application; `settings` must name a running Redis (REDIS_URL or REDIS_SENTINELS)."""
     QuietBadRequests.install()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[api_auth])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[redis_away, api_auth])
     app[settings_key] = settings
     if rules is None:
         rules = LiveRules(load_service_rules(settings), settings)
@@ -93,6 +96,18 @@ async def trim_context(app: web.Application) -> AsyncIterator[None]:
 
 
 @web.middleware
+async def redis_away(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A read of jobs or metrics while Redis is away is a 503 that says so, not a 500 with a traceback
+    (the outage itself is logged once, by the web process's watch)."""
+    try:
+        return await handler(request)
+    except RedisError:
+        outage = request.app[outage_key]
+        return web.json_response({"error": f"Redis is {outage.status() if outage.down_for else 'unreachable'}; "
+                                  "try again once it is back (GET /readyz says when)"}, status=503)
+
+
+@web.middleware
 async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The status API needs `Authorization: Bearer <B24_API_TOKEN>`; without a token set it answers reads from
     loopback only (not through a proxy), and no writes at all."""
@@ -130,7 +145,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     live = request.app[rules_key]
-    checks: dict[str, object] = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
+    checks: dict[str, object] = {"rules": f"{plural(len(live.current.rules), 'rule')}, "
+                                          f"{plural(len(live.current.portals), 'portal')}"}
     if live.error:
         checks["rules_error"] = live.error
     spool = request.app.get(spool_key)
@@ -147,7 +163,19 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = outage.status()
         checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
-    return web.json_response({"status": "ready", **checks})
+    warnings = await _mode_warnings(request.app[redis_key], live.current)
+    return web.json_response({"status": "ready", **checks, **({"warnings": warnings} if warnings else {})})
+
+
+async def _mode_warnings(redis: Any, rules: RuleSet) -> list[str]:
+    """Portals a worker found in simple CRM mode, where rules about leads can never fire."""
+    if not rules.lead_rules():
+        return []
+    try:
+        modes = await noted_modes(redis, list(rules.portals))
+    except (RedisError, OSError):
+        return []
+    return [w for name, mode in modes.items() if (w := simple_mode_warning(rules, name, mode))]
 
 
 def _forwarded(request: web.Request) -> bool:

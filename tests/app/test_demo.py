@@ -1,0 +1,81 @@
+"""`b24rebind demo` as a newcomer runs it: the real sequence, in words; `--keep` and `demo convert`."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.demo import DEMO_PORT, DEMO_WEBHOOK_CODE
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # real processes
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_PORT": "0", "B24_DATA_DIR": str(tmp_path / "var")}
+
+
+def b24rebind(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env(cwd), timeout=120)
+
+
+def test_the_demo_plays_what_the_portal_does_and_what_b24rebind_adds(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text("portals:\n  real:\n    domain: real.bitrix24.com\n"
+                                         "    rest_url: https://real.bitrix24.com/rest/1/x/\n"
+                                         "    application_token: t\nrules: []\n")
+    result = b24rebind("demo", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    # The portal's conversion copies, and keeps the lead binding; b24rebind removes it.
+    assert "activity 1 (Re: price list): lead 1, contact 1, company 1" in out
+    assert out.count("activity 1 (Re: price list): contact 1, company 1") == 1
+    assert "activity 4 (late e-mail #1): lead 1\n" in out and "activity 4 (late e-mail #1): contact 1, company 1" in out
+    assert "activity 5 (New order): lead 2, deal 1\n" in out
+    assert "activity 5 (New order): deal 1, contact 1, company 1" in out
+    assert "Try `b24rebind demo`" not in out and "(type id, entity id)" not in out
+    assert "Traceback" not in result.stderr
+    # Its data lives apart from a real installation's (its own bundled Redis in var/demo).
+    assert (tmp_path / "var" / "demo").is_dir()
+
+
+def test_demo_keep_then_demo_convert_plays_another_conversion(tmp_path: Path) -> None:
+    with subprocess.Popen([sys.executable, "-m", "app", "demo", "--keep"], cwd=tmp_path, env=env(tmp_path),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as kept:
+        play_on(kept, tmp_path)
+    assert kept.returncode == 0
+
+
+def play_on(kept: subprocess.Popen[str], tmp_path: Path) -> None:
+    try:
+        seen = ""
+        deadline = time.monotonic() + 90
+        while "The demo stays up" not in seen:
+            assert time.monotonic() < deadline and kept.poll() is None, seen[-3000:]
+            seen += kept.stdout.readline()  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{DEMO_PORT}/rest/1/{DEMO_WEBHOOK_CODE}/" in seen
+
+        result = b24rebind("demo", "convert", "--activities", "60", "--late", "2", "--repeat", cwd=tmp_path)
+
+        assert result.returncode == 0, result.stderr
+        assert "its 60 activities" in result.stdout and "... and 55 more, the same" in result.stdout
+        assert "2 e-mails arrive after the conversion" in result.stdout
+        assert "b24rebind gives it to the client the portal already knew" in result.stdout
+    finally:
+        kept.send_signal(signal.SIGINT)
+        kept.wait(timeout=60)
+
+
+def test_demo_convert_without_a_kept_demo_says_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", DEMO_PORT)) != 0, "stop the demo kept running on this machine"
+    result = b24rebind("demo", "convert", cwd=tmp_path)
+
+    assert result.returncode == 4  # the portal is down
+    assert "start one with `b24rebind demo --keep`" in result.stderr and "Traceback" not in result.stderr
