@@ -37,7 +37,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', string.format('%.6f', now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return {tostring(wait), taken}
+return {tostring(wait), taken, tostring(level)}
 """
 
 _FILL_BUCKET = """
@@ -85,6 +85,7 @@ class RateLimiter:
         self._script = redis.register_script(_LEAKY_BUCKET)
         self._fill = redis.register_script(_FILL_BUCKET)
         self.stats = RateLimitStats()
+        self.levels: dict[str, float] = {}  # each portal's bucket as last seen: how busy the portal is
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         """Wait for a slot. `reserve` slots of the burst are left to others (backfill leaves half to live events)."""
@@ -99,7 +100,8 @@ class RateLimiter:
             return 0.0
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
         ahead = self._prefetch if per_second >= self._lend_from_rate else 0
-        wait_text, taken = await self._script(keys=keys, args=[per_second, burst, reserved, ahead])
+        wait_text, taken, level = await self._script(keys=keys, args=[per_second, burst, reserved, ahead])
+        self.levels[portal] = float(level)
         wait = float(wait_text)
         if wait <= 0:
             if int(taken) > 1:
@@ -131,6 +133,7 @@ class LocalRateLimiter:
     def __init__(self) -> None:
         self._level: dict[str, tuple[float, float]] = {}
         self.stats = RateLimitStats()
+        self.levels: dict[str, float] = {}
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         while (wait := await self.try_take(portal, per_second, burst, reserve)) > 0:
@@ -140,6 +143,7 @@ class LocalRateLimiter:
         level, since = self._level.get(portal, (0.0, time.monotonic()))
         now = time.monotonic()
         level = max(0.0, level - (now - since) * per_second)
+        self.levels[portal] = level
         if level + 1 <= burst - reserve:
             self._level[portal] = (level + 1, now)
             return 0.0

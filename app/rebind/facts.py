@@ -68,6 +68,11 @@ class FactReader:
         return self._facts(event)
 
     async def for_activity(self, event: str, activity_id: int) -> Facts:
+        if not self._reads_activity_fields(event):  # the bindings say all the rules ask
+            (binding_list,) = await self._client.batch([Command("crm.activity.binding.list",
+                                                                {"activityId": activity_id})])
+            _raise_gone(binding_list)
+            return await self._around(event, _activity({"ID": activity_id}, binding_list.result))
         # crm.activity.get never returns COMMUNICATIONS: only a list that selects them does.
         binding_list, activity = await self._client.batch([
             Command("crm.activity.binding.list", {"activityId": activity_id}),
@@ -79,7 +84,17 @@ class FactReader:
         if not rows:  # deleted between the two reads, or hidden from the webhook's user
             raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)",
                        "activity")
-        facts = _activity(rows[0], binding_list.result)
+        return await self._around(event, _activity(rows[0], binding_list.result))
+
+    def _reads_activity_fields(self, event: str) -> bool:
+        """Whether a rule listening to the event looks at the activity itself (kind, direction, subject,
+        responsible user, or its addresses for `matched`), not only at what it is bound to."""
+        if "matched" in self._needs:
+            return True
+        return any(event in rule.on and _asks_fields(rule.when) for rule in self._rules.rules)
+
+    async def _around(self, event: str, facts: Activity) -> Facts:
+        """The facts around one activity: the leads it is bound to, what they became, and extras."""
         if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
             raise Echo("the activity is as this service left it: the event echoes our own change")
         lead_ids = facts.bound_to(EntityType.LEAD)
@@ -248,6 +263,13 @@ def _lead_commands(lead_id: int) -> list[Command]:
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
     return [Command("crm.lead.get", {"id": lead_id}), Command("crm.contact.list", by_lead),
             Command("crm.company.list", by_lead), Command("crm.deal.list", by_lead)]
+
+
+def _asks_fields(when: Any) -> bool:
+    if any(getattr(when, name) is not None for name in
+           ("kind", "direction", "responsible", "subject_contains", "subject_matches")):
+        return True
+    return any(_asks_fields(w) for w in [*(when.any or []), *([when.not_] if when.not_ is not None else [])])
 
 
 def _binding_reads(rows: list[dict[str, Any]]) -> list[Command]:

@@ -209,11 +209,11 @@ async def test_live_commands_go_before_low_priority_ones(jobs: Any, portal: Fake
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
     backfill, live = make(low_priority=True), make()
 
-    await asyncio.gather(backfill.batch([c for a in activities for c in bindings_of(a)]),
+    await asyncio.gather(backfill.batch([c for a in activities[1:] for c in bindings_of(a)]),
                          live.batch(bindings_of(activities[0])))
 
-    # The live job's two commands lead the first call; the backfill's 60 fill the rest and the next.
-    assert [n for _, n in portal.requests] == [50, 12]
+    # The live job's two commands lead the first call; the backfill's 58 fill the rest and the next.
+    assert [n for _, n in portal.requests] == [50, 10]
     assert live.requests == 1 and backfill.requests == 2
 
 
@@ -245,6 +245,19 @@ async def test_a_write_call_that_failed_with_500_is_reported_not_resent(jobs: An
         await make().write([[add(activity, CONTACT, made["contact"])], [delete(activity, LEAD, lead)]])
 
     assert portal.request_count == 1
+
+
+async def test_the_same_read_asked_by_several_jobs_is_sent_once(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    facts = [Command("crm.lead.get", {"id": lead}), Command("crm.contact.list", {"filter": {"LEAD_ID": lead}})]
+    clients = [make() for _ in range(3)]
+
+    answers = await asyncio.gather(*(c.batch(facts) for c in clients))
+
+    assert portal.requests == [("batch", 2)]
+    assert all(int(answer[0].result["ID"]) == lead for answer in answers)
+    assert [c.commands for c in clients] == [2, 2, 2]
 
 
 async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_right(
