@@ -306,3 +306,44 @@ async def test_a_halt_in_one_jobs_plan_leaves_the_other_jobs_plan_whole(jobs: An
     assert [[o.status for o in job] for job in outcomes] == [["failed"], ["changed"]]
     assert portal.bindings(refused) == [(LEAD, lead)]
     assert portal.bindings(fine) == [(CONTACT, made["contact"])]
+
+
+async def test_a_429_on_batch_itself_defers_every_job_until_the_reset(jobs: Any, portal: FakePortal,
+                                                                      redis: Any) -> None:
+    from app.bitrix.budget import MethodBudget
+
+    make, session = jobs
+    session._budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
+    portal.set_operating_limit(3.0, cost_per_call=1.0, charge_batch=True)
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    await make().batch(bindings_of(activity))
+    await make().batch(bindings_of(activity))  # 4 s charged to `batch`: the next call is refused
+
+    outcomes = await asyncio.gather(*(make().batch(bindings_of(activity)[:1]) for _ in range(2)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(o, MethodBlocked) and o.method == "batch" and o.retry_at for o in outcomes)
+    assert portal.blocked_for_time == 1  # both jobs' commands were in the one call the portal refused
+    before = portal.request_count
+    later = await asyncio.gather(make().batch(bindings_of(activity)), return_exceptions=True)
+    assert isinstance(later[0], MethodBlocked)  # deferred here, not sent until the reset
+    assert portal.request_count == before
+    # The batch-wide figure was noted for `batch`, not as each method's own.
+    await budget.refresh()
+    assert budget.blocked(["crm.activity.binding.list", "crm.activity.get"]) is None
+
+
+async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(jobs: Any, portal: FakePortal,
+                                                                               redis: Any) -> None:
+    from app.bitrix.budget import MethodBudget
+
+    make, session = jobs
+    session._budget = budget = MethodBudget(redis, "acme", 2.0)
+    portal.set_operating_limit(10.0, cost_per_call=1.0)
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    await make().batch(bindings_of(activity))
+    await make().batch(bindings_of(activity)[1:])
+
+    await budget.refresh()
+    blocked = budget.blocked(["crm.activity.binding.list", "crm.activity.get"])
+    assert blocked is not None and blocked.method == "crm.activity.get"  # 2 s of 2: near its budget
