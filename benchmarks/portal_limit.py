@@ -98,7 +98,9 @@ def backfill(portal: FakePortal) -> Scene:
     scene = Scene(portal)
     shuffled = random.Random(3)
     counts = [shuffled.randint(1, 10) for _ in range(200)]
-    counts[-1] += 1100 - sum(counts)  # exactly 1,100 in all, as the workload
+    while sum(counts) != 1100:  # exactly 1,100 in all, as the workload
+        i = shuffled.randrange(200)
+        counts[i] = min(10, counts[i] + 1) if sum(counts) < 1100 else max(1, counts[i] - 1)
     for n in counts:
         scene.converted_lead(n)
     for _ in range(20):
