@@ -37,15 +37,15 @@ log = logging.getLogger(__name__)
 # stops a job that keeps waiting for hours.
 MAX_TRIES = 200
 POLL_DELAY = 0.1  # seconds between reads of the queue
+BACKFILL_JOBS = 20  # backfill jobs a process runs at once: their reads and writes pack into shared batches
+SHARED = "shares_portal_sessions"
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     # Tests and the combined `run` may hand in their own; a second startup reuses the first's.
     if "http" not in ctx:
-        # A portal's REST API sets no cookies worth keeping; the default jar would filter every request.
-        ctx["http"] = aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"},
-                                            cookie_jar=aiohttp.DummyCookieJar())
+        ctx["http"] = _http()
     if "store" not in ctx:
         ctx["limiter"] = RateLimiter(ctx["redis"])
         ctx["store"] = JobStore.from_settings(ctx["redis"], settings)
@@ -58,12 +58,29 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for session in [*ctx.get("portal_sessions", {}).values(), *ctx.get("retired_sessions", [])]:
-        await session.close()
     if "joined_reads" in ctx:
         await ctx["joined_reads"].close()
+    if ctx.get(SHARED):  # the process's workers share them: closed once the last has stopped
+        return
+    await close_portal_sessions(ctx)
+
+
+def shared_portal_sessions() -> dict[str, Any]:
+    """A ctx part for a process's workers (live and backfill): one HTTP session and one PortalSession
+    per portal between them, so that one sender sees all of the process's work for a portal."""
+    return {SHARED: True, "http": _http(), "portal_sessions": {}}
+
+
+async def close_portal_sessions(ctx: dict[str, Any]) -> None:
+    for session in [*ctx.get("portal_sessions", {}).values(), *ctx.get("retired_sessions", [])]:
+        await session.close()
     if "http" in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
         await ctx["http"].close()
+
+
+def _http() -> aiohttp.ClientSession:
+    # A portal's REST API sets no cookies worth keeping; the default jar would filter every request.
+    return aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"}, cookie_jar=aiohttp.DummyCookieJar())
 
 
 async def requeue_stranded(ctx: dict[str, Any]) -> int:
