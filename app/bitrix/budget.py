@@ -50,7 +50,8 @@ class BudgetReads:
 
 
 class MethodBudget:
-    """One job's view of the portal's method budgets: read from Redis once, written when it matters."""
+    """A process's view of one portal's method budgets: read from Redis at most once a FRESH_FOR seconds,
+    written when it matters."""
 
     def __init__(self, redis: Redis, portal: str, limit: float, reads: BudgetReads | None = None) -> None:
         self._redis = redis
@@ -75,23 +76,34 @@ class MethodBudget:
             pipe.expire(self._key, WINDOW)
             await pipe.execute()
 
-    async def block(self, method: str, reset_at: float | None = None) -> None:
-        """The portal refused the method: treat its budget as spent until it resets."""
+    async def block(self, method: str, reset_at: float | None = None) -> float:
+        """The portal refused the method: treat its budget as spent until it resets; returns when."""
         stored = await self._redis.hget(self._key, method)
         known = float(stored.decode().split("|")[1]) if stored else 0.0
         until = reset_at or (known if known > time.time() else time.time() + 60)
         await self._share(method, self._limit, until)
+        return until
+
+    async def refresh(self) -> None:
+        """Take in what other processes shared (read at most once a FRESH_FOR seconds per process)."""
+        self._known = await self._reads.known(self._redis, self._key)
+
+    def blocked(self, methods: Iterable[str]) -> MethodBlocked | None:
+        """The first method near its budget and not yet reset, as the error a job defers on."""
+        now = time.time()
+        for method in dict.fromkeys(methods):
+            operating, reset_at = (self._known or {}).get(method, (0.0, 0.0))
+            if operating >= NEAR * self._limit and reset_at > now:
+                return MethodBlocked(method, "OPERATION_TIME_LIMIT",
+                                     f"{operating:.0f} s of {self._limit:.0f} s used", retry_at=reset_at)
+        return None
 
     async def check(self, methods: Iterable[str]) -> None:
         """Raise MethodBlocked for the first method that is near its budget and not yet reset."""
-        if self._known is None:  # once per job; later answers of this job update it
-            self._known = await self._reads.known(self._redis, self._key)
-        now = time.time()
-        for method in dict.fromkeys(methods):
-            operating, reset_at = self._known.get(method, (0.0, 0.0))
-            if operating >= NEAR * self._limit and reset_at > now:
-                raise MethodBlocked(method, "OPERATION_TIME_LIMIT", f"{operating:.0f} s of {self._limit:.0f} s used",
-                                    retry_at=reset_at)
+        await self.refresh()
+        blocked = self.blocked(methods)
+        if blocked is not None:
+            raise blocked
 
 
 def _parse(stored: bytes) -> tuple[float, float]:
