@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.errors import MethodBlocked
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
 WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written
@@ -40,7 +41,7 @@ class BudgetReads:
     async def known(self, redis: Redis, key: str) -> Known:
         read_at, known = self._reads.get(key, (0.0, {}))
         if time.monotonic() - read_at > FRESH_FOR:
-            stored = await redis.hgetall(key)
+            stored = await awaited(redis.hgetall(key))
             known = {name.decode(): _parse(value) for name, value in stored.items()}
             self._reads[key] = (time.monotonic(), known)
         return dict(known)
@@ -78,8 +79,9 @@ class MethodBudget:
 
     async def block(self, method: str, reset_at: float | None = None) -> float:
         """The portal refused the method: treat its budget as spent until it resets; returns when."""
-        stored = await self._redis.hget(self._key, method)
-        known = float(stored.decode().split("|")[1]) if stored else 0.0
+        stored: bytes | str | None = await awaited(self._redis.hget(self._key, method))  # bytes, in fact
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        known = float(text.split("|")[1]) if text else 0.0
         until = reset_at or (known if known > time.time() else time.time() + 60)
         await self._share(method, self._limit, until)
         return until

@@ -17,8 +17,8 @@ from app.bitrix.session import PortalSession
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
-from tests.conftest import post_event
 from tests.app.rebind.test_executor import rebind
+from tests.conftest import post_event
 
 
 @pytest.fixture
