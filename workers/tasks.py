@@ -25,7 +25,7 @@ from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
 from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
-from app.rules.facts import Facts
+from app.rules.facts import Facts, read_bindings
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
@@ -145,7 +145,7 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
             AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:
                 if "activity" in change and change["status"] == "changed":
-                    changes.stage_record(pipe, change["activity"], change["after"])
+                    changes.stage_record(pipe, change["activity"], read_bindings(change["after"]))
         stage_attempt(pipe, record, client, ctx["limiter"])
         if record.attempts and record.attempts[-1].outcome == "deferred":
             pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries

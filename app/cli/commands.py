@@ -20,9 +20,9 @@ from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables
 from app.rebind.facts import FactReader, Gone
 from app.rules.engine import explain, plan
-from app.rules.facts import Activity, Binding, Client, Facts, Lead
+from app.rules.facts import Activity, Binding, Client, Facts, Lead, bindings_text
 from app.rules.loader import RulesError, load_rules
-from app.rules.model import KINDS, RuleSet, entity_type_of
+from app.rules.model import KINDS, RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import FINAL_STATES, JobStore
@@ -85,7 +85,7 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
             mark = "matches" if verdict.matched else "does not match:"
             lines.append(f"  rule {verdict.rule!r} {mark}{'' if verdict.matched else ' ' + verdict.reason}")
     result = plan(rules, facts)
-    rows = [(str(p.activity_id), ", ".join(map(str, p.before)), ", ".join(map(str, p.after)), "; ".join(p.notes))
+    rows = [(str(p.activity_id), bindings_text(p.before), bindings_text(p.after), "; ".join(p.notes))
             for p in result.activities]
     lines += ["", "Plan (before -> after):", *_table(("activity", "before", "after", "notes"), rows)]
     return "\n".join(lines)
@@ -131,11 +131,11 @@ def test_command(path: Path, settings: Settings) -> int:
         name = case.get("name") or f"case {number}"
         try:
             got = _run_case(rules, case)
+            expected = sorted(str(Binding.parse(str(b))) for b in case.get("expect", []))
         except (KeyError, ValueError, TypeError) as exc:
             print(f"ERROR {name}: {exc!r} in the case's facts ({path})")
             failures += 1
             continue
-        expected = sorted(str(b) for b in case.get("expect", []))
         if sorted(got) == expected:
             print(f"pass  {name}")
         else:
@@ -149,7 +149,7 @@ def _run_case(rules: RuleSet, case: dict[str, Any]) -> list[str]:
     spec = case["activity"]
     kind = KINDS.get(str(spec.get("kind", "email")), ("", None))
     activity = Activity(
-        id=int(spec.get("id", 1)), bindings=tuple(_binding(text) for text in spec["bound_to"]),
+        id=int(spec.get("id", 1)), bindings=tuple(Binding.parse(str(text)) for text in spec["bound_to"]),
         subject=str(spec.get("subject", "")), type_id=kind[0], provider_id=kind[1] or str(spec.get("provider", "")),
         direction={"incoming": "1", "outgoing": "2"}.get(str(spec.get("direction")), ""),
         responsible_id=int(spec.get("responsible", 0)), emails=tuple(spec.get("emails", ())))
@@ -169,11 +169,6 @@ def _run_case(rules: RuleSet, case: dict[str, Any]) -> list[str]:
                   contacts=clients["contacts"], deals=clients["deals"], matches=matches)
     (planned,) = plan(rules, facts).activities
     return sorted(str(b) for b in planned.after)
-
-
-def _binding(text: str) -> Binding:
-    kind, _, number = str(text).partition(" ")
-    return Binding(entity_type=entity_type_of(kind), entity_id=int(number))
 
 
 async def backfill_command(settings: Settings, since: str, only_rule: str | None, dry_run: bool,

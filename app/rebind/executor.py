@@ -10,7 +10,7 @@ from typing import Any
 from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
 from app.rebind.facts import TYPE_BY_NAME, TYPE_NAMES
-from app.rules.facts import Binding
+from app.rules.facts import Binding, bindings_json
 from app.rules.plan import BindingPlan, ItemPlan
 
 log = logging.getLogger(__name__)
@@ -20,13 +20,14 @@ log = logging.getLogger(__name__)
 class Outcome:
     kind: str  # activity | comment
     id: int
-    before: list[str]
-    after: list[str]
+    before: list[Binding]
+    after: list[Binding]
     status: str  # changed | dry_run | failed | gone (the activity or comment was deleted since it was read)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
-        return {self.kind: self.id, "before": self.before, "after": self.after, "status": self.status,
+        return {self.kind: self.id, "before": bindings_json(self.before), "after": bindings_json(self.after),
+                "status": self.status,
                 "errors": self.errors}
 
 
@@ -213,5 +214,5 @@ def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None)
     gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
     status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
     after = item.before if errors else item.after  # a dry run's is what it would have been
-    return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
+    return Outcome(kind, id_, list(item.before), list(after), status,
                    [e.as_record() for e in errors or []])

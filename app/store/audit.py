@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
 from app.bitrix.ratelimit import RateLimiter
-from app.rules.model import RuleSet, entity_label, entity_type_of
+from app.rules.facts import Binding, bindings_text
+from app.rules.model import RuleSet, entity_label
 from app.store.jobs import JobRecord, JobStore, UnknownJob
 from app.store.namespace import prefixed
 from app.store.replies import awaited
@@ -34,8 +35,8 @@ class AuditEntry(BaseModel):
     portal: str
     kind: str  # activity | comment
     item: int
-    before: list[str]
-    after: list[str]
+    before: list[Binding]  # entries written before bindings were values hold text; Binding reads both
+    after: list[Binding]
     rules: list[str]
     job: str
     time: float
@@ -116,8 +117,8 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient) -> UndoResult
     if not entries:
         raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
     current = await _read_bindings(client, entries)
-    moved = [f"{e.kind} {e.item}: the job left [{', '.join(e.after)}], now it is [{', '.join(now)}]"
-             for e, now in zip(entries, current) if sorted(now) != sorted(e.after)]
+    moved = [f"{e.kind} {e.item}: the job left [{bindings_text(e.after)}], now it is [{bindings_text(now)}]"
+             for e, now in zip(entries, current) if set(now) != set(e.after)]
     if moved:
         raise UndoRefused(f"not undoing job {job_id}: bindings changed since it ran, and undo would overwrite "
                           "that:\n  " + "\n  ".join(moved))
@@ -165,7 +166,7 @@ async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Red
     return result
 
 
-async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[list[str]]:
+async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[list[Binding]]:
     commands = [Command("crm.activity.binding.list", {"activityId": e.item}) if e.kind == "activity"
                 else Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": e.item}}) for e in entries]
     results = await client.batch(commands)
@@ -176,17 +177,17 @@ async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[
                               f"{answer.error.description}; nothing was changed")
         rows = answer.result or []
         if entry.kind == "activity":
-            bindings.append([f"{entity_label(int(r['entityTypeId']))} {r['entityId']}" for r in rows])
+            bindings.append([Binding(entity_type=int(r["entityTypeId"]), entity_id=int(r["entityId"])) for r in rows])
         else:
-            bindings.append([f"{str(r['ENTITY_TYPE']).lower()} {r['ENTITY_ID']}" for r in rows])
+            bindings.append([Binding.parse(f"{r['ENTITY_TYPE']} {r['ENTITY_ID']}") for r in rows])
     return bindings
 
 
-def _command(entry: AuditEntry, binding: str, *, bind: bool) -> Command:
-    label, _, number = binding.partition(" ")
-    entity = entity_type_of(label)
+def _command(entry: AuditEntry, binding: Binding, *, bind: bool) -> Command:
     if entry.kind == "activity":
         method = "crm.activity.binding.add" if bind else "crm.activity.binding.delete"
-        return Command(method, {"activityId": entry.item, "entityTypeId": int(entity), "entityId": int(number)})
+        return Command(method, {"activityId": entry.item, "entityTypeId": int(binding.entity_type),
+                                "entityId": binding.entity_id})
     method = "crm.timeline.bindings.bind" if bind else "crm.timeline.bindings.unbind"
-    return Command(method, {"fields": {"OWNER_ID": entry.item, "ENTITY_ID": int(number), "ENTITY_TYPE": label}})
+    return Command(method, {"fields": {"OWNER_ID": entry.item, "ENTITY_ID": binding.entity_id,
+                                       "ENTITY_TYPE": entity_label(binding.entity_type)}})

@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 from arq.constants import job_key_prefix, result_key_prefix
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from redis.asyncio import Redis
 
+from app.rules.facts import Binding
 from app.settings import Settings
 from app.store.namespace import prefixed
 from app.store.replies import awaited
@@ -84,6 +85,13 @@ class JobRecord(BaseModel):
     outcome: str = ""
     attempts: list[Attempt] = []
     requests: int = 0
+
+    @field_validator("plan", "changes")
+    @classmethod
+    def _bindings_as_values(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records written before bindings were values hold them as text ("contact 42"): read them in
+        today's shape, so that every reader, the API's clients too, sees one."""
+        return [_item_as_values(item) if _has_text(item) else item for item in items]
 
     @classmethod
     def for_event(cls, portal: str, event: str, entity_id: int, event_ts: str, handler_id: str = "") -> JobRecord:
@@ -153,6 +161,23 @@ class JobRecord(BaseModel):
                  f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
                  *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
         return [prefixed(name) for name in names]
+
+
+_BINDING_LISTS = ("before", "after", "add", "remove")
+
+
+def _has_text(item: dict[str, Any]) -> bool:
+    return any(isinstance(b, str) for key in (*_BINDING_LISTS, "move") for b in item.get(key) or ())
+
+
+def _item_as_values(item: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, list[Any]] = {key: [Binding.read(b).as_json() for b in item[key]]
+                                    for key in _BINDING_LISTS if key in item}
+    if "move" in item:  # "company 1 -> company 2"
+        values["move"] = [{"from": Binding.parse(m.split(" -> ")[0]).as_json(),
+                           "to": Binding.parse(m.split(" -> ")[1]).as_json()} if isinstance(m, str) else m
+                          for m in item["move"]]
+    return {**item, **values}
 
 
 def reapply_note(rules: list[str]) -> str:
