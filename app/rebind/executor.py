@@ -52,7 +52,8 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
 
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
-    items = [("activity", a.activity_id, a) for a in plan.activities if a.changes and not a.dry_run]
+    items: list[tuple[str, int, ItemPlan]] = [("activity", a.activity_id, a) for a in plan.activities
+                                              if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
     phases = [[step for kind, id_, item in items for step in phase(kind, id_, item)]
@@ -167,23 +168,27 @@ async def _write(client: RestClient, steps: Sequence[Step], failed: dict[tuple[s
             failed.setdefault((kind, id_), []).append(error)
 
 
-async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
-    """Re-read the bindings of the items these steps touch and keep the steps not yet done."""
-    activity_ids = sorted({id_ for kind, id_, _ in steps if kind == "activity"})
-    comment_ids = sorted({id_ for kind, id_, _ in steps if kind == "comment"})
-    reads = ([Command("crm.activity.binding.list", {"activityId": i}) for i in activity_ids]
-             + [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in comment_ids])
-    results = await client.batch(reads)
-    current: dict[tuple[str, int], set[tuple[int, int]]] = {}
-    for command, result in zip(reads, results):
+async def current_bindings(client: RestClient, items: Sequence[tuple[str, int]]) -> list[list[Binding]]:
+    """The bindings each (kind, id) has now, in one batch; a read that fails raises its error."""
+    reads = [Command("crm.activity.binding.list", {"activityId": id_}) if kind == "activity"
+             else Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": id_}}) for kind, id_ in items]
+    current = []
+    for (kind, _), result in zip(items, await client.batch(reads)):
         if result.error:
             raise result.error
-        if command.method == "crm.activity.binding.list":
-            current[("activity", command.params["activityId"])] = {
-                (int(b["entityTypeId"]), int(b["entityId"])) for b in result.result or []}
-        else:
-            current[("comment", command.params["filter"]["OWNER_ID"])] = {
-                (int(TYPE_BY_NAME.get(str(b["ENTITY_TYPE"]).lower(), 0)), int(b["ENTITY_ID"])) for b in result.result or []}
+        rows = result.result or []
+        current.append([Binding(entity_type=int(b["entityTypeId"]), entity_id=int(b["entityId"])) for b in rows]
+                       if kind == "activity" else
+                       [Binding(entity_type=int(TYPE_BY_NAME.get(str(b["ENTITY_TYPE"]).lower(), 0)),
+                                entity_id=int(b["ENTITY_ID"])) for b in rows])
+    return current
+
+
+async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
+    """Re-read the bindings of the items these steps touch and keep the steps not yet done."""
+    items = sorted({(kind, id_) for kind, id_, _ in steps})
+    current = {item: {(int(b.entity_type), b.entity_id) for b in bindings}
+               for item, bindings in zip(items, await current_bindings(client, items))}
     return [step for step in steps if not _done(step, current[(step[0], step[1])])]
 
 

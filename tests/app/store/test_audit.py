@@ -14,9 +14,10 @@ from app.rules.facts import bindings_text
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
 from app.store.audit import AuditLog, UndoRefused, undo_job
-from app.store.jobs import JOB_KEY, JobStore
+from app.store.jobs import JOB_KEY, JobRecord, JobStore
+from app.store.queue import JobQueue
 from app.store.namespace import prefixed
-from tests.conftest import post_event
+from tests.conftest import post_event, rules_with
 
 
 async def undo(job_id: str, redis: Any, rules: Any) -> Any:
@@ -120,3 +121,36 @@ async def test_a_job_recorded_with_bindings_as_text_reads_as_values_and_undoes(
     assert portal.bindings(activity) == [(LEAD, lead), (CONTACT, made["contact"]), (COMPANY, made["company"])]
     [undo_entry, _] = (await (await client.get(f"/api/audit?activity={activity}")).json())["entries"]
     assert undo_entry["after"][0] == {"entity_type": LEAD, "entity_id": lead}
+
+
+async def test_undo_is_refused_when_a_record_to_bind_back_is_deleted(client: Any, worker: Worker, portal: FakePortal,
+                                                                    redis: Any, rules: Any) -> None:
+    """The portal would accept a binding to the deleted lead: undo is a plan the executor checks first."""
+    lead, activities, made, job_id = await convert_with_activities(client, worker, portal)
+    portal.delete_entity(LEAD, lead)
+    before = {a: list(portal.bindings(a)) for a in activities}
+
+    with pytest.raises(UndoRefused, match=f"lead {lead} no longer exist.*nothing was changed"):
+        await undo(job_id, redis, rules)
+
+    assert {a: portal.bindings(a) for a in activities} == before
+    assert await AuditLog(redis, 3600).undone_at(job_id) is None
+
+
+async def test_undo_of_comments_binds_them_back_before_unbinding(make_worker: Any, portal: FakePortal, redis: Any,
+                                                                 portal_config: Any) -> None:
+    rules = rules_with("rules:\n  - name: r\n    on: [ONCRMLEADUPDATE]\n    when: {lead_status: converted}\n"
+                       "    do: [{bind: [lead.contact]}, {unbind: lead}, {timeline_comments: follow}]\n", portal_config)
+    lead = portal.add_lead()
+    comment = portal.add_timeline_comment("lead", lead, "Called, wants 20 chairs")
+    portal.convert_lead(lead)
+    converted = sorted(portal.comment_bindings(comment))
+    record = JobRecord.for_event("acme", "ONCRMLEADUPDATE", lead, "1")
+    await JobQueue(redis, JobStore(redis, 3600)).submit(record)
+    await make_worker(rules=rules).run_check()
+    assert ("lead", lead) in converted and ("lead", lead) not in portal.comment_bindings(comment)
+
+    result = await undo(record.id, redis, rules)
+
+    assert result.errors == [] and [(e.kind, e.item) for e in result.restored] == [("comment", comment)]
+    assert sorted(portal.comment_bindings(comment)) == converted
