@@ -16,6 +16,7 @@ then `event.offline.clear` drops it, so a crash in between leaves the batch to b
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -171,7 +172,8 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
     """`b24rebind reconcile`: one sweep now; running workers do the queued jobs."""
     rules = load_service_rules(settings)
     if portal is not None and portal not in rules.portals:
-        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}")
+        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}",
+              file=sys.stderr)
         return 2
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)
