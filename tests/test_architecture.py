@@ -91,3 +91,10 @@ def test_the_checks_see_the_imports_they_guard() -> None:
     assert "workers.main" in edges[ASSEMBLY]
     assert FAKE_PORTAL + ".portal" in edges["app.demo"]
     assert any(t.startswith("app.") for t in edges["workers.tasks"])
+
+
+def test_code_cites_the_official_docs_not_notes_readers_do_not_have() -> None:
+    files = [p for package in (*PACKAGES, "docs") for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".md")]
+    citing = [str(p.relative_to(ROOT)) for p in [*files, ROOT / "README.md"]
+              if "shared/bitrix24" in p.read_text(encoding="utf-8")]
+    assert citing == [], "cite GitHub bitrix24/b24restdocs by path instead"

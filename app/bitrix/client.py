@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BATCH_LIMIT = 50  # commands per batch call (../shared/bitrix24-protocol.md §5)
+BATCH_LIMIT = 50  # commands per batch call (b24restdocs: settings/how-to-call-rest-api/batch.md)
 PAGE_SIZE = 50
 MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
 JSON_BODY = {"Content-Type": "application/json"}

@@ -48,13 +48,8 @@ class ChangeLog:
         [stored] = await self._read([self._key("applied", activity.id)])
         return stored is not None and stored.decode() == fingerprint(activity.bindings)
 
-    async def record(self, activity_id: int, after: tuple[Binding, ...]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.stage_record(pipe, activity_id, after)
-            await pipe.execute()
-
     def stage_record(self, pipe: Any, activity_id: int, after: Sequence[Binding]) -> None:
-        """`record` as part of a pipeline: a job's last writes reach Redis in one round trip."""
+        """Record a change as part of a pipeline: a job's last writes reach Redis in one round trip."""
         pipe.eval(_RECORD, 2, self._key("applied", activity_id), self._key("changes", activity_id),
                   fingerprint(after), ECHO_SECONDS, CHANGE_WINDOW_SECONDS)
 

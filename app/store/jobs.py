@@ -9,6 +9,7 @@ import base64
 import builtins
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -161,6 +162,15 @@ class JobRecord(BaseModel):
                  f"{INDEX_PREFIX}event:{self.event}", f"{INDEX_PREFIX}trigger:{self.trigger}",
                  *(f"{INDEX_PREFIX}rule:{rule}" for rule in self.rules)]
         return [prefixed(name) for name in names]
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def is_job_id(text: str) -> bool:
+    """Job ids are digests (and `undo` + one): ASCII letters and digits only, never `¹` or `٣`, which
+    str.isalnum() lets through."""
+    return _JOB_ID.fullmatch(text) is not None
 
 
 _BINDING_LISTS = ("before", "after", "add", "remove")

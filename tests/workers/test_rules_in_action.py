@@ -10,7 +10,7 @@ from app.api.web import create_app
 from app.rules.facts import bindings_text
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
-from tests.conftest import post_event, rules_with
+from tests.conftest import post_event, record_changes, rules_with
 
 
 @pytest.fixture
@@ -188,8 +188,7 @@ async def test_the_echo_of_our_own_change_costs_one_read_and_no_write(scenario: 
 
 async def test_an_activity_changed_too_often_is_held_back(scenario: Any, portal: FakePortal, redis: Any) -> None:
     lead, made, activity = converted_lead_with(portal)
-    for _ in range(MAX_CHANGES_PER_WINDOW):
-        await ChangeLog(redis, "acme").record(activity, ())
+    await record_changes(redis, ChangeLog(redis, "acme"), activity, times=MAX_CHANGES_PER_WINDOW)
 
     job = await scenario(rule(), "ONCRMACTIVITYADD", activity)
 

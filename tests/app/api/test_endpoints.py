@@ -6,6 +6,7 @@ import json
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 from unittest import mock
 
 import pytest
@@ -412,3 +413,17 @@ async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: An
     assert [j["id"] for j in listed["jobs"]] == [answer["job_id"]]
     unknown = await admin.post("/api/jobs/nosuchjob/undo")
     assert unknown.status == 404 and "no job 'nosuchjob'" in (await unknown.json())["error"]
+
+
+@pytest.mark.parametrize("job_id", ["\u00b9", "abc\n", "\u0663", "a" * 65])
+async def test_every_job_route_checks_a_job_id_the_same_way(admin: Any, job_id: str) -> None:
+    """"¹" and "٣" are alphanumeric to Python, and a regex's `$` lets a newline through: none is a job id."""
+    client, quoted = admin, quote(job_id, safe="")
+    shown = await client.get(f"/api/jobs/{quoted}")
+    retried = await client.post(f"/api/jobs/{quoted}/retry")
+    undone = await client.post(f"/api/jobs/{quoted}/undo")
+    audit = await client.get(f"/api/audit?job={quote(job_id.strip(), safe='')}")  # query values are stripped
+
+    assert (shown.status, retried.status, undone.status) == (404, 404, 400)
+    assert audit.status == (200 if job_id == "abc\n" else 400)
+    assert "no job" in (await shown.json())["error"] and "no job" in (await retried.json())["error"]
