@@ -12,10 +12,9 @@ from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
-from app.bitrix.budget import BudgetReads, MethodBudget
 from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_client as connect_portal
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
-from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.sharing import SharedBatches
 from app.logs import current_job
@@ -159,11 +158,8 @@ def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool 
     read batches (with the process's other jobs for the same portal)."""
     shared = ctx["shared_batches"].setdefault((portal.name, low_priority), SharedBatches()) \
         if "shared_batches" in ctx else None
-    return RestClient(ctx["http"], portal, ctx["limiter"], retry=ctx["retry_policy"], low_priority=low_priority,
-                      shared=shared,
-                      budget=MethodBudget(ctx["redis"], portal.name, portal.operating_budget,
-                                          ctx.get("budget_reads") or BudgetReads()),
-                      oauth=OAuthSession(ctx["http"], ctx["redis"], portal) if portal.auth == "oauth" else None)
+    return connect_portal(ctx["http"], portal, ctx["redis"], limiter=ctx["limiter"], retry=ctx["retry_policy"],
+                          low_priority=low_priority, budget_reads=ctx.get("budget_reads"), shared=shared)
 
 
 async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,

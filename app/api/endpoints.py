@@ -18,6 +18,7 @@ from app.api.keys import queue_key, redis_key, rules_key, settings_key, store_ke
 from app.api.metrics import setup_metrics
 from app.api.openapi import openapi_document
 from app.api.stream import setup_stream
+from app.bitrix.errors import B24Error
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobRecord, JobState, UnknownJob, is_job_id
 
@@ -116,6 +117,9 @@ async def undo_job_changes(request: web.Request) -> web.Response:
                                        request.app[store_key], days)
     except UndoRefused as exc:
         return web.json_response({"error": str(exc)}, status=409)
+    except B24Error as exc:  # the portal refused us or failed: say so, with what to do, not a 500
+        return web.json_response({"error": f"undo stopped: the portal answered {exc.method}: {exc.code} "
+                                           f"({exc.description}). {exc.hint}".strip()}, status=502)
     log.info("job %s undone by an API call: %d items restored", job_id, len(result.restored))
     record = await request.app[store_key].get(job_id)
     return web.json_response({"state": record.state.value if record else None,

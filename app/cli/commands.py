@@ -10,11 +10,11 @@ from typing import Any
 
 import aiohttp
 import yaml
+from redis.asyncio import Redis
 
 from app import service
-from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_client
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables
@@ -47,13 +47,24 @@ def pick_portal(rules: RuleSet, name: str | None) -> PortalConfig:
     return next(iter(rules.portals.values()))
 
 
+async def redis_for(portal: PortalConfig, settings: Settings, stack: AsyncExitStack) -> Redis | None:
+    """The service's Redis for a tool reading an application's portal (its tokens are kept there); a
+    webhook portal is read without one."""
+    if portal.auth != "oauth":
+        return None
+    redis = await connect(with_redis(settings, stack))
+    stack.push_async_callback(redis.aclose)
+    return redis
+
+
 async def explain_command(settings: Settings, activity: int | None, lead: int | None, portal_name: str | None,
                           event: str | None) -> int:
     """Read the portal (never write) and print which rules match, why others do not, and the plan."""
     rules = load_service_rules(settings)
     portal = pick_portal(rules, portal_name)
-    async with aiohttp.ClientSession() as http:
-        client = RestClient(http, portal, LocalRateLimiter())
+    async with AsyncExitStack() as stack:
+        redis = await redis_for(portal, settings, stack)
+        client = portal_client(await stack.enter_async_context(aiohttp.ClientSession()), portal, redis)
         reader = FactReader(client, rules)
         try:
             if activity is not None:
@@ -185,7 +196,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         store = JobStore.from_settings(redis, settings)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         run = BackfillRun(portal.name, since, only_rule, dry_run)
-        client = RestClient(http, portal, RateLimiter(redis), low_priority=True)
+        client = portal_client(http, portal, redis, low_priority=True)
         job_ids = await queue_backfill(run, client, JobQueue(redis, store), redis)
         print(f"backfill: {len(job_ids)} converted leads since {since} queued on the low-priority queue"
               + (" (dry run: nothing will be written)" if dry_run else ""), flush=True)

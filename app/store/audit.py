@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_client
 from app.bitrix.errors import B24Error, ConfigError, TransientError
-from app.bitrix.ratelimit import RateLimiter
 from app.rebind.executor import TargetsGone, current_bindings, execute
 from app.rules.facts import Binding, bindings_text
 from app.rules.model import RuleSet
@@ -177,7 +177,7 @@ async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Red
     if portal is None:
         raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
     async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
-        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
+        result = await undo_job(job_id, log, portal_client(http, portal, redis))
     if not result.errors:
         record.mark_undone(len(result.restored))
         await store.save(record)
