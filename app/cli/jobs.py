@@ -32,7 +32,7 @@ from app.store.queue import JobQueue, connect
 from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
-FILTERS = ("state", "portal", "rule", "event", "entity", "trigger", "since", "until")
+FILTERS = ("state", "portal", "rule", "event", "entity", "lead", "trigger", "since", "until")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -74,6 +74,7 @@ FILTER_HELP = {
     "rule": "jobs in which this rule matched",
     "event": "an event name, e.g. ONCRMLEADUPDATE",
     "entity": "the event's entity id: an activity or lead id",
+    "lead": "jobs about this lead: its own events and its activities'",
     "trigger": "what queued the job: webhook, backfill, reconcile or retry",
     "since": "received since: 2026-01-31, 2026-01-31T12:00 or Unix seconds",
     "until": "received until, in the same forms as --since",

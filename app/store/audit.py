@@ -21,7 +21,7 @@ from app.rebind.executor import TargetsGone, current_bindings, execute
 from app.rules.facts import Binding, bindings_text
 from app.rules.model import RuleSet
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
-from app.store.jobs import JobRecord, JobStore, UnknownJob
+from app.store.jobs import JobRecord, JobState, JobStore, UnknownJob
 from app.store.namespace import prefixed
 from app.store.replies import awaited
 
@@ -111,16 +111,18 @@ class UndoResult:
     errors: list[str] = field(default_factory=list)
 
 
-async def undo_job(job_id: str, log: AuditLog, client: RestClient) -> UndoResult:
+async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: float | None = None) -> UndoResult:
     """Restore the bindings a job changed, all or nothing: if any item changed since, raise UndoRefused.
+    A job retried after an undo (it `finished_at` later) may be undone again: what it changed since.
 
     The undo is a plan like any other, made from the audit log (each item back from the job's `after`
     to its `before`) and carried out by the executor: binds first, unbinds last, so an item never loses
     its last binding on the way back either, and a record to restore that no longer exists stops it
     before any write."""
-    if (when := await log.undone_at(job_id)) is not None:
+    when = await log.undone_at(job_id)
+    if when is not None and (finished_at is None or finished_at <= when):
         raise UndoRefused(f"job {job_id} was undone already, at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}")
-    entries = [e for e in await log.for_job(job_id) if e.undo_of is None]
+    entries = [e for e in await log.for_job(job_id) if e.undo_of is None and e.time > (when or 0)]
     if not entries:
         raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
     try:
@@ -177,7 +179,8 @@ async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Red
     if portal is None:
         raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
     async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
-        result = await undo_job(job_id, log, portal_client(http, portal, redis))
+        result = await undo_job(job_id, log, portal_client(http, portal, redis),
+                                None if record.state == JobState.UNDONE else record.finished_at)
     if not result.errors:
         record.mark_undone(len(result.restored))
         await store.save(record)

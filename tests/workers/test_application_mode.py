@@ -7,7 +7,6 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from app.api.web import create_app
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
@@ -15,6 +14,7 @@ from app.config import LiveRules
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
+from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
 from workers.reconcile import sweep_all
 

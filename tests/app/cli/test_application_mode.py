@@ -9,12 +9,12 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from app.api.web import create_app
 from app.cli.commands import backfill_command, explain_command
 from app.config import load_service_rules
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.namespace import prefixed
+from app.web import create_app
 from tests.conftest import API_TOKEN, DEFAULT_RULES, DOMAIN, post_event
 from tests.workers.test_application_mode import install
 

@@ -156,3 +156,13 @@ async def test_a_backfill_ends_with_its_bar_full_and_a_summary(tmp_path: Path, p
     assert "dry run: would re-bind 3 activities (nothing was written;" in out
     status, out, _ = await b24rebind("jobs", "list", "--state", "undone", cwd=tmp_path, env={"REDIS_URL": redis_url})
     assert status == 0 and out.strip() == "no jobs match these filters"
+
+
+async def test_the_redis_password_never_reaches_the_message(tmp_path: Path) -> None:
+    port = closed_port()
+
+    status, out, err = await b24rebind("jobs", "list", cwd=tmp_path,
+                                       env={"REDIS_URL": f"redis://:s3cretpassw0rd@127.0.0.1:{port}/0"})
+
+    assert status == Exit.REDIS_DOWN and f"127.0.0.1:{port}" in one_line(err)
+    assert "s3cretpassw0rd" not in out + err

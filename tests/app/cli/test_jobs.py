@@ -91,6 +91,14 @@ async def test_retry_failed_jobs_then_undo_one(client: Any, make_worker: Any, po
     status, _, err = await command("undo", answer["job_id"], capsys=capsys)
     assert status == 1 and "undone already" in err
 
+    # Retried after the undo, the job applies its rule again, and can be undone again.
+    status, _, _ = await command("jobs", "retry", answer["job_id"], capsys=capsys)
+    await make_worker().run_check()
+    assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    status, out, err = await command("undo", answer["job_id"], capsys=capsys)
+    assert status == 0 and f"activity {activity}: restored [lead {lead}]" in out, err
+    assert portal.bindings(activity) == [(LEAD, lead)]
+
 
 async def test_attempts_are_numbered_across_retries_by_hand(client: Any, make_worker: Any, portal: FakePortal,
                                                             command: Any, capsys: Any) -> None:

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.api.web import create_app
 from app.bitrix.portal import PortalConfig
 from app.logs import QuietBadRequests
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, event_form, post_event, rules_with
 
 FORM = "application/x-www-form-urlencoded"

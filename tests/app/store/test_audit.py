@@ -10,13 +10,13 @@ from arq import Worker
 
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
-from app.rules.facts import bindings_text
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rules.facts import bindings_text
 from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
 from app.store.audit import AuditLog, UndoRefused, undo_job
 from app.store.jobs import JOB_KEY, JobRecord, JobStore
-from app.store.queue import JobQueue
 from app.store.namespace import prefixed
+from app.store.queue import JobQueue
 from tests.conftest import post_event, rules_with
 
 
