@@ -52,14 +52,14 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx.setdefault("retry_policy", RetryPolicy())
     # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
     ctx.setdefault("budget_reads", BudgetReads())
-    ctx.setdefault("shared_batches", {})  # (portal, low priority) -> SharedBatches
+    ctx.setdefault("portal_sessions", {})  # portal name -> PortalSession, the one sender of its requests
     ctx.setdefault("joined_reads", JoinedReads(ctx["redis"]))
     ctx.setdefault("retry_delays", RETRY_DELAYS)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for shared in ctx.get("shared_batches", {}).values():
-        await shared.close()
+    for session in [*ctx.get("portal_sessions", {}).values(), *ctx.get("retired_sessions", [])]:
+        await session.close()
     if "joined_reads" in ctx:
         await ctx["joined_reads"].close()
     if "http" in ctx:  # not there when the worker stops before it started (waiting for Redis, say)

@@ -152,6 +152,8 @@ async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> li
                 done.append(await sweep(client, queue, ctx["redis"]))
         except B24Error as exc:
             log.error("reconcile %s failed: %s", name, exc)
+        finally:
+            client.close()
     return done
 
 

@@ -13,10 +13,10 @@ from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
 from app.bitrix.client import RestClient
-from app.bitrix.connect import portal_client as connect_portal
+from app.bitrix.connect import portal_session as connect_session
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.bitrix.portal import PortalConfig
-from app.bitrix.sharing import SharedBatches
+from app.bitrix.session import PortalSession
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
@@ -124,6 +124,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
             "code": "INTERNAL_ERROR", "description": type(exc).__name__,
             "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
     finally:
+        client.close()
         record.requests += client.requests
         await running.settle()
         await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
@@ -154,12 +155,21 @@ async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClie
 
 
 def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool = False) -> RestClient:
-    """A RestClient for one job, sharing the worker's session, rate limit, time budgets, tokens and
-    read batches (with the process's other jobs for the same portal)."""
-    shared = ctx["shared_batches"].setdefault((portal.name, low_priority), SharedBatches()) \
-        if "shared_batches" in ctx else None
-    return connect_portal(ctx["http"], portal, ctx["redis"], limiter=ctx["limiter"], retry=ctx["retry_policy"],
-                          low_priority=low_priority, budget_reads=ctx.get("budget_reads"), shared=shared)
+    """A job's RestClient on the portal's one session in this process (its HTTP session, rate limit,
+    time budgets, tokens and shared batches); the job closes it when it ends."""
+    return RestClient.joining(portal_session(ctx, portal), low_priority=low_priority)
+
+
+def portal_session(ctx: dict[str, Any], portal: PortalConfig) -> PortalSession:
+    sessions: dict[str, PortalSession] = ctx.setdefault("portal_sessions", {})
+    session = sessions.get(portal.name)
+    if session is None or (session.portal is not portal and session.portal != portal):
+        if session is not None:  # the rules file changed the portal: new jobs get a new session
+            ctx.setdefault("retired_sessions", []).append(session)
+        session = sessions[portal.name] = connect_session(ctx["http"], portal, ctx["redis"], limiter=ctx["limiter"],
+                                                          retry=ctx["retry_policy"],
+                                                          budget_reads=ctx.get("budget_reads"))
+    return session
 
 
 async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,

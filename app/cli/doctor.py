@@ -204,7 +204,8 @@ async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str
     async with AsyncExitStack() as stack:
         redis = await redis_for(portal, settings, stack)
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        mode = await read_mode(portal_client(http, portal, redis, retry=RetryPolicy(attempts=2, base=0.5), timeout=20))  # a refusal or no answer: the command's edge says what to do
+        client = portal_client(http, portal, redis, retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
+        mode = await read_mode(client)  # a refusal or no answer: the command's edge says what to do
     warning = simple_mode_warning(rules, portal_name, mode)
     if warning:
         print(f"b24rebind: {warning}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Key reads of a worker's concurrent jobs, sent to Redis as one MGET.
 
-Jobs that shared a call to their portal (`app/bitrix/sharing.py`) get its answer in the same turn of
+Jobs that shared a call to their portal (`app/bitrix/session.py`) get its answer in the same turn of
 the event loop, and most go straight on to the loop guard, which reads a counter per activity. Each
 job reading its own would cost it a round trip (about 6 % of a short job's CPU); read together, the
 jobs resumed in one turn of the loop share one.
