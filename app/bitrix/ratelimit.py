@@ -1,7 +1,7 @@
 """One request budget per portal, kept in Redis so every process of an installation shares it.
 
 A portal allows about 2 requests a second with a burst of 50, counted per portal and source
-address (../shared/bitrix24-protocol.md §6). The bucket here mirrors the portal's own leaky bucket,
+address (official docs, GitHub bitrix24/b24restdocs: settings/performance/limits.md). The bucket here mirrors the portal's own leaky bucket,
 so callers wait before the portal would refuse them.
 """
 from __future__ import annotations

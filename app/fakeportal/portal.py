@@ -1,8 +1,8 @@
 """An in-memory Bitrix24 portal served over real HTTP, for the test suite and the `demo` mode.
 
 `FakePortal` answers the inbound-webhook URL form ``/rest/{user_id}/{code}/{method}[.json]`` with
-the same envelopes, HTTP statuses and error codes as the cloud portal (see
-``/work/shared/bitrix24-protocol.md``), for the small set of CRM methods the service uses:
+the same envelopes, HTTP statuses and error codes as the cloud portal (the official docs: GitHub
+``bitrix24/b24restdocs``, ``error-codes.md`` and the methods' pages under ``api-reference/crm/``), for the small set of CRM methods the service uses:
 activity bindings, activity/lead/contact/company/deal reads and lists, timeline comments and their
 bindings, duplicate search and ``batch``. It also enforces the portal-wide leaky-bucket request
 limit and lets a test inject failures (5xx, ``QUERY_LIMIT_EXCEEDED``, HTML error pages).

@@ -24,7 +24,7 @@ CHILD_GETTERS = {
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
 # crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
 FINDBYCOMM_VALUES = 20
-TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
+TYPE_NAMES: dict[EntityType | int, str] = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
               EntityType.COMPANY: "company"}
 TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
 
@@ -230,7 +230,7 @@ def _clients(activities: tuple[Activity, ...], commands: list[Command],
              results: list[CommandResult]) -> tuple[dict[int, Client], dict[int, Client], dict[int, Client]]:
     contacts: dict[int, Client] = {}
     deals: dict[int, Client] = {}
-    found: dict[tuple[str, str], dict[str, list[int]]] = {}
+    found: dict[tuple[str, tuple[str, ...]], dict[str, list[int]]] = {}
     for command, result in zip(commands, results):
         if not result.ok:
             continue

@@ -10,7 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.fakeportal.portal import LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.joined_reads import JoinedReads
-from tests.conftest import post_event
+from tests.conftest import post_event, record_changes
 
 
 async def test_reads_made_in_one_turn_of_the_loop_share_one_mget(redis: Any) -> None:
@@ -74,9 +74,8 @@ async def test_a_stopping_worker_leaves_no_job_waiting_for_a_read(redis: Any) ->
 async def test_the_loop_guard_reads_through_the_joined_reads(redis: Any) -> None:
     reads = JoinedReads(redis)
     changes = ChangeLog(redis, "acme", reads)
-    for _ in range(MAX_CHANGES_PER_WINDOW):
-        await changes.record(7, ())
-    await changes.record(8, ())
+    await record_changes(redis, changes, 7, times=MAX_CHANGES_PER_WINDOW)
+    await record_changes(redis, changes, 8)
 
     looping = await asyncio.gather(changes.looping([7, 8]), changes.looping([8, 9]))
 
