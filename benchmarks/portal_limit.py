@@ -182,7 +182,7 @@ async def run(name: str, workers: int, fail: float) -> dict[str, Any]:
     figures = {"requests": portal.request_count, "floor": FLOORS[name], "wall": wall,
                "limit": limit_seconds(portal.request_count), "qle": portal.refused_for_rate,
                "right": scene.right(), "activities": len(scene.expected), **probe,
-               "sizes": [r.n_commands for r in portal.requests]}
+               "sizes": [r.n_commands for r in portal.requests], "methods": dict(portal.method_calls)}
     await redis.aclose()
     await portal.close()
     return figures
@@ -212,6 +212,7 @@ def report(name: str, workers: int, fail: float, f: dict[str, Any]) -> None:
     print(f"  activities right     {f['right']:>6} of {f['activities']}")
     if os.environ.get("BENCH_SHOW_SIZES"):
         print(f"  commands per request {f['sizes']}")
+        print(f"  commands by method   {f['methods']}")
     if "live_event_seconds" in f:
         print(f"  live e-mail during the backfill right after {f['live_event_seconds']:.1f} s")
 

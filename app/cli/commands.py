@@ -18,7 +18,7 @@ from app.bitrix.portal import PortalConfig
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables
-from app.rebind.facts import FactReader, Gone
+from app.rebind.facts import LEAD_LISTS, FactReader, Gone
 from app.rules.engine import explain, plan
 from app.rules.facts import Activity, Binding, Client, Facts, Lead, bindings_text
 from app.rules.loader import RulesError, load_rules
@@ -65,7 +65,7 @@ async def explain_command(settings: Settings, activity: int | None, lead: int | 
     async with AsyncExitStack() as stack:
         redis = await redis_for(portal, settings, stack)
         client = portal_client(await stack.enter_async_context(aiohttp.ClientSession()), portal, redis)
-        reader = FactReader(client, rules)
+        reader = FactReader(client, rules, lead_lists=LEAD_LISTS)
         try:
             if activity is not None:
                 facts = await reader.for_activity(event or "ONCRMACTIVITYADD", activity)

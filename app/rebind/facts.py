@@ -26,6 +26,8 @@ ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESP
 FINDBYCOMM_VALUES = 20
 TYPE_NAMES: dict[EntityType | int, str] = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
               EntityType.COMPANY: "company"}
+# What a conversion makes from a lead, read by LEAD_ID (the lead's own fields name only one of each).
+LEAD_LISTS = ("contact", "company", "deal")
 TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
 
 
@@ -45,11 +47,15 @@ class FactReader:
     """Reads facts for one job through a RestClient, with as few requests as the API allows."""
 
     def __init__(self, client: RestClient, rules: RuleSet,
-                 is_echo: Callable[[Activity], Awaitable[bool]] | None = None) -> None:
+                 is_echo: Callable[[Activity], Awaitable[bool]] | None = None,
+                 lead_lists: Sequence[str] | None = None) -> None:
         self._client = client
         self._rules = rules
         self._needs = rules.needs()
         self._is_echo = is_echo
+        # What a lead became is read only where a rule binds or moves to it (`lead.contact`...);
+        # `explain` asks for every list, to show it.
+        self._made = tuple(lead_lists) if lead_lists is not None else made_from_lead(rules)
 
     async def lead_behind(self, event: str, entity_id: int) -> int | None:
         """The lead an event's work is about: the lead itself, or the lead a contact/company/deal came from."""
@@ -98,10 +104,11 @@ class FactReader:
         if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
             raise Echo("the activity is as this service left it: the event echoes our own change")
         lead_ids = facts.bound_to(EntityType.LEAD)
-        commands = [c for lead_id in lead_ids for c in _lead_commands(lead_id)]
+        commands = [c for lead_id in lead_ids for c in _lead_commands(lead_id, self._made)]
         extras = self._extra_commands([facts])
         results = await self._client.batch(commands + extras) if commands or extras else []
-        leads = {lead.id: lead for lead in (_lead(results[i:i + 4]) for i in range(0, len(commands), 4)
+        n = 1 + len(self._made)
+        leads = {lead.id: lead for lead in (_lead(results[i:i + n], self._made) for i in range(0, len(commands), n)
                                             if results[i].ok)}
         return self._facts(event, (facts,), leads, results[len(commands):], extras)
 
@@ -109,18 +116,18 @@ class FactReader:
         # One batch reads the lead, what it became, and the first page of its activities with their
         # count; knowing the count, every other page goes at once (count-known paging).
         query = counted_page(_bound_to_lead(lead_id), self._activity_fields())
-        results = await self._client.batch([*_lead_commands(lead_id), Command("crm.activity.list", query)])
+        results = await self._client.batch([*_lead_commands(lead_id, self._made), Command("crm.activity.list", query)])
         _raise_gone(results[0])
-        lead = _lead(results[:4])
+        lead = _lead(results[:-1], self._made)
         if not self._rules_may_apply(event, lead):
             return self._facts(event, leads={lead.id: lead})
-        first = _checked(results[4])
+        first = _checked(results[-1])
         if self._planned_from_the_lead_alone(event):
             # A sample of the bindings, read with the other pages, tells whether the portal attached
             # the activities to the new records itself (then reading them all saves the adds) or not
             # (then adding blind saves the reads: 'already bound' counts as done).
             sample = first[:BINDINGS_SAMPLE]
-            rows, sampled = await asyncio.gather(self._all_pages("crm.activity.list", query, results[4]),
+            rows, sampled = await asyncio.gather(self._all_pages("crm.activity.list", query, results[-1]),
                                                  self._client.batch(_binding_reads(sample)))
             if all(r.ok and _bound_to_lead_only(r.result, lead_id) for r in sampled):
                 known = {int(row["ID"]): r.result for row, r in zip(sample, sampled)}
@@ -130,7 +137,7 @@ class FactReader:
             rest = rows[len(sample):]
             bindings = [*sampled, *await self._client.batch(_binding_reads(rest))]
         else:
-            rows = await self._all_pages("crm.activity.list", query, results[4])
+            rows = await self._all_pages("crm.activity.list", query, results[-1])
             bindings = await self._client.batch(_binding_reads(rows))
         activities = [_activity(row, result.result) for row, result in zip(rows, bindings) if result.ok]
         return await self._with_extras(event, activities, lead)
@@ -259,10 +266,16 @@ def _comm_chunks(activity: Activity) -> list[tuple[str, tuple[str, ...]]]:
             for i in range(0, len(values), FINDBYCOMM_VALUES)]
 
 
-def _lead_commands(lead_id: int) -> list[Command]:
+def made_from_lead(rules: RuleSet) -> tuple[str, ...]:
+    """The kinds of record a lead became (`contact`, `company`, `deal`) that a rule binds or moves to."""
+    named = {t.split(".")[1] for rule in rules.rules for t in rule.targets()
+             if isinstance(t, str) and t.startswith("lead.")}
+    return tuple(kind for kind in LEAD_LISTS if kind in named)
+
+
+def _lead_commands(lead_id: int, made: Sequence[str] = LEAD_LISTS) -> list[Command]:
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
-    return [Command("crm.lead.get", {"id": lead_id}), Command("crm.contact.list", by_lead),
-            Command("crm.company.list", by_lead), Command("crm.deal.list", by_lead)]
+    return [Command("crm.lead.get", {"id": lead_id}), *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
 
 
 def _asks_fields(when: Any) -> bool:
@@ -289,9 +302,11 @@ def _bound_to_lead(lead_id: int) -> dict[str, Any]:
     return {"BINDINGS": [{"OWNER_TYPE_ID": int(EntityType.LEAD), "OWNER_ID": lead_id}]}
 
 
-def _lead(results: list[CommandResult]) -> Lead:
+def _lead(results: list[CommandResult], made: Sequence[str] = LEAD_LISTS) -> Lead:
+    """The lead and what it became; a list not read (no rule names it) is left empty, or the lead's field."""
     fields = results[0].result
-    contacts, companies, deals = (tuple(_id(row.get("ID")) for row in _checked(r)) for r in results[1:4])
+    lists = {kind: tuple(_id(row.get("ID")) for row in _checked(r)) for kind, r in zip(made, results[1:])}
+    contacts, companies, deals = (lists.get(kind, ()) for kind in LEAD_LISTS)
     return Lead(id=_id(fields.get("ID")), status_id=str(fields.get("STATUS_ID") or ""),
                 status_semantic=str(fields.get("STATUS_SEMANTIC_ID") or ""),
                 contact_ids=contacts or _ids(fields.get("CONTACT_ID")),
