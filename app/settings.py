@@ -60,9 +60,10 @@ class Settings(BaseSettings):
         description="Addresses (or networks) allowed to post events; empty allows any.",
     )
     worker_jobs: int = Field(
-        default=40, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
-        description="Jobs one worker process runs at once; they mostly wait for the portal, so a few dozen "
-                    "cost little, and concurrent jobs share their calls to a portal.",
+        default=100, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
+        description="Jobs one worker process runs at once; they mostly wait for the portal, so a hundred "
+                    "cost little, and concurrent jobs share their calls to a portal (the more of them wait "
+                    "together, the fuller each batch: fewer requests of the portal's budget).",
     )
     reconcile_interval: float = Field(
         default=900, ge=0, validation_alias=_env("B24_RECONCILE_INTERVAL"),

@@ -44,9 +44,9 @@ from app.settings import Settings
 from app.store.jobs import JobRecord, JobStore
 from app.store.queue import BACKFILL_QUEUE, JobQueue, connect
 from benchmarks.common import RULES
-from workers.main import build_worker, shutdown
+from workers.main import BACKFILL_JOBS, build_worker, shutdown
 
-REDIS_URL = os.environ.get("BENCH_LIMIT_REDIS_URL", "redis://127.0.0.1:6379/13")
+REDIS_URL = os.environ.get("BENCH_LIMIT_REDIS_URL", "redis://127.0.0.1:6379/13")  # flushed by every run
 PER_SECOND, BURST = 2.0, 50
 LIVE_PROBE_AT = 5.0  # seconds into the backfill
 
@@ -162,7 +162,7 @@ async def run(name: str, workers: int, fail: float) -> dict[str, Any]:
             live = [build_worker(settings, rules, redis, poll_delay=0.05, handle_signals=False, ctx=shared)
                     for shared in processes]
             history = [build_worker(settings, rules, redis, burst=True, poll_delay=0.05, handle_signals=False,
-                                    queue_name=BACKFILL_QUEUE, max_jobs=20, ctx=shared) for shared in processes]
+                                    queue_name=BACKFILL_QUEUE, max_jobs=BACKFILL_JOBS, ctx=shared) for shared in processes]
             live_runs = [asyncio.create_task(worker.async_run()) for worker in live]
             probing = asyncio.create_task(_live_probe(scene, queue, started, probe))
             await asyncio.gather(*(worker.async_run() for worker in history))
