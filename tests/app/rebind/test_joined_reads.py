@@ -10,6 +10,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app.fakeportal.portal import LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.joined_reads import JoinedReads
+from workers.context import context_of
 from tests.conftest import post_event
 
 
@@ -94,4 +95,4 @@ async def test_a_busy_worker_reads_its_jobs_loop_guards_together(client: Any, ma
 
     assert await worker.run_check() == 12
 
-    assert 1 <= worker.ctx["joined_reads"].mgets < 12
+    assert 1 <= context_of(worker.ctx).joined_reads.mgets < 12  # type: ignore[union-attr]

@@ -1,0 +1,71 @@
+"""What a worker's jobs share, made once at startup: one typed object under one key of arq's `ctx`.
+
+arq hands each job a shallow copy of the worker's `ctx` dict, so what jobs share must exist before the
+first job starts; arq's own per-job entries (`job_id`, `job_try`) stay where arq puts them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+from arq.connections import ArqRedis
+
+from app.bitrix.budget import BudgetReads
+from app.bitrix.client import RetryPolicy
+from app.bitrix.ratelimit import RateLimiter
+from app.bitrix.sharing import SharedBatches
+from app.config import LiveRules
+from app.rebind.joined_reads import JoinedReads
+from app.settings import Settings
+from app.store.jobs import JobStore
+
+CONTEXT = "b24rebind"  # the one key of arq's ctx the worker uses
+
+# Seconds before each retry of a job that failed for a passing reason (5xx, timeouts, limits).
+RETRY_DELAYS = (5.0, 15.0, 60.0, 300.0, 900.0)
+# A job reads a lead's activities and writes their bindings; even a 10,000-activity lead stays well
+# inside ten minutes at the portal's rate. Past this the job stops, records why and runs again later.
+JOB_TIMEOUT = 600
+
+
+def new_http_session() -> aiohttp.ClientSession:
+    # A portal's REST API sets no cookies worth keeping; the default jar would filter every request.
+    return aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"}, cookie_jar=aiohttp.DummyCookieJar())
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    rules: LiveRules
+    redis: ArqRedis
+    http: aiohttp.ClientSession
+    limiter: RateLimiter
+    store: JobStore
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_delays: tuple[float, ...] = RETRY_DELAYS
+    job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
+    budget_reads: BudgetReads = field(default_factory=BudgetReads)
+    # (portal, low priority) -> the reads the process's concurrent jobs share
+    shared_batches: dict[tuple[str, bool], SharedBatches] = field(default_factory=dict)
+    joined_reads: JoinedReads | None = None
+
+    @classmethod
+    def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:
+        """The context of a worker (or a command doing a worker's work) on `redis`; options override
+        the defaults (tests use faster retries)."""
+        return cls(settings=settings, rules=rules, redis=redis, http=options.pop("http", None) or new_http_session(),
+                   limiter=RateLimiter(redis), store=JobStore.from_settings(redis, settings),
+                   joined_reads=JoinedReads(redis), **options)
+
+    async def close(self) -> None:
+        for shared in self.shared_batches.values():
+            await shared.close()
+        if self.joined_reads is not None:
+            await self.joined_reads.close()
+        await self.http.close()
+
+
+def context_of(ctx: dict[str, Any]) -> WorkerContext:
+    """The worker's context in arq's `ctx` (a job's copy or the worker's own)."""
+    return cast(WorkerContext, ctx[CONTEXT])
