@@ -16,7 +16,6 @@ from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.bitrix.sharing import SharedBatches
 from app.config import LiveRules
-from app.rebind.joined_reads import JoinedReads
 from app.settings import Settings
 from app.store.jobs import JobStore
 
@@ -48,21 +47,17 @@ class WorkerContext:
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
     # (portal, low priority) -> the reads the process's concurrent jobs share
     shared_batches: dict[tuple[str, bool], SharedBatches] = field(default_factory=dict)
-    joined_reads: JoinedReads | None = None
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:
         """The context of a worker (or a command doing a worker's work) on `redis`; options override
         the defaults (tests use faster retries)."""
         return cls(settings=settings, rules=rules, redis=redis, http=options.pop("http", None) or new_http_session(),
-                   limiter=RateLimiter(redis), store=JobStore.from_settings(redis, settings),
-                   joined_reads=JoinedReads(redis), **options)
+                   limiter=RateLimiter(redis), store=JobStore.from_settings(redis, settings), **options)
 
     async def close(self) -> None:
         for shared in self.shared_batches.values():
             await shared.close()
-        if self.joined_reads is not None:
-            await self.joined_reads.close()
         await self.http.close()
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable
@@ -40,31 +39,6 @@ T = TypeVar("T")
 
 LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
 AFTER_REDIS_FAILED = 5.0  # seconds before a job Redis failed runs again (and finds done what it did)
-# Most jobs end within milliseconds: a job is shown running only once it has run this long, which
-# saves each short job a record write nobody could have seen.
-SHOW_RUNNING_AFTER = 0.5
-
-
-class RunningMark:
-    """Saves a job's record as running once the job has run SHOW_RUNNING_AFTER seconds."""
-
-    def __init__(self, store: JobStore, record: JobRecord) -> None:
-        self._sending = False
-        self._task = asyncio.create_task(self._mark(store, record))
-
-    async def _mark(self, store: JobStore, record: JobRecord) -> None:
-        await asyncio.sleep(SHOW_RUNNING_AFTER)
-        self._sending = True
-        await store.save(record)
-
-    async def settle(self) -> None:
-        """Before the final save: a mark on its way must land first, or it would overwrite the end."""
-        if not self._sending:
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-            await self._task
-
-
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     context = context_of(ctx)
     store = context.store
@@ -82,8 +56,8 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     client = portal_client(context, portal, low_priority=record.trigger == "backfill")
     delays = context.retry_delays
     earlier_changes = record.changes
-    changes = ChangeLog(context.redis, portal.name, context.joined_reads)
-    running = RunningMark(store, record)
+    changes = ChangeLog(context.redis, portal.name)
+    await _or_later(store.save(record))  # shown running
     lock = LeadLock(context.redis, portal.name, ttl=JOB_TIMEOUT)
     deadline = asyncio.timeout(context.job_timeout)
     try:
@@ -126,7 +100,6 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
         _crashed(record, delays, exc)
     finally:
         record.requests += client.requests
-        await running.settle()
         await _or_later(_save_attempt(context, record, client, changes, lock,
                                      applied=record.changes is not earlier_changes))
         _log_end(record, client.requests)

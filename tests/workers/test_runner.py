@@ -251,10 +251,10 @@ async def test_a_job_whose_last_save_fails_goes_back_in_the_queue_not_away(
     await redis.zadd(LIVE_QUEUE, {job_id: 1})  # no need to wait the delay out (arq takes a score of 0 for none)
     await worker.run_check()
     record = await JobStore(redis, 3600).get(job_id)
-    # The first run's changes stand (the activity left the lead); the second run, counted as the job's
-    # second try, finds nothing left to do.
+    # The first run's changes stand (the activity left the lead) though its end was never saved; the
+    # second run, counted as the job's second try, finds nothing left to do.
     assert record is not None and record.state.value == "skipped"
-    assert [attempt.number for attempt in record.attempts] == [2]
+    assert [(attempt.number, attempt.outcome) for attempt in record.attempts] == [(1, "interrupted"), (2, "skipped")]
 
 
 async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
@@ -327,7 +327,7 @@ async def test_an_attempt_cut_off_by_a_killed_worker_is_recorded_as_interrupted(
     store = JobStore(redis, 3600)
     record = await store.get(job_id)
     assert record is not None
-    record.begin_attempt(1)  # saved as running (the job ran past SHOW_RUNNING_AFTER), then the worker died
+    record.begin_attempt(1)  # saved as running, then the worker died
     await store.save(record)
 
     await make_worker().run_check()
