@@ -13,6 +13,7 @@ from dotenv import dotenv_values
 from app.rules.loader import RulesError, load_rules, parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class LiveRules:
             log.error("rules not reloaded: %s", self.error)
             return False
         self.error = None
-        log.info("rules reloaded: %d rules, %d portals", len(self.current.rules), len(self.current.portals))
+        log.info("rules reloaded: %s, %s", plural(len(self.current.rules), "rule"),
+                 plural(len(self.current.portals), "portal"))
         return True
 
     async def watch(self, interval: float = 2.0) -> None:

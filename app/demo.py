@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from pydantic import SecretStr
 
 from app.bitrix.portal import PortalConfig, RateLimit
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, FakePortal
@@ -80,8 +81,8 @@ def announce(fake: FakePortal, base_url: str, story: bool = False, keep: bool = 
 
 
 def demo_portal_config(portal: FakePortal) -> PortalConfig:
-    return PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=portal.rest_url,
-                        application_token=DEMO_APP_TOKEN, rate_limit=RateLimit(per_second=2, burst=50))
+    return PortalConfig(name="demo", domain=DEMO_DOMAIN, rest_url=SecretStr(portal.rest_url),
+                        application_token=SecretStr(DEMO_APP_TOKEN), rate_limit=RateLimit(per_second=2, burst=50))
 
 
 def with_demo_portal(rules: RuleSet, config: PortalConfig) -> RuleSet:
@@ -125,7 +126,8 @@ class Stage:
 
     async def send_events(self, since: int) -> list[JobRecord | None]:
         """Post what the portal recorded since `since`, in its order, and wait for the jobs."""
-        job_ids, sent = [], []
+        job_ids: list[str] = []
+        sent: list[tuple[str, list[int]]] = []
         async with aiohttp.ClientSession() as http:
             for event, entity_id in self.fake.events[since:]:
                 async with http.post(self.events_url, data=event_body(self.config, event, entity_id,

@@ -12,7 +12,6 @@ from arq import Worker
 from arq.connections import ArqRedis
 
 from app import demo, logs, loop
-from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
 from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
@@ -21,6 +20,7 @@ from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
+from app.web import create_app
 from workers.main import build_worker
 from workers.reconcile import reconcile_command
 

@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from app.api.web import create_app
 from app.store.jobs import JOB_KEY, JobRecord, JobState, JobStore
 from app.store.queue import connect
+from app.web import create_app
 from benchmarks.common import REDIS_URL, bench_rules, bench_settings, flush_bench_db, free_port
 
 PAGE = 50

@@ -16,7 +16,6 @@ from arq import Worker
 from arq.connections import ArqRedis
 from pydantic import SecretStr
 
-from app.api.web import create_app
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.fakeportal.portal import FakePortal
@@ -25,6 +24,7 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
 from app.store.queue import LIVE_QUEUE, connect
+from app.web import create_app
 from workers.context import CONTEXT
 from workers.main import build_worker, shutdown
 

@@ -32,13 +32,13 @@ from arq import Worker
 from arq.connections import ArqRedis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import feed_channel
 from app.store.queue import connect, redis_settings
+from app.web import create_app
 from tests.chaos.processes import ROOT, write_rules
 from tests.conftest import WEBHOOK_CODE, event_form, post_event
 from workers.main import build_worker, shutdown

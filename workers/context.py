@@ -14,7 +14,7 @@ from arq.connections import ArqRedis
 from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
-from app.bitrix.sharing import SharedBatches
+from app.bitrix.session import PortalSession
 from app.config import LiveRules
 from app.settings import Settings
 from app.store.jobs import JobStore
@@ -45,8 +45,9 @@ class WorkerContext:
     retry_delays: tuple[float, ...] = RETRY_DELAYS
     job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
-    # (portal, low priority) -> the reads the process's concurrent jobs share
-    shared_batches: dict[tuple[str, bool], SharedBatches] = field(default_factory=dict)
+    # portal name -> the one sender of its requests in this process
+    portal_sessions: dict[str, PortalSession] = field(default_factory=dict)
+    retired_sessions: list[PortalSession] = field(default_factory=list)  # of portals the rules file changed
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:
@@ -56,8 +57,8 @@ class WorkerContext:
                    limiter=RateLimiter(redis), store=JobStore.from_settings(redis, settings), **options)
 
     async def close(self) -> None:
-        for shared in self.shared_batches.values():
-            await shared.close()
+        for session in [*self.portal_sessions.values(), *self.retired_sessions]:
+            await session.close()
         await self.http.close()
 
 

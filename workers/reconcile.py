@@ -16,6 +16,7 @@ then `event.offline.clear` drops it, so a crash in between leaves the batch to b
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -152,6 +153,8 @@ async def sweep_all(context: WorkerContext, portals: list[str] | None = None) ->
                 done.append(await sweep(client, queue, context.redis))
         except B24Error as exc:
             log.error("reconcile %s failed: %s", name, exc)
+        finally:
+            client.close()
     return done
 
 
@@ -173,7 +176,8 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
     """`b24rebind reconcile`: one sweep now; running workers do the queued jobs."""
     rules = load_service_rules(settings)
     if portal is not None and portal not in rules.portals:
-        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}")
+        print(f"b24rebind: no portal {portal!r}; the rules file has: {', '.join(rules.portals) or 'none'}",
+              file=sys.stderr)
         return 2
     async with AsyncExitStack() as stack:
         settings = with_redis(settings, stack)

@@ -17,7 +17,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
-from app.bitrix.sharing import SharedBatches
+from app.bitrix.session import PortalSession
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
@@ -29,8 +29,8 @@ from app.rules.facts import Facts
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
+from app.store.jobs import JobRecord, JobState
 from app.store.outage import describe
-from app.store.jobs import JobRecord, JobState, JobStore
 from app.words import plural
 from workers.context import JOB_TIMEOUT, WorkerContext, context_of
 
@@ -99,6 +99,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
         _crashed(record, delays, exc)
     finally:
+        client.close()
         record.requests += client.requests
         await _or_later(_save_attempt(context, record, client, changes, lock,
                                      applied=record.changes is not earlier_changes))
@@ -143,13 +144,21 @@ async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestC
 
 
 def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bool = False) -> RestClient:
-    """A RestClient for one job, sharing the worker's session, rate limit, time budgets, tokens and
-    read batches (with the process's other jobs for the same portal)."""
-    shared = context.shared_batches.setdefault((portal.name, low_priority), SharedBatches())
-    return RestClient(context.http, portal, context.limiter, retry=context.retry_policy, low_priority=low_priority,
-                      shared=shared,
-                      budget=MethodBudget(context.redis, portal.name, portal.operating_budget, context.budget_reads),
-                      oauth=OAuthSession(context.http, context.redis, portal) if portal.auth == "oauth" else None)
+    """A job's RestClient on the portal's one session in this process (its HTTP session, rate limit,
+    time budgets, tokens and shared batches); the job closes it when it ends."""
+    return RestClient.joining(portal_session(context, portal), low_priority=low_priority)
+
+
+def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSession:
+    session = context.portal_sessions.get(portal.name)
+    if session is None or (session.portal is not portal and session.portal != portal):
+        if session is not None:  # the rules file changed the portal: new jobs get a new session
+            context.retired_sessions.append(session)
+        session = context.portal_sessions[portal.name] = PortalSession(
+            context.http, portal, context.limiter, retry=context.retry_policy,
+            budget=MethodBudget(context.redis, portal.name, portal.operating_budget, context.budget_reads),
+            oauth=OAuthSession(context.http, context.redis, portal) if portal.auth == "oauth" else None)
+    return session
 
 
 async def _why_gone(context: WorkerContext, rules: RuleSet, portal: PortalConfig, client: RestClient,

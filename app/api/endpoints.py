@@ -24,7 +24,7 @@ from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobState, UnknownJob
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LIST_PARAMS = ("state", "portal", "event", "rule", "trigger", "entity", "since", "until", "limit", "cursor")
+LIST_PARAMS = ("state", "portal", "event", "rule", "trigger", "entity", "lead", "since", "until", "limit", "cursor")
 MAX_LIMIT = 500
 MAX_RETRY = 1000
 _NAME = re.compile(r"^[\w.:@/+-]{1,200}$")
@@ -167,6 +167,7 @@ def parse_list_query(params: Mapping[str, str], *, default_limit: int = 50, max_
                      event=(_name(values["event"], "event") or "").upper() or None,
                      rule=_name(values["rule"], "rule"), trigger=_name(values["trigger"], "trigger"),
                      entity=_int(values["entity"], "entity", 1, 2**63) if values["entity"] else None,
+                     lead=_int(values["lead"], "lead", 1, 2**63) if values["lead"] else None,
                      since=_time(values["since"], "since"), until=_time(values["until"], "until"))
     if query.since is not None and query.until is not None and query.since > query.until:
         raise BadRequest("since is after until; give the earlier time as since")

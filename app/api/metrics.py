@@ -83,13 +83,14 @@ def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: Rat
     """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
     ended the job, its duration."""
     counts: defaultdict[str, float] = defaultdict(float)  # requests, and seconds waited
-    for (method, outcome, via), n in client.calls.items():
+    calls = client.take_calls()
+    for (method, outcome, via), n in calls.items():
         counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
     waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
     _flushed_waits[limiter] = limiter.stats.waited_seconds
     if waited > 0:
         counts[field("rate_limit_wait_seconds", portal=record.portal)] += waited
-    _stage_reachability(pipe, record.portal, {outcome for (_, outcome, via) in client.calls if via == "request"})
+    _stage_reachability(pipe, record.portal, {outcome for (_, outcome, via) in calls if via == "request"})
     if record.state in FINAL_STATES and record.started_at and record.finished_at:
         seconds, state = record.finished_at - record.started_at, record.state.value
         bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")

@@ -31,6 +31,8 @@ _FILTERS = [
     _param("rule", "a rule that matched", {"type": "string"}),
     _param("trigger", "webhook, backfill or retry", {"type": "string"}),
     _param("entity", "the entity id the event was about", {"type": "integer", "minimum": 1}),
+    _param("lead", "the lead the job was about: its own events and its activities'",
+           {"type": "integer", "minimum": 1}),
     _param("since", "received at or after: Unix seconds or ISO 8601", {"type": "string"}),
     _param("until", "received at or before: Unix seconds or ISO 8601", {"type": "string"}),
 ]

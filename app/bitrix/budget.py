@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.errors import MethodBlocked
 from app.store.namespace import prefixed
+from app.store.replies import awaited
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
 WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written
@@ -40,7 +41,7 @@ class BudgetReads:
     async def known(self, redis: Redis, key: str) -> Known:
         read_at, known = self._reads.get(key, (0.0, {}))
         if time.monotonic() - read_at > FRESH_FOR:
-            stored = await redis.hgetall(key)
+            stored = await awaited(redis.hgetall(key))
             known = {name.decode(): _parse(value) for name, value in stored.items()}
             self._reads[key] = (time.monotonic(), known)
         return dict(known)
@@ -50,7 +51,8 @@ class BudgetReads:
 
 
 class MethodBudget:
-    """One job's view of the portal's method budgets: read from Redis once, written when it matters."""
+    """A process's view of one portal's method budgets: read from Redis at most once a FRESH_FOR seconds,
+    written when it matters."""
 
     def __init__(self, redis: Redis, portal: str, limit: float, reads: BudgetReads | None = None) -> None:
         self._redis = redis
@@ -75,23 +77,35 @@ class MethodBudget:
             pipe.expire(self._key, WINDOW)
             await pipe.execute()
 
-    async def block(self, method: str, reset_at: float | None = None) -> None:
-        """The portal refused the method: treat its budget as spent until it resets."""
-        stored = await self._redis.hget(self._key, method)
-        known = float(stored.decode().split("|")[1]) if stored else 0.0
+    async def block(self, method: str, reset_at: float | None = None) -> float:
+        """The portal refused the method: treat its budget as spent until it resets; returns when."""
+        stored: bytes | str | None = await awaited(self._redis.hget(self._key, method))  # bytes, in fact
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        known = float(text.split("|")[1]) if text else 0.0
         until = reset_at or (known if known > time.time() else time.time() + 60)
         await self._share(method, self._limit, until)
+        return until
+
+    async def refresh(self) -> None:
+        """Take in what other processes shared (read at most once a FRESH_FOR seconds per process)."""
+        self._known = await self._reads.known(self._redis, self._key)
+
+    def blocked(self, methods: Iterable[str]) -> MethodBlocked | None:
+        """The first method near its budget and not yet reset, as the error a job defers on."""
+        now = time.time()
+        for method in dict.fromkeys(methods):
+            operating, reset_at = (self._known or {}).get(method, (0.0, 0.0))
+            if operating >= NEAR * self._limit and reset_at > now:
+                return MethodBlocked(method, "OPERATION_TIME_LIMIT",
+                                     f"{operating:.0f} s of {self._limit:.0f} s used", retry_at=reset_at)
+        return None
 
     async def check(self, methods: Iterable[str]) -> None:
         """Raise MethodBlocked for the first method that is near its budget and not yet reset."""
-        if self._known is None:  # once per job; later answers of this job update it
-            self._known = await self._reads.known(self._redis, self._key)
-        now = time.time()
-        for method in dict.fromkeys(methods):
-            operating, reset_at = self._known.get(method, (0.0, 0.0))
-            if operating >= NEAR * self._limit and reset_at > now:
-                raise MethodBlocked(method, "OPERATION_TIME_LIMIT", f"{operating:.0f} s of {self._limit:.0f} s used",
-                                    retry_at=reset_at)
+        await self.refresh()
+        blocked = self.blocked(methods)
+        if blocked is not None:
+            raise blocked
 
 
 def _parse(stored: bytes) -> tuple[float, float]:

@@ -88,22 +88,26 @@ class RateLimiter:
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         """Wait for a slot. `reserve` slots of the burst are left to others (backfill leaves half to live events)."""
+        # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
+        while (wait := await self.try_take(portal, per_second, burst, reserve)) > 0:
+            await asyncio.sleep(wait)
+
+    async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float:
+        """Take a slot if one is free (returns 0), else the seconds until one will be (nothing taken)."""
         reserved = min(burst - 1, reserve + self._headroom)
         if self._use_credit((portal, reserved)):
-            return
-        # A slot is only taken when the wait is zero, so a waiting caller asks again after sleeping.
-        while True:
-            keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-            ahead = self._prefetch if per_second >= self._lend_from_rate else 0
-            wait_text, taken = await self._script(keys=keys, args=[per_second, burst, reserved, ahead])
-            wait = float(wait_text)
-            if wait <= 0:
-                if int(taken) > 1:
-                    self._credit[(portal, reserved)] = (int(taken) - 1, time.monotonic() + CREDIT_SECONDS)
-                return
-            self.stats.waits += 1
-            self.stats.waited_seconds += wait
-            await asyncio.sleep(wait)
+            return 0.0
+        keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
+        ahead = self._prefetch if per_second >= self._lend_from_rate else 0
+        wait_text, taken = await self._script(keys=keys, args=[per_second, burst, reserved, ahead])
+        wait = float(wait_text)
+        if wait <= 0:
+            if int(taken) > 1:
+                self._credit[(portal, reserved)] = (int(taken) - 1, time.monotonic() + CREDIT_SECONDS)
+            return 0.0
+        self.stats.waits += 1
+        self.stats.waited_seconds += wait
+        return wait
 
     def _use_credit(self, key: tuple[str, int]) -> bool:
         slots, deadline = self._credit.get(key, (0, 0.0))
@@ -129,18 +133,21 @@ class LocalRateLimiter:
         self.stats = RateLimitStats()
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
-        while True:
-            level, since = self._level.get(portal, (0.0, time.monotonic()))
-            now = time.monotonic()
-            level = max(0.0, level - (now - since) * per_second)
-            if level + 1 <= burst - reserve:
-                self._level[portal] = (level + 1, now)
-                return
-            self._level[portal] = (level, now)
-            wait = (level + 1 - burst + reserve) / per_second
-            self.stats.waits += 1
-            self.stats.waited_seconds += wait
+        while (wait := await self.try_take(portal, per_second, burst, reserve)) > 0:
             await asyncio.sleep(wait)
+
+    async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float:
+        level, since = self._level.get(portal, (0.0, time.monotonic()))
+        now = time.monotonic()
+        level = max(0.0, level - (now - since) * per_second)
+        if level + 1 <= burst - reserve:
+            self._level[portal] = (level + 1, now)
+            return 0.0
+        self._level[portal] = (level, now)
+        wait = (level + 1 - burst + reserve) / per_second
+        self.stats.waits += 1
+        self.stats.waited_seconds += wait
+        return wait
 
     async def slow_down(self, portal: str, burst: int) -> None:
         self._level[portal] = (float(burst), time.monotonic())

@@ -16,6 +16,7 @@ from app.bitrix.client import PAGE_SIZE, RestClient, fast_page
 from app.store.jobs import FINAL_STATES, JobRecord, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue
+from app.store.replies import awaited
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,13 @@ async def queue_backfill(run: BackfillRun, client: RestClient, queue: JobQueue, 
         for row in page[:None if max_leads is None else max_leads - queued]:
             record = run.job_for(int(row["ID"]))
             if await queue.submit(record):
-                await redis.rpush(f"{run.key}:jobs", record.id)
+                await awaited(redis.rpush(f"{run.key}:jobs", record.id))
             cursor = int(row["ID"])
             queued += 1
             await redis.set(f"{run.key}:cursor", cursor)
         if len(page) < PAGE_SIZE:
             break
-    return [job_id.decode() for job_id in await redis.lrange(f"{run.key}:jobs", 0, -1)]
+    return [job_id.decode() for job_id in await awaited(redis.lrange(f"{run.key}:jobs", 0, -1))]
 
 
 @dataclass

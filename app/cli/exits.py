@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.bitrix.errors import B24Error, ConfigError, TransientError
 from app.settings import Settings
+from app.store.bundled_redis import BundledRedisFailed
 from app.store.jobs import UnknownJob
 
 
@@ -48,7 +49,7 @@ def at_the_edge(run: Callable[[], int], settings: Settings | None) -> int:
     try:
         return run()
     except KeyboardInterrupt:
-        print("b24rebind: interrupted; what was queued stays queued, and running the command again "
+        print("b24rebind: interrupted (Ctrl-C); nothing queued is lost, and running the command again "
               "continues where it stopped", file=sys.stderr)
         return Exit.INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - sorted below; anything unknown is re-raised
@@ -85,6 +86,8 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
                 "network, then try again", Exit.PORTAL_DOWN)
     if isinstance(exc, B24Error):
         return f"the portal refused {exc.method}: {exc.code} ({exc.description}). {exc.hint}".strip(), Exit.REFUSED
+    if isinstance(exc, BundledRedisFailed):
+        return str(exc), Exit.REDIS_DOWN
     if isinstance(exc, AuthenticationError):
         return (f"Redis at {redis_address(settings)} refused the password: check the one in REDIS_URL",
                 Exit.REDIS_DOWN)

@@ -31,7 +31,7 @@ from app.store.queue import JobQueue, connect
 from app.words import plural
 
 COMMANDS = ("jobs", "stats", "audit", "undo")
-FILTERS = ("state", "portal", "rule", "event", "entity", "since", "until")
+FILTERS = ("state", "portal", "rule", "event", "entity", "lead", "trigger", "since", "until")
 
 
 def add_commands(subparsers: Any) -> None:
@@ -73,6 +73,8 @@ FILTER_HELP = {
     "rule": "jobs in which this rule matched",
     "event": "an event name, e.g. ONCRMLEADUPDATE",
     "entity": "the event's entity id: an activity or lead id",
+    "lead": "jobs about this lead: its own events and its activities'",
+    "trigger": "what queued the job: webhook, backfill, reconcile or retry",
     "since": "received since: 2026-01-31, 2026-01-31T12:00 or Unix seconds",
     "until": "received until, in the same forms as --since",
 }
@@ -126,6 +128,10 @@ async def _list(args: argparse.Namespace, store: JobStore, redis: Redis, setting
     page = await store.list(query, limit, cursor)
     if args.json:
         print(json.dumps({"jobs": [r.summary() for r in page.records], "next_cursor": page.next_cursor}, indent=2))
+        return 0
+    if not page.records:
+        print("no jobs" + (" match these filters" if _filters(args) else " yet: they appear as the portal's "
+                           "events arrive (or try `b24rebind demo`)"))
         return 0
     print(_table(page.records))
     if page.next_cursor:

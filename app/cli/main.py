@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"b24rebind: a setting in the environment or .env is wrong: {problems}. Fix it (see .env.example)",
               file=sys.stderr)
         return Exit.USAGE
@@ -150,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
+
+
+def _variable(loc: tuple[object, ...]) -> str:
+    """The environment variable behind a setting, as .env names it (B24_PORT, not port)."""
+    field = Settings.model_fields.get(str(loc[0])) if loc else None
+    alias = getattr(field, "validation_alias", None) if field else None
+    return alias.choices[0] if alias is not None and hasattr(alias, "choices") else ".".join(map(str, loc)).upper()
 
 
 def _version() -> str:

@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from json import JSONDecodeError
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
@@ -238,7 +239,7 @@ def _test(actual: Any, op: str, wanted: Any) -> bool:
         return False
     if not (isinstance(a, int) and isinstance(b, int)):
         a, b = str(a), str(b)  # ISO dates compare correctly as strings
-    return {">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[op]
+    return bool({">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[op])
 
 
 def _split_operator(key: str) -> tuple[str, str]:
@@ -731,8 +732,8 @@ class FakePortal:
                 created["contact"] or _norm(lead.get("CONTACT_ID")) or None,
                 created["company"] or _norm(lead.get("COMPANY_ID")) or None,
             )
-        made = [(type_id, created[name]) for type_id, name in ((COMPANY, "company"), (CONTACT, "contact"),
-                                                              (DEAL, "deal")) if created[name]]
+        made = [(type_id, made_id) for type_id, name in ((COMPANY, "company"), (CONTACT, "contact"), (DEAL, "deal"))
+                if (made_id := created[name])]
         self._attach_all((LEAD, lead_id), made)
         fields: dict[str, Any] = {"STATUS_ID": "CONVERTED"}
         if not repeat:
@@ -1084,10 +1085,10 @@ class FakePortal:
             "crm.settings.mode.get": lambda p: self.crm_mode,
         }
         for type_id, name in TYPE_NAMES.items():
-            methods[f"crm.{name}.get"] = lambda p, t=type_id: self._entity_get(t, p)
-            methods[f"crm.{name}.list"] = lambda p, t=type_id: self._entity_list(t, p)
-            methods[f"crm.{name}.add"] = lambda p, t=type_id: self._entity_add(t, p)
-            methods[f"crm.{name}.update"] = lambda p, t=type_id: self._entity_update(t, p)
+            methods[f"crm.{name}.get"] = partial(self._entity_get, type_id)
+            methods[f"crm.{name}.list"] = partial(self._entity_list, type_id)
+            methods[f"crm.{name}.add"] = partial(self._entity_add, type_id)
+            methods[f"crm.{name}.update"] = partial(self._entity_update, type_id)
         return methods
 
     def _method_get(self, params: Mapping[str, Any]) -> dict[str, bool]:

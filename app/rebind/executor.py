@@ -9,6 +9,7 @@ from typing import Any
 
 from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
+from app.bitrix.session import stops_group
 from app.rebind.facts import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding
 from app.rules.plan import BindingPlan, ItemPlan
@@ -31,7 +32,8 @@ class Outcome:
 
 
 Step = tuple[str, int, Command]  # (kind, id, command)
-WRITE_ATTEMPTS = 4  # per batch of writes; then the whole job retries later
+Group = tuple[str, int, list[list[Step]]]  # an item and its stages: binds, moves, unbinds
+WRITE_ATTEMPTS = 4  # per item; then the whole job retries later
 
 
 class TargetsGone(Exception):
@@ -43,30 +45,105 @@ class TargetsGone(Exception):
 
 
 async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
-    """Apply a plan. All binds go first; an item loses a binding only once its binds succeeded.
+    """Apply a plan: each item's binds, then its moves, then its unbinds, so an item loses a binding
+    only once its binds succeeded; one item's failure stops only its own later steps.
 
     A portal accepts a binding to a record that does not exist, so every record the plan binds to is
-    read first (at the head of the halting write batch when the plan fits in one): a missing one stops
-    everything before a write, and TargetsGone is raised.
+    read first (as the first stage of the plan's one write group when it fits one call): a missing one
+    stops everything before a write, and TargetsGone is raised.
 
+    The portal's session packs the writes with every other job's, stage by stage.
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
     items = [("activity", a.activity_id, a) for a in plan.activities if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
-    phases = [[step for kind, id_, item in items for step in phase(kind, id_, item)]
-              for phase in (_binds, _moves, _unbinds)]
+    groups: list[Group] = [(kind, id_, [phase(kind, id_, item) for phase in (_binds, _moves, _unbinds)])
+                           for kind, id_, item in items]
     checks = _target_checks(items)
-    left = await _in_one_request(client, phases, failed, checks)
-    if left is None and checks:
+    steps = sum(len(stage) for _, _, stages in groups for stage in stages)
+    if steps and steps + len(checks) <= BATCH_LIMIT:
+        groups = await _as_one_group(client, checks, groups, failed)
+    elif checks:
         _raise_gone(checks, await client.batch([command for _, command in checks]))
-    for phase in phases:
-        steps = phase if left is None else [step for step in phase if step in left]
-        await _write(client, [step for step in steps if step[:2] not in failed], failed)
+    ended = await asyncio.gather(*(_apply(client, group, failed) for group in groups), return_exceptions=True)
+    errors = [e for e in ended if isinstance(e, BaseException)]
+    for kind in (ConfigError, MethodBlocked, BaseException):  # the one that says most about what to do
+        first = next((e for e in errors if isinstance(e, kind)), None)
+        if first is not None:
+            raise first
     outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)))
                 for a in plan.activities if a.changes]
     return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
                        for c in plan.comments if c.changes]
+
+
+async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]], groups: list[Group],
+                        failed: dict[tuple[str, int], list[B24Error]]) -> list[Group]:
+    """A small plan as one write group (the targets' reads, all binds, all moves, all unbinds): a call
+    that halts at the first error when it travels alone, one request for the whole job. Returns each
+    item's steps that a failure of another item kept from running, to send again on their own."""
+    stages = [[step for _, _, item_stages in groups for step in item_stages[n]] for n in range(3)]
+    try:
+        results = await client.write([[command for _, command in checks],
+                                      *[[command for _, _, command in stage] for stage in stages]],
+                                     stops=_stops)
+    except TransientError as exc:
+        if isinstance(exc, MethodBlocked):
+            raise
+        await asyncio.sleep(0.5)
+        left = await _still_needed(client, [step for stage in stages for step in stage])  # landed or not: look
+        return _regroup(groups, left)
+    _raise_gone(checks, results[0])  # a target missing stopped the group before any write
+    left = []
+    for stage, stage_results in zip(stages, results[1:]):
+        for step, result in zip(stage, stage_results):
+            if result.error is not None and result.error.code == "NOT_RUN":
+                left.append(step)  # stopped by another item's failure, or a check's
+                continue
+            error = _failure(result)
+            if error is not None:
+                failed.setdefault(step[:2], []).append(error)
+    return _regroup(groups, [step for step in left if step[:2] not in failed])
+
+
+def _stops(result: CommandResult) -> bool:
+    """A missing target stops the plan; its other errors (no rights on the record) are the write's to report."""
+    if result.command.method.endswith(".get"):
+        return result.error is not None and result.error.code == "NOT_FOUND"
+    return stops_group(result)
+
+
+def _regroup(groups: list[Group], steps: list[Step]) -> list[Group]:
+    keep = {id(step) for step in steps}
+    regrouped = [(kind, id_, [[step for step in stage if id(step) in keep] for stage in stages])
+                 for kind, id_, stages in groups]
+    return [group for group in regrouped if any(group[2])]
+
+
+async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int], list[B24Error]]) -> None:
+    """One item's stages, as a write group of its own; after a 5xx, re-read and send what is missing."""
+    kind, id_, stages = group
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            results = await client.write([[command for _, _, command in stage] for stage in stages])
+            break
+        except TransientError as exc:
+            # The writes may or may not have landed: look, then send only what is still missing.
+            if isinstance(exc, MethodBlocked) or attempt + 1 == WRITE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5 * 2**attempt)
+            needed = {id(step) for step in await _still_needed(client, [step for stage in stages for step in stage])}
+            stages = [[step for step in stage if id(step) in needed] for stage in stages]
+    else:
+        return
+    for stage, stage_results in zip(stages, results):
+        for step, result in zip(stage, stage_results):
+            if step[:2] in failed and result.error is not None and result.error.code == "NOT_RUN":
+                continue  # not sent: an earlier stage of this item failed
+            error = _failure(result)
+            if error is not None:
+                failed.setdefault(step[:2], []).append(error)
 
 
 def _target_checks(items: list[tuple[str, int, ItemPlan]]) -> list[tuple[Binding, Command]]:
@@ -113,61 +190,10 @@ def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
                                        "ENTITY_TYPE": TYPE_NAMES[binding.entity_type]}})
 
 
-async def _in_one_request(client: RestClient, phases: list[list[Step]],
-                          failed: dict[tuple[str, int], list[B24Error]],
-                          checks: list[tuple[Binding, Command]]) -> list[Step] | None:
-    """Send a small plan's binds, moves and unbinds in one batch that halts at the first error; return
-    the steps left to do phase by phase (None: not tried, all of them).
-
-    Sub-calls run in order, so nothing is unbound unless every bind before it succeeded: the same
-    guarantee as a request per phase, for one request instead of two or three (at 2 requests a
-    second, that is most of a single-activity job's cost).
-    """
-    steps = [step for phase in phases for step in phase]
-    if sum(1 for phase in phases if phase) < 2 or len(steps) + len(checks) > BATCH_LIMIT:
-        return None  # one phase is one request anyway, and without halting others' items keep going
-    try:
-        results = await client.batch([command for _, command in checks] + [command for _, _, command in steps],
-                                     write=True, halt=True)
-    except TransientError as exc:
-        if isinstance(exc, MethodBlocked):
-            raise
-        await asyncio.sleep(0.5)
-        return await _still_needed(client, steps)  # the writes may or may not have landed: look first
-    _raise_gone(checks, results[:len(checks)])  # a target missing halted the batch before any write
-    results = results[len(checks):]
-    for position, (step, result) in enumerate(zip(steps, results)):
-        if result.error is not None and result.error.code == "NOT_RUN":
-            return steps[position:]  # the batch halted before it
-        error = _failure(result)
-        if error is not None:
-            failed.setdefault(step[:2], []).append(error)
-    return []
-
-
-async def _write(client: RestClient, steps: Sequence[Step], failed: dict[tuple[str, int], list[B24Error]]) -> None:
-    for attempt in range(WRITE_ATTEMPTS):
-        if not steps:
-            return
-        try:
-            results = await client.batch([command for _, _, command in steps], write=True)
-            break
-        except TransientError as exc:
-            # The writes may or may not have landed: look, then send only what is still missing.
-            if isinstance(exc, MethodBlocked) or attempt + 1 == WRITE_ATTEMPTS:
-                raise
-            await asyncio.sleep(0.5 * 2**attempt)
-            steps = await _still_needed(client, steps)
-    else:
-        return
-    for (kind, id_, _), result in zip(steps, results):
-        error = _failure(result)
-        if error is not None:
-            failed.setdefault((kind, id_), []).append(error)
-
-
 async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
     """Re-read the bindings of the items these steps touch and keep the steps not yet done."""
+    if not steps:
+        return []
     activity_ids = sorted({id_ for kind, id_, _ in steps if kind == "activity"})
     comment_ids = sorted({id_ for kind, id_, _ in steps if kind == "comment"})
     reads = ([Command("crm.activity.binding.list", {"activityId": i}) for i in activity_ids]

@@ -18,7 +18,7 @@ from app.bitrix.client import Command, RestClient
 from app.bitrix.errors import Policy, policy_for
 from app.bitrix.ratelimit import RateLimiter
 from app.rules.model import RuleSet, entity_label, entity_type_of
-from app.store.jobs import JobRecord, JobStore, UnknownJob
+from app.store.jobs import JobRecord, JobState, JobStore, UnknownJob
 from app.store.namespace import prefixed
 from app.store.replies import awaited
 
@@ -108,11 +108,13 @@ class UndoResult:
     errors: list[str] = field(default_factory=list)
 
 
-async def undo_job(job_id: str, log: AuditLog, client: RestClient) -> UndoResult:
-    """Restore the bindings a job changed, all or nothing: if any item changed since, raise UndoRefused."""
-    if (when := await log.undone_at(job_id)) is not None:
+async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: float | None = None) -> UndoResult:
+    """Restore the bindings a job changed, all or nothing: if any item changed since, raise UndoRefused.
+    A job retried after an undo (it `finished_at` later) may be undone again: what it changed since."""
+    when = await log.undone_at(job_id)
+    if when is not None and (finished_at is None or finished_at <= when):
         raise UndoRefused(f"job {job_id} was undone already, at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}")
-    entries = [e for e in await log.for_job(job_id) if e.undo_of is None]
+    entries = [e for e in await log.for_job(job_id) if e.undo_of is None and e.time > (when or 0)]
     if not entries:
         raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
     current = await _read_bindings(client, entries)
@@ -158,7 +160,8 @@ async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Red
     if portal is None:
         raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
     async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
-        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)))
+        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)),
+                                None if record.state == JobState.UNDONE else record.finished_at)
     if not result.errors:
         record.mark_undone(len(result.restored))
         await store.save(record)

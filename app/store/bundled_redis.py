@@ -19,6 +19,10 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class BundledRedisFailed(RuntimeError):
+    """The bundled redis-server did not come up; the message says where its log is."""
+
+
 class BundledRedis:
     """Starts (or reuses) the bundled redis-server for one data directory."""
 
@@ -45,7 +49,7 @@ class BundledRedis:
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self._process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the bundled Redis did not start; see {self.data_dir / 'redis.log'}, "
+                raise BundledRedisFailed(f"the bundled Redis did not start; see {self.data_dir / 'redis.log'}, "
                                    "or set REDIS_URL to a Redis of your own")
             time.sleep(0.05)
         log.info("started the bundled Redis (data in %s, append-only file on)", self.data_dir)

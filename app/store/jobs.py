@@ -171,6 +171,7 @@ class JobQuery(BaseModel):
     rule: str | None = None
     trigger: str | None = None
     entity: int | None = None
+    lead: int | None = None  # the lead a job was about: its own events and its activities'
     since: float | None = None
     until: float | None = None
 
@@ -181,6 +182,7 @@ class JobQuery(BaseModel):
                 and (self.rule is None or self.rule in record.rules)
                 and (self.trigger is None or record.trigger == self.trigger)
                 and (self.entity is None or record.entity_id == self.entity)
+                and (self.lead is None or _about_lead(record, self.lead))
                 and (self.since is None or record.received_at >= self.since)
                 and (self.until is None or record.received_at <= self.until))
 
@@ -192,6 +194,14 @@ class JobQuery(BaseModel):
                 value = value.value if isinstance(value, JobState) else value
                 return prefixed(f"{INDEX_PREFIX}{name}:{value}")
         return prefixed(JOB_INDEX)
+
+
+def _about_lead(record: JobRecord, lead: int) -> bool:
+    """The lead's own events, the jobs that worked on it, and those whose activities were bound to it."""
+    if record.lead_id == lead or (record.entity_id == lead and record.event.startswith("ONCRMLEAD")):
+        return True
+    binding = f"lead {lead}"
+    return any(binding in item.get("before", ()) for item in record.plan)
 
 
 @dataclass(frozen=True)

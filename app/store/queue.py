@@ -74,7 +74,7 @@ async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
     else:
         pool = ConnectionPool.from_url(settings.redis_url or "redis://", socket_connect_timeout=target.conn_timeout,
                                        max_connections=target.max_connections, **_retries())
-        redis = ArqRedis.from_pool(pool)
+        redis = cast(ArqRedis, ArqRedis.from_pool(pool))  # from_pool is typed as returning a plain Redis
     redis.job_serializer, redis.job_deserializer = serialize, deserialize
     if wait:
         try:
@@ -97,9 +97,10 @@ class SentinelArqRedis(ArqRedis):
 def _through_sentinels(target: RedisSettings) -> ArqRedis:
     # What arq's create_pool does for Sentinel, plus a connect timeout (a Redis that is away must fail
     # fast: the web process spools meanwhile) and a close that leaves no connection to a sentinel open.
-    sentinels = Sentinel(target.host, socket_connect_timeout=target.conn_timeout, db=target.database,
-                         username=target.username, password=target.password, ssl=target.ssl, **_retries())
-    return sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves its __init__ untyped
+        target.host, socket_connect_timeout=target.conn_timeout, db=target.database, username=target.username,
+        password=target.password, ssl=target.ssl, **_retries())
+    return cast(ArqRedis, sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis))
 
 
 class JobQueue:

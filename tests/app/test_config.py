@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.api.web import create_app
 from app.config import LiveRules, load_service_rules
+from app.web import create_app
 
 GOOD = "rules:\n  - name: {name}\n    on: [ONCRMACTIVITYADD]\n    do: [{{bind: [lead.contact]}}]\n"
 

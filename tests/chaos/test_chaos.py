@@ -19,13 +19,13 @@ import pytest
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobStore
 from app.store.queue import connect
+from app.web import create_app
 from tests.chaos.processes import WorkerProcess, write_rules
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 

@@ -47,6 +47,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.words import plural
 from tests.conftest import TOKEN, event_form
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
@@ -561,7 +562,7 @@ async def test_the_image_as_is_serves_with_the_bundled_redis(image: Image, comma
                 async with http.get(path) as answer:
                     assert answer.status == 200, (path, answer.status)
         built_in = yaml.safe_load((ROOT / "app" / "rules" / "default.yaml").read_text())["rules"]
-        assert ready["rules"].startswith(f"{len(built_in)} rules"), ready
+        assert ready["rules"].startswith(plural(len(built_in), "rule") + ","), ready
         data = web.image.path(image.env["B24_DATA_DIR"])
         assert (data / "redis.sock").exists(), sorted(p.name for p in data.iterdir())
         assert any(p.name.startswith("appendonly") for p in data.iterdir()), "no AOF in B24_DATA_DIR"

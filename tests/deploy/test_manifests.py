@@ -15,10 +15,10 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
-from app.api.web import create_app
 from app.cli.main import _parser
 from app.rules.loader import load_rules
 from app.settings import Settings
+from app.web import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

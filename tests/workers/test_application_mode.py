@@ -6,13 +6,13 @@ from urllib.parse import urlencode
 
 import pytest
 
-from app.api.web import create_app
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.config import LiveRules
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
+from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
 from workers.context import WorkerContext
 from workers.reconcile import sweep_all
@@ -118,3 +118,19 @@ def test_offline_events_need_the_application_mode() -> None:
     with pytest.raises(ValueError, match="offline events need the application mode"):
         PortalConfig(name="x", domain=DOMAIN, rest_url="https://x.bitrix24.com/rest/1/c/", application_token="t",
                      offline_events=True)
+
+
+async def test_while_redis_is_away_events_are_checked_against_the_token_last_read_and_spooled(
+        aiohttp_client: Any, private_redis: Any, app_rules: Any, portal: FakePortal, tmp_path: Any) -> None:
+    settings = Settings(_env_file=None, redis_url=private_redis.url, data_dir=tmp_path, rules=tmp_path / "r.yaml")
+    client = await aiohttp_client(create_app(settings, app_rules))
+    auth = portal.install_app()
+    assert (await install(client, auth)).status == 200
+    assert (await post_event(client, "ONCRMACTIVITYADD", 1, token=auth["application_token"]))[0] == 200  # read
+    private_redis.stop()
+
+    status, answer = await post_event(client, "ONCRMACTIVITYADD", 2, token=auth["application_token"])
+    forged, _ = await post_event(client, "ONCRMACTIVITYADD", 3, token="someone-elses")
+
+    assert status == 200 and answer["spooled"] is True, answer
+    assert forged == 401

@@ -9,8 +9,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from arq import Worker
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.web import create_app
 from tests.conftest import post_event, rules_with
 
 SMART_PROCESS = 1038  # a smart process's entityTypeId (128+ and 1030+ on real portals)

@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
+from app.web import create_app
 from tests.conftest import post_event, rules_with
 
 

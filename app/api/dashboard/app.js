@@ -298,15 +298,20 @@ async function search(text) {
     try { await openDetail(query); } catch (error) { result.textContent = String(error.message || error); }
     return;
   }
-  filters = {entity: query};
-  $("#filters").reset();
+  // Not the form's reset(): its handler reloads the list, which would race this one.
+  for (const field of $("#filters").querySelectorAll("input, select")) { field.value = ""; }
   $("#filters input[name=entity]").value = query;
-  filters = {entity: query};
-  await loadJobs();
-  const audit = await api(`/api/audit?activity=${query}`).catch(() => ({entries: []}));
+  filters = {entity: query};  // live updates add new jobs about the same id
+  const [byEntity, byLead, audit] = await Promise.all([
+    api(`/api/jobs?entity=${query}&limit=100`), api(`/api/jobs?lead=${query}&limit=100`),
+    api(`/api/audit?activity=${query}`).catch(() => ({entries: []}))]);
+  const found = new Map([...byEntity.jobs, ...byLead.jobs].map((job) => [job.id, job]));
+  const listed = [...found.values()].sort((a, b) => b.received_at - a.received_at);
+  $("#jobs tbody").replaceChildren(...listed.map(jobRow));
+  nextCursor = null;
+  $("#more").hidden = true;
   const jobs = [...new Set(audit.entries.map((entry) => entry.job))];
-  const found = $("#jobs tbody").children.length;
-  result.append(`${plural(found, "job")} about activity or lead ${query} (listed below)`);
+  result.append(`${plural(listed.length, "job")} about activity or lead ${query} (listed below)`);
   if (jobs.length) {
     result.append(`; activity ${query} was changed by `);
     jobs.forEach((id, i) => {

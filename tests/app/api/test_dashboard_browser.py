@@ -51,9 +51,11 @@ async def page(browser: Any) -> Any:
     return await open_page(browser, 1400)
 
 
-@pytest.fixture
-async def phone(browser: Any) -> Any:
-    return await open_page(browser, 390, 844)
+@pytest.fixture(params=[390, 360], ids=["390px", "360px"])
+async def phone(browser: Any, request: Any) -> Any:
+    page = await open_page(browser, request.param, 800)
+    page.width = request.param
+    return page
 
 
 async def test_a_person_finds_the_failed_job_reads_the_fix_and_retries_it(
@@ -131,19 +133,19 @@ async def test_on_a_phone_nothing_is_wider_than_the_screen_and_the_job_panel_clo
 
     await phone.goto(str(client.make_url("/")))
     await expect(phone.locator("#jobs tbody tr")).to_have_count(1)
-    assert await phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= phone.width
     ARTIFACTS.mkdir(exist_ok=True)
-    await phone.screenshot(path=str(ARTIFACTS / "dashboard-phone-list.png"), full_page=True)
+    await phone.screenshot(path=str(ARTIFACTS / f"dashboard-{phone.width}px-list.png"), full_page=True)
 
     await phone.click(f'#jobs tbody tr[data-job="{answer["job_id"]}"] td:first-child')
     await expect(phone.locator("#detail")).to_be_visible()
     panel = await phone.locator("#detail").bounding_box()
     close = await phone.locator("#close-detail").bounding_box()
-    assert panel["x"] >= 0 and panel["x"] + panel["width"] <= 390  # the panel's left edge is on the screen
-    assert close["x"] >= 0 and close["x"] + close["width"] <= 390 and close["width"] >= 44 and close["height"] >= 44
-    assert await phone.evaluate("document.documentElement.scrollWidth") <= 390
+    assert panel["x"] >= 0 and panel["x"] + panel["width"] <= phone.width  # the panel's left edge is on the screen
+    assert close["x"] >= 0 and close["x"] + close["width"] <= phone.width and close["width"] >= 44 and close["height"] >= 44
+    assert await phone.evaluate("document.documentElement.scrollWidth") <= phone.width
     ARTIFACTS.mkdir(exist_ok=True)
-    await phone.screenshot(path=str(ARTIFACTS / "dashboard-phone.png"))
+    await phone.screenshot(path=str(ARTIFACTS / f"dashboard-{phone.width}px-job.png"))
     await phone.click("#close-detail")
     await expect(phone.locator("#detail")).to_be_hidden()
     assert phone.errors == []
@@ -220,7 +222,7 @@ async def test_retry_without_a_token_on_the_service_says_how_to_fix_it(client: A
 
 
 async def test_search_by_job_id_or_by_activity(client: Any, worker: Any, portal: FakePortal, page: Any) -> None:
-    lead = portal.add_lead()
+    lead = [portal.add_lead() for _ in range(5)][-1]  # an id no activity has
     portal.convert_lead(lead)
     activity = portal.add_activity([(LEAD, lead)])
     _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
@@ -232,6 +234,11 @@ async def test_search_by_job_id_or_by_activity(client: Any, worker: Any, portal:
     await page.click("#search button[type=submit]")
     await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(1)
     await expect_text(page, "#search-result", f"activity {activity} was changed by {answer['job_id']}")
+
+    await page.fill("#q", str(lead))  # the lead: the jobs that moved its activities
+    await page.click("#search button[type=submit]")
+    await playwright_api.expect(page.locator("#jobs tbody tr")).to_have_count(2)
+    await expect_text(page, "#search-result", f"2 jobs about activity or lead {lead}")
 
     await page.fill("#q", answer["job_id"])
     await page.click("#search button[type=submit]")

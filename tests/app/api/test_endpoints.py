@@ -14,10 +14,10 @@ from aiohttp.test_utils import make_mocked_request
 from arq import Worker
 from pydantic import SecretStr, ValidationError
 
-from app.api.web import api_auth, create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore, feed_channel
+from app.web import api_auth, create_app
 from tests.conftest import post_event
 
 DAY = 86400
@@ -216,7 +216,7 @@ async def test_stats_show_states_queue_throughput_and_portal_headroom(client: An
 
 async def test_stats_tell_an_unreachable_portal_from_one_that_refuses(
         aiohttp_client: Any, settings: Any, rules: Any, redis: Any, make_worker: Any, portal_config: Any) -> None:
-    from app.api.web import create_app
+    from app.web import create_app
     away = portal_config.model_copy(update={"rest_url": SecretStr("http://127.0.0.1:9/rest/1/code/")})
     gone = rules.model_copy(update={"portals": {"acme": away}})
     client = await aiohttp_client(create_app(settings, gone))
@@ -404,3 +404,17 @@ async def test_undo_restores_what_a_job_changed_once(admin: Any, make_worker: An
     assert [j["id"] for j in listed["jobs"]] == [answer["job_id"]]
     unknown = await admin.post("/api/jobs/nosuchjob/undo")
     assert unknown.status == 404 and "no job 'nosuchjob'" in (await unknown.json())["error"]
+
+
+async def test_jobs_about_a_lead_include_those_that_moved_its_activities(client: Any, worker: Worker,
+                                                                        portal: FakePortal) -> None:
+    lead = [portal.add_lead() for _ in range(5)][-1]  # an id no activity has
+    portal.convert_lead(lead)
+    _, moved = await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    _, own = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, portal.add_lead())]))
+    await worker.run_check()
+
+    listed = await (await client.get(f"/api/jobs?lead={lead}")).json()
+
+    assert {job["id"] for job in listed["jobs"]} == {moved["job_id"], own["job_id"]}

@@ -14,7 +14,7 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 from yarl import URL
 
-from app.bitrix.client import Answer, Command, RestClient, RetryPolicy, _unpack_batch, fast_page
+from app.bitrix.client import Answer, Command, RestClient, RetryPolicy, fast_page, unpack_batch
 from app.bitrix.errors import (
     POLICIES,
     ConfigError,
@@ -65,6 +65,10 @@ class FakeLimiter:
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         self.acquired.append((portal, per_second, burst))
+
+    async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float:
+        await self.acquire(portal, per_second, burst, reserve)
+        return 0.0
 
     async def slow_down(self, portal: str, burst: int) -> None:
         self.slowed.append((portal, burst))
@@ -406,7 +410,7 @@ def test_unpack_batch_maps_results_and_errors_by_key_in_order() -> None:
         "result_time": [],
     }
 
-    out = _unpack_batch(commands, result)
+    out = unpack_batch(commands, result)
 
     assert [r.command for r in out] == commands
     assert [r.ok for r in out] == [True, False, True, False, True]
@@ -421,12 +425,12 @@ def test_unpack_batch_maps_results_and_errors_by_key_in_order() -> None:
 def test_unpack_batch_copes_with_empty_sections_as_arrays() -> None:
     commands = [Command("crm.lead.get", {"id": 1}), Command("crm.lead.get", {"id": 2})]
 
-    ok = _unpack_batch(commands, {"result": {"c0": {"ID": "1"}, "c1": {"ID": "2"}}, "result_error": [],
+    ok = unpack_batch(commands, {"result": {"c0": {"ID": "1"}, "c1": {"ID": "2"}}, "result_error": [],
                                   "result_total": [], "result_next": [], "result_time": []})
     assert [r.result for r in ok] == [{"ID": "1"}, {"ID": "2"}]
     assert all(r.ok for r in ok)
 
-    failed = _unpack_batch(commands, {"result": [], "result_error": {
+    failed = unpack_batch(commands, {"result": [], "result_error": {
         "c0": {"error": "NOT_FOUND", "error_description": "Not found"},
         "c1": {"error": "", "error_description": "Access denied."}}, "result_total": []})
     assert [r.error.code for r in failed if r.error] == ["NOT_FOUND", "ACCESS_DENIED"]
@@ -436,14 +440,14 @@ def test_unpack_batch_marks_commands_that_did_not_run() -> None:
     # With halt=1, or a cut-short answer, some keys are in no section at all.
     commands = [Command("crm.lead.get", {"id": i}) for i in range(3)]
 
-    out = _unpack_batch(commands, {"result": {"c0": {"ID": "0"}}, "result_error": {
+    out = unpack_batch(commands, {"result": {"c0": {"ID": "0"}}, "result_error": {
         "c1": {"error": "INTERNAL_SERVER_ERROR", "error_description": "x"}}})
 
     assert out[0].ok
     assert type(out[1].error) is TransientError
     assert isinstance(out[2].error, TransientError) and out[2].error.code == "NOT_RUN"
-    assert [r.command for r in _unpack_batch(commands, [])] == commands
-    assert all(isinstance(r.error, TransientError) for r in _unpack_batch(commands, None))
+    assert [r.command for r in unpack_batch(commands, [])] == commands
+    assert all(isinstance(r.error, TransientError) for r in unpack_batch(commands, None))
 
 
 def _answer_batch(url: URL, **kwargs: Any) -> CallbackResult:

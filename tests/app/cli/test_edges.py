@@ -137,4 +137,32 @@ async def test_ctrl_c_in_backfill_stops_cleanly(tmp_path: Path, portal: FakePort
     assert process.returncode == Exit.INTERRUPTED
     text = err.decode()
     assert "Traceback" not in text and "Unclosed" not in text, text
-    assert "b24rebind: interrupted; what was queued stays queued" in text
+    assert "b24rebind: interrupted (Ctrl-C); nothing queued is lost" in text
+
+
+async def test_a_backfill_ends_with_its_bar_full_and_a_summary(tmp_path: Path, portal: FakePortal, redis_url: str,
+                                                               redis: object) -> None:
+    for _ in range(3):
+        lead = portal.add_lead()
+        portal.add_activity([(LEAD, lead)])
+        portal.convert_lead(lead)
+    rules_file(tmp_path, portal.rest_url, extra="    rate_limit: {per_second: 1000, burst: 1000}\n")
+
+    status, out, err = await b24rebind("backfill", "--since", "2000-01-01", "--dry-run", cwd=tmp_path,
+                                       env={"REDIS_URL": redis_url})
+
+    assert status == 0, err
+    assert err.strip().split("\r")[-1] == "[##############################] 3/3"
+    assert "dry run: would re-bind 3 activities (nothing was written;" in out
+    status, out, _ = await b24rebind("jobs", "list", "--state", "undone", cwd=tmp_path, env={"REDIS_URL": redis_url})
+    assert status == 0 and out.strip() == "no jobs match these filters"
+
+
+async def test_the_redis_password_never_reaches_the_message(tmp_path: Path) -> None:
+    port = closed_port()
+
+    status, out, err = await b24rebind("jobs", "list", cwd=tmp_path,
+                                       env={"REDIS_URL": f"redis://:s3cretpassw0rd@127.0.0.1:{port}/0"})
+
+    assert status == Exit.REDIS_DOWN and f"127.0.0.1:{port}" in one_line(err)
+    assert "s3cretpassw0rd" not in out + err

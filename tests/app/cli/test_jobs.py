@@ -91,6 +91,14 @@ async def test_retry_failed_jobs_then_undo_one(client: Any, make_worker: Any, po
     status, _, err = await command("undo", answer["job_id"], capsys=capsys)
     assert status == 1 and "undone already" in err
 
+    # Retried after the undo, the job applies its rule again, and can be undone again.
+    status, _, _ = await command("jobs", "retry", answer["job_id"], capsys=capsys)
+    await make_worker().run_check()
+    assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    status, out, err = await command("undo", answer["job_id"], capsys=capsys)
+    assert status == 0 and f"activity {activity}: restored [lead {lead}]" in out, err
+    assert portal.bindings(activity) == [(LEAD, lead)]
+
 
 async def test_attempts_are_numbered_across_retries_by_hand(client: Any, make_worker: Any, portal: FakePortal,
                                                             command: Any, capsys: Any) -> None:
@@ -143,3 +151,22 @@ async def test_watch_keeps_a_dry_run_backfill_apart_from_a_real_one(redis: Any, 
     status, out, _ = await command("stats", capsys=capsys)
     assert "throughput: 0 jobs finished in the last minute, 4 received" in out
     assert "portal acme (acme.bitrix24.com): not asked yet;" in out and "0 refused by the portal" in out
+
+
+def test_the_job_table_fits_a_terminal_with_an_ellipsis_and_keeps_full_text_in_a_pipe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import sys
+
+    from app.cli import jobs as jobs_cli
+    from app.store.jobs import JobRecord
+    record = JobRecord.for_event("acme", "ONCRMACTIVITYADD", 7, "1").model_copy(update={"outcome": "x" * 300})
+
+    piped = jobs_cli._table([record])
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(jobs_cli.shutil, "get_terminal_size", lambda: os.terminal_size((120, 40)))
+    on_screen = jobs_cli._table([record])
+
+    assert "x" * 300 in piped
+    assert all(len(line) <= 120 for line in on_screen.splitlines())
+    assert on_screen.splitlines()[1].endswith("x…")

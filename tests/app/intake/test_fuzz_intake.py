@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.api.web import create_app
 from app.bitrix.portal import PortalConfig
 from app.logs import QuietBadRequests
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, event_form, post_event, rules_with
 
 FORM = "application/x-www-form-urlencoded"
@@ -338,3 +338,24 @@ async def test_an_id_that_is_not_positive_is_a_400(client: Any, redis: Any, enti
     assert response.status == 400
     assert "positive whole number" in (await response.json())["error"]
     assert await redis.zcard("arq:queue") == 0
+
+
+@pytest.mark.slow
+async def test_a_connection_that_never_finishes_its_headers_is_closed(settings: Settings, rules: RuleSet,
+                                                                       redis: Any) -> None:
+    """Slowloris: the served app closes a connection whose request never completes (the keep-alive
+    timeout, 15 s, also bounds the wait for a request's headers); it does not hold a slot for ever."""
+    from app.service import web_runner
+
+    runner = web_runner(settings, rules)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        writer.write(b"POST /bitrix/events HTTP/1.1\r\nHost: t\r\nX-Slow: ")  # and then nothing more
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), timeout=60) == b""  # closed by the server
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.api.web import create_app
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.intake.spool import Spool
 from app.rules.model import RuleSet
@@ -20,6 +19,7 @@ from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.queue import LIVE_QUEUE, JobQueue, connect
+from app.web import create_app
 from tests.conftest import TOKEN, post_event
 from workers.main import build_worker, shutdown
 

@@ -76,7 +76,7 @@ async def test_a_flood_of_forged_events_is_one_log_line_every_few_seconds_with_a
 
 async def test_a_portal_pinned_by_member_id_refuses_another_member(aiohttp_client: Any, settings: Any,
                                                                    rules: Any, redis: Any) -> None:
-    from app.api.web import create_app
+    from app.web import create_app
     pinned = rules.portals["acme"].model_copy(update={"member_id": "the-real-member"})
     client = await aiohttp_client(create_app(settings, rules.model_copy(update={"portals": {"acme": pinned}})))
 
@@ -134,8 +134,8 @@ async def test_while_redis_and_the_spool_are_unavailable_the_event_is_refused_wi
         aiohttp_client: Any, settings: Any, rules: Any, tmp_path: Any) -> None:
     import shutil
 
-    from app.api.web import create_app
     from app.store.bundled_redis import BundledRedis
+    from app.web import create_app
     own_redis = BundledRedis(tmp_path / "redis")
     client = await aiohttp_client(create_app(settings.model_copy(update={"redis_url": own_redis.start()}), rules))
     own_redis.stop()
@@ -159,7 +159,7 @@ async def test_the_api_token_is_required_when_set(aiohttp_client: Any, settings:
                                                   redis: Any) -> None:
     from pydantic import SecretStr
 
-    from app.api.web import create_app
+    from app.web import create_app
     guarded = settings.model_copy(update={"api_token": SecretStr("sekret-api-token")})
     client = await aiohttp_client(create_app(guarded, rules))
     _, answer = await post_event(client, "ONCRMACTIVITYADD", 5)

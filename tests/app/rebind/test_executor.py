@@ -71,8 +71,9 @@ async def test_a_refused_bind_stops_the_batch_before_the_unbind(rest: RestClient
 
     assert [(o.status, o.errors[0]["code"]) for o in outcomes] == [("failed", "ACCESS_DENIED")]
     assert portal.bindings(activity) == [(LEAD, lead)]
-    # The read of the target halted the batch; the bind alone was then refused, and the unbind never sent.
-    assert portal.requests == [("batch", 3), ("batch", 1)]
+    # The read of the target halted the batch; the bind and unbind went again, and the refused bind
+    # halted that call before the unbind.
+    assert portal.requests == [("batch", 3), ("batch", 2)]
 
 
 async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestClient,
@@ -89,5 +90,6 @@ async def test_after_a_halt_the_other_activities_are_still_rebound(rest: RestCli
     assert {o.id: o.status for o in outcomes} == {refused: "failed", fine: "changed"}
     assert portal.bindings(refused) == [(LEAD, lead)]
     assert portal.bindings(fine) == [(CONTACT, made["contact"])]
-    # The halting batch, then phase by phase for what it did not reach: the bind, then the unbind.
-    assert portal.requests == [("batch", 6), ("batch", 2), ("batch", 1)]
+    # The plan as one halting group: halted at the hidden target's read, then at the refused bind; the
+    # rest of the binds, then the other activity's unbind on its own.
+    assert portal.requests == [("batch", 6), ("batch", 4), ("batch", 1), ("batch", 1)]

@@ -24,6 +24,7 @@ from app.settings import Settings
 from app.store.jobs import TRIM_EVERY, JobStore
 from app.store.outage import RedisOutage
 from app.store.queue import JobQueue, connect
+from app.words import plural
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -144,7 +145,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     live = request.app[rules_key]
-    checks: dict[str, object] = {"rules": f"{len(live.current.rules)} rules, {len(live.current.portals)} portals"}
+    checks: dict[str, object] = {"rules": f"{plural(len(live.current.rules), 'rule')}, "
+                                          f"{plural(len(live.current.portals), 'portal')}"}
     if live.error:
         checks["rules_error"] = live.error
     spool = request.app.get(spool_key)

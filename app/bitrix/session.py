@@ -1,0 +1,605 @@
+"""PortalSession: the one sender of a portal's requests in this process.
+
+A portal allows about 2 requests a second (burst 50); a `batch` carries up to 50 commands for the
+price of one request. So every job of a process hands its commands to the portal's one session and
+awaits their results, and the session fills each `batch` from every job waiting:
+
+- reads travel with reads, writes with writes (a read is re-sent after a 5xx, a write never is);
+- a job's writes are a *group* of stages (binds and moves, then unbinds): a stage leaves only once
+  the one before it succeeded, so an activity loses its lead only after it gained its client; a
+  command that fails stops the later stages of its own group and of no other;
+- when everything waiting fits one call, the groups go whole, each contiguous and in order, in a call
+  that halts at the first error (one request for a lone job's binds and unbinds); a halt caused by
+  one group sends the others' commands again in the next call, as if nothing had happened to them;
+- live events' commands go before backfill and reconcile ones; a call carrying only those leaves
+  half of the burst to live events;
+- a batch leaves as soon as the portal's bucket allows when it is full, or when every job of the
+  session is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
+  bucket is what holds calls back, and they leave full;
+- each request is counted on every job whose commands it carried (`Meter`), and each command on its
+  own job.
+
+The session also owns what every call of the portal shares: the HTTP session, the rate limiter (in
+Redis, so every process of an installation keeps one budget), the methods' time budgets and the
+application's OAuth tokens.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+
+from app.bitrix.budget import MethodBudget
+from app.bitrix.errors import (
+    B24Error,
+    ConfigError,
+    MethodBlocked,
+    Policy,
+    RateLimited,
+    TokenExpired,
+    TransientError,
+    error_for,
+    policy_for,
+)
+from app.bitrix.oauth import OAuthSession
+from app.bitrix.portal import PortalConfig
+from app.bitrix.query import http_build_query
+
+log = logging.getLogger(__name__)
+
+BATCH_LIMIT = 50  # commands per batch call (docs: settings/how-to-call-rest-api/batch.md)
+PAGE_SIZE = 50
+MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
+JSON_BODY = {"Content-Type": "application/json"}
+REQUEST_TIMEOUT = 60.0  # the portal lets a request run up to 60 s (docs: limits.md); giving up sooner abandons work it still does
+LINGER = 0.05  # seconds a batch that is not full waits for the session's other jobs to join it
+IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
+
+
+@dataclass(frozen=True)
+class Answer:
+    result: Any
+    total: int | None = None
+    next: int | None = None
+    time: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Command:
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command: Command
+    result: Any = None
+    error: B24Error | None = None
+    total: int | None = None
+    next: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with full jitter."""
+
+    attempts: int = 5
+    base: float = 0.5
+    cap: float = 8.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2**attempt))
+
+
+@dataclass(eq=False)
+class Meter:
+    """What one job spent: the requests that carried its commands, and its commands."""
+
+    requests: int = 0
+    commands: int = 0
+    # For metrics: (method, outcome, via); via "batch" is a command inside a batch, "request" an HTTP request.
+    calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    waiting: int = 0  # parts of this job queued or on their way
+
+
+class Limiter(Protocol):
+    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None: ...
+    async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float: ...
+    async def slow_down(self, portal: str, burst: int) -> None: ...
+
+
+def not_run(command: Command, why: str = "the batch did not run this command") -> CommandResult:
+    return CommandResult(command, error=TransientError(command.method, "NOT_RUN", why))
+
+
+class _Part:
+    """One job's commands waiting for the session: one stage for reads, a group of stages for writes."""
+
+    def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool,
+                 stops: Callable[[CommandResult], bool] | None = None) -> None:
+        self.meter, self.write, self.low = meter, write, low
+        self.stops = stops or stops_group
+        self.stages = [stage for stage in stages if stage]
+        self.results: list[list[CommandResult | None]] = [[None] * len(s) for s in self.stages]
+        self.until = len(self.stages)  # stages to send: a failure stops the ones after its own
+        self.stage = 0  # the stage being sent
+        self.sent = 0  # commands of that stage handed to a call so far
+        self.out = 0  # calls on their way with commands of this part
+        self.done: asyncio.Future[list[list[CommandResult]]] = asyncio.get_running_loop().create_future()
+        self.queued_at = time.monotonic()
+
+    @property
+    def ready(self) -> int:
+        """Commands that may leave now: the rest of the current stage (a next stage waits for this one)."""
+        if self.done.done() or self.stage >= self.until:
+            return 0
+        if self.sent < len(self.stages[self.stage]):
+            return len(self.stages[self.stage]) - self.sent
+        return 0
+
+    def remaining(self) -> list[tuple[int, int]]:
+        """(stage, index) of every command not yet sent, in order."""
+        if self.stage >= self.until:
+            return []
+        rest = [(self.stage, i) for i in range(self.sent, len(self.stages[self.stage]))]
+        return rest + [(s, i) for s in range(self.stage + 1, self.until) for i in range(len(self.stages[s]))]
+
+    def command(self, at: tuple[int, int]) -> Command:
+        return self.stages[at[0]][at[1]]
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.done.done():
+            return
+        if error is not None:
+            self.done.set_exception(error)
+            return
+        self.done.set_result([[r or not_run(self.stages[s][i], "an earlier step of this job failed; not sent")
+                               for i, r in enumerate(results)] for s, results in enumerate(self.results)])
+
+
+@dataclass
+class _Call:
+    """One `batch` request: which commands of which parts it carries, in order."""
+
+    write: bool
+    halt: bool
+    slots: list[tuple[_Part, tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def low(self) -> bool:
+        return all(part.low for part, _ in self.slots)
+
+
+class PortalSession:
+    """Sends one portal's requests for every job of this process (see the module's docstring)."""
+
+    def __init__(self, http: aiohttp.ClientSession, portal: PortalConfig, limiter: Limiter, *,
+                 retry: RetryPolicy = RetryPolicy(), timeout: float = REQUEST_TIMEOUT,
+                 budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
+                 linger: float = LINGER) -> None:
+        self._http = http
+        self.portal = portal
+        self._limiter = limiter
+        self._retry = retry
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # An application calls the portal's own address, never an endpoint named in an event's payload.
+        self._base = portal.rest_url.get_secret_value() if portal.rest_url else f"https://{portal.domain}/rest/"
+        self._oauth = oauth
+        self._token = ""
+        self._budget = budget
+        self._linger = linger
+        self._parts: list[_Part] = []
+        self._active: dict[int, Meter] = {}
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._in_flight = asyncio.Semaphore(IN_FLIGHT)
+        self.requests = 0
+        self.calls: Counter[tuple[str, str, str]] = Counter()  # request outcomes, for metrics (`take_calls`)
+
+    # -------------------------------------------------------- what jobs call
+
+    def join(self, meter: Meter) -> None:
+        """A job starts using the session: a batch not yet full may wait for it to add its commands."""
+        self._active[id(meter)] = meter
+
+    def leave(self, meter: Meter) -> None:
+        self._active.pop(id(meter), None)
+        self._wake.set()
+
+    async def read(self, meter: Meter, commands: Sequence[Command], *, low: bool = False) -> list[CommandResult]:
+        """Run read commands, in batches shared with other jobs; results keep the commands' order."""
+        if not commands:
+            return []
+        (results,) = await self._submit(_Part(meter, [list(commands)], write=False, low=low))
+        return results
+
+    async def write(self, meter: Meter, stages: Sequence[Sequence[Command]], *, low: bool = False,
+                    stops: Callable[[CommandResult], bool] | None = None) -> list[list[CommandResult]]:
+        """Run a group of write stages: each stage only once every command before it succeeded (or was
+        already done); after a failure the later stages come back NOT_RUN. Raises TransientError when a
+        call's fate is unknown (a 5xx or a timeout): the writes may or may not have landed. `stops` says
+        which results stop the group (by default any error but 'already so')."""
+        part = _Part(meter, [list(s) for s in stages], write=True, low=low, stops=stops)
+        if not part.stages:
+            return [[] for _ in stages]
+        results = iter(await self._submit(part))
+        return [next(results) if s else [] for s in stages]
+
+    async def call(self, meter: Meter, method: str, params: dict[str, Any] | None = None, *,
+                   write: bool = False, low: bool = False) -> Answer:
+        """One method on its own request (for callers that need its `next` or `time`)."""
+        if self._budget:
+            await self._budget.check([method])
+        meter.commands += 1
+        return await self._request(method, params or {}, write=write, meters=[meter], reserve=self._reserve(low))
+
+    def take_calls(self) -> Counter[tuple[str, str, str]]:
+        """Request outcomes since the last take: each request counted once, whichever jobs it carried."""
+        calls, self.calls = self.calls, Counter()
+        return calls
+
+    async def close(self) -> None:
+        """The worker is stopping: cancel the calls on their way; jobs still waiting are cancelled."""
+        tasks = [t for t in (self._sender, *self._deliveries) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for part in self._parts:
+            part.done.cancel()
+        self._parts.clear()
+
+    async def _submit(self, part: _Part) -> list[list[CommandResult]]:
+        part.meter.waiting += 1
+        self._parts.append(part)
+        self._wake.set()
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_while_waiting())
+        try:
+            return await part.done
+        finally:
+            part.meter.waiting -= 1
+            if part in self._parts and part.done.cancelled():
+                self._parts.remove(part)  # a job cancelled meanwhile needs nothing more
+
+    # -------------------------------------------------------- packing
+
+    async def _send_while_waiting(self) -> None:
+        try:
+            await self._pack_and_send()
+        except Exception as exc:  # the limiter's Redis failed, or a bug: the waiting jobs learn it, none hangs
+            log.warning("portal %s: sending stopped: %s", self.portal.name, type(exc).__name__)
+            for part in self._parts:
+                part.finish(exc)
+
+    async def _pack_and_send(self) -> None:
+        while self._parts:
+            self._wake.clear()
+            self._parts = [p for p in self._parts if not p.done.done()]
+            if not self._parts:
+                break
+            if not any(p.ready for p in self._parts):
+                await self._wait(None)  # every part waits for a call on its way
+                continue
+            write = self._next_kind()
+            ready = sum(p.ready for p in self._parts if p.write == write)
+            full = ready >= BATCH_LIMIT
+            oldest = min(p.queued_at for p in self._parts if p.write == write and p.ready)
+            linger_left = self._linger - (time.monotonic() - oldest)
+            if not full and linger_left > 0 and not self._everyone_waiting():
+                await self._wait(linger_left)
+                continue
+            low = all(p.low for p in self._parts if p.write == write and p.ready)
+            if await self._defer_blocked():
+                continue
+            wait = await self._limiter.try_take(self.portal.name, self.portal.rate_limit.per_second,
+                                                self.portal.rate_limit.burst, self._reserve(low))
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self._in_flight.acquire()
+            call = self._pack(write)
+            if not call.slots:
+                self._in_flight.release()
+                continue
+            task = asyncio.create_task(self._deliver(call))
+            self._deliveries.add(task)
+            task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task[None]) -> None:
+        self._deliveries.discard(task)
+        self._in_flight.release()
+        self._wake.set()
+
+    async def _wait(self, timeout: float | None) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _next_kind(self) -> bool:
+        """Whether writes go next: live work before low-priority, and writes (which end jobs) before reads."""
+        for low in (False, True):
+            for write in (True, False):
+                if any(p.ready and p.low == low and p.write == write for p in self._parts):
+                    return write
+        return False
+
+    def _everyone_waiting(self) -> bool:
+        """True when no job of the session is busy elsewhere: nothing more will join this batch."""
+        return all(meter.waiting for meter in self._active.values())
+
+    async def _defer_blocked(self) -> bool:
+        """Jobs needing a method that is out of its time budget (or all of them, when `batch` itself is)
+        are told to come back when it resets; the others' commands still go. True if any was told."""
+        if not self._budget:
+            return False
+        await self._budget.refresh()
+        told = False
+        for part in self._parts:
+            if part.ready and part.out == 0:
+                blocked = self._budget.blocked(["batch", *(part.command(at).method for at in part.remaining())])
+                if blocked is not None:
+                    part.finish(blocked)
+                    told = True
+        return told
+
+    def _reserve(self, low: bool) -> int:
+        """Slots of the burst a call leaves free: a backfill or reconcile call leaves half to live events."""
+        return self.portal.rate_limit.burst // 2 if low else 0
+
+    def _pack(self, write: bool) -> _Call:
+        parts = sorted((p for p in self._parts if p.write == write and p.ready), key=lambda p: p.low)
+        if write:
+            whole = [p for p in parts if p.out == 0]
+            if whole and len(whole) == len(parts) and sum(len(p.remaining()) for p in whole) <= BATCH_LIMIT:
+                # Everything waiting fits one call: the groups go whole, in a call that halts at an error.
+                call = _Call(write=True, halt=any(p.until - p.stage > 1 for p in whole))
+                for part in whole:
+                    call.slots += [(part, at) for at in part.remaining()]
+                    part.stage, part.sent = part.until, 0
+                    part.out += 1
+                return call
+        call = _Call(write=write, halt=False)
+        for part in parts:
+            room = BATCH_LIMIT - len(call.slots)
+            if room <= 0:
+                break
+            take = min(room, part.ready)
+            call.slots += [(part, (part.stage, i)) for i in range(part.sent, part.sent + take)]
+            part.sent += take
+            part.out += 1
+        return call
+
+    # -------------------------------------------------------- delivering
+
+    async def _deliver(self, call: _Call) -> None:
+        parts = list(dict.fromkeys(part for part, _ in call.slots))
+        try:
+            results = await self._send_batch(call, parts)
+        except asyncio.CancelledError:
+            for part in parts:
+                part.done.cancel()
+            raise
+        except Exception as exc:  # every job of the call learns what went wrong, as if it had called alone
+            for part in parts:
+                part.out -= 1
+                part.finish(exc)
+            return
+        requeue: list[_Part] = []
+        halted = False
+        for (part, at), result in zip(call.slots, results):
+            if part.done.done():
+                continue
+            if halted:  # stopped by the halt: its unsent commands go again
+                if part not in requeue:
+                    requeue.append(part)
+                    part.stage, part.sent = at
+                continue
+            part.results[at[0]][at[1]] = result
+            if isinstance(result.error, MethodBlocked):
+                part.finish(result.error)
+            elif part.stops(result):
+                part.until = min(part.until, at[0] + 1)
+            halted = call.halt and result.error is not None
+            if halted and not part.done.done():  # the rest of its group goes again (unless it failed)
+                requeue.append(part)
+                part.stage, part.sent = at[0], at[1] + 1
+        for part in parts:
+            part.out -= 1
+            if part.done.done():
+                continue
+            if part in requeue:
+                part.queued_at = time.monotonic() - self._linger  # first in line, no more waiting
+            self._advance(part)
+
+    def _advance(self, part: _Part) -> None:
+        """A stage whose every command came back lets the next one go; a failed command's stage is its
+        group's last (the other commands of that stage still run: they do not depend on each other)."""
+        if part.out:
+            return
+        if part.stage < part.until and part.sent >= len(part.stages[part.stage]):
+            part.stage, part.sent = part.stage + 1, 0
+        if part.stage >= part.until:
+            part.finish()
+
+    async def _send_batch(self, call: _Call, parts: list[_Part]) -> list[CommandResult]:
+        chunk = [part.command(at) for part, at in call.slots]
+        cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
+        meters = list(dict.fromkeys(part.meter for part in parts))
+        answer = await self._request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
+                                     meters=meters, acquired=True)
+        unpacked = unpack_batch(chunk, answer.result)
+        for (part, _), result in zip(call.slots, unpacked):
+            part.meter.commands += 1
+            part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
+        await self._note_batch_times(chunk, answer)
+        for result in unpacked:
+            if isinstance(result.error, MethodBlocked) and self._budget:
+                await self._budget.block(result.error.method)
+        return unpacked
+
+    async def _note_batch_times(self, chunk: Sequence[Command], answer: Answer) -> None:
+        """Each command spends its own method's budget, as its `result_time` says; on portals that charge
+        a batch's time to `batch` itself, every command carries the batch's one figure, which is noted
+        once, for `batch`, rather than as each method's own."""
+        if not self._budget:
+            return
+        await self._budget.note("batch", answer.time)
+        times = answer.result.get("result_time") if isinstance(answer.result, dict) else None
+        if not isinstance(times, dict):
+            return
+        batch_wide = answer.time.get("operating") if isinstance(answer.time, dict) else None
+        for i, command in enumerate(chunk):
+            timing = times.get(f"c{i}")
+            if isinstance(timing, dict) and batch_wide and timing.get("operating") == batch_wide:
+                continue
+            await self._budget.note(command.method, timing)
+
+    async def _request(self, method: str, payload: dict[str, Any], *, write: bool, meters: list[Meter],
+                       acquired: bool = False, reserve: int = 0) -> Answer:
+        """One HTTP request, retried as its kind allows: a read after a transient failure, a write only
+        when the portal refused it for the rate limit (then nothing ran)."""
+        refreshed = False
+        for attempt in range(self._retry.attempts):
+            try:
+                if not acquired:
+                    await self._limiter.acquire(self.portal.name, self.portal.rate_limit.per_second,
+                                                self.portal.rate_limit.burst, reserve)
+                acquired = False
+                answer = await self._send(method, await self._authorised(payload), meters)
+                self.calls[(method, "ok", "request")] += 1
+                if self._budget and method != "batch":
+                    await self._budget.note(method, answer.time)
+                return answer
+            except MethodBlocked as blocked:
+                # A 429 on `batch` itself (portals that charge a batch's time to `batch`) blocks every
+                # call until the reset, as for any other method: the jobs are deferred, not failed.
+                until = await self._budget.block(blocked.method, blocked.retry_at) if self._budget else None
+                raise MethodBlocked(blocked.method, blocked.code, blocked.description, retry_at=until,
+                                    status=blocked.status) from None
+            except TokenExpired:
+                if self._oauth is None or refreshed:
+                    raise
+                await self._oauth.refresh(self._token)  # the token the portal refused
+                refreshed = True
+                continue
+            except RateLimited:
+                await self._limiter.slow_down(self.portal.name, self.portal.rate_limit.burst)
+                if attempt + 1 == self._retry.attempts:
+                    raise
+            except TransientError:
+                if write or attempt + 1 == self._retry.attempts:
+                    raise
+            await asyncio.sleep(self._retry.delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def _authorised(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if self._oauth is None:
+            return payload
+        self._token = (await self._oauth.tokens()).access_token
+        return {**payload, "auth": self._token}
+
+    async def _send(self, method: str, payload: dict[str, Any], meters: list[Meter], moves: int = 0) -> Answer:
+        self.requests += 1
+        for meter in meters:
+            meter.requests += 1
+        try:
+            async with self._http.post(self._base + method, data=_json(payload), headers=JSON_BODY,
+                                       allow_redirects=False, timeout=self._timeout) as response:
+                if response.status in (301, 302, 307, 308):
+                    if moves >= MAX_MOVES:
+                        raise ConfigError(method, "PORTAL_MOVED", "the portal keeps redirecting",
+                                          hint="Check the portal's address and update rest_url.")
+                    self._follow_move(method, response.headers.get("Location", ""))
+                    return await self._send(method, payload, meters, moves + 1)
+                body = await response.read()
+                try:
+                    return answer_of(method, response.status, body)
+                except B24Error as exc:
+                    self.calls[(method, str(exc.code) or "error", "request")] += 1
+                    raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.calls[(method, "NETWORK_ERROR", "request")] += 1
+            # str(exc) may hold the URL, and with it the webhook code: keep only the kind of failure.
+            raise TransientError(method, "NETWORK_ERROR", type(exc).__name__,
+                                 hint="The portal could not be reached; the job retries by itself.") from None
+
+    def _follow_move(self, method: str, location: str) -> None:
+        """The portal's address changed: re-send to the new host, never follow a POST blindly."""
+        new = urlsplit(location)
+        old = urlsplit(self._base)
+        if new.scheme not in ("https", old.scheme) or not new.netloc or new.netloc == old.netloc:
+            raise ConfigError(method, "PORTAL_MOVED", "the portal answered with an unusable redirect",
+                              hint="Check the portal's address and update rest_url.")
+        log.warning("portal %s moved to %s; update its rest_url", self.portal.name, new.netloc)
+        self._base = urlunsplit((new.scheme, new.netloc, old.path, "", ""))
+
+
+def stops_group(result: CommandResult) -> bool:
+    """A command that stops its group: an error other than 'already so' (already bound, not bound any more)."""
+    return result.error is not None and policy_for(result.error.code).policy != Policy.DONE
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    # orjson: the portal's answers are decoded with it too (a quarter of the stdlib's CPU a batch).
+    return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
+
+
+def answer_of(method: str, status: int, body: bytes) -> Answer:
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        # A proxy or an overloaded portal answers with an HTML page.
+        raise TransientError(method, "UNEXPECTED_ANSWER", f"HTTP {status} with a body that is not JSON",
+                             status=status, hint="The portal or a proxy in front of it failed; retrying later.")
+    if "error" in data:
+        raise error_for(method, data["error"], data.get("error_description"), status)
+    if status >= 400:
+        raise error_for(method, "", f"HTTP {status}", status)
+    return Answer(data.get("result"), int_or_none(data.get("total")), int_or_none(data.get("next")),
+                  data.get("time") or {})
+
+
+def unpack_batch(chunk: Sequence[Command], result: Any) -> list[CommandResult]:
+    # Empty sections arrive as [] rather than {}.
+    def section(name: str) -> dict[str, Any]:
+        value = (result or {}).get(name) if isinstance(result, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    results, errors = section("result"), section("result_error")
+    totals, nexts = section("result_total"), section("result_next")
+    out = []
+    for i, command in enumerate(chunk):
+        key = f"c{i}"
+        if key in errors:
+            err = errors[key] if isinstance(errors[key], dict) else {}
+            out.append(CommandResult(command, error=error_for(command.method, err.get("error"),
+                                                              err.get("error_description"))))
+        elif key in results:
+            out.append(CommandResult(command, result=results[key], total=int_or_none(totals.get(key)),
+                                     next=int_or_none(nexts.get(key))))
+        else:
+            out.append(not_run(command))
+    return out
+
+
+def int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

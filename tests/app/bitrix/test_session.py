@@ -1,0 +1,295 @@
+"""PortalSession against the fake portal: every job's commands packed into shared batches, each job
+getting its own results, its own failures and its own request count."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from app.bitrix.client import Command, RestClient, RetryPolicy
+from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
+from app.bitrix.portal import PortalConfig
+from app.bitrix.ratelimit import LocalRateLimiter
+from app.bitrix.session import PortalSession
+from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rebind.executor import execute
+from app.rules.plan import BindingPlan
+from tests.app.rebind.test_executor import rebind
+from tests.conftest import post_event
+
+
+@pytest.fixture
+async def jobs(portal_config: PortalConfig) -> AsyncIterator[Any]:
+    """RestClients as a worker's jobs have them: all on the portal's one session."""
+    async with aiohttp.ClientSession() as http:
+        session = PortalSession(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
+
+        def make(low_priority: bool = False) -> RestClient:
+            return RestClient.joining(session, low_priority=low_priority)
+        yield make, session
+        await session.close()
+
+
+def bindings_of(activity: int) -> list[Command]:
+    return [Command("crm.activity.binding.list", {"activityId": activity}),
+            Command("crm.activity.get", {"id": activity})]
+
+
+def add(activity: int, type_id: int, entity: int) -> Command:
+    return Command("crm.activity.binding.add", {"activityId": activity, "entityTypeId": type_id, "entityId": entity})
+
+
+def delete(activity: int, type_id: int, entity: int) -> Command:
+    return Command("crm.activity.binding.delete", {"activityId": activity, "entityTypeId": type_id,
+                                                   "entityId": entity})
+
+
+async def test_reads_of_concurrent_jobs_leave_in_one_call(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)], subject=f"mail {n}") for n in range(3)]
+
+    answers = await asyncio.gather(*(make().batch(bindings_of(a)) for a in activities))
+
+    assert portal.requests == [("batch", 6)]
+    assert [answer[1].result["SUBJECT"] for answer in answers] == ["mail 0", "mail 1", "mail 2"]
+
+
+async def test_a_read_alone_leaves_at_once_and_the_request_counts_on_its_job(jobs: Any,
+                                                                            portal: FakePortal) -> None:
+    make, _ = jobs
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    first, second = make(), make()
+
+    # `second` is a job of the session too, busy elsewhere: `first` does not wait for it past LINGER.
+    await first.batch(bindings_of(activity))
+    first.close()
+    await second.batch(bindings_of(activity))
+
+    assert portal.requests == [("batch", 2), ("batch", 2)]
+    assert (first.requests, second.requests) == (1, 1)
+
+
+async def test_request_counts_land_on_every_job_a_call_carried(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
+    big, small, alone = make(), make(), make()
+
+    # 50 commands of `big` and 10 of `small` leave together: 60 commands, two calls; `alone` reads later.
+    await asyncio.gather(big.batch([c for a in activities[:25] for c in bindings_of(a)]),
+                         small.batch([c for a in activities[25:] for c in bindings_of(a)]))
+    await alone.batch(bindings_of(activities[0]))
+
+    assert [n for _, n in portal.requests] == [50, 10, 2]
+    assert (big.requests, big.commands) == (1, 50)  # the first call was all its own
+    assert (small.requests, small.commands) == (1, 10)  # the second all its own
+    assert (alone.requests, alone.commands) == (1, 2)
+
+
+async def test_a_shared_call_counts_on_each_of_its_jobs(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    clients = [make() for _ in range(3)]
+
+    await asyncio.gather(*(c.batch(bindings_of(activity)) for c in clients))
+
+    assert portal.request_count == 1
+    assert [(c.requests, c.commands) for c in clients] == [(1, 2)] * 3
+
+
+async def test_reads_past_one_call_are_split_at_fifty_commands(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
+
+    answers = await asyncio.gather(*(make().batch(bindings_of(a)) for a in activities))
+
+    assert [n for _, n in portal.requests] == [50, 10]
+    assert [int(answer[1].result["ID"]) for answer in answers] == activities
+
+
+async def test_a_failed_call_fails_every_job_that_shared_it(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    portal.fail_next(1, status=401, error="NO_AUTH_FOUND")
+
+    outcomes = await asyncio.gather(*(make().batch(bindings_of(activity)) for _ in range(3)),
+                                    return_exceptions=True)
+
+    assert [type(o) for o in outcomes] == [ConfigError] * 3
+    assert len(portal.requests) == 1
+
+
+async def test_reads_and_writes_never_share_a_call(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+
+    await asyncio.gather(make().batch(bindings_of(activity)),
+                         make().batch([add(activity, CONTACT, made["contact"])], write=True))
+
+    assert sorted(portal.requests) == [("batch", 1), ("batch", 2)]
+
+
+async def test_halting_groups_stay_whole_and_ordered_inside_a_shared_call(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(5)]
+
+    await asyncio.gather(*(make().write([[add(a, CONTACT, made["contact"]), add(a, COMPANY, made["company"])],
+                                         [delete(a, LEAD, lead)]]) for a in activities))
+
+    assert portal.requests == [("batch", 15)]  # one call, halting at an error
+    for activity in activities:  # each group in order: both binds, then the unbind
+        assert portal.binding_history[activity][-3:] == [
+            ((LEAD, lead), (CONTACT, made["contact"])),
+            ((LEAD, lead), (CONTACT, made["contact"]), (COMPANY, made["company"])),
+            ((CONTACT, made["contact"]), (COMPANY, made["company"]))]
+
+
+async def test_under_a_backlog_groups_go_stage_by_stage_in_full_calls(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(40)]
+
+    await asyncio.gather(*(make().write([[add(a, CONTACT, made["contact"]), add(a, COMPANY, made["company"])],
+                                         [delete(a, LEAD, lead)]]) for a in activities))
+
+    # 80 binds, then 40 unbinds; no unbind before its own binds came back.
+    assert sum(n for _, n in portal.requests) == 120
+    assert len(portal.requests) <= 4
+    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
+    assert all(len(state) >= 2 for a in activities for state in portal.binding_history[a][-1:])
+
+
+async def test_one_jobs_failure_stops_only_its_own_group(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    hidden = portal.add_contact()
+    portal.set_access_denied({(CONTACT, hidden)})
+
+    refused_results, fine_results = await asyncio.gather(
+        make().write([[add(refused, CONTACT, hidden)], [delete(refused, LEAD, lead)]]),
+        make().write([[add(fine, CONTACT, made["contact"])], [delete(fine, LEAD, lead)]]))
+
+    assert refused_results[0][0].error is not None and refused_results[0][0].error.code == "ACCESS_DENIED"
+    assert refused_results[1][0].error is not None and refused_results[1][0].error.code == "NOT_RUN"
+    assert all(r.ok for stage in fine_results for r in stage)
+    assert portal.bindings(refused) == [(LEAD, lead)]
+    assert portal.bindings(fine) == [(CONTACT, made["contact"])]
+    # The shared call halted at the refused bind; the other group went again, whole, in the next.
+    assert portal.requests == [("batch", 4), ("batch", 2)]
+
+
+async def test_already_bound_counts_as_done_and_the_group_goes_on(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead), (CONTACT, made["contact"])])
+
+    results = await make().write([[add(activity, CONTACT, made["contact"])], [delete(activity, LEAD, lead)]])
+
+    assert results[0][0].error is not None and results[0][0].error.code == "ACTIVITY_IS_ALREADY_BOUND"
+    assert results[1][0].ok
+    assert portal.bindings(activity) == [(CONTACT, made["contact"])]
+
+
+async def test_live_commands_go_before_low_priority_ones(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
+    backfill, live = make(low_priority=True), make()
+
+    await asyncio.gather(backfill.batch([c for a in activities for c in bindings_of(a)]),
+                         live.batch(bindings_of(activities[0])))
+
+    # The live job's two commands lead the first call; the backfill's 60 fill the rest and the next.
+    assert [n for _, n in portal.requests] == [50, 12]
+    assert live.requests == 1 and backfill.requests == 2
+
+
+async def test_a_method_out_of_its_budget_defers_only_the_jobs_that_need_it(jobs: Any, portal: FakePortal,
+                                                                            redis: Any) -> None:
+    from app.bitrix.budget import MethodBudget
+
+    make, session = jobs
+    session._budget = budget = MethodBudget(redis, "acme", 480)
+    await budget.block("crm.activity.get")
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+
+    blocked, fine = await asyncio.gather(make().batch(bindings_of(activity)),
+                                         make().batch(bindings_of(activity)[:1]), return_exceptions=True)
+
+    assert isinstance(blocked, MethodBlocked) and blocked.retry_at
+    assert isinstance(fine, list) and fine[0].ok
+    assert portal.requests == [("batch", 1)]
+
+
+async def test_a_write_call_that_failed_with_500_is_reported_not_resent(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.fail_next(1)
+
+    with pytest.raises(TransientError):
+        await make().write([[add(activity, CONTACT, made["contact"])], [delete(activity, LEAD, lead)]])
+
+    assert portal.request_count == 1
+
+
+async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_right(
+        client: Any, worker: Any, portal: FakePortal) -> None:
+    made, activities = [], []
+    for _ in range(10):
+        lead = portal.add_lead()
+        made.append(portal.convert_lead(lead))
+        activities.append(portal.add_activity([(LEAD, lead)]))
+    for activity in activities:
+        await post_event(client, "ONCRMACTIVITYADD", activity)
+
+    await worker.run_check()
+
+    assert all(portal.bindings(a) == [(3, m["contact"]), (4, m["company"])] for a, m in zip(activities, made))
+    assert len(portal.requests) < 3 * len(activities)  # each job alone makes 3
+
+
+async def test_jobs_waiting_on_a_call_are_not_left_hanging_when_the_worker_stops(jobs: Any,
+                                                                                 portal: FakePortal) -> None:
+    make, session = jobs
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    portal.stall_next(1, 30.0)
+    first = asyncio.create_task(make().batch(bindings_of(activity)))
+    await asyncio.sleep(0.2)  # its call is on its way, and stuck
+    second = asyncio.create_task(make().batch(bindings_of(activity)))
+    await asyncio.sleep(0)
+
+    await asyncio.wait_for(session.close(), timeout=5)  # the call on its way is stopped, not waited for
+
+    outcomes = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), timeout=5)
+    assert all(isinstance(outcome, asyncio.CancelledError) for outcome in outcomes)
+
+
+async def test_a_halt_in_one_jobs_plan_leaves_the_other_jobs_plan_whole(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
+    hidden = portal.add_contact()
+    portal.set_access_denied({(CONTACT, hidden)})
+
+    outcomes = await asyncio.gather(execute(BindingPlan(activities=(rebind(refused, lead, hidden),)), make()),
+                                    execute(BindingPlan(activities=(rebind(fine, lead, made["contact"]),)), make()))
+
+    assert [[o.status for o in job] for job in outcomes] == [["failed"], ["changed"]]
+    assert portal.bindings(refused) == [(LEAD, lead)]
+    assert portal.bindings(fine) == [(CONTACT, made["contact"])]
