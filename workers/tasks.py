@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
 AFTER_REDIS_FAILED = 5.0  # seconds before a job Redis failed runs again (and finds done what it did)
+
+
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     context = context_of(ctx)
     store = context.store
@@ -53,11 +55,11 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
         await _or_later(store.save(record))
         return record.state.value
+    await _or_later(store.save(record))  # shown running
     client = portal_client(context, portal, low_priority=record.trigger == "backfill")
     delays = context.retry_delays
     earlier_changes = record.changes
     changes = ChangeLog(context.redis, portal.name)
-    await _or_later(store.save(record))  # shown running
     lock = LeadLock(context.redis, portal.name, ttl=JOB_TIMEOUT)
     deadline = asyncio.timeout(context.job_timeout)
     try:
