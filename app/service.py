@@ -6,6 +6,7 @@ import logging
 import signal
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from arq import Worker
@@ -21,7 +22,7 @@ from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
 from app.web import create_app
-from workers.main import build_worker
+from workers.main import BACKFILL_JOBS, build_worker, close_portal_sessions, shared_portal_sessions
 from workers.reconcile import reconcile_command
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,14 @@ async def run(settings: Settings, roles: Roles) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
         if roles.worker:
             outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
+            # Both queues' workers hand their commands to the same sender per portal; closed after both stop.
+            shared = shared_portal_sessions()
+            stack.push_async_callback(close_portal_sessions, shared)
             tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, outage,
-                                             max_jobs=settings.worker_jobs))
-            # History (backfill) gets one job at a time, and its requests leave half the burst to live events.
-            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage, max_jobs=1))
+                                             max_jobs=settings.worker_jobs, shared=shared))
+            # History (backfill): its commands go after live events' and leave them half the burst.
+            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage,
+                                             max_jobs=BACKFILL_JOBS, shared=shared))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:
@@ -115,9 +120,10 @@ async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules
 
 
 async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRules, queue: str,
-                        outage: RedisOutage, max_jobs: int) -> asyncio.Task[None]:
+                        outage: RedisOutage, max_jobs: int, shared: dict[str, Any]) -> asyncio.Task[None]:
     redis = await connect(settings, wait=False)  # the worker waits for a Redis that is away
-    worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs)
+    worker = build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, max_jobs=max_jobs,
+                          ctx=shared)
     worker.outage = outage
     task = asyncio.create_task(worker.async_run())
 
@@ -135,7 +141,7 @@ async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRu
 def backfill_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> Worker:
     """A worker that drains the backfill queue and stops: `b24rebind backfill` works off its own jobs."""
     return build_worker(settings, rules, redis, queue_name=BACKFILL_QUEUE, burst=True, handle_signals=False,
-                        max_jobs=2, poll_delay=0.2)
+                        max_jobs=BACKFILL_JOBS, poll_delay=0.2)
 
 
 __all__ = ["CannotListen", "Roles", "backfill_worker", "reconcile_command", "run", "web_runner"]

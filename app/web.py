@@ -41,7 +41,6 @@ def create_app(settings: Settings, rules: RuleSet | LiveRules | None = None) -> 
     app.cleanup_ctx.append(spool_context)  # after Redis: drains into it, and stops before it closes
     app.cleanup_ctx.append(trim_context)
     app.router.add_post("/bitrix/events", receive_event)
-    app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     setup_api(app)
@@ -128,15 +127,6 @@ async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse
             if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
                 return web.json_response({"error": "send Authorization: Bearer <B24_API_TOKEN>"}, status=401)
     return await handler(request)
-
-
-async def get_job(request: web.Request) -> web.Response:
-    job_id = request.match_info["job_id"]
-    record = await request.app[store_key].get(job_id) if job_id.isalnum() and len(job_id) <= 64 else None
-    if record is None:
-        return web.json_response({"error": f"no job {job_id[:64]!r}; job records are kept for "
-                                  f"{request.app[settings_key].job_retention_days:g} days"}, status=404)
-    return web.json_response(record.model_dump(mode="json"))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -35,13 +35,14 @@ async def seed(records: int, failed_share: float) -> int:
     start, failed = time.time() - 86400, 0
     states = [JobState.SUCCEEDED, JobState.SKIPPED, JobState.SUCCEEDED, JobState.DEAD]
     for i in range(records):
+        lead, contact = {"entity_type": 1, "entity_id": i}, {"entity_type": 3, "entity_id": i}
         is_failed = i % round(1 / failed_share) == 0  # evenly spread over the day
         state = JobState.FAILED if is_failed else states[i % len(states)]
         failed += is_failed
         record = JobRecord(id=f"bench{i:06d}", portal="acme", event="ONCRMACTIVITYADD", entity_id=i,
                            received_at=start + i * 86400 / records, state=state, rules=["rule-a"],
-                           plan=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"]}],
-                           changes=[{"activity": i, "before": [f"lead {i}"], "after": [f"contact {i}"],
+                           plan=[{"activity": i, "before": [lead], "after": [contact]}],
+                           changes=[{"activity": i, "before": [lead], "after": [contact],
                                      "status": "changed", "errors": []}], outcome="re-bound 1 item")
         await store.save(record)
     await redis.aclose()

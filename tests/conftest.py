@@ -19,6 +19,8 @@ from pydantic import SecretStr
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.fakeportal.portal import FakePortal
+from app.rebind.echo import ChangeLog
+from app.rules.facts import Binding
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings
@@ -153,3 +155,12 @@ async def post_event(client: TestClient, event: str, entity_id: int, **kwargs: A
     response = await client.post("/bitrix/events", data=event_form(event, entity_id, **kwargs),
                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
     return response.status, await response.json()
+
+
+async def record_changes(redis: Any, changes: ChangeLog, activity_id: int, after: tuple[Binding, ...] = (),
+                         times: int = 1) -> None:
+    """What a job's last pipeline records for an activity it changed (workers/tasks.py, _save_attempt)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(times):
+            changes.stage_record(pipe, activity_id, after)
+        await pipe.execute()

@@ -91,3 +91,20 @@ def test_the_checks_see_the_imports_they_guard() -> None:
     assert "workers.main" in edges[ASSEMBLY]
     assert FAKE_PORTAL + ".portal" in edges["app.demo"]
     assert any(t.startswith("app.") for t in edges["workers.tasks"])
+
+
+def test_code_cites_the_official_docs_not_notes_readers_do_not_have() -> None:
+    files = [p for package in (*PACKAGES, "docs") for p in (ROOT / package).rglob("*") if p.suffix in (".py", ".md")]
+    citing = [str(p.relative_to(ROOT)) for p in [*files, ROOT / "README.md"]
+              if "shared/bitrix24" in p.read_text(encoding="utf-8")]
+    assert citing == [], "cite GitHub bitrix24/b24restdocs by path instead"
+
+
+def test_only_the_factory_builds_a_portals_session() -> None:
+    """Built elsewhere, a session misses an application portal's tokens or the shared request budget."""
+    builders = {"app.bitrix.connect", "app.bitrix.client"}  # the factory, and RestClient's own constructor
+    built = sorted(f"{name}:{node.lineno}" for name, path in modules().items() if name not in builders
+                   for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                   and node.func.id in ("RestClient", "PortalSession", "OAuthSession"))
+    assert built == [], "build a portal's client with app.bitrix.connect (portal_session, portal_client)"

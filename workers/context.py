@@ -34,32 +34,50 @@ def new_http_session() -> aiohttp.ClientSession:
 
 
 @dataclass
+class PortalSenders:
+    """The HTTP session and the one sender per portal (`PortalSession`) of a worker, or of the workers of
+    one process (live and backfill) sharing them, so that one sender sees all of its work for a portal."""
+
+    http: aiohttp.ClientSession = field(default_factory=new_http_session)
+    by_portal: dict[str, PortalSession] = field(default_factory=dict)
+    retired: list[PortalSession] = field(default_factory=list)  # of portals the rules file has changed since
+
+    async def close(self) -> None:
+        for session in [*self.by_portal.values(), *self.retired]:
+            await session.close()
+        await self.http.close()
+
+
+@dataclass
 class WorkerContext:
     settings: Settings
     rules: LiveRules
     redis: ArqRedis
-    http: aiohttp.ClientSession
+    senders: PortalSenders
     limiter: RateLimiter
     store: JobStore
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     retry_delays: tuple[float, ...] = RETRY_DELAYS
     job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
-    # portal name -> the one sender of its requests in this process
-    portal_sessions: dict[str, PortalSession] = field(default_factory=dict)
-    retired_sessions: list[PortalSession] = field(default_factory=list)  # of portals the rules file changed
+    owns_senders: bool = True  # False: the process's workers share them, closed once all have stopped
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:
         """The context of a worker (or a command doing a worker's work) on `redis`; options override
         the defaults (tests use faster retries)."""
-        return cls(settings=settings, rules=rules, redis=redis, http=options.pop("http", None) or new_http_session(),
-                   limiter=RateLimiter(redis), store=JobStore.from_settings(redis, settings), **options)
+        shared = options.pop("senders", None)
+        return cls(settings=settings, rules=rules, redis=redis, senders=shared or PortalSenders(),
+                   owns_senders=shared is None, limiter=RateLimiter(redis),
+                   store=JobStore.from_settings(redis, settings), **options)
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        return self.senders.http
 
     async def close(self) -> None:
-        for session in [*self.portal_sessions.values(), *self.retired_sessions]:
-            await session.close()
-        await self.http.close()
+        if self.owns_senders:
+            await self.senders.close()
 
 
 def context_of(ctx: dict[str, Any]) -> WorkerContext:

@@ -22,7 +22,7 @@ from app.store.queue import (
     deserialize,
     serialize,
 )
-from workers.context import CONTEXT, JOB_TIMEOUT, WorkerContext, context_of
+from workers.context import CONTEXT, JOB_TIMEOUT, PortalSenders, WorkerContext, context_of
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import process_event
@@ -36,6 +36,7 @@ POLL_DELAY = 0.1  # seconds between reads of the queue
 # arq's time limit for a job: the job stops itself at its own (WorkerContext.job_timeout) and saves its
 # record; arq's, a grace period later, only catches a job that could not.
 JOB_GRACE = 60
+BACKFILL_JOBS = 20  # backfill jobs a process runs at once: their reads and writes pack into shared batches
 
 
 async def startup(ctx: dict[str, Any], settings: Settings, rules: LiveRules, options: dict[str, Any]) -> None:
@@ -48,6 +49,17 @@ async def startup(ctx: dict[str, Any], settings: Settings, rules: LiveRules, opt
 async def shutdown(ctx: dict[str, Any]) -> None:
     if CONTEXT in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
         await context_of(ctx).close()
+
+
+def shared_portal_sessions() -> dict[str, Any]:
+    """WorkerContext options for a process's workers (live and backfill): one HTTP session and one
+    PortalSession per portal between them, so that one sender sees all of the process's work for a portal."""
+    return {"senders": PortalSenders()}
+
+
+async def close_portal_sessions(shared: dict[str, Any]) -> None:
+    """Closes what `shared_portal_sessions` made, once the workers sharing it have stopped."""
+    await shared["senders"].close()
 
 
 async def requeue_stranded(ctx: dict[str, Any]) -> int:

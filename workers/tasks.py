@@ -12,10 +12,9 @@ from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
-from app.bitrix.budget import MethodBudget
 from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_session as connect_session
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
-from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.session import PortalSession
 from app.logs import current_job
@@ -25,7 +24,7 @@ from app.rebind.executor import TargetsGone, execute
 from app.rebind.facts import Echo, FactReader, Gone
 from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
-from app.rules.facts import Facts
+from app.rules.facts import Facts, read_bindings
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
@@ -138,7 +137,7 @@ async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestC
             AuditLog(context.redis, context.settings.job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:
                 if "activity" in change and change["status"] == "changed":
-                    changes.stage_record(pipe, change["activity"], change["after"])
+                    changes.stage_record(pipe, change["activity"], read_bindings(change["after"]))
         stage_attempt(pipe, record, client, context.limiter)
         if record.attempts and record.attempts[-1].outcome == "deferred":
             pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
@@ -152,14 +151,13 @@ def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bo
 
 
 def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSession:
-    session = context.portal_sessions.get(portal.name)
+    session = context.senders.by_portal.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
-            context.retired_sessions.append(session)
-        session = context.portal_sessions[portal.name] = PortalSession(
-            context.http, portal, context.limiter, retry=context.retry_policy,
-            budget=MethodBudget(context.redis, portal.name, portal.operating_budget, context.budget_reads),
-            oauth=OAuthSession(context.http, context.redis, portal) if portal.auth == "oauth" else None)
+            context.senders.retired.append(session)
+        session = context.senders.by_portal[portal.name] = connect_session(
+            context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
+            budget_reads=context.budget_reads)
     return session
 
 

@@ -18,8 +18,9 @@ from app.api.keys import queue_key, redis_key, rules_key, settings_key, store_ke
 from app.api.metrics import setup_metrics
 from app.api.openapi import openapi_document
 from app.api.stream import setup_stream
+from app.bitrix.errors import B24Error
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
-from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobState, UnknownJob
+from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobRecord, JobState, UnknownJob, is_job_id
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ LIST_PARAMS = ("state", "portal", "event", "rule", "trigger", "entity", "lead", 
 MAX_LIMIT = 500
 MAX_RETRY = 1000
 _NAME = re.compile(r"^[\w.:@/+-]{1,200}$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9]{1,64}$")
 
 
 class BadRequest(Exception):
@@ -39,6 +39,7 @@ def setup_api(app: web.Application) -> None:
     """Add the API routes, the live stream and /metrics to the web application."""
     app.middlewares.append(api_errors)
     app.router.add_get("/api/jobs", list_jobs)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_post("/api/jobs/retry", retry_jobs)
     app.router.add_post("/api/jobs/{job_id}/retry", retry_job)
     app.router.add_post("/api/jobs/{job_id}/undo", undo_job_changes)
@@ -56,6 +57,8 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except BadRequest as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except UnknownJob as exc:
+        return web.json_response({"error": str(exc)}, status=404)
     except web.HTTPException as exc:
         if not request.path.startswith("/api/") or exc.status < 400:
             raise
@@ -77,13 +80,24 @@ async def list_jobs(request: web.Request) -> web.Response:
                               "next_cursor": page.next_cursor})
 
 
+async def _job_named(request: web.Request) -> JobRecord:
+    """The job the path names; a 404 that says how long records are kept if there is none."""
+    job_id = request.match_info["job_id"]
+    record = await request.app[store_key].get(job_id) if is_job_id(job_id) else None
+    if record is None:
+        raise UnknownJob(job_id, request.app[settings_key].job_retention_days)
+    return record
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """GET /api/jobs/{id}: the job record, plan, changes and attempts."""
+    return web.json_response((await _job_named(request)).model_dump(mode="json"))
+
+
 async def retry_job(request: web.Request) -> web.Response:
     """POST /api/jobs/{id}/retry: queue a finished job again; it re-reads the portal first."""
-    job_id = request.match_info["job_id"]
-    record = await request.app[store_key].get(job_id) if _JOB_ID.match(job_id) else None
-    if record is None:
-        return web.json_response({"error": f"no job {job_id[:64]!r}; job records are kept for "
-                                  f"{request.app[settings_key].job_retention_days:g} days"}, status=404)
+    record = await _job_named(request)
+    job_id = record.id
     if record.state not in FINAL_STATES:
         raise BadRequest(f"job {job_id} is {record.state.value}; only a finished job can be retried")
     await request.app[queue_key].requeue(record)
@@ -94,17 +108,18 @@ async def retry_job(request: web.Request) -> web.Response:
 async def undo_job_changes(request: web.Request) -> web.Response:
     """POST /api/jobs/{id}/undo: restore the bindings a job changed, when nothing changed them since."""
     job_id = request.match_info["job_id"]
-    if not _JOB_ID.match(job_id):
+    if not is_job_id(job_id):
         raise BadRequest("a job id is letters and digits")
     days = request.app[settings_key].job_retention_days
     audit = AuditLog(request.app[redis_key], days * 86400)
     try:
         result = await undo_with_rules(job_id, audit, request.app[rules_key].current, request.app[redis_key],
                                        request.app[store_key], days)
-    except UnknownJob as exc:
-        return web.json_response({"error": str(exc)}, status=404)
     except UndoRefused as exc:
         return web.json_response({"error": str(exc)}, status=409)
+    except B24Error as exc:  # the portal refused us or failed: say so, with what to do, not a 500
+        return web.json_response({"error": f"undo stopped: the portal answered {exc.method}: {exc.code} "
+                                           f"({exc.description}). {exc.hint}".strip()}, status=502)
     log.info("job %s undone by an API call: %d items restored", job_id, len(result.restored))
     record = await request.app[store_key].get(job_id)
     return web.json_response({"state": record.state.value if record else None,
@@ -140,7 +155,7 @@ async def get_audit(request: web.Request) -> web.Response:
     audit = AuditLog(request.app[redis_key], request.app[settings_key].job_retention_days * 86400)
     limit = _int(params["limit"], "limit", 1, 200) if params["limit"] else 50
     if params["job"]:
-        if not _JOB_ID.match(params["job"]):
+        if not is_job_id(params["job"]):
             raise BadRequest("job must be a job id (letters and digits)")
         entries = (await audit.for_job(params["job"]))[:limit]
     else:

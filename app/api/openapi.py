@@ -68,7 +68,7 @@ _PATHS: dict[str, dict[str, Any]] = {
          _param("limit", "at most this many (1-1000, default 100)", {"type": "integer"})])},
     "/api/jobs/{job_id}": {"get": _operation(
         "One job: plan, changes with bindings before and after, attempts with errors and what to do",
-        {"200": _json("the job record", {"type": "object"}), "404": _ERROR}, [_JOB_ID])},
+        {"200": _json("the job record", {"$ref": "#/components/schemas/Job"}), "404": _ERROR}, [_JOB_ID])},
     "/api/jobs/{job_id}/retry": {"post": _operation(
         "Queue a finished job again; it re-reads the portal before writing",
         {"200": _json("queued", {"type": "object"}), "400": _ERROR, "404": _ERROR}, [_JOB_ID])},
@@ -115,6 +115,24 @@ _SCHEMAS: dict[str, Any] = {
         "finished_at": {"type": ["number", "null"]}, "outcome": {"type": "string"},
         "attempts": {"type": "integer"}, "requests": {"type": "integer"}, "changes": {"type": "integer"},
         "error": {"type": ["object", "null"]}}},
+    "Binding": {"type": "object", "required": ["entity_type", "entity_id"], "properties": {
+        "entity_type": {"type": "integer", "description": "as crm.enum.ownertype numbers it: 1 lead, 2 deal, "
+                                                          "3 contact, 4 company; others as the portal numbers them"},
+        "entity_id": {"type": "integer"}}},
+    "ItemBindings": {"type": "object", "description": "one activity's (or timeline comment's) bindings",
+                     "required": ["before", "after"], "properties": {
+        "activity": {"type": "integer"}, "comment": {"type": "integer"},
+        **{key: {"type": "array", "items": {"$ref": "#/components/schemas/Binding"}}
+           for key in ("before", "after", "add", "remove")},
+        "move": {"type": "array", "items": {"type": "object", "properties": {
+            "from": {"$ref": "#/components/schemas/Binding"}, "to": {"$ref": "#/components/schemas/Binding"}}}},
+        "status": {"type": "string", "enum": ["changed", "dry_run", "failed", "gone"]},
+        "errors": {"type": "array", "items": {"type": "object"}}}},
+    "Job": {"type": "object", "properties": {
+        "id": {"type": "string"}, "state": {"type": "string", "enum": [s.value for s in JobState]},
+        "plan": {"type": "array", "items": {"$ref": "#/components/schemas/ItemBindings"}},
+        "changes": {"type": "array", "items": {"$ref": "#/components/schemas/ItemBindings"}},
+        "attempts": {"type": "array", "items": {"type": "object"}}}},
     "JobPage": {"type": "object", "properties": {
         "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/JobSummary"}},
         "next_cursor": {"type": ["string", "null"]}}},

@@ -33,7 +33,8 @@ class ErrorPolicy:
 
 _RETRY_LATER = "Temporary; the job retries by itself with backoff."
 
-# One table for every code the documentation lists (../shared/bitrix24-protocol.md §4, §6, §7).
+# One table for every code the official docs list (GitHub bitrix24/b24restdocs: error-codes.md,
+# settings/performance/limits.md, and the binding methods' pages in api-reference/crm/timeline/).
 # Codes are compared case-insensitively because portals and SDKs disagree on case.
 POLICIES: dict[str, ErrorPolicy] = {
     "QUERY_LIMIT_EXCEEDED": ErrorPolicy(Policy.RETRY, "The portal's request limit was reached; retrying slower."),

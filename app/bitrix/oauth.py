@@ -35,9 +35,6 @@ class AppTokens(BaseModel):
     application_token: str = ""
     member_id: str = ""
 
-    def secrets(self) -> list[str]:
-        return [s for s in (self.access_token, self.refresh_token, self.application_token) if s]
-
 
 class TokenStore:
     """One application's tokens per portal, in Redis."""

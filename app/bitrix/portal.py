@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-# Plan presets of the portal's request limit (../shared/bitrix24-protocol.md §6).
+# Plan presets of the portal's request limit (b24restdocs: settings/performance/limits.md).
 PLAN_LIMITS = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
 
 

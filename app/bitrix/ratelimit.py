@@ -1,7 +1,7 @@
 """One request budget per portal, kept in Redis so every process of an installation shares it.
 
 A portal allows about 2 requests a second with a burst of 50, counted per portal and source
-address (../shared/bitrix24-protocol.md §6). The bucket here mirrors the portal's own leaky bucket,
+address (official docs, GitHub bitrix24/b24restdocs: settings/performance/limits.md). The bucket here mirrors the portal's own leaky bucket,
 so callers wait before the portal would refuse them.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from app.store.namespace import prefixed
 
 # Times are kept to the microsecond: Lua's tostring keeps 14 digits, 0.1 ms of a Unix time, and a
 # time rounded up made the next call's elapsed time negative and the bucket fuller than it was.
-# Returns the seconds to wait (as a string: Lua numbers become integers on the way out) and the
-# slots taken (one, or none while the caller must wait). While a portal has recently refused us, the
-# drain rate is halved.
+# Returns the seconds to wait (as a string: Lua numbers become integers on the way out), the slots
+# taken (one, or none while the caller must wait) and the bucket's level. While a portal has recently
+# refused us, the drain rate is halved.
 _LEAKY_BUCKET = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
@@ -37,7 +37,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', string.format('%.6f', now))
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return {tostring(wait), taken}
+return {tostring(wait), taken, tostring(level)}
 """
 
 _FILL_BUCKET = """
@@ -69,6 +69,7 @@ class RateLimiter:
         self._script = redis.register_script(_LEAKY_BUCKET)
         self._fill = redis.register_script(_FILL_BUCKET)
         self.stats = RateLimitStats()
+        self.levels: dict[str, float] = {}  # each portal's bucket as last seen: how busy the portal is
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         """Wait for a slot. `reserve` slots of the burst are left to others (backfill leaves half to live events)."""
@@ -80,7 +81,8 @@ class RateLimiter:
         """Take a slot if one is free (returns 0), else the seconds until one will be (nothing taken)."""
         reserved = min(burst - 1, reserve + self._headroom)
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-        wait_text, _ = await self._script(keys=keys, args=[per_second, burst, reserved])
+        wait_text, _, level = await self._script(keys=keys, args=[per_second, burst, reserved])
+        self.levels[portal] = float(level)
         wait = float(wait_text)
         if wait <= 0:
             return 0.0
@@ -100,6 +102,7 @@ class LocalRateLimiter:
     def __init__(self) -> None:
         self._level: dict[str, tuple[float, float]] = {}
         self.stats = RateLimitStats()
+        self.levels: dict[str, float] = {}
 
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None:
         while (wait := await self.try_take(portal, per_second, burst, reserve)) > 0:
@@ -109,6 +112,7 @@ class LocalRateLimiter:
         level, since = self._level.get(portal, (0.0, time.monotonic()))
         now = time.monotonic()
         level = max(0.0, level - (now - since) * per_second)
+        self.levels[portal] = level
         if level + 1 <= burst - reserve:
             self._level[portal] = (level + 1, now)
             return 0.0

@@ -63,6 +63,10 @@ MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
 JSON_BODY = {"Content-Type": "application/json"}
 REQUEST_TIMEOUT = 60.0  # the portal lets a request run up to 60 s (docs: limits.md); giving up sooner abandons work it still does
 LINGER = 0.05  # seconds a batch that is not full waits for the session's other jobs to join it
+# A batch that is not full waits longer the busier the portal's bucket (up to this at a full one): on an
+# idle portal a lone job's call leaves at once, under a backlog calls leave full instead of spending
+# the burst on a few commands each.
+BUSY_HOLD = 2.0
 IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
 
 
@@ -178,6 +182,7 @@ class _Call:
     write: bool
     halt: bool
     slots: list[tuple[_Part, tuple[int, int]]] = field(default_factory=list)
+    unique: int = 0  # commands it sends: the same read asked by several jobs is sent once
 
     @property
     def low(self) -> bool:
@@ -299,8 +304,9 @@ class PortalSession:
             ready = sum(p.ready for p in self._parts if p.write == write)
             full = ready >= BATCH_LIMIT
             oldest = min(p.queued_at for p in self._parts if p.write == write and p.ready)
-            linger_left = self._linger - (time.monotonic() - oldest)
-            if not full and linger_left > 0 and not self._everyone_waiting():
+            hold = (0.0 if self._everyone_waiting() else self._linger) + self._busy_hold()
+            linger_left = hold - (time.monotonic() - oldest)
+            if not full and linger_left > 0:
                 await self._wait(linger_left)
                 continue
             low = all(p.low for p in self._parts if p.write == write and p.ready)
@@ -336,6 +342,13 @@ class PortalSession:
                 if any(p.ready and p.low == low and p.write == write for p in self._parts):
                     return write
         return False
+
+    def _busy_hold(self) -> float:
+        levels = getattr(self._limiter, "levels", None) or {}
+        burst = self.portal.rate_limit.burst
+        if not self._linger or burst <= 2:  # a session of one-off commands never holds a call
+            return 0.0
+        return BUSY_HOLD * min(1.0, levels.get(self.portal.name, 0.0) / burst)
 
     def _everyone_waiting(self) -> bool:
         """True when no job of the session is busy elsewhere: nothing more will join this batch."""
@@ -373,14 +386,25 @@ class PortalSession:
                     part.out += 1
                 return call
         call = _Call(write=write, halt=False)
+        seen: set[bytes] = set()  # reads already in the call: the same read of another job rides free
         for part in parts:
-            room = BATCH_LIMIT - len(call.slots)
-            if room <= 0:
+            took = False
+            stage = part.stages[part.stage]
+            while part.sent < len(stage):
+                key = read_key(stage[part.sent])
+                if key is None or key not in seen:
+                    if call.unique >= BATCH_LIMIT:
+                        break
+                    call.unique += 1
+                    if key is not None:
+                        seen.add(key)
+                call.slots.append((part, (part.stage, part.sent)))
+                part.sent += 1
+                took = True
+            if took:
+                part.out += 1
+            if call.unique >= BATCH_LIMIT:
                 break
-            take = min(room, part.ready)
-            call.slots += [(part, (part.stage, i)) for i in range(part.sent, part.sent + take)]
-            part.sent += take
-            part.out += 1
         return call
 
     # -------------------------------------------------------- delivering
@@ -436,17 +460,30 @@ class PortalSession:
             part.finish()
 
     async def _send_batch(self, call: _Call, parts: list[_Part]) -> list[CommandResult]:
-        chunk = [part.command(at) for part, at in call.slots]
+        asked = [part.command(at) for part, at in call.slots]
+        chunk: list[Command] = []
+        index: dict[bytes, int] = {}
+        where = []  # each slot's command in the chunk sent
+        for command in asked:
+            key = read_key(command)
+            if key is None or key not in index:
+                if key is not None:
+                    index[key] = len(chunk)
+                where.append(len(chunk))
+                chunk.append(command)
+            else:
+                where.append(index[key])
         cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
         meters = list(dict.fromkeys(part.meter for part in parts))
         answer = await self._request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
                                      meters=meters, acquired=True)
-        unpacked = unpack_batch(chunk, answer.result)
+        sent = unpack_batch(chunk, answer.result)
+        unpacked = [sent[i] for i in where]
         for (part, _), result in zip(call.slots, unpacked):
             part.meter.commands += 1
             part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
         await self._note_batch_times(chunk, answer)
-        for result in unpacked:
+        for result in sent:
             if isinstance(result.error, MethodBlocked) and self._budget:
                 await self._budget.block(result.error.method)
         return unpacked
@@ -546,6 +583,13 @@ class PortalSession:
                               hint="Check the portal's address and update rest_url.")
         log.warning("portal %s moved to %s; update its rest_url", self.portal.name, new.netloc)
         self._base = urlunsplit((new.scheme, new.netloc, old.path, "", ""))
+
+
+def read_key(command: Command) -> bytes | None:
+    """What makes two reads the same read (None for a write: two jobs' writes are two writes)."""
+    if command.method.endswith((".get", ".list")):
+        return command.method.encode() + b"?" + _json(command.params)
+    return None
 
 
 def stops_group(result: CommandResult) -> bool:

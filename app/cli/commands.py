@@ -10,19 +10,19 @@ from typing import Any
 
 import aiohttp
 import yaml
+from redis.asyncio import Redis
 
 from app import service
-from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_client
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables
 from app.rebind.facts import FactReader, Gone
 from app.rules.engine import explain, plan
-from app.rules.facts import Activity, Binding, Client, Facts, Lead
+from app.rules.facts import Activity, Binding, Client, Facts, Lead, bindings_text
 from app.rules.loader import RulesError, load_rules
-from app.rules.model import KINDS, RuleSet, entity_type_of
+from app.rules.model import KINDS, RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
 from app.store.jobs import FINAL_STATES, JobStore
@@ -47,13 +47,24 @@ def pick_portal(rules: RuleSet, name: str | None) -> PortalConfig:
     return next(iter(rules.portals.values()))
 
 
+async def redis_for(portal: PortalConfig, settings: Settings, stack: AsyncExitStack) -> Redis | None:
+    """The service's Redis for a tool reading an application's portal (its tokens are kept there); a
+    webhook portal is read without one."""
+    if portal.auth != "oauth":
+        return None
+    redis = await connect(with_redis(settings, stack))
+    stack.push_async_callback(redis.aclose)
+    return redis
+
+
 async def explain_command(settings: Settings, activity: int | None, lead: int | None, portal_name: str | None,
                           event: str | None) -> int:
     """Read the portal (never write) and print which rules match, why others do not, and the plan."""
     rules = load_service_rules(settings)
     portal = pick_portal(rules, portal_name)
-    async with aiohttp.ClientSession() as http:
-        client = RestClient(http, portal, LocalRateLimiter())
+    async with AsyncExitStack() as stack:
+        redis = await redis_for(portal, settings, stack)
+        client = portal_client(await stack.enter_async_context(aiohttp.ClientSession()), portal, redis)
         reader = FactReader(client, rules)
         try:
             if activity is not None:
@@ -85,7 +96,7 @@ def render_explanation(rules: RuleSet, facts: Facts) -> str:
             mark = "matches" if verdict.matched else "does not match:"
             lines.append(f"  rule {verdict.rule!r} {mark}{'' if verdict.matched else ' ' + verdict.reason}")
     result = plan(rules, facts)
-    rows = [(str(p.activity_id), ", ".join(map(str, p.before)), ", ".join(map(str, p.after)), "; ".join(p.notes))
+    rows = [(str(p.activity_id), bindings_text(p.before), bindings_text(p.after), "; ".join(p.notes))
             for p in result.activities]
     lines += ["", "Plan (before -> after):", *_table(("activity", "before", "after", "notes"), rows)]
     return "\n".join(lines)
@@ -131,11 +142,11 @@ def test_command(path: Path, settings: Settings) -> int:
         name = case.get("name") or f"case {number}"
         try:
             got = _run_case(rules, case)
+            expected = sorted(str(Binding.parse(str(b))) for b in case.get("expect", []))
         except (KeyError, ValueError, TypeError) as exc:
             print(f"ERROR {name}: {exc!r} in the case's facts ({path})")
             failures += 1
             continue
-        expected = sorted(str(b) for b in case.get("expect", []))
         if sorted(got) == expected:
             print(f"pass  {name}")
         else:
@@ -149,7 +160,7 @@ def _run_case(rules: RuleSet, case: dict[str, Any]) -> list[str]:
     spec = case["activity"]
     kind = KINDS.get(str(spec.get("kind", "email")), ("", None))
     activity = Activity(
-        id=int(spec.get("id", 1)), bindings=tuple(_binding(text) for text in spec["bound_to"]),
+        id=int(spec.get("id", 1)), bindings=tuple(Binding.parse(str(text)) for text in spec["bound_to"]),
         subject=str(spec.get("subject", "")), type_id=kind[0], provider_id=kind[1] or str(spec.get("provider", "")),
         direction={"incoming": "1", "outgoing": "2"}.get(str(spec.get("direction")), ""),
         responsible_id=int(spec.get("responsible", 0)), emails=tuple(spec.get("emails", ())))
@@ -171,11 +182,6 @@ def _run_case(rules: RuleSet, case: dict[str, Any]) -> list[str]:
     return sorted(str(b) for b in planned.after)
 
 
-def _binding(text: str) -> Binding:
-    kind, _, number = str(text).partition(" ")
-    return Binding(entity_type=entity_type_of(kind), entity_id=int(number))
-
-
 async def backfill_command(settings: Settings, since: str, only_rule: str | None, dry_run: bool,
                            portal_name: str | None, wait: bool = True) -> int:
     """Queue history on the low-priority queue, work it off here, and print a summary."""
@@ -190,7 +196,7 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         store = JobStore.from_settings(redis, settings)
         http = await stack.enter_async_context(aiohttp.ClientSession())
         run = BackfillRun(portal.name, since, only_rule, dry_run)
-        client = RestClient(http, portal, RateLimiter(redis), low_priority=True)
+        client = portal_client(http, portal, redis, low_priority=True)
         job_ids = await queue_backfill(run, client, JobQueue(redis, store), redis)
         print(f"backfill: {len(job_ids)} converted leads since {since} queued on the low-priority queue"
               + (" (dry run: nothing will be written)" if dry_run else ""), flush=True)

@@ -16,20 +16,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from redis.asyncio import Redis
 
 from app.bitrix.client import Answer, RestClient, RetryPolicy
 from app.bitrix.errors import B24Error, ConfigError
-from app.bitrix.oauth import OAuthSession, TokenStore
+from app.bitrix.connect import portal_client
+from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import LocalRateLimiter
-from app.cli.commands import pick_portal
+from app.cli.commands import pick_portal, redis_for
 from app.config import load_service_rules, variables
 from app.rebind.crm_mode import read_mode, simple_mode_warning
 from app.rules.loader import load_rules
 from app.rules.model import SIMPLE_CRM, RuleSet
 from app.settings import Settings
-from app.store.bundled_redis import with_redis
-from app.store.queue import connect
 
 # The methods the service writes and reads bindings with (crm.activity.binding.*, crm.timeline.bindings.*).
 BINDING_METHODS = ("crm.activity.binding.list", "crm.activity.binding.add", "crm.activity.binding.delete",
@@ -194,20 +193,18 @@ async def doctor(settings: Settings, portal_name: str | None) -> int:
     """The command: the rules file's portal (or --portal), and for an application its stored tokens."""
     rules = load_service_rules(settings)
     portal = pick_portal(rules, portal_name)
-    if portal.auth != "oauth":
-        return await doctor_command(portal, rules)
-    async with AsyncExitStack() as stack:  # an application's tokens are kept in Redis
-        redis = await connect(with_redis(settings, stack))
-        stack.push_async_callback(redis.aclose)
-        return await doctor_command(portal, rules, redis)
+    async with AsyncExitStack() as stack:
+        return await doctor_command(portal, rules, await redis_for(portal, settings, stack))
 
 
 async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str) -> int:
     """`rules check --portal`: one read of the portal's CRM mode; rules about leads never fire without leads."""
     rules = load_rules(path, variables()) if path else load_service_rules(settings)
     portal = pick_portal(rules, portal_name)
-    async with aiohttp.ClientSession() as http:
-        client = RestClient(http, portal, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
+    async with AsyncExitStack() as stack:
+        redis = await redis_for(portal, settings, stack)
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        client = portal_client(http, portal, redis, retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
         mode = await read_mode(client)  # a refusal or no answer: the command's edge says what to do
     warning = simple_mode_warning(rules, portal_name, mode)
     if warning:
@@ -217,16 +214,12 @@ async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str
     return 0
 
 
-async def doctor_command(portal: PortalConfig, rules: RuleSet, redis: Any = None,
-                         installed: Callable[[], Awaitable[Any]] | None = None) -> int:
-    """`installed` stands in for the token store in tests; by default it is read from `redis`."""
+async def doctor_command(portal: PortalConfig, rules: RuleSet, redis: Redis | None = None) -> int:
+    """Check the portal, reading only; an application's (its tokens are in `redis`) with its own tokens."""
     print(f"b24rebind doctor: portal {portal.name or portal.domain} ({portal.domain}), reading only")
     async with aiohttp.ClientSession() as http:
-        oauth = OAuthSession(http, redis, portal) if portal.auth == "oauth" and redis is not None else None
-        if installed is None and redis is not None:
-            installed = partial(TokenStore(redis).load, portal.name)
-        client = RestClient(http, portal, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.5),
-                            timeout=20, oauth=oauth)
+        installed = partial(TokenStore(redis).load, portal.name) if redis is not None else None
+        client = portal_client(http, portal, redis, retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
         checks = await Doctor(portal, rules, client, installed).run()
     for check in checks:
         print("\n".join(check.lines()))

@@ -22,6 +22,7 @@ from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
 from app.cli.backfill import progress_bar
 from app.config import load_service_rules
+from app.rules.facts import bindings_text
 from app.settings import Settings
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.bundled_redis import BundledRedis
@@ -178,7 +179,7 @@ async def _show(args: argparse.Namespace, store: JobStore, redis: Redis, setting
     for change in record.changes:
         item = f"activity {change['activity']}" if "activity" in change else f"comment {change.get('comment')}"
         status = {"dry_run": "(dry run: would be, nothing written)"}.get(change["status"], change["status"])
-        print(f"  {item}: [{', '.join(change['before'])}] -> [{', '.join(change['after'])}] {status}")
+        print(f"  {item}: [{bindings_text(change['before'])}] -> [{bindings_text(change['after'])}] {status}")
     for attempt in record.attempts:
         error = f" ({attempt.error.get('code')})" if attempt.error else ""
         print(f"  attempt {attempt.number} at {time.strftime('%H:%M:%S', time.localtime(attempt.started_at))}: "
@@ -288,7 +289,7 @@ async def _audit(args: argparse.Namespace, log: AuditLog) -> int:
     for e in entries:
         why = f"undo of job {e.undo_of}" if e.undo_of else f"job {e.job}, rules: {', '.join(e.rules) or '-'}"
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.time))}  {e.portal} {e.kind} {e.item}: "
-              f"[{', '.join(e.before)}] -> [{', '.join(e.after)}]  ({why})")
+              f"[{bindings_text(e.before)}] -> [{bindings_text(e.after)}]  ({why})")
     return 0
 
 
@@ -296,7 +297,7 @@ async def _undo(job_id: str, settings: Settings, redis: Redis, store: JobStore, 
     result = await undo_with_rules(job_id, log, load_service_rules(settings), redis, store,
                                    settings.job_retention_days)
     for entry in result.restored:
-        print(f"{entry.kind} {entry.item}: restored [{', '.join(entry.after)}]")
+        print(f"{entry.kind} {entry.item}: restored [{bindings_text(entry.after)}]")
     for error in result.errors:
         print(f"could not restore {error}", file=sys.stderr)
     if result.errors:

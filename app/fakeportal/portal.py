@@ -1,8 +1,8 @@
 """An in-memory Bitrix24 portal served over real HTTP, for the test suite and the `demo` mode.
 
 `FakePortal` answers the inbound-webhook URL form ``/rest/{user_id}/{code}/{method}[.json]`` with
-the same envelopes, HTTP statuses and error codes as the cloud portal (see
-``/work/shared/bitrix24-protocol.md``), for the small set of CRM methods the service uses:
+the same envelopes, HTTP statuses and error codes as the cloud portal (the official docs: GitHub
+``bitrix24/b24restdocs``, ``error-codes.md`` and the methods' pages under ``api-reference/crm/``), for the small set of CRM methods the service uses:
 activity bindings, activity/lead/contact/company/deal reads and lists, timeline comments and their
 bindings, duplicate search and ``batch``. It also enforces the portal-wide leaky-bucket request
 limit and lets a test inject failures (5xx, ``QUERY_LIMIT_EXCEEDED``, HTML error pages).
@@ -276,8 +276,8 @@ def _page(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> Page:
         rows.sort(key=_field_sort_key(field.upper()), reverse=str(direction).upper() == "DESC")
     start = _norm(_param(params, "start")) or 0
     start = start if isinstance(start, int) else 0
-    if start == -1:  # the fast form: no COUNT, so no total and no next
-        return Page(rows[:PAGE_SIZE], None, None)
+    if start == -1:  # the fast form: no COUNT, so no next, and a total of 0 whatever the rows (IRestService)
+        return Page(rows[:PAGE_SIZE], 0, None)
     start = max(start, 0)
     following = start + PAGE_SIZE
     return Page(rows[start:following], len(rows), following if following < len(rows) else None)
@@ -399,6 +399,8 @@ class FakePortal:
         self.operating_limit: float | None = None
         self.operating_cost = 0.0
         self.operating_window = 600.0
+        self.charge_batch = False
+        self._charging = False  # inside a batch whose time is charged to `batch`
         self._operating: dict[str, deque[tuple[float, float]]] = {}
         self._operating_sums: dict[str, float] = {}
         # Indexes, so that the lists the service filters on cost what they cost a real portal's
@@ -988,17 +990,24 @@ class FakePortal:
         self.method_calls[method] += 1
         if method.endswith(".list") and str(_param(params, "start")) != "-1":
             self.counted_lists[method] += 1  # without start=-1 a list runs a COUNT query
-        if self.operating_limit is not None and self.operating(method) >= self.operating_limit:
+        charged_to = "batch" if self._charging else method  # some portals charge a batch's time to `batch`
+        if not self._charging and self.operating_limit is not None and self.operating(method) >= self.operating_limit:
             self.blocked_for_time += 1
             raise BitrixError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
         if self.operating_cost:
-            self._operating.setdefault(method, deque()).append((time.time(), self.operating_cost))
-            self._operating_sums[method] = self._operating_sums.get(method, 0.0) + self.operating_cost
+            self._operating.setdefault(charged_to, deque()).append((time.time(), self.operating_cost))
+            self._operating_sums[charged_to] = self._operating_sums.get(charged_to, 0.0) + self.operating_cost
         return handler(params)
 
-    def set_operating_limit(self, limit: float | None, cost_per_call: float = 1.0, window: float = 600.0) -> None:
-        """Each call of a method costs `cost_per_call` seconds; over `limit` within `window` it is blocked."""
+    def set_operating_limit(self, limit: float | None, cost_per_call: float = 1.0, window: float = 600.0,
+                            charge_batch: bool = False) -> None:
+        """Each call of a method costs `cost_per_call` seconds; over `limit` within `window` it is blocked.
+
+        With `charge_batch`, as recent portals may: a batch's commands are charged to the method
+        `batch` itself, every sub-result carries that one batch-wide figure, and past the limit the
+        whole `batch` answers 429 OPERATION_TIME_LIMIT."""
         self.operating_limit, self.operating_cost, self.operating_window = limit, cost_per_call, window
+        self.charge_batch = charge_batch
 
     def operating(self, method: str) -> float:
         """Server time `method` used within the window, as the `time.operating` of its answers reports."""
@@ -1020,9 +1029,11 @@ class FakePortal:
             commands = {str(i): c for i, c in enumerate(commands)}
         if not isinstance(commands, dict):
             commands = {}
-        if len(commands) > MAX_BATCH:
-            raise BitrixError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
         halt = _truthy(_param(params, "halt"))
+        charged = self.charge_batch and self.operating_limit is not None
+        if charged and self.operating("batch") >= self.operating_limit:  # type: ignore[operator]
+            self.blocked_for_time += 1
+            raise BitrixError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
         sections: dict[str, dict[str, Any]] = {
             "result": {},
             "result_error": {},
@@ -1030,9 +1041,14 @@ class FakePortal:
             "result_next": {},
             "result_time": {},
         }
-        for key, command in commands.items():
+        for n, (key, command) in enumerate(commands.items()):
+            if n >= MAX_BATCH:  # the first 50 run; each one past them is refused (CRestProvider::methodsBatch)
+                sections["result_error"][key] = {"error": "ERROR_BATCH_LENGTH_EXCEEDED",
+                                                 "error_description": "Max batch length exceeded"}
+                continue
             started = time.time()
             try:
+                self._charging = charged
                 result = self._batch_command(str(command))
             except BitrixError as exc:
                 sections["result_error"][key] = exc.body()
@@ -1047,9 +1063,13 @@ class FakePortal:
                     sections["result_next"][key] = result.next
             else:
                 sections["result"][key] = result
-            inner = str(command).partition("?")[0].strip().strip("/").lower().removesuffix(".json")
+            inner = "batch" if charged else str(command).partition("?")[0].strip().strip("/").lower().removesuffix(".json")
             sections["result_time"][key] = _time_info(started, time.time(), self.operating(inner),
                                                       self.operating_reset_at(inner))
+        self._charging = False
+        if charged:  # one batch-wide figure on every command
+            for timing in sections["result_time"].values():
+                timing.update(operating=round(self.operating("batch"), 3))
         # PHP serialises an empty array as [], not {}: clients must cope, so the fake does the same.
         return {name: (section or []) for name, section in sections.items()}
 

@@ -27,10 +27,6 @@ class PortalEvent(BaseModel):
     application_token: str
 
     @classmethod
-    def from_body(cls, content_type: str, body: bytes) -> PortalEvent:
-        return cls.from_mapping(decode_body(content_type, body))
-
-    @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> PortalEvent:
         auth = data.get("auth")
         fields = (data.get("data") or {}).get("FIELDS") if isinstance(data.get("data"), dict) else None

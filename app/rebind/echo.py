@@ -8,6 +8,7 @@ to an activity is counted for an hour: rules that keep changing one activity are
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -28,8 +29,7 @@ return redis.call('INCR', KEYS[2])
 """
 
 
-def fingerprint(bindings: tuple[Binding, ...] | list[Binding] | list[str]) -> str:
-    # Bindings or their text (as job records keep them): both give the same fingerprint.
+def fingerprint(bindings: Sequence[Binding]) -> str:
     text = ",".join(sorted(str(b) for b in bindings))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -45,13 +45,8 @@ class ChangeLog:
         [stored] = await self._redis.mget([self._key("applied", activity.id)])
         return stored is not None and stored.decode() == fingerprint(activity.bindings)
 
-    async def record(self, activity_id: int, after: tuple[Binding, ...]) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.stage_record(pipe, activity_id, after)
-            await pipe.execute()
-
-    def stage_record(self, pipe: Any, activity_id: int, after: tuple[Binding, ...] | list[str]) -> None:
-        """`record` as part of a pipeline: a job's last writes reach Redis in one round trip."""
+    def stage_record(self, pipe: Any, activity_id: int, after: Sequence[Binding]) -> None:
+        """Record a change as part of a pipeline: a job's last writes reach Redis in one round trip."""
         pipe.eval(_RECORD, 2, self._key("applied", activity_id), self._key("changes", activity_id),
                   fingerprint(after), ECHO_SECONDS, CHANGE_WINDOW_SECONDS)
 

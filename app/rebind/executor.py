@@ -11,7 +11,7 @@ from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
 from app.bitrix.session import stops_group
 from app.rebind.facts import TYPE_BY_NAME, TYPE_NAMES
-from app.rules.facts import Binding
+from app.rules.facts import Binding, bindings_json
 from app.rules.plan import BindingPlan, ItemPlan
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 class Outcome:
     kind: str  # activity | comment
     id: int
-    before: list[str]
-    after: list[str]
+    before: list[Binding]
+    after: list[Binding]
     status: str  # changed | dry_run | failed | gone (the activity or comment was deleted since it was read)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
-        return {self.kind: self.id, "before": self.before, "after": self.after, "status": self.status,
+        return {self.kind: self.id, "before": bindings_json(self.before), "after": bindings_json(self.after),
+                "status": self.status,
                 "errors": self.errors}
 
 
@@ -55,7 +56,8 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
     The portal's session packs the writes with every other job's, stage by stage.
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
-    items = [("activity", a.activity_id, a) for a in plan.activities if a.changes and not a.dry_run]
+    items: list[tuple[str, int, ItemPlan]] = [("activity", a.activity_id, a) for a in plan.activities
+                                              if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
     groups: list[Group] = [(kind, id_, [phase(kind, id_, item) for phase in (_binds, _moves, _unbinds)])
@@ -190,25 +192,29 @@ def _comment_command(method: str, comment_id: int, binding: Binding) -> Command:
                                        "ENTITY_TYPE": TYPE_NAMES[binding.entity_type]}})
 
 
+async def current_bindings(client: RestClient, items: Sequence[tuple[str, int]]) -> list[list[Binding]]:
+    """The bindings each (kind, id) has now, in one batch; a read that fails raises its error."""
+    reads = [Command("crm.activity.binding.list", {"activityId": id_}) if kind == "activity"
+             else Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": id_}}) for kind, id_ in items]
+    current = []
+    for (kind, _), result in zip(items, await client.batch(reads)):
+        if result.error:
+            raise result.error
+        rows = result.result or []
+        current.append([Binding(entity_type=int(b["entityTypeId"]), entity_id=int(b["entityId"])) for b in rows]
+                       if kind == "activity" else
+                       [Binding(entity_type=int(TYPE_BY_NAME.get(str(b["ENTITY_TYPE"]).lower(), 0)),
+                                entity_id=int(b["ENTITY_ID"])) for b in rows])
+    return current
+
+
 async def _still_needed(client: RestClient, steps: Sequence[Step]) -> list[Step]:
     """Re-read the bindings of the items these steps touch and keep the steps not yet done."""
     if not steps:
         return []
-    activity_ids = sorted({id_ for kind, id_, _ in steps if kind == "activity"})
-    comment_ids = sorted({id_ for kind, id_, _ in steps if kind == "comment"})
-    reads = ([Command("crm.activity.binding.list", {"activityId": i}) for i in activity_ids]
-             + [Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": i}}) for i in comment_ids])
-    results = await client.batch(reads)
-    current: dict[tuple[str, int], set[tuple[int, int]]] = {}
-    for command, result in zip(reads, results):
-        if result.error:
-            raise result.error
-        if command.method == "crm.activity.binding.list":
-            current[("activity", command.params["activityId"])] = {
-                (int(b["entityTypeId"]), int(b["entityId"])) for b in result.result or []}
-        else:
-            current[("comment", command.params["filter"]["OWNER_ID"])] = {
-                (int(TYPE_BY_NAME.get(str(b["ENTITY_TYPE"]).lower(), 0)), int(b["ENTITY_ID"])) for b in result.result or []}
+    items = sorted({(kind, id_) for kind, id_, _ in steps})
+    current = {item: {(int(b.entity_type), b.entity_id) for b in bindings}
+               for item, bindings in zip(items, await current_bindings(client, items))}
     return [step for step in steps if not _done(step, current[(step[0], step[1])])]
 
 
@@ -239,5 +245,5 @@ def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None)
     gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
     status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
     after = item.before if errors else item.after  # a dry run's is what it would have been
-    return Outcome(kind, id_, [str(b) for b in item.before], [str(b) for b in after], status,
+    return Outcome(kind, id_, list(item.before), list(after), status,
                    [e.as_record() for e in errors or []])

@@ -4,13 +4,15 @@ Only what the rules file can use is read (`RuleSet.needs`), and always through `
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient, fast_page
+from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient
 from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
+BINDINGS_SAMPLE = 2  # activities of a lead whose bindings are read to tell a portal's conversion from a bare one
 ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
 LEAD_EVENTS = {"ONCRMLEADADD", "ONCRMLEADUPDATE"}
 # Conversion creates these from a lead: such an event re-runs that lead.
@@ -22,7 +24,7 @@ CHILD_GETTERS = {
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
 # crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
 FINDBYCOMM_VALUES = 20
-TYPE_NAMES = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
+TYPE_NAMES: dict[EntityType | int, str] = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
               EntityType.COMPANY: "company"}
 TYPE_BY_NAME = {name: entity for entity, name in TYPE_NAMES.items()}  # timeline bindings name their type
 
@@ -66,6 +68,11 @@ class FactReader:
         return self._facts(event)
 
     async def for_activity(self, event: str, activity_id: int) -> Facts:
+        if not self._reads_activity_fields(event):  # the bindings say all the rules ask
+            (binding_list,) = await self._client.batch([Command("crm.activity.binding.list",
+                                                                {"activityId": activity_id})])
+            _raise_gone(binding_list)
+            return await self._around(event, _activity({"ID": activity_id}, binding_list.result))
         # crm.activity.get never returns COMMUNICATIONS: only a list that selects them does.
         binding_list, activity = await self._client.batch([
             Command("crm.activity.binding.list", {"activityId": activity_id}),
@@ -77,7 +84,17 @@ class FactReader:
         if not rows:  # deleted between the two reads, or hidden from the webhook's user
             raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)",
                        "activity")
-        facts = _activity(rows[0], binding_list.result)
+        return await self._around(event, _activity(rows[0], binding_list.result))
+
+    def _reads_activity_fields(self, event: str) -> bool:
+        """Whether a rule listening to the event looks at the activity itself (kind, direction, subject,
+        responsible user, or its addresses for `matched`), not only at what it is bound to."""
+        if "matched" in self._needs:
+            return True
+        return any(event in rule.on and _asks_fields(rule.when) for rule in self._rules.rules)
+
+    async def _around(self, event: str, facts: Activity) -> Facts:
+        """The facts around one activity: the leads it is bound to, what they became, and extras."""
         if event == "ONCRMACTIVITYUPDATE" and self._is_echo and await self._is_echo(facts):
             raise Echo("the activity is as this service left it: the event echoes our own change")
         lead_ids = facts.bound_to(EntityType.LEAD)
@@ -89,24 +106,68 @@ class FactReader:
         return self._facts(event, (facts,), leads, results[len(commands):], extras)
 
     async def for_lead(self, event: str, lead_id: int) -> Facts:
-        # One batch reads the lead, what it became, and the first page of its activities.
-        first_page = Command("crm.activity.list", fast_page(_bound_to_lead(lead_id), self._activity_fields(), 0))
-        results = await self._client.batch([*_lead_commands(lead_id), first_page])
+        # One batch reads the lead, what it became, and the first page of its activities with their
+        # count; knowing the count, every other page goes at once (count-known paging).
+        query = counted_page(_bound_to_lead(lead_id), self._activity_fields())
+        results = await self._client.batch([*_lead_commands(lead_id), Command("crm.activity.list", query)])
         _raise_gone(results[0])
         lead = _lead(results[:4])
         if not self._rules_may_apply(event, lead):
             return self._facts(event, leads={lead.id: lead})
-        rows = _checked(results[4])
-        if len(rows) == PAGE_SIZE:
-            rows += await self._client.list_all("crm.activity.list", _bound_to_lead(lead_id),
-                                                self._activity_fields(), after_id=int(rows[-1]["ID"]))
-        bindings = await self._client.batch(
-            [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows])
+        first = _checked(results[4])
+        if self._planned_from_the_lead_alone(event):
+            # A sample of the bindings, read with the other pages, tells whether the portal attached
+            # the activities to the new records itself (then reading them all saves the adds) or not
+            # (then adding blind saves the reads: 'already bound' counts as done).
+            sample = first[:BINDINGS_SAMPLE]
+            rows, sampled = await asyncio.gather(self._all_pages("crm.activity.list", query, results[4]),
+                                                 self._client.batch(_binding_reads(sample)))
+            if all(r.ok and _bound_to_lead_only(r.result, lead_id) for r in sampled):
+                known = {int(row["ID"]): r.result for row, r in zip(sample, sampled)}
+                lead_only = [{"entityTypeId": int(EntityType.LEAD), "entityId": lead_id}]
+                activities = [_activity(row, known.get(int(row["ID"]), lead_only)) for row in rows]
+                return await self._with_extras(event, activities, lead)
+            rest = rows[len(sample):]
+            bindings = [*sampled, *await self._client.batch(_binding_reads(rest))]
+        else:
+            rows = await self._all_pages("crm.activity.list", query, results[4])
+            bindings = await self._client.batch(_binding_reads(rows))
         activities = [_activity(row, result.result) for row, result in zip(rows, bindings) if result.ok]
+        return await self._with_extras(event, activities, lead)
+
+    async def _with_extras(self, event: str, activities: list[Activity], lead: Lead) -> Facts:
         extras = self._extra_commands(activities)
         extra_results = await self._client.batch(extras) if extras else []
-        comments = await self._comments(lead_id) if "comments" in self._needs else ()
+        comments = await self._comments(lead.id) if "comments" in self._needs else ()
         return self._facts(event, tuple(activities), {lead.id: lead}, extra_results, extras, comments)
+
+    def _planned_from_the_lead_alone(self, event: str) -> bool:
+        """Whether every rule listening to the event plans the same whatever else an activity listed
+        under the lead is bound to: its conditions ask only about the lead, it binds only the lead's
+        records (or fixed ones) and unbinds only the lead. Then the bindings need not be read."""
+        for rule in self._rules.rules:
+            if event not in rule.on or not rule.enabled:
+                continue
+            when = rule.when
+            if when.bound_to not in (None, "lead") or when.any is not None or when.not_ is not None:
+                return False
+            if rule.moves() or any(t != EntityType.LEAD for t in rule.unbind_types()):
+                return False
+            if any(isinstance(t, str) and t.split(".")[0] != "lead" for t in rule.bind_targets()):
+                return False
+        return True
+
+    async def _all_pages(self, method: str, query: dict[str, Any], first: CommandResult) -> list[dict[str, Any]]:
+        """The rows of every page, given the first (read with its count): the others in one go."""
+        rows = _checked(first)
+        if first.next is None:
+            return rows
+        starts = range(first.next, max(first.total or 0, first.next + 1), PAGE_SIZE)
+        pages = await self._client.batch([Command(method, {**query, "start": start}) for start in starts])
+        seen = {row.get("ID") for row in rows}
+        # Ordered by ID, a row added meanwhile comes last; one deleted shifts the later pages back by one,
+        # so a row may come twice (kept once); the one it pushed onto an earlier page is left to the sweep.
+        return rows + [row for page in pages for row in _checked(page) if row.get("ID") not in seen]
 
     def _activity_fields(self) -> tuple[str, ...]:
         return ACTIVITY_FIELDS + (("COMMUNICATIONS",) if "matched" in self._needs else ())
@@ -169,7 +230,7 @@ def _clients(activities: tuple[Activity, ...], commands: list[Command],
              results: list[CommandResult]) -> tuple[dict[int, Client], dict[int, Client], dict[int, Client]]:
     contacts: dict[int, Client] = {}
     deals: dict[int, Client] = {}
-    found: dict[tuple[str, str], dict[str, list[int]]] = {}
+    found: dict[tuple[str, tuple[str, ...]], dict[str, list[int]]] = {}
     for command, result in zip(commands, results):
         if not result.ok:
             continue
@@ -202,6 +263,26 @@ def _lead_commands(lead_id: int) -> list[Command]:
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
     return [Command("crm.lead.get", {"id": lead_id}), Command("crm.contact.list", by_lead),
             Command("crm.company.list", by_lead), Command("crm.deal.list", by_lead)]
+
+
+def _asks_fields(when: Any) -> bool:
+    if any(getattr(when, name) is not None for name in
+           ("kind", "direction", "responsible", "subject_contains", "subject_matches")):
+        return True
+    return any(_asks_fields(w) for w in [*(when.any or []), *([when.not_] if when.not_ is not None else [])])
+
+
+def _binding_reads(rows: list[dict[str, Any]]) -> list[Command]:
+    return [Command("crm.activity.binding.list", {"activityId": int(row["ID"])}) for row in rows]
+
+
+def _bound_to_lead_only(bindings: Any, lead_id: int) -> bool:
+    return [(int(b["entityTypeId"]), int(b["entityId"])) for b in bindings or []] == [(int(EntityType.LEAD), lead_id)]
+
+
+def counted_page(filter: dict[str, Any], select: Sequence[str]) -> dict[str, Any]:
+    """A first page that tells the count (`start=0`), ordered by ID so the later pages follow it."""
+    return {"order": {"ID": "ASC"}, "filter": filter, "select": list(select), "start": 0}
 
 
 def _bound_to_lead(lead_id: int) -> dict[str, Any]:

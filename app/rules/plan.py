@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from app.rules.facts import Binding
+from app.rules.facts import Binding, bindings_json
 
 
 class ItemPlan(BaseModel):
@@ -33,9 +33,9 @@ class ItemPlan(BaseModel):
         return set(self.before) != set(self.after)
 
     def describe(self) -> dict[str, object]:
-        return {"before": [str(b) for b in self.before], "after": [str(b) for b in self.after],
-                "add": [str(b) for b in self.add], "remove": [str(b) for b in self.remove],
-                "move": [f"{s} -> {t}" for s, t in self.moves], "rules": list(self.rules),
+        return {"before": bindings_json(self.before), "after": bindings_json(self.after),
+                "add": bindings_json(self.add), "remove": bindings_json(self.remove),
+                "move": [{"from": s.as_json(), "to": t.as_json()} for s, t in self.moves], "rules": list(self.rules),
                 "dry_run": self.dry_run, "notes": list(self.notes)}
 
 

@@ -14,10 +14,13 @@ import aiohttp
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from app.bitrix.client import Command, RestClient
-from app.bitrix.errors import Policy, policy_for
-from app.bitrix.ratelimit import RateLimiter
-from app.rules.model import RuleSet, entity_label, entity_type_of
+from app.bitrix.client import RestClient
+from app.bitrix.connect import portal_client
+from app.bitrix.errors import B24Error, ConfigError, TransientError
+from app.rebind.executor import TargetsGone, current_bindings, execute
+from app.rules.facts import Binding, bindings_text
+from app.rules.model import RuleSet
+from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan
 from app.store.jobs import JobRecord, JobState, JobStore, UnknownJob
 from app.store.namespace import prefixed
 from app.store.replies import awaited
@@ -34,8 +37,8 @@ class AuditEntry(BaseModel):
     portal: str
     kind: str  # activity | comment
     item: int
-    before: list[str]
-    after: list[str]
+    before: list[Binding]  # entries written before bindings were values hold text; Binding reads both
+    after: list[Binding]
     rules: list[str]
     job: str
     time: float
@@ -110,31 +113,37 @@ class UndoResult:
 
 async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: float | None = None) -> UndoResult:
     """Restore the bindings a job changed, all or nothing: if any item changed since, raise UndoRefused.
-    A job retried after an undo (it `finished_at` later) may be undone again: what it changed since."""
+    A job retried after an undo (it `finished_at` later) may be undone again: what it changed since.
+
+    The undo is a plan like any other, made from the audit log (each item back from the job's `after`
+    to its `before`) and carried out by the executor: binds first, unbinds last, so an item never loses
+    its last binding on the way back either, and a record to restore that no longer exists stops it
+    before any write."""
     when = await log.undone_at(job_id)
     if when is not None and (finished_at is None or finished_at <= when):
         raise UndoRefused(f"job {job_id} was undone already, at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}")
     entries = [e for e in await log.for_job(job_id) if e.undo_of is None and e.time > (when or 0)]
     if not entries:
         raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
-    current = await _read_bindings(client, entries)
-    moved = [f"{e.kind} {e.item}: the job left [{', '.join(e.after)}], now it is [{', '.join(now)}]"
-             for e, now in zip(entries, current) if sorted(now) != sorted(e.after)]
+    try:
+        current = await current_bindings(client, [(e.kind, e.item) for e in entries])
+    except B24Error as exc:
+        if isinstance(exc, (TransientError, ConfigError)):
+            raise
+        raise UndoRefused(f"could not read the bindings job {job_id} changed: {exc.code} {exc.description}; "
+                          "nothing was changed") from None
+    moved = [f"{e.kind} {e.item}: the job left [{bindings_text(e.after)}], now it is [{bindings_text(now)}]"
+             for e, now in zip(entries, current) if set(now) != set(e.after)]
     if moved:
         raise UndoRefused(f"not undoing job {job_id}: bindings changed since it ran, and undo would overwrite "
                           "that:\n  " + "\n  ".join(moved))
-    result = UndoResult()
-    # Bind first, unbind last: an item never loses its last binding on the way back either.
-    binds = [(e, _command(e, b, bind=True)) for e in entries for b in e.before if b not in e.after]
-    unbinds = [(e, _command(e, b, bind=False)) for e in entries for b in e.after if b not in e.before]
-    failed: set[tuple[str, int]] = set()
-    for steps in (binds, [(e, c) for e, c in unbinds if (e.kind, e.item) not in failed]):
-        if not steps:
-            continue
-        for (entry, _), answer in zip(steps, await client.batch([c for _, c in steps], write=True)):
-            if answer.error is not None and policy_for(answer.error.code).policy != Policy.DONE:
-                failed.add((entry.kind, entry.item))
-                result.errors.append(f"{entry.kind} {entry.item}: {answer.error.code} {answer.error.description}")
+    try:
+        outcomes = await execute(undo_plan(job_id, entries), client)
+    except TargetsGone as exc:
+        raise UndoRefused(f"not undoing job {job_id}: {exc}, and a binding to it would point at nothing; "
+                          "nothing was changed") from None
+    failed = {(o.kind, o.id) for o in outcomes if o.status != "changed"}
+    result = UndoResult(errors=[f"{o.kind} {o.id}: {e['code']} {e['description']}" for o in outcomes for e in o.errors])
     undo_id = f"undo{job_id}"
     result.restored = [e.model_copy(update={"before": e.after, "after": e.before, "job": undo_id, "undo_of": job_id,
                                             "time": time.time(), "rules": []})
@@ -143,6 +152,16 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: 
     if not result.errors:
         await log.mark_undone(job_id)
     return result
+
+
+def undo_plan(job_id: str, entries: Sequence[AuditEntry]) -> BindingPlan:
+    """Each item back from the bindings the job left to those it found."""
+    note = (f"undo of job {job_id}",)
+    return BindingPlan(
+        activities=tuple(ActivityPlan(activity_id=e.item, before=tuple(e.after), after=tuple(e.before), notes=note)
+                         for e in entries if e.kind == "activity"),
+        comments=tuple(CommentPlan(comment_id=e.item, before=tuple(e.after), after=tuple(e.before), notes=note)
+                       for e in entries if e.kind == "comment"))
 
 
 async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Redis, store: JobStore,
@@ -160,36 +179,9 @@ async def undo_with_rules(job_id: str, log: AuditLog, rules: RuleSet, redis: Red
     if portal is None:
         raise UndoRefused(f"portal {entries[0].portal!r} is not in the rules file; add it back to undo")
     async with aiohttp.ClientSession() as http:  # undo is rare: a session of its own is fine
-        result = await undo_job(job_id, log, RestClient(http, portal, RateLimiter(redis)),
+        result = await undo_job(job_id, log, portal_client(http, portal, redis),
                                 None if record.state == JobState.UNDONE else record.finished_at)
     if not result.errors:
         record.mark_undone(len(result.restored))
         await store.save(record)
     return result
-
-
-async def _read_bindings(client: RestClient, entries: list[AuditEntry]) -> list[list[str]]:
-    commands = [Command("crm.activity.binding.list", {"activityId": e.item}) if e.kind == "activity"
-                else Command("crm.timeline.bindings.list", {"filter": {"OWNER_ID": e.item}}) for e in entries]
-    results = await client.batch(commands)
-    bindings = []
-    for entry, answer in zip(entries, results):
-        if answer.error is not None:
-            raise UndoRefused(f"could not read {entry.kind} {entry.item}: {answer.error.code} "
-                              f"{answer.error.description}; nothing was changed")
-        rows = answer.result or []
-        if entry.kind == "activity":
-            bindings.append([f"{entity_label(int(r['entityTypeId']))} {r['entityId']}" for r in rows])
-        else:
-            bindings.append([f"{str(r['ENTITY_TYPE']).lower()} {r['ENTITY_ID']}" for r in rows])
-    return bindings
-
-
-def _command(entry: AuditEntry, binding: str, *, bind: bool) -> Command:
-    label, _, number = binding.partition(" ")
-    entity = entity_type_of(label)
-    if entry.kind == "activity":
-        method = "crm.activity.binding.add" if bind else "crm.activity.binding.delete"
-        return Command(method, {"activityId": entry.item, "entityTypeId": int(entity), "entityId": int(number)})
-    method = "crm.timeline.bindings.bind" if bind else "crm.timeline.bindings.unbind"
-    return Command(method, {"fields": {"OWNER_ID": entry.item, "ENTITY_ID": int(number), "ENTITY_TYPE": label}})

@@ -9,6 +9,7 @@ import base64
 import builtins
 import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -16,9 +17,11 @@ from typing import Any
 
 import orjson
 from arq.constants import job_key_prefix, result_key_prefix
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from redis.asyncio import Redis
 
+from app.rules.facts import Binding
+from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.namespace import prefixed
 from app.store.replies import awaited
@@ -84,6 +87,13 @@ class JobRecord(BaseModel):
     outcome: str = ""
     attempts: list[Attempt] = []
     requests: int = 0
+
+    @field_validator("plan", "changes")
+    @classmethod
+    def _bindings_as_values(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Records written before bindings were values hold them as text ("contact 42"): read them in
+        today's shape, so that every reader, the API's clients too, sees one."""
+        return [_item_as_values(item) if _has_text(item) else item for item in items]
 
     @classmethod
     def for_event(cls, portal: str, event: str, entity_id: int, event_ts: str, handler_id: str = "") -> JobRecord:
@@ -155,6 +165,32 @@ class JobRecord(BaseModel):
         return [prefixed(name) for name in names]
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def is_job_id(text: str) -> bool:
+    """Job ids are digests (and `undo` + one): ASCII letters and digits only, never `¹` or `٣`, which
+    str.isalnum() lets through."""
+    return _JOB_ID.fullmatch(text) is not None
+
+
+_BINDING_LISTS = ("before", "after", "add", "remove")
+
+
+def _has_text(item: dict[str, Any]) -> bool:
+    return any(isinstance(b, str) for key in (*_BINDING_LISTS, "move") for b in item.get(key) or ())
+
+
+def _item_as_values(item: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, list[Any]] = {key: [Binding.read(b).as_json() for b in item[key]]
+                                    for key in _BINDING_LISTS if key in item}
+    if "move" in item:  # "company 1 -> company 2"
+        values["move"] = [{"from": Binding.parse(m.split(" -> ")[0]).as_json(),
+                           "to": Binding.parse(m.split(" -> ")[1]).as_json()} if isinstance(m, str) else m
+                          for m in item["move"]]
+    return {**item, **values}
+
+
 def reapply_note(rules: list[str]) -> str:
     """What an undo does not stop: the rules still hold, and the next event or reconcile applies them."""
     names = ", ".join(repr(name) for name in rules) or "that made the change"
@@ -200,7 +236,7 @@ def _about_lead(record: JobRecord, lead: int) -> bool:
     """The lead's own events, the jobs that worked on it, and those whose activities were bound to it."""
     if record.lead_id == lead or (record.entity_id == lead and record.event.startswith("ONCRMLEAD")):
         return True
-    binding = f"lead {lead}"
+    binding = Binding(entity_type=EntityType.LEAD, entity_id=lead).as_json()
     return any(binding in item.get("before", ()) for item in record.plan)
 
 

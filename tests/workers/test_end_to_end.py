@@ -23,9 +23,10 @@ async def test_activity_on_a_converted_lead_moves_to_its_contact_and_company(cli
     job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
     assert job["state"] == "succeeded"
     assert job["rules"] == ["converted-lead-history-follows-client"]
-    assert job["changes"][0]["before"] == [f"lead {lead}"]
-    assert job["changes"][0]["after"] == [f"lead {lead}", f"contact {made['contact']}",
-                                          f"company {made['company']}"][1:]
+    # Bindings as values: the type as crm.enum.ownertype numbers it, and the record's id.
+    assert job["changes"][0]["before"] == [{"entity_type": LEAD, "entity_id": lead}]
+    assert job["changes"][0]["after"] == [{"entity_type": CONTACT, "entity_id": made["contact"]},
+                                          {"entity_type": COMPANY, "entity_id": made["company"]}]
 
 
 async def test_a_conversion_moves_120_activities_in_at_most_20_requests(client: Any, worker: Worker,

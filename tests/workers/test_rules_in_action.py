@@ -8,8 +8,9 @@ from aiohttp.test_utils import TestClient
 
 from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
+from app.rules.facts import bindings_text
 from app.web import create_app
-from tests.conftest import post_event, rules_with
+from tests.conftest import post_event, record_changes, rules_with
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ async def test_an_email_from_a_known_client_on_a_repeat_lead_goes_to_that_client
                          "ONCRMACTIVITYADD", activity)
 
     assert portal.bindings(activity) == [(CONTACT, contact)], job
-    assert job["plan"][0]["after"] == [f"contact {contact}"]
+    assert bindings_text(job["plan"][0]["after"]) == f"contact {contact}"
 
 
 async def test_move_stays_within_one_type(scenario: Any, portal: FakePortal) -> None:
@@ -131,7 +132,8 @@ async def test_move_stays_within_one_type(scenario: Any, portal: FakePortal) -> 
                          "ONCRMACTIVITYADD", activity)
 
     assert portal.bindings(activity) == [(CONTACT, contact), (COMPANY, new)]
-    assert job["plan"][0]["move"] == [f"company {old} -> company {new}"]
+    assert job["plan"][0]["move"] == [{"from": {"entity_type": COMPANY, "entity_id": old},
+                                       "to": {"entity_type": COMPANY, "entity_id": new}}]
     assert len(portal.binding_history[activity]) == 2, "one move, not an add and a delete"
 
 
@@ -156,7 +158,7 @@ async def test_dry_run_records_the_plan_and_writes_nothing(scenario: Any, portal
 
     assert portal.binding_history[activity] == history
     assert job["plan"][0]["dry_run"] is True
-    assert job["plan"][0]["after"] == [f"contact {made['contact']}"]
+    assert bindings_text(job["plan"][0]["after"]) == f"contact {made['contact']}"
     assert job["changes"][0]["status"] == "dry_run"
 
 
@@ -186,8 +188,7 @@ async def test_the_echo_of_our_own_change_costs_one_read_and_no_write(scenario: 
 
 async def test_an_activity_changed_too_often_is_held_back(scenario: Any, portal: FakePortal, redis: Any) -> None:
     lead, made, activity = converted_lead_with(portal)
-    for _ in range(MAX_CHANGES_PER_WINDOW):
-        await ChangeLog(redis, "acme").record(activity, ())
+    await record_changes(redis, ChangeLog(redis, "acme"), activity, times=MAX_CHANGES_PER_WINDOW)
 
     job = await scenario(rule(), "ONCRMACTIVITYADD", activity)
 

@@ -62,9 +62,17 @@ function portalLink(portal, type, id, text) {
 function bindingsNodes(portal, list) {
   if (!list || !list.length) { return [document.createTextNode("nothing")]; }
   return list.flatMap((binding, i) => {
-    const [type, id] = binding.split(" ");
-    return [...(i ? [document.createTextNode(", ")] : []), portalLink(portal, type, id, binding)];
+    const [type, id] = bindingParts(binding);
+    return [...(i ? [document.createTextNode(", ")] : []), portalLink(portal, type, id, `${type} ${id}`)];
   });
+}
+
+// A binding as the API gives it, {entity_type: 3, entity_id: 42}, or as text ("contact 42") in records
+// written before bindings were values; the type named as the server's entity_label names it.
+const ENTITY_LABELS = {1: "lead", 2: "deal", 3: "contact", 4: "company"};
+function bindingParts(binding) {
+  if (typeof binding === "string") { return binding.split(" "); }
+  return [ENTITY_LABELS[binding.entity_type] || `type${binding.entity_type}`, String(binding.entity_id)];
 }
 
 function entityOf(job) {

@@ -6,6 +6,7 @@ import json
 import time
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 from unittest import mock
 
 import pytest
@@ -418,3 +419,32 @@ async def test_jobs_about_a_lead_include_those_that_moved_its_activities(client:
     listed = await (await client.get(f"/api/jobs?lead={lead}")).json()
 
     assert {job["id"] for job in listed["jobs"]} == {moved["job_id"], own["job_id"]}
+
+
+@pytest.mark.parametrize("job_id", ["\u00b9", "abc\n", "\u0663", "a" * 65])
+async def test_every_job_route_checks_a_job_id_the_same_way(admin: Any, job_id: str) -> None:
+    """"¹" and "٣" are alphanumeric to Python, and a regex's `$` lets a newline through: none is a job id."""
+    client, quoted = admin, quote(job_id, safe="")
+    shown = await client.get(f"/api/jobs/{quoted}")
+    retried = await client.post(f"/api/jobs/{quoted}/retry")
+    undone = await client.post(f"/api/jobs/{quoted}/undo")
+    audit = await client.get(f"/api/audit?job={quote(job_id.strip(), safe='')}")  # query values are stripped
+
+    assert (shown.status, retried.status, undone.status) == (404, 404, 400)
+    assert audit.status == (200 if job_id == "abc\n" else 400)
+    assert "no job" in (await shown.json())["error"] and "no job" in (await retried.json())["error"]
+
+
+async def test_a_jobs_bindings_have_the_documented_shape(client: Any, worker: Worker, portal: FakePortal) -> None:
+    lead = portal.add_lead()
+    portal.convert_lead(lead)
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", portal.add_activity([(LEAD, lead)]))
+    await worker.run_check()
+
+    schemas = (await (await client.get("/api/openapi.json")).json())["components"]["schemas"]
+    job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
+
+    bindings = [b for item in job["plan"] + job["changes"] for key in ("before", "after") for b in item[key]]
+    assert bindings and all(set(b) == set(schemas["Binding"]["required"]) for b in bindings)
+    assert all(isinstance(b["entity_type"], int) and isinstance(b["entity_id"], int) for b in bindings)
+    assert set(job["changes"][0]) <= set(schemas["ItemBindings"]["properties"])

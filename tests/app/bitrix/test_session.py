@@ -209,11 +209,11 @@ async def test_live_commands_go_before_low_priority_ones(jobs: Any, portal: Fake
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(30)]
     backfill, live = make(low_priority=True), make()
 
-    await asyncio.gather(backfill.batch([c for a in activities for c in bindings_of(a)]),
+    await asyncio.gather(backfill.batch([c for a in activities[1:] for c in bindings_of(a)]),
                          live.batch(bindings_of(activities[0])))
 
-    # The live job's two commands lead the first call; the backfill's 60 fill the rest and the next.
-    assert [n for _, n in portal.requests] == [50, 12]
+    # The live job's two commands lead the first call; the backfill's 58 fill the rest and the next.
+    assert [n for _, n in portal.requests] == [50, 10]
     assert live.requests == 1 and backfill.requests == 2
 
 
@@ -245,6 +245,19 @@ async def test_a_write_call_that_failed_with_500_is_reported_not_resent(jobs: An
         await make().write([[add(activity, CONTACT, made["contact"])], [delete(activity, LEAD, lead)]])
 
     assert portal.request_count == 1
+
+
+async def test_the_same_read_asked_by_several_jobs_is_sent_once(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    facts = [Command("crm.lead.get", {"id": lead}), Command("crm.contact.list", {"filter": {"LEAD_ID": lead}})]
+    clients = [make() for _ in range(3)]
+
+    answers = await asyncio.gather(*(c.batch(facts) for c in clients))
+
+    assert portal.requests == [("batch", 2)]
+    assert all(int(answer[0].result["ID"]) == lead for answer in answers)
+    assert [c.commands for c in clients] == [2, 2, 2]
 
 
 async def test_a_worker_under_load_sends_fewer_requests_and_every_activity_ends_right(
@@ -293,3 +306,44 @@ async def test_a_halt_in_one_jobs_plan_leaves_the_other_jobs_plan_whole(jobs: An
     assert [[o.status for o in job] for job in outcomes] == [["failed"], ["changed"]]
     assert portal.bindings(refused) == [(LEAD, lead)]
     assert portal.bindings(fine) == [(CONTACT, made["contact"])]
+
+
+async def test_a_429_on_batch_itself_defers_every_job_until_the_reset(jobs: Any, portal: FakePortal,
+                                                                      redis: Any) -> None:
+    from app.bitrix.budget import MethodBudget
+
+    make, session = jobs
+    session._budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
+    portal.set_operating_limit(3.0, cost_per_call=1.0, charge_batch=True)
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    await make().batch(bindings_of(activity))
+    await make().batch(bindings_of(activity))  # 4 s charged to `batch`: the next call is refused
+
+    outcomes = await asyncio.gather(*(make().batch(bindings_of(activity)[:1]) for _ in range(2)),
+                                    return_exceptions=True)
+
+    assert all(isinstance(o, MethodBlocked) and o.method == "batch" and o.retry_at for o in outcomes)
+    assert portal.blocked_for_time == 1  # both jobs' commands were in the one call the portal refused
+    before = portal.request_count
+    later = await asyncio.gather(make().batch(bindings_of(activity)), return_exceptions=True)
+    assert isinstance(later[0], MethodBlocked)  # deferred here, not sent until the reset
+    assert portal.request_count == before
+    # The batch-wide figure was noted for `batch`, not as each method's own.
+    await budget.refresh()
+    assert budget.blocked(["crm.activity.binding.list", "crm.activity.get"]) is None
+
+
+async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(jobs: Any, portal: FakePortal,
+                                                                               redis: Any) -> None:
+    from app.bitrix.budget import MethodBudget
+
+    make, session = jobs
+    session._budget = budget = MethodBudget(redis, "acme", 2.0)
+    portal.set_operating_limit(10.0, cost_per_call=1.0)
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+    await make().batch(bindings_of(activity))
+    await make().batch(bindings_of(activity)[1:])
+
+    await budget.refresh()
+    blocked = budget.blocked(["crm.activity.binding.list", "crm.activity.get"])
+    assert blocked is not None and blocked.method == "crm.activity.get"  # 2 s of 2: near its budget

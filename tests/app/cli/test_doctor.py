@@ -109,14 +109,11 @@ async def test_a_domain_other_than_the_webhooks_host(portal: FakePortal, portal_
     assert "set domain: 127.0.0.1" in out
 
 
-async def test_an_application_not_installed(portal: FakePortal, capsys: Any) -> None:
+async def test_an_application_not_installed(portal: FakePortal, capsys: Any, redis: Any) -> None:
     config = PortalConfig(name="acme", domain="127.0.0.1", auth="oauth", client_id="app.1", client_secret="s",
                           rest_url=portal.rest_url, offline_events=True)
 
-    async def no_tokens() -> None:
-        return None
-
-    code, out = await run(config, rules_for(config), capsys, installed=no_tokens)
+    code, out = await run(config, rules_for(config), capsys, redis=redis)  # no ONAPPINSTALL's tokens in it
     assert code == 1
     assert "✗ the application is installed: no tokens from ONAPPINSTALL" in out
     assert "what to do: install (or reinstall) the application" in out

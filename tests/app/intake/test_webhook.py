@@ -152,7 +152,7 @@ async def test_while_redis_and_the_spool_are_unavailable_the_event_is_refused_wi
 async def test_an_unknown_job_id_gets_404_saying_how_long_jobs_are_kept(client: Any) -> None:
     response = await client.get("/api/jobs/doesnotexist")
     assert response.status == 404
-    assert "kept for 14 days" in (await response.json())["error"]
+    assert "in the last 14 days" in (await response.json())["error"]
 
 
 async def test_the_api_token_is_required_when_set(aiohttp_client: Any, settings: Any, rules: Any,

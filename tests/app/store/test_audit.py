@@ -1,6 +1,7 @@
 """The audit log and undo, over real Redis, a real worker and the fake portal."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -10,8 +11,13 @@ from arq import Worker
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rules.facts import bindings_text
+from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
 from app.store.audit import AuditLog, UndoRefused, undo_job
-from tests.conftest import post_event
+from app.store.jobs import JOB_KEY, JobRecord, JobStore
+from app.store.namespace import prefixed
+from app.store.queue import JobQueue
+from tests.conftest import post_event, rules_with
 
 
 async def undo(job_id: str, redis: Any, rules: Any) -> Any:
@@ -39,8 +45,9 @@ async def test_each_change_is_in_the_audit_log_of_its_activity(client: Any, work
     [entry] = (await response.json())["entries"]
     assert entry["portal"] == "acme" and entry["job"] == job_id and entry["item"] == activities[1]
     # The portal's conversion copied the activity to the company and the contact; the job removed the lead.
-    assert entry["before"] == [f"lead {lead}", f"company {made['company']}", f"contact {made['contact']}"]
-    assert entry["after"] == [f"company {made['company']}", f"contact {made['contact']}"]
+    assert bindings_text(entry["before"]) == f"lead {lead}, company {made['company']}, contact {made['contact']}"
+    assert entry["after"] == [{"entity_type": COMPANY, "entity_id": made["company"]},
+                              {"entity_type": CONTACT, "entity_id": made["contact"]}]
     assert entry["rules"] == ["converted-lead-history-follows-client"]
     assert [e["item"] for e in by_job["entries"]] == activities
 
@@ -85,3 +92,65 @@ async def test_undo_stops_when_an_activity_changed_since(client: Any, worker: Wo
     assert f"activity {activities[2]}: the job left [company {made['company']}, contact {made['contact']}]" \
         in str(refused.value)
     assert {a: portal.bindings(a) for a in activities} == before, "nothing was changed"
+
+
+async def test_a_job_recorded_with_bindings_as_text_reads_as_values_and_undoes(
+        client: Any, worker: Worker, portal: FakePortal, redis: Any, rules: Any) -> None:
+    """A release before this one kept bindings as text ("contact 42"); its records live 14 days."""
+    lead, [activity], made, job_id = await convert_with_activities(client, worker, portal, n=1)
+    store = JobStore(redis, 3600)
+    record = await store.get(job_id)
+    assert record is not None
+    as_text = [{**change, "before": bindings_text(change["before"]).split(", "),
+                "after": bindings_text(change["after"]).split(", ")} for change in record.changes]
+    await redis.set(prefixed(f"{JOB_KEY}{job_id}"), record.model_copy(update={"changes": as_text}).model_dump_json())
+    entries = [json.loads(raw) for raw in await redis.lrange(prefixed(AUDIT_JOB_KEY + job_id), 0, -1)]
+    await redis.delete(prefixed(AUDIT_JOB_KEY + job_id))
+    await redis.rpush(prefixed(AUDIT_JOB_KEY + job_id), *[json.dumps(
+        {**e, "before": bindings_text(e["before"]).split(", "), "after": bindings_text(e["after"]).split(", ")})
+        for e in entries])
+    assert b'"lead ' in await redis.get(prefixed(f"{JOB_KEY}{job_id}"))
+
+    job = await (await client.get(f"/api/jobs/{job_id}")).json()
+    result = await undo(job_id, redis, rules)
+
+    assert job["changes"][0]["before"] == [{"entity_type": LEAD, "entity_id": lead},
+                                           {"entity_type": COMPANY, "entity_id": made["company"]},
+                                           {"entity_type": CONTACT, "entity_id": made["contact"]}]
+    assert result.errors == [] and [e.item for e in result.restored] == [activity]
+    assert portal.bindings(activity) == [(LEAD, lead), (CONTACT, made["contact"]), (COMPANY, made["company"])]
+    [undo_entry, _] = (await (await client.get(f"/api/audit?activity={activity}")).json())["entries"]
+    assert undo_entry["after"][0] == {"entity_type": LEAD, "entity_id": lead}
+
+
+async def test_undo_is_refused_when_a_record_to_bind_back_is_deleted(client: Any, worker: Worker, portal: FakePortal,
+                                                                    redis: Any, rules: Any) -> None:
+    """The portal would accept a binding to the deleted lead: undo is a plan the executor checks first."""
+    lead, activities, made, job_id = await convert_with_activities(client, worker, portal)
+    portal.delete_entity(LEAD, lead)
+    before = {a: list(portal.bindings(a)) for a in activities}
+
+    with pytest.raises(UndoRefused, match=f"lead {lead} no longer exist.*nothing was changed"):
+        await undo(job_id, redis, rules)
+
+    assert {a: portal.bindings(a) for a in activities} == before
+    assert await AuditLog(redis, 3600).undone_at(job_id) is None
+
+
+async def test_undo_of_comments_binds_them_back_before_unbinding(make_worker: Any, portal: FakePortal, redis: Any,
+                                                                 portal_config: Any) -> None:
+    rules = rules_with("rules:\n  - name: r\n    on: [ONCRMLEADUPDATE]\n    when: {lead_status: converted}\n"
+                       "    do: [{bind: [lead.contact]}, {unbind: lead}, {timeline_comments: follow}]\n", portal_config)
+    lead = portal.add_lead()
+    comment = portal.add_timeline_comment("lead", lead, "Called, wants 20 chairs")
+    portal.convert_lead(lead)
+    converted = sorted(portal.comment_bindings(comment))
+    record = JobRecord.for_event("acme", "ONCRMLEADUPDATE", lead, "1")
+    await JobQueue(redis, JobStore(redis, 3600)).submit(record)
+    await make_worker(rules=rules).run_check()
+    assert ("lead", lead) in converted and ("lead", lead) not in portal.comment_bindings(comment)
+
+    result = await undo(record.id, redis, rules)
+
+    assert result.errors == [] and [(e.kind, e.item) for e in result.restored] == [("comment", comment)]
+    assert sorted(portal.comment_bindings(comment)) == converted

@@ -2,6 +2,8 @@
 its scripts."""
 from __future__ import annotations
 
+import json
+
 from arq.connections import ArqRedis
 
 from app.store.jobs import JobQuery, JobRecord, JobState, JobStore
@@ -51,3 +53,19 @@ async def test_saves_go_on_after_redis_forgets_its_scripts(redis: ArqRedis) -> N
     assert [r.id for r in (await store.list(JobQuery(state=JobState.SUCCEEDED))).records] == [record.id]
     assert (await store.list(JobQuery(state=JobState.QUEUED))).records == []
     await store.create(JobRecord.for_event("acme", "ONCRMACTIVITYADD", 10, "1766047124"))  # and creates, too
+
+
+def test_a_record_written_with_bindings_as_text_reads_as_values_and_is_found_by_its_lead() -> None:
+    """Records live 14 days: those of the release before, which kept bindings as text, still read."""
+    raw = json.dumps({"id": "old1", "portal": "acme", "event": "ONCRMACTIVITYADD", "entity_id": 9, "state": "succeeded",
+                      "plan": [{"activity": 9, "before": ["lead 7"], "after": ["contact 3", "type128 5"],
+                                "move": ["company 1 -> company 2"]}],
+                      "changes": [{"activity": 9, "before": ["lead 7"], "after": ["contact 3"], "status": "changed"}]})
+
+    record = JobRecord.model_validate_json(raw)
+
+    assert record.plan[0]["after"] == [{"entity_type": 3, "entity_id": 3}, {"entity_type": 128, "entity_id": 5}]
+    assert record.plan[0]["move"] == [{"from": {"entity_type": 4, "entity_id": 1},
+                                       "to": {"entity_type": 4, "entity_id": 2}}]
+    assert record.changes[0]["before"] == [{"entity_type": 1, "entity_id": 7}]
+    assert JobQuery(lead=7).matches(record) and not JobQuery(lead=3).matches(record)
