@@ -5,8 +5,10 @@ that a killed worker's job runs again, the chaos suite.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from app.fakeportal.portal import LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
 from app.store.queue import LIVE_QUEUE, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event
-from workers import tasks
+from workers import runner, tasks
 from workers.context import context_of
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker
 from workers.runner import LeasedWorker
@@ -358,3 +360,29 @@ async def test_records_left_waiting_with_no_job_behind_them_are_queued_again(
     assert rescued is not None and rescued.state == JobState.QUEUED and "left the queue" in rescued.outcome
     await make_worker().run_check()
     assert [(await store.get(i)).state for i in (stranded, healthy)] == [JobState.SUCCEEDED] * 2  # type: ignore
+
+
+def test_the_runner_uses_only_arqs_public_worker_api() -> None:
+    """arq as a library: no override of arq's private methods, no use of its private attributes or of
+    its slot bookkeeping (`sem`, `job_counter`), no copy of its loop to keep in step with new versions."""
+    tree = ast.parse(Path(runner.__file__).read_text())
+    leased = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "LeasedWorker")
+    own = {node.name for node in leased.body if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)}
+    own |= {target.attr for node in ast.walk(leased) if isinstance(node, ast.Assign | ast.AnnAssign)
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Attribute)}
+    used = {node.attr for node in ast.walk(leased)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    arqs = set(vars(Worker))
+
+    assert not {name for name in own & arqs if name.startswith("_") and name != "__init__"}  # no private override
+    assert not {name for name in used - own if name.startswith("_")}  # no private attribute of arq's
+    assert not used & {"sem", "job_counter"}
+
+
+async def test_a_worker_keeps_what_its_jobs_share_under_one_key(make_worker: Any) -> None:
+    worker = await started(make_worker())
+
+    assert set(worker.ctx) == {"redis", "b24rebind"}  # arq's own, and the worker's context
+    context = context_of(worker.ctx)
+    assert context.redis is worker.pool and context.retry_delays == (0.05, 0.1, 0.2, 0.3, 0.5)
