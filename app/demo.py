@@ -28,8 +28,7 @@ from app.rules.model import RuleSet
 from app.store.jobs import FINAL_STATES, JobRecord, JobStore
 
 DEMO_DOMAIN = "demo.b24rebind.local"
-# `demo --keep`: the demo portal's fixed address and webhook, printed, so a person can call it too.
-DEMO_PORT = 8099
+# `demo --keep`: the demo portal's webhook, printed, so a person can call it too (on B24_DEMO_PORT).
 DEMO_WEBHOOK_CODE = "demo0secret0code"
 DEMO_APP_TOKEN = "demo-application-token"
 CONVERT_PATH = "/demo/convert"
@@ -73,7 +72,7 @@ def announce(fake: FakePortal, base_url: str, story: bool = False, keep: bool = 
              f"  dashboard:        {base_url}/", f"  events endpoint:  {base_url}/bitrix/events",
              f"  service status:   {base_url}/readyz", f"  job details:      {base_url}/api/jobs/<job_id>"]
     if keep:
-        lines += [f"  demo webhook:     {fake.rest_url}  (fixed: port {DEMO_PORT}, code {DEMO_WEBHOOK_CODE})"]
+        lines += [f"  demo webhook:     {fake.rest_url}  (fixed: B24_DEMO_PORT, code {DEMO_WEBHOOK_CODE})"]
     if not story:
         lines += ["Try `b24rebind demo` for a conversion played out on it; to use a real portal, see README.md,",
                   "'Connect your portal'."]
@@ -263,9 +262,9 @@ def _next_name(fake: FakePortal) -> str:
     return names[len(fake.leads) % len(names)]
 
 
-async def convert_command(activities: int, late: int, repeat: bool) -> int:
-    """`b24rebind demo convert`: another conversion on the demo kept running by `demo --keep`."""
-    url = f"http://127.0.0.1:{DEMO_PORT}{CONVERT_PATH}"
+async def convert_command(activities: int, late: int, repeat: bool, port: int) -> int:
+    """`b24rebind demo convert`: another conversion on the demo kept running by `demo --keep` on `port`."""
+    url = f"http://127.0.0.1:{port}{CONVERT_PATH}"
     query: dict[str, Any] = {"code": DEMO_WEBHOOK_CODE, "activities": activities, "late": late,
                              "repeat": "1" if repeat else "0"}
     try:
@@ -273,7 +272,7 @@ async def convert_command(activities: int, late: int, repeat: bool) -> int:
                                                               timeout=aiohttp.ClientTimeout(total=300)) as response:
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-        raise DemoError(f"no demo portal answers on 127.0.0.1:{DEMO_PORT}: start one with `b24rebind demo --keep` "
+        raise DemoError(f"no demo portal answers on 127.0.0.1:{port}: start one with `b24rebind demo --keep` "
                         "in another terminal, then run this again", portal_down=True) from None
     if "error" in body:
         raise DemoError(f"the demo refused: {body['error']}")

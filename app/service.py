@@ -44,7 +44,7 @@ async def run(settings: Settings, roles: Roles) -> None:
         settings = with_redis(settings, stack)
         fake = stage = None
         if roles.demo_story:  # the demo's own rules and portal, whatever the rules file says
-            stage = await demo.start_stage(stack, demo.DEMO_PORT if roles.keep else 0)
+            stage = await demo.start_stage(stack, settings.demo_port if roles.keep else 0)
             fake = stage.fake
             live = LiveRules(demo.with_demo_portal(live.current, stage.config))
         elif roles.demo_portal and not live.current.portals:

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     rules: Path = Field(default=Path("rules.yaml"), validation_alias=_env("B24_RULES"))
     host: str = Field(default="127.0.0.1", validation_alias=_env("B24_HOST"))
     port: int = Field(default=8080, ge=0, le=65535, validation_alias=_env("B24_PORT"))
+    # `demo --keep` serves the demo portal here, and `demo convert` finds it here.
+    demo_port: int = Field(default=8099, ge=1, le=65535, validation_alias=_env("B24_DEMO_PORT"))
     api_token: SecretStr | None = Field(default=None, validation_alias=_env("B24_API_TOKEN"))
     log_level: LogLevel = Field(default="INFO", validation_alias=_env("LOG_LEVEL"))
     data_dir: Path = Field(default=Path("var"), validation_alias=_env("B24_DATA_DIR"))

@@ -19,8 +19,8 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app.bitrix.client import Answer, RestClient, RetryPolicy
-from app.bitrix.errors import B24Error, ConfigError
 from app.bitrix.connect import portal_client
+from app.bitrix.errors import B24Error, ConfigError
 from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
 from app.cli.commands import pick_portal, redis_for

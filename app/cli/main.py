@@ -71,7 +71,7 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         return code
     try:
         if args.command == "demo" and args.demo_command == "convert":
-            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat))
+            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat, settings.demo_port))
         if args.command in ROLES:
             roles = ROLES[args.command]
             if args.command == "demo" and args.keep:
@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     demo_ = commands_.add_parser("demo", help="the real sequence on a built-in demo portal: the portal's "
                                               "conversion, then what b24rebind adds")
     demo_.add_argument("--keep", action="store_true",
-                       help=f"stay up, the demo portal on port {demo.DEMO_PORT}, for `demo convert`")
+                       help="stay up, the demo portal on B24_DEMO_PORT (8099), for `demo convert`")
     demo_commands = demo_.add_subparsers(dest="demo_command")
     convert = demo_commands.add_parser("convert", help="play another conversion on a `demo --keep` running")
     convert.add_argument("--activities", type=int, default=3, help="activities on the lead (default 3)")

@@ -10,14 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from app.demo import DEMO_PORT, DEMO_WEBHOOK_CODE
+from app.demo import DEMO_WEBHOOK_CODE
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # real processes
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# A port of this run's own, not the default 8099: another suite (or a person's kept demo) may hold that one.
+DEMO_PORT = free_port()
+
+
 def env(tmp_path: Path) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_PORT": "0", "B24_DATA_DIR": str(tmp_path / "var")}
+    return {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_PORT": "0", "B24_DATA_DIR": str(tmp_path / "var"),
+            "B24_DEMO_PORT": str(DEMO_PORT)}
 
 
 def b24rebind(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,8 @@ import json
 import time
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 from unittest import mock
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web

@@ -347,3 +347,33 @@ async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(j
     await budget.refresh()
     blocked = budget.blocked(["crm.activity.binding.list", "crm.activity.get"])
     assert blocked is not None and blocked.method == "crm.activity.get"  # 2 s of 2: near its budget
+
+
+async def test_a_portal_handed_from_a_stopping_worker_to_another_loses_nothing(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    from app.store.jobs import JobStore
+    from workers.main import shutdown, startup
+
+    made, activities, job_ids = [], [], []
+    for _ in range(8):
+        lead = portal.add_lead()
+        made.append(portal.convert_lead(lead))
+        activities.append(portal.add_activity([(LEAD, lead)]))
+        job_ids.append(str((await post_event(client, "ONCRMACTIVITYADD", activities[-1]))[1]["job_id"]))
+    portal.stall_next(1, 5.0)
+    first = make_worker()
+    first.ctx["redis"] = first.pool
+    await startup(first.ctx)
+    await first.start_jobs([job_id.encode() for job_id in job_ids])
+    await asyncio.sleep(0.3)  # one call stuck at the portal, the other jobs' commands waiting behind it
+
+    for task in list(first.tasks.values()):  # the process stops, as arq's close does with running jobs
+        task.cancel()
+    await asyncio.gather(*first.tasks.values(), return_exceptions=True)
+    await shutdown(first.ctx)
+    await make_worker().run_check()  # another process takes the portal's work
+
+    assert all(portal.bindings(a) == [(CONTACT, m["contact"]), (COMPANY, m["company"])]
+               for a, m in zip(activities, made))
+    records = [await JobStore(redis, 3600).get(job_id) for job_id in job_ids]
+    assert all(r is not None and r.state.value in ("succeeded", "skipped") for r in records)
