@@ -23,18 +23,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
+from app.bitrix.client import PAGE_SIZE, Command, RestClient, fast_page
 from app.bitrix.errors import B24Error
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
-from app.store.jobs import JobRecord, JobStore
+from app.store.jobs import JobRecord
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue, connect
 from workers.context import WorkerContext, context_of

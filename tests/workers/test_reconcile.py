@@ -6,13 +6,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from arq.connections import ArqRedis
 
-from app.bitrix.client import RestClient, RetryPolicy
+from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
