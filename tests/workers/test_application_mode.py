@@ -11,7 +11,7 @@ from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.web import create_app

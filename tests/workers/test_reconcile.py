@@ -14,7 +14,7 @@ from app.bitrix.client import RestClient, RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JobQuery, JobStore

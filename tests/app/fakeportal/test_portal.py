@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, SMART_INVOICE, FakePortal, parse_php_query
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, SMART_INVOICE, FakePortal, parse_php_query
 
 
 @pytest.fixture

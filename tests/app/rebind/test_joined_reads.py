@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.joined_reads import JoinedReads
 from tests.conftest import post_event, record_changes
