@@ -12,7 +12,7 @@ from contextvars import ContextVar
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
-from app.store.queue import RESCUE_CRON, SWEEP_CRON
+from app.store.queue import PROCESS_EVENT, RESCUE_CRON, SWEEP_CRON
 
 MASK = "***"
 # The job a log line belongs to; arq runs each job in its own task, so each sees its own value.
@@ -43,13 +43,16 @@ class SecretMask(logging.Filter):
 class QuietSweepTicks(logging.Filter):
     """Drops arq's two INFO lines for each look the reconcile cron takes at its gate: every 10 s, per
     worker, mostly to find it closed; and for the minute's look for stranded jobs. A sweep that runs,
-    and a stranded job found, log their own lines; warnings and errors stay."""
+    and a stranded job found, log their own lines; warnings and errors stay. An event job logs one
+    line of its own when it ends (what it did, or why not): arq's start, end and retry lines for it go."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO:
             return True
         # arq's per-job lines: "  1.00s → <job>()", "  0.00s ← <job> ● <result>"
         message = record.getMessage()
+        if ":" + PROCESS_EVENT + "(" in message or ":" + PROCESS_EVENT + " " in message:
+            return not ("→" in message or "←" in message or "↻" in message)
         return (SWEEP_CRON not in message and RESCUE_CRON not in message) or not ("→" in message or "←" in message)
 
 

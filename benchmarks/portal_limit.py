@@ -44,7 +44,7 @@ from app.settings import Settings
 from app.store.jobs import JobRecord, JobStore
 from app.store.queue import BACKFILL_QUEUE, JobQueue, connect
 from benchmarks.common import RULES
-from workers.main import build_worker, shutdown
+from workers.main import build_worker, close_portal_sessions, shared_portal_sessions, shutdown
 
 REDIS_URL = os.environ.get("BENCH_LIMIT_REDIS_URL", "redis://127.0.0.1:6379/13")
 PER_SECOND, BURST = 2.0, 50
@@ -154,7 +154,7 @@ async def run(name: str, workers: int, fail: float) -> dict[str, Any]:
             await queue.submit(record)
         # Each worker "process" has its own ctx, so its own PortalSession; for a backfill, a live and a
         # backfill worker share it, as in `b24rebind worker`.
-        processes: list[dict[str, Any]] = [{"portal_sessions": {}} for _ in range(workers)]
+        processes = [shared_portal_sessions() for _ in range(workers)]
         if scene.backfill:
             async with aiohttp.ClientSession() as http:
                 lister = RestClient(http, config, RateLimiter(redis), low_priority=True)
@@ -179,6 +179,8 @@ async def run(name: str, workers: int, fail: float) -> dict[str, Any]:
             wall = time.perf_counter() - started
         for worker in pool:
             await shutdown(worker.ctx)
+        for shared in processes:
+            await close_portal_sessions(shared)
     figures = {"requests": portal.request_count, "floor": FLOORS[name], "wall": wall,
                "limit": limit_seconds(portal.request_count), "qle": portal.refused_for_rate,
                "right": scene.right(), "activities": len(scene.expected), **probe,

@@ -27,6 +27,7 @@ from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
 from app.store.queue import LIVE_QUEUE, connect
 from app.web import create_app
+from workers.context import CONTEXT
 from workers.main import build_worker, shutdown
 
 DOMAIN = "acme.bitrix24.com"
@@ -130,7 +131,7 @@ async def make_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> As
     yield make
     # The workers share the test's Redis pool, so only their own resources are closed here.
     for worker in made:
-        if "http" in worker.ctx:
+        if CONTEXT in worker.ctx:
             await shutdown(worker.ctx)
 
 

@@ -1,22 +1,17 @@
-"""The arq worker: resources made once at startup, the job function, and its policies."""
+"""The arq worker: its shared context made once at startup, the job function, and its policies."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
-import aiohttp
 from arq import cron, func
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app.bitrix.budget import BudgetReads
-from app.bitrix.client import RetryPolicy
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
-from app.rebind.joined_reads import JoinedReads
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.store.jobs import JobStore
 from app.store.namespace import prefixed
 from app.store.queue import (
     LIVE_QUEUE,
@@ -27,9 +22,10 @@ from app.store.queue import (
     deserialize,
     serialize,
 )
+from workers.context import CONTEXT, JOB_TIMEOUT, PortalSenders, WorkerContext, context_of
 from workers.reconcile import TICK, reconcile_job
 from workers.runner import LeasedWorker
-from workers.tasks import JOB_TIMEOUT, RETRY_DELAYS, process_event
+from workers.tasks import process_event
 
 log = logging.getLogger(__name__)
 
@@ -37,56 +33,40 @@ log = logging.getLogger(__name__)
 # stops a job that keeps waiting for hours.
 MAX_TRIES = 200
 POLL_DELAY = 0.1  # seconds between reads of the queue
+# arq's time limit for a job: the job stops itself at its own (WorkerContext.job_timeout) and saves its
+# record; arq's, a grace period later, only catches a job that could not.
+JOB_GRACE = 60
 BACKFILL_JOBS = 20  # backfill jobs a process runs at once: their reads and writes pack into shared batches
-SHARED = "shares_portal_sessions"
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    # Tests and the combined `run` may hand in their own; a second startup reuses the first's.
-    if "http" not in ctx:
-        ctx["http"] = _http()
-    if "store" not in ctx:
-        ctx["limiter"] = RateLimiter(ctx["redis"])
-        ctx["store"] = JobStore.from_settings(ctx["redis"], settings)
-    ctx.setdefault("retry_policy", RetryPolicy())
-    # arq hands each job a copy of ctx: what jobs share must be made here, not on first use.
-    ctx.setdefault("budget_reads", BudgetReads())
-    ctx.setdefault("portal_sessions", {})  # portal name -> PortalSession, the one sender of its requests
-    ctx.setdefault("joined_reads", JoinedReads(ctx["redis"]))
-    ctx.setdefault("retry_delays", RETRY_DELAYS)
+async def startup(ctx: dict[str, Any], settings: Settings, rules: LiveRules, options: dict[str, Any]) -> None:
+    """arq's on_startup: the worker's context, once (arq calls it again when the worker goes on after a
+    Redis outage)."""
+    if CONTEXT not in ctx:
+        ctx[CONTEXT] = WorkerContext.make(settings, rules, ctx["redis"], **options)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if "joined_reads" in ctx:
-        await ctx["joined_reads"].close()
-    if ctx.get(SHARED):  # the process's workers share them: closed once the last has stopped
-        return
-    await close_portal_sessions(ctx)
+    if CONTEXT in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
+        await context_of(ctx).close()
 
 
 def shared_portal_sessions() -> dict[str, Any]:
-    """A ctx part for a process's workers (live and backfill): one HTTP session and one PortalSession
-    per portal between them, so that one sender sees all of the process's work for a portal."""
-    return {SHARED: True, "http": _http(), "portal_sessions": {}}
+    """WorkerContext options for a process's workers (live and backfill): one HTTP session and one
+    PortalSession per portal between them, so that one sender sees all of the process's work for a portal."""
+    return {"senders": PortalSenders()}
 
 
-async def close_portal_sessions(ctx: dict[str, Any]) -> None:
-    for session in [*ctx.get("portal_sessions", {}).values(), *ctx.get("retired_sessions", [])]:
-        await session.close()
-    if "http" in ctx:  # not there when the worker stops before it started (waiting for Redis, say)
-        await ctx["http"].close()
-
-
-def _http() -> aiohttp.ClientSession:
-    # A portal's REST API sets no cookies worth keeping; the default jar would filter every request.
-    return aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"}, cookie_jar=aiohttp.DummyCookieJar())
+async def close_portal_sessions(shared: dict[str, Any]) -> None:
+    """Closes what `shared_portal_sessions` made, once the workers sharing it have stopped."""
+    await shared["senders"].close()
 
 
 async def requeue_stranded(ctx: dict[str, Any]) -> int:
     """The minute's look for jobs whose records wait to run but that have left the queue."""
+    context = context_of(ctx)
     try:
-        rescued = await JobQueue(ctx["redis"], ctx["store"]).requeue_stranded()
+        rescued = await JobQueue(context.redis, context.store).requeue_stranded()
     except RedisError as exc:  # the worker says once that Redis is away; the next minute looks again
         log.info("the look for stranded jobs was skipped: Redis is unreachable (%s)", type(exc).__name__)
         return 0
@@ -97,9 +77,9 @@ async def requeue_stranded(ctx: dict[str, Any]) -> int:
 
 
 def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> LeasedWorker:
-    """A worker for the event queue; tests pass `burst=True` and their own ctx entries."""
+    """A worker for the event queue; tests pass `burst=True`, and in `ctx` WorkerContext options."""
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
-    ctx = {"settings": settings, "rules": live, **options.pop("ctx", {})}
+    context_options = options.pop("ctx", {})
     # Long-running live workers sweep for missed events; a gate in Redis keeps it to one sweep an interval.
     queue = options.pop("queue_name", LIVE_QUEUE)
     sweeps = settings.reconcile_interval and not options.get("burst") and queue == LIVE_QUEUE
@@ -112,9 +92,11 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     long_running = not options.get("burst") and queue == LIVE_QUEUE
     crons = [*([sweep_cron] if sweeps else []), *([rescue_cron] if long_running else [])]
     return LeasedWorker(
-        functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT)],
-        cron_jobs=crons or None, queue_name=prefixed(queue),
-        redis_pool=redis, ctx=ctx, on_startup=startup, on_shutdown=shutdown,
+        # The job record is the job's result: arq keeps none for event jobs.
+        functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT + JOB_GRACE,
+                        keep_result=0)],
+        cron_jobs=crons or None, queue_name=prefixed(queue), redis_pool=redis,
+        on_startup=partial(startup, settings=settings, rules=live, options=context_options), on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,
         # arq polls every 0.5 s by default: an event would wait up to that long for an idle worker, and a
         # busy one reads at most 100 queued ids a poll. Polling costs an idle worker one Redis round trip.

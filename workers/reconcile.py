@@ -23,20 +23,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.bitrix.client import PAGE_SIZE, Command, RestClient, RetryPolicy, fast_page
+from app.bitrix.client import PAGE_SIZE, Command, RestClient, fast_page
 from app.bitrix.errors import B24Error
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
-from app.store.jobs import JobRecord, JobStore
+from app.store.jobs import JobRecord
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue, connect
+from workers.context import WorkerContext, context_of
 from workers.tasks import portal_client
 
 log = logging.getLogger(__name__)
@@ -136,20 +135,20 @@ def _job_for(portal: str, lead_id: int, modified: str) -> JobRecord:
     return record.model_copy(update={"trigger": TRIGGER})
 
 
-async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> list[Sweep]:
+async def sweep_all(context: WorkerContext, portals: list[str] | None = None) -> list[Sweep]:
     """Sweep each portal in the rules (or the named ones) with the worker's resources."""
-    rules = ctx["rules"].current
-    queue = JobQueue(ctx["redis"], ctx["store"])
+    rules = context.rules.current
+    queue = JobQueue(context.redis, context.store)
     done = []
     for name, portal in rules.portals.items():
         if portals is not None and name not in portals:
             continue
-        client = portal_client(ctx, portal, low_priority=True)
+        client = portal_client(context, portal, low_priority=True)
         try:
             if portal.offline_events:
                 done.append(await drain_offline(client, queue, rules.events()))
             else:
-                done.append(await sweep(client, queue, ctx["redis"]))
+                done.append(await sweep(client, queue, context.redis))
         except B24Error as exc:
             log.error("reconcile %s failed: %s", name, exc)
         finally:
@@ -159,12 +158,13 @@ async def sweep_all(ctx: dict[str, Any], portals: list[str] | None = None) -> li
 
 async def reconcile_job(ctx: dict[str, Any]) -> int:
     """The worker's cron entry: sweeps at most once per interval whichever worker gets here first."""
-    interval = ctx["settings"].reconcile_interval
+    context = context_of(ctx)
+    interval = context.settings.reconcile_interval
     gate = prefixed(GATE_KEY)
     try:
-        if not interval or not await ctx["redis"].set(gate, time.time(), nx=True, px=int(interval * 1000)):
+        if not interval or not await context.redis.set(gate, time.time(), nx=True, px=int(interval * 1000)):
             return 0
-        return sum(len(s.queued) for s in await sweep_all(ctx))
+        return sum(len(s.queued) for s in await sweep_all(context))
     except RedisError as exc:  # the worker says once that Redis is away; the next tick sweeps again
         log.info("reconcile skipped: Redis is unreachable (%s)", type(exc).__name__)
         return 0
@@ -181,16 +181,9 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
         settings = with_redis(settings, stack)
         redis = await connect(settings)
         stack.push_async_callback(redis.aclose)
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        ctx = {
-            "rules": LiveRules(rules),
-            "redis": redis,
-            "http": http,
-            "limiter": RateLimiter(redis),
-            "store": JobStore.from_settings(redis, settings),
-            "retry_policy": RetryPolicy(),
-        }
-        for done in await sweep_all(ctx, None if portal is None else [portal]):
+        context = WorkerContext.make(settings, LiveRules(rules), redis)
+        stack.push_async_callback(context.close)
+        for done in await sweep_all(context, None if portal is None else [portal]):
             print(
                 f"reconcile {done.portal}: {done.leads_seen} leads converted since {done.since}, "
                 f"{len(done.queued)} with activities still on the lead queued (trigger {TRIGGER!r})"

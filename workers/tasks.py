@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from arq import Retry
 from arq.constants import retry_key_prefix
@@ -28,75 +28,54 @@ from app.rules.facts import Facts, read_bindings
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
-from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
+from app.store.jobs import JobRecord, JobState
+from app.store.outage import describe
 from app.words import plural
-from workers.runner import TIMED_OUT, JobClosing
+from workers.context import JOB_TIMEOUT, WorkerContext, context_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Seconds before each retry of a job that failed for a passing reason (5xx, timeouts, limits).
-RETRY_DELAYS = (5, 15, 60, 300, 900)
 LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
-# A job reads a lead's activities and writes their bindings; even a 10,000-activity lead stays well
-# inside ten minutes at the portal's rate. A dead worker's job is picked up again after this.
-JOB_TIMEOUT = 600
-# Most jobs end within milliseconds: a job is shown running only once it has run this long, which
-# saves each short job a record write nobody could have seen.
-SHOW_RUNNING_AFTER = 0.5
-
-
-class RunningMark:
-    """Saves a job's record as running once the job has run SHOW_RUNNING_AFTER seconds."""
-
-    def __init__(self, store: JobStore, record: JobRecord) -> None:
-        self._sending = False
-        self._task = asyncio.create_task(self._mark(store, record))
-
-    async def _mark(self, store: JobStore, record: JobRecord) -> None:
-        await asyncio.sleep(SHOW_RUNNING_AFTER)
-        self._sending = True
-        await store.save(record)
-
-    async def settle(self) -> None:
-        """Before the final save: a mark on its way must land first, or it would overwrite the end."""
-        if not self._sending:
-            self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-            await self._task
+AFTER_REDIS_FAILED = 5.0  # seconds before a job Redis failed runs again (and finds done what it did)
 
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
-    store: JobStore = ctx["store"]
-    rules: RuleSet = ctx["rules"].current  # read once: a reload mid-job does not mix two versions
+    context = context_of(ctx)
+    store = context.store
+    rules = context.rules.current  # read once: a reload mid-job does not mix two versions
     current_job.set(job["job_id"])
-    claimed = ctx.get("claimed_record")  # read with the claim, in the same round trip
-    record = (JobRecord.model_validate_json(claimed) if claimed else await store.get(job["job_id"])) \
-        or JobRecord.model_validate({**job, "id": job["job_id"]})
-    record.begin_attempt(ctx["job_try"])
+    record = await _or_later(store.get(job["job_id"])) or JobRecord.model_validate({**job, "id": job["job_id"]})
+    record.begin_attempt(ctx["job_try"])  # arq's count of the job's tries
     portal = rules.portals.get(record.portal)
     if portal is None:
         record.end_attempt(JobState.FAILED, "portal not configured",
                            {"code": "UNKNOWN_PORTAL", "description": f"portal {record.portal!r} is not in the "
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
-        await store.save(record)
+        await _or_later(store.save(record))
         return record.state.value
-    client = portal_client(ctx, portal, low_priority=record.trigger == "backfill")
-    delays = ctx.get("retry_delays", RETRY_DELAYS)
+    await _or_later(store.save(record))  # shown running
+    client = portal_client(context, portal, low_priority=record.trigger == "backfill")
+    delays = context.retry_delays
     earlier_changes = record.changes
-    changes = ChangeLog(ctx["redis"], portal.name, ctx.get("joined_reads"))
-    running = RunningMark(store, record)
-    lock = LeadLock(ctx["redis"], portal.name, ttl=JOB_TIMEOUT)
+    changes = ChangeLog(context.redis, portal.name)
+    lock = LeadLock(context.redis, portal.name, ttl=JOB_TIMEOUT)
+    deadline = asyncio.timeout(context.job_timeout)
     try:
-        await _run(record, client, restrict(rules, record), changes, lock)
-    except asyncio.CancelledError as exc:
-        if exc.args != (TIMED_OUT,):  # the worker is stopping; the job stays queued and runs again
-            record.end_attempt(JobState.RETRYING, "interrupted: the worker stopped; the job will run again",
-                               attempt_outcome="interrupted")
-            raise
-        _retry_or_give_up(record, delays, "ran past its time limit every time", {
-            "code": "JOB_TIMEOUT", "description": f"the job ran longer than {JOB_TIMEOUT} s",
-            "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
-                          "fast the portal answers and how many activities the lead has"})
+        async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
+            await _run(record, client, restrict(rules, record), changes, lock)
+    except asyncio.CancelledError:  # the worker is stopping; the job stays queued and runs again
+        record.end_attempt(JobState.RETRYING, "interrupted: the worker stopped; the job will run again",
+                           attempt_outcome="interrupted")
+        raise
+    except TimeoutError as exc:
+        if not deadline.expired():  # not the job's own limit: some library's, unhandled
+            _crashed(record, delays, exc)
+        else:
+            _retry_or_give_up(record, delays, "ran past its time limit every time", {
+                "code": "JOB_TIMEOUT", "description": f"the job ran longer than {context.job_timeout:g} s",
+                "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
+                              "fast the portal answers and how many activities the lead has"})
     except (Busy, MethodBlocked) as exc:
         # Waiting is not failing: the attempt does not count against the job's retries.
         wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \
@@ -106,7 +85,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     except TransientError as exc:
         _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
     except Gone as exc:
-        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(ctx, rules, portal, client, exc))
+        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(context, rules, portal, client, exc))
     except Echo as exc:
         record.end_attempt(JobState.SKIPPED, str(exc))
     except ConfigError as exc:
@@ -114,78 +93,88 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     except B24Error as exc:
         record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
     except RedisError as exc:
-        # Redis is away (the worker says so once): the job runs again once it is back and its lease ends.
+        # Redis is away (the worker says so once): the job runs again once it is back.
         record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
                            "will run again", attempt_outcome="interrupted")
-        raise
+        raise Retry(defer=AFTER_REDIS_FAILED) from None
     except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
-        log.exception("job %s crashed", record.id)
-        _retry_or_give_up(record, delays, "crashed", {
-            "code": "INTERNAL_ERROR", "description": type(exc).__name__,
-            "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
+        _crashed(record, delays, exc)
     finally:
         client.close()
         record.requests += client.requests
-        await running.settle()
-        await _save_attempt(ctx, record, client, changes, lock, applied=record.changes is not earlier_changes,
-                            closing=ctx.get("closing") if record.state in FINAL_STATES else None)
+        await _or_later(_save_attempt(context, record, client, changes, lock,
+                                     applied=record.changes is not earlier_changes))
         _log_end(record, client.requests)
     return record.state.value
 
 
-async def _save_attempt(ctx: dict[str, Any], record: JobRecord, client: RestClient, changes: ChangeLog,
-                        lock: LeadLock, applied: bool, closing: JobClosing | None) -> None:
+async def _or_later(step: Awaitable[T]) -> T:
+    """A job whose record Redis fails to read or save goes back in the queue, rather than being dropped
+    as arq drops a job that raised: its next run finds done what this one did."""
+    try:
+        return await step
+    except RedisError as exc:
+        log.info("job %s: Redis failed to read or save its record (%s); it will run again", current_job.get(),
+                 describe(exc))
+        raise Retry(defer=AFTER_REDIS_FAILED) from None
+
+
+def _crashed(record: JobRecord, delays: tuple[float, ...], exc: Exception) -> None:
+    log.exception("job %s crashed", record.id)
+    _retry_or_give_up(record, delays, "crashed", {
+        "code": "INTERNAL_ERROR", "description": type(exc).__name__,
+        "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
+
+
+async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestClient, changes: ChangeLog,
+                        lock: LeadLock, applied: bool) -> None:
     """The record, and if the attempt applied a plan its audit entries and echo fingerprints, the
-    attempt's metrics, the lead's lock, and for a job that has ended its removal from the queue: all in
-    one round trip, since a worker ends hundreds of jobs a second."""
-    async with ctx["redis"].pipeline(transaction=False) as pipe:
+    attempt's metrics and the lead's lock: all in one round trip."""
+    async with context.redis.pipeline(transaction=False) as pipe:
         lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
-        await ctx["store"].stage_save(pipe, record)
+        await context.store.stage_save(pipe, record)
         if applied:
-            AuditLog(ctx["redis"], ctx["settings"].job_retention_days * 86400).stage_job(pipe, record)
+            AuditLog(context.redis, context.settings.job_retention_days * 86400).stage_job(pipe, record)
             for change in record.changes:
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], read_bindings(change["after"]))
-        stage_attempt(pipe, record, client, ctx["limiter"])
+        stage_attempt(pipe, record, client, context.limiter)
         if record.attempts and record.attempts[-1].outcome == "deferred":
             pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
-        if closing is not None:
-            closing.stage(pipe)
         await pipe.execute()
 
 
-def portal_client(ctx: dict[str, Any], portal: PortalConfig, low_priority: bool = False) -> RestClient:
+def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bool = False) -> RestClient:
     """A job's RestClient on the portal's one session in this process (its HTTP session, rate limit,
     time budgets, tokens and shared batches); the job closes it when it ends."""
-    return RestClient.joining(portal_session(ctx, portal), low_priority=low_priority)
+    return RestClient.joining(portal_session(context, portal), low_priority=low_priority)
 
 
-def portal_session(ctx: dict[str, Any], portal: PortalConfig) -> PortalSession:
-    sessions: dict[str, PortalSession] = ctx.setdefault("portal_sessions", {})
-    session = sessions.get(portal.name)
+def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSession:
+    session = context.senders.by_portal.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
-            ctx.setdefault("retired_sessions", []).append(session)
-        session = sessions[portal.name] = connect_session(ctx["http"], portal, ctx["redis"], limiter=ctx["limiter"],
-                                                          retry=ctx["retry_policy"],
-                                                          budget_reads=ctx.get("budget_reads"))
+            context.senders.retired.append(session)
+        session = context.senders.by_portal[portal.name] = connect_session(
+            context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
+            budget_reads=context.budget_reads)
     return session
 
 
-async def _why_gone(ctx: dict[str, Any], rules: RuleSet, portal: PortalConfig, client: RestClient,
+async def _why_gone(context: WorkerContext, rules: RuleSet, portal: PortalConfig, client: RestClient,
                     gone: Gone) -> str:
     """A lead that cannot be read may be a portal in simple CRM mode, where leads never last: ask, once
     a day at most, only when rules about leads exist, and say so."""
     if gone.what != "lead" or not rules.lead_rules():
         return ""
-    modes = await noted_modes(ctx["redis"], [portal.name])
+    modes = await noted_modes(context.redis, [portal.name])
     mode = modes.get(portal.name)
     if mode is None:
         try:
             mode = await read_mode(client)
         except B24Error:
             return ""
-        await note_mode(ctx["redis"], portal.name, mode)
+        await note_mode(context.redis, portal.name, mode)
     warning = simple_mode_warning(rules, portal.name, mode)
     return f"; {warning}" if warning else ""
 

@@ -16,9 +16,9 @@ from app.store.namespace import prefixed
 
 # Times are kept to the microsecond: Lua's tostring keeps 14 digits, 0.1 ms of a Unix time, and a
 # time rounded up made the next call's elapsed time negative and the bucket fuller than it was.
-# Returns the seconds to wait (as a string: Lua numbers become integers on the way out) and the
-# slots taken: one, or while the bucket is less than half full up to ARGV[4] more, for the caller to
-# use within CREDIT_SECONDS. While a portal has recently refused us, the drain rate is halved.
+# Returns the seconds to wait (as a string: Lua numbers become integers on the way out), the slots
+# taken (one, or none while the caller must wait) and the bucket's level. While a portal has recently
+# refused us, the drain rate is halved.
 _LEAKY_BUCKET = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2]) - tonumber(ARGV[3] or '0')
@@ -30,8 +30,8 @@ local since = tonumber(redis.call('HGET', KEYS[1], 'ts') or tostring(now))
 level = math.max(0, level - math.max(0, now - since) * rate)
 local wait, taken = 0, 0
 if level + 1 <= burst then
-  taken = 1 + math.max(0, math.min(tonumber(ARGV[4] or '0'), math.floor(burst / 2 - level - 1)))
-  level = level + taken
+  taken = 1
+  level = level + 1
 else
   wait = (level + 1 - burst) / rate
 end
@@ -51,16 +51,6 @@ SLOW_DOWN_SECONDS = 60
 # Requests reach the portal a little sooner or later than they leave the bucket here; keeping two
 # slots free absorbs that jitter, so running at the limit never becomes QUERY_LIMIT_EXCEEDED.
 HEADROOM = 2
-# Slots a process may take ahead while a bucket is less than half full, and how soon it must use them.
-# Each slot used later than it was counted makes the portal's bucket fuller than ours by at most the
-# rate times that delay (one slot at 2/s): below half full there is room for that many times over,
-# and a busy portal (more than half full) is always counted one request at a time.
-PREFETCH = 3
-CREDIT_SECONDS = 0.5
-# Lending saves a Redis round trip (~0.1 ms of CPU) per request, and a lent slot left unused costs
-# the portal's time: 1/rate s. Only fast buckets (Enterprise and up) are worth it; at a standard
-# portal's 2 a second every slot counts, and each is taken exactly when it is used.
-LEND_FROM_RATE = 20.0
 
 
 @dataclass
@@ -72,15 +62,9 @@ class RateLimitStats:
 class RateLimiter:
     """A leaky bucket per portal, shared through Redis; `acquire` waits for a free slot."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "b24:rate", headroom: int = HEADROOM,
-                 prefetch: int = PREFETCH, lend_from_rate: float = LEND_FROM_RATE) -> None:
+    def __init__(self, redis: Redis, *, prefix: str = "b24:rate", headroom: int = HEADROOM) -> None:
         self._redis = redis
         self._headroom = headroom
-        self._prefetch = prefetch
-        self._lend_from_rate = lend_from_rate
-        # (portal, reserved) -> (slots taken ahead, monotonic deadline): a quiet bucket costs one
-        # Redis round trip per few requests instead of one per request.
-        self._credit: dict[tuple[str, int], tuple[int, float]] = {}
         self._prefix = prefixed(prefix)
         self._script = redis.register_script(_LEAKY_BUCKET)
         self._fill = redis.register_script(_FILL_BUCKET)
@@ -96,33 +80,18 @@ class RateLimiter:
     async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float:
         """Take a slot if one is free (returns 0), else the seconds until one will be (nothing taken)."""
         reserved = min(burst - 1, reserve + self._headroom)
-        if self._use_credit((portal, reserved)):
-            return 0.0
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
-        ahead = self._prefetch if per_second >= self._lend_from_rate else 0
-        wait_text, taken, level = await self._script(keys=keys, args=[per_second, burst, reserved, ahead])
+        wait_text, _, level = await self._script(keys=keys, args=[per_second, burst, reserved])
         self.levels[portal] = float(level)
         wait = float(wait_text)
         if wait <= 0:
-            if int(taken) > 1:
-                self._credit[(portal, reserved)] = (int(taken) - 1, time.monotonic() + CREDIT_SECONDS)
             return 0.0
         self.stats.waits += 1
         self.stats.waited_seconds += wait
         return wait
 
-    def _use_credit(self, key: tuple[str, int]) -> bool:
-        slots, deadline = self._credit.get(key, (0, 0.0))
-        if slots <= 0 or time.monotonic() > deadline:
-            self._credit.pop(key, None)  # slots not used in time stay counted: the bucket only errs on the safe side
-            return False
-        self._credit[key] = (slots - 1, deadline)
-        return True
-
     async def slow_down(self, portal: str, burst: int) -> None:
         """The portal refused a request: treat the bucket as full and halve the rate for a while."""
-        for key in [key for key in self._credit if key[0] == portal]:
-            del self._credit[key]
         keys = [f"{self._prefix}:{portal}", f"{self._prefix}:{portal}:slow"]
         await self._fill(keys=keys, args=[burst, SLOW_DOWN_SECONDS])
 

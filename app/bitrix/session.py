@@ -344,7 +344,7 @@ class PortalSession:
         return False
 
     def _busy_hold(self) -> float:
-        levels = getattr(self._limiter, "levels", None) or {}
+        levels: dict[str, float] = getattr(self._limiter, "levels", None) or {}
         burst = self.portal.rate_limit.burst
         if not self._linger or burst <= 2:  # a session of one-off commands never holds a call
             return 0.0

@@ -224,7 +224,7 @@ async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobSt
             each.cancel()  # a job cancelled puts itself back on the queue before its task ends
         await asyncio.gather(*running, return_exceptions=True)
         print(file=sys.stderr)
-        if "http" in worker.ctx and worker.on_shutdown:  # a burst worker does not run its shutdown itself
+        if worker.on_shutdown:  # a burst worker does not run its shutdown itself (nor made anything to close)
             await worker.on_shutdown(worker.ctx)
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from app.rebind.joined_reads import JoinedReads
 from app.rules.facts import Activity, Binding
 from app.store.namespace import prefixed
 
@@ -38,14 +37,12 @@ def fingerprint(bindings: Sequence[Binding]) -> str:
 class ChangeLog:
     """What the service just did to each activity, kept briefly in Redis."""
 
-    def __init__(self, redis: Redis, portal: str, reads: JoinedReads | None = None) -> None:
+    def __init__(self, redis: Redis, portal: str) -> None:
         self._redis = redis
         self._portal = portal
-        # A worker's jobs read together (one MGET for every job resumed in one turn of the loop).
-        self._read = reads.get if reads is not None else redis.mget
 
     async def is_echo(self, activity: Activity) -> bool:
-        [stored] = await self._read([self._key("applied", activity.id)])
+        [stored] = await self._redis.mget([self._key("applied", activity.id)])
         return stored is not None and stored.decode() == fingerprint(activity.bindings)
 
     def stage_record(self, pipe: Any, activity_id: int, after: Sequence[Binding]) -> None:
@@ -57,7 +54,7 @@ class ChangeLog:
         """The activities this service already changed too often in the last hour."""
         if not activity_ids:
             return set()
-        counts = await self._read([self._key("changes", i) for i in activity_ids])
+        counts = await self._redis.mget([self._key("changes", i) for i in activity_ids])
         return {i for i, count in zip(activity_ids, counts) if count and int(count) >= MAX_CHANGES_PER_WINDOW}
 
     def _key(self, what: str, activity_id: int) -> str:

@@ -44,7 +44,7 @@ def test_each_job_task_logs_its_own_id_and_secrets_never_pass() -> None:
     assert "rest/1/***/batch" in entries[0]["message"]
 
 
-def test_the_reconcile_crons_idle_ticks_stay_out_of_the_log_but_its_failures_do_not(
+def test_the_crons_idle_ticks_and_arqs_lines_for_event_jobs_stay_out_of_the_log_but_failures_do_not(
         capsys: pytest.CaptureFixture[str]) -> None:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -55,6 +55,11 @@ def test_the_reconcile_crons_idle_ticks_stay_out_of_the_log_but_its_failures_do_
         arq_log.info("%6.2fs ← %s ● %s", 0.0, "cron:reconcile_job", 0)
         arq_log.info("Starting worker for 2 functions: process_event, cron:reconcile_job")
         arq_log.error("%6.2fs ! %s failed, %s: %s", 0.1, "cron:reconcile_job", "RedisError", "down")
+        # An event job logs its own line when it ends: arq's lines for it would say it twice.
+        arq_log.info("%6.2fs → %s(%s)%s", 0.0, "f00d:process_event", "{'job_id': 'f00d'}", "")
+        arq_log.info("%6.2fs ↻ %s retrying job in %0.2fs", 0.1, "f00d:process_event", 2.0)
+        arq_log.info("%6.2fs ← %s ● %s", 0.1, "f00d:process_event", "'succeeded'")
+        arq_log.warning("%6.2fs ! %s max retries %d exceeded", 0.0, "f00d:process_event", 200)
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
@@ -62,7 +67,8 @@ def test_the_reconcile_crons_idle_ticks_stay_out_of_the_log_but_its_failures_do_
 
     logged = [json.loads(line)["message"] for line in capsys.readouterr().err.splitlines()]
     assert logged == ["Starting worker for 2 functions: process_event, cron:reconcile_job",
-                      "  0.10s ! cron:reconcile_job failed, RedisError: down"]
+                      "  0.10s ! cron:reconcile_job failed, RedisError: down",
+                      "  0.00s ! f00d:process_event max retries 200 exceeded"]
 
 
 def test_a_message_no_fast_encoder_takes_still_becomes_one_json_line() -> None:

@@ -4,18 +4,17 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import pytest
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.web import create_app
 from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
+from workers.context import WorkerContext
 from workers.reconcile import sweep_all
 
 
@@ -88,7 +87,8 @@ async def test_a_second_install_with_another_token_and_installs_for_webhook_port
 
 
 async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_queued(
-        app_client: Any, make_worker: Any, app_rules: Any, portal: FakePortal, redis: Any) -> None:
+        app_client: Any, make_worker: Any, app_rules: Any, portal: FakePortal, redis: Any,
+        settings: Settings) -> None:
     offline = app_rules.portals["acme"].model_copy(update={"offline_events": True})
     rules = app_rules.model_copy(update={"portals": {"acme": offline}})
     await install(app_client, portal.install_app())
@@ -100,10 +100,11 @@ async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_qu
     portal.add_offline_event("ONCRMLEADUPDATE", "\u00b9")  # type: ignore[arg-type]  # "¹": isdigit() but no id
 
     worker = make_worker(rules=rules)
-    async with aiohttp.ClientSession() as http:
-        ctx = {"rules": LiveRules(rules), "redis": redis, "http": http, "limiter": RateLimiter(redis),
-               "store": JobStore(redis, 3600), "retry_policy": RetryPolicy(attempts=2, base=0.01)}
-        (done,) = await sweep_all(ctx)
+    context = WorkerContext.make(settings, LiveRules(rules), redis, retry_policy=RetryPolicy(attempts=2, base=0.01))
+    try:
+        (done,) = await sweep_all(context)
+    finally:
+        await context.close()
     await worker.run_check()
 
     assert len(done.queued) == 1

@@ -6,13 +6,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from arq.connections import ArqRedis
 
-from app.bitrix.client import RestClient, RetryPolicy
+from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
-from app.bitrix.ratelimit import RateLimiter
 from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
@@ -20,29 +18,25 @@ from app.settings import Settings
 from app.store.jobs import JobQuery, JobStore
 from app.store.queue import JobQueue
 from tests.chaos.processes import write_rules
+from workers.context import CONTEXT, WorkerContext
 from workers.reconcile import TRIGGER, reconcile_command, reconcile_job, sweep
 
 
 @pytest.fixture
-async def ctx(redis: ArqRedis, rules: RuleSet, settings: Settings) -> AsyncIterator[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        yield {
-            "rules": LiveRules(rules),
-            "redis": redis,
-            "http": http,
-            "limiter": RateLimiter(redis),
-            "store": JobStore(redis, 3600),
-            "retry_policy": RetryPolicy(),
-            "settings": settings,
-        }
+async def ctx(redis: ArqRedis, rules: RuleSet, settings: Settings) -> AsyncIterator[WorkerContext]:
+    """What a worker's jobs share, as the worker makes it (JobStore with a one-hour retention)."""
+    context = WorkerContext.make(settings, LiveRules(rules), redis)
+    context.store = JobStore(redis, 3600)
+    yield context
+    await context.close()
 
 
-def client_for(ctx: dict[str, Any], portal_config: PortalConfig) -> RestClient:
-    return RestClient(ctx["http"], portal_config, ctx["limiter"])
+def client_for(ctx: WorkerContext, portal_config: PortalConfig) -> RestClient:
+    return RestClient(ctx.http, portal_config, ctx.limiter)
 
 
 async def test_a_sweep_queues_only_converted_leads_with_activities_still_on_them(
-    ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig, make_worker: Any
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig, make_worker: Any
 ) -> None:
     missed = portal.add_lead(title="missed")
     stranded = [portal.add_activity([(LEAD, missed)]) for _ in range(3)]
@@ -53,7 +47,7 @@ async def test_a_sweep_queues_only_converted_leads_with_activities_still_on_them
     portal.add_activity([(LEAD, open_lead)])
     portal.reset_counters()
 
-    result = await sweep(client_for(ctx, portal_config), JobQueue(ctx["redis"], ctx["store"]), ctx["redis"])
+    result = await sweep(client_for(ctx, portal_config), JobQueue(ctx.redis, ctx.store), ctx.redis)
 
     assert result.leads_seen == 2 and len(result.queued) == 1
     assert portal.requests == [("crm.lead.list", 1), ("batch", 2)]
@@ -61,40 +55,40 @@ async def test_a_sweep_queues_only_converted_leads_with_activities_still_on_them
     assert all(
         portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in stranded
     )
-    page = await ctx["store"].list(JobQuery(trigger=TRIGGER))
+    page = await ctx.store.list(JobQuery(trigger=TRIGGER))
     assert [(r.entity_id, r.state.value, r.trigger) for r in page.records] == [(missed, "succeeded", TRIGGER)]
 
 
 async def test_the_next_sweep_starts_at_the_cursor_and_queues_nothing_twice(
-    ctx: dict[str, Any], portal: FakePortal, portal_config: PortalConfig
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig
 ) -> None:
     first = portal.add_lead()
     portal.add_activity([(LEAD, first)])
     portal.convert_lead(first)
-    queue = JobQueue(ctx["redis"], ctx["store"])
+    queue = JobQueue(ctx.redis, ctx.store)
     client = client_for(ctx, portal_config)
-    one = await sweep(client, queue, ctx["redis"])
+    one = await sweep(client, queue, ctx.redis)
 
     second = portal.add_lead()
     portal.add_activity([(LEAD, second)])
     portal.convert_lead(second)
-    two = await sweep(client, queue, ctx["redis"])
+    two = await sweep(client, queue, ctx.redis)
 
     assert two.since == one.cursor
     assert len(one.queued) == 1 and len(two.queued) == 1 and one.queued != two.queued
-    assert int(await ctx["redis"].zcard("arq:queue")) == 2
+    assert int(await ctx.redis.zcard("arq:queue")) == 2
 
 
 async def test_the_cron_sweeps_once_per_interval_whichever_worker_gets_there(
-    ctx: dict[str, Any], portal: FakePortal
+    ctx: WorkerContext, portal: FakePortal
 ) -> None:
     lead = portal.add_lead()
     portal.add_activity([(LEAD, lead)])
     portal.convert_lead(lead)
 
-    assert await reconcile_job(ctx) == 1
-    assert await reconcile_job(ctx) == 0  # the gate holds for the interval
-    assert int(await ctx["redis"].zcard("arq:queue")) == 1
+    assert await reconcile_job({CONTEXT: ctx}) == 1
+    assert await reconcile_job({CONTEXT: ctx}) == 0  # the gate holds for the interval
+    assert int(await ctx.redis.zcard("arq:queue")) == 1
 
 
 async def test_b24rebind_reconcile_sweeps_and_says_what_it_queued(

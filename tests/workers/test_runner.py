@@ -1,12 +1,14 @@
-"""How a worker takes, runs and closes event jobs (`workers/runner.py`): arq's rules, fewer round trips.
+"""How a worker takes, runs and closes event jobs (`workers/runner.py`): arq's own, with a lease.
 
 That due jobs are claimed and run, exactly once among several workers, every end-to-end test shows;
 that a killed worker's job runs again, the chaos suite.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +18,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.fakeportal import LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
-from app.store.queue import LIVE_QUEUE, PROCESS_EVENT, STRANDED_AFTER, JobQueue
+from app.store.queue import LIVE_QUEUE, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event
-from workers import tasks
-from workers.main import MAX_TRIES, POLL_DELAY, build_worker, startup
+from workers import runner, tasks
+from workers.context import context_of
+from workers.main import MAX_TRIES, POLL_DELAY, build_worker
 from workers.runner import LeasedWorker
 from workers.tasks import LOCK_WAIT
 
@@ -27,7 +30,8 @@ from workers.tasks import LOCK_WAIT
 async def started(worker: Worker) -> Worker:
     """A worker ready to run jobs handed to it directly, as `main` makes it before polling."""
     worker.ctx["redis"] = worker.pool
-    await startup(worker.ctx)
+    assert worker.on_startup is not None
+    await worker.on_startup(worker.ctx)
     return worker
 
 
@@ -56,7 +60,6 @@ async def test_a_job_another_worker_holds_is_left_alone(client: Any, make_worker
     await worker.start_jobs([job_id.encode()])
 
     assert job_id not in worker.tasks
-    assert worker.job_counter == 0  # the slot it reserved is free again
 
 
 async def test_a_job_put_back_for_later_is_not_started_early(client: Any, make_worker: Any, portal: FakePortal,
@@ -71,45 +74,17 @@ async def test_a_job_put_back_for_later_is_not_started_early(client: Any, make_w
     assert await redis.exists(in_progress_key_prefix + job_id) == 0
 
 
-async def test_the_record_read_with_the_claim_is_used_once_and_not_kept(client: Any, make_worker: Any,
-                                                                       portal: FakePortal,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    async def no_second_read(self: JobStore, job_id: str) -> None:
-        raise AssertionError("the job read its record again")
-
-    monkeypatch.setattr(JobStore, "get", no_second_read)
-    lead = portal.add_lead()
-    portal.convert_lead(lead)
-    activity = portal.add_activity([(LEAD, lead)])
-    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
-    worker = make_worker()
-
-    await worker.run_check()
-    monkeypatch.undo()  # the API reads records the usual way
-
-    job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
-    assert (job["state"], job["trigger"], len(job["attempts"])) == ("succeeded", "webhook", 1)
-    assert worker._claims == {}
-
-
-async def test_a_finished_job_takes_itself_off_the_queue_and_leaves_nothing_of_arqs(
-        client: Any, make_worker: Any, portal: FakePortal, redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    finished_by_arq: list[str] = []
-
-    async def finish_job(self: Worker, job_id: str, *args: Any) -> None:
-        finished_by_arq.append(job_id)
-
-    monkeypatch.setattr(Worker, "finish_job", finish_job)
+async def test_a_finished_job_leaves_nothing_of_arqs_behind(client: Any, make_worker: Any, portal: FakePortal,
+                                                            redis: Any) -> None:
     lead = portal.add_lead()
     portal.convert_lead(lead)
     job_id = await queued_job_on(client, portal, lead)
 
     assert await make_worker().run_check() == 1
 
-    assert finished_by_arq == []  # the job's own last pipeline did it
     assert await redis.zscore(LIVE_QUEUE, job_id) is None
     for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix, "arq:result:"):
-        assert await redis.exists(prefix + job_id) == 0, prefix
+        assert await redis.exists(prefix + job_id) == 0, prefix  # the job record is its result
     assert (await JobStore(redis, 3600).get(job_id)).state.value == "succeeded"  # type: ignore[union-attr]
 
 
@@ -155,7 +130,7 @@ async def test_a_job_that_cannot_run_is_taken_off_the_queue(why: str, client: An
         await redis.delete(job_key_prefix + job_id)
     else:
         await redis.set(retry_key_prefix + job_id, MAX_TRIES)
-    worker = make_worker()
+    worker = await started(make_worker())
 
     await run_one(worker, job_id)
 
@@ -174,22 +149,22 @@ async def test_a_busy_worker_starts_the_next_job_when_a_slot_frees_not_at_the_ne
     jobs = [await queued_job(client, portal) for _ in range(8)]
     worker = make_worker(max_jobs=2)
     worker.poll_delay_s = 2.0  # arq would start two jobs a poll, and poll every 2 s
-    claims_by_poll: list[int] = []
-    claim, poll = LeasedWorker._claim, Worker._poll_iteration
+    runs_by_poll: list[int] = []
+    run, poll = LeasedWorker.run_job, Worker._poll_iteration
 
-    async def counted_claim(self: LeasedWorker, job_id: str) -> Any:
-        claims_by_poll[-1] += 1
-        return await claim(self, job_id)
+    async def counted_run(self: LeasedWorker, job_id: str, score: int) -> None:
+        runs_by_poll[-1] += 1
+        await run(self, job_id, score)
 
     async def counted_poll(self: Worker) -> None:
-        claims_by_poll.append(0)
+        runs_by_poll.append(0)
         await poll(self)
 
-    monkeypatch.setattr(LeasedWorker, "_claim", counted_claim)
+    monkeypatch.setattr(LeasedWorker, "run_job", counted_run)
     monkeypatch.setattr(Worker, "_poll_iteration", counted_poll)
 
     assert await worker.run_check() == len(jobs)
-    assert claims_by_poll[0] == len(jobs)
+    assert runs_by_poll[0] == len(jobs)
 
 
 async def test_a_worker_has_the_slots_the_settings_give_it(settings: Any, rules: Any, redis: Any) -> None:
@@ -206,7 +181,7 @@ async def test_a_job_past_its_time_limit_goes_back_in_the_queue_and_continues_la
     job_id = await queued_job_on(client, portal, lead)
     portal.stall_next(1, 2.0)
     worker = await started(make_worker())
-    worker.functions[PROCESS_EVENT].timeout_s = 0.3
+    context_of(worker.ctx).job_timeout = 0.3
 
     await run_one(worker, job_id)
 
@@ -216,7 +191,7 @@ async def test_a_job_past_its_time_limit_goes_back_in_the_queue_and_continues_la
     assert await redis.zscore(LIVE_QUEUE, job_id) is not None  # back in the queue, not dropped
     assert await redis.exists(job_key_prefix + job_id) == 1
 
-    worker.functions[PROCESS_EVENT].timeout_s = 30
+    context_of(worker.ctx).job_timeout = 30
     await worker.run_check()
     record = await JobStore(redis, 3600).get(job_id)
     assert record is not None and record.state.value == "succeeded"
@@ -227,8 +202,7 @@ async def test_a_job_that_never_finishes_in_time_ends_dead_not_lost(client: Any,
                                                                      portal: FakePortal, redis: Any) -> None:
     job_id = await queued_job(client, portal)
     portal.stall_next(50, 1.0)
-    worker = make_worker()
-    worker.functions[PROCESS_EVENT].timeout_s = 0.1
+    worker = make_worker(job_timeout=0.1)
 
     await worker.run_check()
 
@@ -276,13 +250,13 @@ async def test_a_job_whose_last_save_fails_goes_back_in_the_queue_not_away(
     assert await redis.zscore(LIVE_QUEUE, job_id) > time.time() * 1000  # later, not dropped
     assert await redis.exists(job_key_prefix + job_id) == 1
     monkeypatch.setattr(tasks, "_save_attempt", save)
-    await redis.zadd(LIVE_QUEUE, {job_id: 0})  # no need to wait the delay out
+    await redis.zadd(LIVE_QUEUE, {job_id: 1})  # no need to wait the delay out (arq takes a score of 0 for none)
     await worker.run_check()
     record = await JobStore(redis, 3600).get(job_id)
-    # The first run's changes stand (the activity left the lead); the second run, counted as the job's
-    # second try, finds nothing left to do.
+    # The first run's changes stand (the activity left the lead) though its end was never saved; the
+    # second run, counted as the job's second try, finds nothing left to do.
     assert record is not None and record.state.value == "skipped"
-    assert [attempt.number for attempt in record.attempts] == [2]
+    assert [(attempt.number, attempt.outcome) for attempt in record.attempts] == [(1, "interrupted"), (2, "skipped")]
 
 
 async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
@@ -291,12 +265,12 @@ async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
     portal.stall_next(1, 5.0)
     worker = await started(make_worker())
     await worker.start_jobs([job_id.encode()])  # running: waiting for the portal, still in the queue
-    claimed: list[str] = []
+    claimed: list[bytes] = []
 
-    async def no_claim(self: LeasedWorker, job_id: str) -> None:
-        claimed.append(job_id)
+    async def no_claim(self: Worker, job_ids: list[bytes]) -> None:
+        claimed.extend(job_ids)
 
-    monkeypatch.setattr(LeasedWorker, "_claim", no_claim)
+    monkeypatch.setattr(Worker, "start_jobs", no_claim)
 
     await worker.start_jobs([job_id.encode()])  # the next poll reads it again
 
@@ -332,10 +306,10 @@ async def test_a_job_waiting_for_a_long_lead_job_waits_past_its_tries_and_keeps_
     worker = await started(make_worker())
 
     for _ in range(MAX_TRIES + 5):  # more waits than it has tries
-        await redis.zadd(LIVE_QUEUE, {job_id: 0})  # no need to wait the delay out
+        await redis.zadd(LIVE_QUEUE, {job_id: 1})  # no need to wait the delay out (arq takes a score of 0 for none)
         await run_one(worker, job_id)
     await redis.delete(f"b24:lock:acme:lead:{lead}")  # the conversion ends
-    await redis.zadd(LIVE_QUEUE, {job_id: 0})
+    await redis.zadd(LIVE_QUEUE, {job_id: 1})
     await run_one(worker, job_id)
 
     record = await JobStore(redis, 3600).get(job_id)
@@ -355,7 +329,7 @@ async def test_an_attempt_cut_off_by_a_killed_worker_is_recorded_as_interrupted(
     store = JobStore(redis, 3600)
     record = await store.get(job_id)
     assert record is not None
-    record.begin_attempt(1)  # saved as running (the job ran past SHOW_RUNNING_AFTER), then the worker died
+    record.begin_attempt(1)  # saved as running, then the worker died
     await store.save(record)
 
     await make_worker().run_check()
@@ -386,3 +360,29 @@ async def test_records_left_waiting_with_no_job_behind_them_are_queued_again(
     assert rescued is not None and rescued.state == JobState.QUEUED and "left the queue" in rescued.outcome
     await make_worker().run_check()
     assert [(await store.get(i)).state for i in (stranded, healthy)] == [JobState.SUCCEEDED] * 2  # type: ignore
+
+
+def test_the_runner_uses_only_arqs_public_worker_api() -> None:
+    """arq as a library: no override of arq's private methods, no use of its private attributes or of
+    its slot bookkeeping (`sem`, `job_counter`), no copy of its loop to keep in step with new versions."""
+    tree = ast.parse(Path(runner.__file__).read_text())
+    leased = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "LeasedWorker")
+    own = {node.name for node in leased.body if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef)}
+    own |= {target.attr for node in ast.walk(leased) if isinstance(node, ast.Assign | ast.AnnAssign)
+            for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(target, ast.Attribute)}
+    used = {node.attr for node in ast.walk(leased)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    arqs = set(vars(Worker))
+
+    assert not {name for name in own & arqs if name.startswith("_") and name != "__init__"}  # no private override
+    assert not {name for name in used - own if name.startswith("_")}  # no private attribute of arq's
+    assert not used & {"sem", "job_counter"}
+
+
+async def test_a_worker_keeps_what_its_jobs_share_under_one_key(make_worker: Any) -> None:
+    worker = await started(make_worker())
+
+    assert set(worker.ctx) == {"redis", "b24rebind"}  # arq's own, and the worker's context
+    context = context_of(worker.ctx)
+    assert context.redis is worker.pool and context.retry_delays == (0.05, 0.1, 0.2, 0.3, 0.5)

@@ -352,7 +352,7 @@ async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(j
 async def test_a_portal_handed_from_a_stopping_worker_to_another_loses_nothing(
         client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
     from app.store.jobs import JobStore
-    from workers.main import shutdown, startup
+    from workers.main import shutdown
 
     made, activities, job_ids = [], [], []
     for _ in range(8):
@@ -363,7 +363,7 @@ async def test_a_portal_handed_from_a_stopping_worker_to_another_loses_nothing(
     portal.stall_next(1, 5.0)
     first = make_worker()
     first.ctx["redis"] = first.pool
-    await startup(first.ctx)
+    await first.on_startup(first.ctx)
     await first.start_jobs([job_id.encode() for job_id in job_ids])
     await asyncio.sleep(0.3)  # one call stuck at the portal, the other jobs' commands waiting behind it
 
