@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from app.bitrix.portal import PortalConfig, RateLimit
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, FakePortal
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, FakePortal
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.store.jobs import FINAL_STATES, JobRecord, JobStore

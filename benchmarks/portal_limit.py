@@ -38,7 +38,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.cli.backfill import BackfillRun, queue_backfill
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.loader import parse_rules
 from app.settings import Settings
 from app.store.jobs import JobRecord, JobStore

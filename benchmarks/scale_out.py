@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import redis as sync_redis
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from benchmarks.common import DOMAIN, TOKEN, event_body, free_port, wait_for_port
 
 REDIS_URL = os.environ.get("BENCH_SCALE_REDIS_URL", "redis://127.0.0.1:6379/13")

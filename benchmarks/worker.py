@@ -46,7 +46,7 @@ EVENT = "ONCRMACTIVITYADD"
 
 async def portal(jobs: int) -> None:
     """The fake portal with `jobs` converted leads, each with one activity still bound to the lead."""
-    from app.fakeportal.portal import LEAD, FakePortal
+    from app.fakeportal import LEAD, FakePortal
 
     core = pin_to_core(1)
     fake = FakePortal(per_second=None)

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
-from app.fakeportal.portal import FakePortal
+from app.fakeportal import FakePortal
 from app.rebind.echo import ChangeLog
 from app.rules.facts import Binding
 from app.rules.loader import parse_rules

@@ -32,7 +32,7 @@ from arq import Worker
 from arq.connections import ArqRedis
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import with_redis

@@ -7,7 +7,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.logs import SecretMask
 from app.rules.model import RuleSet
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.fakeportal.portal import FakePortal
+from app.fakeportal import FakePortal
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]

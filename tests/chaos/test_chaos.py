@@ -19,7 +19,7 @@ import pytest
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import BundledRedis

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from arq.connections import ArqRedis
 
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect

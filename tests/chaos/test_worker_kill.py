@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.locks import LEASE
 from app.store.jobs import JobState, JobStore
 from tests.chaos.processes import WorkerProcess, write_rules

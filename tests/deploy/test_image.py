@@ -46,7 +46,7 @@ from dotenv import dotenv_values
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.words import plural
 from tests.conftest import TOKEN, event_form
 

@@ -9,7 +9,7 @@ import pytest
 from app.bitrix.client import RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.config import LiveRules
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.web import create_app

@@ -5,7 +5,7 @@ from typing import Any
 
 from arq import Worker
 
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 

@@ -18,7 +18,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from app.bitrix.portal import PortalConfig
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, post_event, rules_with
 from workers import main

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from arq import Worker
 
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from app.rules.facts import bindings_text
 from app.web import create_app
 from tests.conftest import post_event, rules_with

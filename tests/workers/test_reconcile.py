@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
 from app.config import LiveRules
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JobQuery, JobStore

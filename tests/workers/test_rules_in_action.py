@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rules.facts import bindings_text
 from app.web import create_app

@@ -16,7 +16,7 @@ from arq import Worker
 from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
 from app.store.queue import LIVE_QUEUE, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event

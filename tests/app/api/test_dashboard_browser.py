@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from tests.conftest import API_TOKEN, post_event
 
 if os.environ.get("CI"):

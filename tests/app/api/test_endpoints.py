@@ -15,7 +15,7 @@ from aiohttp.test_utils import make_mocked_request
 from arq import Worker
 from pydantic import SecretStr, ValidationError
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore, feed_channel
 from app.web import api_auth, create_app

@@ -6,7 +6,7 @@ from typing import Any
 from arq import Worker
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from tests.conftest import post_event
 
 

@@ -27,8 +27,8 @@ from app.bitrix.errors import (
 from app.bitrix.portal import PortalConfig
 from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter
-from app.fakeportal.portal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
-from app.fakeportal.portal import parse_php_query as fake_parse_php_query
+from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
+from app.fakeportal import parse_php_query as fake_parse_php_query
 
 WEBHOOK_CODE = "s3cretc0de"
 BASE = f"https://acme.bitrix24.com/rest/1/{WEBHOOK_CODE}/"

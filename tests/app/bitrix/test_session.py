@@ -14,7 +14,7 @@ from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.session import PortalSession
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
 from tests.app.rebind.test_executor import rebind

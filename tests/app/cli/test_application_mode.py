@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from app.cli.commands import backfill_command, explain_command
 from app.config import load_service_rules
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.namespace import prefixed
 from app.web import create_app

@@ -11,7 +11,7 @@ from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.cli.backfill import BackfillRun, queue_backfill, summarise
 from app.cli.commands import render_explanation
 from app.cli.commands import test_command as run_rule_tests
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.facts import FactReader
 from app.store.jobs import JobStore
 from app.store.queue import BACKFILL_QUEUE, JobQueue

@@ -10,7 +10,7 @@ import pytest
 from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
 from app.cli.doctor import doctor_command
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.rules.model import RuleSet
 from tests.conftest import DEFAULT_RULES, TOKEN, WEBHOOK_CODE, rules_with
 

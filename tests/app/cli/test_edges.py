@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from app.cli.exits import Exit
-from app.fakeportal.portal import LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from tests.app.cli.test_main import ROOT
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 

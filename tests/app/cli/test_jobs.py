@@ -10,7 +10,7 @@ import pytest
 from arq import Worker
 
 from app.cli.main import main
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, post_event, rules_with
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.intake.spool import Spool
 from app.rules.model import RuleSet
 from app.settings import Settings

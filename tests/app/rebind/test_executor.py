@@ -9,7 +9,7 @@ import pytest
 from app.bitrix.client import RestClient, RetryPolicy
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import TargetsGone, execute
 from app.rules.facts import Binding
 from app.rules.model import EntityType

@@ -10,7 +10,7 @@ from arq import Worker
 
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
-from app.fakeportal.portal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.facts import bindings_text
 from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
 from app.store.audit import AuditLog, UndoRefused, undo_job
