@@ -37,7 +37,7 @@ POLL_DELAY = 0.1  # seconds between reads of the queue
 # record; arq's, a grace period later, only catches a job that could not.
 JOB_GRACE = 60
 # Backfill jobs a process runs at once: their reads and writes pack into shared batches, which leave
-# fuller the more jobs wait for them (issue 16's backfill: 144 requests with 20, 114-117 with 100).
+# fuller the more jobs wait for them (issue 16's backfill: 144 requests with 20, 114-120 with 100).
 BACKFILL_JOBS = 100
 
 
