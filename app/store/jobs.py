@@ -303,7 +303,8 @@ redis.call('PUBLISH', channel, summary)
 return 1
 """
 
-# The same without a queue entry: a record of something that runs elsewhere (a backfill's summary).
+# The same without a queue entry: a record alone (tests seed records this way; accepting an event always
+# queues it too, through `JobQueue.submit`).
 _CREATE_RECORD = """
 local record, index_names = KEYS[1], KEYS[2]
 local body, ttl, id, received, channel, summary = unpack(ARGV)
