@@ -61,6 +61,8 @@ class WorkerContext:
     job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
     owns_senders: bool = True  # False: the process's workers share them, closed once all have stopped
+    # One process at a time sends each portal's requests for all (app/bitrix/relay.py); False: each its own.
+    relay: bool = True
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:

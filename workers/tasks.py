@@ -157,7 +157,7 @@ def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSessio
             context.senders.retired.append(session)
         session = context.senders.by_portal[portal.name] = connect_session(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
-            budget_reads=context.budget_reads)
+            budget_reads=context.budget_reads, relay=context.relay)
     return session
 
 

@@ -120,6 +120,14 @@ class Meter:
     waiting: int = 0  # parts of this job queued or on their way
 
 
+class Relay(Protocol):
+    """Forwards parts to the process that holds the portal (app/bitrix/relay.py's PortalRelay)."""
+
+    def attach(self, session: PortalSession) -> None: ...
+    async def forward(self, part: _Part) -> list[list[CommandResult]] | None: ...
+    async def close(self) -> None: ...
+
+
 class Limiter(Protocol):
     async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None: ...
     async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float: ...
@@ -195,7 +203,7 @@ class PortalSession:
     def __init__(self, http: aiohttp.ClientSession, portal: PortalConfig, limiter: Limiter, *,
                  retry: RetryPolicy = RetryPolicy(), timeout: float = REQUEST_TIMEOUT,
                  budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
-                 linger: float = LINGER) -> None:
+                 linger: float = LINGER, relay: Relay | None = None) -> None:
         self._http = http
         self.portal = portal
         self._limiter = limiter
@@ -215,6 +223,10 @@ class PortalSession:
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
         self.requests = 0
         self.calls: Counter[tuple[str, str, str]] = Counter()  # request outcomes, for metrics (`take_calls`)
+        # Across processes: parts forwarded to the process that holds the portal (app/bitrix/relay.py).
+        self.relay = relay
+        if relay is not None:
+            relay.attach(self)
 
     # -------------------------------------------------------- what jobs call
 
@@ -260,6 +272,8 @@ class PortalSession:
 
     async def close(self) -> None:
         """The worker is stopping: cancel the calls on their way; jobs still waiting are cancelled."""
+        if self.relay is not None:  # other processes' parts first: given back, or answered
+            await self.relay.close()
         tasks = [t for t in (self._sender, *self._deliveries) if t is not None]
         for task in tasks:
             task.cancel()
@@ -270,6 +284,17 @@ class PortalSession:
 
     async def _submit(self, part: _Part) -> list[list[CommandResult]]:
         part.meter.waiting += 1
+        try:
+            if self.relay is not None:
+                forwarded = await self.relay.forward(part)  # None: this process sends it
+                if forwarded is not None:
+                    return forwarded
+            return await self._queue(part)
+        finally:
+            part.meter.waiting -= 1
+
+    async def _queue(self, part: _Part) -> list[list[CommandResult]]:
+        """Packs the part with the others waiting here (this process's jobs', and those forwarded to it)."""
         self._parts.append(part)
         self._wake.set()
         if self._sender is None or self._sender.done():
@@ -277,7 +302,6 @@ class PortalSession:
         try:
             return await part.done
         finally:
-            part.meter.waiting -= 1
             if part in self._parts and part.done.cancelled():
                 self._parts.remove(part)  # a job cancelled meanwhile needs nothing more
 
