@@ -5,6 +5,7 @@ first job starts; arq's own per-job entries (`job_id`, `job_try`) stay where arq
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,8 +42,19 @@ class PortalSenders:
     http: aiohttp.ClientSession = field(default_factory=new_http_session)
     by_portal: dict[str, PortalSession] = field(default_factory=dict)
     retired: list[PortalSession] = field(default_factory=list)  # of portals the rules file has changed since
+    handovers: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def retire(self, session: PortalSession) -> None:
+        """The rules file changed the session's portal: its jobs finish on it, and if it sends the portal's
+        requests for the other processes, the session with the new settings takes that over."""
+        self.retired.append(session)
+        if session.relay is not None:
+            task = asyncio.create_task(session.relay.retire())
+            self.handovers.add(task)
+            task.add_done_callback(self.handovers.discard)
 
     async def close(self) -> None:
+        await asyncio.gather(*self.handovers, return_exceptions=True)
         for session in [*self.by_portal.values(), *self.retired]:
             await session.close()
         await self.http.close()

@@ -154,7 +154,7 @@ def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSessio
     session = context.senders.by_portal.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
-            context.senders.retired.append(session)
+            context.senders.retire(session)
         session = context.senders.by_portal[portal.name] = connect_session(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
             budget_reads=context.budget_reads, relay=context.relay)

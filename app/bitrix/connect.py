@@ -36,7 +36,7 @@ def portal_session(http: aiohttp.ClientSession, portal: PortalConfig, redis: Red
                          budget=MethodBudget(redis, portal.name, portal.operating_budget,
                                              budget_reads or BudgetReads()),
                          oauth=OAuthSession(http, redis, portal) if portal.auth == "oauth" else None,
-                         relay=PortalRelay(redis, portal.name) if relay else None)
+                         relay=PortalRelay(redis, portal) if relay else None)
 
 
 def portal_client(http: aiohttp.ClientSession, portal: PortalConfig, redis: Redis | None, *,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -51,6 +53,7 @@ from app.bitrix.errors import (
     TokenExpired,
     TransientError,
 )
+from app.bitrix.portal import PortalConfig
 from app.bitrix.session import Command, CommandResult, Meter, _Part, stops_group
 from app.store.namespace import prefixed
 from app.store.outage import describe
@@ -126,6 +129,16 @@ def stop_rule(rule: Callable[[CommandResult], bool]) -> Callable[[CommandResult]
 stop_rule(stops_group)
 
 
+def settings_digest(portal: PortalConfig) -> str:
+    """Names the portal's settings: processes whose rules files say different things about a portal (a
+    change some have reloaded and others not yet) each pack with their own kind. A digest: no secret
+    reaches Redis."""
+    def plain(value: Any) -> Any:
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    settings = orjson.dumps(portal.model_dump(), default=plain, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(settings).hexdigest()[:16]
+
+
 def fate_unknown(method: str = "batch") -> TransientError:
     return TransientError(method, "RELAY_FATE_UNKNOWN", "the process sending these writes stopped before it "
                           "answered; they may or may not have landed",
@@ -135,11 +148,12 @@ def fate_unknown(method: str = "batch") -> TransientError:
 class PortalRelay:
     """One portal's lease and inbox, for one process's session (see the module's docstring)."""
 
-    def __init__(self, redis: Redis, portal: str, *, lease: float = LEASE, renew_every: float = RENEW_EVERY) -> None:
+    def __init__(self, redis: Redis, portal: PortalConfig, *, lease: float = LEASE,
+                 renew_every: float = RENEW_EVERY) -> None:
         self._redis = redis
-        self.portal = portal
+        self.portal = portal.name
         self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        base = prefixed(f"b24:relay:{portal}")
+        base = prefixed(f"b24:relay:{portal.name}:{settings_digest(portal)}")
         self._holder_key, self._inbox, self._taken = f"{base}:holder", f"{base}:inbox", f"{base}:taken"
         self._reply = f"{base}:reply:{self.me}"
         self._lease_ms = int(lease * 1000)
@@ -152,11 +166,12 @@ class PortalRelay:
         self._give_back = redis.register_script(_GIVE_BACK)
         self._session: PortalSession | None = None
         self.holding = False
+        self._may_hold = True  # False once the process stops, or the portal's settings changed
         self._closed = False
         self._holder = ""  # the holder parts were last forwarded to
         self._said = ""  # the last state logged: each change is one line
         # Parts of this process's jobs waiting for the holder's answer, by id.
-        self._waiting: dict[str, tuple[_Part, asyncio.Future[dict[str, Any]]]] = {}
+        self._waiting: dict[str, tuple[_Part, asyncio.Future[dict[str, Any]], bytes]] = {}
         # Parts this process sends for others: their entry as taken, their message, their part here.
         self._serving: dict[str, tuple[bytes, dict[str, Any], _Part, asyncio.Task[None]]] = {}
         self._holding_task: asyncio.Task[None] | None = None
@@ -171,7 +186,7 @@ class PortalRelay:
     async def forward(self, part: _Part) -> list[list[CommandResult]] | None:
         """The part's results, sent by the holder; None when this process sends it (it holds the
         portal, or just took it, or Redis failed, or the part's stop rule cannot travel)."""
-        if self.holding or self._closed or self._session is None:
+        if self.holding or not self._may_hold or self._session is None:
             return None
         rule = next((name for name, known in STOP_RULES.items() if known is part.stops), None)
         if rule is None:
@@ -181,7 +196,7 @@ class PortalRelay:
                               "stages": [[[c.method, c.params] for c in stage] for stage in part.stages]},
                              option=orjson.OPT_NON_STR_KEYS)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[part_id] = (part, future)  # before the push: the answer may come at once
+        self._waiting[part_id] = (part, future, entry)  # before the push: the answer may come at once
         try:
             held, holder = await self._hold_or_forward(keys=[self._holder_key, self._inbox],
                                                        args=[self.me, self._lease_ms, entry])
@@ -230,7 +245,7 @@ class PortalRelay:
                 except RedisError as exc:
                     self._say(f"Redis failed ({describe(exc)}) while this process waited for the holder's "
                               "answers; it sends its own requests meanwhile", warn=True)
-                    for part_id, (part, future) in list(self._waiting.items()):
+                    for part_id, (part, future, _) in list(self._waiting.items()):
                         if not future.done():  # a read is sent here; a write may have landed
                             future.set_result({"id": part_id, "here": True} if not part.write else
                                               {"id": part_id, "error": _error_record(fate_unknown())})
@@ -247,13 +262,19 @@ class PortalRelay:
     async def _take_over_if_nobody_holds(self) -> None:
         if self.holding or await awaited(self._redis.exists(self._holder_key)):
             return
-        if await self._redis.set(self._holder_key, self.me, nx=True, px=self._lease_ms):
-            self._start_holding()
+        if self._may_hold:
+            if await self._redis.set(self._holder_key, self.me, nx=True, px=self._lease_ms):
+                self._start_holding()
+            return
+        # Retired (the portal's settings changed): parts nobody took yet come back and are sent here.
+        for part_id, (_, future, entry) in list(self._waiting.items()):
+            if await awaited(self._redis.lrem(self._inbox, 1, entry.decode())) and not future.done():
+                future.set_result({"id": part_id, "here": True})
 
     # -------------------------------------------------------- the holder
 
     def _start_holding(self) -> None:
-        if self.holding:
+        if self.holding or not self._may_hold:
             return
         self.holding = True
         self._holder = self.me
@@ -266,12 +287,13 @@ class PortalRelay:
         renewed = time.monotonic()
         try:
             await self._recover()
-            while not self._closed:
+            while self._may_hold:
                 try:
                     if time.monotonic() - renewed >= self._renew_every:
                         if not await self._renew(keys=[self._holder_key], args=[self.me, self._lease_ms]):
                             self._say("another process took the portal over (this one was silent too long)",
                                       warn=True)
+                            self._drop_unsent()
                             return
                         renewed = time.monotonic()
                     first = await awaited(connection.blmove(self._inbox, self._taken, self._renew_every,  # type: ignore[arg-type]
@@ -280,7 +302,7 @@ class PortalRelay:
                         continue
                     entries = [first, *(await self._take_more(keys=[self._inbox, self._taken],
                                                               args=[TAKE_AT_ONCE]))]
-                    if self._closed:  # stopping: taken after the stop, given back untouched
+                    if not self._may_hold:  # handing over: taken after it began, given back untouched
                         for entry in entries:
                             await self._give_back(keys=[self._taken, self._inbox], args=[entry])
                         return
@@ -296,6 +318,14 @@ class PortalRelay:
             self.holding = False
             with contextlib.suppress(Exception):
                 await connection.aclose()
+
+    def _drop_unsent(self) -> None:
+        """The portal was taken over: the new holder found the parts taken here unanswered and sends the
+        reads again (the writes it answered 'fate unknown'), so those not sent yet are not sent here too."""
+        for _, _, part, task in list(self._serving.values()):
+            if not _may_have_gone(part):
+                part.done.cancel()
+                task.cancel()
 
     async def _recover(self) -> None:
         """Parts a holder that is gone had taken but not answered: reads go back to the inbox, writes
@@ -357,16 +387,29 @@ class PortalRelay:
     # -------------------------------------------------------- stopping
 
     async def close(self) -> None:
-        """The process stops: parts it sends for others go back (or are answered 'fate unknown' when
-        they may have been sent), and the portal is free for another process at once."""
+        """The process stops: its jobs' parts are no longer waited for (the jobs are being stopped), and
+        the portal is handed over."""
         if self._closed:
             return
         self._closed = True
         if self._replies_task is not None:
             self._replies_task.cancel()
             await asyncio.gather(self._replies_task, return_exceptions=True)
-        for _, future in self._waiting.values():
+        for _, future, _ in self._waiting.values():
             future.cancel()
+        await self._hand_over()
+
+    async def retire(self) -> None:
+        """The rules file changed the portal: a session with its new settings takes it over; this one
+        sends only the parts of the jobs that started before (its own answers still come)."""
+        await self._hand_over()
+
+    async def _hand_over(self) -> None:
+        """Parts this process sends for others go back (or are answered 'fate unknown' when they may
+        have been sent), and the portal is free for another process at once."""
+        if not self._may_hold:
+            return
+        self._may_hold = False
         if self._holding_task is not None:  # ends within a pop's timeout; no part is left half-taken
             await asyncio.wait([self._holding_task], timeout=self._renew_every + 1.0)
             self._holding_task.cancel()

@@ -30,7 +30,7 @@ class Process:
     """One worker process's sender for the portal: its session, its relay, its jobs."""
 
     def __init__(self, http: aiohttp.ClientSession, config: PortalConfig, redis: Any, linger: float) -> None:
-        self.relay = PortalRelay(redis, config.name, lease=LEASE, renew_every=0.05)
+        self.relay = PortalRelay(redis, config, lease=LEASE, renew_every=0.05)
         self.session = PortalSession(http, config, RateLimiter(redis), retry=RetryPolicy(attempts=2, base=0.01),
                                      linger=linger, relay=self.relay)
 
@@ -51,8 +51,8 @@ async def processes(portal_config: PortalConfig, redis: Any) -> AsyncIterator[Ca
     async with aiohttp.ClientSession() as http:
         made: list[Process] = []
 
-        def make(linger: float = 0.05) -> Process:
-            made.append(Process(http, portal_config, redis, linger))
+        def make(linger: float = 0.05, config: PortalConfig = portal_config) -> Process:
+            made.append(Process(http, config, redis, linger))
             return made[-1]
         yield make
         for process in made:
@@ -283,7 +283,7 @@ async def test_without_redis_a_process_sends_its_own_requests(portal_config: Por
 
     redis = await connect(private_redis.url)
     async with aiohttp.ClientSession() as http:
-        relay = PortalRelay(redis, "acme", lease=LEASE, renew_every=0.05)
+        relay = PortalRelay(redis, portal_config, lease=LEASE, renew_every=0.05)
         session = PortalSession(http, portal_config, LocalRateLimiter(), relay=relay)
         private_redis.stop()
         activity = portal.add_activity([(LEAD, portal.add_lead())], subject="still read")
@@ -304,7 +304,7 @@ async def test_a_write_waiting_for_a_holder_when_redis_fails_is_reported_of_unkn
 
     redis = await connect(private_redis.url)
     async with aiohttp.ClientSession() as http:
-        relays = [PortalRelay(redis, "acme", lease=LEASE, renew_every=0.05) for _ in range(2)]
+        relays = [PortalRelay(redis, portal_config, lease=LEASE, renew_every=0.05) for _ in range(2)]
         sessions = [PortalSession(http, portal_config, LocalRateLimiter(), linger=30.0, relay=r) for r in relays]
         holder, other = sessions
         first = RestClient.joining(holder)
@@ -324,3 +324,32 @@ async def test_a_write_waiting_for_a_holder_when_redis_fails_is_reported_of_unkn
         for session in sessions:
             await session.close()
     await redis.aclose()
+
+
+async def test_a_session_retired_by_a_rules_change_hands_the_portal_over(processes: Any,
+                                                                         portal: FakePortal) -> None:
+    old, other = processes(), processes()
+    await holding(old)
+    activity = portal.add_activity([(LEAD, portal.add_lead())], subject="read")
+
+    await old.relay.retire()  # the rules file changed the portal: old settings send for nobody else
+    answer = await other.job().batch(bindings_of(activity))
+    mine = await old.job().batch(bindings_of(activity))  # a job that started before still runs, here
+
+    assert answer[1].result["SUBJECT"] == mine[1].result["SUBJECT"] == "read"
+    assert other.relay.holding and not old.relay.holding
+    assert other.relay.forwarded == 0 and old.relay.forwarded == 0
+
+
+async def test_processes_whose_rules_differ_on_the_portal_each_send_with_their_own_settings(
+        processes: Any, portal: FakePortal, portal_config: PortalConfig) -> None:
+    holder = processes()
+    await holding(holder)
+    moved = portal_config.model_copy(update={"rest_url": type(portal_config.rest_url)(
+        portal.rest_url.replace(portal.webhook_code, "an0therwebhookc0de"))})
+    reloaded = processes(config=moved)  # its rules file says another webhook: not yet reloaded elsewhere
+
+    with pytest.raises(ConfigError):
+        await reloaded.job().batch(bindings_of(portal.add_activity([(LEAD, portal.add_lead())])))
+
+    assert reloaded.relay.holding and reloaded.relay.forwarded == 0
