@@ -168,7 +168,7 @@ class PortalRelay:
         self.holding = False
         self._may_hold = True  # False once the process stops, or the portal's settings changed
         self._closed = False
-        self._holder = ""  # the holder parts were last forwarded to
+        self._holder = ""  # the process parts were last forwarded to
         self._said = ""  # the last state logged: each change is one line
         # Parts of this process's jobs waiting for the holder's answer, by id.
         self._waiting: dict[str, tuple[_Part, asyncio.Future[dict[str, Any]], bytes]] = {}
@@ -176,6 +176,7 @@ class PortalRelay:
         self._serving: dict[str, tuple[bytes, dict[str, Any], _Part, asyncio.Task[None]]] = {}
         self._holding_task: asyncio.Task[None] | None = None
         self._replies_task: asyncio.Task[None] | None = None
+        self._dropping: set[asyncio.Task[None]] = set()
         self.forwarded = self.served = 0
 
     def attach(self, session: PortalSession) -> None:
@@ -209,10 +210,8 @@ class PortalRelay:
             self._start_holding()
             return None
         self.forwarded += 1
-        holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-        if holder != self._holder:
-            self._holder = holder
-            self._say(f"sending through process {holder}, which holds the portal")
+        self._holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+        self._say(f"sending through process {self._holder}, which holds the portal")  # said once a change
         self._listen_for_replies()
         try:
             answer = await future
@@ -348,14 +347,21 @@ class PortalRelay:
                         self.portal, sent_again, unknown)
 
     def _serve(self, entry: bytes) -> None:
-        message = orjson.loads(entry)
-        part_id = str(message["id"])
+        try:
+            message = orjson.loads(entry)
+            part_id = str(message["id"])
+            stops = STOP_RULES.get(message["stops"])
+            stages = [[Command(method, params) for method, params in stage] for stage in message["stages"]]
+            part = _Part(Meter(), stages, write=bool(message["write"]), low=bool(message["low"]), stops=stops)
+        except (ValueError, KeyError, TypeError) as exc:  # not a part this version can read: said, not kept
+            log.warning("portal %s: dropped a part this process cannot read (%s); its job retries when its "
+                        "time is up", self.portal, type(exc).__name__)
+            task = asyncio.create_task(self._drop(entry))
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+            return
         if part_id in self._serving:
             return
-        assert self._session is not None
-        stops = STOP_RULES.get(message["stops"])
-        stages = [[Command(method, params) for method, params in stage] for stage in message["stages"]]
-        part = _Part(Meter(), stages, write=bool(message["write"]), low=bool(message["low"]), stops=stops)
         if stops is None:  # a rule this process does not know (another version): its sender sends it
             task = asyncio.create_task(self._answer(entry, message, {"id": part_id, "here": True}))
         else:
@@ -363,6 +369,10 @@ class PortalRelay:
         self.served += 1
         self._serving[part_id] = (entry, message, part, task)
         task.add_done_callback(lambda _: self._serving.pop(part_id, None))
+
+    async def _drop(self, entry: bytes) -> None:
+        with contextlib.suppress(RedisError):
+            await awaited(self._redis.lrem(self._taken, 1, entry.decode(errors="replace")))
 
     async def _send_for(self, entry: bytes, message: dict[str, Any], part: _Part) -> None:
         assert self._session is not None
