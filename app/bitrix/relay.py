@@ -68,6 +68,9 @@ LEASE = 5.0  # seconds a dead holder keeps the portal; its parts wait that long 
 RENEW_EVERY = 1.0  # seconds between renewals; also the blocking pops' timeout
 REPLY_KEEP = 300  # seconds a reply list outlives its last answer (a sender that died leaves nothing)
 TAKE_AT_ONCE = 200  # parts moved from the inbox in one round trip
+# Seconds without a part after which a process gives the portal up (and stops listening for answers):
+# with many portals, only the busy ones cost each process a blocking connection and a renewal a second.
+IDLE = 30.0
 
 # Take the portal when nobody holds it; otherwise queue the part for the holder. Returns {held, holder}.
 _HOLD_OR_FORWARD = """
@@ -149,7 +152,7 @@ class PortalRelay:
     """One portal's lease and inbox, for one process's session (see the module's docstring)."""
 
     def __init__(self, redis: Redis, portal: PortalConfig, *, lease: float = LEASE,
-                 renew_every: float = RENEW_EVERY) -> None:
+                 renew_every: float = RENEW_EVERY, idle: float = IDLE) -> None:
         self._redis = redis
         self.portal = portal.name
         self.me = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -158,6 +161,8 @@ class PortalRelay:
         self._reply = f"{base}:reply:{self.me}"
         self._lease_ms = int(lease * 1000)
         self._renew_every = renew_every
+        self._idle = idle
+        self._used = time.monotonic()  # when a part of this portal last came by, from any process
         self._hold_or_forward = redis.register_script(_HOLD_OR_FORWARD)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
@@ -187,6 +192,7 @@ class PortalRelay:
     async def forward(self, part: _Part) -> list[list[CommandResult]] | None:
         """The part's results, sent by the holder; None when this process sends it (it holds the
         portal, or just took it, or Redis failed, or the part's stop rule cannot travel)."""
+        self._used = time.monotonic()
         if self.holding or not self._may_hold or self._session is None:
             return None
         rule = next((name for name, known in STOP_RULES.items() if known is part.stops), None)
@@ -231,6 +237,9 @@ class PortalRelay:
         looked = time.monotonic()
         try:
             while not self._closed:
+                if not self._waiting and time.monotonic() - self._used > self._idle:
+                    self._replies_task = None  # the next part forwarded starts another listener
+                    return
                 try:
                     # Redis 6 and later take a fraction of a second; redis-py's annotation says int.
                     popped = await awaited(connection.blpop([self._reply], timeout=self._renew_every))  # type: ignore[arg-type]
@@ -298,6 +307,11 @@ class PortalRelay:
                     first = await awaited(connection.blmove(self._inbox, self._taken, self._renew_every,  # type: ignore[arg-type]
                                                             "RIGHT", "LEFT"))
                     if first is None:
+                        if not self._serving and time.monotonic() - self._used > self._idle:
+                            await self._release(keys=[self._holder_key], args=[self.me])
+                            self._say("the portal was idle; this process gave it up (the next process "
+                                      "with work for it takes it)")
+                            return
                         continue
                     entries = [first, *(await self._take_more(keys=[self._inbox, self._taken],
                                                               args=[TAKE_AT_ONCE]))]
@@ -360,6 +374,7 @@ class PortalRelay:
             self._dropping.add(task)
             task.add_done_callback(self._dropping.discard)
             return
+        self._used = time.monotonic()
         if part_id in self._serving:
             return
         if stops is None:  # a rule this process does not know (another version): its sender sends it

@@ -353,3 +353,23 @@ async def test_processes_whose_rules_differ_on_the_portal_each_send_with_their_o
         await reloaded.job().batch(bindings_of(portal.add_activity([(LEAD, portal.add_lead())])))
 
     assert reloaded.relay.holding and reloaded.relay.forwarded == 0
+
+
+async def test_an_idle_holder_gives_the_portal_up_and_the_next_process_with_work_takes_it(
+        portal_config: PortalConfig, redis: Any, portal: FakePortal) -> None:
+    from app.bitrix.ratelimit import LocalRateLimiter
+
+    async with aiohttp.ClientSession() as http:
+        relays = [PortalRelay(redis, portal_config, lease=LEASE, renew_every=0.05, idle=0.2) for _ in range(2)]
+        first, second = [PortalSession(http, portal_config, LocalRateLimiter(), relay=r) for r in relays]
+        activity = portal.add_activity([(LEAD, portal.add_lead())], subject="read")
+        await RestClient.joining(first).batch(bindings_of(activity))
+        assert relays[0].holding
+
+        await until(lambda: not relays[0].holding)  # nothing came by for a while
+        answer = await RestClient.joining(second).batch(bindings_of(activity))
+
+        assert answer[1].result["SUBJECT"] == "read"
+        assert relays[1].holding and relays[1].forwarded == 0
+        for session in (first, second):
+            await session.close()
