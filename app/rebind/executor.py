@@ -151,7 +151,8 @@ async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int],
 def _target_checks(items: list[tuple[str, int, ItemPlan]]) -> list[tuple[Binding, Command]]:
     """A read of each record the plan binds or moves something to."""
     targets = {b for _, _, item in items for b in item.add} | {t for _, _, item in items for _, t in item.moves}
-    return [(t, Command(f"crm.{TYPE_NAMES[t.entity_type]}.get", {"id": t.entity_id}))
+    # Only whether it exists: a batch asks many jobs' checks of one kind as one list.
+    return [(t, Command(f"crm.{TYPE_NAMES[t.entity_type]}.get", {"id": t.entity_id}, fields=("ID",)))
             for t in sorted(targets, key=lambda b: (int(b.entity_type), b.entity_id)) if t.entity_type in TYPE_NAMES]
 
 

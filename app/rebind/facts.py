@@ -22,6 +22,9 @@ CHILD_GETTERS = {
     "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
 }
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
+LEAD_FIELDS = ("ID", "STATUS_ID", "STATUS_SEMANTIC_ID", "CONTACT_ID", "COMPANY_ID")  # what `_lead` reads
+# What `_clients` reads of a contact or deal an activity is bound to.
+CLIENT_FIELDS = {"contact": ("ID", "COMPANY_ID"), "deal": ("ID", "CONTACT_ID", "COMPANY_ID")}
 # crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
 FINDBYCOMM_VALUES = 20
 TYPE_NAMES: dict[EntityType | int, str] = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
@@ -184,10 +187,10 @@ class FactReader:
         commands: list[Command] = []
         if "contact" in self._needs:
             ids = sorted({i for a in activities for i in a.bound_to(EntityType.CONTACT)})
-            commands += [Command("crm.contact.get", {"id": i}) for i in ids]
+            commands += [Command("crm.contact.get", {"id": i}, fields=CLIENT_FIELDS["contact"]) for i in ids]
         if "deal" in self._needs:
             ids = sorted({i for a in activities for i in a.bound_to(EntityType.DEAL)})
-            commands += [Command("crm.deal.get", {"id": i}) for i in ids]
+            commands += [Command("crm.deal.get", {"id": i}, fields=CLIENT_FIELDS["deal"]) for i in ids]
         if "matched" in self._needs:
             searches = {(kind, chunk, entity): None for activity in activities
                         for kind, chunk in _comm_chunks(activity) for entity in ("CONTACT", "COMPANY")}
@@ -215,7 +218,7 @@ class FactReader:
                      for i, result in zip(ids, results))
 
     async def _lead_of(self, getter: str, entity_id: int) -> int:
-        (result,) = await self._client.batch([Command(getter, {"id": entity_id})])
+        (result,) = await self._client.batch([Command(getter, {"id": entity_id}, fields=("ID", "LEAD_ID"))])
         _raise_gone(result)
         return _id(result.result.get("LEAD_ID"))
 
@@ -274,8 +277,10 @@ def made_from_lead(rules: RuleSet) -> tuple[str, ...]:
 
 
 def _lead_commands(lead_id: int, made: Sequence[str] = LEAD_LISTS) -> list[Command]:
+    # Named fields and one-number filters: a batch reads many jobs' leads (and lists) as one list each.
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
-    return [Command("crm.lead.get", {"id": lead_id}), *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
+    return [Command("crm.lead.get", {"id": lead_id}, fields=LEAD_FIELDS),
+            *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
 
 
 def _asks_fields(when: Any) -> bool:
