@@ -12,8 +12,8 @@ api-reference/crm/contacts/crm-contact-list.md, "Possible prefix values"). So a 
   fields=(...))`) into one list by `@ID`, and gives each its row.
 
 The answers stay the portal's own: a record missing from a merged list (deleted, or hidden from the
-webhook's user) and a merged list that filled its page (50 rows: maybe more) leave their commands to
-be asked alone (`answers` says which), so a caller sees exactly what the command alone would have got.
+webhook's user) and a merged list with more rows than its page leave their commands to be asked
+alone (`answers` says which), so a caller sees exactly what the command alone would have got.
 Merging is only for calls that do not halt: a `.get` of a missing record must stop a halting call.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Command, CommandResult
+from app.bitrix.commands import BATCH_LIMIT, Command, CommandResult
 
 # The CRM records whose list methods take `@FIELD` filters and whose reads jobs make one by one.
 MERGEABLE = ("crm.lead", "crm.contact", "crm.company", "crm.deal", "crm.activity")
@@ -78,8 +78,10 @@ class _Merged:
         select = list(self.shape.select)
         if select and "*" not in select and self.shape.field not in select:
             select.append(self.shape.field)  # to tell whose each row is
+        # By ID a number has one row at most, so 50 fit a page and the fast form (no count) will do; by
+        # another field the count (`next`) tells whether the page held every row.
         params: dict[str, Any] = {"filter": {f"@{self.shape.field}": list(self.values)}, "order": {"ID": "ASC"},
-                                  "start": -1}
+                                  "start": -1 if self.shape.field == "ID" else 0}
         if select:
             params["select"] = select
         return Command(self.shape.method, params)
@@ -92,8 +94,8 @@ class _Merged:
         if self.shape.get:
             row = next((r for r in rows if _number(r.get("ID")) == value), None)
             return CommandResult(asked, result=row) if row is not None else None
-        if len(rows) >= PAGE_SIZE and self.shape.field != "ID":
-            return None  # a full page: there may be more rows than the list showed
+        if result.next is not None or (result.total or 0) > len(rows):
+            return None  # more rows than a page: each asks alone (rare: a lead makes one contact)
         hidden = self.shape.field not in self.shape.select and self.shape.select and "*" not in self.shape.select
         mine = [{k: v for k, v in row.items() if not (hidden and k == self.shape.field)}
                 for row in rows if _number(row.get(self.shape.field)) == value]

@@ -54,7 +54,7 @@ def test_lists_by_one_id_field_go_as_one_list_and_each_gets_its_own_rows() -> No
     assert second is not None and (second.result, second.total) == ([{"ID": "5"}, {"ID": "6"}], 2)
 
 
-def test_a_merged_list_that_fills_its_page_leaves_every_command_to_be_asked_alone() -> None:
+def test_a_merged_list_with_more_rows_than_its_page_leaves_every_command_to_be_asked_alone() -> None:
     chunk = BatchChunk()
     chunk.add(contacts_of(1))
     chunk.add(contacts_of(2))
@@ -62,7 +62,9 @@ def test_a_merged_list_that_fills_its_page_leaves_every_command_to_be_asked_alon
 
     rows = [{"ID": str(n), "LEAD_ID": "1"} for n in range(50)]
 
-    assert chunk.answers([CommandResult(sent, result=rows)]) == [None, None]
+    assert sent.params["start"] == 0  # by LEAD_ID: the count tells whether the page held every row
+    assert chunk.answers([CommandResult(sent, result=rows, total=50)]) != [None, None]
+    assert chunk.answers([CommandResult(sent, result=rows, total=51, next=50)]) == [None, None]
 
 
 def test_an_error_of_the_merged_list_is_every_commands_error() -> None:
