@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 
 from app.bitrix.budget import MethodBudget
+from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
-from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult
 from app.bitrix.session import (
     REQUEST_TIMEOUT,
     Limiter,

@@ -16,6 +16,9 @@ awaits their results, and the session fills each `batch` from every job waiting:
 - a batch leaves as soon as the portal's bucket allows when it is full, or when every job of the
   session is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
   bucket is what holds calls back, and they leave full;
+- what a call sends is a `BatchChunk` (app/bitrix/merge.py): a read several jobs ask goes once,
+  and point reads of one kind (leads, the contacts made from them, the targets' checks) go as one
+  list by `@ID` or `@LEAD_ID`, each job getting its own rows;
 - each request is counted on every job whose commands it carried (`Meter`), and each command on its
   own job.
 
