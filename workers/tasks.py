@@ -207,6 +207,8 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: C
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
     await lock.acquire(lead_id)  # let go of in the job's last pipeline
     facts = await reader.for_event(record.event, record.entity_id, lead_id)
+    lead = facts.leads.get(lead_id) if lead_id else None
+    record.lead_version = lead.modified if lead else record.lead_version
     await _plan_and_apply(record, client, rules, facts, changes)
 
 
