@@ -33,6 +33,7 @@ class Outcome:
 
 
 Step = tuple[str, int, Command]  # (kind, id, command)
+Found = dict[tuple[str, int], list[Binding]]  # an item's bindings the portal said it had already
 Group = tuple[str, int, list[list[Step]]]  # an item and its stages: binds, moves, unbinds
 WRITE_ATTEMPTS = 4  # per item; then the whole job retries later
 
@@ -60,28 +61,29 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
                                               if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
+    found: Found = {}
     groups: list[Group] = [(kind, id_, [phase(kind, id_, item) for phase in (_binds, _moves, _unbinds)])
                            for kind, id_, item in items]
     checks = _target_checks(items)
     steps = sum(len(stage) for _, _, stages in groups for stage in stages)
     if steps and steps + len(checks) <= BATCH_LIMIT:
-        groups = await _as_one_group(client, checks, groups, failed)
+        groups = await _as_one_group(client, checks, groups, failed, found)
     elif checks:
         _raise_gone(checks, await client.batch([command for _, command in checks]))
-    ended = await asyncio.gather(*(_apply(client, group, failed) for group in groups), return_exceptions=True)
+    ended = await asyncio.gather(*(_apply(client, group, failed, found) for group in groups), return_exceptions=True)
     errors = [e for e in ended if isinstance(e, BaseException)]
     for kind in (ConfigError, MethodBlocked, BaseException):  # the one that says most about what to do
         first = next((e for e in errors if isinstance(e, kind)), None)
         if first is not None:
             raise first
-    outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)))
-                for a in plan.activities if a.changes]
+    outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)),
+                         found.get(("activity", a.activity_id))) for a in plan.activities if a.changes]
     return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
                        for c in plan.comments if c.changes]
 
 
 async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]], groups: list[Group],
-                        failed: dict[tuple[str, int], list[B24Error]]) -> list[Group]:
+                        failed: dict[tuple[str, int], list[B24Error]], found: Found) -> list[Group]:
     """A small plan as one write group (the targets' reads, all binds, all moves, all unbinds): a call
     that halts at the first error when it travels alone, one request for the whole job. Returns each
     item's steps that a failure of another item kept from running, to send again on their own."""
@@ -103,6 +105,7 @@ async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]
             if result.error is not None and result.error.code == "NOT_RUN":
                 left.append(step)  # stopped by another item's failure, or a check's
                 continue
+            _note_already_bound(step, result, found)
             error = _failure(result)
             if error is not None:
                 failed.setdefault(step[:2], []).append(error)
@@ -123,7 +126,8 @@ def _regroup(groups: list[Group], steps: list[Step]) -> list[Group]:
     return [group for group in regrouped if any(group[2])]
 
 
-async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int], list[B24Error]]) -> None:
+async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int], list[B24Error]],
+                 found: Found) -> None:
     """One item's stages, as a write group of its own; after a 5xx, re-read and send what is missing."""
     kind, id_, stages = group
     for attempt in range(WRITE_ATTEMPTS):
@@ -143,6 +147,7 @@ async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int],
         for step, result in zip(stage, stage_results):
             if step[:2] in failed and result.error is not None and result.error.code == "NOT_RUN":
                 continue  # not sent: an earlier stage of this item failed
+            _note_already_bound(step, result, found)
             error = _failure(result)
             if error is not None:
                 failed.setdefault(step[:2], []).append(error)
@@ -240,10 +245,23 @@ def _failure(result: CommandResult) -> B24Error | None:
     return error
 
 
-def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None) -> Outcome:
+def _note_already_bound(step: Step, result: CommandResult, found: Found) -> None:
+    """An add (or move) answered 'already bound' found a binding the plan did not know of (an add made
+    blind, without reading first): it was there before the job, and an undo must leave it."""
+    if result.error is None or result.error.code.upper() != "ACTIVITY_IS_ALREADY_BOUND":
+        return
+    p = step[2].params
+    type_id, entity_id = ((p["targetEntityTypeId"], p["targetEntityId"]) if step[2].method.endswith(".move")
+                          else (p["entityTypeId"], p["entityId"]))
+    found.setdefault(step[:2], []).append(Binding(entity_type=int(type_id), entity_id=int(entity_id)))
+
+
+def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None,
+             found: list[Binding] | None = None) -> Outcome:
     # A binding write answering NOT_FOUND ("Element not found") means the activity itself is gone.
     gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
     status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
-    after = item.before if errors else item.after  # a dry run's is what it would have been
-    return Outcome(kind, id_, list(item.before), list(after), status,
+    before = [*item.before, *(b for b in dict.fromkeys(found or []) if b not in item.before)]
+    after = before if errors else item.after  # a dry run's is what it would have been
+    return Outcome(kind, id_, before, list(after), status,
                    [e.as_record() for e in errors or []])
