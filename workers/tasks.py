@@ -256,12 +256,14 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
         deleted = sum(o.status == "gone" for o in outcomes)
+        kept = sum(o.status == "kept" for o in outcomes)
         done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
         left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
             if deleted else ""
+        full = f"{plural(kept, 'item')} kept as found: the portal refused it more than 100 bindings" if kept else ""
         state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
-        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left, full) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:
