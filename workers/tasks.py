@@ -207,6 +207,8 @@ async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: C
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
     await lock.acquire(lead_id)  # let go of in the job's last pipeline
     facts = await reader.for_event(record.event, record.entity_id, lead_id)
+    lead = facts.leads.get(lead_id) if lead_id else None
+    record.lead_version = lead.modified if lead else record.lead_version
     await _plan_and_apply(record, client, rules, facts, changes)
 
 
@@ -254,12 +256,14 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
         deleted = sum(o.status == "gone" for o in outcomes)
+        kept = sum(o.status == "kept" for o in outcomes)
         done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
         left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
             if deleted else ""
+        full = f"{plural(kept, 'item')} kept as found: the portal refused it more than 100 bindings" if kept else ""
         state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
-        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left, full) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -315,7 +315,8 @@ def _lead(results: list[CommandResult], made: Sequence[str] = LEAD_LISTS) -> Lea
     return Lead(id=_id(fields.get("ID")), status_id=str(fields.get("STATUS_ID") or ""),
                 status_semantic=str(fields.get("STATUS_SEMANTIC_ID") or ""),
                 contact_ids=contacts or _ids(fields.get("CONTACT_ID")),
-                company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals)
+                company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals,
+                modified=str(fields.get("DATE_MODIFY") or ""))
 
 
 def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activity:
