@@ -72,9 +72,16 @@ def shape_of(command: Command) -> tuple[Shape, int] | None:
 @dataclass
 class _Merged:
     shape: Shape
+    first: Command  # sent as it is while it is alone: a list of one would gain nothing
     values: dict[int, None] = field(default_factory=dict)  # ordered, each once
 
+    @property
+    def alone(self) -> bool:
+        return len(self.values) == 1
+
     def command(self) -> Command:
+        if self.alone:
+            return self.first
         select = list(self.shape.select)
         if select and "*" not in select and self.shape.field not in select:
             select.append(self.shape.field)  # to tell whose each row is
@@ -127,7 +134,7 @@ class BatchChunk:
         where = self._reads.get(key) if key is not None else None
         if where is None:
             shaped = shape_of(command) if self.merge else None
-            where = self._add_merged(*shaped) if shaped else self._add_alone(command)
+            where = self._add_merged(command, *shaped) if shaped else self._add_alone(command)
             if key is not None:
                 self._reads[key] = where
         self._asked.append(command)
@@ -141,7 +148,7 @@ class BatchChunk:
         out: list[CommandResult | None] = []
         for asked, (index, value) in zip(self._asked, self._where):
             entry, result = self._sent[index], sent[index]
-            if isinstance(entry, _Merged) and value is not None:
+            if isinstance(entry, _Merged) and not entry.alone and value is not None:
                 out.append(entry.answer(asked, value, result))
             else:
                 out.append(CommandResult(asked, result.result, result.error, result.total, result.next))
@@ -164,11 +171,11 @@ class BatchChunk:
         self._sent.append(command)
         return len(self._sent) - 1, None
 
-    def _add_merged(self, shape: Shape, value: int) -> tuple[int, int]:
+    def _add_merged(self, command: Command, shape: Shape, value: int) -> tuple[int, int]:
         index = self._open.get(shape)
         if index is None or (value not in self._merged(index).values
                              and len(self._merged(index).values) >= self.limit):
-            self._sent.append(_Merged(shape))
+            self._sent.append(_Merged(shape, command))
             index = self._open[shape] = len(self._sent) - 1
         self._merged(index).values[value] = None
         return index, value

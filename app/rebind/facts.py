@@ -12,7 +12,11 @@ from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient
 from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
-BINDINGS_SAMPLE = 2  # activities of a lead whose bindings are read to tell a portal's conversion from a bare one
+# Activities of a lead whose bindings are read to tell a portal's conversion from a bare one. One is
+# enough: the portal's conversion binds every activity the lead had, so its oldest (listed first) is
+# bound to the new records unless no conversion attached anything; a wrong guess costs requests, never
+# correctness ('already bound' counts as done and is recorded as it was found).
+BINDINGS_SAMPLE = 1
 ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
 LEAD_EVENTS = {"ONCRMLEADADD", "ONCRMLEADUPDATE"}
 # Conversion creates these from a lead: such an event re-runs that lead.
@@ -22,7 +26,7 @@ CHILD_GETTERS = {
     "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
 }
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
-LEAD_FIELDS = ("ID", "STATUS_ID", "STATUS_SEMANTIC_ID", "CONTACT_ID", "COMPANY_ID")  # what `_lead` reads
+LEAD_FIELDS = ("ID", "STATUS_ID", "STATUS_SEMANTIC_ID", "CONTACT_ID", "COMPANY_ID", "DATE_MODIFY")  # what `_lead` reads
 # What `_clients` reads of a contact or deal an activity is bound to.
 CLIENT_FIELDS = {"contact": ("ID", "COMPANY_ID"), "deal": ("ID", "CONTACT_ID", "COMPANY_ID")}
 # crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).

@@ -136,3 +136,13 @@ def test_only_point_reads_of_crm_records_are_merged() -> None:
         Command("crm.lead.get", {"id": "3"}, fields=("ID",)),  # a number as text: sent as it is
     ]
     assert [shape_of(c) for c in not_point_reads] == [None] * len(not_point_reads)
+
+
+def test_a_point_read_alone_of_its_kind_is_sent_as_it_is() -> None:
+    chunk = BatchChunk()
+    chunk.add(lead(7))
+    chunk.add(contacts_of(7))
+
+    assert chunk.commands() == [lead(7), contacts_of(7)]
+    answers = chunk.answers([CommandResult(lead(7), result={"ID": "7"}), CommandResult(contacts_of(7), result=[])])
+    assert [a.result if a else None for a in answers] == [{"ID": "7"}, []]
