@@ -137,6 +137,10 @@ def _covers(record: JobRecord, modified: str) -> str | None:
         return None
     if record.state in (JobState.QUEUED, JobState.RETRYING):
         return BACKFILL_WAITING
+    if record.state == JobState.RUNNING and not record.lead_version:
+        # Started and not yet through its reads (a backfill job saves the version it read at once):
+        # it reads the lead as it is now.
+        return BACKFILL_WAITING
     read, version = _timestamp(record.lead_version), _timestamp(modified)
     if record.state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.SKIPPED) and read is not None \
             and version is not None and read >= version:

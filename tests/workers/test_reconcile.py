@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
 from arq.connections import ArqRedis
 
 from app.bitrix.client import RestClient
@@ -17,7 +18,8 @@ from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.store.jobs import JobQuery, JobStore
+from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
+from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, JobQueue
 from tests.chaos.processes import write_rules
 from workers.context import CONTEXT, WorkerContext
@@ -26,6 +28,7 @@ from workers.reconcile import (
     BACKFILL_WAITING,
     SAME_VERSION,
     TRIGGER,
+    _covers,
     reconcile_command,
     reconcile_job,
     sweep,
@@ -178,6 +181,30 @@ async def test_a_lead_changed_after_its_backfill_job_ran_is_still_checked(
     assert [r.entity_id for r in (await ctx.store.list(JobQuery(trigger=TRIGGER))).records] == [changed]
     await make_worker().run_check()
     assert (LEAD, changed) not in portal.bindings(late)
+
+
+async def test_a_backfill_job_under_way_stands_for_its_lead(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig, make_worker: Any, redis_url: str
+) -> None:
+    lead = converted_lead_with_activities(portal)
+    [job_id] = await queue_backfill(BackfillRun("acme", "2000-01-01"), client_for(ctx, portal_config),
+                                    JobQueue(ctx.redis, ctx.store), ctx.redis)
+    seen: list[JobRecord] = []
+    records = sync_redis.Redis.from_url(redis_url)
+
+    def while_writing() -> None:  # the job has read its lead and writes: what a sweep now finds of it
+        seen.append(JobRecord.model_validate_json(records.get(prefixed(JOB_KEY + job_id)) or b""))
+    portal.before_request("crm.activity.binding.delete", while_writing)
+
+    await make_worker(queue_name=BACKFILL_QUEUE).run_check()
+
+    [record] = seen
+    version = str(portal.leads[lead]["DATE_MODIFY"])
+    assert (record.state, record.lead_version) == (JobState.RUNNING, version)
+    assert _covers(record, version) == BACKFILL_RAN
+    started = record.model_copy(update={"lead_version": ""})  # under way, its reads not yet answered
+    assert _covers(started, version) == BACKFILL_WAITING
+    records.close()
 
 
 async def test_a_dry_run_backfill_does_not_stand_for_the_rules(
