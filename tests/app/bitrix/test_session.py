@@ -432,3 +432,17 @@ async def test_a_check_that_stops_a_halting_call_is_never_merged(jobs: Any, port
     assert [r.error.code for r in added + deleted if r.error] == ["NOT_RUN", "NOT_RUN"]
     assert portal.bindings(activity) == [(LEAD, lead)]
     assert portal.method_calls["crm.contact.list"] == 0
+
+
+async def test_a_merged_list_with_more_rows_than_a_page_is_asked_again_command_by_command(
+        jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    crowded, plain = portal.add_lead(), portal.add_lead()
+    many = [portal.add_contact(lead_id=crowded) for _ in range(50)]  # a page's worth for one lead alone
+    one = portal.add_contact(lead_id=plain)
+
+    answers = await asyncio.gather(*(make().batch(lead_facts(lead)[1:]) for lead in (crowded, plain)))
+
+    assert [[int(row["ID"]) for row in answer[0].result] for answer in answers] == [many, [one]]
+    assert portal.method_calls["crm.contact.list"] == 3  # the merged list, then each alone
+    assert [n for _, n in portal.requests] == [1, 2]
