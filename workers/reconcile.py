@@ -4,7 +4,9 @@ Push delivery can miss events (the service was down, the handler was misconfigur
 the leads converted since the portal's cursor (`DATE_MODIFY`, kept in Redis per portal), asks in one
 `batch` per page which of them still have activities bound to them, and queues a job (trigger
 "reconcile") for those only. A job's id comes from the lead and its `DATE_MODIFY`, so overlapping
-sweeps queue a lead once per version of it. The worker runs a sweep on a schedule (arq cron, every
+sweeps queue a lead once per version of it. Before asking the portal, a page's leads already in hand
+are left out: those with a job for this version of them, or a backfill job still to run or that read
+this version (one Redis read a page, through job ids the sweep can compute). The worker runs a sweep on a schedule (arq cron, every
 `B24_RECONCILE_INTERVAL` seconds across all workers); `b24rebind reconcile` runs one by hand.
 
 A portal in application mode set up for offline events (`auth: oauth`, `offline_events: true`, the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,11 +31,12 @@ from redis.exceptions import RedisError
 
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, fast_page
 from app.bitrix.errors import B24Error
+from app.cli.backfill import job_id_in_run, runs_under_way
 from app.config import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.bundled_redis import with_redis
-from app.store.jobs import JobRecord
+from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue, connect
 from workers.context import WorkerContext, context_of
@@ -44,6 +48,9 @@ TRIGGER = "reconcile"
 LOOKBACK = timedelta(days=1)  # how far back the first sweep of a portal looks
 GATE_KEY = "b24:reconcile:gate"  # set for the interval by whichever worker sweeps first
 TICK = 10  # seconds between the cron's looks at the gate
+SAME_VERSION = "a job for this version of the lead exists"
+BACKFILL_WAITING = "a backfill job for the lead is still to run"
+BACKFILL_RAN = "a backfill job read this version of the lead"
 
 
 def cursor_key(portal: str) -> str:
@@ -57,6 +64,10 @@ class Sweep:
     leads_seen: int = 0
     queued: list[str] = field(default_factory=list)
     cursor: str = ""
+    skipped: Counter[str] = field(default_factory=Counter)  # leads not asked about, by why
+
+    def skipped_text(self) -> str:
+        return "; ".join(f"{count} skipped: {why}" for why, count in self.skipped.most_common())
 
 
 async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | None = None) -> Sweep:
@@ -66,6 +77,7 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
     first = (datetime.now().astimezone() - LOOKBACK).isoformat("T", "seconds")
     start = since or (stored.decode() if stored else first)
     result = Sweep(portal, start, cursor=start)
+    runs = await runs_under_way(redis, queue.store, portal, _timestamp(start) or time.time() - LOOKBACK.total_seconds())
     last_id = 0
     while True:
         filter = {"STATUS_SEMANTIC_ID": "S", ">=DATE_MODIFY": start}
@@ -73,7 +85,10 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
             await client.call("crm.lead.list", fast_page(filter, ["ID", "DATE_MODIFY"], last_id))
         ).result or []
         if page:
-            bound = await _with_activities(client, [int(row["ID"]) for row in page])
+            in_hand = await _in_hand(queue.store, portal, page, runs)
+            result.skipped.update(in_hand.values())
+            ask = [int(row["ID"]) for row in page if int(row["ID"]) not in in_hand]
+            bound = await _with_activities(client, ask) if ask else set()
             for row in page:
                 if int(row["ID"]) in bound:
                     record = _job_for(portal, int(row["ID"]), str(row.get("DATE_MODIFY", "")))
@@ -87,13 +102,59 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
     # Next time from the newest change seen: the portal's clock, so no skew with ours.
     await redis.set(cursor_key(portal), result.cursor)
     log.info(
-        "reconcile %s: %d converted leads since %s, %d queued",
+        "reconcile %s: %d converted leads since %s, %d queued%s",
         portal,
         result.leads_seen,
         start,
         len(result.queued),
+        f"; {result.skipped_text()}" if result.skipped else "",
     )
     return result
+
+
+async def _in_hand(store: JobStore, portal: str, page: list[dict[str, Any]], runs: list[str]) -> dict[int, str]:
+    """The page's leads that need no question to the portal, and why: their jobs' ids are known (this
+    version's reconcile job; each backfill run's job), so one read of those records tells."""
+    leads = [(int(row["ID"]), str(row.get("DATE_MODIFY") or "")) for row in page]
+    ids = [[_job_for(portal, lead, modified).id, *(job_id_in_run(portal, run, lead) for run in runs)]
+           for lead, modified in leads]
+    found = iter(await store.get_many([job_id for per_lead in ids for job_id in per_lead]))
+    in_hand = {}
+    for (lead, modified), per_lead in zip(leads, ids):
+        same_version, *backfill = [next(found) for _ in per_lead]
+        why = SAME_VERSION if same_version is not None else next(
+            (w for record in backfill if record is not None and (w := _covers(record, modified))), None)
+        if why:
+            in_hand[lead] = why
+    return in_hand
+
+
+def _covers(record: JobRecord, modified: str) -> str | None:
+    """Why a backfill job makes asking about its lead useless: it will read the lead, or it read this
+    version of it (its DATE_MODIFY, by the portal's clock: no skew with ours). A dry run or a one-rule
+    run does not stand for the rules; a failed or undone job is the sweep's to pick up again."""
+    if record.dry_run or record.only_rule:
+        return None
+    if record.state in (JobState.QUEUED, JobState.RETRYING):
+        return BACKFILL_WAITING
+    if record.state == JobState.RUNNING and not record.lead_version:
+        # Started and not yet through its reads (a backfill job saves the version it read at once):
+        # it reads the lead as it is now.
+        return BACKFILL_WAITING
+    read, version = _timestamp(record.lead_version), _timestamp(modified)
+    if record.state in (JobState.RUNNING, JobState.SUCCEEDED, JobState.SKIPPED) and read is not None \
+            and version is not None and read >= version:
+        return BACKFILL_RAN
+    return None
+
+
+def _timestamp(portal_time: str) -> float | None:
+    """A portal's DATE_MODIFY (ISO 8601 with its offset) as Unix seconds; None if it is not one."""
+    try:
+        moment = datetime.fromisoformat(portal_time)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.astimezone()).timestamp()
 
 
 async def _with_activities(client: RestClient, lead_ids: list[int]) -> set[int]:
@@ -187,5 +248,6 @@ async def reconcile_command(settings: Settings, portal: str | None) -> int:
             print(
                 f"reconcile {done.portal}: {done.leads_seen} leads converted since {done.since}, "
                 f"{len(done.queued)} with activities still on the lead queued (trigger {TRIGGER!r})"
+                + (f"; {done.skipped_text()}" if done.skipped else "")
             )
     return 0

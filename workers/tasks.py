@@ -28,7 +28,7 @@ from app.rules.facts import Facts, read_bindings
 from app.rules.model import RuleSet
 from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
-from app.store.jobs import JobRecord, JobState
+from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.outage import describe
 from app.words import plural
 from workers.context import JOB_TIMEOUT, WorkerContext, context_of
@@ -63,7 +63,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     deadline = asyncio.timeout(context.job_timeout)
     try:
         async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
-            await _run(record, client, restrict(rules, record), changes, lock)
+            await _run(record, client, restrict(rules, record), changes, lock, store)
     except asyncio.CancelledError:  # the worker is stopping; the job stays queued and runs again
         record.end_attempt(JobState.RETRYING, "interrupted: the worker stopped; the job will run again",
                            attempt_outcome="interrupted")
@@ -202,11 +202,17 @@ def _record_of(exc: Exception) -> dict[str, Any] | None:
     return exc.as_record() if isinstance(exc, B24Error) else None
 
 
-async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, lock: LeadLock) -> None:
+async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, lock: LeadLock,
+               store: JobStore) -> None:
     reader = FactReader(client, rules, is_echo=changes.is_echo)
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
     await lock.acquire(lead_id)  # let go of in the job's last pipeline
     facts = await reader.for_event(record.event, record.entity_id, lead_id)
+    lead = facts.leads.get(lead_id) if lead_id else None
+    record.lead_version = lead.modified if lead else record.lead_version
+    if record.trigger == "backfill" and lead:
+        # A reconcile sweep meanwhile asks the portal nothing about a lead whose version this job read.
+        await _or_later(store.save(record))
     await _plan_and_apply(record, client, rules, facts, changes)
 
 
@@ -254,12 +260,14 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
         changed = sum(o.status == "changed" for o in outcomes)
         dry = sum(o.status == "dry_run" for o in outcomes)
         deleted = sum(o.status == "gone" for o in outcomes)
+        kept = sum(o.status == "kept" for o in outcomes)
         done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
         left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
             if deleted else ""
+        full = f"{plural(kept, 'item')} kept as found: the portal refused it more than 100 bindings" if kept else ""
         state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
-        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left) if part))
+        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left, full) if part))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:

@@ -12,15 +12,11 @@ from typing import Any
 import aiohttp
 
 from app.bitrix.budget import MethodBudget
+from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.session import (
-    BATCH_LIMIT,
-    PAGE_SIZE,
     REQUEST_TIMEOUT,
-    Answer,
-    Command,
-    CommandResult,
     Limiter,
     Meter,
     PortalSession,

@@ -54,7 +54,8 @@ from app.bitrix.errors import (
     TransientError,
 )
 from app.bitrix.portal import PortalConfig
-from app.bitrix.session import Command, CommandResult, Meter, _Part, stops_group
+from app.bitrix.commands import Command, CommandResult
+from app.bitrix.session import Meter, _Part, stops_group
 from app.store.namespace import prefixed
 from app.store.outage import describe
 from app.store.replies import awaited
@@ -200,7 +201,7 @@ class PortalRelay:
             return None
         part_id = secrets.token_hex(8)
         entry = orjson.dumps({"id": part_id, "to": self._reply, "write": part.write, "low": part.low, "stops": rule,
-                              "stages": [[[c.method, c.params] for c in stage] for stage in part.stages]},
+                              "stages": [[[c.method, c.params, c.fields] for c in stage] for stage in part.stages]},
                              option=orjson.OPT_NON_STR_KEYS)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[part_id] = (part, future, entry)  # before the push: the answer may come at once
@@ -365,7 +366,8 @@ class PortalRelay:
             message = orjson.loads(entry)
             part_id = str(message["id"])
             stops = STOP_RULES.get(message["stops"])
-            stages = [[Command(method, params) for method, params in stage] for stage in message["stages"]]
+            stages = [[Command(method, params, tuple(fields)) for method, params, fields in stage]
+                      for stage in message["stages"]]
             part = _Part(Meter(), stages, write=bool(message["write"]), low=bool(message["low"]), stops=stops)
         except (ValueError, KeyError, TypeError) as exc:  # not a part this version can read: said, not kept
             log.warning("portal %s: dropped a part this process cannot read (%s); its job retries when its "

@@ -16,6 +16,9 @@ awaits their results, and the session fills each `batch` from every job waiting:
 - a batch leaves as soon as the portal's bucket allows when it is full, or when every job of the
   session is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
   bucket is what holds calls back, and they leave full;
+- what a call sends is a `BatchChunk` (app/bitrix/merge.py): a read several jobs ask goes once,
+  and point reads of one kind (leads, the contacts made from them, the targets' checks) go as one
+  list by `@ID` or `@LEAD_ID`, each job getting its own rows;
 - each request is counted on every job whose commands it carried (`Meter`), and each command on its
   own job.
 
@@ -40,6 +43,7 @@ import aiohttp
 import orjson
 
 from app.bitrix.budget import MethodBudget
+from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult
 from app.bitrix.errors import (
     B24Error,
     ConfigError,
@@ -51,14 +55,13 @@ from app.bitrix.errors import (
     error_for,
     policy_for,
 )
+from app.bitrix.merge import BatchChunk
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.portal import PortalConfig
 from app.bitrix.query import http_build_query
 
 log = logging.getLogger(__name__)
 
-BATCH_LIMIT = 50  # commands per batch call (docs: settings/how-to-call-rest-api/batch.md)
-PAGE_SIZE = 50
 MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
 JSON_BODY = {"Content-Type": "application/json"}
 REQUEST_TIMEOUT = 60.0  # the portal lets a request run up to 60 s (docs: limits.md); giving up sooner abandons work it still does
@@ -68,33 +71,6 @@ LINGER = 0.05  # seconds a batch that is not full waits for the session's other 
 # the burst on a few commands each.
 BUSY_HOLD = 2.0
 IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
-
-
-@dataclass(frozen=True)
-class Answer:
-    result: Any
-    total: int | None = None
-    next: int | None = None
-    time: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Command:
-    method: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    command: Command
-    result: Any = None
-    error: B24Error | None = None
-    total: int | None = None
-    next: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -191,7 +167,12 @@ class _Call:
     write: bool
     halt: bool
     slots: list[tuple[_Part, tuple[int, int]]] = field(default_factory=list)
-    unique: int = 0  # commands it sends: the same read asked by several jobs is sent once
+    # What it sends: a read several jobs ask once, point reads of one kind as one list (not when it halts).
+    chunk: BatchChunk = field(default_factory=BatchChunk)
+
+    def take(self, part: _Part, at: tuple[int, int]) -> None:
+        self.chunk.add(part.command(at))
+        self.slots.append((part, at))
 
     @property
     def low(self) -> bool:
@@ -405,31 +386,25 @@ class PortalSession:
             if whole and len(whole) == len(parts) and sum(len(p.remaining()) for p in whole) <= BATCH_LIMIT:
                 # Everything waiting fits one call: the groups go whole, in a call that halts at an error.
                 call = _Call(write=True, halt=any(p.until - p.stage > 1 for p in whole))
+                call.chunk.merge = not call.halt
                 for part in whole:
-                    call.slots += [(part, at) for at in part.remaining()]
+                    for at in part.remaining():
+                        call.take(part, at)
                     part.stage, part.sent = part.until, 0
                     part.out += 1
                 return call
         call = _Call(write=write, halt=False)
-        seen: set[bytes] = set()  # reads already in the call: the same read of another job rides free
         for part in parts:
             took = False
             stage = part.stages[part.stage]
-            while part.sent < len(stage):
-                key = read_key(stage[part.sent])
-                if key is None or key not in seen:
-                    if call.unique >= BATCH_LIMIT:
-                        break
-                    call.unique += 1
-                    if key is not None:
-                        seen.add(key)
-                call.slots.append((part, (part.stage, part.sent)))
+            # A command that does not fit ends this part's share; another part's may still fit (it is
+            # a read already in the call, or joins a list of its kind).
+            while part.sent < len(stage) and call.chunk.fits(stage[part.sent]):
+                call.take(part, (part.stage, part.sent))
                 part.sent += 1
                 took = True
             if took:
                 part.out += 1
-            if call.unique >= BATCH_LIMIT:
-                break
         return call
 
     # -------------------------------------------------------- delivering
@@ -485,33 +460,46 @@ class PortalSession:
             part.finish()
 
     async def _send_batch(self, call: _Call, parts: list[_Part]) -> list[CommandResult]:
-        asked = [part.command(at) for part, at in call.slots]
-        chunk: list[Command] = []
-        index: dict[bytes, int] = {}
-        where = []  # each slot's command in the chunk sent
-        for command in asked:
-            key = read_key(command)
-            if key is None or key not in index:
-                if key is not None:
-                    index[key] = len(chunk)
-                where.append(len(chunk))
-                chunk.append(command)
-            else:
-                where.append(index[key])
+        chunk = call.chunk.commands()
         cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
         meters = list(dict.fromkeys(part.meter for part in parts))
         answer = await self._request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
                                      meters=meters, acquired=True)
         sent = unpack_batch(chunk, answer.result)
-        unpacked = [sent[i] for i in where]
-        for (part, _), result in zip(call.slots, unpacked):
-            part.meter.commands += 1
-            part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
         await self._note_batch_times(chunk, answer)
         for result in sent:
             if isinstance(result.error, MethodBlocked) and self._budget:
                 await self._budget.block(result.error.method)
+        answers = call.chunk.answers(sent)
+        alone = [i for i, a in enumerate(answers) if a is None]
+        if alone:  # a merged list did not settle them: a record missing from it, or a page that filled
+            asked = [call.slots[i] for i in alone]
+            for i, result in zip(alone, await self._ask_alone(asked, call.low)):
+                answers[i] = result
+        unpacked = [a for a in answers if a is not None]
+        for (part, _), result in zip(call.slots, unpacked):
+            part.meter.commands += 1
+            part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
         return unpacked
+
+    async def _ask_alone(self, slots: list[tuple[_Part, tuple[int, int]]], low: bool) -> list[CommandResult]:
+        """Reads a merged list did not settle, each as its own command, so that each gets the portal's
+        own answer (its "Not found", its rows past the first page): rare, one more request."""
+        results: list[CommandResult] = []
+        for start in range(0, len(slots), BATCH_LIMIT):
+            some = slots[start:start + BATCH_LIMIT]
+            commands = [part.command(at) for part, at in some]
+            meters = list(dict.fromkeys(part.meter for part, _ in some))
+            cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(commands)}
+            try:
+                answer = await self._request("batch", {"halt": 0, "cmd": cmd}, write=False, meters=meters,
+                                             reserve=self._reserve(low))
+            except B24Error as exc:
+                results += [CommandResult(command, error=exc) for command in commands]
+                continue
+            await self._note_batch_times(commands, answer)
+            results += unpack_batch(commands, answer.result)
+        return results
 
     async def _note_batch_times(self, chunk: Sequence[Command], answer: Answer) -> None:
         """Each command spends its own method's budget, as its `result_time` says; on portals that charge
@@ -608,13 +596,6 @@ class PortalSession:
                               hint="Check the portal's address and update rest_url.")
         log.warning("portal %s moved to %s; update its rest_url", self.portal.name, new.netloc)
         self._base = urlunsplit((new.scheme, new.netloc, old.path, "", ""))
-
-
-def read_key(command: Command) -> bytes | None:
-    """What makes two reads the same read (None for a write: two jobs' writes are two writes)."""
-    if command.method.endswith((".get", ".list")):
-        return command.method.encode() + b"?" + _json(command.params)
-    return None
 
 
 def stops_group(result: CommandResult) -> bool:

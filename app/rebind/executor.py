@@ -24,7 +24,9 @@ class Outcome:
     id: int
     before: list[Binding]
     after: list[Binding]
-    status: str  # changed | dry_run | failed | gone (the activity or comment was deleted since it was read)
+    # changed | dry_run | failed | gone (the activity or comment was deleted since it was read) | kept (the
+    # portal refused a binding past its 100: the item was left as it was found)
+    status: str
     errors: list[dict[str, Any]] = field(default_factory=list)
 
     def as_record(self) -> dict[str, Any]:
@@ -34,8 +36,10 @@ class Outcome:
 
 
 Step = tuple[str, int, Command]  # (kind, id, command)
+Found = dict[tuple[str, int], list[Binding]]  # by item: bindings the portal said it had already; adds made
 Group = tuple[str, int, list[list[Step]]]  # an item and its stages: binds, moves, unbinds
 WRITE_ATTEMPTS = 4  # per item; then the whole job retries later
+TOO_MANY = "TOO_MANY_BINDINGS"  # the fake's code for an add past 100; a real portal's is undocumented
 
 
 class TargetsGone(Exception):
@@ -61,28 +65,32 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
                                               if a.changes and not a.dry_run]
     items += [("comment", c.comment_id, c) for c in plan.comments if c.changes and not c.dry_run]
     failed: dict[tuple[str, int], list[B24Error]] = {}
+    found: Found = {}
+    added: Found = {}
     groups: list[Group] = [(kind, id_, [phase(kind, id_, item) for phase in (_binds, _moves, _unbinds)])
                            for kind, id_, item in items]
     checks = _target_checks(items)
     steps = sum(len(stage) for _, _, stages in groups for stage in stages)
     if steps and steps + len(checks) <= BATCH_LIMIT:
-        groups = await _as_one_group(client, checks, groups, failed)
+        groups = await _as_one_group(client, checks, groups, failed, (found, added))
     elif checks:
         _raise_gone(checks, await client.batch([command for _, command in checks]))
-    ended = await asyncio.gather(*(_apply(client, group, failed) for group in groups), return_exceptions=True)
+    ended = await asyncio.gather(*(_apply(client, group, failed, (found, added)) for group in groups),
+                                 return_exceptions=True)
+    ended += await _keep_crowded(client, failed, added)
     errors = [e for e in ended if isinstance(e, BaseException)]
     for kind in (ConfigError, MethodBlocked, BaseException):  # the one that says most about what to do
         first = next((e for e in errors if isinstance(e, kind)), None)
         if first is not None:
             raise first
-    outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)))
-                for a in plan.activities if a.changes]
+    outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)),
+                         found.get(("activity", a.activity_id))) for a in plan.activities if a.changes]
     return outcomes + [_outcome("comment", c.comment_id, c, failed.get(("comment", c.comment_id)))
                        for c in plan.comments if c.changes]
 
 
 async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]], groups: list[Group],
-                        failed: dict[tuple[str, int], list[B24Error]]) -> list[Group]:
+                        failed: dict[tuple[str, int], list[B24Error]], seen: tuple[Found, Found]) -> list[Group]:
     """A small plan as one write group (the targets' reads, all binds, all moves, all unbinds): a call
     that halts at the first error when it travels alone, one request for the whole job. Returns each
     item's steps that a failure of another item kept from running, to send again on their own."""
@@ -104,6 +112,7 @@ async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]
             if result.error is not None and result.error.code == "NOT_RUN":
                 left.append(step)  # stopped by another item's failure, or a check's
                 continue
+            _note(step, result, *seen)
             error = _failure(result)
             if error is not None:
                 failed.setdefault(step[:2], []).append(error)
@@ -125,7 +134,8 @@ def _regroup(groups: list[Group], steps: list[Step]) -> list[Group]:
     return [group for group in regrouped if any(group[2])]
 
 
-async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int], list[B24Error]]) -> None:
+async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int], list[B24Error]],
+                 seen: tuple[Found, Found]) -> None:
     """One item's stages, as a write group of its own; after a 5xx, re-read and send what is missing."""
     kind, id_, stages = group
     for attempt in range(WRITE_ATTEMPTS):
@@ -145,6 +155,7 @@ async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int],
         for step, result in zip(stage, stage_results):
             if step[:2] in failed and result.error is not None and result.error.code == "NOT_RUN":
                 continue  # not sent: an earlier stage of this item failed
+            _note(step, result, *seen)
             error = _failure(result)
             if error is not None:
                 failed.setdefault(step[:2], []).append(error)
@@ -153,7 +164,8 @@ async def _apply(client: RestClient, group: Group, failed: dict[tuple[str, int],
 def _target_checks(items: list[tuple[str, int, ItemPlan]]) -> list[tuple[Binding, Command]]:
     """A read of each record the plan binds or moves something to."""
     targets = {b for _, _, item in items for b in item.add} | {t for _, _, item in items for _, t in item.moves}
-    return [(t, Command(f"crm.{TYPE_NAMES[t.entity_type]}.get", {"id": t.entity_id}))
+    # Only whether it exists: a batch asks many jobs' checks of one kind as one list.
+    return [(t, Command(f"crm.{TYPE_NAMES[t.entity_type]}.get", {"id": t.entity_id}, fields=("ID",)))
             for t in sorted(targets, key=lambda b: (int(b.entity_type), b.entity_id)) if t.entity_type in TYPE_NAMES]
 
 
@@ -242,10 +254,46 @@ def _failure(result: CommandResult) -> B24Error | None:
     return error
 
 
-def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None) -> Outcome:
+def _note(step: Step, result: CommandResult, found: Found, added: Found) -> None:
+    """What an add (or move) tells of the item: answered 'already bound', it found a binding the plan did
+    not know of (an add made blind, without reading first), there before the job, which an undo must
+    leave; answered with success, the binding is the job's own."""
+    p = step[2].params
+    if not step[2].method.startswith("crm.activity.binding.") or step[2].method.endswith(".delete"):
+        return
+    type_id, entity_id = ((p["targetEntityTypeId"], p["targetEntityId"]) if step[2].method.endswith(".move")
+                          else (p["entityTypeId"], p["entityId"]))
+    binding = Binding(entity_type=int(type_id), entity_id=int(entity_id))
+    if result.error is None and step[2].method.endswith(".add"):
+        added.setdefault(step[:2], []).append(binding)
+    elif result.error is not None and result.error.code.upper() == "ACTIVITY_IS_ALREADY_BOUND":
+        found.setdefault(step[:2], []).append(binding)
+
+
+async def _keep_crowded(client: RestClient, failed: dict[tuple[str, int], list[B24Error]],
+                        added: Found) -> list[BaseException | None]:
+    """An activity the portal refused a binding past its 100 is left as it was found, as the rules
+    engine's guard leaves one it knows to be that full: its unbinds were stopped with the refused add,
+    and the adds of it that landed before the refusal are taken back. An add made blind (the activity's
+    bindings not read) meets the limit only this way. Costs nothing unless the portal refuses."""
+    crowded = [item for item, errors in failed.items() if any(e.code.upper() == TOO_MANY for e in errors)]
+    for item in crowded:
+        failed[item] = [e for e in failed[item] if e.code.upper() != TOO_MANY]
+    groups: list[Group] = [(kind, id_, [[(kind, id_, _binding_command("crm.activity.binding.delete", id_, b))
+                                          for b in added.get((kind, id_), [])]]) for kind, id_ in crowded]
+    # An item left with no error is kept (see _outcome); one whose taking back failed stays failed.
+    ended = await asyncio.gather(*(_apply(client, group, failed, ({}, {})) for group in groups if group[2][0]),
+                                 return_exceptions=True)
+    return list(ended)
+
+
+def _outcome(kind: str, id_: int, item: ItemPlan, errors: list[B24Error] | None,
+             found: list[Binding] | None = None) -> Outcome:
     # A binding write answering NOT_FOUND ("Element not found") means the activity itself is gone.
     gone = bool(errors) and all(e.code == "NOT_FOUND" for e in errors or [])
-    status = "dry_run" if item.dry_run else "gone" if gone else "failed" if errors else "changed"
-    after = item.before if errors else item.after  # a dry run's is what it would have been
-    return Outcome(kind, id_, list(item.before), list(after), status,
+    kept = errors == []  # refused past 100 bindings and left as found (_keep_crowded)
+    status = "dry_run" if item.dry_run else "kept" if kept else "gone" if gone else "failed" if errors else "changed"
+    before = [*item.before, *(b for b in dict.fromkeys(found or []) if b not in item.before)]
+    after = before if errors is not None else item.after  # a dry run's is what it would have been
+    return Outcome(kind, id_, before, list(after), status,
                    [e.as_record() for e in errors or []])

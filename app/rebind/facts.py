@@ -12,7 +12,11 @@ from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient
 from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
-BINDINGS_SAMPLE = 2  # activities of a lead whose bindings are read to tell a portal's conversion from a bare one
+# Activities of a lead whose bindings are read to tell a portal's conversion from a bare one. One is
+# enough: the portal's conversion binds every activity the lead had, so its oldest (listed first) is
+# bound to the new records unless no conversion attached anything; a wrong guess costs requests, never
+# correctness ('already bound' counts as done and is recorded as it was found).
+BINDINGS_SAMPLE = 1
 ACTIVITY_EVENTS = {"ONCRMACTIVITYADD", "ONCRMACTIVITYUPDATE"}
 LEAD_EVENTS = {"ONCRMLEADADD", "ONCRMLEADUPDATE"}
 # Conversion creates these from a lead: such an event re-runs that lead.
@@ -22,6 +26,9 @@ CHILD_GETTERS = {
     "ONCRMDEALADD": "crm.deal.get", "ONCRMDEALUPDATE": "crm.deal.get",
 }
 ACTIVITY_FIELDS = ("ID", "SUBJECT", "TYPE_ID", "PROVIDER_ID", "DIRECTION", "RESPONSIBLE_ID")
+LEAD_FIELDS = ("ID", "STATUS_ID", "STATUS_SEMANTIC_ID", "CONTACT_ID", "COMPANY_ID", "DATE_MODIFY")  # what `_lead` reads
+# What `_clients` reads of a contact or deal an activity is bound to.
+CLIENT_FIELDS = {"contact": ("ID", "COMPANY_ID"), "deal": ("ID", "CONTACT_ID", "COMPANY_ID")}
 # crm.duplicate.findbycomm silently looks at no more than this many values a call (crm restservice.php).
 FINDBYCOMM_VALUES = 20
 TYPE_NAMES: dict[EntityType | int, str] = {EntityType.LEAD: "lead", EntityType.DEAL: "deal", EntityType.CONTACT: "contact",
@@ -184,10 +191,10 @@ class FactReader:
         commands: list[Command] = []
         if "contact" in self._needs:
             ids = sorted({i for a in activities for i in a.bound_to(EntityType.CONTACT)})
-            commands += [Command("crm.contact.get", {"id": i}) for i in ids]
+            commands += [Command("crm.contact.get", {"id": i}, fields=CLIENT_FIELDS["contact"]) for i in ids]
         if "deal" in self._needs:
             ids = sorted({i for a in activities for i in a.bound_to(EntityType.DEAL)})
-            commands += [Command("crm.deal.get", {"id": i}) for i in ids]
+            commands += [Command("crm.deal.get", {"id": i}, fields=CLIENT_FIELDS["deal"]) for i in ids]
         if "matched" in self._needs:
             searches = {(kind, chunk, entity): None for activity in activities
                         for kind, chunk in _comm_chunks(activity) for entity in ("CONTACT", "COMPANY")}
@@ -215,7 +222,7 @@ class FactReader:
                      for i, result in zip(ids, results))
 
     async def _lead_of(self, getter: str, entity_id: int) -> int:
-        (result,) = await self._client.batch([Command(getter, {"id": entity_id})])
+        (result,) = await self._client.batch([Command(getter, {"id": entity_id}, fields=("ID", "LEAD_ID"))])
         _raise_gone(result)
         return _id(result.result.get("LEAD_ID"))
 
@@ -274,8 +281,10 @@ def made_from_lead(rules: RuleSet) -> tuple[str, ...]:
 
 
 def _lead_commands(lead_id: int, made: Sequence[str] = LEAD_LISTS) -> list[Command]:
+    # Named fields and one-number filters: a batch reads many jobs' leads (and lists) as one list each.
     by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
-    return [Command("crm.lead.get", {"id": lead_id}), *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
+    return [Command("crm.lead.get", {"id": lead_id}, fields=LEAD_FIELDS),
+            *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
 
 
 def _asks_fields(when: Any) -> bool:
@@ -310,7 +319,8 @@ def _lead(results: list[CommandResult], made: Sequence[str] = LEAD_LISTS) -> Lea
     return Lead(id=_id(fields.get("ID")), status_id=str(fields.get("STATUS_ID") or ""),
                 status_semantic=str(fields.get("STATUS_SEMANTIC_ID") or ""),
                 contact_ids=contacts or _ids(fields.get("CONTACT_ID")),
-                company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals)
+                company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals,
+                modified=str(fields.get("DATE_MODIFY") or ""))
 
 
 def _activity(fields: dict[str, Any], bindings: list[dict[str, Any]]) -> Activity:

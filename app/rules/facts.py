@@ -91,6 +91,7 @@ class Lead(Frozen):
     contact_ids: tuple[int, ...] = ()
     company_ids: tuple[int, ...] = ()
     deal_ids: tuple[int, ...] = ()
+    modified: str = ""  # its DATE_MODIFY as read: which version of the lead the facts are
 
     @property
     def converted(self) -> bool:

@@ -76,6 +76,7 @@ class JobRecord(BaseModel):
     only_rule: str | None = None  # backfill --rule
     dry_run: bool = False  # backfill --dry-run
     lead_id: int | None = None  # the lead the work is about, once known (saves a read on each retry)
+    lead_version: str = ""  # the lead's DATE_MODIFY as the job last read it (the reconcile sweep compares)
     received_at: float = Field(default_factory=time.time)
     queued_at: float | None = None
     started_at: float | None = None
@@ -418,6 +419,13 @@ class JobStore:
         page = found[:limit]
         more = len(found) > limit
         return JobPage(page, Cursor(page[-1].received_at, page[-1].id).encode() if more else None)
+
+    async def get_many(self, ids: builtins.list[str]) -> builtins.list[JobRecord | None]:
+        """The records of these ids, in their order (None where there is none), in one round trip."""
+        if not ids:
+            return []
+        raws = await self._redis.mget([prefixed(JOB_KEY + job_id) for job_id in ids])
+        return [JobRecord.model_validate_json(raw) if raw else None for raw in raws]
 
     async def _load(self, ids: builtins.list[str]) -> builtins.list[JobRecord]:
         if not ids:

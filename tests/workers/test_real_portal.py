@@ -293,3 +293,28 @@ async def test_a_webhook_user_without_rights_on_the_client_leaves_the_activity_a
     record = await job(client, answer)
     assert record["state"] == "failed", record
     assert record["error"]["code"] == "ACCESS_DENIED" and "CRM rights" in record["error"]["what_to_do"]
+
+
+@pytest.mark.parametrize("others", [98, 99])  # 98: the first add lands, the second is refused
+async def test_blind_adds_leave_an_activity_at_the_100_binding_limit_as_it_was(
+        client: TestClient, worker: Worker, portal: FakePortal, others: int) -> None:
+    lead = portal.add_lead("Ann")
+    plain = [portal.add_activity([(LEAD, lead)]) for _ in range(2)]  # the sample: bound to the lead only
+    crowded = portal.add_activity([(LEAD, lead)], subject="to the whole project team")
+    for n in range(others):
+        portal.bind_by_hand(crowded, (SMART_PROCESS, portal.add_item(SMART_PROCESS, f"project {n}")))
+    found = portal.bindings(crowded)
+    contact = portal.convert_lead_over_rest(lead)  # nothing attached: the job adds blind
+    company = portal.add_company("Acme")
+    portal.update_lead(lead, COMPANY_ID=company)
+
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await worker.run_check()
+
+    # As the rules engine's guard leaves an activity it knows would pass 100 bindings: untouched.
+    assert portal.bindings(crowded) == found
+    assert all(portal.bindings(a) == [(CONTACT, contact), (COMPANY, company)] for a in plain)
+    record = await job(client, answer)
+    assert record["state"] == "succeeded", record
+    assert "1 item kept as found: the portal refused it more than 100 bindings" in record["outcome"]
+    assert [c["status"] for c in record["changes"] if c["activity"] == crowded] == ["kept"]

@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as sync_redis
 from arq.connections import ArqRedis
 
 from app.bitrix.client import RestClient
 from app.bitrix.portal import PortalConfig
+from app.cli.backfill import BackfillRun, queue_backfill
 from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
-from app.store.jobs import JobQuery, JobStore
-from app.store.queue import JobQueue
+from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
+from app.store.namespace import prefixed
+from app.store.queue import BACKFILL_QUEUE, JobQueue
 from tests.chaos.processes import write_rules
 from workers.context import CONTEXT, WorkerContext
-from workers.reconcile import TRIGGER, reconcile_command, reconcile_job, sweep
+from workers.reconcile import (
+    BACKFILL_RAN,
+    BACKFILL_WAITING,
+    SAME_VERSION,
+    TRIGGER,
+    _covers,
+    reconcile_command,
+    reconcile_job,
+    sweep,
+)
 
 
 @pytest.fixture
@@ -107,3 +120,101 @@ async def test_b24rebind_reconcile_sweeps_and_says_what_it_queued(
         and "1 with activities still on the lead queued" in out
     )
     assert int(await redis.zcard("arq:queue")) == 1
+
+
+def converted_lead_with_activities(portal: FakePortal, activities: int = 2) -> int:
+    lead = portal.add_lead()
+    for _ in range(activities):
+        portal.add_activity([(LEAD, lead)])
+    portal.convert_lead(lead)
+    return lead
+
+
+async def test_a_sweep_during_a_backfill_asks_nothing_about_the_leads_it_has_queued(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig
+) -> None:
+    queued_by_backfill = [converted_lead_with_activities(portal) for _ in range(3)]
+    queue = JobQueue(ctx.redis, ctx.store)
+    client = client_for(ctx, portal_config)
+    await queue_backfill(BackfillRun("acme", "2000-01-01"), client, queue, ctx.redis)
+    missed = converted_lead_with_activities(portal)  # converted after the backfill listed its leads
+    portal.reset_counters()
+    portal.method_calls.clear()
+
+    result = await sweep(client, queue, ctx.redis)
+
+    assert result.leads_seen == 4 and len(result.queued) == 1
+    assert result.skipped == {BACKFILL_WAITING: 3}
+    assert portal.method_calls["crm.activity.list"] == 1  # the missed lead only
+    page = await ctx.store.list(JobQuery(trigger=TRIGGER))
+    assert [r.entity_id for r in page.records] == [missed]
+    assert queued_by_backfill  # their jobs are the backfill's
+
+    portal.reset_counters()
+    portal.method_calls.clear()
+    again = await sweep(client, queue, ctx.redis)  # the cursor's leads come again (DATE_MODIFY >= cursor)
+
+    assert again.skipped[SAME_VERSION] == 1 and not again.queued
+    assert portal.method_calls["crm.activity.list"] == 0
+
+
+async def test_a_lead_changed_after_its_backfill_job_ran_is_still_checked(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig, make_worker: Any
+) -> None:
+    settled, changed = converted_lead_with_activities(portal), converted_lead_with_activities(portal)
+    a_minute_ago = (datetime.now().astimezone() - timedelta(minutes=1)).isoformat("T", "seconds")
+    for lead in (settled, changed):  # converted a minute ago: DATE_MODIFY is to the second
+        portal.leads[lead]["DATE_MODIFY"] = a_minute_ago
+    queue = JobQueue(ctx.redis, ctx.store)
+    client = client_for(ctx, portal_config)
+    await queue_backfill(BackfillRun("acme", "2000-01-01"), client, queue, ctx.redis)
+    await make_worker(queue_name=BACKFILL_QUEUE).run_check()
+    portal.update_lead(changed, TITLE="renamed")  # after its job ended: a new version of it
+    late = portal.add_activity([(LEAD, changed)], subject="late e-mail")
+    portal.reset_counters()
+    portal.method_calls.clear()
+
+    result = await sweep(client, queue, ctx.redis)
+
+    assert result.skipped == {BACKFILL_RAN: 1}
+    assert portal.method_calls["crm.activity.list"] == 1  # the changed lead only
+    assert [r.entity_id for r in (await ctx.store.list(JobQuery(trigger=TRIGGER))).records] == [changed]
+    await make_worker().run_check()
+    assert (LEAD, changed) not in portal.bindings(late)
+
+
+async def test_a_backfill_job_under_way_stands_for_its_lead(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig, make_worker: Any, redis_url: str
+) -> None:
+    lead = converted_lead_with_activities(portal)
+    [job_id] = await queue_backfill(BackfillRun("acme", "2000-01-01"), client_for(ctx, portal_config),
+                                    JobQueue(ctx.redis, ctx.store), ctx.redis)
+    seen: list[JobRecord] = []
+    records = sync_redis.Redis.from_url(redis_url)
+
+    def while_writing() -> None:  # the job has read its lead and writes: what a sweep now finds of it
+        seen.append(JobRecord.model_validate_json(records.get(prefixed(JOB_KEY + job_id)) or b""))
+    portal.before_request("crm.activity.binding.delete", while_writing)
+
+    await make_worker(queue_name=BACKFILL_QUEUE).run_check()
+
+    [record] = seen
+    version = str(portal.leads[lead]["DATE_MODIFY"])
+    assert (record.state, record.lead_version) == (JobState.RUNNING, version)
+    assert _covers(record, version) == BACKFILL_RAN
+    started = record.model_copy(update={"lead_version": ""})  # under way, its reads not yet answered
+    assert _covers(started, version) == BACKFILL_WAITING
+    records.close()
+
+
+async def test_a_dry_run_backfill_does_not_stand_for_the_rules(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig
+) -> None:
+    lead = converted_lead_with_activities(portal)
+    queue = JobQueue(ctx.redis, ctx.store)
+    client = client_for(ctx, portal_config)
+    await queue_backfill(BackfillRun("acme", "2000-01-01", dry_run=True), client, queue, ctx.redis)
+
+    result = await sweep(client, queue, ctx.redis)
+
+    assert not result.skipped and len(result.queued) == 1, lead

@@ -377,3 +377,72 @@ async def test_a_portal_handed_from_a_stopping_worker_to_another_loses_nothing(
                for a, m in zip(activities, made))
     records = [await JobStore(redis, 3600).get(job_id) for job_id in job_ids]
     assert all(r is not None and r.state.value in ("succeeded", "skipped") for r in records)
+
+
+def lead_facts(lead: int) -> list[Command]:
+    return [Command("crm.lead.get", {"id": lead}, fields=("ID", "STATUS_ID", "CONTACT_ID")),
+            Command("crm.contact.list", {"filter": {"LEAD_ID": lead}, "select": ["ID"], "order": {"ID": "ASC"}})]
+
+
+async def test_point_reads_of_many_jobs_go_as_one_list_each_and_every_job_gets_its_own(
+        jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    leads = [portal.add_lead(status="CONVERTED") for _ in range(20)]
+    made = {lead: portal.add_contact(lead_id=lead) for lead in leads[::2]}
+
+    answers = await asyncio.gather(*(make().batch(lead_facts(lead)) for lead in leads))
+
+    assert portal.requests == [("batch", 2)]  # 40 reads: one list of leads, one of contacts
+    assert (portal.method_calls["crm.lead.list"], portal.method_calls["crm.contact.list"]) == (1, 1)
+    for lead, (lead_row, contacts) in zip(leads, answers):
+        assert (int(lead_row.result["ID"]), lead_row.result["STATUS_ID"]) == (lead, "CONVERTED")
+        assert [int(row["ID"]) for row in contacts.result] == ([made[lead]] if lead in made else [])
+
+
+async def test_a_record_missing_from_a_merged_list_gets_the_portals_own_answer(
+        jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    here, gone, hidden = portal.add_lead(), portal.add_lead(), portal.add_lead()
+    portal.delete_entity(LEAD, gone)
+    portal.set_access_denied([(LEAD, hidden)])
+    clients = [make() for _ in range(3)]
+
+    answers = await asyncio.gather(*(c.batch(lead_facts(lead)[:1]) for c, lead in zip(clients, (here, gone, hidden))))
+
+    assert [a[0].ok for a in answers] == [True, False, False]
+    assert answers[1][0].error is not None and answers[1][0].error.code == "NOT_FOUND"
+    assert answers[2][0].error is not None and "Access denied" in answers[2][0].error.description
+    assert portal.method_calls["crm.lead.get"] == 2  # the two the list did not settle, asked alone
+    assert [c.requests for c in clients] == [1, 2, 2]
+
+
+async def test_a_check_that_stops_a_halting_call_is_never_merged(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    contact = portal.add_contact(lead_id=lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    portal.delete_entity(CONTACT, contact)
+    check = Command("crm.contact.get", {"id": contact}, fields=("ID",))
+
+    (checked, added, deleted) = await make().write([[check], [add(activity, CONTACT, contact)],
+                                                   [delete(activity, LEAD, lead)]],
+                                                  stops=lambda r: r.error is not None)
+
+    assert checked[0].error is not None and checked[0].error.code == "NOT_FOUND"
+    assert [r.error.code for r in added + deleted if r.error] == ["NOT_RUN", "NOT_RUN"]
+    assert portal.bindings(activity) == [(LEAD, lead)]
+    assert portal.method_calls["crm.contact.list"] == 0
+
+
+async def test_a_merged_list_with_more_rows_than_a_page_is_asked_again_command_by_command(
+        jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    crowded, plain = portal.add_lead(), portal.add_lead()
+    many = [portal.add_contact(lead_id=crowded) for _ in range(50)]  # a page's worth for one lead alone
+    one = portal.add_contact(lead_id=plain)
+
+    answers = await asyncio.gather(*(make().batch(lead_facts(lead)[1:]) for lead in (crowded, plain)))
+
+    assert [[int(row["ID"]) for row in answer[0].result] for answer in answers] == [many, [one]]
+    assert portal.method_calls["crm.contact.list"] == 3  # the merged list, then each alone
+    assert [n for _, n in portal.requests] == [1, 2]

@@ -11,6 +11,7 @@ from arq import Worker
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
+from app.rebind.facts import BINDINGS_SAMPLE
 from app.rules.facts import bindings_text
 from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
 from app.store.audit import AuditLog, UndoRefused, undo_job
@@ -154,3 +155,24 @@ async def test_undo_of_comments_binds_them_back_before_unbinding(make_worker: An
 
     assert result.errors == [] and [(e.kind, e.item) for e in result.restored] == [("comment", comment)]
     assert sorted(portal.comment_bindings(comment)) == converted
+
+
+async def test_undo_of_blind_adds_keeps_a_binding_the_portal_said_was_there(
+        client: Any, worker: Worker, portal: FakePortal, redis: Any, rules: Any) -> None:
+    lead = portal.add_lead(email="ann@example.com")
+    plain = [portal.add_activity([(LEAD, lead)]) for _ in range(2)]  # the sample (the first): the lead only
+    contact = portal.convert_lead_over_rest(lead)  # nothing attached: the job adds blind
+    # An e-mail from the contact's address, which the portal bound to the lead and to the contact.
+    known = portal.add_activity([(LEAD, lead), (CONTACT, contact)], subject="Re: offer")
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await worker.run_check()
+    assert all(portal.bindings(a) == [(CONTACT, contact)] for a in [*plain, known])
+    assert portal.method_calls["crm.activity.binding.list"] == BINDINGS_SAMPLE  # the adds were blind
+
+    [entry] = [e for e in await AuditLog(redis, 3600).for_job(answer["job_id"]) if e.item == known]
+    assert bindings_text(entry.before) == f"lead {lead}, contact {contact}"  # 'already bound' is part of before
+    result = await undo(answer["job_id"], redis, rules)
+
+    assert result.errors == []
+    assert portal.bindings(known) == [(LEAD, lead), (CONTACT, contact)]  # exactly as the portal left it
+    assert all(portal.bindings(a) == [(LEAD, lead)] for a in plain)
