@@ -97,6 +97,24 @@ async def test_parts_from_two_processes_leave_in_shared_calls_through_the_holder
     assert other.relay.forwarded == 2 and not other.relay.holding
 
 
+async def test_point_reads_of_two_processes_go_as_one_list(processes: Any, portal: FakePortal) -> None:
+    holder, other = processes(linger=30.0), processes()
+    busy = await holding(holder)
+    portal.reset_counters()
+    leads = [portal.add_lead(title=f"lead {n}") for n in range(2)]
+
+    def lead(n: int) -> list[Command]:
+        return [Command("crm.lead.get", {"id": leads[n]}, fields=("ID", "TITLE"))]
+
+    there = asyncio.create_task(other.job().batch(lead(1)))
+    await until(lambda: holder.relay.served == 1)
+    here = await busy.batch(lead(0))
+
+    # The fields a get names travel with it: both leads were read in one list by @ID.
+    assert portal.requests == [("batch", 1)]
+    assert [here[0].result["TITLE"], (await there)[0].result["TITLE"]] == ["lead 0", "lead 1"]
+
+
 async def test_request_counts_land_on_the_right_jobs_in_both_processes(processes: Any, portal: FakePortal) -> None:
     holder, other = processes(linger=30.0), processes()
     busy = await holding(holder)
