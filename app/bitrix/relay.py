@@ -21,7 +21,10 @@ every other process forwards its jobs' parts to it:
   a holder that dies leaves its parts in `taken`, and the next holder does the same with them: a
   read is sent again, a write is answered "fate unknown";
 - when Redis fails, a process sends its own requests (as before the relay) and says so in one line;
-  parts it waited for: the reads are sent here, the writes are answered "fate unknown".
+  parts it waited for: the reads are sent here, the writes are answered "fate unknown";
+- the keys name the portal's settings (a digest), so processes whose rules files differ on a portal
+  (a change some have reloaded, others not yet) pack apart, each with its own settings; a portal idle
+  for IDLE seconds is given up, so with many portals only the busy ones hold connections.
 
 Only parts whose stop rule is registered (`stop_rule`) travel: the holder must judge the results
 with the same rule, and a rule is code, so it travels by name. Anything else is sent by its own process.
@@ -44,6 +47,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.bitrix.commands import Command, CommandResult
 from app.bitrix.errors import (
     B24Error,
     ConfigError,
@@ -54,7 +58,6 @@ from app.bitrix.errors import (
     TransientError,
 )
 from app.bitrix.portal import PortalConfig
-from app.bitrix.commands import Command, CommandResult
 from app.bitrix.session import Meter, _Part, stops_group
 from app.store.namespace import prefixed
 from app.store.outage import describe
@@ -247,7 +250,8 @@ class PortalRelay:
                     if popped:
                         more = await awaited(connection.lpop(self._reply, TAKE_AT_ONCE)) or []
                         for raw in [popped[1], *more]:
-                            self._answered(orjson.loads(raw))
+                            with contextlib.suppress(ValueError):  # not an answer this version reads
+                                self._answered(orjson.loads(raw))
                     if self._waiting and time.monotonic() - looked >= self._renew_every:
                         looked = time.monotonic()
                         await self._take_over_if_nobody_holds()
