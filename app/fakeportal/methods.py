@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -18,6 +18,7 @@ from app.fakeportal.protocol import (
     as_list,
     filter_of,
     matches,
+    narrowed,
     norm,
     paged,
     param,
@@ -214,7 +215,9 @@ class RestMethods(CrmState):
         filters = dict(filter_of(params))
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
         wanted = set() if self.bindings_filter_ignored else wanted
-        candidates = sorted(set().union(*(self._bound.get(b, ()) for b in wanted))) if wanted else self.activities
+        ids = narrowed(filters, "ID")
+        candidates = sorted(set().union(*(self._bound.get(b, ()) for b in wanted))) if wanted \
+            else sorted(i for i in ids if i in self.activities) if ids is not None else self.activities
         rows = [dict(row) for row in map(self.activities.__getitem__, candidates)
                 if matches(row, filters) and self._readable_activity(int(row["ID"]))]
         # COMMUNICATIONS is a multiple field: returned only when named, never for "*" or no select.
@@ -262,8 +265,12 @@ class RestMethods(CrmState):
         filters = filter_of(params)
         table = self.table(type_id)
         by_lead = self._by_lead.get(type_id)
-        lead_id = norm(filters.get("LEAD_ID"))
-        candidates = sorted(by_lead.get(lead_id, ())) if by_lead is not None and isinstance(lead_id, int) else table
+        ids, leads = narrowed(filters, "ID"), narrowed(filters, "LEAD_ID")
+        candidates: Iterable[int] = table
+        if ids is not None:
+            candidates = sorted(i for i in ids if i in table)
+        elif leads is not None and by_lead is not None:
+            candidates = sorted(set().union(*(by_lead.get(lead, ()) for lead in leads)))
         return selected(paged([dict(table[i]) for i in candidates
                                 if matches(table[i], filters) and (type_id, i) not in self.unreadable], params),
                          params, multiple=("EMAIL", "PHONE"))

@@ -167,6 +167,18 @@ def _split_operator(key: str) -> tuple[str, str]:
     return "=", key.upper()
 
 
+def narrowed(filters: Mapping[str, Any], field: str) -> set[int] | None:
+    """The record numbers an equality or IN condition on `field` allows (to look them up rather than
+    test every row; `matches` still tests them), or None when the filter does not narrow by it."""
+    for key, wanted in filters.items():
+        op, name = _split_operator(key)
+        if name == field and op in ("=", "@"):
+            values = {norm(v) for v in as_list(wanted)}
+            if all(isinstance(v, int) and v > 0 for v in values):
+                return values
+    return None
+
+
 def matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
     for key, wanted in filters.items():
         op, field = _split_operator(key)
