@@ -58,7 +58,7 @@ from app.bitrix.errors import (
     TransientError,
 )
 from app.bitrix.portal import PortalConfig
-from app.bitrix.session import Meter, _Part, stops_group
+from app.bitrix.session import Meter, Part, stops_group
 from app.store.namespace import prefixed
 from app.store.outage import describe
 from app.store.replies import awaited
@@ -180,9 +180,9 @@ class PortalRelay:
         self._holder = ""  # the process parts were last forwarded to
         self._said = ""  # the last state logged: each change is one line
         # Parts of this process's jobs waiting for the holder's answer, by id.
-        self._waiting: dict[str, tuple[_Part, asyncio.Future[dict[str, Any]], bytes]] = {}
+        self._waiting: dict[str, tuple[Part, asyncio.Future[dict[str, Any]], bytes]] = {}
         # Parts this process sends for others: their entry as taken, their message, their part here.
-        self._serving: dict[str, tuple[bytes, dict[str, Any], _Part, asyncio.Task[None]]] = {}
+        self._serving: dict[str, tuple[bytes, dict[str, Any], Part, asyncio.Task[None]]] = {}
         self._holding_task: asyncio.Task[None] | None = None
         self._replies_task: asyncio.Task[None] | None = None
         self._dropping: set[asyncio.Task[None]] = set()
@@ -193,7 +193,7 @@ class PortalRelay:
 
     # -------------------------------------------------------- a process that does not hold the portal
 
-    async def forward(self, part: _Part) -> list[list[CommandResult]] | None:
+    async def forward(self, part: Part) -> list[list[CommandResult]] | None:
         """The part's results, sent by the holder; None when this process sends it (it holds the
         portal, or just took it, or Redis failed, or the part's stop rule cannot travel)."""
         self._used = time.monotonic()
@@ -372,7 +372,7 @@ class PortalRelay:
             stops = STOP_RULES.get(message["stops"])
             stages = [[Command(method, params, tuple(fields)) for method, params, fields in stage]
                       for stage in message["stages"]]
-            part = _Part(Meter(), stages, write=bool(message["write"]), low=bool(message["low"]), stops=stops)
+            part = Part(Meter(), stages, write=bool(message["write"]), low=bool(message["low"]), stops=stops)
         except (ValueError, KeyError, TypeError) as exc:  # not a part this version can read: said, not kept
             log.warning("portal %s: dropped a part this process cannot read (%s); its job retries when its "
                         "time is up", self.portal, type(exc).__name__)
@@ -395,7 +395,7 @@ class PortalRelay:
         with contextlib.suppress(RedisError):
             await awaited(self._redis.lrem(self._taken, 1, entry.decode(errors="replace")))
 
-    async def _send_for(self, entry: bytes, message: dict[str, Any], part: _Part) -> None:
+    async def _send_for(self, entry: bytes, message: dict[str, Any], part: Part) -> None:
         assert self._session is not None
         answer: dict[str, Any] = {"id": message["id"]}
         try:
@@ -475,7 +475,7 @@ class PortalRelay:
             log.log(logging.WARNING if warn else logging.INFO, "portal %s: %s", self.portal, what)
 
 
-def _may_have_gone(part: _Part) -> bool:
+def _may_have_gone(part: Part) -> bool:
     """Whether any command of a write group was handed to a call (then its fate is unknown)."""
     return bool(part.out or (part.stage, part.sent) != (0, 0)
                 or any(r is not None for stage in part.results for r in stage))
@@ -486,7 +486,7 @@ def _counts(meter: Meter) -> dict[str, Any]:
             "calls": [[method, outcome, via, n] for (method, outcome, via), n in meter.calls.items()]}
 
 
-def _results(part: _Part, answer: dict[str, Any]) -> list[list[CommandResult]]:
+def _results(part: Part, answer: dict[str, Any]) -> list[list[CommandResult]]:
     """The holder's answer as the sending job's results; what it cost goes on the job's meter."""
     meter = part.meter
     meter.requests += int(answer.get("requests", 0))

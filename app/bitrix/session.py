@@ -100,7 +100,7 @@ class Relay(Protocol):
     """Forwards parts to the process that holds the portal (app/bitrix/relay.py's PortalRelay)."""
 
     def attach(self, session: PortalSession) -> None: ...
-    async def forward(self, part: _Part) -> list[list[CommandResult]] | None: ...
+    async def forward(self, part: Part) -> list[list[CommandResult]] | None: ...
     async def retire(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -115,7 +115,7 @@ def not_run(command: Command, why: str = "the batch did not run this command") -
     return CommandResult(command, error=TransientError(command.method, "NOT_RUN", why))
 
 
-class _Part:
+class Part:
     """One job's commands waiting for the session: one stage for reads, a group of stages for writes."""
 
     def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool,
@@ -166,11 +166,11 @@ class _Call:
 
     write: bool
     halt: bool
-    slots: list[tuple[_Part, tuple[int, int]]] = field(default_factory=list)
+    slots: list[tuple[Part, tuple[int, int]]] = field(default_factory=list)
     # What it sends: a read several jobs ask once, point reads of one kind as one list (not when it halts).
     chunk: BatchChunk = field(default_factory=BatchChunk)
 
-    def take(self, part: _Part, at: tuple[int, int]) -> None:
+    def take(self, part: Part, at: tuple[int, int]) -> None:
         self.chunk.add(part.command(at))
         self.slots.append((part, at))
 
@@ -197,7 +197,7 @@ class PortalSession:
         self._token = ""
         self._budget = budget
         self._linger = linger
-        self._parts: list[_Part] = []
+        self._parts: list[Part] = []
         self._active: dict[int, Meter] = {}
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
@@ -224,7 +224,7 @@ class PortalSession:
         """Run read commands, in batches shared with other jobs; results keep the commands' order."""
         if not commands:
             return []
-        (results,) = await self._submit(_Part(meter, [list(commands)], write=False, low=low))
+        (results,) = await self._submit(Part(meter, [list(commands)], write=False, low=low))
         return results
 
     async def write(self, meter: Meter, stages: Sequence[Sequence[Command]], *, low: bool = False,
@@ -233,7 +233,7 @@ class PortalSession:
         already done); after a failure the later stages come back NOT_RUN. Raises TransientError when a
         call's fate is unknown (a 5xx or a timeout): the writes may or may not have landed. `stops` says
         which results stop the group (by default any error but 'already so')."""
-        part = _Part(meter, [list(s) for s in stages], write=True, low=low, stops=stops)
+        part = Part(meter, [list(s) for s in stages], write=True, low=low, stops=stops)
         if not part.stages:
             return [[] for _ in stages]
         results = iter(await self._submit(part))
@@ -264,7 +264,7 @@ class PortalSession:
             part.done.cancel()
         self._parts.clear()
 
-    async def _submit(self, part: _Part) -> list[list[CommandResult]]:
+    async def _submit(self, part: Part) -> list[list[CommandResult]]:
         part.meter.waiting += 1
         try:
             if self.relay is not None:
@@ -275,7 +275,7 @@ class PortalSession:
         finally:
             part.meter.waiting -= 1
 
-    async def _queue(self, part: _Part) -> list[list[CommandResult]]:
+    async def _queue(self, part: Part) -> list[list[CommandResult]]:
         """Packs the part with the others waiting here (this process's jobs', and those forwarded to it)."""
         self._parts.append(part)
         self._wake.set()
@@ -422,7 +422,7 @@ class PortalSession:
                 part.out -= 1
                 part.finish(exc)
             return
-        requeue: list[_Part] = []
+        requeue: list[Part] = []
         halted = False
         for (part, at), result in zip(call.slots, results):
             if part.done.done():
@@ -449,7 +449,7 @@ class PortalSession:
                 part.queued_at = time.monotonic() - self._linger  # first in line, no more waiting
             self._advance(part)
 
-    def _advance(self, part: _Part) -> None:
+    def _advance(self, part: Part) -> None:
         """A stage whose every command came back lets the next one go; a failed command's stage is its
         group's last (the other commands of that stage still run: they do not depend on each other)."""
         if part.out:
@@ -459,7 +459,7 @@ class PortalSession:
         if part.stage >= part.until:
             part.finish()
 
-    async def _send_batch(self, call: _Call, parts: list[_Part]) -> list[CommandResult]:
+    async def _send_batch(self, call: _Call, parts: list[Part]) -> list[CommandResult]:
         chunk = call.chunk.commands()
         cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
         meters = list(dict.fromkeys(part.meter for part in parts))
@@ -482,7 +482,7 @@ class PortalSession:
             part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
         return unpacked
 
-    async def _ask_alone(self, slots: list[tuple[_Part, tuple[int, int]]], low: bool) -> list[CommandResult]:
+    async def _ask_alone(self, slots: list[tuple[Part, tuple[int, int]]], low: bool) -> list[CommandResult]:
         """Reads a merged list did not settle, each as its own command, so that each gets the portal's
         own answer (its "Not found", its rows past the first page): rare, one more request."""
         results: list[CommandResult] = []

@@ -19,7 +19,6 @@ from app.fakeportal.protocol import (
     filter_of,
     matches,
     narrowed,
-    norm,
     paged,
     param,
     positive_int,
