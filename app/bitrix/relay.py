@@ -399,7 +399,7 @@ class PortalRelay:
         assert self._session is not None
         answer: dict[str, Any] = {"id": message["id"]}
         try:
-            results = await self._session._queue(part)
+            results = await self._session.send_here(part)
             answer["results"] = [[[r.result, _error_record(r.error) if r.error else None, r.total, r.next]
                                   for r in stage] for stage in results]
         except asyncio.CancelledError:

@@ -271,11 +271,11 @@ class PortalSession:
                 forwarded = await self.relay.forward(part)  # None: this process sends it
                 if forwarded is not None:
                     return forwarded
-            return await self._queue(part)
+            return await self.send_here(part)
         finally:
             part.meter.waiting -= 1
 
-    async def _queue(self, part: Part) -> list[list[CommandResult]]:
+    async def send_here(self, part: Part) -> list[list[CommandResult]]:
         """Packs the part with the others waiting here (this process's jobs', and those forwarded to it)."""
         self._parts.append(part)
         self._wake.set()
