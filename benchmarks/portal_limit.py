@@ -216,6 +216,8 @@ def report(name: str, workers: int, fail: float, f: dict[str, Any], relay: bool 
     if os.environ.get("BENCH_SHOW_SIZES"):
         print(f"  commands per request {f['sizes']}")
         print(f"  commands by method   {f['methods']}")
+    if name == "backlog":  # every event is queued at the start: the wall time bounds the wait after the last
+        print(f"  last activity right within {f['wall']:.1f} s of the last event")
     if "live_event_seconds" in f:
         print(f"  live e-mail during the backfill right after {f['live_event_seconds']:.1f} s")
 
