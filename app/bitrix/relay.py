@@ -75,6 +75,7 @@ TAKE_AT_ONCE = 200  # parts moved from the inbox in one round trip
 # Seconds without a part after which a process gives the portal up (and stops listening for answers):
 # with many portals, only the busy ones cost each process a blocking connection and a renewal a second.
 IDLE = 30.0
+MIN_REDIS = (6, 2)  # BLMOVE and LMOVE; an older Redis (Debian 11 ships 6.0) gets no relay
 
 # Take the portal when nobody holds it; otherwise queue the part for the holder. Returns {held, holder}.
 _HOLD_OR_FORWARD = """
@@ -187,6 +188,24 @@ class PortalRelay:
         self._replies_task: asyncio.Task[None] | None = None
         self._dropping: set[asyncio.Task[None]] = set()
         self.forwarded = self.served = 0
+        self._redis_fits: bool | None = None  # whether Redis has what the relay needs; asked once
+
+    async def _fits(self) -> bool:
+        """Whether this Redis has the commands the holder takes parts with; an older one leaves every
+        process to send its own requests (said once), rather than leave parts in an inbox nobody takes."""
+        if self._redis_fits is None:
+            try:
+                version = str((await self._redis.info("server")).get("redis_version", "0"))
+            except RedisError as exc:  # asked again next time
+                self._say(f"Redis failed ({describe(exc)}); this process sends its own requests meanwhile",
+                          warn=True)
+                return False
+            self._redis_fits = relay_fits(version)
+            if not self._redis_fits:
+                log.warning("portal %s: Redis %s lacks BLMOVE (6.2 and later have it): each worker process "
+                            "sends its own requests, in emptier batches; upgrade Redis to pack them together",
+                            self.portal, version)
+        return self._redis_fits
 
     def attach(self, session: PortalSession) -> None:
         self._session = session
@@ -197,7 +216,7 @@ class PortalRelay:
         """The part's results, sent by the holder; None when this process sends it (it holds the
         portal, or just took it, or Redis failed, or the part's stop rule cannot travel)."""
         self._used = time.monotonic()
-        if self.holding or not self._may_hold or self._session is None:
+        if self.holding or not self._may_hold or self._session is None or not await self._fits():
             return None
         rule = next((name for name, known in STOP_RULES.items() if known is part.stops), None)
         if rule is None:
@@ -473,6 +492,15 @@ class PortalRelay:
         if what != self._said:
             self._said = what
             log.log(logging.WARNING if warn else logging.INFO, "portal %s: %s", self.portal, what)
+
+
+def relay_fits(redis_version: str) -> bool:
+    """Whether a Redis of this version (`INFO server`'s `redis_version`) has what the relay needs."""
+    try:
+        major, minor = (int(n) for n in (redis_version.split(".") + ["0"])[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= MIN_REDIS
 
 
 def _may_have_gone(part: Part) -> bool:

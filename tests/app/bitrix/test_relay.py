@@ -15,7 +15,7 @@ from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, TransientError
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
-from app.bitrix.relay import PortalRelay
+from app.bitrix.relay import PortalRelay, relay_fits
 from app.bitrix.session import PortalSession
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
@@ -391,3 +391,28 @@ async def test_an_idle_holder_gives_the_portal_up_and_the_next_process_with_work
         assert relays[1].holding and relays[1].forwarded == 0
         for session in (first, second):
             await session.close()
+
+
+def test_a_redis_older_than_6_2_has_no_relay() -> None:
+    assert [relay_fits(v) for v in ("7.0.15", "6.2.14", "6.2.0", "6.0.16", "5.0.7", "", "x")] == \
+        [True, True, True, False, False, False, False]
+
+
+async def test_on_a_redis_without_blmove_each_process_sends_its_own(processes: Any, portal: FakePortal,
+                                                                    redis: Any, caplog: Any) -> None:
+    first, second = processes(), processes()
+
+    async def an_old_redis(section: str = "") -> dict[str, Any]:
+        return {"redis_version": "6.0.16"}
+    for process in (first, second):
+        process.relay._redis.info = an_old_redis  # type: ignore[method-assign]
+    activity = portal.add_activity([(LEAD, portal.add_lead())])
+
+    with caplog.at_level(logging.WARNING):
+        answers = await asyncio.gather(*(p.job().batch(bindings_of(activity)) for p in (first, second)))
+
+    assert all(r.ok for answer in answers for r in answer)
+    assert not (first.relay.holding or second.relay.holding)
+    assert first.relay.forwarded == second.relay.forwarded == 0
+    assert not await redis.keys("*relay*")  # no lease, no inbox
+    assert "lacks BLMOVE" in caplog.text
