@@ -74,11 +74,18 @@ async def holding(process: Process) -> RestClient:
     return process.job()
 
 
-async def test_parts_from_two_processes_leave_in_shared_calls_through_the_holder(
-        processes: Any, portal: FakePortal) -> None:
+async def two_processes(processes: Any, portal: FakePortal) -> tuple[Process, Process, RestClient]:
+    """A holder whose calls wait for its busy job (so the other's parts join them), the other process,
+    and the busy job to close; the portal's counters start from here."""
     holder, other = processes(linger=30.0), processes()
     busy = await holding(holder)
     portal.reset_counters()
+    return holder, other, busy
+
+
+async def test_parts_from_two_processes_leave_in_shared_calls_through_the_holder(
+        processes: Any, portal: FakePortal) -> None:
+    holder, other, busy = await two_processes(processes, portal)
     lead = portal.add_lead()
     facts = [Command("crm.lead.get", {"id": lead}), Command("crm.contact.list", {"filter": {"LEAD_ID": lead}})]
     activities = [portal.add_activity([(LEAD, lead)], subject=f"mail {n}") for n in range(3)]
@@ -98,9 +105,7 @@ async def test_parts_from_two_processes_leave_in_shared_calls_through_the_holder
 
 
 async def test_point_reads_of_two_processes_go_as_one_list(processes: Any, portal: FakePortal) -> None:
-    holder, other = processes(linger=30.0), processes()
-    busy = await holding(holder)
-    portal.reset_counters()
+    holder, other, busy = await two_processes(processes, portal)
     leads = [portal.add_lead(title=f"lead {n}") for n in range(2)]
 
     def lead(n: int) -> list[Command]:
@@ -116,9 +121,7 @@ async def test_point_reads_of_two_processes_go_as_one_list(processes: Any, porta
 
 
 async def test_request_counts_land_on_the_right_jobs_in_both_processes(processes: Any, portal: FakePortal) -> None:
-    holder, other = processes(linger=30.0), processes()
-    busy = await holding(holder)
-    portal.reset_counters()
+    holder, other, busy = await two_processes(processes, portal)
     lead = portal.add_lead()
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(31)]
     big, small, alone = holder.job(), other.job(), other.job()
@@ -144,9 +147,7 @@ async def test_request_counts_land_on_the_right_jobs_in_both_processes(processes
 
 async def test_halting_write_groups_of_two_processes_stay_whole_and_ordered(processes: Any,
                                                                            portal: FakePortal) -> None:
-    holder, other = processes(linger=30.0), processes()
-    busy = await holding(holder)
-    portal.reset_counters()
+    holder, other, busy = await two_processes(processes, portal)
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     activities = [portal.add_activity([(LEAD, lead)]) for _ in range(4)]
@@ -173,9 +174,7 @@ async def test_halting_write_groups_of_two_processes_stay_whole_and_ordered(proc
 
 async def test_one_jobs_failure_stops_only_its_own_group_across_processes(processes: Any,
                                                                          portal: FakePortal) -> None:
-    holder, other = processes(linger=30.0), processes()
-    busy = await holding(holder)
-    portal.reset_counters()
+    holder, other, busy = await two_processes(processes, portal)
     lead = portal.add_lead()
     made = portal.convert_lead(lead)
     refused, fine = portal.add_activity([(LEAD, lead)]), portal.add_activity([(LEAD, lead)])
