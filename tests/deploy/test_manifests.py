@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import configparser
+import functools
+import json
 import os
 import re
 import shutil
@@ -11,8 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions, major_minor
 from pydantic import AliasChoices
 
 from app.cli.main import _parser
@@ -56,6 +61,32 @@ def kube_objects() -> list[dict[str, Any]]:
             if path.is_file():
                 objects += load_all(path)
     return objects
+
+
+def overlays() -> list[str]:
+    """Every Kustomization that can be applied: base and each overlay."""
+    return ["base"] + sorted(str(p.parent.relative_to(KUBE)) for p in (KUBE / "overlays").glob("*/kustomization.yaml"))
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize` of one overlay: the objects `kubectl apply -k` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is not installed: the manifests cannot be rendered")
+        pytest.skip("kubectl is not installed")
+    built = subprocess.run([kubectl, "kustomize", str(KUBE / overlay)], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert built.returncode == 0, f"kubectl kustomize {overlay}: {built.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
+
+
+def supported_kubernetes_versions() -> list[str]:
+    """Kubernetes supports its three newest minor releases; these are the newest three the validator
+    has schemas for (kubernetes-validate follows the releases)."""
+    minors = sorted({tuple(int(n) for n in major_minor(v).split(".")[:2]) for v in all_versions()})
+    return [f"{major}.{minor}" for major, minor in minors[-3:]]
 
 
 def of_kind(kind: str) -> list[dict[str, Any]]:
@@ -124,15 +155,28 @@ def test_kubernetes_objects_have_api_version_kind_and_name() -> None:
         assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/small"])
+@pytest.mark.parametrize("overlay", overlays())
 def test_kustomize_builds(overlay: str) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    built = subprocess.run([kubectl, "kustomize", str(KUBE / overlay)], capture_output=True, text=True, check=True)
-    kinds = [doc["kind"] for doc in yaml.safe_load_all(built.stdout)]
+    kinds = [doc["kind"] for doc in rendered(overlay)]
     assert kinds.count("Deployment") == 2
     assert ("StatefulSet" in kinds) == (overlay != "base")
+
+
+@pytest.mark.parametrize("version", supported_kubernetes_versions())
+@pytest.mark.parametrize("overlay", overlays())
+def test_every_overlay_is_valid_for_the_supported_kubernetes_versions(overlay: str, version: str) -> None:
+    """Each rendered object against the API's own schema for that release, strictly: a misspelt or
+    misplaced field is an error, as `kubectl apply --validate=strict` would make it."""
+    errors = []
+    for obj in rendered(overlay):
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{name}: {'.'.join(str(p) for p in error.path)}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{name}: Kubernetes {version} has no {obj['apiVersion']} {obj['kind']}")
+    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize("workload", of_kind("Deployment") + of_kind("StatefulSet"),
@@ -230,6 +274,21 @@ def test_compose_services_run_commands_the_cli_knows() -> None:
         assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
         assert services[name]["command"][0] in cli_commands()
         assert set(services[name]["environment"]) <= env_names()
+
+
+def compose_schema() -> dict[str, Any]:
+    """The compose-spec JSON schema, as check-jsonschema ships it (its `vendor.compose-spec`)."""
+    from importlib import resources
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def test_the_compose_file_is_valid_for_the_compose_spec() -> None:
+    compose = load_all(DEPLOY / "compose.yaml")[0]
+    validator = jsonschema.validators.validator_for(compose_schema())(compose_schema())
+    errors = [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
 
 
 def test_the_image_runs_b24rebind_as_a_non_root_user() -> None:
