@@ -368,9 +368,24 @@ def start(image: Image, role: Role, workspace: Path, started: list[Container]) -
 # ---------------------------------------------------------------- the roles as deploy/ runs them
 
 
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}` and `$$`, from the --env-file's variables."""
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, colon, default = match[1], match[2], match[3]
+        found = variables.get(name)
+        if found is None or (colon and found == ""):
+            return default or ""
+        return found
+    return re.sub(r"\$\$|\$\{(\w+)(?:(:?)-([^}]*))?\}", one, value)
+
+
 def compose_roles(image: Image, redis_url: str, portal: FakePortal, files: Path) -> dict[str, Role]:
-    """deploy/compose.yaml's web and worker, with the `.env` and `rules.yaml` the README has one copy."""
+    """deploy/compose.yaml's web and worker, with the `.env` and `rules.yaml` the README has one copy,
+    given as the --env-file too (README: `--env-file .env`)."""
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    variables = {k: v or "" for k, v in dotenv_values(OPERATOR_COPIES[ROOT / ".env"]).items()}
 
     def role(name: str) -> Role:
         service = services[name]
@@ -381,7 +396,7 @@ def compose_roles(image: Image, redis_url: str, portal: FakePortal, files: Path)
             env.update({k: v or "" for k, v in dotenv_values(OPERATOR_COPIES.get(path, path)).items()})
         # "fill in B24_WEBHOOK_URL and B24_APPLICATION_TOKEN"
         env.update({"B24_WEBHOOK_URL": portal.rest_url, "B24_APPLICATION_TOKEN": TOKEN})
-        env.update({k: str(v) for k, v in service.get("environment", {}).items()})
+        env.update({k: interpolate(str(v), variables) for k, v in service.get("environment", {}).items()})
         assert env["REDIS_URL"].startswith("redis://redis:"), "compose's REDIS_URL is the redis service"
         env["REDIS_URL"] = redis_url
         mounts = []

@@ -239,10 +239,15 @@ def test_selectors_and_references_point_at_something() -> None:
             assert {p["backend"]["service"]["name"] for p in rule["http"]["paths"]} <= services
 
 
+# Settings the manifests set that another branch adds to the service (issue 24: the replica wait); the
+# lead drops this once both are merged, and the test then holds them to Settings like every other name.
+PENDING_SETTINGS = {"B24_REDIS_MIN_REPLICAS"}
+
+
 def test_environment_names_are_settings_the_service_reads() -> None:
-    known = env_names()
-    base = load_all(KUBE / "base" / "kustomization.yaml")[0]
-    literals = [lit.split("=", 1)[0] for g in base["configMapGenerator"] for lit in g.get("literals", [])]
+    known = env_names() | PENDING_SETTINGS
+    literals = [lit.split("=", 1)[0] for k in kustomizations() for g in load_all(k)[0].get("configMapGenerator", [])
+                if g["name"] == "b24rebind-env" for lit in g.get("literals", [])]
     secrets = [key for s in of_kind("Secret") for key in s["stringData"]]
     systemd_env = [line.split("=", 1)[0] for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
                    if line and not line.startswith("#")]
@@ -255,9 +260,11 @@ def test_the_rules_configmap_is_a_valid_rules_file() -> None:
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
-    conf = (KUBE / "components" / "redis" / "redis.conf").read_text()
-    assert re.search(r"^appendonly yes$", conf, re.MULTILINE) and re.search(r"^appendfsync everysec$", conf, re.MULTILINE)
-    redis = of_kind("StatefulSet")[0]
+    for component in ("redis", "redis-sentinel"):
+        conf = (KUBE / "components" / component / "redis.conf").read_text()
+        assert re.search(r"^appendonly yes$", conf, re.MULTILINE)
+        assert re.search(r"^appendfsync everysec$", conf, re.MULTILINE)
+    redis = load_all(KUBE / "components" / "redis" / "redis-statefulset.yaml")[0]
     assert redis["spec"]["replicas"] == 1
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
