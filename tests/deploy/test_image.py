@@ -183,6 +183,7 @@ class Role:
     grace: float = DOCKER_STOP_TIMEOUT
     health: list[list[str]] = field(default_factory=list)  # commands run in the container; 0 is healthy
     http_probes: list[str] = field(default_factory=list)  # paths that must answer 200
+    memory_limit_mib: float | None = None  # the manifest's limit, which the process must stay under
 
 
 class Container:
@@ -286,6 +287,11 @@ class Container:
                 return None
             await asyncio.sleep(0.1)
         return self.process.returncode
+
+    def rss_mib(self) -> float:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)[1]) / 1024  # type: ignore[index]
 
     def left_nothing_running(self) -> bool:
         assert self.process is not None
@@ -469,9 +475,12 @@ def kubernetes_roles(image: Image, redis_url: str, portal: FakePortal, files: Pa
                 directory.chmod(0o777)  # as the kubelet makes an emptyDir
             mounts.append(Mount(directory, mount["mountPath"], bool(mount.get("readOnly"))))
         probes = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe") if p in container]
+        limit = re.fullmatch(r"(\d+)Mi", container["resources"]["limits"]["memory"])
+        assert limit, container["resources"]
         return Role(name, image.entrypoint + (container.get("args") or image.cmd), env, user, mounts,
                     read_only=container["securityContext"].get("readOnlyRootFilesystem", False),
-                    grace=float(pod.get("terminationGracePeriodSeconds", 30)), http_probes=probes)
+                    grace=float(pod.get("terminationGracePeriodSeconds", 30)), http_probes=probes,
+                    memory_limit_mib=float(limit[1]))
 
     roles = {"web": role("b24rebind-web"), "worker": role("b24rebind-worker")}
     assert roles["web"].http_probes and not roles["worker"].http_probes
@@ -565,6 +574,11 @@ async def test_web_and_worker_turn_an_event_into_rebound_activities_and_stop_cle
 
     await send_event_and_wait(port, lead, activities, moved, portal, roles["web"].env.get("B24_API_TOKEN", ""),
                               [web, worker])
+
+    for container in (web, worker):
+        if container.role.memory_limit_mib is not None:  # the process as the image runs it, after a job
+            assert container.rss_mib() < container.role.memory_limit_mib, (
+                f"{container.role.name}: RSS {container.rss_mib():.0f} MiB, limit {container.role.memory_limit_mib}")
 
     codes = await asyncio.gather(web.stop(), worker.stop())
     assert codes == [0, 0], f"exit codes {codes} (None: killed after the grace period):\n" \

@@ -193,6 +193,28 @@ def test_every_container_runs_as_non_root_with_resources(workload: dict[str, Any
         assert container["resources"]["limits"]["memory"]
 
 
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+@pytest.mark.parametrize("role", ["web", "worker"])
+def test_requests_and_limits_cover_the_measured_memory_and_cite_it(role: str) -> None:
+    """docs/benchmarks.md's RSS under load is below the request, with room; the limit is above both;
+    and the manifest says where its numbers come from."""
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    measured = re.search(rf"{role} \d+ → (\d+) MiB", benchmarks)
+    assert measured, f"docs/benchmarks.md no longer gives the {role}'s RSS under load"
+    path = KUBE / "base" / f"{role}-deployment.yaml"
+    container = load_all(path)[0]["spec"]["template"]["spec"]["containers"][0]
+    request = mebibytes(container["resources"]["requests"]["memory"])
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert request >= 1.2 * int(measured[1]) and limit >= 2 * int(measured[1]), (request, limit, measured[0])
+    text = path.read_text()
+    assert "docs/benchmarks.md" in text[:text.index("resources:")], f"{path.name}: cite the figures"
+
+
 def test_web_probes_hit_routes_the_app_has() -> None:
     web = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "b24rebind-web")
     container = web["spec"]["template"]["spec"]["containers"][0]
