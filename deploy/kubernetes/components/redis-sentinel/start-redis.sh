@@ -11,16 +11,8 @@ REDIS_PORT="${REDIS_PORT:-6379}"
 ANNOUNCE_HOST="${ANNOUNCE_HOST:-$(hostname)}"
 REDIS_CONF="${REDIS_CONF:-/etc/redis/redis.conf}"
 
-primary=""
-for sentinel in $SENTINELS; do
-  answer=$(timeout 3 redis-cli -h "${sentinel%:*}" -p "${sentinel##*:}" \
-    sentinel get-master-addr-by-name "$MASTER_NAME" 2>/dev/null) || answer=""
-  host=$(echo "$answer" | sed -n 1p)
-  port=$(echo "$answer" | sed -n 2p)
-  if [ -n "$host" ] && [ -n "$port" ]; then primary="$host:$port"; break; fi
-done
-case "$FIRST_PRIMARY" in *:*) first="$FIRST_PRIMARY" ;; *) first="$FIRST_PRIMARY:6379" ;; esac
-[ -n "$primary" ] || primary="$first"
+. "$(dirname "$0")/primary.sh"
+primary=$(primary_now | tr ' ' :)
 
 # The script's own arguments go to redis-server after the config file, like the image's entrypoint.
 if [ "$primary" = "$ANNOUNCE_HOST:$REDIS_PORT" ]; then

@@ -13,17 +13,8 @@ SENTINEL_DIR="${SENTINEL_DIR:-/data}"
 QUORUM="${QUORUM:-2}"                      # of three: a failover needs two sentinels to agree
 DOWN_AFTER_MS="${DOWN_AFTER_MS:-5000}"     # a primary silent this long is down
 
-primary=""
-for sentinel in $SENTINELS; do
-  [ "$sentinel" = "$ANNOUNCE_HOST:$SENTINEL_PORT" ] && continue
-  answer=$(timeout 3 redis-cli -h "${sentinel%:*}" -p "${sentinel##*:}" \
-    sentinel get-master-addr-by-name "$MASTER_NAME" 2>/dev/null) || answer=""
-  host=$(echo "$answer" | sed -n 1p)
-  port=$(echo "$answer" | sed -n 2p)
-  if [ -n "$host" ] && [ -n "$port" ]; then primary="$host $port"; break; fi
-done
-case "$FIRST_PRIMARY" in *:*) first="${FIRST_PRIMARY%:*} ${FIRST_PRIMARY##*:}" ;; *) first="$FIRST_PRIMARY 6379" ;; esac
-[ -n "$primary" ] || primary="$first"
+. "$(dirname "$0")/primary.sh"
+primary=$(primary_now "$ANNOUNCE_HOST:$SENTINEL_PORT")
 
 mkdir -p "$SENTINEL_DIR"
 cat > "$SENTINEL_DIR/sentinel.conf" <<CONF
