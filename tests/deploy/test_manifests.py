@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import configparser
+import functools
+import json
 import os
 import re
 import shutil
@@ -11,8 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions, major_minor
 from pydantic import AliasChoices
 
 from app.cli.main import _parser
@@ -56,6 +61,32 @@ def kube_objects() -> list[dict[str, Any]]:
             if path.is_file():
                 objects += load_all(path)
     return objects
+
+
+def overlays() -> list[str]:
+    """Every Kustomization that can be applied: base and each overlay."""
+    return ["base"] + sorted(str(p.parent.relative_to(KUBE)) for p in (KUBE / "overlays").glob("*/kustomization.yaml"))
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize` of one overlay: the objects `kubectl apply -k` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl is not installed: the manifests cannot be rendered")
+        pytest.skip("kubectl is not installed")
+    built = subprocess.run([kubectl, "kustomize", str(KUBE / overlay)], capture_output=True, text=True,
+                           timeout=120, check=False)
+    assert built.returncode == 0, f"kubectl kustomize {overlay}: {built.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
+
+
+def supported_kubernetes_versions() -> list[str]:
+    """Kubernetes supports its three newest minor releases; these are the newest three the validator
+    has schemas for (kubernetes-validate follows the releases)."""
+    minors = sorted({tuple(int(n) for n in major_minor(v).split(".")[:2]) for v in all_versions()})
+    return [f"{major}.{minor}" for major, minor in minors[-3:]]
 
 
 def of_kind(kind: str) -> list[dict[str, Any]]:
@@ -124,15 +155,28 @@ def test_kubernetes_objects_have_api_version_kind_and_name() -> None:
         assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/small"])
+@pytest.mark.parametrize("overlay", overlays())
 def test_kustomize_builds(overlay: str) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    built = subprocess.run([kubectl, "kustomize", str(KUBE / overlay)], capture_output=True, text=True, check=True)
-    kinds = [doc["kind"] for doc in yaml.safe_load_all(built.stdout)]
+    kinds = [doc["kind"] for doc in rendered(overlay)]
     assert kinds.count("Deployment") == 2
     assert ("StatefulSet" in kinds) == (overlay != "base")
+
+
+@pytest.mark.parametrize("version", supported_kubernetes_versions())
+@pytest.mark.parametrize("overlay", overlays())
+def test_every_overlay_is_valid_for_the_supported_kubernetes_versions(overlay: str, version: str) -> None:
+    """Each rendered object against the API's own schema for that release, strictly: a misspelt or
+    misplaced field is an error, as `kubectl apply --validate=strict` would make it."""
+    errors = []
+    for obj in rendered(overlay):
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{name}: {'.'.join(str(p) for p in error.path)}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{name}: Kubernetes {version} has no {obj['apiVersion']} {obj['kind']}")
+    assert not errors, "\n".join(errors)
 
 
 @pytest.mark.parametrize("workload", of_kind("Deployment") + of_kind("StatefulSet"),
@@ -147,6 +191,28 @@ def test_every_container_runs_as_non_root_with_resources(workload: dict[str, Any
         assert security["capabilities"]["drop"] == ["ALL"]
         assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
         assert container["resources"]["limits"]["memory"]
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    number, unit = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+@pytest.mark.parametrize("role", ["web", "worker"])
+def test_requests_and_limits_cover_the_measured_memory_and_cite_it(role: str) -> None:
+    """docs/benchmarks.md's RSS under load is below the request, with room; the limit is above both;
+    and the manifest says where its numbers come from."""
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    measured = re.search(rf"{role} \d+ → (\d+) MiB", benchmarks)
+    assert measured, f"docs/benchmarks.md no longer gives the {role}'s RSS under load"
+    path = KUBE / "base" / f"{role}-deployment.yaml"
+    container = load_all(path)[0]["spec"]["template"]["spec"]["containers"][0]
+    request = mebibytes(container["resources"]["requests"]["memory"])
+    limit = mebibytes(container["resources"]["limits"]["memory"])
+    assert request >= 1.2 * int(measured[1]) and limit >= 2 * int(measured[1]), (request, limit, measured[0])
+    text = path.read_text()
+    assert "docs/benchmarks.md" in text[:text.index("resources:")], f"{path.name}: cite the figures"
 
 
 def test_web_probes_hit_routes_the_app_has() -> None:
@@ -195,10 +261,15 @@ def test_selectors_and_references_point_at_something() -> None:
             assert {p["backend"]["service"]["name"] for p in rule["http"]["paths"]} <= services
 
 
+# Settings the manifests set that another branch adds to the service (issue 24: the replica wait); the
+# lead drops this once both are merged, and the test then holds them to Settings like every other name.
+PENDING_SETTINGS = {"B24_REDIS_MIN_REPLICAS"}
+
+
 def test_environment_names_are_settings_the_service_reads() -> None:
-    known = env_names()
-    base = load_all(KUBE / "base" / "kustomization.yaml")[0]
-    literals = [lit.split("=", 1)[0] for g in base["configMapGenerator"] for lit in g.get("literals", [])]
+    known = env_names() | PENDING_SETTINGS
+    literals = [lit.split("=", 1)[0] for k in kustomizations() for g in load_all(k)[0].get("configMapGenerator", [])
+                if g["name"] == "b24rebind-env" for lit in g.get("literals", [])]
     secrets = [key for s in of_kind("Secret") for key in s["stringData"]]
     systemd_env = [line.split("=", 1)[0] for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
                    if line and not line.startswith("#")]
@@ -211,9 +282,11 @@ def test_the_rules_configmap_is_a_valid_rules_file() -> None:
 
 
 def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
-    conf = (KUBE / "components" / "redis" / "redis.conf").read_text()
-    assert re.search(r"^appendonly yes$", conf, re.MULTILINE) and re.search(r"^appendfsync everysec$", conf, re.MULTILINE)
-    redis = of_kind("StatefulSet")[0]
+    for component in ("redis", "redis-sentinel"):
+        conf = (KUBE / "components" / component / "redis.conf").read_text()
+        assert re.search(r"^appendonly yes$", conf, re.MULTILINE)
+        assert re.search(r"^appendfsync everysec$", conf, re.MULTILINE)
+    redis = load_all(KUBE / "components" / "redis" / "redis-statefulset.yaml")[0]
     assert redis["spec"]["replicas"] == 1
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
@@ -230,6 +303,21 @@ def test_compose_services_run_commands_the_cli_knows() -> None:
         assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
         assert services[name]["command"][0] in cli_commands()
         assert set(services[name]["environment"]) <= env_names()
+
+
+def compose_schema() -> dict[str, Any]:
+    """The compose-spec JSON schema, as check-jsonschema ships it (its `vendor.compose-spec`)."""
+    from importlib import resources
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def test_the_compose_file_is_valid_for_the_compose_spec() -> None:
+    compose = load_all(DEPLOY / "compose.yaml")[0]
+    validator = jsonschema.validators.validator_for(compose_schema())(compose_schema())
+    errors = [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert not errors, "\n".join(errors)
 
 
 def test_the_image_runs_b24rebind_as_a_non_root_user() -> None:
