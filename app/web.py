@@ -140,8 +140,9 @@ async def readyz(request: web.Request) -> web.Response:
     if live.error:
         checks["rules_error"] = live.error
     spool = request.app.get(spool_key)
+    spooled = spool.status() if spool is not None else {}
     if spool is not None:
-        checks["spool"] = spool.status()
+        checks["spool"] = spooled
     outage = request.app[outage_key]
     try:
         await request.app[redis_key].ping()
@@ -154,7 +155,14 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
     warnings = await _mode_warnings(request.app[redis_key], live.current)
-    return web.json_response({"status": "ready", **checks, **({"warnings": warnings} if warnings else {})})
+    # Redis answers, yet events wait on disk: being drained now, or stuck (the log says why). Still 200:
+    # this process takes events, and a probe that took it out of service would only lose it some.
+    waiting = spooled.get("waiting_segments", 0)
+    if waiting:
+        checks["degraded"] = (f"{plural(int(waiting), 'spool segment')} of events accepted while Redis was "
+                              "away wait to be queued; if this lasts, the log says why")
+    return web.json_response({"status": "degraded" if waiting else "ready", **checks,
+                              **({"warnings": warnings} if warnings else {})})
 
 
 async def _mode_warnings(redis: Any, rules: RuleSet) -> list[str]:
