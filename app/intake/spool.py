@@ -243,11 +243,12 @@ class Spool:
                 log.debug("spool not drained yet: %s", type(exc).__name__)
                 continue
             except (RedisRefuses, RedisError) as exc:
-                if str(exc) != refused:
-                    refused = str(exc)
+                said = str(exc) if isinstance(exc, RedisRefuses) else describe(exc)
+                if said != refused:
+                    refused = said
                     log.warning("Redis answers but refuses the spool's writes (%s): %d segments wait in %s; "
                                 "the drain tries again every %g s. Fix what Redis says (memory, a read-only "
-                                "replica, its disk)", describe(exc), len(self.segments()), self.directory, every)
+                                "replica, its disk)", said, len(self.segments()), self.directory, every)
                 continue
             if refused:
                 refused = ""
@@ -291,7 +292,11 @@ def _no_constant(name: str) -> float:
 def _record_of(raw: bytes) -> JobRecord:
     """The job a spooled line holds; UnfitLine, with the reason, for one that holds none."""
     try:
-        entry = json.loads(raw, parse_constant=_no_constant)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnfitLine(f"text: the line is not UTF-8 (byte {exc.start})") from None
+    try:
+        entry = json.loads(text, parse_constant=_no_constant)
     except UnfitLine:
         raise
     except (ValueError, RecursionError) as exc:
@@ -346,6 +351,13 @@ def _refuses_every_write(exc: RedisError) -> bool:
     return bool(words & set(REFUSES_EVERY_WRITE))
 
 
+def _refusal(exc: RedisError) -> str:
+    """What Redis said, from its code on (a script's error puts it after the script's name)."""
+    text = " ".join(str(exc).split())
+    found = [i for code in REFUSES_EVERY_WRITE if (i := text.find(code)) >= 0]
+    return text[min(found):][:200] if found else describe(exc)
+
+
 def _quarantine_line(segment: str, number: int, raw: bytes, why: str) -> bytes:
     """One JSON line: where the line was, why it is here, and the line itself (as text when it is UTF-8)."""
     entry: dict[str, object] = {"segment": segment, "line": number, "reason": why,
@@ -376,7 +388,7 @@ async def _queue_once(queue: JobQueue, redis: Any, record: JobRecord) -> int:
         raise RedisUnreachable(describe(exc)) from exc
     except RedisError as exc:
         if _refuses_every_write(exc):
-            raise RedisRefuses(describe(exc)) from exc
+            raise RedisRefuses(_refusal(exc)) from exc
         raise UnfitLine(f"Redis refused it: {describe(exc)}") from None
     except (TypeError, ValueError) as exc:  # the client could not encode it (a value _record_of let through)
         raise UnfitLine(f"types: cannot be sent to Redis ({describe(exc)})") from None
