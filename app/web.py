@@ -123,8 +123,10 @@ async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse
                 return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
                                          status=403)
         else:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            # Only as a bearer token (RFC 6750; the scheme's case does not matter): never bare, never in the URL.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     token.get_secret_value().encode()):
                 return web.json_response({"error": "send Authorization: Bearer <B24_API_TOKEN>"}, status=401)
     return await handler(request)
 
@@ -192,8 +194,14 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def _loopback_host(request: web.Request) -> bool:
-    try:
-        host = request.url.host
-    except ValueError:
+    """The Host header names this machine. The header, not the request line: `GET http://localhost/...`
+    with `Host: evil.com` is what a rebinding page's browser may send. No Host header: refused."""
+    headers = request.headers.getall("Host", [])
+    if len(headers) != 1:
         return False
-    return host is not None and (host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"))
+    host = headers[0].strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host in LOOPBACK_NAMES or host.endswith(".localhost")
