@@ -21,6 +21,7 @@ from app.logs import QuietBadRequests
 from app.rebind.crm_mode import noted_modes, simple_mode_warning
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.store.amnesia import watching_redis_memory
 from app.store.jobs import TRIM_EVERY, JobStore
 from app.store.outage import RedisOutage
 from app.store.queue import JobQueue, connect
@@ -63,7 +64,8 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     app[queue_key] = JobQueue(redis, app[store_key])
     app[outage_key] = outage = RedisOutage("web")
     watch = asyncio.create_task(_watch_redis(redis, outage))
-    yield
+    async with watching_redis_memory(redis, "web", settings.data_dir):  # a Redis that forgot: said, repaired
+        yield
     watch.cancel()
     await redis.aclose()
 
