@@ -109,7 +109,7 @@ class RedisMemory:
         if not gone:
             cause = "its marker changed: another process found Redis empty first"
         elif restarted:
-            cause = "it restarted (run id changed) without this installation's data"
+            cause = "it restarted, with a new run id, without this installation's data"
         else:
             cause = "its data was flushed (FLUSHALL, FLUSHDB) or evicted (a maxmemory-policy other than noeviction)"
         if restarted and not int(persistence.get("aof_enabled", 0) or 0):
@@ -125,7 +125,7 @@ class RedisMemory:
                 if forgetting is not None:
                     unqueued = forgetting
                     self._log.error(
-                        "%s: Redis forgot this installation's data (%s). What may be lost: %s. Repair: a "
+                        "%s: Redis forgot this installation's data: %s. What may be lost: %s. Repair: a "
                         "reconcile sweep of the leads changed since the last sweep is queued (marker %s); events "
                         "from now on are safe. See docs/operations.md, \"What happens when Redis forgets\"",
                         self.who, forgetting.why, WHAT_MAY_BE_LOST, forgetting.marker[:8])

@@ -76,7 +76,7 @@ async def test_a_restart_that_keeps_the_data_is_not_forgetting_and_one_without_i
     private_redis.start()
     forgetting = await memory.check(pool)
 
-    assert forgetting is not None and forgetting.why.startswith("it restarted (run id changed) without")
+    assert forgetting is not None and forgetting.why.startswith("it restarted, with a new run id, without")
 
 
 async def test_two_processes_noticing_one_forgetting_queue_one_sweep_and_say_it_once_each(
