@@ -326,20 +326,22 @@ def _record_of(raw: bytes) -> JobRecord:
     return record
 
 
-def _check_text(value: object, where: str = "") -> None:
-    """Text Redis and every reader can take: UTF-8, so no lone surrogate (JSON lets "\\ud800" through)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UnfitLine(f"text: {where or 'a field'} holds a lone surrogate, which is not text") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_text(key, where)
-            _check_text(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list):
-        for item in value:
-            _check_text(item, where)
+def _check_text(entry: dict[str, Any]) -> None:
+    """Text Redis and every reader can take: UTF-8, so no lone surrogate (JSON lets "\\ud800" through).
+    A loop, not recursion: a hostile line nests deep."""
+    stack: list[tuple[str, object]] = [("", entry)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UnfitLine(f"text: {where or 'a field'} holds a lone surrogate, which is not text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack += [(where, key), (f"{where}.{key}" if where else str(key), item)]
+        elif isinstance(value, list):
+            stack += [(where, item) for item in value]
 
 
 def _refuses_every_write(exc: RedisError) -> bool:

@@ -89,7 +89,7 @@ HOSTILE_VALUES = {
 @st.composite
 def hostile_line(draw: st.DrawFn) -> Line:
     kind = draw(st.sampled_from(["field", "field", "field", "bytes", "not an object", "no job id", "huge",
-                                 "number", "torn"]))
+                                 "number", "torn", "deep"]))
     if kind == "field":  # a good line with one field made hostile
         fields = draw(good_fields())
         name = draw(st.sampled_from(sorted(HOSTILE_VALUES)))
@@ -109,6 +109,9 @@ def hostile_line(draw: st.DrawFn) -> Line:
         fields = draw(good_fields())
         fields["extra"] = "x" * (MAX_LINE + draw(st.integers(0, 100)))
         return Line(json.dumps(fields).encode(), None)
+    if kind == "deep":  # nested past what a JSON reader takes
+        depth = draw(st.integers(3000, 20000))
+        return Line(b'{"job_id": "deep", "extra": ' + b"[" * depth + b"]" * depth + b"}", None)
     if kind == "number":
         return Line(draw(st.sampled_from([b"NaN", b"Infinity", b"1e400", b"null", b"{}", b"[]", b""])), None)
     fields = draw(good_fields())
