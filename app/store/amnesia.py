@@ -9,7 +9,9 @@ Each long-running process (the web process and a worker process) therefore keeps
   so a process started again still knows). The marker gone, or another id in its place (another
   process found it gone first), means Redis lost this installation's data;
 - **the run id** (`INFO server`), which changes with each start of redis-server: a new one with the
-  marker still there is a restart or a failover that kept the data, said in one INFO line.
+  marker still there is a restart or a failover that kept the data (one INFO line), unless Redis's
+  append-only file is off: then it came back from its last snapshot at best, and what was written
+  after that snapshot is gone, which counts as forgetting too.
 
 A process that notices says so once, as an ERROR naming what may be lost, and queues the reconcile
 sweep after forgetting (`workers/reconcile.py`): one arq job per forgetting, whoever notices it first,
@@ -55,7 +57,8 @@ WHAT_MAY_BE_LOST = ("jobs queued, running or waiting to retry (a portal never se
 
 @dataclass(frozen=True)
 class Forgetting:
-    """Redis lost this installation's data: why we think so, and the marker it holds now."""
+    """Redis lost this installation's data, or part of it: why we think so, and which forgetting this is
+    (the marker it holds now and its run id: the same for every process that notices it)."""
 
     why: str
     marker: str
@@ -92,27 +95,33 @@ class RedisMemory:
             if raw is None:
                 return None  # flushed again between our two commands: the next look decides
         marker = raw.decode() if isinstance(raw, bytes) else str(raw)
-        forgot = self.marker is not None and marker != self.marker
-        why = self._why(restarted, persistence, gone)
+        # Without its append-only file a restarted Redis holds at most its last snapshot: the marker
+        # (written long before) is back, the jobs written since that snapshot are not.
+        aof_off = not int(persistence.get("aof_enabled", 0) or 0)
+        forgot = (self.marker is not None and marker != self.marker) or (restarted and aof_off)
+        why = self._why(restarted, aof_off, gone, marker == self.marker)
         before, self._from_file = self._from_file, False
         if (marker, run_id) != (self.marker, self.run_id):
             self.marker, self.run_id = marker, run_id
             self._save()
         if forgot:
-            return Forgetting(f"{why} since this process last ran" if before else why, marker)
+            return Forgetting(f"{why} since this process last ran" if before else why, f"{marker}:{run_id}")
         if restarted:
             self._log.info("%s: Redis restarted (its run id changed) and kept this installation's data", self.who)
         return None
 
     @staticmethod
-    def _why(restarted: bool, persistence: dict[str, Any], gone: bool) -> str:
+    def _why(restarted: bool, aof_off: bool, gone: bool, same_marker: bool) -> str:
+        if same_marker:
+            return ("it restarted, with a new run id, and its append-only file is off (appendonly no): what was "
+                    "written after its last snapshot is gone")
         if not gone:
             cause = "its marker changed: another process found Redis empty first"
         elif restarted:
             cause = "it restarted, with a new run id, without this installation's data"
         else:
             cause = "its data was flushed (FLUSHALL, FLUSHDB) or evicted (a maxmemory-policy other than noeviction)"
-        if restarted and not int(persistence.get("aof_enabled", 0) or 0):
+        if restarted and aof_off:
             cause += "; its append-only file is off (appendonly no), so a restart keeps at most the last snapshot"
         return cause
 
@@ -125,7 +134,7 @@ class RedisMemory:
                 if forgetting is not None:
                     unqueued = forgetting
                     self._log.error(
-                        "%s: Redis forgot this installation's data: %s. What may be lost: %s. Repair: a "
+                        "%s: Redis forgot this installation's data, or part of it: %s. What may be lost: %s. Repair: a "
                         "reconcile sweep of the leads changed since the last sweep is queued (marker %s); events "
                         "from now on are safe. See docs/operations.md, \"What happens when Redis forgets\"",
                         self.who, forgetting.why, WHAT_MAY_BE_LOST, forgetting.marker[:8])

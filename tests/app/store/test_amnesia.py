@@ -115,3 +115,19 @@ def test_the_sweep_marks_survive_in_the_data_directory(tmp_path: Path) -> None:
     assert SweepMarks(tmp_path).last("other") == {}
     (tmp_path / "reconcile-marks" / "acme.json").write_text("{torn")
     assert SweepMarks(tmp_path).last("acme") == {}
+
+
+async def test_a_restart_without_the_append_only_file_counts_as_forgetting_even_with_the_marker_back(
+    private_redis: BundledRedis, pool: ArqRedis, tmp_path: Path
+) -> None:
+    """Back from its last snapshot: the marker (written long before) is there, the jobs since are not."""
+    memory = RedisMemory("worker", tmp_path)
+    assert await memory.check(pool) is None
+    await pool.config_set("appendonly", "no")
+    memory.run_id = "0" * 40  # as this process knew the server before the restart (the bundled one keeps its AOF)
+
+    forgetting = await memory.check(pool)
+
+    assert forgetting is not None and "its append-only file is off (appendonly no): what was written after its " \
+                                      "last snapshot is gone" in forgetting.why
+    assert await memory.check(pool) is None  # said once
