@@ -17,6 +17,7 @@ from app.config import LiveRules, load_service_rules
 from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.store.amnesia import watching_redis_memory
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
@@ -69,6 +70,10 @@ async def run(settings: Settings, roles: Roles) -> None:
             # History (backfill): its commands go after live events' and leave them half the burst.
             tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage,
                                              max_jobs=BACKFILL_JOBS, shared=shared))
+            if not roles.web:  # the web app keeps this look itself: one per process
+                watched = await connect(settings, wait=False)
+                stack.push_async_callback(watched.aclose)
+                await stack.enter_async_context(watching_redis_memory(watched, "worker", settings.data_dir))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             base_url = await _start_web(stack, settings, live)
         if fake is not None:

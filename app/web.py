@@ -21,6 +21,7 @@ from app.logs import QuietBadRequests
 from app.rebind.crm_mode import noted_modes, simple_mode_warning
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.store.amnesia import watching_redis_memory
 from app.store.jobs import TRIM_EVERY, JobStore
 from app.store.outage import RedisOutage
 from app.store.queue import JobQueue, connect
@@ -63,7 +64,8 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     app[queue_key] = JobQueue(redis, app[store_key])
     app[outage_key] = outage = RedisOutage("web")
     watch = asyncio.create_task(_watch_redis(redis, outage))
-    yield
+    async with watching_redis_memory(redis, "web", settings.data_dir):  # a Redis that forgot: said, repaired
+        yield
     watch.cancel()
     await redis.aclose()
 
@@ -123,8 +125,10 @@ async def api_auth(request: web.Request, handler: Handler) -> web.StreamResponse
                 return web.json_response({"error": "the API answers only on loopback until B24_API_TOKEN is set"},
                                          status=403)
         else:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            # Only as a bearer token (RFC 6750; the scheme's case does not matter): never bare, never in the URL.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     token.get_secret_value().encode()):
                 return web.json_response({"error": "send Authorization: Bearer <B24_API_TOKEN>"}, status=401)
     return await handler(request)
 
@@ -140,8 +144,9 @@ async def readyz(request: web.Request) -> web.Response:
     if live.error:
         checks["rules_error"] = live.error
     spool = request.app.get(spool_key)
+    spooled = spool.status() if spool is not None else {}
     if spool is not None:
-        checks["spool"] = spool.status()
+        checks["spool"] = spooled
     outage = request.app[outage_key]
     try:
         await request.app[redis_key].ping()
@@ -154,7 +159,14 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis_down_seconds"] = round(outage.down_for or 0.0, 1)
         return web.json_response({"status": "unavailable", **checks}, status=503)
     warnings = await _mode_warnings(request.app[redis_key], live.current)
-    return web.json_response({"status": "ready", **checks, **({"warnings": warnings} if warnings else {})})
+    # Redis answers, yet events wait on disk: being drained now, or stuck (the log says why). Still 200:
+    # this process takes events, and a probe that took it out of service would only lose it some.
+    waiting = spooled.get("waiting_segments", 0)
+    if waiting:
+        checks["degraded"] = (f"{plural(int(waiting), 'spool segment')} of events accepted while Redis was "
+                              "away wait to be queued; if this lasts, the log says why")
+    return web.json_response({"status": "degraded" if waiting else "ready", **checks,
+                              **({"warnings": warnings} if warnings else {})})
 
 
 async def _mode_warnings(redis: Any, rules: RuleSet) -> list[str]:
@@ -184,8 +196,14 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
 def _loopback_host(request: web.Request) -> bool:
-    try:
-        host = request.url.host
-    except ValueError:
+    """The Host header names this machine. The header, not the request line: `GET http://localhost/...`
+    with `Host: evil.com` is what a rebinding page's browser may send. No Host header: refused."""
+    headers = request.headers.getall("Host", [])
+    if len(headers) != 1:
         return False
-    return host is not None and (host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"))
+    host = headers[0].strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host in LOOPBACK_NAMES or host.endswith(".localhost")

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from app.config import LiveRules
 from app.rules.model import RuleSet
 from app.settings import Settings
+from app.store.amnesia import AFTER_FORGETTING, AFTER_FORGETTING_KEPT
 from app.store.namespace import prefixed
 from app.store.queue import (
     LIVE_QUEUE,
@@ -23,7 +24,7 @@ from app.store.queue import (
     serialize,
 )
 from workers.context import CONTEXT, JOB_TIMEOUT, PortalSenders, WorkerContext, context_of
-from workers.reconcile import TICK, reconcile_job
+from workers.reconcile import TICK, reconcile_after_forgetting, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import process_event
 
@@ -96,7 +97,10 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     return LeasedWorker(
         # The job record is the job's result: arq keeps none for event jobs.
         functions=[func(process_event, name=PROCESS_EVENT, max_tries=MAX_TRIES, timeout=JOB_TIMEOUT + JOB_GRACE,
-                        keep_result=0)],
+                        keep_result=0),
+                   # Queued by whichever process finds that Redis forgot; its kept result stops a second one.
+                   func(reconcile_after_forgetting, name=AFTER_FORGETTING, timeout=JOB_TIMEOUT, max_tries=3,
+                        keep_result=AFTER_FORGETTING_KEPT)],
         cron_jobs=crons or None, queue_name=prefixed(queue), redis_pool=redis,
         on_startup=partial(startup, settings=settings, rules=live, options=context_options), on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,

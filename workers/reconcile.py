@@ -35,6 +35,7 @@ from app.cli.backfill import job_id_in_run, runs_under_way
 from app.config import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
+from app.store.amnesia import SweepMarks
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
@@ -70,12 +71,17 @@ class Sweep:
         return "; ".join(f"{count} skipped: {why}" for why, count in self.skipped.most_common())
 
 
-async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | None = None) -> Sweep:
-    """Queue a job for each lead converted since the cursor that still has activities bound to it."""
+async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | None = None,
+                marks: SweepMarks | None = None) -> Sweep:
+    """Queue a job for each lead converted since the cursor that still has activities bound to it.
+
+    The cursor is in Redis, and in `marks` (the data directory) too: a Redis that forgot it does not
+    send the sweep a day back."""
     portal = client.portal.name
     stored = await redis.get(cursor_key(portal))
     first = (datetime.now().astimezone() - LOOKBACK).isoformat("T", "seconds")
-    start = since or (stored.decode() if stored else first)
+    kept = marks.last(portal).get("cursor") if marks is not None else None
+    start = since or (stored.decode() if stored else kept or first)
     result = Sweep(portal, start, cursor=start)
     runs = await runs_under_way(redis, queue.store, portal, _timestamp(start) or time.time() - LOOKBACK.total_seconds())
     last_id = 0
@@ -101,6 +107,8 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
             break
     # Next time from the newest change seen: the portal's clock, so no skew with ours.
     await redis.set(cursor_key(portal), result.cursor)
+    if marks is not None:
+        marks.save(portal, start, result.cursor)
     log.info(
         "reconcile %s: %d converted leads since %s, %d queued%s",
         portal,
@@ -196,20 +204,28 @@ def _job_for(portal: str, lead_id: int, modified: str) -> JobRecord:
     return record.model_copy(update={"trigger": TRIGGER})
 
 
-async def sweep_all(context: WorkerContext, portals: list[str] | None = None) -> list[Sweep]:
-    """Sweep each portal in the rules (or the named ones) with the worker's resources."""
+async def sweep_all(context: WorkerContext, portals: list[str] | None = None,
+                    after_forgetting: bool = False) -> list[Sweep]:
+    """Sweep each portal in the rules (or the named ones) with the worker's resources.
+
+    `after_forgetting`: Redis lost its data, cursors included. Each portal's leads are swept from where
+    the last sweep this machine knows of began (its jobs may have been lost too), or a day back; a portal
+    read through offline events is swept by its leads as well, since the events it handed over are gone."""
     rules = context.rules.current
     queue = JobQueue(context.redis, context.store)
+    marks = SweepMarks(context.settings.data_dir)
     done = []
     for name, portal in rules.portals.items():
         if portals is not None and name not in portals:
             continue
         client = portal_client(context, portal, low_priority=True)
         try:
-            if portal.offline_events:
+            if after_forgetting:
+                done.append(await sweep(client, queue, context.redis, marks.last(name).get("since"), marks))
+            elif portal.offline_events:
                 done.append(await drain_offline(client, queue, rules.events()))
             else:
-                done.append(await sweep(client, queue, context.redis))
+                done.append(await sweep(client, queue, context.redis, marks=marks))
         except B24Error as exc:
             log.error("reconcile %s failed: %s", name, exc)
         finally:
@@ -229,6 +245,19 @@ async def reconcile_job(ctx: dict[str, Any]) -> int:
     except RedisError as exc:  # the worker says once that Redis is away; the next tick sweeps again
         log.info("reconcile skipped: Redis is unreachable (%s)", type(exc).__name__)
         return 0
+
+
+async def reconcile_after_forgetting(ctx: dict[str, Any], noticed_by: str = "") -> int:
+    """The job a process queues when it finds that Redis forgot (app/store/amnesia.py): one sweep of
+    every portal, whatever B24_RECONCILE_INTERVAL says, since no event of the lost jobs comes again."""
+    context = context_of(ctx)
+    done = await sweep_all(context, after_forgetting=True)
+    queued = sum(len(s.queued) for s in done)
+    log.warning("reconcile after Redis forgot (noticed by the %s process): %s; %d jobs queued to put right what "
+                "the lost jobs would have", noticed_by or "?",
+                "; ".join(f"{s.portal}: {s.leads_seen} converted leads since {s.since}" for s in done) or "no portal",
+                queued)
+    return queued
 
 
 async def reconcile_command(settings: Settings, portal: str | None) -> int:

@@ -19,6 +19,7 @@ from app.api.metrics import setup_metrics
 from app.api.openapi import openapi_document
 from app.api.stream import setup_stream
 from app.bitrix.errors import B24Error
+from app.intake.spool import spool_key
 from app.store.audit import AuditLog, UndoRefused, undo_with_rules
 from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobRecord, JobState, UnknownJob, is_job_id
 
@@ -144,6 +145,9 @@ async def retry_jobs(request: web.Request) -> web.Response:
 async def get_stats(request: web.Request) -> web.Response:
     """GET /api/stats: counts per state, the queue, throughput and each portal's request budget."""
     answer = await stats.collect(request.app[redis_key], request.app[store_key], request.app[rules_key].current)
+    spool = request.app.get(spool_key)  # events accepted while Redis was away, on this process's disk
+    if spool is not None:
+        answer["spool"] = spool.status()
     return web.json_response(answer)
 
 

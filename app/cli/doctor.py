@@ -25,6 +25,7 @@ from app.bitrix.oauth import TokenStore
 from app.bitrix.portal import PortalConfig
 from app.cli.commands import pick_portal, redis_for
 from app.config import load_service_rules, variables
+from app.intake.spool import QUARANTINE, spool_dir, spool_status
 from app.rebind.crm_mode import read_mode, simple_mode_warning
 from app.rules.loader import load_rules
 from app.rules.model import SIMPLE_CRM, RuleSet
@@ -194,7 +195,24 @@ async def doctor(settings: Settings, portal_name: str | None) -> int:
     rules = load_service_rules(settings)
     portal = pick_portal(rules, portal_name)
     async with AsyncExitStack() as stack:
-        return await doctor_command(portal, rules, await redis_for(portal, settings, stack))
+        return await doctor_command(portal, rules, await redis_for(portal, settings, stack),
+                                    local=[spool_check(spool_dir(settings))])
+
+
+def spool_check(directory: Path) -> Check:
+    """Events spooled on this machine's disk: waiting to be queued, or quarantined for a person."""
+    status = spool_status(directory)
+    if "error" in status:
+        return Check("the spool", False, str(status["error"]), "give the service's user access to B24_DATA_DIR")
+    waiting, quarantined = int(status["waiting_segments"]), int(status["quarantined"])
+    detail = f"{waiting} segments wait to be queued, {quarantined} lines quarantined ({directory})"
+    if quarantined:
+        return Check("the spool", False, detail, f"read each line's reason in {directory / QUARANTINE}; post "
+                     "again what should be a job, then move the file away")
+    if waiting:
+        return Check("the spool", False, detail, "the web process queues them once Redis answers; if they stay, "
+                     "its log says why (Redis refusing writes, a segment it cannot read)")
+    return Check("the spool", True, f"nothing waiting, nothing quarantined ({directory})")
 
 
 async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str) -> int:
@@ -214,13 +232,15 @@ async def check_crm_mode(path: Path | None, settings: Settings, portal_name: str
     return 0
 
 
-async def doctor_command(portal: PortalConfig, rules: RuleSet, redis: Redis | None = None) -> int:
-    """Check the portal, reading only; an application's (its tokens are in `redis`) with its own tokens."""
+async def doctor_command(portal: PortalConfig, rules: RuleSet, redis: Redis | None = None,
+                         local: list[Check] | None = None) -> int:
+    """Check the portal, reading only; an application's (its tokens are in `redis`) with its own tokens.
+    `local`: checks of this machine made beforehand (the spool), printed after the portal's."""
     print(f"b24rebind doctor: portal {portal.name or portal.domain} ({portal.domain}), reading only")
     async with aiohttp.ClientSession() as http:
         installed = partial(TokenStore(redis).load, portal.name) if redis is not None else None
         client = portal_client(http, portal, redis, retry=RetryPolicy(attempts=2, base=0.5), timeout=20)
-        checks = await Doctor(portal, rules, client, installed).run()
+        checks = await Doctor(portal, rules, client, installed).run() + list(local or [])
     for check in checks:
         print("\n".join(check.lines()))
     failed = sum(not c.ok for c in checks)

@@ -49,8 +49,15 @@ class PortalEvent(BaseModel):
                    application_token=_text(auth, "application_token", "auth[application_token]"))
 
 
+NUL_FIELD = "a field name or value holds a NUL byte (%00 or a raw NUL), which no portal's event has"
+
+
 def decode_body(content_type: str, body: bytes) -> dict[str, Any]:
+    if b"\0" in body:  # the form parser splits on NUL: a raw one would shift every field after it
+        raise BadEvent(NUL_FIELD)
     data = _decode(content_type, body)
+    if _holds_nul(data):
+        raise BadEvent(NUL_FIELD)
     try:  # a JSON "\ud800" (or a form's escaped equivalent) is text no one can store, log or compare
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -88,3 +95,19 @@ def _text(data: dict[str, Any], key: str, label: str | None = None) -> str:
     if not isinstance(value, (str, int)) or str(value).strip() == "":
         raise BadEvent(f"missing '{label or key}'")
     return str(value).strip()
+
+
+def _holds_nul(data: object) -> bool:
+    """Whether any key or text in the decoded body holds NUL; a loop, not recursion: JSON nests deep."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\0" in value:
+                return True
+        elif isinstance(value, dict):
+            stack += value.keys()
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return False

@@ -218,3 +218,30 @@ async def test_a_dry_run_backfill_does_not_stand_for_the_rules(
     result = await sweep(client, queue, ctx.redis)
 
     assert not result.skipped and len(result.queued) == 1, lead
+
+
+async def test_after_redis_forgot_the_sweep_starts_where_the_last_one_known_began(
+    ctx: WorkerContext, portal: FakePortal, portal_config: PortalConfig, settings: Settings, make_worker: Any
+) -> None:
+    from app.store.amnesia import SweepMarks
+    from workers.reconcile import reconcile_after_forgetting, sweep_all
+
+    lead = portal.add_lead()
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(2)]
+    made = portal.convert_lead(lead)
+    first = (await sweep_all(ctx))[0]  # a day back; queues the lead's job, which Redis then loses
+    second = (await sweep_all(ctx))[0]  # from the first's cursor: the job is in hand, nothing queued
+    assert len(first.queued) == 1 and second.queued == [] and second.since == first.cursor
+    marks = SweepMarks(settings.data_dir)
+    assert marks.last("acme") == {"since": second.since, "cursor": second.cursor}
+    await ctx.redis.flushdb()  # Redis forgot: the job, its record and the sweep's cursor
+
+    assert await reconcile_after_forgetting({CONTEXT: ctx}, "web") == 1
+
+    [record] = (await ctx.store.list(JobQuery(trigger=TRIGGER))).records
+    assert record.entity_id == lead
+    await make_worker().run_check()
+    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
+    # The regular sweep, its cursor in Redis gone, starts from the one kept on disk, not a day back.
+    await ctx.redis.flushdb()
+    assert (await sweep_all(ctx))[0].since == marks.last("acme")["since"] == second.cursor

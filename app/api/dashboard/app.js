@@ -118,6 +118,8 @@ async function refreshStats() {
   }
   if (queue.later) { parts.push(`${queue.later} to retry later`); }
   $("#oldest").textContent = queue.depth ? parts.join("; ") : "nothing waiting";
+  const waiting = stats.spool ? stats.spool.waiting_segments || 0 : 0;
+  $("#spooled").textContent = waiting ? `${plural(waiting, "spool segment")} on disk wait to be queued` : "";
   drawChart(stats.history);
   const counts = $("#state-counts");
   counts.replaceChildren(...Object.entries(stats.jobs).map(([state, count]) => {

@@ -448,3 +448,43 @@ async def test_a_jobs_bindings_have_the_documented_shape(client: Any, worker: Wo
     assert bindings and all(set(b) == set(schemas["Binding"]["required"]) for b in bindings)
     assert all(isinstance(b["entity_type"], int) and isinstance(b["entity_id"], int) for b in bindings)
     assert set(job["changes"][0]) <= set(schemas["ItemBindings"]["properties"])
+
+
+async def _raw_status(client: Any, request: bytes) -> int:
+    """Send a request as bytes (no client adds a Host header for us) and read the answer's status."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", client.server.port), 5)
+    try:
+        writer.write(request)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_without_a_token_the_host_header_decides_not_the_request_line(client: Any) -> None:
+    """`GET http://localhost/...` with `Host: evil.com`: a rebinding page's browser reads as evil.com."""
+    absolute = b"GET http://localhost/api/jobs HTTP/1.1\r\nHost: evil.com\r\nConnection: close\r\n\r\n"
+    honest = b"GET http://localhost/api/jobs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    no_host = b"GET /api/jobs HTTP/1.0\r\nConnection: close\r\n\r\n"
+    two_hosts = b"GET /api/jobs HTTP/1.1\r\nHost: localhost\r\nHost: evil.com\r\nConnection: close\r\n\r\n"
+
+    assert await _raw_status(client, absolute) == 403
+    assert await _raw_status(client, no_host) == 403
+    assert await _raw_status(client, two_hosts) in (400, 403)
+    assert await _raw_status(client, honest) == 200
+
+
+async def test_the_token_counts_only_as_a_bearer_token(aiohttp_client: Any, settings: Any, rules: Any,
+                                                        redis: Any) -> None:
+    guarded = settings.model_copy(update={"api_token": SecretStr("sekret-api-token")})
+    client = await aiohttp_client(create_app(guarded, rules))
+
+    for header in ("sekret-api-token", "Basic sekret-api-token", "Token sekret-api-token", "Bearersekret-api-token",
+                   "Bearer", "Bearer sekret-api-token x"):
+        response = await client.get("/api/jobs", headers={"Authorization": header})
+        assert response.status == 401, header
+        assert "Authorization: Bearer" in (await response.json())["error"]
+    assert (await client.get("/api/jobs?token=sekret-api-token")).status == 401
+    for header in ("Bearer sekret-api-token", "bearer sekret-api-token", "Bearer  sekret-api-token "):
+        assert (await client.get("/api/jobs", headers={"Authorization": header})).status == 200, header

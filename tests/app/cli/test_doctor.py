@@ -3,6 +3,7 @@ failure mode shows its ✗ with what to do, and the exit code 1."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +169,16 @@ async def test_rules_check_with_a_portal_asks_its_crm_mode(portal: FakePortal, t
     assert await asyncio.to_thread(main, ["rules", "check", str(rules_file), "--portal", "acme"]) == code
     captured = capsys.readouterr()
     assert words in captured.out + captured.err
+
+
+def test_the_spool_line_says_what_waits_and_what_is_quarantined(tmp_path: Path) -> None:
+    from app.cli.doctor import spool_check
+
+    assert spool_check(tmp_path / "none yet").ok  # no spool at all: nothing waits
+    (tmp_path / "spool-00000000000000000001-1.jsonl").write_bytes(b"{}\n")
+    waiting = spool_check(tmp_path)
+    assert not waiting.ok and waiting.detail.startswith("1 segments wait to be queued, 0 lines quarantined")
+    (tmp_path / "quarantine.jsonl").write_bytes(b'{"reason": "JSON: ..."}\n' * 2)
+    quarantined = spool_check(tmp_path)
+    assert not quarantined.ok and "2 lines quarantined" in quarantined.detail
+    assert "quarantine.jsonl" in quarantined.fix

@@ -190,7 +190,13 @@ async def test_lines_that_cannot_become_jobs_are_quarantined_and_draining_goes_o
     assert await spool.drain(JobQueue(redis, JobStore(redis, 60)), redis) == 3
 
     assert {r.id for r in good} <= {m.decode() for m in await redis.zrange(LIVE_QUEUE, 0, -1)}
-    assert spool.quarantine.read_bytes() == poisoned + b"\x00garbage\n" + b'{"job_id": "torn", "por\n'
+    quarantined = [json.loads(line) for line in spool.quarantine.read_bytes().splitlines()]
+    assert [q["text"] for q in quarantined] == [poisoned.decode(), "\x00garbage\n", '{"job_id": "torn", "por']
+    assert [q["reason"] for q in quarantined][:2] == [
+        "types: entity_id: Input should be a valid integer, unable to parse string as an integer",
+        "JSON: Expecting value: line 1 column 1 (char 0)",
+    ][:2]
+    assert quarantined[2]["reason"].startswith("JSON: Unterminated string")
     assert spool.status() == {"waiting_segments": 0, "quarantined": 3}
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 2 and "quarantine.jsonl" in errors[0].getMessage()  # one line per segment
@@ -236,3 +242,131 @@ async def test_reads_while_redis_is_away_are_a_503_that_says_so(
         assert response.status == 503, path
         assert "Redis is" in (await response.json())["error"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def _drain_lines(redis: ArqRedis, tmp_path: Path, *lines: bytes) -> tuple[Spool, int]:
+    spool = Spool(tmp_path)
+    (tmp_path / "spool-00000000000000000001-1.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    return spool, await spool.drain(JobQueue(redis, JobStore(redis, 60)), redis)
+
+
+GOOD = b'{"job_id":"g00d","portal":"acme","event":"ONCRMACTIVITYADD","entity_id":5}'
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"job_id":"big","portal":"acme","event":"E","entity_id":18446744073709551617}',
+     "range: entity_id 18446744073709551617 is not a positive 64-bit id"),
+    (b'{"job_id":"sur","portal":"acme\\ud800","event":"E","entity_id":1}',
+     "text: portal holds a lone surrogate, which is not text"),
+    (b'{"job_id":"ab\\udc00","portal":"acme","event":"E","entity_id":1}',
+     "text: job_id holds a lone surrogate, which is not text"),
+    (b'{"job_id":"nan","portal":"acme","event":"E","entity_id":1,"received_at":NaN}',
+     "range: NaN is not a number a job can hold"),
+    (b'{"job_id":"inf","portal":"acme","event":"E","entity_id":1,"received_at":1e400}',
+     "range: received_at inf is not a time"),
+])
+async def test_the_lines_that_once_stopped_the_drain_are_quarantined_with_their_reason(
+    redis: ArqRedis, tmp_path: Path, line: bytes, reason: str
+) -> None:
+    spool, queued = await _drain_lines(redis, tmp_path, line, GOOD)
+
+    assert queued == 1 and await redis.zrange(LIVE_QUEUE, 0, -1) == [b"g00d"]
+    [entry] = [json.loads(raw) for raw in spool.quarantine.read_bytes().splitlines()]
+    assert entry["reason"] == reason and entry["line"] == 1 and entry["segment"].startswith("spool-")
+    assert not spool.pending()
+
+
+class RefusingQueue(JobQueue):
+    """A queue whose Redis answers one job's write with an error (a value it will not take)."""
+
+    def __init__(self, redis: ArqRedis, refused: str, answer: Exception) -> None:
+        super().__init__(redis, JobStore(redis, 60))
+        self.refused, self.answer = refused, answer
+
+    async def submit(self, record: JobRecord) -> bool:
+        if record.id == self.refused:
+            raise self.answer
+        return await super().submit(record)
+
+
+async def test_a_value_redis_refuses_is_quarantined_not_taken_for_an_outage(redis: ArqRedis, tmp_path: Path) -> None:
+    from redis.exceptions import ResponseError
+
+    spool = Spool(tmp_path)
+    (tmp_path / "spool-00000000000000000001-1.jsonl").write_bytes(
+        b'{"job_id":"refused","portal":"acme","event":"E","entity_id":1}\n' + GOOD + b"\n")
+    queue = RefusingQueue(redis, "refused", ResponseError("value is not a valid float"))
+
+    assert await spool.drain(queue, redis) == 1
+
+    [entry] = [json.loads(raw) for raw in spool.quarantine.read_bytes().splitlines()]
+    assert entry["reason"] == "Redis refused it: ResponseError: value is not a valid float"
+    assert not spool.pending()
+
+
+async def test_redis_refusing_every_write_is_said_once_and_the_spool_waits_for_it(
+    pool: ArqRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "app.intake.spool")
+    spool = Spool(tmp_path)
+    (tmp_path / "spool-00000000000000000001-1.jsonl").write_bytes(GOOD + b"\n")
+    await pool.config_set("maxmemory", 1)  # every write is refused: OOM command not allowed
+    drainer = asyncio.create_task(spool.run_drainer(JobQueue(pool, JobStore(pool, 60)), pool, every=0.05))
+    try:
+        await eventually(lambda: _said(caplog, "refuses the spool's writes"))
+        await asyncio.sleep(0.3)  # several rounds
+        assert spool.pending() and not spool.quarantine.exists()
+        await pool.config_set("maxmemory", 0)
+        await eventually(lambda: _no_pending(spool))
+    finally:
+        drainer.cancel()
+        await pool.config_set("maxmemory", 0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "(OOM command not allowed" in warnings[0], warnings
+    assert await pool.zrange(LIVE_QUEUE, 0, -1) == [b"g00d"]
+    assert "Redis takes the spool's writes again" in caplog.text
+
+
+async def _said(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return text in caplog.text
+
+
+async def _no_pending(spool: Spool) -> bool:
+    return not spool.pending()
+
+
+async def test_a_segment_that_cannot_be_read_leaves_the_later_ones_to_drain(
+    redis: ArqRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / "spool-00000000000000000001-1.jsonl").mkdir()  # open() fails on it, whoever runs the test
+    (tmp_path / "spool-00000000000000000002-1.jsonl").write_bytes(GOOD + b"\n")
+    queue = JobQueue(redis, JobStore(redis, 60))
+
+    assert await spool.drain(queue, redis) == 1
+    assert await spool.drain(queue, redis) == 0  # tried again, said once
+
+    assert [p.name for p in spool.segments()] == ["spool-00000000000000000001-1.jsonl"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "IsADirectoryError" in errors[0].getMessage() and not errors[0].exc_info
+
+
+async def test_readyz_says_degraded_while_segments_wait_and_redis_answers(
+    client: Any, redis: ArqRedis, settings: Settings
+) -> None:
+    writer = Spool(settings.data_dir / "spool")  # another process, still writing its segment: it waits
+    await writer.append(JobRecord.for_event("acme", "ONCRMACTIVITYADD", 3, "1"))
+
+    response = await client.get("/readyz")
+    answer = await response.json()
+    assert response.status == 200 and answer["status"] == "degraded", answer
+    assert answer["degraded"].startswith("1 spool segment of events accepted while Redis was away wait")
+    stats = await (await client.get("/api/stats")).json()
+    assert stats["spool"] == {"waiting_segments": 1, "quarantined": 0}
+
+    writer.seal()
+    await eventually(lambda: _ready(client))
+
+
+async def _ready(client: Any) -> bool:
+    return bool((await (await client.get("/readyz")).json())["status"] == "ready")

@@ -178,3 +178,18 @@ async def test_health_and_readiness(client: Any) -> None:
     ready = await client.get("/readyz")
     assert ready.status == 200
     assert (await ready.json())["redis"] == "ok"
+
+
+async def test_a_nul_byte_in_a_form_key_or_value_is_a_400_that_says_so(client: Any, redis: Any) -> None:
+    """A raw NUL once shifted the parsed fields (the form parser splits on it); %00 is no better."""
+    good = event_form("ONCRMACTIVITYADD", 5)
+    for body in (good.replace("ts=", "ts=1%00"), good.replace("ts=", "t%00s="), good.replace("ts=", "ts=1\0"),
+                 good.replace("&ts=", "\0&ts="), good.replace("auth%5Bdomain%5D=", "auth%5Bdomain\0%5D=")):
+        response = await client.post("/bitrix/events", data=body.encode(),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert response.status == 400, body
+        assert "NUL byte" in (await response.json())["error"]
+    response = await client.post("/bitrix/events", data=b'{"event": "ONCRMACTIVITYADD\\u0000"}',
+                                 headers={"Content-Type": "application/json"})
+    assert response.status == 400 and "NUL byte" in (await response.json())["error"]
+    assert not any((await JobStore(redis, 60).counts()).values())
