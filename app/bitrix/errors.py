@@ -69,7 +69,20 @@ POLICIES: dict[str, ErrorPolicy] = {
     "OWNER_NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The entity to bind to no longer exists in the portal."),
     "LAST_BINDING_CANNOT_BE_DELETED": ErrorPolicy(Policy.GIVE_UP, "An activity keeps at least one binding; "
                                                   "the service never removes the last one."),
-    "TOO_MANY_BINDINGS": ErrorPolicy(Policy.GIVE_UP, "An activity holds 100 bindings at most."),
+    # What the portal does without a word (docs/errors.md, "What the portal does silently"): the
+    # service's own codes for what it found when it checked.
+    "WRITE_NOT_CONFIRMED": ErrorPolicy(Policy.GIVE_UP, "The portal answered the write without `true` and without "
+                                       "an error (crm.timeline.bindings.* do so when the webhook's user may not "
+                                       "change the record, or the save failed): nothing after it was sent. Give the "
+                                       "user CRM rights on the record, then retry the job."),
+    "BINDINGS_FULL": ErrorPolicy(Policy.GIVE_UP, "Left as found: the plan would take the activity past 100 bindings, "
+                                 "and the portal would silently drop the one with the lowest owner id."),
+    "BINDING_DROPPED": ErrorPolicy(Policy.GIVE_UP, "A binding went missing from a crowded activity while the job "
+                                   "wrote to it (a save past 100 bindings drops one without a word): the job stopped "
+                                   "before unbinding anything. Bind the missing record again by hand."),
+    "LIST_NOT_FILTERED": ErrorPolicy(Policy.GIVE_UP, "A list answered rows its filter excludes (the portal drops a "
+                                     "filter on a field it does not know and answers the whole table): nothing was "
+                                     "written. A bug in b24rebind or a field the portal's version lacks: report it."),
     "ERROR_BATCH_LENGTH_EXCEEDED": ErrorPolicy(Policy.GIVE_UP, "A batch holds 50 commands at most (a bug: report it)."),
     "ERROR_BATCH_METHOD_NOT_ALLOWED": ErrorPolicy(Policy.GIVE_UP, "This method cannot run inside a batch (a bug)."),
     "100": ErrorPolicy(Policy.GIVE_UP, "A required parameter was missing (a bug: report it)."),

@@ -139,7 +139,9 @@ class FactReader:
             if all(r.ok and _bound_to_lead_only(r.result, lead_id) for r in sampled):
                 known = {int(row["ID"]): r.result for row, r in zip(sample, sampled)}
                 lead_only = [{"entityTypeId": int(EntityType.LEAD), "entityId": lead_id}]
-                activities = [_activity(row, known.get(int(row["ID"]), lead_only)) for row in rows]
+                activities = [_activity(row, known[int(row["ID"])]) if int(row["ID"]) in known
+                              else _activity(row, lead_only).model_copy(update={"bindings_read": False})
+                              for row in rows]
                 return await self._with_extras(event, activities, lead)
             rest = rows[len(sample):]
             bindings = [*sampled, *await self._client.batch(_binding_reads(rest))]
