@@ -37,7 +37,6 @@ from app.fakeportal.state import (
     COMPANY,
     CONTACT,
     LEAD,
-    LIST_FIELDS,
     STATUS_SEMANTICS,
     TYPE_NAMES,
     Binding,
@@ -281,7 +280,7 @@ class RestMethods(CrmState):
         return (int(activity["OWNER_TYPE_ID"]), int(activity["OWNER_ID"])) not in self.unreadable
 
     def _activity_list(self, params: Mapping[str, Any]) -> Page:
-        filters = known_filter(filter_of(params), LIST_FIELDS["activity"])
+        filters = known_filter(filter_of(params), self.list_fields["activity"])
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
         wanted = set() if self.bindings_filter_ignored else wanted
         ids = narrowed(filters, "ID")
@@ -331,7 +330,7 @@ class RestMethods(CrmState):
         return dict(self.table(type_id)[self._entity_id(type_id, params)])
 
     def _entity_list(self, type_id: int, params: Mapping[str, Any]) -> Page:
-        filters = known_filter(filter_of(params), LIST_FIELDS[TYPE_NAMES[type_id]])
+        filters = known_filter(filter_of(params), self.list_fields[TYPE_NAMES[type_id]])
         table = self.table(type_id)
         by_lead = self._by_lead.get(type_id)
         ids, leads = narrowed(filters, "ID"), narrowed(filters, "LEAD_ID")

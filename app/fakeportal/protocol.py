@@ -179,7 +179,7 @@ def narrowed(filters: Mapping[str, Any], field: str) -> set[int] | None:
     return None
 
 
-def known_filter(filters: Mapping[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+def known_filter(filters: Mapping[str, Any], fields: set[str] | frozenset[str]) -> dict[str, Any]:
     """The filter as the portal applies it: a key whose field is not in the entity's field list is
     dropped without a word (crm restservice.php, internalizeFilterFields), so the list comes back
     unfiltered by it."""

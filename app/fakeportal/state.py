@@ -109,6 +109,8 @@ class CrmState:
         self._bound: dict[Binding, set[int]] = {}
         self.offline_events: list[dict[str, Any]] = []
         self.max_bindings: int | None = MAX_BINDINGS  # None: a portal older than crm 25.1150.0, no cap
+        # The fields each list filters on (a test removes one to play a portal version that lacks it).
+        self.list_fields: dict[str, set[str]] = {name: set(fields) for name, fields in LIST_FIELDS.items()}
 
     def _new_id(self, kind: str) -> int:
         self._next_ids[kind] = self._next_ids.get(kind, 0) + 1

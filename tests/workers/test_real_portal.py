@@ -263,6 +263,52 @@ async def test_every_page_of_timeline_comments_follows(
                for c in comments)
 
 
+@pytest.mark.parametrize("why", ["no rights on the contact", "the save fails"])
+async def test_timeline_binds_answered_false_stop_the_comment_and_keep_the_lead(
+        aiohttp_client: Any, settings: Any, portal_config: Any, make_worker: Any, portal: FakePortal,
+        why: str) -> None:
+    rules = rules_with(COMMENT_RULES, portal_config)
+    client = await aiohttp_client(create_app(settings, rules))
+    lead = portal.add_lead("Ann")
+    comment = portal.add_timeline_comment("lead", lead, "called back")
+    contact = portal.convert_lead_over_rest(lead)  # nothing attached: the service binds the comment
+    if why == "the save fails":
+        portal.timeline_saves_fail = True
+    else:
+        portal.set_access_denied({(CONTACT, contact)})  # crm.timeline.bindings.bind: false, no error
+
+    _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
+    await make_worker(rules=rules).run_check()
+
+    assert portal.comment_bindings(comment) == [("lead", lead)]  # the unbind never went
+    assert portal.method_calls["crm.timeline.bindings.unbind"] == 0
+    record = await job(client, answer)
+    assert record["state"] == "failed", record
+    assert record["error"]["code"] == "WRITE_NOT_CONFIRMED" and "CRM rights" in record["error"]["what_to_do"]
+
+
+async def test_a_list_whose_filter_the_portal_drops_stops_the_job_before_any_write(
+        client: TestClient, worker: Worker, portal: FakePortal) -> None:
+    # A portal version without LEAD_ID in the contact's field list drops that filter: the whole table.
+    portal.list_fields["contact"].discard("LEAD_ID")
+    portal.add_contact("Someone else entirely")
+    leads = [portal.add_lead(name) for name in ("Ann", "Bob")]
+    activities = [portal.add_activity([(LEAD, lead)]) for lead in leads]
+    for lead in leads:
+        portal.convert_lead_over_rest(lead)
+    portal.method_calls.clear()
+
+    answers = [(await post_event(client, "ONCRMLEADUPDATE", lead))[1] for lead in leads]  # merged: @LEAD_ID
+    await worker.run_check()
+
+    for answer in answers:
+        record = await job(client, answer)
+        assert record["state"] == "failed" and record["error"]["code"] == "LIST_NOT_FILTERED", record
+    assert not [m for m in portal.method_calls if m.startswith("crm.activity.binding.") and m.endswith(
+        ("add", "delete", "move"))], portal.method_calls
+    assert [portal.bindings(a) for a in activities] == [[(LEAD, lead)] for lead in leads]
+
+
 async def test_an_activity_deleted_between_read_and_write_is_nothing_to_do(
         client: TestClient, worker: Worker, portal: FakePortal) -> None:
     lead = portal.add_lead("Ann")
