@@ -56,11 +56,13 @@ class FactReader:
 
     def __init__(self, client: RestClient, rules: RuleSet,
                  is_echo: Callable[[Activity], Awaitable[bool]] | None = None,
-                 lead_lists: Sequence[str] | None = None) -> None:
+                 lead_lists: Sequence[str] | None = None,
+                 being_written: Callable[[int], Awaitable[bool]] | None = None) -> None:
         self._client = client
         self._rules = rules
         self._needs = rules.needs()
         self._is_echo = is_echo
+        self._being_written = being_written
         # What a lead became is read only where a rule binds or moves to it (`lead.contact`...);
         # `explain` asks for every list, to show it.
         self._made = tuple(lead_lists) if lead_lists is not None else made_from_lead(rules)
@@ -82,6 +84,8 @@ class FactReader:
         return self._facts(event)
 
     async def for_activity(self, event: str, activity_id: int) -> Facts:
+        if event == "ONCRMACTIVITYUPDATE" and self._being_written and await self._being_written(activity_id):
+            raise Echo("this service is writing the activity, or just did: the event echoes its writes (nothing read)")
         if not self._reads_activity_fields(event):  # the bindings say all the rules ask
             (binding_list,) = await self._client.batch([Command("crm.activity.binding.list",
                                                                 {"activityId": activity_id})])
