@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
@@ -87,6 +88,7 @@ class RestMethods(CrmState):
         self.echoes: list[tuple[str, int]] = []
         self.echo_delay = 0.05  # the portal's event queue sends a moment after the request
         self.echoes_posted = 0
+        self.echo_replies: Counter[str] = Counter()  # how the handler answered: ignored | queued | refused
         self._handler: tuple[str, dict[str, str]] | None = None
         self._outbox: list[tuple[str, int]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -144,6 +146,10 @@ class RestMethods(CrmState):
                                        "auth[member_id]": "fake-member",
                                        "auth[client_endpoint]": f"https://{domain}/rest/"})
 
+    @property
+    def subscribed(self) -> bool:
+        return self._handler is not None
+
     def _echo(self, activity_id: int) -> None:
         self.echoes.append(("ONCRMACTIVITYUPDATE", activity_id))
         if self._handler is None:
@@ -162,11 +168,13 @@ class RestMethods(CrmState):
                 event, entity_id = self._outbox.pop(0)
                 body = urlencode({"event": event, "event_handler_id": "1", "data[FIELDS][ID]": str(entity_id),
                                   "ts": str(int(time.time())), **auth})
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
                     async with http.post(url, data=body, headers={
                             "Content-Type": "application/x-www-form-urlencoded"}) as response:
-                        await response.read()
+                        reply = await response.json(content_type=None) if response.status == 200 else {}
                         self.echoes_posted += response.status == 200
+                        self.echo_replies["refused" if response.status != 200 else
+                                          "ignored" if isinstance(reply, dict) and "ignored" in reply else "queued"] += 1
 
     async def echoes_sent(self, timeout: float = 30.0) -> None:
         """Wait (with a deadline) until every queued echo has been posted."""
