@@ -206,8 +206,8 @@ def policy_table() -> str:
               "A target of the plan that is gone (`crm.contact.get` answers \"Not found\" at the head of the write "
               "batch, before anything is written) is left out of the plan and the job's outcome names it."]
     lines += ["", "## What the portal does silently, and how the service guards against it", "",
-              "Read in the CRM module's source (December 2026); the official docs (GitHub bitrix24/b24restdocs) "
-              "say less. Each row is an answer that looks like success, or no answer at all:", "",
+              "Read in the CRM module's source (December 2026); the official docs (GitHub bitrix24/b24restdocs, "
+              "paths below) say less. Each row is an answer that looks like success, or no answer at all:", "",
               "| the portal | the service |", "|---|---|"]
     lines += [f"| {portal} | {service} |" for portal, service in SILENT]
     return "\n".join(lines) + "\n"
@@ -217,29 +217,32 @@ def policy_table() -> str:
 SILENT: tuple[tuple[str, str], ...] = (
     ("A save past 100 bindings (since crm 25.1150.0; before, no cap) keeps the 100 with the highest owner id "
      "and answers `true`: the binding dropped may be any, even the one just added "
-     "(api-reference/crm/timeline/activities/binding/ names the limit, not what happens past it).",
+     "(api-reference/crm/timeline/activities/binding/index.md names the limit, not what happens past it).",
      "Bindings assumed from a lead's sample are read (with the targets' checks) before any add. An item whose "
      "plan ends past 100, or that has 100 and must add, is left as found (`kept`, `BINDINGS_FULL`). One that "
      "adding everything first would take to 100 is written add, unbind, add, and read after each add: a "
      "binding missing stops it before any unbind (`BINDING_DROPPED`)."),
     ("`crm.timeline.bindings.bind` / `unbind` answer `result: false` with no error when the user may not "
-     "change the record, the comment is missing or the save fails; neither checks that the target exists.",
+     "change the record, the comment is missing or the save fails; neither checks that the target exists "
+     "(api-reference/crm/timeline/bindings/crm-timeline-bindings-bind.md documents `true` only).",
      "A write is done only when it answers `true`: anything else stops its group (`WRITE_NOT_CONFIRMED`), and a "
      "comment's unbinds go in a call of their own after its binds answered `true` (`false` does not halt a "
      "batch). Targets are read before any write."),
     ("`crm.activity.binding.add` and `move` never check that the target exists.",
      "Every target is read first, at the head of the write batch or just before it."),
-    ("A list filter on a field the entity does not know is dropped: the list answers the whole table.",
+    ("A list filter on a field the entity does not know is dropped: the list answers the whole table "
+     "(api-reference/crm/contacts/crm-contact-list.md lists the fields a filter takes).",
      "Every row of a merged list, of a lead's contact/company/deal list and of an activity read by ID must "
      "carry a number it asked for; otherwise the job stops before any write (`LIST_NOT_FILTERED`)."),
     ("A page past the end (`start` beyond the total) answers page 1 again.",
      "Pages are asked by the count the first page gave, rows kept once by ID; long lists page by `>ID`."),
     ("Every `crm.activity.binding.add/delete/move` fires `ONCRMACTIVITYUPDATE` to subscribed handlers (about "
-     "two events per activity re-bound).",
-     "An update finding the activity as the service just left it is its echo: one binding read, nothing "
-     "written (app/rebind/echo.py)."),
+     "two events per activity re-bound; api-reference/crm/timeline/activities/events/on-crm-activity-update.md).",
+     "An update while the service writes the activity, or within 10 s after, is its echo: no read; later, "
+     "one finding the activity as the service left it costs one read; nothing is written (app/rebind/echo.py)."),
     ("`event.offline.*` are global-scope methods: `method.get` says available on every portal; only a call "
-     "answers `WRONG_AUTH_TYPE` (a webhook) or `ACCESS_DENIED` (a user who is no administrator).",
+     "answers `WRONG_AUTH_TYPE` (a webhook) or `ACCESS_DENIED` (a user who is no administrator; "
+     "api-reference/events/event-offline-list.md: \"works only in the context of application authorization\").",
      "`doctor` calls the read-only `event.offline.list` and reports the code the portal answers."),
 )
 
