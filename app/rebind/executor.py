@@ -77,7 +77,7 @@ class Writes:
     def fits(self) -> bool:
         """Whether the writes can be ordered so the count never passes 100 (an add needs room for one)."""
         final = len(self.has) + len(self.adds) - len(self.removes)
-        return not self.adds or (final <= MAX_BINDINGS and len(self.has) < MAX_BINDINGS)
+        return self.kind != "activity" or not self.adds or (final <= MAX_BINDINGS and len(self.has) < MAX_BINDINGS)
 
     @property
     def crowded(self) -> bool:
