@@ -127,6 +127,9 @@ class Stage:
         """Post what the portal recorded since `since`, in its order, and wait for the jobs."""
         job_ids: list[str] = []
         sent: list[tuple[str, list[int]]] = []
+        if not self.fake.subscribed:  # the portal echoes each binding write to the service (ONCRMACTIVITYUPDATE)
+            self.fake.subscribe(self.events_url, DEMO_APP_TOKEN, DEMO_DOMAIN)
+        echoes, ignored = len(self.fake.echoes), self.fake.echo_replies["ignored"]
         async with aiohttp.ClientSession() as http:
             for event, entity_id in self.fake.events[since:]:
                 async with http.post(self.events_url, data=event_body(self.config, event, entity_id,
@@ -144,7 +147,13 @@ class Stage:
             why = " (a closed lead's open calls and to-dos are completed; no rule listens to it)" \
                 if event == "ONCRMACTIVITYUPDATE" else ""
             self.say(f"  the portal sent {what}{why}")
-        return [await self._wait(job_id) for job_id in job_ids]
+        records = [await self._wait(job_id) for job_id in job_ids]
+        await self.fake.echoes_sent()
+        if len(self.fake.echoes) > echoes:
+            self.say(f"  the portal echoed b24rebind's {len(self.fake.echoes) - echoes} writes (ONCRMACTIVITYUPDATE); "
+                     f"b24rebind ignored {self.fake.echo_replies['ignored'] - ignored} (echoes of its own writes; no rule "
+                     "here listens to activity updates)")
+        return records
 
     async def _wait(self, job_id: str, timeout: float = 60) -> JobRecord | None:
         assert self.store is not None

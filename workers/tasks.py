@@ -204,7 +204,7 @@ def _record_of(exc: Exception) -> dict[str, Any] | None:
 
 async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, lock: LeadLock,
                store: JobStore) -> None:
-    reader = FactReader(client, rules, is_echo=changes.is_echo)
+    reader = FactReader(client, rules, is_echo=changes.is_echo, being_written=changes.being_written)
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
     await lock.acquire(lead_id)  # let go of in the job's last pipeline
     facts = await reader.for_event(record.event, record.entity_id, lead_id)
@@ -230,7 +230,7 @@ async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet,
             record.end_attempt(JobState.SKIPPED, gone + _why_nothing(plan, facts.activities))
             return
         try:
-            outcomes = await execute(plan, client)
+            outcomes = await changes.around(plan, execute(plan, client))
             break
         except TargetsGone as exc:
             # Nothing was written: a binding to a deleted record would leave the activity bound to
@@ -265,7 +265,7 @@ def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
         would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
         left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
             if deleted else ""
-        full = f"{plural(kept, 'item')} kept as found: the portal refused it more than 100 bindings" if kept else ""
+        full = f"{plural(kept, 'item')} kept as found: the plan would pass 100 bindings" if kept else ""
         state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
         record.end_attempt(state, gone + "; ".join(part for part in (done, would, left, full) if part))
 

@@ -69,7 +69,20 @@ POLICIES: dict[str, ErrorPolicy] = {
     "OWNER_NOT_FOUND": ErrorPolicy(Policy.GIVE_UP, "The entity to bind to no longer exists in the portal."),
     "LAST_BINDING_CANNOT_BE_DELETED": ErrorPolicy(Policy.GIVE_UP, "An activity keeps at least one binding; "
                                                   "the service never removes the last one."),
-    "TOO_MANY_BINDINGS": ErrorPolicy(Policy.GIVE_UP, "An activity holds 100 bindings at most."),
+    # What the portal does without a word (docs/errors.md, "What the portal does silently"): the
+    # service's own codes for what it found when it checked.
+    "WRITE_NOT_CONFIRMED": ErrorPolicy(Policy.GIVE_UP, "The portal answered the write without `true` and without "
+                                       "an error (crm.timeline.bindings.* do so when the webhook's user may not "
+                                       "change the record, or the save failed): nothing after it was sent. Give the "
+                                       "user CRM rights on the record, then retry the job."),
+    "BINDINGS_FULL": ErrorPolicy(Policy.GIVE_UP, "Left as found: the plan would take the activity past 100 bindings, "
+                                 "and the portal would silently drop the one with the lowest owner id."),
+    "BINDING_DROPPED": ErrorPolicy(Policy.GIVE_UP, "A binding went missing from a crowded activity while the job "
+                                   "wrote to it (a save past 100 bindings drops one without a word): the job stopped "
+                                   "before unbinding anything. Bind the missing record again by hand."),
+    "LIST_NOT_FILTERED": ErrorPolicy(Policy.GIVE_UP, "A list answered rows its filter excludes (the portal drops a "
+                                     "filter on a field it does not know and answers the whole table): nothing was "
+                                     "written. A bug in b24rebind or a field the portal's version lacks: report it."),
     "ERROR_BATCH_LENGTH_EXCEEDED": ErrorPolicy(Policy.GIVE_UP, "A batch holds 50 commands at most (a bug: report it)."),
     "ERROR_BATCH_METHOD_NOT_ALLOWED": ErrorPolicy(Policy.GIVE_UP, "This method cannot run inside a batch (a bug)."),
     "100": ErrorPolicy(Policy.GIVE_UP, "A required parameter was missing (a bug: report it)."),
@@ -192,7 +205,46 @@ def policy_table() -> str:
               "a conversion made) means it was deleted: the job ends as skipped with that reason, never as failed. "
               "A target of the plan that is gone (`crm.contact.get` answers \"Not found\" at the head of the write "
               "batch, before anything is written) is left out of the plan and the job's outcome names it."]
+    lines += ["", "## What the portal does silently, and how the service guards against it", "",
+              "Read in the CRM module's source (December 2026); the official docs (GitHub bitrix24/b24restdocs, "
+              "paths below) say less. Each row is an answer that looks like success, or no answer at all:", "",
+              "| the portal | the service |", "|---|---|"]
+    lines += [f"| {portal} | {service} |" for portal, service in SILENT]
     return "\n".join(lines) + "\n"
+
+
+# What the portal does without an error, and what the service does about each (docs/errors.md).
+SILENT: tuple[tuple[str, str], ...] = (
+    ("A save past 100 bindings (since crm 25.1150.0; before, no cap) keeps the 100 with the highest owner id "
+     "and answers `true`: the binding dropped may be any, even the one just added "
+     "(api-reference/crm/timeline/activities/binding/index.md names the limit, not what happens past it).",
+     "Bindings assumed from a lead's sample are read (with the targets' checks) before any add. An item whose "
+     "plan ends past 100, or that has 100 and must add, is left as found (`kept`, `BINDINGS_FULL`). One that "
+     "adding everything first would take to 100 is written add, unbind, add, and read after each add: a "
+     "binding missing stops it before any unbind (`BINDING_DROPPED`)."),
+    ("`crm.timeline.bindings.bind` / `unbind` answer `result: false` with no error when the user may not "
+     "change the record, the comment is missing or the save fails; neither checks that the target exists "
+     "(api-reference/crm/timeline/bindings/crm-timeline-bindings-bind.md documents `true` only).",
+     "A write is done only when it answers `true`: anything else stops its group (`WRITE_NOT_CONFIRMED`), and a "
+     "comment's unbinds go in a call of their own after its binds answered `true` (`false` does not halt a "
+     "batch). Targets are read before any write."),
+    ("`crm.activity.binding.add` and `move` never check that the target exists.",
+     "Every target is read first, at the head of the write batch or just before it."),
+    ("A list filter on a field the entity does not know is dropped: the list answers the whole table "
+     "(api-reference/crm/contacts/crm-contact-list.md lists the fields a filter takes).",
+     "Every row of a merged list, of a lead's contact/company/deal list and of an activity read by ID must "
+     "carry a number it asked for; otherwise the job stops before any write (`LIST_NOT_FILTERED`)."),
+    ("A page past the end (`start` beyond the total) answers page 1 again.",
+     "Pages are asked by the count the first page gave, rows kept once by ID; long lists page by `>ID`."),
+    ("Every `crm.activity.binding.add/delete/move` fires `ONCRMACTIVITYUPDATE` to subscribed handlers (about "
+     "two events per activity re-bound; api-reference/crm/timeline/activities/events/on-crm-activity-update.md).",
+     "An update while the service writes the activity, or within 10 s after, is its echo: no read; later, "
+     "one finding the activity as the service left it costs one read; nothing is written (app/rebind/echo.py)."),
+    ("`event.offline.*` are global-scope methods: `method.get` says available on every portal; only a call "
+     "answers `WRONG_AUTH_TYPE` (a webhook) or `ACCESS_DENIED` (a user who is no administrator; "
+     "api-reference/events/event-offline-list.md: \"works only in the context of application authorization\").",
+     "`doctor` calls the read-only `event.offline.list` and reports the code the portal answers."),
+)
 
 
 if __name__ == "__main__":

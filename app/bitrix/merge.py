@@ -15,6 +15,10 @@ The answers stay the portal's own: a record missing from a merged list (deleted,
 webhook's user) and a merged list with more rows than its page leave their commands to be asked
 alone (`answers` says which), so a caller sees exactly what the command alone would have got.
 Merging is only for calls that do not halt: a `.get` of a missing record must stop a halting call.
+
+A portal drops a filter on a field it does not know and answers the whole table (crm restservice.php):
+so every row of a merged list must carry one of the numbers asked, or every command of it gets the
+error LIST_NOT_FILTERED, and nothing is done on an unfiltered table.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any
 import orjson
 
 from app.bitrix.commands import BATCH_LIMIT, Command, CommandResult
+from app.bitrix.errors import POLICIES, PermanentError
 
 # The CRM records whose list methods take `@FIELD` filters and whose reads jobs make one by one.
 MERGEABLE = ("crm.lead", "crm.contact", "crm.company", "crm.deal", "crm.activity")
@@ -98,6 +103,9 @@ class _Merged:
         if result.error is not None:
             return CommandResult(asked, error=result.error)
         rows = result.result if isinstance(result.result, list) else []
+        stray = unfiltered(self.shape.method, rows, self.shape.field, self.values)
+        if stray is not None:
+            return CommandResult(asked, error=stray)
         if self.shape.get:
             row = next((r for r in rows if _number(r.get("ID")) == value), None)
             return CommandResult(asked, result=row) if row is not None else None
@@ -184,6 +192,19 @@ class BatchChunk:
         entry = self._sent[index]
         assert isinstance(entry, _Merged)
         return entry
+
+
+def unfiltered(method: str, rows: list[Any], field: str, wanted: dict[int, None] | set[int]) -> PermanentError | None:
+    """The error for a list whose rows are not all among those its filter asked (`field` in `wanted`):
+    the portal ignored the filter (an unknown field is dropped without a word). None when all are."""
+    stray = [row.get(field) if isinstance(row, dict) else row for row in rows
+             if not isinstance(row, dict) or _number(row.get(field)) not in wanted]
+    if not stray:
+        return None
+    shown = ", ".join(str(value) for value in stray[:3]) + (", ..." if len(stray) > 3 else "")
+    return PermanentError(method, "LIST_NOT_FILTERED",
+                          f"asked for {field} in {sorted(wanted)[:5]}, the portal answered {len(stray)} other row(s) "
+                          f"({field} {shown})", hint=POLICIES["LIST_NOT_FILTERED"].hint)
 
 
 def _is_id(value: Any) -> bool:

@@ -1,8 +1,8 @@
 """`b24rebind doctor`: a read-only checklist of a portal's setup, each failure with what to do.
 
 Run after filling in `.env` and the rules file. It only reads (`scope`, `method.get`,
-`crm.settings.mode.get`, one `crm.activity.list`), about ten requests, and exits 0 only when every
-check passes.
+`crm.settings.mode.get`, one `crm.activity.list`, and `event.offline.list` where offline events are
+used), about ten requests, and exits 0 only when every check passes.
 """
 from __future__ import annotations
 
@@ -78,8 +78,8 @@ class Doctor:
                             ("crm.activity.list filters by BINDINGS", self._bindings_filter)):
             checks.append(await _guarded(name, check))
         checks.append(self._domain())
-        if self.portal.auth == "oauth":
-            checks += await self._application()
+        if self.portal.offline_events:
+            checks.append(await self._offline_events())
         checks.append(self._budget())
         return checks
 
@@ -161,14 +161,22 @@ class Doctor:
                      "install (or reinstall) the application on the portal while `b24rebind serve` is "
                      "running, so its ONAPPINSTALL reaches /bitrix/install")
 
-    async def _application(self) -> list[Check]:
-        checks: list[Check] = []
-        if self.portal.offline_events:
-            found = (await self._call("method.get", {"name": "event.offline.get"})).result or {}
-            ok = bool(found.get("isExisting") and found.get("isAvailable"))
-            checks.append(Check("offline events can be read", ok, "" if ok else "event.offline.get not allowed",
-                                "give the application the scope that event.offline.get needs and reinstall it"))
-        return checks
+    async def _offline_events(self) -> Check:
+        """Call the read-only event.offline.list: `method.get` says every event.* method is available on
+        every portal (the global scope), and only a call shows the refusal, for a webhook
+        (WRONG_AUTH_TYPE) and for an application installed by a user who is no administrator
+        (ACCESS_DENIED). Docs: api-reference/events/event-offline-list.md."""
+        name = "offline events can be read"
+        try:
+            await self._call("event.offline.list", {"order": {"ID": "ASC"}})
+        except B24Error as exc:
+            fixes = {"WRONG_AUTH_TYPE": "offline events can be read only by an application (auth: oauth), never "
+                                        "through a webhook: install the application, or set offline_events: false",
+                     "ACCESS_DENIED": "the application's user is not a portal administrator: reinstall the "
+                                      "application as an administrator, or set offline_events: false"}
+            return Check(name, False, f"{exc.code or 'error'}: {exc.description}",
+                         fixes.get(exc.code.upper(), exc.hint or "see docs/errors.md for this error"))
+        return Check(name, True, "event.offline.list answered")
 
     def _budget(self) -> Check:
         """The `time` block of each answer says how much server time its method used in the window."""

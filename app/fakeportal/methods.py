@@ -7,16 +7,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
 
 from app.fakeportal.protocol import (
     BitrixError,
     Page,
     as_list,
     filter_of,
+    known_filter,
     matches,
     narrowed,
     paged,
@@ -38,8 +46,9 @@ from app.fakeportal.state import (
     type_label,
 )
 
-MAX_BINDINGS = 100
 FINDBYCOMM_LIMIT = 20
+# The global scope: methods every portal says are available (method.get), whatever the webhook's scopes.
+GLOBAL_METHODS = ("event.", "scope", "method.")
 
 
 def _binding_pairs(value: Any) -> set[Binding]:
@@ -69,7 +78,20 @@ class RestMethods(CrmState):
         self.scopes = ["crm", "user_brief"]  # the webhook's scopes, as `scope` answers
         self.crm_mode = 1  # crm.settings.mode.get: 1 classic, 2 simple (no leads)
         self.bindings_filter_ignored = False  # an old portal: crm.activity.list ignores filter[BINDINGS]
+        self.admin = True  # whether the webhook's (or application's) user is a portal administrator
+        self.auth_type = "webhook"  # how the request being served authenticated: webhook | oauth
+        self.timeline_saves_fail = False  # crm.timeline.bindings.bind/unbind: the save fails (answers false)
         self._methods: dict[str, Callable[[Mapping[str, Any]], Any]] = self._method_table()
+        # The echo of the service's own writes: every crm.activity.binding.add/delete/move goes through
+        # CCrmActivity::Update, which fires ONCRMACTIVITYUPDATE. Kept apart from `events` (what people
+        # and the portal's own robots do), and posted to the handler `subscribe` names, after the request.
+        self.echoes: list[tuple[str, int]] = []
+        self.echo_delay = 0.05  # the portal's event queue sends a moment after the request
+        self.echoes_posted = 0
+        self.echo_replies: Counter[str] = Counter()  # how the handler answered: ignored | queued | refused
+        self._handler: tuple[str, dict[str, str]] | None = None
+        self._outbox: list[tuple[str, int]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     # -------------------------------------------------------- method table
 
@@ -91,6 +113,7 @@ class RestMethods(CrmState):
             "crm.duplicate.findbycomm": self._find_by_comm,
             "event.offline.get": self._offline_get,
             "event.offline.clear": self._offline_clear,
+            "event.offline.list": self._offline_list,
             "scope": lambda p: list(self.scopes),
             "method.get": self._method_get,
             "crm.settings.mode.get": lambda p: self.crm_mode,
@@ -107,12 +130,63 @@ class RestMethods(CrmState):
         if not name:
             raise BitrixError(400, "ERROR_ARGUMENT", "Method name is required")
         exists = name in self._methods
-        return {"isExisting": exists, "isAvailable": exists and name.split(".")[0] in self.scopes + ["scope",
-                                                                                                    "method"]}
+        # event.* are global-scope methods: available on every portal; only a call shows a refusal.
+        available = name.startswith(GLOBAL_METHODS) or name.split(".")[0] in self.scopes
+        return {"isExisting": exists, "isAvailable": exists and available}
 
     def remove_method(self, name: str) -> None:
         """Play a portal that does not know a method (an older version, or another edition)."""
         self._methods.pop(name.lower(), None)
+
+    # -------------------------------------------------------- events the portal sends (echoes)
+
+    def subscribe(self, handler_url: str, application_token: str, domain: str) -> None:
+        """Bind ONCRMACTIVITYUPDATE to the installation's handler (event.bind): echoes are posted there."""
+        self._handler = (handler_url, {"auth[domain]": domain, "auth[application_token]": application_token,
+                                       "auth[member_id]": "fake-member",
+                                       "auth[client_endpoint]": f"https://{domain}/rest/"})
+
+    @property
+    def subscribed(self) -> bool:
+        return self._handler is not None
+
+    def _echo(self, activity_id: int) -> None:
+        self.echoes.append(("ONCRMACTIVITYUPDATE", activity_id))
+        if self._handler is None:
+            return
+        self._outbox.append(("ONCRMACTIVITYUPDATE", activity_id))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_echoes())
+
+    async def _send_echoes(self) -> None:
+        """Post the queued echoes one by one, as the portal's queue does; a refused one is not sent again."""
+        assert self._handler is not None
+        url, auth = self._handler
+        await asyncio.sleep(self.echo_delay)  # after the request that caused them has been answered
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            while self._outbox:
+                event, entity_id = self._outbox.pop(0)
+                body = urlencode({"event": event, "event_handler_id": "1", "data[FIELDS][ID]": str(entity_id),
+                                  "ts": str(int(time.time())), **auth})
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                    async with http.post(url, data=body, headers={
+                            "Content-Type": "application/x-www-form-urlencoded"}) as response:
+                        reply = await response.json(content_type=None) if response.status == 200 else {}
+                        self.echoes_posted += response.status == 200
+                        self.echo_replies["refused" if response.status != 200 else
+                                          "ignored" if isinstance(reply, dict) and "ignored" in reply else "queued"] += 1
+
+    async def echoes_sent(self, timeout: float = 30.0) -> None:
+        """Wait (with a deadline) until every queued echo has been posted."""
+        async with asyncio.timeout(timeout):
+            while self._sender is not None and not self._sender.done():
+                await asyncio.shield(self._sender)
+
+    async def stop_echoes(self) -> None:
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
 
     # -------------------------------------------------------- crm.activity.binding.*
 
@@ -148,15 +222,16 @@ class RestMethods(CrmState):
             raise BitrixError(
                 400, "ACTIVITY_IS_ALREADY_BOUND", "The activity is already bound to this entity"
             )
-        if len(current) >= MAX_BINDINGS:
-            # The 100-binding cap is documented, but the controller does not check it: the error code
-            # a portal answers is unknown. The fake keeps the documented cap with a guessed code.
-            raise BitrixError(
-                400, "TOO_MANY_BINDINGS", f"An activity can have at most {MAX_BINDINGS} bindings"
-            )
         self._dangling(activity_id, (type_id, entity_id))
-        self._set_bindings(activity_id, [*current, (type_id, entity_id)])
+        # No check of the count: the save keeps the 100 with the highest owner id and answers true.
+        self._dropped(activity_id, self._set_bindings(activity_id, [*current, (type_id, entity_id)]))
+        self._echo(activity_id)
         return True
+
+    def _dropped(self, activity_id: int, dropped: list[Binding]) -> None:
+        """A binding the portal dropped past its cap because of a write of the service's: lost for good."""
+        self.violations += [f"activity {activity_id} lost its binding to {type_label(t)} {i}: a REST write "
+                            f"took it past {self.max_bindings} bindings" for t, i in dropped]
 
     def _binding_delete(self, params: Mapping[str, Any]) -> bool:
         names = ("activityId", "entityTypeId", "entityId")
@@ -169,6 +244,7 @@ class RestMethods(CrmState):
         if len(current) == 1:
             raise BitrixError(400, "LAST_BINDING_CANNOT_BE_DELETED", "Cannot delete the only binding")
         self._set_bindings(activity_id, [b for b in current if b != (type_id, entity_id)])
+        self._echo(activity_id)
         return True
 
     def _binding_move(self, params: Mapping[str, Any]) -> bool:
@@ -188,9 +264,10 @@ class RestMethods(CrmState):
         if (source_type, source_id) not in current:
             raise BitrixError(400, "BINDING_NOT_FOUND", "The activity is not bound to the source entity")
         self._dangling(activity_id, (target_type, target_id))
-        # The target takes the source's place; the owner is recalculated as on every save.
-        self._set_bindings(activity_id, [(target_type, target_id) if b == (source_type, source_id) else b
-                                         for b in current])
+        # The target is appended last (not put in the source's place); the owner is recalculated.
+        self._set_bindings(activity_id, [*(b for b in current if b != (source_type, source_id)),
+                                         (target_type, target_id)])
+        self._echo(activity_id)
         return True
 
     # -------------------------------------------------------- crm.activity.*
@@ -211,7 +288,7 @@ class RestMethods(CrmState):
         return (int(activity["OWNER_TYPE_ID"]), int(activity["OWNER_ID"])) not in self.unreadable
 
     def _activity_list(self, params: Mapping[str, Any]) -> Page:
-        filters = dict(filter_of(params))
+        filters = known_filter(filter_of(params), self.list_fields["activity"])
         wanted = _binding_pairs(filters.pop("BINDINGS", None))
         wanted = set() if self.bindings_filter_ignored else wanted
         ids = narrowed(filters, "ID")
@@ -261,7 +338,7 @@ class RestMethods(CrmState):
         return dict(self.table(type_id)[self._entity_id(type_id, params)])
 
     def _entity_list(self, type_id: int, params: Mapping[str, Any]) -> Page:
-        filters = filter_of(params)
+        filters = known_filter(filter_of(params), self.list_fields[TYPE_NAMES[type_id]])
         table = self.table(type_id)
         by_lead = self._by_lead.get(type_id)
         ids, leads = narrowed(filters, "ID"), narrowed(filters, "LEAD_ID")
@@ -327,7 +404,7 @@ class RestMethods(CrmState):
         entity_type, entity_id = self._timeline_target(fields)
         return self.add_timeline_comment(entity_type, entity_id, str(param(fields, "COMMENT") or ""))
 
-    def _timeline_target(self, fields: Mapping[str, Any]) -> tuple[str, int]:
+    def _timeline_target(self, fields: Mapping[str, Any], exists: bool = True) -> tuple[str, int]:
         entity_id = positive_int(param(fields, "ENTITY_ID"))
         if entity_id is None:
             raise BitrixError(400, "", "ENTITY_ID is not defined or invalid.")
@@ -335,7 +412,7 @@ class RestMethods(CrmState):
         type_ids = {name: type_id for type_id, name in TYPE_NAMES.items()}
         if entity_type not in type_ids:
             raise BitrixError(400, "", "ENTITY_TYPE is not defined or invalid.")
-        if not self.entity_exists(type_ids[entity_type], entity_id):
+        if exists and not self.entity_exists(type_ids[entity_type], entity_id):
             raise BitrixError(400, "", "ENTITY_ID is not defined or invalid.")
         return entity_type, entity_id
 
@@ -353,26 +430,58 @@ class RestMethods(CrmState):
         ]
         return paged(rows, {"order": {"ENTITY_ID": "ASC"}, "start": param(params, "start")})
 
+    def _timeline_write(self, fields: Mapping[str, Any]) -> tuple[int, tuple[str, int]] | None:
+        """The comment and target of a bindings write, or None where CCrmTimelineBindingRestProxy answers
+        `false` without an error: the comment missing, no rights on the target, or the save failing.
+        Neither the comment's nor the target's existence is checked with an error."""
+        owner_id = positive_int(param(fields, "OWNER_ID"))
+        target = self._timeline_target(fields, exists=False)
+        type_id = next(t for t, name in TYPE_NAMES.items() if name == target[0])
+        if owner_id is None or owner_id not in self.comments or (type_id, target[1]) in self.unreadable \
+                or self.timeline_saves_fail:
+            return None
+        return owner_id, target
+
     def _timeline_bind(self, params: Mapping[str, Any]) -> bool:
-        fields = param(params, "fields") or {}
-        owner_id = self._timeline_owner(fields)
-        # Binding twice is not documented as an error; the fake treats it as a no-op.
-        self.comment_binding_sets[owner_id].add(self._timeline_target(fields))
+        found = self._timeline_write(param(params, "fields") or {})
+        if found is None:
+            return False
+        owner_id, target = found
+        type_id = next(t for t, name in TYPE_NAMES.items() if name == target[0])
+        if not self.entity_exists(type_id, target[1]):
+            self.violations.append(f"comment {owner_id} was bound to {target[0]} {target[1]}, which does not exist")
+        self.comment_binding_sets[owner_id].add(target)  # an upsert: binding twice answers true
         return True
 
     def _timeline_unbind(self, params: Mapping[str, Any]) -> bool:
-        fields = param(params, "fields") or {}
-        owner_id = self._timeline_owner(fields)
-        target = self._timeline_target(fields)
+        found = self._timeline_write(param(params, "fields") or {})
+        if found is None:
+            return False
+        owner_id, target = found
         if target not in self.comment_binding_sets[owner_id]:
             raise BitrixError(400, "", "Not found.")
-        self.comment_binding_sets[owner_id].discard(target)
+        self.comment_binding_sets[owner_id].discard(target)  # no last-binding guard
         return True
 
     # -------------------------------------------------------- event.offline.*
 
+    def _offline_allowed(self) -> None:
+        """event.offline.* work only for an application (rest/lib/api/event.php): a webhook gets
+        WRONG_AUTH_TYPE, an application's user who is no administrator ACCESS_DENIED."""
+        if self.auth_type != "oauth":
+            raise BitrixError(401, "WRONG_AUTH_TYPE", "Current authorization type is denied for this method")
+        if not self.admin:
+            raise BitrixError(403, "ACCESS_DENIED", "Access denied!")
+
+    def _offline_list(self, params: Mapping[str, Any]) -> Page:
+        """The queue as it is, changing nothing (event.offline.list)."""
+        self._offline_allowed()
+        rows = [{**e, "PROCESS_ID": e["PROCESS_ID"] or "", "ERROR": "0"} for e in self.offline_events]
+        return paged(rows, params)
+
     def _offline_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """clear=0 reserves the records under a process id, hidden from other readers until cleared."""
+        self._offline_allowed()
         limit = positive_int(param(params, "limit")) or 50
         free = [e for e in self.offline_events if e["PROCESS_ID"] is None][:limit]
         if truthy(param(params, "clear") if param(params, "clear") is not None else 1):
@@ -386,6 +495,7 @@ class RestMethods(CrmState):
                 "events": [{k: v for k, v in e.items() if k != "PROCESS_ID"} for e in free]}
 
     def _offline_clear(self, params: Mapping[str, Any]) -> bool:
+        self._offline_allowed()
         process_id = param(params, "process_id")
         if not process_id:
             raise BitrixError(400, "", "PROCESS_ID is not defined")

@@ -179,6 +179,13 @@ def narrowed(filters: Mapping[str, Any], field: str) -> set[int] | None:
     return None
 
 
+def known_filter(filters: Mapping[str, Any], fields: set[str] | frozenset[str]) -> dict[str, Any]:
+    """The filter as the portal applies it: a key whose field is not in the entity's field list is
+    dropped without a word (crm restservice.php, internalizeFilterFields), so the list comes back
+    unfiltered by it."""
+    return {key: value for key, value in filters.items() if _split_operator(key)[1] in fields}
+
+
 def matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
     for key, wanted in filters.items():
         op, field = _split_operator(key)
@@ -209,6 +216,8 @@ def paged(rows: list[dict[str, Any]], params: Mapping[str, Any]) -> Page:
     if start == -1:  # the fast form: no COUNT, so no next, and a total of 0 whatever the rows (IRestService)
         return Page(rows[:PAGE_SIZE], 0, None)
     start = max(start, 0)
+    if start >= len(rows):  # a page past the end is page 1 again (main's CDBResult), not an empty page
+        start = 0
     following = start + PAGE_SIZE
     return Page(rows[start:following], len(rows), following if following < len(rows) else None)
 

@@ -81,6 +81,7 @@ class FakePortal(RestMethods, Faults):
 
     async def close(self) -> None:
         self._closing.set()
+        await self.stop_echoes()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -175,6 +176,7 @@ class FakePortal(RestMethods, Faults):
         refusal = self._refusal()
         if refusal is not None:
             return refusal
+        self.auth_type = "webhook" if "code" in request.match_info else "oauth"
         try:
             result = self._batch(params) if method == "batch" else self._call(method, params)
         except BitrixError as exc:

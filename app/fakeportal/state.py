@@ -24,6 +24,26 @@ COMPLETABLE_TYPES = ("1", "2", "6")  # meeting, call, task/to-do: completed when
 Binding = tuple[int, int]  # (entityTypeId, entityId)
 
 STATUS_SEMANTICS = {"CONVERTED": "S", "JUNK": "F"}  # any other lead status is "in progress" (P)
+# Since crm 25.1150.0 saving an activity's bindings keeps this many, those with the highest owner id,
+# and answers true: the rest go without a word (crm_activity.php, DoSaveBindings, option
+# max_bindings_count). Before that version there was no cap at all (CrmState.max_bindings = None).
+MAX_BINDINGS = 100
+
+# The fields each entity's list filters on: a filter key naming any other field is dropped silently and
+# the list comes back unfiltered by it (crm restservice.php, internalizeFilterFields).
+LIST_FIELDS: dict[str, frozenset[str]] = {
+    "lead": frozenset({"ID", "TITLE", "NAME", "LAST_NAME", "STATUS_ID", "STATUS_SEMANTIC_ID", "CONTACT_ID",
+                       "COMPANY_ID", "COMPANY_TITLE", "IS_RETURN_CUSTOMER", "EMAIL", "PHONE", "DATE_CREATE",
+                       "DATE_MODIFY", "ASSIGNED_BY_ID", "SOURCE_ID", "OPPORTUNITY"}),
+    "contact": frozenset({"ID", "NAME", "LAST_NAME", "LEAD_ID", "COMPANY_ID", "EMAIL", "PHONE", "DATE_CREATE",
+                          "DATE_MODIFY", "ASSIGNED_BY_ID"}),
+    "company": frozenset({"ID", "TITLE", "LEAD_ID", "EMAIL", "PHONE", "DATE_CREATE", "DATE_MODIFY",
+                          "ASSIGNED_BY_ID"}),
+    "deal": frozenset({"ID", "TITLE", "STAGE_ID", "LEAD_ID", "CONTACT_ID", "COMPANY_ID", "DATE_CREATE",
+                       "DATE_MODIFY", "ASSIGNED_BY_ID", "OPPORTUNITY"}),
+    "activity": frozenset({"ID", "OWNER_TYPE_ID", "OWNER_ID", "TYPE_ID", "PROVIDER_ID", "SUBJECT", "COMPLETED",
+                           "DIRECTION", "RESPONSIBLE_ID", "CREATED", "LAST_UPDATED", "BINDINGS"}),
+}
 
 
 def _stringify(value: Any) -> Any:
@@ -88,6 +108,9 @@ class CrmState:
         self._by_lead: dict[int, dict[int, set[int]]] = {CONTACT: {}, COMPANY: {}, DEAL: {}}
         self._bound: dict[Binding, set[int]] = {}
         self.offline_events: list[dict[str, Any]] = []
+        self.max_bindings: int | None = MAX_BINDINGS  # None: a portal older than crm 25.1150.0, no cap
+        # The fields each list filters on (a test removes one to play a portal version that lacks it).
+        self.list_fields: dict[str, set[str]] = {name: set(fields) for name, fields in LIST_FIELDS.items()}
 
     def _new_id(self, kind: str) -> int:
         self._next_ids[kind] = self._next_ids.get(kind, 0) + 1
@@ -288,7 +311,8 @@ class CrmState:
 
         Company, contact and deal are made in that order with LEAD_ID set, then every activity and
         timeline comment of the lead gets a binding to *each* of them: a copy, the lead binding stays,
-        and no ONCRMACTIVITYUPDATE fires for it. Then the lead is closed (ONCRMLEADUPDATE).
+        and no ONCRMACTIVITYUPDATE fires for it. The lead is closed (ONCRMLEADUPDATE, its open calls and
+        to-dos completed) before the attaching, which leaves the lead the owner (no recalculation).
 
         A repeat lead (one made with `contact_id`/`company_id` of a known client) makes only a deal,
         whatever is asked: the client exists already and gets nothing attached.
@@ -321,11 +345,12 @@ class CrmState:
             )
         made = [(type_id, made_id) for type_id, name in ((COMPANY, "company"), (CONTACT, "contact"), (DEAL, "deal"))
                 if (made_id := created[name])]
-        self._attach_all((LEAD, lead_id), made)
+        # The status is set (and open activities completed) before the activities are attached.
         fields: dict[str, Any] = {"STATUS_ID": "CONVERTED"}
         if not repeat:
             fields.update(CONTACT_ID=created["contact"], COMPANY_ID=created["company"])
         self.update_lead(lead_id, **fields)
+        self._attach_all((LEAD, lead_id), made)
         return created
 
     def convert_lead_over_rest(self, lead_id: int) -> int:
@@ -347,7 +372,7 @@ class CrmState:
             return
         for activity_id in sorted(self._bound.get(source, set())):
             order = self._binding_order[activity_id]
-            self._set_bindings(activity_id, [*order, *(t for t in targets if t not in order)])
+            self._set_bindings(activity_id, [*order, *(t for t in targets if t not in order)], owner=False)
         name = TYPE_NAMES[source[0]]
         for bindings in self.comment_binding_sets.values():
             if (name, source[1]) in bindings:
@@ -394,11 +419,18 @@ class CrmState:
         """Add a binding as a person does in the portal's UI (no REST call, no limit)."""
         self._set_bindings(activity_id, [*self._binding_order[activity_id], binding])
 
-    def _set_bindings(self, activity_id: int, new: list[Binding]) -> None:
+    def _set_bindings(self, activity_id: int, new: list[Binding], owner: bool = True) -> list[Binding]:
         """Save an activity's bindings (kept ones keep their place, new ones go last), keeping the
-        history, and recalculate the owner as every save does on the portal."""
+        history, and recalculate the owner as a save through update does on the portal (`owner=False`:
+        AttachBinding, which does not). Past `max_bindings` only those with the highest owner id stay,
+        without a word (DoSaveBindings): returns the ones dropped."""
         old = self._binding_order[activity_id]
         order = [b for b in old if b in new] + [b for b in dict.fromkeys(new) if b not in old]
+        dropped: list[Binding] = []
+        if self.max_bindings is not None and len(order) > self.max_bindings:
+            kept = set(sorted(order, key=lambda b: b[1], reverse=True)[:self.max_bindings])
+            dropped = [b for b in order if b not in kept]
+            order = [b for b in order if b in kept]
         for binding in set(old) - set(order):
             self._bound[binding].discard(activity_id)
         for binding in order:
@@ -406,8 +438,10 @@ class CrmState:
         self._binding_order[activity_id] = order
         self.activity_bindings[activity_id] = set(order)
         self.binding_history[activity_id].append(tuple(sorted(order)))
-        self._set_owner(activity_id, _owner_of(order))
+        if owner or not self.activities[activity_id].get("OWNER_ID"):
+            self._set_owner(activity_id, _owner_of(order))
         self.activities[activity_id]["LAST_UPDATED"] = now_iso()
+        return dropped
 
     def _set_owner(self, activity_id: int, binding: Binding) -> None:
         activity = self.activities[activity_id]

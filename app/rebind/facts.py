@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from app.bitrix.client import PAGE_SIZE, Command, CommandResult, RestClient
+from app.bitrix.merge import unfiltered
 from app.rules.facts import Activity, Binding, Client, Comment, Facts, Lead
 from app.rules.model import EntityType, RuleSet
 
@@ -55,11 +56,13 @@ class FactReader:
 
     def __init__(self, client: RestClient, rules: RuleSet,
                  is_echo: Callable[[Activity], Awaitable[bool]] | None = None,
-                 lead_lists: Sequence[str] | None = None) -> None:
+                 lead_lists: Sequence[str] | None = None,
+                 being_written: Callable[[int], Awaitable[bool]] | None = None) -> None:
         self._client = client
         self._rules = rules
         self._needs = rules.needs()
         self._is_echo = is_echo
+        self._being_written = being_written
         # What a lead became is read only where a rule binds or moves to it (`lead.contact`...);
         # `explain` asks for every list, to show it.
         self._made = tuple(lead_lists) if lead_lists is not None else made_from_lead(rules)
@@ -81,6 +84,8 @@ class FactReader:
         return self._facts(event)
 
     async def for_activity(self, event: str, activity_id: int) -> Facts:
+        if event == "ONCRMACTIVITYUPDATE" and self._being_written and await self._being_written(activity_id):
+            raise Echo("this service is writing the activity, or just did: the event echoes its writes (nothing read)")
         if not self._reads_activity_fields(event):  # the bindings say all the rules ask
             (binding_list,) = await self._client.batch([Command("crm.activity.binding.list",
                                                                 {"activityId": activity_id})])
@@ -93,7 +98,7 @@ class FactReader:
                                           "start": -1}),
         ])
         _raise_gone(binding_list, activity)
-        rows = _checked(activity)
+        rows = _checked(activity, "ID", {activity_id})
         if not rows:  # deleted between the two reads, or hidden from the webhook's user
             raise Gone(f"activity {activity_id} no longer exists in the portal (or its user may not read it)",
                        "activity")
@@ -139,7 +144,9 @@ class FactReader:
             if all(r.ok and _bound_to_lead_only(r.result, lead_id) for r in sampled):
                 known = {int(row["ID"]): r.result for row, r in zip(sample, sampled)}
                 lead_only = [{"entityTypeId": int(EntityType.LEAD), "entityId": lead_id}]
-                activities = [_activity(row, known.get(int(row["ID"]), lead_only)) for row in rows]
+                activities = [_activity(row, known[int(row["ID"])]) if int(row["ID"]) in known
+                              else _activity(row, lead_only).model_copy(update={"bindings_read": False})
+                              for row in rows]
                 return await self._with_extras(event, activities, lead)
             rest = rows[len(sample):]
             bindings = [*sampled, *await self._client.batch(_binding_reads(rest))]
@@ -282,7 +289,8 @@ def made_from_lead(rules: RuleSet) -> tuple[str, ...]:
 
 def _lead_commands(lead_id: int, made: Sequence[str] = LEAD_LISTS) -> list[Command]:
     # Named fields and one-number filters: a batch reads many jobs' leads (and lists) as one list each.
-    by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID"], "order": {"ID": "ASC"}}
+    # LEAD_ID selected too: each row must show it is the lead's (a portal drops a filter it cannot read).
+    by_lead = {"filter": {"LEAD_ID": lead_id}, "select": ["ID", "LEAD_ID"], "order": {"ID": "ASC"}}
     return [Command("crm.lead.get", {"id": lead_id}, fields=LEAD_FIELDS),
             *(Command(f"crm.{kind}.list", by_lead) for kind in made)]
 
@@ -314,9 +322,11 @@ def _bound_to_lead(lead_id: int) -> dict[str, Any]:
 def _lead(results: list[CommandResult], made: Sequence[str] = LEAD_LISTS) -> Lead:
     """The lead and what it became; a list not read (no rule names it) is left empty, or the lead's field."""
     fields = results[0].result
-    lists = {kind: tuple(_id(row.get("ID")) for row in _checked(r)) for kind, r in zip(made, results[1:])}
+    lead_id = _id(fields.get("ID"))
+    lists = {kind: tuple(_id(row.get("ID")) for row in _checked(r, "LEAD_ID", {lead_id}))
+             for kind, r in zip(made, results[1:])}
     contacts, companies, deals = (lists.get(kind, ()) for kind in LEAD_LISTS)
-    return Lead(id=_id(fields.get("ID")), status_id=str(fields.get("STATUS_ID") or ""),
+    return Lead(id=lead_id, status_id=str(fields.get("STATUS_ID") or ""),
                 status_semantic=str(fields.get("STATUS_SEMANTIC_ID") or ""),
                 contact_ids=contacts or _ids(fields.get("CONTACT_ID")),
                 company_ids=companies or _ids(fields.get("COMPANY_ID")), deal_ids=deals,
@@ -342,10 +352,17 @@ def _comment_binding(row: dict[str, Any]) -> Binding | None:
     return Binding(entity_type=entity, entity_id=int(row["ENTITY_ID"])) if entity else None
 
 
-def _checked(result: CommandResult) -> list[dict[str, Any]]:
+def _checked(result: CommandResult, field: str = "", wanted: set[int] | None = None) -> list[dict[str, Any]]:
+    """A list's rows; with `field`, each must be among the `wanted` numbers, or LIST_NOT_FILTERED is
+    raised: the portal answered rows its filter excludes, and nothing is planned on them."""
     if result.error:
         raise result.error
-    return list(result.result or [])
+    rows = list(result.result or [])
+    if field and wanted is not None:
+        error = unfiltered(result.command.method, rows, field, wanted)
+        if error is not None:
+            raise error
+    return rows
 
 
 def _raise_gone(*results: CommandResult) -> None:

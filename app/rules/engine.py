@@ -73,7 +73,7 @@ def _plan_activity(rules: RuleSet, facts: Facts, activity: Activity) -> Activity
         if rule.stop:
             break
     return ActivityPlan(activity_id=activity.id, **_safe(activity.bindings, wanted, moves, notes),
-                        rules=tuple(matched), dry_run=dry_run)
+                        rules=tuple(matched), dry_run=dry_run, bindings_read=activity.bindings_read)
 
 
 def _plan_move(source_type: str, targets: list[Binding], activity: Activity, wanted: list[Binding],

@@ -77,6 +77,9 @@ class Activity(Frozen):
     responsible_id: int = 0
     emails: tuple[str, ...] = ()
     phones: tuple[str, ...] = ()
+    # False when `bindings` were assumed (a lead's sample said "lead only"), not read: the executor then
+    # reads them before adding, since a save past 100 bindings drops one without a word.
+    bindings_read: bool = True
 
     def bound_to(self, entity_type: EntityType) -> list[int]:
         return [b.entity_id for b in self.bindings if b.entity_type == entity_type]

@@ -41,6 +41,7 @@ class ItemPlan(BaseModel):
 
 class ActivityPlan(ItemPlan):
     activity_id: int
+    bindings_read: bool = True  # the activity's `bindings_read`: False when `before` was assumed
 
 
 class CommentPlan(ItemPlan):

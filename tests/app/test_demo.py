@@ -50,6 +50,8 @@ def test_the_demo_plays_what_the_portal_does_and_what_b24rebind_adds(tmp_path: P
     assert "activity 4 (late e-mail #1): lead 1\n" in out and "activity 4 (late e-mail #1): contact 1, company 1" in out
     assert "activity 5 (New order): lead 2, deal 1\n" in out
     assert "activity 5 (New order): deal 1, contact 1, company 1" in out
+    # The portal echoes every binding write to the service, which ignores them.
+    assert "the portal echoed b24rebind's 3 writes (ONCRMACTIVITYUPDATE); b24rebind ignored 3 (echoes" in out, out
     assert "Try `b24rebind demo`" not in out and "(type id, entity id)" not in out
     assert "Traceback" not in result.stderr
     # Its data lives apart from a real installation's (its own bundled Redis in var/demo).

@@ -146,3 +146,26 @@ def test_a_point_read_alone_of_its_kind_is_sent_as_it_is() -> None:
     assert chunk.commands() == [lead(7), contacts_of(7)]
     answers = chunk.answers([CommandResult(lead(7), result={"ID": "7"}), CommandResult(contacts_of(7), result=[])])
     assert [a.result if a else None for a in answers] == [{"ID": "7"}, []]
+
+
+def test_a_merged_list_answering_rows_it_did_not_ask_for_is_every_commands_error() -> None:
+    chunk = BatchChunk()
+    chunk.add(contacts_of(7))
+    chunk.add(contacts_of(8))
+    (sent,) = chunk.commands()
+    # A portal that does not know the field drops the filter and answers the whole table.
+    rows = [{"ID": "1", "LEAD_ID": "7"}, {"ID": "2", "LEAD_ID": None}, {"ID": "3", "LEAD_ID": "8"}]
+
+    answers = chunk.answers([CommandResult(sent, result=rows)])
+
+    assert [a.error.code if a and a.error else None for a in answers] == ["LIST_NOT_FILTERED"] * 2
+    assert answers[0] is not None and "LEAD_ID None" in str(answers[0].error)
+
+
+def test_a_merged_get_answering_an_id_it_did_not_ask_for_is_an_error() -> None:
+    chunk = BatchChunk()
+    for n in (7, 8):
+        chunk.add(lead(n))
+    (sent,) = chunk.commands()
+    answers = chunk.answers([CommandResult(sent, result=[{"ID": "7"}, {"ID": "5"}])])
+    assert all(a is not None and a.error is not None and a.error.code == "LIST_NOT_FILTERED" for a in answers)

@@ -127,13 +127,32 @@ async def test_an_installed_application_is_checked_with_its_own_tokens(portal: F
                           client_secret="app-secret", rest_url=f"{portal.base_url}/rest/",
                           oauth_url=f"{portal.base_url}/oauth/token/", offline_events=True)
     await TokenStore(redis).save("acme", TokenStore.from_install(portal.install_app()))
-    portal.remove_method("event.offline.get")
 
+    code, out = await run(config, rules_for(config), capsys, redis=redis)
+    assert code == 0, out
+    assert "✓ offline events can be read: event.offline.list answered" in out
+
+    portal.admin = False  # installed by a user who is no administrator: method.get still says available
     code, out = await run(config, rules_for(config), capsys, redis=redis)
 
     assert code == 1, out
     assert "✓ the application is installed" in out and "✓ the portal answers the app" in out
-    assert "✗ offline events can be read: event.offline.get not allowed" in out
+    assert "✗ offline events can be read: ACCESS_DENIED" in out
+    assert "reinstall the application as an administrator" in out
+
+
+async def test_offline_events_through_a_webhook_without_admin_rights(portal: FakePortal, right_config: PortalConfig,
+                                                                     capsys: Any) -> None:
+    # The rules file refuses offline_events for a webhook; a config made in code reaches the portal all the same.
+    config = right_config.model_copy(update={"offline_events": True})
+    portal.admin = False
+
+    code, out = await run(config, rules_for(config), capsys)
+
+    assert code == 1, out
+    assert "✗ offline events can be read: WRONG_AUTH_TYPE" in out
+    assert "never through a webhook" in out
+    assert "✓ the binding methods exist" in out  # the webhook's CRM rights are all the service needs
 
 
 async def test_the_command_line(portal: FakePortal, tmp_path: Any, monkeypatch: Any, capsys: Any) -> None:

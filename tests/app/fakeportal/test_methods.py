@@ -64,17 +64,84 @@ async def test_binding_errors(portal: FakePortal, session: aiohttp.ClientSession
     portal.violations.clear()
 
 
-async def test_binding_cap_of_100(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+async def test_a_101st_binding_drops_the_lowest_owner_id_without_a_word(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    leads = [portal.add_lead() for _ in range(101)]
+    contact = portal.add_contact("Ann")  # contact 1: the lowest owner id once the leads are there
+    activity = portal.add_activity([(LEAD, lead) for lead in leads[1:100]])
+    portal.bind_by_hand(activity, (CONTACT, contact))  # 100, by hand: nothing dropped, no violation
+    assert portal.violations == []
+
+    status, body = await call(session, portal, "crm.activity.binding.add",
+                              {"activityId": activity, "entityTypeId": LEAD, "entityId": leads[100]})
+
+    assert (status, body["result"]) == (200, True)  # crm 25.1150.0 and later: true, and one binding gone
+    assert len(portal.bindings(activity)) == 100 and (CONTACT, contact) not in portal.bindings(activity)
+    assert portal.violations == [f"activity {activity} lost its binding to contact {contact}: a REST write "
+                                 "took it past 100 bindings"]
+    portal.violations.clear()
+
+
+async def test_an_older_portal_has_no_binding_cap(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    portal.max_bindings = None
     leads = [portal.add_lead() for _ in range(101)]
     activity = portal.add_activity([(LEAD, lead) for lead in leads[:100]])
-    status, body = await call(
-        session,
-        portal,
-        "crm.activity.binding.add",
-        {"activityId": activity, "entityTypeId": LEAD, "entityId": leads[100]},
-    )
-    assert (status, body["error"]) == (400, "TOO_MANY_BINDINGS")
-    assert len(portal.bindings(activity)) == 100
+    status, body = await call(session, portal, "crm.activity.binding.add",
+                              {"activityId": activity, "entityTypeId": LEAD, "entityId": leads[100]})
+    assert (status, body["result"]) == (200, True) and len(portal.bindings(activity)) == 101
+
+
+async def test_timeline_bindings_answer_false_for_no_rights_a_missing_comment_or_a_failed_save(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    lead = portal.add_lead()
+    contact, other = portal.add_contact("Ann"), portal.add_contact("Bob")
+    comment = portal.add_timeline_comment("lead", lead, "called")
+    portal.set_access_denied({(CONTACT, other)})
+
+    def fields(owner: int, entity: int) -> dict[str, object]:
+        return {"fields": {"OWNER_ID": owner, "ENTITY_TYPE": "contact", "ENTITY_ID": entity}}
+
+    for method in ("crm.timeline.bindings.bind", "crm.timeline.bindings.unbind"):
+        for params in (fields(comment, other), fields(999, contact)):  # no rights; no such comment
+            status, body = await call(session, portal, method, params)
+            assert (status, body["result"]) == (200, False), (method, params)
+    portal.timeline_saves_fail = True
+    assert (await call(session, portal, "crm.timeline.bindings.bind", fields(comment, contact)))[1]["result"] is False
+    portal.timeline_saves_fail = False
+    assert (await call(session, portal, "crm.timeline.bindings.bind", fields(comment, contact)))[1]["result"] is True
+    assert (await call(session, portal, "crm.timeline.bindings.bind", fields(comment, contact)))[1]["result"] is True
+    assert portal.comment_bindings(comment) == [("contact", contact), ("lead", lead)]
+
+
+async def test_a_filter_on_an_unknown_field_is_dropped_and_the_list_comes_back_unfiltered(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    lead = portal.add_lead()
+    mine, others = portal.add_contact("Ann", lead_id=lead), [portal.add_contact("Bob"), portal.add_contact("Cy")]
+    status, body = await call(session, portal, "crm.contact.list", {"filter": {"LEAD_ID": lead}})
+    assert [int(r["ID"]) for r in body["result"]] == [mine]
+    status, body = await call(session, portal, "crm.contact.list", {"filter": {"LEADID": lead}})  # misspelt
+    assert [int(r["ID"]) for r in body["result"]] == sorted([mine, *others])
+
+
+async def test_a_page_past_the_end_is_the_first_page_again(portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    leads = [portal.add_lead() for _ in range(3)]
+    status, body = await call(session, portal, "crm.lead.list", {"start": 50})
+    assert [int(r["ID"]) for r in body["result"]] == leads and body["total"] == 3
+
+
+async def test_event_methods_are_global_scope_and_refuse_webhooks_and_non_admins(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    portal.scopes = ["crm"]
+    status, body = await call(session, portal, "method.get", {"name": "event.offline.list"})
+    assert body["result"] == {"isExisting": True, "isAvailable": True}  # whoever asks
+    status, body = await call(session, portal, "event.offline.list", {})
+    assert (status, body["error"]) == (401, "WRONG_AUTH_TYPE")
+    auth = portal.install_app()
+    async with session.post(f"{portal.base_url}/rest/event.offline.list", json={"auth": auth["access_token"]}) as r:
+        assert r.status == 200 and (await r.json())["result"] == []
+    portal.admin = False
+    async with session.post(f"{portal.base_url}/rest/event.offline.list", json={"auth": auth["access_token"]}) as r:
+        assert (r.status, (await r.json())["error"]) == (403, "ACCESS_DENIED")
 
 
 async def test_move_within_type_and_across_types(portal: FakePortal, session: aiohttp.ClientSession) -> None:
@@ -162,7 +229,7 @@ async def test_timeline_comments_and_bindings(portal: FakePortal, session: aioht
     status, body = await call(
         session, portal, "crm.timeline.bindings.bind", {"fields": {**fields, "OWNER_ID": 99}}
     )
-    assert body == {"error": "", "error_description": "OWNER_ID is not defined or invalid."}
+    assert (status, body["result"]) == (200, False)  # a missing comment: false, no error (restservice.php)
 
 
 async def test_add_and_update_over_http(portal: FakePortal, session: aiohttp.ClientSession) -> None:

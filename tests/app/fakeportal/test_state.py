@@ -12,12 +12,12 @@ async def test_convert_lead_creates_entities(portal: FakePortal, session: aiohtt
     lead = portal.add_lead("Website order", name="Ann", email="ann@example.com")
     activity = portal.add_activity([(LEAD, lead)])
     created = portal.convert_lead(lead, deal=True)
-    # The portal copies: every created record gets a binding, the lead binding stays, and the deal
-    # (the last binding that is not a contact or company) becomes the owner.
+    # The portal copies: every created record gets a binding, the lead binding stays, and so does the
+    # lead as the owner (AttachBinding does not recalculate it).
     assert portal.bindings(activity) == sorted([(LEAD, lead), (DEAL, created["deal"]),
                                                 (CONTACT, created["contact"]), (COMPANY, created["company"])])
     assert (portal.activities[activity]["OWNER_TYPE_ID"], portal.activities[activity]["OWNER_ID"]) == (
-        str(DEAL), str(created["deal"]))
+        str(LEAD), str(lead))
     status, body = await call(session, portal, "crm.lead.get", {"id": lead})
     assert body["result"]["STATUS_ID"] == "CONVERTED" and body["result"]["STATUS_SEMANTIC_ID"] == "S"
     assert body["result"]["CONTACT_ID"] == str(created["contact"])
@@ -121,3 +121,50 @@ async def test_a_lead_closing_completes_its_open_calls_and_todos(portal: FakePor
     portal.convert_lead(lead, contact=True, company=False)
     assert portal.events[-2:] == [("ONCRMACTIVITYUPDATE", call), ("ONCRMACTIVITYUPDATE", todo)]
     assert [portal.activities[a]["COMPLETED"] for a in (call, todo, email)] == ["Y", "Y", "N"]
+
+
+async def test_the_lead_is_closed_before_its_activities_are_attached(portal: FakePortal) -> None:
+    lead = portal.add_lead()
+    call = portal.add_activity([(LEAD, lead)], type_id=2)
+    made = portal.convert_lead(lead, contact=True, company=False)
+    # Completed while bound to the lead alone, then the contact attached: the history shows that order.
+    assert portal.activities[call]["COMPLETED"] == "Y"
+    assert portal.binding_history[call] == [((LEAD, lead),), tuple(sorted([(LEAD, lead), (CONTACT, made["contact"])]))]
+
+
+async def test_binding_writes_echo_to_the_subscribed_handler_after_the_request(
+        portal: FakePortal, session: aiohttp.ClientSession) -> None:
+    from aiohttp import web
+
+    heard: list[dict[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        heard.append({k: str(v) for k, v in (await request.post()).items()})
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/events", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        lead, contact, other = portal.add_lead(), portal.add_contact(), portal.add_lead()
+        activity = portal.add_activity([(LEAD, lead)])
+        ids = {"activityId": activity}
+        await call(session, portal, "crm.activity.binding.add", {**ids, "entityTypeId": CONTACT, "entityId": contact})
+        assert portal.echoes == [("ONCRMACTIVITYUPDATE", activity)] and heard == []  # not subscribed: recorded only
+        portal.subscribe(f"http://127.0.0.1:{port}/events", "app-token", "acme.bitrix24.com")
+        await call(session, portal, "crm.activity.binding.move", {**ids, "sourceEntityTypeId": LEAD,
+                   "sourceEntityId": lead, "targetEntityTypeId": LEAD, "targetEntityId": other})
+        # The target is appended last, not put in the lead's place.
+        assert portal.binding_history[activity][-1] == tuple(sorted([(CONTACT, contact), (LEAD, other)]))
+        assert list(portal.activity_bindings[activity]) and portal._binding_order[activity][-1] == (LEAD, other)
+        await call(session, portal, "crm.activity.binding.delete", {**ids, "entityTypeId": CONTACT, "entityId": contact})
+        await call(session, portal, "crm.activity.binding.delete", {**ids, "entityTypeId": LEAD, "entityId": other})
+        await portal.echoes_sent()
+        assert len(portal.echoes) == 3  # the refused delete (the last binding) fires nothing
+        assert [(h["event"], h["data[FIELDS][ID]"], h["auth[application_token]"]) for h in heard] == \
+            [("ONCRMACTIVITYUPDATE", str(activity), "app-token")] * 2
+    finally:
+        await runner.cleanup()
