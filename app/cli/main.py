@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
-from app.cli.exits import Exit, Failure, at_the_edge
+from app.cli.exits import Exit, Failure, NotFound, at_the_edge
 from app.config import load_service_rules, variables
 from app.rules.loader import load_rules
 from app.settings import Settings
@@ -53,8 +53,21 @@ def main(argv: list[str] | None = None) -> int:
                                                "key_prefix": settings.key_prefix + "demo:"})
         if "LOG_LEVEL" not in os.environ:  # the story reads better without the service's routine lines
             settings = settings.model_copy(update={"log_level": "WARNING"})
+    elif args.command not in ROLES:
+        settings = _playground(settings)
     namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
     return at_the_edge(lambda: _command(args, settings), settings)
+
+
+def _playground(settings: Settings) -> Settings:
+    """A tool run where no rules file is written reaches the kept demo, if one runs, and says so."""
+    if settings.rules.exists():
+        return settings
+    kept = demo.find_playground(demo.playground_dir(settings))
+    if kept is None:
+        return settings
+    print(f"b24rebind: {kept.notice}", file=sys.stderr, flush=True)
+    return kept.settings_for(settings)
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,7 +84,9 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         return code
     try:
         if args.command == "demo" and args.demo_command == "convert":
-            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat, settings.demo_port))
+            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat, settings))
+        if args.command == "demo" and args.demo_command == "stop":
+            return demo.stop_command(settings)
         if args.command in ROLES:
             roles = ROLES[args.command]
             if args.command == "demo" and args.keep:
@@ -98,6 +113,10 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_rules(path: Path | None, settings: Settings) -> int:
+    if path is None and not settings.rules.exists():
+        raise NotFound(f"{settings.rules}: missing. Without it the service runs the built-in rules on the demo "
+                       "portal; to write your own: cp rules.example.yaml rules.yaml (or set B24_RULES to its path); "
+                       "to play first: b24rebind demo --keep")
     rules = load_rules(path, variables()) if path else load_service_rules(settings)
     paused = [rule.name for rule in rules.rules if not rule.enabled]
     print(f"{path or settings.rules}: OK, {plural(len(rules.rules), 'rule')}, {plural(len(rules.portals), 'portal')} "
@@ -124,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--activities", type=int, default=3, help="activities on the lead (default 3)")
     convert.add_argument("--late", type=int, default=0, help="e-mails arriving after the conversion (default 0)")
     convert.add_argument("--repeat", action="store_true", help="then a repeat lead of the same client")
+    demo_commands.add_parser("stop", help="stop the demo that `demo --keep` keeps running")
     rules = commands_.add_parser("rules", help="work with the rules file")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")

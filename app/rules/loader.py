@@ -36,15 +36,21 @@ class Position:
     column: int
 
 
-def load_rules(path: Path, environ: Mapping[str, str] | None = None) -> RuleSet:
+# What an unset `${VARIABLE}` reads as where nothing reaches the portal (`rules test`), by the key it fills.
+STAND_INS = {"rest_url": "https://example.bitrix24.com/rest/1/stand-in/"}
+
+
+def load_rules(path: Path, environ: Mapping[str, str] | None = None, stand_ins: bool = False) -> RuleSet:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError([f"cannot read rules file {path}: {exc.strerror}; set B24_RULES to its path"]) from None
-    return parse_rules(text, str(path), os.environ if environ is None else environ)
+    return parse_rules(text, str(path), os.environ if environ is None else environ, stand_ins)
 
 
-def parse_rules(text: str, filename: str, environ: Mapping[str, str]) -> RuleSet:
+def parse_rules(text: str, filename: str, environ: Mapping[str, str], stand_ins: bool = False) -> RuleSet:
+    """The rules in `text`; with `stand_ins`, an unset `${VARIABLE}` is given a stand-in instead of refused
+    (rule tests run the engine alone: the webhook's URL and token are never used)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -53,7 +59,7 @@ def parse_rules(text: str, filename: str, environ: Mapping[str, str]) -> RuleSet
         raise RulesError([f"{where}: not valid YAML: {exc.problem or exc.context}"]) from None
     if root is None:
         raise RulesError([f"{filename}:1:1: the rules file is empty; see rules.example.yaml"])
-    converter = _Converter(filename, environ)
+    converter = _Converter(filename, environ, stand_ins)
     data = converter.convert(root, ())
     if converter.problems:
         raise RulesError(converter.problems)
@@ -68,8 +74,8 @@ def parse_rules(text: str, filename: str, environ: Mapping[str, str]) -> RuleSet
 class _Converter:
     """Turns YAML nodes into plain data, remembering where each value and key stood."""
 
-    def __init__(self, filename: str, environ: Mapping[str, str]) -> None:
-        self.filename, self.environ = filename, environ
+    def __init__(self, filename: str, environ: Mapping[str, str], stand_ins: bool = False) -> None:
+        self.filename, self.environ, self.stand_ins = filename, environ, stand_ins
         self.positions: dict[Loc, Position] = {}
         self.problems: list[str] = []
         self._scalars = yaml.SafeLoader("")  # types scalars (int, bool, null...) exactly as safe_load does
@@ -87,12 +93,15 @@ class _Converter:
             return [self.convert(item, (*loc, i)) for i, item in enumerate(node.value)]
         value = self._scalars.construct_object(node, deep=True)
         if isinstance(value, str) and "${" in value:
-            return _VAR.sub(lambda match: self._variable(match.group(1), self.positions[loc]), value)
+            return _VAR.sub(lambda match: self._variable(match.group(1), loc), value)
         return value
 
-    def _variable(self, name: str, where: Position) -> str:
+    def _variable(self, name: str, loc: Loc) -> str:
+        where = self.positions[loc]
         if self.environ.get(name, "").strip():
             return self.environ[name]
+        if self.stand_ins:
+            return STAND_INS.get(str(loc[-1]) if loc else "", "stand-in")
         if name in self.environ:  # `.env.example` lists them empty: say so, rather than "malformed"
             self.problems.append(f"{self.filename}:{where.line}:{where.column}: ${{{name}}} is empty; "
                                  f"give {name} a value in .env or in the environment")
