@@ -94,6 +94,9 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return (f"Redis at {redis_address(settings)} is unreachable ({_reason(exc)}): start it, or fix "
                 "REDIS_URL (unset, b24rebind starts its bundled Redis)", Exit.REDIS_DOWN)
+    if isinstance(exc, OSError) and exc.filename:  # a path from the settings the system refuses
+        return (f"cannot use {exc.filename}: {exc.strerror}; check the path and its permissions "
+                "(B24_DATA_DIR, B24_SPOOL_DIR, B24_RULES)", Exit.USAGE)
     return str(exc), None
 
 

@@ -18,15 +18,13 @@ from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
 from app.cli.exits import Exit, Failure, NotFound, at_the_edge
-from app.config import load_service_rules, variables
+from app.config import DEFAULT_RULES, load_service_rules, variables
 from app.rules.loader import load_rules
-from app.settings import Settings
+from app.settings import Settings, SettingsError, load_settings
 from app.store import namespace
 from app.words import plural
 
@@ -41,11 +39,10 @@ ROLES = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        problems = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
-        print(f"b24rebind: a setting in the environment or .env is wrong: {problems}. Fix it (see .env.example)",
-              file=sys.stderr)
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"b24rebind: {line}", file=sys.stderr)
         return Exit.USAGE
     if args.command == "demo":
         # The demo's jobs and its bundled Redis live apart from a real installation's.
@@ -113,6 +110,8 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_rules(path: Path | None, settings: Settings) -> int:
+    if path is None and not settings.rules.exists() and settings.rules != DEFAULT_RULES:
+        raise NotFound(f"{settings.rules}: missing; B24_RULES names it: fix B24_RULES, or write the file")
     if path is None and not settings.rules.exists():
         raise NotFound(f"{settings.rules}: missing. Without it the service runs the built-in rules on the demo "
                        "portal; to write your own: cp rules.example.yaml rules.yaml (or set B24_RULES to its path); "
@@ -170,13 +169,6 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
-
-
-def _variable(loc: tuple[object, ...]) -> str:
-    """The environment variable behind a setting, as .env names it (B24_PORT, not port)."""
-    field = Settings.model_fields.get(str(loc[0])) if loc else None
-    alias = getattr(field, "validation_alias", None) if field else None
-    return alias.choices[0] if alias is not None and hasattr(alias, "choices") else ".".join(map(str, loc)).upper()
 
 
 def _version() -> str:
