@@ -39,7 +39,7 @@ def test_rules_check_names_the_line_and_exits_1(tmp_path: Path) -> None:
     result = b24rebind("rules", "check", str(broken), cwd=tmp_path)
 
     assert result.returncode == 1
-    assert f"unknown key 'bnid' in rule 'x' at {broken}:5:9; did you mean 'bind'?" in result.stderr
+    assert f"{broken}:5:9: unknown key 'bnid' in rule 'x'; did you mean 'bind'?" in result.stderr
 
 
 def test_rules_check_says_a_missing_rules_file_is_missing(tmp_path: Path) -> None:
