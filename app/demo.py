@@ -423,9 +423,10 @@ def stop_command(settings: Settings) -> int:
         return 0
     os.kill(found.pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while _alive(found.pid) and time.monotonic() < deadline:
+    # The demo removes its profile last thing as it stops (its parent may not have reaped it yet).
+    while find_playground(settings.data_dir) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(found.pid):
+    if find_playground(settings.data_dir) is not None:
         raise DemoError(f"the demo (pid {found.pid}) did not stop within 60 s; stop it with `kill {found.pid}`")
     print(f"the demo (pid {found.pid}) has stopped")
     return 0
