@@ -403,6 +403,10 @@ def playground_rules(settings: Settings, portal: PortalConfig) -> Path:
 def keep_playground(stack: AsyncExitStack, settings: Settings) -> None:
     """Write the kept demo's profile as it starts, so other commands find it (and `demo convert` waits for
     it), and remove it when the demo stops; `playground_ready` adds the dashboard's address."""
+    running = find_playground(settings.data_dir)
+    if running is not None and running.pid != os.getpid():
+        raise DemoError(f"a demo is kept running already (pid {running.pid}): play on it with `b24rebind demo "
+                        "convert`, or stop it with `b24rebind demo stop`")
     rules = (settings.data_dir / PLAYGROUND_RULES).resolve()
     Playground(pid=os.getpid(), data_dir=str(settings.data_dir.resolve()), key_prefix=settings.key_prefix,
                rules=str(rules), portal=f"http://127.0.0.1:{settings.demo_port}/rest/1/{DEMO_WEBHOOK_CODE}/").write()

@@ -107,7 +107,7 @@ def test_the_first_ten_minutes_run_as_written(fresh_copy: Path) -> None:
     steps = first_ten_minutes()
     assert len(steps) >= 6 and steps[0][0] == "./scripts/start demo", steps
     # Ports of this run's own: the README's 8080 and 8099 may be someone else's here.
-    env = {"PATH": f"/usr/local/bin:/usr/bin:/bin", "HOME": str(fresh_copy.parent), "LANG": "C.UTF-8",
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(fresh_copy.parent), "LANG": "C.UTF-8",
            "B24_PORT": str(free_port()), "B24_DEMO_PORT": str(free_port())}
     for number, (block, expected) in enumerate(steps, start=1):
         log = fresh_copy.parent / f"block{number}.log"

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _playground(settings: Settings) -> Settings:
     """A tool run where no rules file is written reaches the kept demo, if one runs, and says so."""
-    if settings.rules.exists():
+    if settings.rules != DEFAULT_RULES or settings.rules.exists():  # a rules file of one's own, named or written
         return settings
     kept = demo.find_playground(demo.playground_dir(settings))
     if kept is None:

@@ -108,7 +108,14 @@ def test_every_command_reaches_the_kept_demo(playground: tuple[Path, dict[str, s
     assert "4 converted leads since 2020-01-01" in backfill and "dry run: would re-bind 1 activity" in backfill
     assert "reconcile demo: " in run("reconcile")
     assert "queued again: 1 job(s)" in run("jobs", "retry", job)
+    second = subprocess.run([sys.executable, "-m", "app", "demo", "--keep"], cwd=playground[0], env=playground[1],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "a demo is kept running already" in second.stderr, second.stderr
     assert "has stopped" in run("demo", "stop")
+    assert not (playground[0] / "var" / "demo" / "playground.json").exists()
+    after = subprocess.run([sys.executable, "-m", "app", "rules", "check"], cwd=playground[0], env=playground[1],
+                           capture_output=True, text=True, timeout=120)
+    assert after.returncode == 6 and "rules.yaml: missing" in after.stderr  # back to this directory's own
 
     listed = commands_listed(_parser())
     missing = {c for c in listed if c.split()[0] not in SERVICE_ITSELF} - ran - {"demo"}  # `demo` is the fixture
