@@ -30,11 +30,14 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
 
 @pytest.mark.parametrize("name", ENVIRONMENT_NAMES)
 def test_every_hostile_value_of_a_setting_is_one_line_or_accepted(
-        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        redis_url: str) -> None:
     monkeypatch.chdir(tmp_path)  # no .env, no rules.yaml
     for other in ENVIRONMENT_NAMES:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv("B24_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("REDIS_URL", redis_url)  # the suite's own Redis: `stats` reads it, and writes nothing
+    monkeypatch.setenv("B24_KEY_PREFIX", "hostile-settings")
     refused = []
     for value in HOSTILE:
         code, output = run_in_process(monkeypatch, capsys, name, value, "rules", "check")
@@ -48,6 +51,10 @@ def test_every_hostile_value_of_a_setting_is_one_line_or_accepted(
             refused.append(value)
         else:  # accepted: the command ran and ended as it does without the setting (rules.yaml is missing)
             assert code in (0, 1, 6) and output.startswith(("b24rebind: ", "rules.yaml")), (name, value, code, output)
+            # and a command that reads Redis, the data directory and the rules with it says what it must
+            code, output = run_in_process(monkeypatch, capsys, name, value, "stats")
+            assert "Traceback" not in output and output.strip(), (name, value, output)
+            assert code == 0 or len(output.strip().splitlines()) == 1, (name, value, code, output)
     assert refused, f"{name}: no hostile value was refused"
 
 
