@@ -12,6 +12,7 @@ import pytest
 
 from app.cli.main import main
 from app.settings import Settings, variable_name
+from app.store import namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = ["", " ", "-1", "0", "abc", "a b", "1e309", "nan", "inf", "99999999999999999999", "*", "/", "[", "{}",
@@ -21,9 +22,13 @@ ENVIRONMENT_NAMES = sorted(variable_name(field) for field in Settings.model_fiel
 
 def run_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str,
                    *command: str) -> tuple[int, str]:
+    before = namespace.prefixed("")
     with monkeypatch.context() as patch:
         patch.setenv(name, value)
-        code = main(list(command))  # an exception escaping here is the traceback a user would see
+        try:
+            code = main(list(command))  # an exception escaping here is the traceback a user would see
+        finally:
+            namespace.use_prefix(before)  # main sets this process's key prefix: the tests after need theirs
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
