@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from contextlib import AsyncExitStack
@@ -42,12 +43,17 @@ async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
     live = LiveRules(demo.demo_rules() if roles.demo_story else load_service_rules(settings), settings)
     async with AsyncExitStack() as stack:
+        if roles.keep:
+            demo.keep_playground(stack, settings)
         settings = with_redis(settings, stack)
         fake = stage = None
         if roles.demo_story:  # the demo's own rules and portal, whatever the rules file says
             stage = await demo.start_stage(stack, settings.demo_port if roles.keep else 0)
             fake = stage.fake
             live = LiveRules(demo.with_demo_portal(live.current, stage.config))
+            if roles.keep:  # the playground: its rules in a file a person may edit, reloaded as they change
+                settings = settings.model_copy(update={"rules": demo.playground_rules(settings, stage.config)})
+                live = LiveRules(load_service_rules(settings), settings)
         elif roles.demo_portal and not live.current.portals:
             fake = await demo.start_portal(stack)
             demo_config = demo.demo_portal_config(fake)
@@ -75,7 +81,10 @@ async def run(settings: Settings, roles: Roles) -> None:
                 stack.push_async_callback(watched.aclose)
                 await stack.enter_async_context(watching_redis_memory(watched, "worker", settings.data_dir))
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
-            base_url = await _start_web(stack, settings, live)
+            # The demo beside a running service takes a port of its own rather than failing.
+            base_url = await _start_web(stack, settings, live, any_port_if_taken=roles.demo_story)
+        if roles.keep:
+            demo.playground_ready(settings, base_url)
         if fake is not None:
             demo.announce(fake, base_url if roles.web else "", story=stage is not None, keep=roles.keep)
         if stage is not None:
@@ -107,13 +116,22 @@ class WorkerStopped(Exception):
     """A worker ended by itself (a bug: a Redis outage only makes it wait); the message says what to do."""
 
 
-async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules) -> str:
+async def _start_web(stack: AsyncExitStack, settings: Settings, rules: LiveRules,
+                     any_port_if_taken: bool = False) -> str:
     runner = web_runner(settings, rules)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            if not (any_port_if_taken and exc.errno == errno.EADDRINUSE):
+                raise
+            site = web.TCPSite(runner, settings.host, 0)
+            await site.start()
+            print(f"Port {settings.port} is taken (by `./scripts/start`, say), so the demo's web process takes "
+                  f"port {runner.addresses[0][1]} of its own.", flush=True)
     except OSError as exc:  # most often the port is taken: by another b24rebind, say
         raise CannotListen(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}. Stop what "
                            "uses that port (another b24rebind?), or set B24_PORT (and B24_HOST) to a free "

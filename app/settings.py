@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -44,9 +46,9 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(default=None, validation_alias=_env("B24_API_TOKEN"))
     log_level: LogLevel = Field(default="INFO", validation_alias=_env("LOG_LEVEL"))
     data_dir: Path = Field(default=Path("var"), validation_alias=_env("B24_DATA_DIR"))
-    job_retention_days: float = Field(default=14, gt=0, validation_alias=_env("B24_JOB_RETENTION_DAYS"))
+    job_retention_days: float = Field(default=14, gt=0, le=3650, allow_inf_nan=False, validation_alias=_env("B24_JOB_RETENTION_DAYS"))
     max_job_records: int = Field(
-        default=200_000, ge=1000, validation_alias=_env("B24_MAX_JOB_RECORDS"),
+        default=200_000, ge=1000, le=100_000_000, validation_alias=_env("B24_MAX_JOB_RECORDS"),
         description="Job records kept at most, whatever their age (the oldest go first): bounds Redis memory.",
     )
     spool_dir: Path | None = Field(
@@ -66,7 +68,7 @@ class Settings(BaseSettings):
                     "together, the fuller each batch: fewer requests of the portal's budget).",
     )
     reconcile_interval: float = Field(
-        default=900, ge=0, validation_alias=_env("B24_RECONCILE_INTERVAL"),
+        default=900, ge=0, le=7 * 86400, allow_inf_nan=False, validation_alias=_env("B24_RECONCILE_INTERVAL"),
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
     )
 
@@ -90,8 +92,55 @@ class Settings(BaseSettings):
         # no glob characters, so that `SCAN MATCH blue:*` finds this installation's keys and no others.
         value = value.strip()
         if any(char.isspace() or char in "*?[]" for char in value):
-            raise ValueError("a key prefix takes no spaces and no glob characters (* ? [ ])")
+            raise ValueError("takes no spaces and no glob characters (* ? [ ])")
         return value if not value or value.endswith(":") else value + ":"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_redis_url(value.strip())
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("host", "redis_sentinel_master")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(char.isspace() or char in "/@?#" or not char.isprintable() for char in value):
+            raise ValueError("must be one name or address, with no spaces, no scheme and no path")
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _printable(cls, value: SecretStr | None) -> SecretStr | None:
+        token = value.get_secret_value() if value is not None else ""
+        if any(char.isspace() or not char.isprintable() for char in token):
+            raise ValueError("takes no spaces and no control characters")
+        return value
+
+    @field_validator("rules", "data_dir", "spool_dir", mode="before")
+    @classmethod
+    def _a_path(cls, value: object) -> object:
+        if isinstance(value, str) and (not value.strip() or not value.isprintable()):
+            raise ValueError("is not a path" if value.strip() else "is empty")
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _not_a_directory(cls, value: Path) -> Path:
+        if _stat(value) == "directory":
+            raise ValueError("is a directory, not a file")
+        return value
+
+    @field_validator("data_dir", "spool_dir")
+    @classmethod
+    def _not_a_file(cls, value: Path | None) -> Path | None:
+        if value is not None and _stat(value) == "file":
+            raise ValueError("is a file, not a directory")
+        return value
 
     @property
     def redis_given(self) -> bool:
@@ -113,4 +162,149 @@ def _host_port(text: str) -> tuple[str, int]:
         port = rest.removeprefix(":")
     else:
         host, _, port = text.partition(":")
+    if not host or any(char.isspace() or char in "/@" for char in host):
+        raise ValueError(f"has an entry that is not host:port ({text!r})")
+    if not (port or "26379").isdigit() or not 0 < int(port or 26379) < 65536:
+        raise ValueError(f"has an entry whose port is not a number from 1 to 65535 ({text!r})")
     return host, int(port or 26379)
+
+
+def _stat(path: Path) -> str:
+    """"directory", "file" or "missing"; a path the system refuses to look at (too long, say) is refused."""
+    try:
+        return "directory" if path.is_dir() else "file" if path.exists() else "missing"
+    except OSError as exc:
+        raise ValueError(f"cannot be used ({exc.strerror})") from None
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+
+
+def _checked_redis_url(url: str) -> str:
+    """REDIS_URL's shape, checked once at load: the forms the service connects with, and nothing else.
+    The messages never repeat the URL, which may carry a password."""
+    scheme, has_scheme, rest = url.partition("://")
+    if not has_scheme or scheme.lower() not in REDIS_SCHEMES:
+        raise ValueError("is not a Redis URL" + (f" (it starts with {scheme}://)" if has_scheme else
+                                                 " (it has no scheme, like redis://)"))
+    parts = urlsplit(url)
+    if scheme.lower() == "unix":
+        if not parts.path:
+            raise ValueError("has no socket path after unix:// (as in unix:///run/redis/redis.sock)")
+        return url
+    hosts = parts.netloc.rpartition("@")[2]
+    if scheme.lower() == "redis+sentinel":
+        service, _, db = parts.path.strip("/").partition("/")
+        if not hosts or not service:
+            raise ValueError("names no sentinels or no service (as in "
+                             "redis+sentinel://sentinel-a:26379,sentinel-b:26379/mymaster)")
+        for each in hosts.split(","):
+            _host_port(each.strip())
+    else:
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+        except ValueError:
+            raise ValueError("has a port that is not a number from 1 to 65535") from None
+        db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError("names a database that is not a number (the path after the host is the database: /0)")
+    return url
+
+
+# What to write, per setting, after what is wrong: `setting NAME: what is wrong; what to write`.
+WHAT_TO_WRITE = {
+    "redis_url": "write redis://HOST:6379/0, rediss:// for TLS, unix:///path/to/redis.sock, or "
+                 "redis+sentinel://HOST:26379[,HOST:26379]/SERVICE[/DB]; leave it empty for the bundled Redis",
+    "redis_sentinels": "write host:port pairs, comma-separated: sentinel-a:26379,sentinel-b:26379",
+    "redis_sentinel_master": "write the name the sentinels give the primary, e.g. mymaster",
+    "key_prefix": "write a short name such as shop1 (letters, digits, : - _)",
+    "rules": "write the rules file's path, e.g. rules.yaml",
+    "host": "write the address to listen on: 127.0.0.1, or 0.0.0.0 for every interface",
+    "port": "write a port number from 1 to 65535 (0: any free port), e.g. 8080",
+    "demo_port": "write a port number from 1 to 65535, e.g. 8099",
+    "api_token": "write a long random string: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+    "log_level": "write DEBUG, INFO, WARNING or ERROR",
+    "data_dir": "write a directory's path, e.g. var",
+    "job_retention_days": "write a number of days above 0, e.g. 14",
+    "max_job_records": "write a whole number from 1000 up, e.g. 200000",
+    "spool_dir": "write a directory's path, e.g. var/spool, or leave it empty",
+    "allowed_sources": "write addresses or networks, comma-separated: 10.0.0.0/8,192.0.2.7",
+    "worker_jobs": "write a whole number from 1 to 500, e.g. 100",
+    "reconcile_interval": "write seconds between sweeps (0 turns them off), e.g. 900",
+}
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used: one line per setting, `setting NAME: what is wrong; what to write`."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def load_settings() -> Settings:
+    """The settings from the environment and `.env`, validated once; every problem in words."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines: dict[str, str] = {}
+        for error in exc.errors():
+            field = _field_of(str(error["loc"][0]) if error["loc"] else "")
+            lines.setdefault(field, f"setting {variable_name(field)}: {_what_is_wrong(error)}; "
+                                    f"{WHAT_TO_WRITE.get(field) or _fallback_hint(field)}")
+        raise SettingsError(list(lines.values())) from None
+    except PydanticSettingsError as exc:  # a value the settings source could not even decode
+        field = next((name for name in Settings.model_fields if f'"{name}"' in str(exc)), "")
+        raise SettingsError([f"setting {variable_name(field)}: cannot be read; "
+                             f"{WHAT_TO_WRITE.get(field) or _fallback_hint(field)}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError([f"setting file .env: cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                             "write NAME=value lines in UTF-8, as .env.example does"]) from None
+
+
+def _field_of(name: str) -> str:
+    """The settings field an error's location names: the field itself, or one of its environment names."""
+    for field, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        if name == field or (isinstance(alias, AliasChoices) and name in alias.choices):
+            return field
+    return name
+
+
+def variable_name(field: str) -> str:
+    """The environment variable behind a setting, as .env names it (B24_PORT, not port)."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return field.upper() or ".env"
+
+
+def _what_is_wrong(error: Any) -> str:
+    kind, context = error["type"], error.get("ctx") or {}
+    shown = error.get("input")
+    given = f"{shown!r}" if isinstance(shown, str) and len(shown) <= 40 else "the value given"
+    if error["loc"] and _field_of(str(error["loc"][0])) in ("redis_url", "api_token"):
+        given = "the value given"  # may carry a password
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return f"{given} is not a whole number"
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        return f"{given} is not a number"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = next(iter(context.values()), "")
+        words = {"greater_than": "above", "greater_than_equal": "at least", "less_than": "below",
+                 "less_than_equal": "at most"}[kind]
+        return f"{given} is out of range (it must be {words} {bound})"
+    if kind == "literal_error":
+        return f"{given} is not one of {context.get('expected', 'the allowed values')}"
+    if kind in ("ip_any_network", "ip_any_address", "ip_v4_network", "ip_v6_network"):
+        return f"{given} is not an address or network"
+    if kind == "value_error":
+        return f"{given} {str(error['msg']).removeprefix('Value error, ')}"
+    return f"{given} is not valid ({error['msg']})"
+
+
+def _fallback_hint(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    described = f"{info.description.rstrip('.')}; " if info is not None and info.description else ""
+    return f"{described}see docs/settings.md for what it takes".lstrip()

@@ -134,7 +134,7 @@ def test_command(path: Path, settings: Settings) -> int:
         if not rules_path.is_file():
             raise NotFound(f"the rule tests {path} name the rules file {rules_path}, which does not exist: "
                            f"fix `rules:` in {path} (a path relative to it)")
-        rules = load_rules(rules_path, variables())
+        rules = load_rules(rules_path, variables(), stand_ins=True)
     else:
         rules_path, rules = settings.rules, load_service_rules(settings)
     failures = 0

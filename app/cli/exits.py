@@ -12,6 +12,7 @@ from enum import IntEnum
 
 from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.bitrix.errors import B24Error, ConfigError, TransientError
@@ -72,7 +73,9 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     if isinstance(exc, UnknownJob):
         return str(exc), Exit.NOT_FOUND
     if isinstance(exc, RulesError):
-        return f"the rules file is invalid:\n{exc}", Exit.REFUSED
+        # One mistake is one line (it names its file:line:col); several go under a line that counts them.
+        return (str(exc) if len(exc.messages) == 1 else f"the rules file has {len(exc.messages)} mistakes:\n{exc}",
+                Exit.REFUSED)
     if isinstance(exc, (UndoRefused, WorkerStopped)):
         return str(exc), Exit.REFUSED
     if isinstance(exc, (BadRequest, CannotListen)):
@@ -94,6 +97,15 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return (f"Redis at {redis_address(settings)} is unreachable ({_reason(exc)}): start it, or fix "
                 "REDIS_URL (unset, b24rebind starts its bundled Redis)", Exit.REDIS_DOWN)
+    if isinstance(exc, RedisResponseError) and "sentinel" in str(exc).lower():
+        return (f"{redis_address(settings)} answers, but not as a Sentinel ({str(exc)[:80]}): give REDIS_SENTINELS "
+                "the sentinels' addresses (port 26379, usually), not Redis's own", Exit.REDIS_DOWN)
+    if isinstance(exc, RedisResponseError):
+        return (f"Redis at {redis_address(settings)} refused a command ({str(exc)[:80]}): check that REDIS_URL "
+                "names a Redis 6.2 or newer that this user may write to", Exit.REDIS_DOWN)
+    if isinstance(exc, OSError) and exc.filename:  # a path from the settings the system refuses
+        return (f"cannot use {exc.filename}: {exc.strerror}; check the path and its permissions "
+                "(B24_DATA_DIR, B24_SPOOL_DIR, B24_RULES)", Exit.USAGE)
     return str(exc), None
 
 

@@ -44,6 +44,7 @@ def add_commands(subparsers: Any) -> None:
     listing.add_argument("--limit", default="20", help="jobs per page (default 20, at most 500)")
     listing.add_argument("--cursor", help="next_cursor printed under the previous page")
     listing.add_argument("--json", action="store_true", help=JSON_HELP)
+    listing.add_argument("-q", "--quiet", action="store_true", help="the job ids alone, one a line (for scripts)")
     show = actions.add_parser("show", help="one job: plan, changes, attempts")
     show.add_argument("job_id", help=JOB_HELP)
     show.add_argument("--json", action="store_true", help=JSON_HELP)
@@ -129,6 +130,9 @@ async def _list(args: argparse.Namespace, store: JobStore, redis: Redis, setting
     page = await store.list(query, limit, cursor)
     if args.json:
         print(json.dumps({"jobs": [r.summary() for r in page.records], "next_cursor": page.next_cursor}, indent=2))
+        return 0
+    if args.quiet:
+        print("\n".join(r.id for r in page.records))
         return 0
     if not page.records:
         print("no jobs" + (" match these filters" if _filters(args) else " yet: they appear as the portal's "

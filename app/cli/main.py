@@ -18,15 +18,13 @@ from datetime import date
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
-from app.cli.exits import Exit, Failure, at_the_edge
-from app.config import load_service_rules, variables
+from app.cli.exits import Exit, Failure, NotFound, at_the_edge
+from app.config import DEFAULT_RULES, load_service_rules, variables
 from app.rules.loader import load_rules
-from app.settings import Settings
+from app.settings import Settings, SettingsError, load_settings
 from app.store import namespace
 from app.words import plural
 
@@ -41,11 +39,10 @@ ROLES = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        problems = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
-        print(f"b24rebind: a setting in the environment or .env is wrong: {problems}. Fix it (see .env.example)",
-              file=sys.stderr)
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"b24rebind: {line}", file=sys.stderr)
         return Exit.USAGE
     if args.command == "demo":
         # The demo's jobs and its bundled Redis live apart from a real installation's.
@@ -53,8 +50,21 @@ def main(argv: list[str] | None = None) -> int:
                                                "key_prefix": settings.key_prefix + "demo:"})
         if "LOG_LEVEL" not in os.environ:  # the story reads better without the service's routine lines
             settings = settings.model_copy(update={"log_level": "WARNING"})
+    elif args.command not in ROLES:
+        settings = _playground(settings)
     namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
     return at_the_edge(lambda: _command(args, settings), settings)
+
+
+def _playground(settings: Settings) -> Settings:
+    """A tool run where no rules file is written reaches the kept demo, if one runs, and says so."""
+    if settings.rules != DEFAULT_RULES or settings.rules.exists():  # a rules file of one's own, named or written
+        return settings
+    kept = demo.find_playground(demo.playground_dir(settings))
+    if kept is None:
+        return settings
+    print(f"b24rebind: {kept.notice}", file=sys.stderr, flush=True)
+    return kept.settings_for(settings)
 
 
 def _command(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,7 +81,9 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
         return code
     try:
         if args.command == "demo" and args.demo_command == "convert":
-            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat, settings.demo_port))
+            return asyncio.run(demo.convert_command(args.activities, args.late, args.repeat, settings))
+        if args.command == "demo" and args.demo_command == "stop":
+            return demo.stop_command(settings)
         if args.command in ROLES:
             roles = ROLES[args.command]
             if args.command == "demo" and args.keep:
@@ -98,6 +110,12 @@ def _tool(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_rules(path: Path | None, settings: Settings) -> int:
+    if path is None and not settings.rules.exists() and settings.rules != DEFAULT_RULES:
+        raise NotFound(f"{settings.rules}: missing; B24_RULES names it: fix B24_RULES, or write the file")
+    if path is None and not settings.rules.exists():
+        raise NotFound(f"{settings.rules}: missing. Without it the service runs the built-in rules on the demo "
+                       "portal; to write your own: cp rules.example.yaml rules.yaml (or set B24_RULES to its path); "
+                       "to play first: b24rebind demo --keep")
     rules = load_rules(path, variables()) if path else load_service_rules(settings)
     paused = [rule.name for rule in rules.rules if not rule.enabled]
     print(f"{path or settings.rules}: OK, {plural(len(rules.rules), 'rule')}, {plural(len(rules.portals), 'portal')} "
@@ -124,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--activities", type=int, default=3, help="activities on the lead (default 3)")
     convert.add_argument("--late", type=int, default=0, help="e-mails arriving after the conversion (default 0)")
     convert.add_argument("--repeat", action="store_true", help="then a repeat lead of the same client")
+    demo_commands.add_parser("stop", help="stop the demo that `demo --keep` keeps running")
     rules = commands_.add_parser("rules", help="work with the rules file")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")
@@ -150,13 +169,6 @@ def _parser() -> argparse.ArgumentParser:
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
     return parser
-
-
-def _variable(loc: tuple[object, ...]) -> str:
-    """The environment variable behind a setting, as .env names it (B24_PORT, not port)."""
-    field = Settings.model_fields.get(str(loc[0])) if loc else None
-    alias = getattr(field, "validation_alias", None) if field else None
-    return alias.choices[0] if alias is not None and hasattr(alias, "choices") else ".".join(map(str, loc)).upper()
 
 
 def _version() -> str:

@@ -92,3 +92,34 @@ def test_demo_convert_without_a_kept_demo_says_what_to_do(tmp_path: Path) -> Non
 
     assert result.returncode == 4  # the portal is down
     assert "start one with `b24rebind demo --keep`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_demo_beside_a_running_service_takes_a_port_of_its_own(tmp_path: Path) -> None:
+    """README's first two commands: `./scripts/start` holds B24_PORT; `./scripts/start demo` must not fail."""
+    port = free_port()
+    service_env = {**env(tmp_path), "B24_PORT": str(port)}
+    with subprocess.Popen([sys.executable, "-m", "app", "run"], cwd=tmp_path, env=service_env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as service:
+        try:
+            deadline = time.monotonic() + 60
+            while not _listening(port):
+                assert time.monotonic() < deadline and service.poll() is None, "the service did not start"
+                time.sleep(0.2)
+
+            result = subprocess.run([sys.executable, "-m", "app", "demo"], cwd=tmp_path, capture_output=True,
+                                    text=True, env=service_env, timeout=180)
+
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert f"Port {port} is taken" in result.stdout and "takes port" in result.stdout
+            taken = int(result.stdout.split("takes port ")[1].split()[0])
+            assert taken != port and f"dashboard:        http://127.0.0.1:{taken}/" in result.stdout
+            assert "activity 1 (Re: price list): contact 1, company 1" in result.stdout
+            assert service.poll() is None  # the service was left alone
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=60)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

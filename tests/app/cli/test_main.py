@@ -39,14 +39,15 @@ def test_rules_check_names_the_line_and_exits_1(tmp_path: Path) -> None:
     result = b24rebind("rules", "check", str(broken), cwd=tmp_path)
 
     assert result.returncode == 1
-    assert f"unknown key 'bnid' in rule 'x' at {broken}:5:9; did you mean 'bind'?" in result.stderr
+    assert f"{broken}:5:9: unknown key 'bnid' in rule 'x'; did you mean 'bind'?" in result.stderr
 
 
-def test_without_a_rules_file_the_built_in_rules_are_used(tmp_path: Path) -> None:
+def test_rules_check_says_a_missing_rules_file_is_missing(tmp_path: Path) -> None:
     result = b24rebind("rules", "check", cwd=tmp_path)
 
-    assert result.returncode == 0
-    assert "none: the demo portal will be used" in result.stdout
+    assert result.returncode == 6, result.stderr
+    assert result.stderr.startswith("b24rebind: rules.yaml: missing.") and "OK" not in result.stdout
+    assert "cp rules.example.yaml rules.yaml" in result.stderr and "b24rebind demo --keep" in result.stderr
 
 
 def test_the_service_refuses_to_start_on_an_invalid_rules_file(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Loading the rules file: valid files load; each broken one gets one line naming file:line:column."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,27 +51,29 @@ def test_the_shipped_example_and_default_files_are_valid() -> None:
 
 BROKEN = [
     ("typo in an action key", VALID.replace("- bind:", "- bnid:"),
-     "unknown key 'bnid' in rule 'converted-lead-history-follows-client' at rules.yaml:12:9; did you mean 'bind'?"),
+     "rules.yaml:12:9: unknown key 'bnid' in rule 'converted-lead-history-follows-client'; did you mean 'bind'?"),
     ("typo in a rule key", VALID.replace("    when:", "    wehn:"),
-     "unknown key 'wehn' in rule 'converted-lead-history-follows-client' at rules.yaml:10:5; did you mean 'when'?"),
+     "rules.yaml:10:5: unknown key 'wehn' in rule 'converted-lead-history-follows-client'; did you mean 'when'?"),
     ("unknown target", VALID.replace("lead.contact,", "lead.contct,"),
      "rules.yaml:12:15: 'bind' in rule 'converted-lead-history-follows-client': unknown target 'lead.contct'"),
     ("unknown event", VALID.replace("oncrmleadupdate", "ONCRMLEADUPDTE"),
      "rules.yaml:9:9: 'on' in rule 'converted-lead-history-follows-client': unknown event 'ONCRMLEADUPDTE'"),
     ("wrong entity in a condition", VALID.replace("bound_to: lead", "bound_to: leed"),
-     "rules.yaml:10:22: 'bound_to' in rule 'converted-lead-history-follows-client': Input should be"),
+     "rules.yaml:10:22: 'bound_to' in rule 'converted-lead-history-follows-client': 'leed' is not one of lead, "
+     "deal, contact, company; did you mean 'lead'?"),
     ("bind and unbind of one type", VALID.replace("unbind: lead", "unbind: company"),
      "rules.yaml:8:5: rule 'converted-lead-history-follows-client': rule binds and unbinds a company"),
-    ("bad YAML", VALID.replace("    when:", "   when:"), "rules.yaml:10:4: not valid YAML"),
+    ("bad YAML", VALID.replace("    when:", "   when:"),
+     "rules.yaml:10:4: not valid YAML: this line is indented differently from the lines above it; indent it"),
     ("unset variable", VALID, "rules.yaml:4:15: ${B24_WEBHOOK_URL} is not set; set B24_WEBHOOK_URL in .env"),
     ("plain http to a remote portal", VALID.replace("${B24_WEBHOOK_URL}", "http://example.bitrix24.com/rest/1/x/"),
      "rules.yaml:4:15: 'rest_url': rest_url must use https://"),
     ("fixed target without an id", VALID.replace("{type: company, id: 42}", "{type: company}"),
-     "rules.yaml:12:44: 'id' in rule 'converted-lead-history-follows-client': Field required"),
+     "rules.yaml:12:44: 'id' in rule 'converted-lead-history-follows-client': missing; add it"),
     ("a step with two actions", VALID.replace("      - unbind: lead", "      - {unbind: lead, bind: [lead.deal]}"),
      "each step has exactly one of"),
     ("a rate limit of zero", VALID.replace("per_second: 2", "per_second: 0"),
-     "rules.yaml:6:30: 'per_second': Input should be greater than 0"),
+     "rules.yaml:6:30: 'per_second': 0 is out of range; write a number above 0"),
     ("a move across types", VALID.replace("      - unbind: lead", "      - move: {from: lead, to: lead.contact}"),
      "rules.yaml:13:15: 'move' in rule 'converted-lead-history-follows-client': a move stays within one "
      "type: from lead cannot go to contact"),
@@ -78,14 +81,15 @@ BROKEN = [
      "rules.yaml:10:45: 'subject_matches' in rule 'converted-lead-history-follows-client': not a valid regular "
      "expression"),
     ("a typo inside not", VALID.replace("lead_status: converted", "not: {subjct_contains: x}"),
-     "unknown key 'subjct_contains' in rule 'converted-lead-history-follows-client' at rules.yaml:10:34; "
+     "rules.yaml:10:34: unknown key 'subjct_contains' in rule 'converted-lead-history-follows-client'; "
      "did you mean 'subject_contains'?"),
     ("a wrong direction", VALID.replace("lead_status: converted", "direction: inbound"),
-     "'direction' in rule 'converted-lead-history-follows-client': Input should be 'incoming' or 'outgoing'"),
+     "'direction' in rule 'converted-lead-history-follows-client': 'inbound' is not one of incoming, outgoing; "
+     "write one of incoming, outgoing"),
     ("a typo in a move", VALID.replace("      - unbind: lead", "      - move: {form: deal, to: lead.deal}"),
-     "unknown key 'form' in rule 'converted-lead-history-follows-client' at rules.yaml:13:16; did you mean 'from'?"),
+     "rules.yaml:13:16: unknown key 'form' in rule 'converted-lead-history-follows-client'; did you mean 'from'?"),
     ("two rules that undo each other", VALID + "  - name: back\n    on: [ONCRMACTIVITYADD]\n    do: [{unbind: contact}]\n",
-     "rules.yaml:1:1: the file: rules 'converted-lead-history-follows-client' and 'back' bind and unbind "
+     "rules.yaml:8:3: 'rules': rules 'converted-lead-history-follows-client' and 'back' bind and unbind "
      "a contact on the same event"),
     ("a portal without a token", VALID.replace("    application_token: ${B24_APPLICATION_TOKEN}\n", ""),
      "rules.yaml:3:5: 'main': a webhook portal needs rest_url (the inbound webhook) and application_token"),
@@ -103,11 +107,22 @@ BROKEN = [
     ("an empty variable", VALID, "rules.yaml:4:15: ${B24_WEBHOOK_URL} is empty; give B24_WEBHOOK_URL a value"),
     ("a webhook URL ending with a method", VALID.replace("${B24_WEBHOOK_URL}",
                                                          "https://example.bitrix24.com/rest/1/abc/crm.lead.list.json"),
-     "rules.yaml:3:5: 'main': rest_url ends with a method (crm.lead.list): give the webhook's base URL only"),
+     "rules.yaml:4:15: 'rest_url': rest_url ends with a method (crm.lead.list): give the webhook's base URL only"),
     ("a URL that is no webhook", VALID.replace("${B24_WEBHOOK_URL}", "https://example.bitrix24.com/"),
-     "'main': rest_url is not an inbound webhook URL"),
-    ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': Field required"),
+     "rules.yaml:4:15: 'rest_url': rest_url is not an inbound webhook URL"),
+    ("no rules at all", "portals: {}\n", "rules.yaml:1:1: 'rules': missing; add it"),
     ("an empty file", "", "rules.yaml:1:1: the rules file is empty"),
+    ("an enum typo: leads for lead", VALID.replace("bound_to: lead", "bound_to: leads"),
+     "rules.yaml:10:22: 'bound_to' in rule 'converted-lead-history-follows-client': 'leads' is not one of lead, "
+     "deal, contact, company; did you mean 'lead'?"),
+    ("a word where a number goes", VALID.replace("burst: 50", "burst: lots"),
+     "rules.yaml:6:40: 'burst': 'lots' is not a whole number; write a whole number"),
+    ("a tab in the indentation", VALID.replace("    when:", "\twhen:"),
+     "rules.yaml:10:1: not valid YAML: a character that cannot start a value here (a tab?); indent with spaces"),
+    ("an unclosed list", VALID.replace("oncrmleadupdate]", "oncrmleadupdate"),
+     "rules.yaml:9:9: not valid YAML: a list in [ ] is not closed; add the ']'"),
+    ("a colon inside a value", VALID.replace("- unbind: lead", "- unbind: lead: now"),
+     "rules.yaml:13:21: not valid YAML: a ':' where a value was expected; put quotes around a value"),
 ]
 
 
@@ -122,6 +137,10 @@ def test_a_broken_file_gets_one_line_naming_where(text: str, expected: str) -> N
     assert len(messages) == 1, messages
     assert "\n" not in messages[0]
     assert expected in messages[0], messages[0]
+    # One dialect: file:line:col first, never pydantic's or PyYAML's own words.
+    assert re.match(r"rules\.yaml:\d+:\d+: ", messages[0]), messages[0]
+    assert not any(words in messages[0] for words in ("Input should be", "Field required", "expected <block end>",
+                                                       "mapping values are not allowed", "Value error"))
 
 
 def test_two_rules_with_one_name_are_refused() -> None:
