@@ -88,3 +88,28 @@ def _text(data: dict[str, Any], key: str, label: str | None = None) -> str:
     if not isinstance(value, (str, int)) or str(value).strip() == "":
         raise BadEvent(f"missing '{label or key}'")
     return str(value).strip()
+
+
+SECRET_KEYS = ("token", "secret", "password")  # auth[application_token], auth[access_token], ...
+PAYLOAD_DEPTH = 6
+PAYLOAD_TEXT = 500
+
+
+def masked_payload(data: Any, depth: int = 0) -> Any:
+    """The event as the portal sent it, for people to read in the job's detail: every token and secret
+    (and an `auth` that is not a block of fields) replaced by "***" before it is stored anywhere."""
+    if depth > PAYLOAD_DEPTH:
+        return "…"
+    if isinstance(data, dict):
+        return {str(key)[:100]: "***" if _secret(str(key), value) else masked_payload(value, depth + 1)
+                for key, value in list(data.items())[:MAX_FIELDS]}
+    if isinstance(data, list):
+        return [masked_payload(value, depth + 1) for value in data[:MAX_FIELDS]]
+    if isinstance(data, str):
+        return data[:PAYLOAD_TEXT]
+    return data if isinstance(data, (int, float, bool)) or data is None else str(data)[:PAYLOAD_TEXT]
+
+
+def _secret(key: str, value: Any) -> bool:
+    name = key.lower()
+    return any(word in name for word in SECRET_KEYS) or (name == "auth" and not isinstance(value, dict))

@@ -1,0 +1,65 @@
+"""Workers say they are online: a beat in Redis that expires, read back for the dashboard's workers panel."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import pytest
+
+from app.api import stats
+from app.rules.model import RuleSet
+from app.store import heartbeat
+from app.store.jobs import JobStore
+
+
+async def wait_for(condition: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_running_worker_is_online_with_its_jobs_and_leaves_when_it_stops(
+        redis: Any, rules: RuleSet, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heartbeat, "EVERY", 0.05)
+    worker = make_worker(max_jobs=7)
+    busy = asyncio.get_running_loop().create_future()
+    worker.tasks["job-in-hand"] = asyncio.ensure_future(busy)  # a job under way, as arq keeps it
+
+    async with heartbeat.beating(redis, worker):
+        await wait_for(lambda: _online(redis))
+        workers = await workers_panel(redis, rules)
+        assert workers["online"] == 1 and workers["running"] == 1
+        (process,) = workers["processes"]
+        assert process["pid"] == os.getpid() and process["queues"] == ["live"] and process["capacity"] == 7
+        assert workers["last_seen_seconds_ago"] < 5
+
+    busy.cancel()
+    workers = await workers_panel(redis, rules)
+    assert workers == {"online": 0, "running": 0, "last_seen": None, "last_seen_seconds_ago": None, "processes": []}
+
+
+async def test_a_worker_that_stops_beating_goes_offline_but_is_remembered_as_last_seen(
+        redis: Any, rules: RuleSet, make_worker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heartbeat, "TTL", 1)
+    await heartbeat.beat(redis, make_worker(), time.time())  # one beat, then the process is killed
+    assert await _online(redis)
+
+    await wait_for(lambda: _offline(redis))
+    workers = await workers_panel(redis, rules)
+    assert workers["online"] == 0 and workers["last_seen"] is not None and workers["last_seen_seconds_ago"] >= 1
+
+
+async def _online(redis: Any) -> bool:
+    return any(w["online"] for w in await heartbeat.online(redis))
+
+
+async def _offline(redis: Any) -> bool:
+    return not await _online(redis)
+
+
+async def workers_panel(redis: Any, rules: RuleSet) -> dict[str, Any]:
+    answer: dict[str, Any] = (await stats.collect(redis, JobStore(redis, 86400), rules))["workers"]
+    return answer
