@@ -62,8 +62,8 @@ async def beat(redis: Redis, worker: BeatingWorker, started_at: float) -> None:
 
 @contextlib.asynccontextmanager
 async def beating(redis: Redis, worker: BeatingWorker) -> AsyncIterator[None]:
-    """Beat every EVERY seconds while the context is open; a beat Redis misses is skipped, not waited for,
-    and the worker's entry is taken off when it stops."""
+    """Beat every EVERY seconds while the context is open; a beat Redis misses is skipped, not waited for.
+    A worker that stops takes its hash off (it is offline at once) and leaves its last beat listed."""
     started_at = time.time()
 
     async def forever() -> None:
@@ -82,9 +82,7 @@ async def beating(redis: Redis, worker: BeatingWorker) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(RedisError, OSError, TimeoutError, asyncio.CancelledError):
             async with asyncio.timeout(2):
-                ident = worker_id(worker.queue_name)
-                await redis.zrem(prefixed(WORKERS), ident)
-                await redis.delete(prefixed(WORKER + ident))
+                await redis.delete(prefixed(WORKER + worker_id(worker.queue_name)))
 
 
 async def online(redis: Redis) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ let authorised = true;
 let pages = {};  // portal name -> where its record pages are (the portal's site, or the demo portal's server)
 let lastStats = null;  // the last /api/stats read, for the header's portal state
 let streamState = "connecting";  // connecting | live | reconnecting | unauthorised
-let ready = null;  // the last /readyz answer; null: the service did not answer
+let ready;  // the last /readyz answer; null: the service did not answer; undefined: not asked yet
 const HEALTH_EVERY = 3000;  // ms between looks at /readyz
 
 function token() { return localStorage.getItem("b24-token") || ""; }
@@ -52,6 +52,8 @@ function say(node, kind, text) {
   node.className = `feedback ${kind}`;
   node.dataset.kind = kind;
   node.hidden = false;
+  // A refusal also opens the token box at the top, which pushes the page down: keep this in view.
+  requestAnimationFrame(() => node.scrollIntoView({block: "nearest"}));
 }
 
 function failure(error, action) {
@@ -241,6 +243,7 @@ function drawWorkers(workers) {
 // ------------------------------------------------------------------ the header: live, degraded or down
 
 async function checkHealth() {
+  const wasAway = ready !== undefined && redisAway();
   try {
     const response = await fetch("/readyz", {cache: "no-store"});
     ready = await response.json().catch(() => ({status: "unavailable", redis: `HTTP ${response.status}`}));
@@ -248,7 +251,12 @@ async function checkHealth() {
     ready = null;  // the service itself did not answer
   }
   renderHealth();
+  if (wasAway && !redisAway()) {  // back: what was said unknown meanwhile is read again
+    Promise.all([loadJobs(), refreshStats().catch(showError).then(refreshFailed)]).catch(showError);
+  }
 }
+
+function redisAway() { return ready === null || Boolean(ready.redis && ready.redis !== "ok"); }
 
 // The header's one word, and beside it the sentence that says what is wrong, since when, and what
 // still works. Red: Redis, the service or a portal is away. Amber: degraded (the spool is waiting).
@@ -264,6 +272,7 @@ function renderHealth() {
 }
 
 function healthNow() {
+  if (ready === undefined) { return ["connecting", "connecting…", ""]; }
   if (ready === null) {
     return ["down", "service not answering", "b24rebind is not answering this page: it is stopped, or the network "
       + "between you is down. Nothing on this page is current."];
@@ -349,7 +358,7 @@ async function refreshFailed() {
     [failed, dead] = await Promise.all([api("/api/jobs?state=failed&limit=200"), api("/api/jobs?state=dead&limit=200")]);
   } catch (error) {
     if (!(error instanceof Refused)) {  // a refusal says so itself (showRefusal)
-      $("#attention-empty").textContent = `Unknown: the failed jobs could not be read (${error.message || error}).`;
+      $("#attention-empty").textContent = `Unknown: the failed jobs could not be read (${String(error.message || error).replace(/\.$/, "")}).`;
       $("#attention-empty").hidden = false;
       $("#failed-list").replaceChildren();
     }
@@ -647,7 +656,7 @@ async function follow() {
     streamState = "reconnecting";
     await checkHealth();
     await new Promise((resolve) => setTimeout(resolve, 2000));
-    await Promise.all([loadJobs(), refreshStats().then(refreshFailed)]).catch(showError);
+    await Promise.all([loadJobs(), refreshStats().catch(showError).then(refreshFailed)]).catch(showError);
   }
 }
 
@@ -684,7 +693,8 @@ document.addEventListener("DOMContentLoaded", () => {
     localStorage.setItem("b24-token", $("#token").value.trim());
     location.reload();
   });
-  Promise.all([refreshStats().then(refreshFailed), loadJobs()]).catch(showError);
+  // The failed jobs are read even when the numbers could not be: each part says what it could not read.
+  Promise.all([refreshStats().catch(showError).then(refreshFailed), loadJobs()]).catch(showError);
   setInterval(() => refreshStats().catch(showError), 10000);
   checkHealth();
   setInterval(checkHealth, HEALTH_EVERY);
