@@ -289,7 +289,8 @@ function healthNow() {
     const since = portal.reachability.last_answer ? `last answered ${ago(portal.reachability.last_answer)}` : "never answered";
     const others = unreachable.length > 1 ? ` (and ${plural(unreachable.length - 1, "other portal")})` : "";
     return ["down", `portal ${name} unreachable`, `Portal ${name} (${portal.domain}) cannot be reached${others}: `
-      + `${since}. Its jobs wait and retry; check its address (rest_url) and the network from the workers.`];
+      + `${since}, last tried ${ago(portal.reachability.at)}. Its jobs wait and retry; check its address `
+      + "(rest_url) and the network from the workers."];
   }
   const waiting = ready.spool && ready.spool.waiting_segments ? ready.spool.waiting_segments : 0;
   if (ready.status === "degraded" || waiting) {

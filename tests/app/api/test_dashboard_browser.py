@@ -401,3 +401,22 @@ async def test_with_redis_away_the_header_is_red_with_how_long_and_nothing_reads
         if CONTEXT in worker.ctx:
             await shutdown(worker.ctx)
         await pool.aclose()
+
+
+async def test_a_portal_that_cannot_be_reached_turns_the_header_red_and_says_since_when(
+        aiohttp_client: Any, settings: Any, rules: Any, redis: Any, make_worker: Any, portal_config: Any,
+        page: Any) -> None:
+    from pydantic import SecretStr
+
+    away = portal_config.model_copy(update={"rest_url": SecretStr("http://127.0.0.1:9/rest/1/code/")})
+    gone = rules.model_copy(update={"portals": {"acme": away}})
+    client = await aiohttp_client(create_app(settings, gone))
+    await post_event(client, "ONCRMACTIVITYADD", 5)
+    await make_worker(rules=gone).run_check()
+
+    await page.goto(str(client.make_url("/")))
+
+    await playwright_api.expect(page.locator("#live")).to_have_attribute("data-health", "down")
+    await expect_text(page, "#live", "portal acme unreachable")
+    await expect_text(page, "#health", "Portal acme (acme.bitrix24.com) cannot be reached: never answered")
+    await expect_text(page, "#health", "check its address (rest_url)")
