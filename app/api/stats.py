@@ -111,12 +111,12 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
         burst = portal.rate_limit.burst
         portals[name] = {"domain": portal.domain, "pages": record_pages(portal), "per_second": rate, "burst": burst, "slowed_down": slow,
                          "headroom": round(burst - used, 2), "headroom_ratio": round((burst - used) / burst, 3),
-                         "reachability": _reachability(*answers[3 * i + 2]),
+                         "reachability": reachability_of(*answers[3 * i + 2]),
                          **requests.get(name, {"requests": 0, "errors": 0, "refused": 0, "unreachable": 0})}
     return portals
 
 
-def _reachability(answered: bytes | None, unreachable: bytes | None) -> dict[str, Any]:
+def reachability_of(answered: bytes | None, unreachable: bytes | None) -> dict[str, Any]:
     """Whether the portal answered the workers' last requests (`at`: when that was seen), or not asked yet."""
     answered_at = float(answered) if answered else None
     unreachable_at = float(unreachable) if unreachable else None
