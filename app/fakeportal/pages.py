@@ -59,6 +59,13 @@ def record_page(state: CrmState, type_id: int, record_id: int) -> tuple[str, str
         body += "<h2>Made from this lead</h2>" + (
             "<p>" + ", ".join(_link(b) for b in made) + "</p>" if made else "<p class=empty>Nothing yet.</p>")
     body += "<h2>Timeline</h2>" + _timeline(state, (type_id, record_id))
+    moved = sorted(i for i, steps in state.binding_history.items()
+                   if any((type_id, record_id) in step for step in steps)
+                   and (type_id, record_id) not in state.activity_bindings.get(i, set()))
+    if moved:  # what b24rebind (or a person) took off this record: where each is now
+        body += "<h2>Bound here before, moved since</h2><ul>" + "".join(
+            f"<li data-moved={i}>{_link(('activity', i))}: now {_links(state.bindings(i))}</li>"
+            for i in moved if i in state.activities) + "</ul>"
     return title, body
 
 

@@ -31,6 +31,14 @@ async def test_a_converted_lead_shows_what_it_became_and_its_timeline(
     assert row and "Re: price list" in row[0]
     assert f"contact {made['contact']}" in row[0] and f"company {made['company']}" in row[0] and f"lead {lead}" in row[0]
     assert f"comment {comment}: called back" in html
+    assert "Bound here before" not in html
+
+    await session.post(portal.rest_url + "crm.activity.binding.delete",
+                       json={"activityId": activity, "entityTypeId": LEAD, "entityId": lead})
+    _, html = await page(session, portal, f"/crm/lead/details/{lead}/")
+    assert f"<tr data-activity={activity}>" not in html  # off the lead's timeline...
+    moved = re.search(rf"<li data-moved={activity}>.*?</li>", html)  # ...and said where it went
+    assert moved and f"contact {made['contact']}" in moved[0] and f"lead {lead}" not in moved[0]
 
 
 async def test_a_contact_lists_the_activities_bound_to_it_and_an_activity_its_binding_history(
