@@ -1,4 +1,7 @@
-"""The dashboard in a real headless Chromium: load, filter, open a job, retry a failed one, live updates.
+"""The dashboard in a real headless Chromium, at 360, 390 and 1,400 px, asserting what a person sees:
+load, filter, open a job, retry a failed one, live updates; jobs as cards on a phone; the header red
+while Redis (really stopped) or a portal is away, amber when degraded; a click's outcome said where
+it was clicked; the event's masked payload; the workers panel; record links that open the fake's pages.
 
 CI installs Debian's `chromium` and the `playwright` package; locally the test skips without them,
 but with CI set in the environment a missing browser is a failure, not a skip.
