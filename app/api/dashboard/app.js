@@ -246,7 +246,9 @@ async function checkHealth() {
   const wasAway = ready !== undefined && redisAway();
   try {
     const response = await fetch("/readyz", {cache: "no-store"});
-    ready = await response.json().catch(() => ({status: "unavailable", redis: `HTTP ${response.status}`}));
+    const body = await response.json().catch(() => null);
+    // A proxy in between may keep /readyz to itself: then the header goes by the stream alone.
+    ready = body && typeof body === "object" && "status" in body ? body : {status: "unknown"};
   } catch (error) {
     ready = null;  // the service itself did not answer
   }
@@ -282,6 +284,11 @@ function healthNow() {
     return ["down", `Redis away${away}`, `Redis has been unreachable${away}: no job is read, run or retried, and `
       + "the numbers below may be out of date. Events are still accepted into the spool and queued once Redis "
       + "is back. Check the Redis server (REDIS_URL)."];
+  }
+  if (ready.status === "unavailable") {  // not ready for another reason than Redis: say what it says
+    const reasons = Object.entries(ready).filter(([key, value]) => key !== "status" && typeof value === "string"
+      && value !== "ok").map(([key, value]) => `${key}: ${value}`);
+    return ["down", "not ready", `GET /readyz says the service is not ready (${reasons.join("; ") || "no reason given"}).`];
   }
   const unreachable = lastStats ? Object.entries(lastStats.portals).filter(([, p]) => p.reachability.state === "unreachable") : [];
   if (unreachable.length) {
