@@ -64,3 +64,48 @@ async def _offline(redis: Any) -> bool:
 async def workers_panel(redis: Any, rules: RuleSet) -> dict[str, Any]:
     answer: dict[str, Any] = (await stats.collect(redis, JobStore(redis, 86400), rules))["workers"]
     return answer
+
+
+CHILD = """
+import asyncio, sys
+from app.store import heartbeat
+from app.store.queue import connect
+
+heartbeat.EVERY, heartbeat.TTL = 0.2, 1
+
+class Worker:  # what a beat reads of arq's Worker
+    queue_name, max_jobs, tasks, jobs_complete, jobs_failed, jobs_retried = "arq:queue", 5, {}, 0, 0, 0
+
+async def main() -> None:
+    redis = await connect(sys.argv[1])
+    async with heartbeat.beating(redis, Worker()):
+        print("beating", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_worker_process_killed_with_sigkill_leaves_the_panel_within_its_ttl(
+        redis: Any, redis_url: str, rules: RuleSet) -> None:
+    import signal
+    import sys
+
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", CHILD, redis_url,
+                                                 stdout=asyncio.subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        assert (await asyncio.wait_for(child.stdout.readline(), 30)).strip() == b"beating"
+        await wait_for(lambda: _online(redis))
+        assert [w["pid"] for w in await heartbeat.online(redis) if w["online"]] == [child.pid]
+
+        child.send_signal(signal.SIGKILL)  # no goodbye: only the TTL takes it off
+        await asyncio.wait_for(child.wait(), 10)
+
+        await wait_for(lambda: _offline(redis))
+        workers = await workers_panel(redis, rules)
+        assert workers["online"] == 0 and workers["last_seen_seconds_ago"] is not None
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await asyncio.wait_for(child.wait(), 10)
