@@ -448,6 +448,7 @@ async function retryJob(id) {
   }
   await openDetail(id).catch(() => {});
   say($("#d-message"), "done", "Queued again: it re-reads the portal first, and this page follows it.");
+  $("#d-message").dataset.after = "retry";  // once it has run again, the message says how it went
   afterRetry([id]);
 }
 
@@ -584,12 +585,17 @@ async function openDetail(id) {
   const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
   $("#d-body").hidden = false;
   $("#d-unreadable").hidden = true;
-  if (openJob !== id) { $("#d-message").textContent = ""; $("#d-message").hidden = true; }
+  if (openJob !== id) { $("#d-message").textContent = ""; $("#d-message").hidden = true; delete $("#d-message").dataset.after; }
   openJob = id;
   $("#detail").hidden = false;
   $("#detail").dataset.job = id;
   $("#d-id").textContent = job.id;
   $("#d-state").replaceWith(Object.assign(badge(job.state), {id: "d-state"}));
+  const said = $("#d-message");
+  if (said.dataset.after === "retry" && FINAL.has(job.state)) {
+    delete said.dataset.after;
+    say(said, "done", `Retried: it ran again and is ${LABELS[job.state] || job.state} (${job.outcome}).`);
+  }
   $("#d-outcome").textContent = job.outcome;
   $("#d-error").hidden = !job.error;
   if (job.error) {

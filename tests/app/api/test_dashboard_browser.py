@@ -116,6 +116,7 @@ async def _find_read_and_retry(admin: Any, make_worker: Any, portal: FakePortal,
 
     # No reload: the stream brings the new state to the open job, the counts and the list.
     await expect(page.locator("#d-state")).to_have_attribute("data-state", "succeeded")
+    await expect(page.locator("#d-message")).to_contain_text("Retried: it ran again and is done (re-bound 1 item)")
     await expect(page.locator(f"#d-changes tr[data-item='activity {broken}']")).to_contain_text(
         f"contact {made['contact']}, company {made['company']}")
     await expect(page.locator("#attention-empty")).to_be_visible()
