@@ -19,6 +19,7 @@ from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.amnesia import watching_redis_memory
+from app.store import heartbeat
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
@@ -158,6 +159,7 @@ async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRu
         await worker.close()
 
     stack.push_async_callback(stop)
+    await stack.enter_async_context(heartbeat.beating(redis, worker))  # the dashboard's workers panel
     return task
 
 

@@ -71,12 +71,28 @@ class Settings(BaseSettings):
         default=900, ge=0, le=7 * 86400, allow_inf_nan=False, validation_alias=_env("B24_RECONCILE_INTERVAL"),
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
     )
+    alert_webhook: SecretStr | None = Field(
+        default=None, validation_alias=_env("B24_ALERT_WEBHOOK"),
+        description="A URL that gets a JSON post (with `text`, as chat webhooks take) when a portal stops "
+                    "answering and when it answers again, at most one per portal every 5 minutes.",
+    )
 
     @field_validator("redis_url", "api_token", "spool_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `.env.example` lists these empty; copied as is, they mean "not set", not an empty token.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("alert_webhook", mode="before")
+    @classmethod
+    def _http_url(cls, value: object) -> object:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str) or not text.strip():
+            return None
+        parts = urlsplit(text.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("B24_ALERT_WEBHOOK must be an http(s):// URL, such as a chat's incoming webhook")
+        return text.strip()
 
     @field_validator("redis_sentinels", mode="before")
     @classmethod

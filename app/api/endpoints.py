@@ -14,6 +14,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from app.api import stats
+from app.api.alerting import alert_context
 from app.api.keys import queue_key, redis_key, rules_key, settings_key, store_key
 from app.api.metrics import setup_metrics
 from app.api.openapi import openapi_document
@@ -49,6 +50,7 @@ def setup_api(app: web.Application) -> None:
     app.router.add_get("/api/openapi.json", get_openapi)
     setup_stream(app)
     setup_metrics(app)
+    app.cleanup_ctx.append(alert_context)  # B24_ALERT_WEBHOOK, when set
 
 
 @web.middleware

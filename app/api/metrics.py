@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.api.keys import redis_key, store_key
+from app.api.keys import outage_key, redis_key, store_key
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
 from app.store.jobs import FINAL_STATES, JobRecord
@@ -273,11 +273,31 @@ async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
     return _Snapshot(counters, states, {"live": live, "backfill": backfill}, age)
 
 
+class _RedisState(Collector):
+    """Whether this web process reaches Redis: answered even while Redis is away, so that an alert can
+    say "Redis is away" instead of only "the scrape failed"."""
+
+    def __init__(self, down_for: float | None) -> None:
+        self.down_for = down_for
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("b24rebind_redis_up", "1 when the web process reaches Redis, 0 while it is away.",
+                                value=0 if self.down_for is not None else 1)
+        yield GaugeMetricFamily("b24rebind_redis_down_seconds", "How long Redis has been away (0 while it answers).",
+                                value=self.down_for or 0.0)
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """GET /metrics: the Prometheus text format."""
-    await request.app[event_counts_key].flush(request.app[redis_key])  # this process's latest counts too
+    """GET /metrics: the Prometheus text format; while Redis is away, only b24rebind_redis_up (0)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(await snapshot(request.app[redis_key], await request.app[store_key].counts()))
+    outage = request.app[outage_key]
+    try:
+        await request.app[event_counts_key].flush(request.app[redis_key])  # this process's latest counts too
+        registry.register(await snapshot(request.app[redis_key], await request.app[store_key].counts()))
+        outage.up()
+    except (RedisError, OSError) as exc:
+        outage.down(exc)
+    registry.register(_RedisState(outage.down_for))
     response = web.Response(body=generate_latest(registry))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

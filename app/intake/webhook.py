@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key
 from app.api.metrics import EVENT_LABELS
-from app.intake.events import FORM, JSON, BadEvent, PortalEvent, decode_body
+from app.intake.events import FORM, JSON, BadEvent, PortalEvent, decode_body, masked_payload
 from app.intake.install import INSTALL_EVENT, accept_install, expected_token
 from app.intake.spool import spool_key
 from app.logs import Throttled
@@ -79,6 +79,7 @@ async def receive_event(request: web.Request) -> web.Response:
         return _answer(200, ignored=f"no rule listens to {event.name}")
 
     record = JobRecord.for_event(portal.name, event.name, event.entity_id, event.ts, event.handler_id)
+    record.payload = masked_payload(data)
     outage = request.app.get(outage_key)
     if outage is not None and outage.down_for is not None:
         return await _spool(request, record)  # Redis is known to be away: no need to wait for it to fail again

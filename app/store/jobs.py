@@ -88,6 +88,7 @@ class JobRecord(BaseModel):
     outcome: str = ""
     attempts: list[Attempt] = []
     requests: int = 0
+    payload: dict[str, Any] | None = None  # the event as the portal sent it, tokens masked (intake)
 
     @field_validator("plan", "changes")
     @classmethod

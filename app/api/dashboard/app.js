@@ -1,5 +1,6 @@
-// The dashboard: reads /api/stats, /api/jobs and /api/jobs/{id}, and follows /api/stream for live updates.
-// Everything from the API is put on the page as text (never as HTML).
+// The dashboard: reads /api/stats, /api/jobs and /api/jobs/{id}, and follows /api/stream for live updates;
+// /readyz (every few seconds) says whether Redis is there. Everything from the API is put on the page as
+// text (never as HTML). What could not be read is said so, never shown as "nothing".
 "use strict";
 
 const LABELS = {queued: "waiting", running: "working", succeeded: "done", skipped: "nothing to do",
@@ -14,21 +15,58 @@ let openJob = null;
 let statsTimer = null;
 let domains = {};  // portal name -> domain, from /api/stats
 let authorised = true;
+let pages = {};  // portal name -> where its record pages are (the portal's site, or the demo portal's server)
+let lastStats = null;  // the last /api/stats read, for the header's portal state
+let streamState = "connecting";  // connecting | live | reconnecting | unauthorised
+let ready;  // the last /readyz answer; null: the service did not answer; undefined: not asked yet
+const HEALTH_EVERY = 3000;  // ms between looks at /readyz
 
 function token() { return localStorage.getItem("b24-token") || ""; }
 
-class Refused extends Error {}
+// An answer other than 2xx: `status` is the HTTP status (0: the service did not answer at all).
+class ApiError extends Error { constructor(message, status) { super(message); this.status = status; } }
+class Refused extends ApiError {}
 
 async function api(path, options = {}) {
   const headers = token() ? {Authorization: `Bearer ${token()}`} : {};
-  const response = await fetch(path, {...options, headers});
+  let response;
+  try {
+    response = await fetch(path, {...options, headers});
+  } catch (error) {
+    throw new ApiError("the service did not answer (stopped, or the network is down)", 0);
+  }
   const body = await response.json().catch(() => ({error: `HTTP ${response.status}`}));
   if (response.status === 401 || response.status === 403) {
     showRefusal(response.status, body.error || `HTTP ${response.status}`, options.method === "POST");
-    throw new Refused(body.error || `HTTP ${response.status}`);
+    throw new Refused(body.error || `HTTP ${response.status}`, response.status);
   }
-  if (!response.ok) { throw new Error(body.error || `HTTP ${response.status}`); }
+  if (!response.ok) { throw new ApiError(body.error || `HTTP ${response.status}`, response.status); }
   return body;
+}
+
+// ------------------------------------------------------------------ feedback where it was clicked
+
+// Says at `node` (next to what was clicked) how an action went: done, refused (with what to do), failed.
+function say(node, kind, text) {
+  node.textContent = text;
+  node.className = `feedback ${kind}`;
+  node.dataset.kind = kind;
+  node.hidden = false;
+  // A refusal also opens the token box at the top, which pushes the page down: keep this in view.
+  requestAnimationFrame(() => node.scrollIntoView({block: "nearest"}));
+}
+
+function failure(error, action) {
+  if (error instanceof Refused) {
+    const fix = error.status === 401 ? "enter the API token (B24_API_TOKEN) in the box at the top of the page"
+      : "set B24_API_TOKEN on the service and enter it in the box at the top of the page";
+    return ["refused", `Refused: ${action} needs the API token. To do: ${fix}.`];
+  }
+  if (error instanceof ApiError && error.status >= 400 && error.status < 500) {
+    return ["refused", `Refused: ${error.message}`];
+  }
+  const message = error && error.message ? error.message : String(error);
+  return ["failed", `Failed: ${message}. Nothing was changed by this click; try again once that is fixed.`];
 }
 
 // The API's refusal, said in words with the fix, instead of empty lists that read as "all is well".
@@ -52,10 +90,12 @@ function showRefusal(status, error, writing) {
   }
 }
 
+// A record's page: on the portal's own site, or on the demo portal, which also has a page per activity.
 function portalLink(portal, type, id, text) {
-  const domain = domains[portal];
-  if (!domain || !PAGES.has(type)) { return document.createTextNode(text); }
-  return el("a", text, {href: `https://${domain}/crm/${type}/details/${id}/`, target: "_blank", rel: "noopener"});
+  const site = pages[portal];
+  const demo = site && domains[portal] && site !== `https://${domains[portal]}`;
+  if (!site || !(PAGES.has(type) || (demo && type === "activity"))) { return document.createTextNode(text); }
+  return el("a", text, {href: `${site}/crm/${type}/details/${id}/`, target: "_blank", rel: "noopener"});
 }
 
 // "lead 57, contact 52" with each entity a link to its page in the portal
@@ -105,8 +145,18 @@ function ago(seconds) {
 // ------------------------------------------------------------------ stats
 
 async function refreshStats() {
-  const stats = await api("/api/stats");
+  let stats;
+  try {
+    stats = await api("/api/stats");
+  } catch (error) {
+    if (!(error instanceof Refused)) { statsUnknown(error); }
+    throw error;
+  }
+  lastStats = stats;
+  $("#stats-error").hidden = true;
   domains = Object.fromEntries(Object.entries(stats.portals).map(([name, portal]) => [name, portal.domain]));
+  pages = Object.fromEntries(Object.entries(stats.portals).map(([name, portal]) => [name, portal.pages]));
+  drawWorkers(stats.workers);
   $("#per-minute").textContent = stats.jobs_finished_last_minute;
   $("#received").textContent = `${plural(stats.jobs_per_minute, "event")} received`;
   const queue = stats.queue;
@@ -145,6 +195,121 @@ async function refreshStats() {
   }));
   const failed = (stats.jobs.failed || 0) + (stats.jobs.dead || 0);
   $("#retry-all").hidden = failed === 0;
+  renderHealth();
+}
+
+// The numbers could not be read: say so on every card, instead of leaving old or empty ones that read as
+// "all is well".
+function statsUnknown(error) {
+  for (const id of ["#per-minute", "#queue-depth", "#workers-online"]) { $(id).textContent = "?"; }
+  for (const id of ["#received", "#oldest", "#workers-hint"]) { $(id).textContent = "unknown"; }
+  $("#state-counts").replaceChildren(el("div", "Jobs by state: unknown", {class: "label"}));
+  $("#stats-error").textContent = `Could not read the numbers: ${error.message || error}`;
+  $("#stats-error").hidden = false;
+  $("#workers-empty").textContent = "Unknown: the workers' heartbeats could not be read.";
+  $("#workers-empty").hidden = false;
+  $("#workers").replaceChildren();
+  $("#retry-all").hidden = true;
+}
+
+function seconds(value) {
+  if (value === null || value === undefined) { return ""; }
+  if (value < 90) { return `${Math.round(value)} s`; }
+  if (value < 5400) { return `${Math.round(value / 60)} min`; }
+  return `${(value / 3600).toFixed(1)} h`;
+}
+
+// Worker processes beat every few seconds (app/store/heartbeat.py); one that stops beating is gone.
+function drawWorkers(workers) {
+  $("#workers-online").textContent = workers.online;
+  const seen = workers.last_seen_seconds_ago === null ? "no worker has ever reported"
+    : `last seen ${seconds(workers.last_seen_seconds_ago)} ago`;
+  $("#workers-hint").textContent = workers.online ? `${plural(workers.running, "job")} under way; ${seen}`
+    : `none online; ${seen}`;
+  $("#workers-online").parentElement.classList.toggle("alarm", workers.online === 0);
+  $("#workers-empty").hidden = workers.online > 0;
+  $("#workers-empty").textContent = workers.last_seen_seconds_ago === null
+    ? "No worker process has reported yet: jobs wait in the queue until one runs (b24rebind run)."
+    : `No worker process is online (${seen}): jobs wait in the queue until one runs (b24rebind run).`;
+  $("#workers").replaceChildren(...workers.processes.map((process) => {
+    const item = el("li", null, {"data-pid": process.pid});
+    item.append(el("strong", `${process.host} pid ${process.pid}`),
+                ` ${process.queues.join(" + ")} queue${process.queues.length > 1 ? "s" : ""}: `,
+                el("span", `${process.running} of ${process.capacity} jobs under way`, {class: "running"}),
+                `, seen ${seconds(process.seen_seconds_ago)} ago`,
+                process.started_at ? `, up since ${new Date(process.started_at * 1000).toLocaleString()}` : "");
+    return item;
+  }));
+}
+
+// ------------------------------------------------------------------ the header: live, degraded or down
+
+async function checkHealth() {
+  const wasAway = ready !== undefined && redisAway();
+  try {
+    const response = await fetch("/readyz", {cache: "no-store"});
+    const body = await response.json().catch(() => null);
+    // A proxy in between may keep /readyz to itself: then the header goes by the stream alone.
+    ready = body && typeof body === "object" && "status" in body ? body : {status: "unknown"};
+  } catch (error) {
+    ready = null;  // the service itself did not answer
+  }
+  renderHealth();
+  if (wasAway && !redisAway()) {  // back: what was said unknown meanwhile is read again
+    Promise.all([loadJobs(), refreshStats().catch(showError).then(refreshFailed)]).catch(showError);
+  }
+}
+
+function redisAway() { return ready === null || Boolean(ready.redis && ready.redis !== "ok"); }
+
+// The header's one word, and beside it the sentence that says what is wrong, since when, and what
+// still works. Red: Redis, the service or a portal is away. Amber: degraded (the spool is waiting).
+function renderHealth() {
+  const [state, word, detail] = healthNow();
+  const live = $("#live");
+  live.className = `live ${state === "live" ? "on" : state === "down" ? "down" : state === "degraded" ? "degraded" : "off"}`;
+  live.dataset.health = state;
+  live.textContent = word;
+  $("#health").hidden = !detail;
+  $("#health").className = `health ${state}`;
+  $("#health").textContent = detail || "";
+}
+
+function healthNow() {
+  if (ready === undefined) { return ["connecting", "connecting…", ""]; }
+  if (ready === null) {
+    return ["down", "service not answering", "b24rebind is not answering this page: it is stopped, or the network "
+      + "between you is down. Nothing on this page is current."];
+  }
+  if (ready.redis && ready.redis !== "ok") {
+    const away = ready.redis_down_seconds !== undefined ? ` for ${seconds(ready.redis_down_seconds)}` : "";
+    return ["down", `Redis away${away}`, `Redis has been unreachable${away}: no job is read, run or retried, and `
+      + "the numbers below may be out of date. Events are still accepted into the spool and queued once Redis "
+      + "is back. Check the Redis server (REDIS_URL)."];
+  }
+  if (ready.status === "unavailable") {  // not ready for another reason than Redis: say what it says
+    const reasons = Object.entries(ready).filter(([key, value]) => key !== "status" && typeof value === "string"
+      && value !== "ok").map(([key, value]) => `${key}: ${value}`);
+    return ["down", "not ready", `GET /readyz says the service is not ready (${reasons.join("; ") || "no reason given"}).`];
+  }
+  const unreachable = lastStats ? Object.entries(lastStats.portals).filter(([, p]) => p.reachability.state === "unreachable") : [];
+  if (unreachable.length) {
+    const [name, portal] = unreachable[0];
+    const since = portal.reachability.last_answer ? `last answered ${ago(portal.reachability.last_answer)}` : "never answered";
+    const others = unreachable.length > 1 ? ` (and ${plural(unreachable.length - 1, "other portal")})` : "";
+    return ["down", `portal ${name} unreachable`, `Portal ${name} (${portal.domain}) cannot be reached${others}: `
+      + `${since}, last tried ${ago(portal.reachability.at)}. Its jobs wait and retry; check its address `
+      + "(rest_url) and the network from the workers."];
+  }
+  const waiting = ready.spool && ready.spool.waiting_segments ? ready.spool.waiting_segments : 0;
+  if (ready.status === "degraded" || waiting) {
+    const what = waiting ? `${plural(waiting, "spool segment")} waiting to be queued`
+      : (ready.reason || "the service reports itself degraded");
+    return ["degraded", "degraded", `Degraded: ${what}. Events are safe on disk and are queued as Redis takes them.`];
+  }
+  if (streamState === "unauthorised") { return ["unauthorised", "not authorised", ""]; }
+  if (streamState === "live") { return ["live", "live", ""]; }
+  return ["connecting", streamState === "reconnecting" ? "reconnecting…" : "connecting…", ""];
 }
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -198,7 +363,17 @@ function statsSoon() {
 // refused for one reason are one thing to fix.
 async function refreshFailed() {
   if (!authorised) { return; }
-  const [failed, dead] = await Promise.all([api("/api/jobs?state=failed&limit=200"), api("/api/jobs?state=dead&limit=200")]);
+  let failed, dead;
+  try {
+    [failed, dead] = await Promise.all([api("/api/jobs?state=failed&limit=200"), api("/api/jobs?state=dead&limit=200")]);
+  } catch (error) {
+    if (!(error instanceof Refused)) {  // a refusal says so itself (showRefusal)
+      $("#attention-empty").textContent = `Unknown: the failed jobs could not be read (${String(error.message || error).replace(/\.$/, "")}).`;
+      $("#attention-empty").hidden = false;
+      $("#failed-list").replaceChildren();
+    }
+    throw error;
+  }
   const jobs = [...failed.jobs, ...dead.jobs].sort((a, b) => b.received_at - a.received_at);
   const groups = new Map();
   for (const job of jobs) {
@@ -212,13 +387,14 @@ async function refreshFailed() {
   $("#failed-list").replaceChildren(...[...groups.values()].map(({first, what, ids}) => {
     const item = el("li", null, {"data-job": first.id, "data-count": ids.length});
     const retry = el("button", ids.length > 1 ? `Retry these ${ids.length}` : "Retry", {type: "button", class: "retry"});
-    retry.addEventListener("click", () => retryJobs(ids).catch(showError));
+    const said = el("p", null, {class: "feedback", role: "status", hidden: ""});
+    retry.addEventListener("click", () => retryFromList(ids, said));
     const open = el("a", `${first.event} ${first.entity_id} on ${first.portal}`, {href: `#${first.id}`});
-    open.addEventListener("click", (e) => { e.preventDefault(); openDetail(first.id).catch(showError); });
+    open.addEventListener("click", (e) => { e.preventDefault(); openClicked(first.id); });
     item.append(badge(first.state), " ");
     if (ids.length > 1) { item.append(el("span", `${ids.length} jobs ×`, {class: "count"}), "latest "); }
     item.append(open, ` (${ago(first.received_at)}): `, el("strong", first.error ? first.error.code : ""), " ",
-                el("span", what, {class: "what"}), " ", retry);
+                el("span", what, {class: "what"}), " ", retry, said);
     return item;
   }));
 }
@@ -229,24 +405,54 @@ async function undoJob(id) {
     + "unless you pause the rule (enabled: false in the rules file).");
   if (!sure) { return; }
   $("#d-undo").disabled = true;
+  let answer;
   try {
-    const answer = await api(`/api/jobs/${encodeURIComponent(id)}/undo`, {method: "POST"});
-    await openDetail(id);
-    $("#d-message").textContent = `Restored ${plural(answer.restored.length, "item")} to their bindings before the job. `
-      + "The rules apply again on the next event or reconcile, unless you pause the rule (enabled: false).";
+    answer = await api(`/api/jobs/${encodeURIComponent(id)}/undo`, {method: "POST"});
   } catch (error) {
     $("#d-undo").disabled = false;
-    throw error;
+    say($("#d-message"), ...failure(error, "undo"));
+    return;
   }
+  await openDetail(id).catch(() => {});
+  say($("#d-message"), "done", `Restored ${plural(answer.restored.length, "item")} to their bindings before the job. `
+    + "The rules apply again on the next event or reconcile, unless you pause the rule (enabled: false).");
 }
 
 async function retryJobs(ids) {
   for (const id of ids) { await api(`/api/jobs/${encodeURIComponent(id)}/retry`, {method: "POST"}); }
-  await Promise.all([refreshFailed(), refreshStats()]);
-  if (ids.includes(openJob)) { await openDetail(openJob); }
 }
 
-async function retryJob(id) { await retryJobs([id]); }
+function afterRetry(ids) {
+  Promise.all([refreshFailed(), refreshStats()]).catch(showError);
+  if (ids.includes(openJob)) { openDetail(openJob).catch(showError); }
+}
+
+// A retry from the "Needs attention" list: a refusal or failure is said in the item clicked; once done,
+// the item leaves the list (its jobs are queued), so that is said just above the list.
+async function retryFromList(ids, said) {
+  try {
+    await retryJobs(ids);
+  } catch (error) {
+    say(said, ...failure(error, "retry"));
+    return;
+  }
+  say($("#attention-message"), "done", `Queued again: ${plural(ids.length, "job")}. Each re-reads the portal first; `
+    + "follow them under Jobs.");
+  afterRetry(ids);
+}
+
+async function retryJob(id) {
+  try {
+    await retryJobs([id]);
+  } catch (error) {
+    say($("#d-message"), ...failure(error, "retry"));
+    return;
+  }
+  await openDetail(id).catch(() => {});
+  say($("#d-message"), "done", "Queued again: it re-reads the portal first, and this page follows it.");
+  $("#d-message").dataset.after = "retry";  // once it has run again, the message says how it went
+  afterRetry([id]);
+}
 
 // ------------------------------------------------------------------ job list
 
@@ -267,16 +473,22 @@ function matches(job) {
 }
 
 function jobRow(job) {
+  // Each cell says what it is (class, data-label): below 600 px the rows are cards laid out by class.
   const row = el("tr", null, {"data-job": job.id, "data-state": job.state});
-  row.append(el("td", ago(job.received_at), {title: new Date(job.received_at * 1000).toLocaleString()}));
-  const state = el("td"); state.append(badge(job.state));
-  const entity = el("td");
+  row.append(el("td", ago(job.received_at), {title: new Date(job.received_at * 1000).toLocaleString(),
+                                              class: "received", "data-label": "Received"}));
+  const state = el("td", null, {class: "state", "data-label": "State"}); state.append(badge(job.state));
+  const entity = el("td", null, {class: "entity", "data-label": "Entity"});
   const type = entityOf(job);
   entity.append(portalLink(job.portal, type, job.entity_id, `${type} ${job.entity_id}`.trim()));
   entity.addEventListener("click", (e) => { if (e.target.tagName === "A") { e.stopPropagation(); } });
-  row.append(state, el("td", job.portal), el("td", job.event), entity,
-             el("td", job.error && job.error.what_to_do ? `${job.outcome}: ${job.error.what_to_do}` : job.outcome));
-  row.addEventListener("click", () => openDetail(job.id).catch(showError));
+  const what = job.error && job.error.what_to_do ? `${job.outcome}: ${job.error.what_to_do}` : job.outcome;
+  const whatCell = el("td", null, {class: "what", "data-label": "What happened", title: what});
+  whatCell.append(el("div", what, {class: "clamp"}));
+  row.append(state, el("td", job.portal, {class: "portal", "data-label": "Portal"}),
+             el("td", job.event, {class: "event", "data-label": "Event"}), entity,
+             whatCell);
+  row.addEventListener("click", () => openClicked(job.id));
   return row;
 }
 
@@ -292,7 +504,13 @@ async function loadJobs(append = false) {
     $("#more").hidden = !nextCursor;
   } catch (error) {
     if (error instanceof Refused) { $("#jobs tbody").replaceChildren(); return; }
-    $("#filter-error").textContent = error.message;
+    if (!(error instanceof ApiError) || error.status === 0 || error.status >= 500) {
+      $("#jobs tbody").replaceChildren();  // rows from before would read as current
+      $("#more").hidden = true;
+      $("#filter-error").textContent = `Could not read the jobs: ${error.message}`;
+    } else {
+      $("#filter-error").textContent = error.message;
+    }
     $("#filter-error").hidden = false;
   }
 }
@@ -326,7 +544,7 @@ async function search(text) {
     result.append(`; activity ${query} was changed by `);
     jobs.forEach((id, i) => {
       const link = el("a", id, {href: `#${id}`});
-      link.addEventListener("click", (e) => { e.preventDefault(); openDetail(id.replace(/^undo/, "")).catch(showError); });
+      link.addEventListener("click", (e) => { e.preventDefault(); openClicked(id.replace(/^undo/, "")); });
       result.append(...(i ? [", "] : []), link);
     });
   }
@@ -353,14 +571,33 @@ function bindingsCell(portal, list) {
   return cell;
 }
 
+// A job opened by a click whose record cannot be read: the panel opens and says why, where it was clicked.
+function openClicked(id) {
+  openDetail(id).catch((error) => {
+    if (error instanceof Refused) { return; }
+    openJob = id;
+    $("#detail").hidden = false;
+    $("#d-id").textContent = id;
+    $("#d-body").hidden = true;
+    say($("#d-unreadable"), "failed", `Could not read this job: ${error.message || error}`);
+  });
+}
+
 async function openDetail(id) {
   const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
-  if (openJob !== id) { $("#d-message").textContent = ""; }
+  $("#d-body").hidden = false;
+  $("#d-unreadable").hidden = true;
+  if (openJob !== id) { $("#d-message").textContent = ""; $("#d-message").hidden = true; delete $("#d-message").dataset.after; }
   openJob = id;
   $("#detail").hidden = false;
   $("#detail").dataset.job = id;
   $("#d-id").textContent = job.id;
   $("#d-state").replaceWith(Object.assign(badge(job.state), {id: "d-state"}));
+  const said = $("#d-message");
+  if (said.dataset.after === "retry" && FINAL.has(job.state)) {
+    delete said.dataset.after;
+    say(said, "done", `Retried: it ran again and is ${LABELS[job.state] || job.state} (${job.outcome}).`);
+  }
   $("#d-outcome").textContent = job.outcome;
   $("#d-error").hidden = !job.error;
   if (job.error) {
@@ -397,6 +634,8 @@ async function openDetail(id) {
                el("td", [...(item.rules || []), ...(item.notes || [])].join("; ") + (item.dry_run ? " (dry run)" : "")));
     return row;
   }));
+  $("#d-payload").textContent = job.payload ? JSON.stringify(job.payload, null, 2)
+    : `Not kept for this job (started by ${job.trigger}, or queued before b24rebind kept events).`;
   $("#d-attempts").replaceChildren(...job.attempts.map((attempt) => el("li",
     `attempt ${attempt.number} at ${new Date(attempt.started_at * 1000).toLocaleTimeString()}: ${attempt.outcome}`
     + (attempt.error ? ` (${attempt.error.code}: ${attempt.error.what_to_do || attempt.error.description})` : ""))));
@@ -411,11 +650,11 @@ async function follow() {
       const headers = token() ? {Authorization: `Bearer ${token()}`} : {};
       const response = await fetch("/api/stream", {headers});
       if (response.status === 401 || response.status === 403) {
-        $("#live").className = "live off"; $("#live").textContent = "not authorised";
+        streamState = "unauthorised"; renderHealth();
         return;  // the banner says why; entering a token reloads the page
       }
       if (!response.ok) { throw new Error(`stream: HTTP ${response.status}`); }
-      $("#live").className = "live on"; $("#live").textContent = "live";
+      streamState = "live"; renderHealth();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -430,16 +669,18 @@ async function follow() {
         }
       }
     } catch (error) { /* reconnect below */ }
-    $("#live").className = "live off"; $("#live").textContent = "reconnecting…";
+    streamState = "reconnecting";
+    await checkHealth();
     await new Promise((resolve) => setTimeout(resolve, 2000));
-    await Promise.all([loadJobs(), refreshStats(), refreshFailed()]).catch(showError);
+    await Promise.all([loadJobs(), refreshStats().catch(showError).then(refreshFailed)]).catch(showError);
   }
 }
 
+// Reads that fail say so where their data would be (statsUnknown, refreshFailed, loadJobs); this is for
+// what is left: the console, for whoever looks.
 function showError(error) {
-  if (error instanceof Refused) { return; }  // already said, with the fix, in the banner
+  if (error instanceof Refused || error instanceof ApiError) { return; }
   console.warn(error);
-  $("#d-message").textContent = String(error.message || error);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -451,18 +692,27 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#d-retry").addEventListener("click", () => retryJob(openJob).catch(showError));
   $("#d-undo").addEventListener("click", () => undoJob(openJob).catch(showError));
   $("#retry-all").addEventListener("click", async () => {
+    let failed, dead;
     try {
-      await api("/api/jobs/retry?state=failed&limit=1000", {method: "POST"});
-      await api("/api/jobs/retry?state=dead&limit=1000", {method: "POST"});
-      await Promise.all([refreshFailed(), refreshStats(), loadJobs()]);
-    } catch (error) { showError(error); }
+      failed = await api("/api/jobs/retry?state=failed&limit=1000", {method: "POST"});
+      dead = await api("/api/jobs/retry?state=dead&limit=1000", {method: "POST"});
+    } catch (error) {
+      say($("#attention-message"), ...failure(error, "retry"));
+      return;
+    }
+    const more = failed.more || dead.more ? " More are left: click again once these have run." : "";
+    say($("#attention-message"), "done", `Queued again: ${plural(failed.retried + dead.retried, "job")}.${more}`);
+    Promise.all([refreshFailed(), refreshStats(), loadJobs()]).catch(showError);
   });
   $("#token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     localStorage.setItem("b24-token", $("#token").value.trim());
     location.reload();
   });
-  Promise.all([refreshStats().then(refreshFailed), loadJobs()]).catch(showError);
+  // The failed jobs are read even when the numbers could not be: each part says what it could not read.
+  Promise.all([refreshStats().catch(showError).then(refreshFailed), loadJobs()]).catch(showError);
   setInterval(() => refreshStats().catch(showError), 10000);
+  checkHealth();
+  setInterval(checkHealth, HEALTH_EVERY);
   follow();
 });

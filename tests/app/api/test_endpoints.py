@@ -488,3 +488,27 @@ async def test_the_token_counts_only_as_a_bearer_token(aiohttp_client: Any, sett
     assert (await client.get("/api/jobs?token=sekret-api-token")).status == 401
     for header in ("Bearer sekret-api-token", "bearer sekret-api-token", "Bearer  sekret-api-token "):
         assert (await client.get("/api/jobs", headers={"Authorization": header})).status == 200, header
+async def test_a_job_shows_the_event_the_portal_sent_with_its_secrets_masked(client: Any) -> None:
+    from tests.conftest import TOKEN
+
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", 77, **{"auth[access_token]": "acc3ss-s3cret"})
+
+    job = await (await client.get(f"/api/jobs/{answer['job_id']}")).json()
+    payload = job["payload"]
+    assert payload["event"] == "ONCRMACTIVITYADD" and payload["data"] == {"FIELDS": {"ID": "77"}}
+    assert payload["auth"]["domain"] == "acme.bitrix24.com"
+    assert payload["auth"]["application_token"] == "***" and payload["auth"]["access_token"] == "***"
+    text = await (await client.get(f"/api/jobs/{answer['job_id']}")).text()
+    assert TOKEN not in text and "acc3ss-s3cret" not in text
+
+
+async def test_stats_link_a_demo_portals_records_to_its_own_pages_and_a_real_ones_to_the_portal(
+        client: Any, portal: FakePortal) -> None:
+    from app.api.stats import record_pages
+    from app.bitrix.portal import PortalConfig
+
+    stats = await (await client.get("/api/stats")).json()
+    assert stats["portals"]["acme"]["pages"] == portal.base_url  # on loopback: the fake serves /crm/...
+    real = PortalConfig(domain="acme.bitrix24.com", rest_url="https://acme.bitrix24.com/rest/1/c0de/",
+                        application_token="t")
+    assert record_pages(real) == "https://acme.bitrix24.com"

@@ -101,3 +101,20 @@ async def test_intake_is_summed_up_in_one_log_line_a_minute_not_one_per_event(
     await client.server.app[metrics.event_counts_key].flush(redis)
     assert len([r for r in caplog.records if r.getMessage().startswith("events in the last")]) == 1, \
         "nothing new, no line"
+
+
+async def test_while_redis_is_away_metrics_still_answer_that_it_is(
+        aiohttp_client: Any, private_redis: Any, rules: Any, tmp_path: Any) -> None:
+    from app.settings import Settings
+    from app.web import create_app
+
+    settings = Settings(_env_file=None, redis_url=private_redis.url, data_dir=tmp_path, rules=tmp_path / "rules.yaml")
+    client = await aiohttp_client(create_app(settings, rules))
+    assert (await scrape(client))[("b24rebind_redis_up", ())] == 1
+
+    private_redis.stop()
+    metrics = await scrape(client)
+
+    assert metrics[("b24rebind_redis_up", ())] == 0
+    assert ("b24rebind_redis_down_seconds", ()) in metrics
+    assert not [name for name, _ in metrics if name.startswith("b24rebind_jobs")]  # nothing made up

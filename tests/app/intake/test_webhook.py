@@ -193,3 +193,17 @@ async def test_a_nul_byte_in_a_form_key_or_value_is_a_400_that_says_so(client: A
                                  headers={"Content-Type": "application/json"})
     assert response.status == 400 and "NUL byte" in (await response.json())["error"]
     assert not any((await JobStore(redis, 60).counts()).values())
+def test_the_stored_payload_masks_every_token_and_secret_and_stays_small() -> None:
+    from app.intake.events import masked_payload
+
+    sent = {"event": "ONAPPINSTALL", "auth": {"domain": "acme.bitrix24.com", "application_token": "a",
+                                              "access_token": "b", "refresh_token": "c", "client_secret": "d"},
+            "data": {"FIELDS": {"ID": "1"}, "PASSWORD": "e"}, "items": [{"AuthToken": "f"}], "note": "x" * 10_000}
+
+    masked = masked_payload(sent)
+
+    assert masked["auth"] == {"domain": "acme.bitrix24.com", "application_token": "***", "access_token": "***",
+                              "refresh_token": "***", "client_secret": "***"}
+    assert masked["data"] == {"FIELDS": {"ID": "1"}, "PASSWORD": "***"} and masked["items"] == [{"AuthToken": "***"}]
+    assert len(masked["note"]) == 500
+    assert masked_payload({"auth": "t0ken"}) == {"auth": "***"}  # an auth that is a token, not a block
