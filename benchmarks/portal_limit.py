@@ -36,7 +36,7 @@ import aiohttp
 import redis as sync_redis
 
 from app.bitrix.client import RestClient
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.cli.backfill import BackfillRun, queue_backfill
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal

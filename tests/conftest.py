@@ -17,7 +17,7 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 
 from app.bitrix.client import RetryPolicy
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.fakeportal import FakePortal
 from app.rebind.echo import ChangeLog
 from app.rules.facts import Binding

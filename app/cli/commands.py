@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from app import service
 from app.bitrix.connect import portal_client
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.cli.exits import Exit, Failure, NotFound
 from app.config import load_service_rules, variables

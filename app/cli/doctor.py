@@ -22,7 +22,7 @@ from app.bitrix.client import Answer, RestClient, RetryPolicy
 from app.bitrix.connect import portal_client
 from app.bitrix.errors import B24Error, ConfigError
 from app.bitrix.oauth import TokenStore
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.commands import pick_portal, redis_for
 from app.config import load_service_rules, variables
 from app.rebind.crm_mode import read_mode, simple_mode_warning

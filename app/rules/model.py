@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 
 
 class EntityType(IntEnum):

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 import pytest
 
 from app.bitrix.client import RetryPolicy
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings

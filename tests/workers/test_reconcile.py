@@ -12,7 +12,7 @@ import redis as sync_redis
 from arq.connections import ArqRedis
 
 from app.bitrix.client import RestClient
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.backfill import BackfillRun, queue_backfill
 from app.config import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
