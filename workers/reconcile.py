@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, fast_page
 from app.bitrix.errors import B24Error
 from app.store.backfill_runs import job_id_in_run, runs_under_way
-from app.config import LiveRules, load_service_rules
+from app.live_rules import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.bundled_redis import with_redis

@@ -24,7 +24,7 @@ from app.bitrix.errors import B24Error, ConfigError
 from app.bitrix.oauth import TokenStore
 from app.portal_config import PortalConfig
 from app.cli.commands import pick_portal, redis_for
-from app.config import load_service_rules, variables
+from app.live_rules import load_service_rules, variables
 from app.rebind.crm_mode import read_mode, simple_mode_warning
 from app.rules.loader import load_rules
 from app.rules.model import SIMPLE_CRM, RuleSet

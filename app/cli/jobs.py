@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
 from app.cli.backfill import progress_bar
-from app.config import load_service_rules
+from app.live_rules import load_service_rules
 from app.rules.facts import bindings_text
 from app.settings import Settings
 from app.rebind.undo import UndoRefused, undo_with_rules

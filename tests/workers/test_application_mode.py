@@ -8,7 +8,7 @@ import pytest
 
 from app.bitrix.client import RetryPolicy
 from app.portal_config import PortalConfig
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore

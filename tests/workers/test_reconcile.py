@@ -14,7 +14,7 @@ from arq.connections import ArqRedis
 from app.bitrix.client import RestClient
 from app.portal_config import PortalConfig
 from app.cli.backfill import BackfillRun, queue_backfill
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings

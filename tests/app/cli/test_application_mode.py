@@ -10,7 +10,7 @@ import yaml
 from pydantic import SecretStr
 
 from app.cli.commands import backfill_command, explain_command
-from app.config import load_service_rules
+from app.live_rules import load_service_rules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.namespace import prefixed
