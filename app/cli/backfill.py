@@ -15,7 +15,7 @@ from app.bitrix.client import PAGE_SIZE, RestClient, fast_page
 from app.store.backfill_runs import BackfillRun as BackfillRun
 from app.store.jobs import FINAL_STATES, JobStore
 from app.store.queue import JobQueue
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 async def queue_backfill(run: BackfillRun, client: RestClient, queue: JobQueue, redis: Redis,
                          max_leads: int | None = None) -> list[str]:

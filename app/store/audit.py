@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from app.crm import Binding
 from app.store.jobs import JobRecord
 from app.store.namespace import prefixed
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 ITEM_KEY = "b24:audit:item:"  # + "activity:12" -> list of entries, newest first
 JOB_KEY = "b24:audit:job:"  # + job id -> list of entries, in the order applied

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 RUN_MARK = "backfill:"  # a backfill job's event_ts: this, then its run's key
 RUN_READS = 20  # records read at most to learn which runs are under way (one a run, usually)
