@@ -11,7 +11,7 @@ from app.bitrix.client import RestClient
 from app.portal_config import RateLimit
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
-from app.rebind.facts import FactReader
+from app.rebind.reading import FactReader
 from tests.conftest import DEFAULT_RULES, post_event, rules_with
 
 

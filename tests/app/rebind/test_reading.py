@@ -12,7 +12,7 @@ from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.session import PortalSession
 from app.fakeportal import LEAD, FakePortal
-from app.rebind.facts import FactReader
+from app.rebind.reading import FactReader
 from app.rules.model import RuleSet
 
 
