@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +35,25 @@ DOMAIN = "acme.bitrix24.com"
 TOKEN = "t0ken-of-the-outbound-webhook"
 WEBHOOK_CODE = "s3cretwebhookcode"
 API_TOKEN = "test-api-token"
+
+SLOW_TIMEOUT = 900  # seconds: the longest chaos scenario (a long Redis outage, then every job to finish) in a loaded run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A `slow` test (real processes, outages) gets SLOW_TIMEOUT unless it names its own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """Randomness a failure can replay: B24_TEST_SEED=<seed> runs the same choices again. The seed is
+    printed with a failing test's report."""
+    seed = int(os.environ.get("B24_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    request.node.add_report_section("setup", "seed", f"B24_TEST_SEED={seed} replays this test's random choices")
+    return random.Random(seed)
+
 
 # The rules the service uses when no rules file exists.
 DEFAULT_RULES = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")

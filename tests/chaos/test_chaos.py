@@ -26,7 +26,7 @@ from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobStore
 from app.store.queue import connect
 from app.web import create_app
-from tests.chaos.processes import WorkerProcess, write_rules
+from tests.support.processes import WorkerProcess, write_rules
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)

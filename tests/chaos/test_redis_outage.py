@@ -29,7 +29,7 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
-from tests.chaos.processes import ServiceProcess, WorkerProcess, free_port, write_rules
+from tests.support.processes import ServiceProcess, WorkerProcess, free_port, write_rules
 from tests.chaos.test_chaos import all_done, assert_every_activity_ended_right
 from tests.conftest import event_form
 

@@ -14,7 +14,7 @@ from arq.connections import ArqRedis
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.locks import LEASE
 from app.store.jobs import JobState, JobStore
-from tests.chaos.processes import WorkerProcess, write_rules
+from tests.support.processes import WorkerProcess, write_rules
 from tests.conftest import post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)

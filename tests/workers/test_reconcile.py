@@ -21,7 +21,7 @@ from app.settings import Settings
 from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, JobQueue
-from tests.chaos.processes import write_rules
+from tests.support.processes import write_rules
 from workers.context import CONTEXT, WorkerContext
 from workers.reconcile import (
     BACKFILL_RAN,
