@@ -184,3 +184,11 @@ async def record_changes(redis: Any, changes: ChangeLog, activity_id: int, after
         for _ in range(times):
             changes.stage_record(pipe, activity_id, after)
         await pipe.execute()
+
+
+async def post_install(client: Any, auth: dict[str, str], domain: str = DOMAIN) -> Any:
+    """ONAPPINSTALL as the portal posts it when the application is installed."""
+    body = {"event": "ONAPPINSTALL", "data[VERSION]": "1", "data[ACTIVE]": "Y", "ts": "1",
+            **{f"auth[{key}]": value for key, value in {**auth, "domain": domain}.items()}}
+    return await client.post("/bitrix/events", data=urlencode(body),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})

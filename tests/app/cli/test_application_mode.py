@@ -15,8 +15,7 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.namespace import prefixed
 from app.web import create_app
-from tests.conftest import API_TOKEN, DEFAULT_RULES, DOMAIN, post_event
-from tests.workers.test_application_mode import install
+from tests.conftest import API_TOKEN, DEFAULT_RULES, DOMAIN, post_event, post_install
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ async def service(aiohttp_client: Any, app_settings: Settings, portal: FakePorta
     client = await aiohttp_client(create_app(guarded, load_service_rules(app_settings)),
                                   headers={"Authorization": f"Bearer {API_TOKEN}"})
     client.auth = portal.install_app()
-    assert (await install(client, client.auth)).status == 200
+    assert (await post_install(client, client.auth)).status == 200
     return client
 
 

@@ -15,7 +15,7 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.reading import FactReader
 from app.store.jobs import JobStore
 from app.store.queue import BACKFILL_QUEUE, JobQueue
-from tests.app.cli.test_main import ROOT, b24rebind
+from tests.support.processes import ROOT, b24rebind
 
 
 async def test_explain_says_which_rules_match_why_others_do_not_and_writes_nothing(
