@@ -43,18 +43,7 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: 
     entries = [e for e in await log.for_job(job_id) if e.undo_of is None and e.time > (when or 0)]
     if not entries:
         raise UndoRefused(f"job {job_id} changed no bindings that the audit log still holds")
-    try:
-        current = await current_bindings(client, [(e.kind, e.item) for e in entries])
-    except B24Error as exc:
-        if isinstance(exc, (TransientError, ConfigError)):
-            raise
-        raise UndoRefused(f"could not read the bindings job {job_id} changed: {exc.code} {exc.description}; "
-                          "nothing was changed") from None
-    moved = [f"{e.kind} {e.item}: the job left [{bindings_text(e.after)}], now it is [{bindings_text(now)}]"
-             for e, now in zip(entries, current) if set(now) != set(e.after)]
-    if moved:
-        raise UndoRefused(f"not undoing job {job_id}: bindings changed since it ran, and undo would overwrite "
-                          "that:\n  " + "\n  ".join(moved))
+    await _refuse_if_changed_since(job_id, entries, client)
     try:
         outcomes = await execute(undo_plan(job_id, entries), client)
     except TargetsGone as exc:
@@ -70,6 +59,22 @@ async def undo_job(job_id: str, log: AuditLog, client: RestClient, finished_at: 
     if not result.errors:
         await log.mark_undone(job_id)
     return result
+
+
+async def _refuse_if_changed_since(job_id: str, entries: Sequence[AuditEntry], client: RestClient) -> None:
+    """Undo would overwrite what changed the items since the job: refuse, having written nothing."""
+    try:
+        current = await current_bindings(client, [(e.kind, e.item) for e in entries])
+    except B24Error as exc:
+        if isinstance(exc, (TransientError, ConfigError)):
+            raise
+        raise UndoRefused(f"could not read the bindings job {job_id} changed: {exc.code} {exc.description}; "
+                          "nothing was changed") from None
+    moved = [f"{e.kind} {e.item}: the job left [{bindings_text(e.after)}], now it is [{bindings_text(now)}]"
+             for e, now in zip(entries, current) if set(now) != set(e.after)]
+    if moved:
+        raise UndoRefused(f"not undoing job {job_id}: bindings changed since it ran, and undo would overwrite "
+                          "that:\n  " + "\n  ".join(moved))
 
 
 def undo_plan(job_id: str, entries: Sequence[AuditEntry]) -> BindingPlan:
