@@ -191,6 +191,9 @@ async def test_serve_and_a_worker_started_while_redis_is_down_spool_wait_and_cat
 
             response, ready = None, {}
             await until(says_redis_is_away, 30, "the web process to see Redis away")
+            for process in (web, worker):  # each says so in its log before Redis is back (and then that it is)
+                await until(lambda: "Redis is unreachable (" in process.log.read_text(errors="replace"), 60,
+                            f"{process.log.name} to say Redis is away")
             await asyncio.to_thread(private_redis.start)
             records = await all_done(JobStore(pool, 3600), stream.accepted, timeout=60)
     finally:
