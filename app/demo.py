@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 
-from app.bitrix.portal import PortalConfig, RateLimit
+from app.portal_config import PortalConfig, RateLimit
 from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, FakePortal
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet

@@ -14,7 +14,7 @@ from arq import Worker
 from arq.connections import ArqRedis
 
 from app import demo, logs, loop
-from app.config import LiveRules, load_service_rules
+from app.live_rules import LiveRules, load_service_rules
 from app.intake.webhook import HEADER_LIMITS
 from app.rules.model import RuleSet
 from app.settings import Settings

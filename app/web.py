@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from app.api.dashboard import setup_dashboard
 from app.api.endpoints import setup_api
 from app.api.keys import outage_key, queue_key, redis_key, rules_key, settings_key, store_key
-from app.config import LiveRules, load_service_rules
+from app.live_rules import LiveRules, load_service_rules
 from app.intake.spool import spool_context, spool_key
 from app.intake.webhook import MAX_BODY, receive_event
 from app.logs import QuietBadRequests

@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 
 import redis as sync_redis
 
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.rules.loader import parse_rules
 from app.rules.model import RuleSet
 from app.settings import Settings

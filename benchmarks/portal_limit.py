@@ -44,7 +44,7 @@ import redis as sync_redis
 from aiohttp import web
 
 from app.bitrix.client import RestClient
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import RateLimiter
 from app.cli.backfill import BackfillRun, queue_backfill
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal

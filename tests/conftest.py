@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +18,7 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 
 from app.bitrix.client import RetryPolicy
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.fakeportal import FakePortal
 from app.rebind.echo import ChangeLog
 from app.rules.facts import Binding
@@ -34,6 +35,25 @@ DOMAIN = "acme.bitrix24.com"
 TOKEN = "t0ken-of-the-outbound-webhook"
 WEBHOOK_CODE = "s3cretwebhookcode"
 API_TOKEN = "test-api-token"
+
+SLOW_TIMEOUT = 900  # seconds: the longest chaos scenario (a long Redis outage, then every job to finish) in a loaded run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A `slow` test (real processes, outages) gets SLOW_TIMEOUT unless it names its own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """Randomness a failure can replay: B24_TEST_SEED=<seed> runs the same choices again. The seed is
+    printed with a failing test's report."""
+    seed = int(os.environ.get("B24_TEST_SEED") or random.SystemRandom().randrange(2**32))
+    request.node.add_report_section("setup", "seed", f"B24_TEST_SEED={seed} replays this test's random choices")
+    return random.Random(seed)
+
 
 # The rules the service uses when no rules file exists.
 DEFAULT_RULES = resources.files("app.rules").joinpath("default.yaml").read_text(encoding="utf-8")
@@ -164,3 +184,11 @@ async def record_changes(redis: Any, changes: ChangeLog, activity_id: int, after
         for _ in range(times):
             changes.stage_record(pipe, activity_id, after)
         await pipe.execute()
+
+
+async def post_install(client: Any, auth: dict[str, str], domain: str = DOMAIN) -> Any:
+    """ONAPPINSTALL as the portal posts it when the application is installed."""
+    body = {"event": "ONAPPINSTALL", "data[VERSION]": "1", "data[ACTIVE]": "Y", "ts": "1",
+            **{f"auth[{key}]": value for key, value in {**auth, "domain": domain}.items()}}
+    return await client.post("/bitrix/events", data=urlencode(body),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})

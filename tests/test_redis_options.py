@@ -39,7 +39,7 @@ from app.store.bundled_redis import with_redis
 from app.store.jobs import feed_channel
 from app.store.queue import connect, redis_settings
 from app.web import create_app
-from tests.chaos.processes import ROOT, write_rules
+from tests.support.processes import ROOT, write_rules
 from tests.conftest import WEBHOOK_CODE, event_form, post_event
 from workers.main import build_worker, shutdown
 

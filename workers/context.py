@@ -16,7 +16,7 @@ from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
 from app.bitrix.session import PortalSession
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.settings import Settings
 from app.store.jobs import JobStore
 

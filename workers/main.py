@@ -9,7 +9,7 @@ from arq import cron, func
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.amnesia import AFTER_FORGETTING, AFTER_FORGETTING_KEPT

@@ -31,8 +31,8 @@ from redis.exceptions import RedisError
 
 from app.bitrix.client import PAGE_SIZE, Command, RestClient, fast_page
 from app.bitrix.errors import B24Error
-from app.cli.backfill import job_id_in_run, runs_under_way
-from app.config import LiveRules, load_service_rules
+from app.store.backfill_runs import job_id_in_run, runs_under_way
+from app.live_rules import LiveRules, load_service_rules
 from app.rules.model import EntityType
 from app.settings import Settings
 from app.store.amnesia import SweepMarks
@@ -91,17 +91,7 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
             await client.call("crm.lead.list", fast_page(filter, ["ID", "DATE_MODIFY"], last_id))
         ).result or []
         if page:
-            in_hand = await _in_hand(queue.store, portal, page, runs)
-            result.skipped.update(in_hand.values())
-            ask = [int(row["ID"]) for row in page if int(row["ID"]) not in in_hand]
-            bound = await _with_activities(client, ask) if ask else set()
-            for row in page:
-                if int(row["ID"]) in bound:
-                    record = _job_for(portal, int(row["ID"]), str(row.get("DATE_MODIFY", "")))
-                    if await queue.submit(record):
-                        result.queued.append(record.id)
-                result.cursor = max(result.cursor, str(row.get("DATE_MODIFY") or ""))
-            result.leads_seen += len(page)
+            await _sweep_page(client, queue, page, runs, result)
             last_id = int(page[-1]["ID"])
         if len(page) < PAGE_SIZE:
             break
@@ -118,6 +108,24 @@ async def sweep(client: RestClient, queue: JobQueue, redis: Redis, since: str | 
         f"; {result.skipped_text()}" if result.skipped else "",
     )
     return result
+
+
+async def _sweep_page(client: RestClient, queue: JobQueue, page: list[dict[str, Any]], runs: list[str],
+                      result: Sweep) -> None:
+    """One page of converted leads: skip those in hand, ask the portal about the rest, queue a job for
+    each that still has activities bound to it."""
+    portal = result.portal
+    in_hand = await _in_hand(queue.store, portal, page, runs)
+    result.skipped.update(in_hand.values())
+    ask = [int(row["ID"]) for row in page if int(row["ID"]) not in in_hand]
+    bound = await _with_activities(client, ask) if ask else set()
+    for row in page:
+        if int(row["ID"]) in bound:
+            record = _job_for(portal, int(row["ID"]), str(row.get("DATE_MODIFY", "")))
+            if await queue.submit(record):
+                result.queued.append(record.id)
+        result.cursor = max(result.cursor, str(row.get("DATE_MODIFY") or ""))
+    result.leads_seen += len(page)
 
 
 async def _in_hand(store: JobStore, portal: str, page: list[dict[str, Any]], runs: list[str]) -> dict[int, str]:

@@ -24,10 +24,10 @@ from redis.exceptions import RedisError
 from app.api.keys import redis_key, rules_key, settings_key
 from app.api.metrics import REACHABILITY
 from app.api.stats import reachability_of
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.logs import Throttled
 from app.store.namespace import prefixed
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 log = logging.getLogger(__name__)
 throttled = Throttled(log, every=300.0)

@@ -21,7 +21,8 @@ from app.api.openapi import openapi_document
 from app.api.stream import setup_stream
 from app.bitrix.errors import B24Error
 from app.intake.spool import spool_key
-from app.store.audit import AuditLog, UndoRefused, undo_with_rules
+from app.rebind.undo import UndoRefused, undo_with_rules
+from app.store.audit import AuditLog
 from app.store.jobs import FINAL_STATES, Cursor, JobQuery, JobRecord, JobState, UnknownJob, is_job_id
 
 log = logging.getLogger(__name__)

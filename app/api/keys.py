@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 from arq.connections import ArqRedis
 
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage

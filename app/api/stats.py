@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from app.api.metrics import COUNTERS, REACHABILITY, parse_field
 from app.api.metrics import MINUTES as MINUTES_KEY
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.rules.model import RuleSet
 from app.store import heartbeat
 from app.store.jobs import INDEX_PREFIX, JOB_INDEX, JobStore

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from app.bitrix.errors import MethodBlocked
 from app.store.namespace import prefixed
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 NEAR = 0.8  # of the budget: stop early, since the call that crosses it is itself cut off
 WORTH_SHARING = 0.25  # of the budget: below it a method is far from blocking, and nothing is written

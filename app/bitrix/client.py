@@ -14,7 +14,7 @@ import aiohttp
 from app.bitrix.budget import MethodBudget
 from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult
 from app.bitrix.oauth import OAuthSession
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.session import (
     REQUEST_TIMEOUT,
     Limiter,

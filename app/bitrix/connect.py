@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from app.bitrix.budget import BudgetReads, MethodBudget
 from app.bitrix.client import RestClient
 from app.bitrix.oauth import OAuthSession
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
 from app.bitrix.relay import PortalRelay
 from app.bitrix.session import LINGER, REQUEST_TIMEOUT, Limiter, PortalSession, RetryPolicy

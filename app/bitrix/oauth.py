@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from app.bitrix.errors import ConfigError, TransientError
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.store.namespace import prefixed
 
 log = logging.getLogger(__name__)

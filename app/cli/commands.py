@@ -14,11 +14,11 @@ from redis.asyncio import Redis
 
 from app import service
 from app.bitrix.connect import portal_client
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.backfill import BackfillRun, progress_bar, queue_backfill, summarise
 from app.cli.exits import Exit, Failure, NotFound
-from app.config import load_service_rules, variables
-from app.rebind.facts import LEAD_LISTS, FactReader, Gone
+from app.live_rules import load_service_rules, variables
+from app.rebind.reading import LEAD_LISTS, FactReader, Gone
 from app.rules.engine import explain, plan
 from app.rules.facts import Activity, Binding, Client, Facts, Lead, bindings_text
 from app.rules.loader import RulesError, load_rules

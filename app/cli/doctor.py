@@ -22,9 +22,9 @@ from app.bitrix.client import Answer, RestClient, RetryPolicy
 from app.bitrix.connect import portal_client
 from app.bitrix.errors import B24Error, ConfigError
 from app.bitrix.oauth import TokenStore
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.commands import pick_portal, redis_for
-from app.config import load_service_rules, variables
+from app.live_rules import load_service_rules, variables
 from app.intake.spool import QUARANTINE, spool_dir, spool_status
 from app.rebind.crm_mode import read_mode, simple_mode_warning
 from app.rules.loader import load_rules

@@ -66,7 +66,7 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     from app.api.endpoints import BadRequest
     from app.rules.loader import RulesError
     from app.service import CannotListen, WorkerStopped
-    from app.store.audit import UndoRefused
+    from app.rebind.undo import UndoRefused
 
     if isinstance(exc, Failure):
         return str(exc), exc.status

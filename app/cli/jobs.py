@@ -21,10 +21,11 @@ from redis.exceptions import RedisError
 from app.api import stats
 from app.api.endpoints import BadRequest, parse_list_query
 from app.cli.backfill import progress_bar
-from app.config import load_service_rules
+from app.live_rules import load_service_rules
 from app.rules.facts import bindings_text
 from app.settings import Settings
-from app.store.audit import AuditLog, UndoRefused, undo_with_rules
+from app.rebind.undo import UndoRefused, undo_with_rules
+from app.store.audit import AuditLog
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobQuery, JobRecord, JobState, JobStore, UnknownJob, reapply_note
 from app.store.outage import describe

@@ -22,7 +22,7 @@ from app import demo, loop, service
 from app.cli import commands
 from app.cli import jobs as jobs_cli
 from app.cli.exits import Exit, Failure, NotFound, at_the_edge
-from app.config import DEFAULT_RULES, load_service_rules, variables
+from app.live_rules import DEFAULT_RULES, load_service_rules, variables
 from app.rules.loader import load_rules
 from app.settings import Settings, SettingsError, load_settings
 from app.store import namespace

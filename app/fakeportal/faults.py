@@ -137,6 +137,11 @@ class Faults:
         """The next `n` requests wait this long before being served, as an overloaded portal does."""
         self._stalls.extend([seconds] * n)
 
+    @property
+    def stalls_left(self) -> int:
+        """Stalls not yet taken by a request: a test waits on it to know a request is stalled now."""
+        return len(self._stalls)
+
     def html_next(self, n: int, status: int = 502) -> None:
         """Answer the next `n` requests with an HTML page, as a proxy in front of the portal would."""
         self._faults.extend(_Fault(status, "", "", html=True) for _ in range(n))

@@ -242,11 +242,7 @@ class FakePortal(RestMethods, Faults):
 
     def _batch(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Run sub-calls in order; one HTTP request, HTTP 200 even when sub-calls fail."""
-        commands = param(params, "cmd")
-        if isinstance(commands, list):
-            commands = {str(i): c for i, c in enumerate(commands)}
-        if not isinstance(commands, dict):
-            commands = {}
+        commands = _commands_of(param(params, "cmd"))
         halt = truthy(param(params, "halt"))
         charged = self.charge_batch and self.operating_limit is not None
         if charged and self.operating("batch") >= self.operating_limit:  # type: ignore[operator]
@@ -273,14 +269,7 @@ class FakePortal(RestMethods, Faults):
                 if halt:
                     break
                 continue
-            if isinstance(result, Page):
-                sections["result"][key] = result.rows
-                if result.total is not None:
-                    sections["result_total"][key] = result.total
-                if result.next is not None:
-                    sections["result_next"][key] = result.next
-            else:
-                sections["result"][key] = result
+            _file_result(sections, key, result)
             inner = "batch" if charged else str(command).partition("?")[0].strip().strip("/").lower().removesuffix(".json")
             sections["result_time"][key] = time_info(started, time.time(), self.operating(inner),
                                                       self.operating_reset_at(inner))
@@ -297,3 +286,23 @@ class FakePortal(RestMethods, Faults):
         if method == "batch":
             raise BitrixError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
         return self._call(method, parse_php_query(parse_qsl(query, keep_blank_values=True)))
+
+
+def _file_result(sections: dict[str, dict[str, Any]], key: str, result: Any) -> None:
+    """A sub-call's answer in the batch's sections: a page's rows, total and next apart, as the portal files them."""
+    if isinstance(result, Page):
+        sections["result"][key] = result.rows
+        if result.total is not None:
+            sections["result_total"][key] = result.total
+        if result.next is not None:
+            sections["result_next"][key] = result.next
+    else:
+        sections["result"][key] = result
+
+
+def _commands_of(cmd: Any) -> dict[str, Any]:
+    """`cmd` as keyed commands: a list's are keyed by position, anything else is no command."""
+    if isinstance(cmd, list):
+        return {str(i): c for i, c in enumerate(cmd)}
+    return cmd if isinstance(cmd, dict) else {}
+

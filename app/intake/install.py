@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.bitrix.oauth import TokenStore
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.logs import Throttled
 from app.rules.model import RuleSet
 

@@ -20,7 +20,7 @@ from app.bitrix.errors import (
 )
 from app.bitrix.relay import stop_rule
 from app.bitrix.session import stops_group
-from app.rebind.facts import TYPE_BY_NAME, TYPE_NAMES
+from app.rebind.reading import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding, bindings_json
 from app.rules.plan import BindingPlan, ItemPlan
 

@@ -258,7 +258,7 @@ def _rule_name(loc: Loc, data: Any) -> str | None:
 
 
 def _allowed_keys(loc: Loc, data: Any) -> list[str]:
-    from app.bitrix.portal import PortalConfig, RateLimit
+    from app.portal_config import PortalConfig, RateLimit
     from app.rules.model import Action, FixedTarget, Move, Rule, When
 
     # Where each model sits in the file; `int` and `str` stand for any list index and any mapping key.

@@ -4,41 +4,14 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.bitrix.portal import PortalConfig
-
-
-class EntityType(IntEnum):
-    """CRM entity type ids (crm.enum.ownertype)."""
-
-    LEAD = 1
-    DEAL = 2
-    CONTACT = 3
-    COMPANY = 4
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-def entity_label(entity_type: int) -> str:
-    """`contact`, `deal`...; a type the rules cannot name (a quote, a smart process) as `type128`."""
-    try:
-        return EntityType(entity_type).label
-    except ValueError:
-        return f"type{int(entity_type)}"
-
-
-def entity_type_of(label: str) -> EntityType | int:
-    """The inverse of `entity_label`."""
-    label = label.strip().lower()
-    if label.startswith("type") and label[4:].isdigit():
-        return int(label[4:])
-    return EntityType[label.upper()]
+from app.crm import EntityType as EntityType
+from app.crm import entity_label as entity_label
+from app.crm import entity_type_of as entity_type_of
+from app.portal_config import PortalConfig
 
 
 EntityName = Literal["lead", "deal", "contact", "company"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.demo import DEMO_WEBHOOK_CODE
+from tests.support.processes import as_from_a_terminal, ended
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # real processes
@@ -59,8 +60,10 @@ def test_the_demo_plays_what_the_portal_does_and_what_b24rebind_adds(tmp_path: P
 
 
 def test_demo_keep_then_demo_convert_plays_another_conversion(tmp_path: Path) -> None:
+    # SIGINT as from a terminal: the Ctrl-C that ends the kept demo must not be ignored, whoever runs the tests.
     with subprocess.Popen([sys.executable, "-m", "app", "demo", "--keep"], cwd=tmp_path, env=env(tmp_path),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as kept:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=as_from_a_terminal) as kept, ended(kept):
         play_on(kept, tmp_path)
     assert kept.returncode == 0
 

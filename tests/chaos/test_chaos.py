@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from redis.exceptions import RedisError
 
-from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.bundled_redis import BundledRedis
-from app.store.jobs import FINAL_STATES, JobStore
+from app.store.jobs import JobStore
 from app.store.queue import connect
 from app.web import create_app
-from tests.chaos.processes import WorkerProcess, write_rules
+from tests.support.chaos import all_done, assert_every_activity_ended_right, converted_leads
+from tests.support.processes import WorkerProcess, write_rules
 from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
@@ -53,23 +53,12 @@ async def pool(private_redis: BundledRedis) -> AsyncIterator[ArqRedis]:
     await redis.aclose()
 
 
-def converted_leads(portal: FakePortal, events: int) -> list[tuple[str, int]]:
-    """Leads with activities, converted: a lead event and an event per activity, about `events` in all."""
-    plan: list[tuple[str, int]] = []
-    while len(plan) < events:
-        lead = portal.add_lead()
-        activities = [portal.add_activity([(LEAD, lead)]) for _ in range(random.randint(1, 4))]
-        portal.convert_lead(lead)
-        plan += [("ONCRMLEADUPDATE", lead)] + [("ONCRMACTIVITYADD", a) for a in activities]
-    random.shuffle(plan)
-    return plan
-
-
 class Supervisor:
     """Keeps `count` worker processes running, as systemd or compose would restart them."""
 
-    def __init__(self, count: int, make: Any) -> None:
+    def __init__(self, count: int, make: Any, rng: random.Random) -> None:
         self.workers = [make(f"w{i}") for i in range(count)]
+        self.rng = rng
         self.kills = 0
 
     async def keep_running(self) -> None:
@@ -82,7 +71,7 @@ class Supervisor:
     async def kill_now_and_then(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            random.choice(self.workers).kill(signal.SIGKILL)
+            self.rng.choice(self.workers).kill(signal.SIGKILL)
             self.kills += 1
 
     def stop(self) -> None:
@@ -90,62 +79,29 @@ class Supervisor:
             worker.kill()
 
 
-async def faulty(portal: FakePortal) -> None:
+async def faulty(portal: FakePortal, rng: random.Random) -> None:
     """About one request in twenty fails: mostly 500s, some QUERY_LIMIT_EXCEEDED."""
     while True:
         await asyncio.sleep(0.01)
         seen = portal.request_count
         while portal.request_count < seen + 20:
             await asyncio.sleep(0.01)
-        if random.random() < 0.8:
+        if rng.random() < 0.8:
             portal.fail_next(1, status=500, error="INTERNAL_SERVER_ERROR")
         else:
             portal.fail_next(1, status=503, error="QUERY_LIMIT_EXCEEDED")
 
 
-async def all_done(store: JobStore, job_ids: set[str], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            records = {job_id: await store.get(job_id) for job_id in job_ids}
-            if all(r is not None and r.state in FINAL_STATES for r in records.values()):
-                return records
-        except (RedisError, OSError):  # Redis is restarting
-            records = {}
-        if time.monotonic() > deadline:
-            pending = (
-                {
-                    i: (r.state.value if r else None)
-                    for i, r in records.items()
-                    if r is None or r.state not in FINAL_STATES
-                }
-                if records
-                else {"?": "Redis unreachable"}
-            )
-            raise AssertionError(f"{len(pending)} jobs not finished: {list(pending.items())[:10]}")
-        await asyncio.sleep(0.25)
-
-
-def assert_every_activity_ended_right(portal: FakePortal) -> None:
-    for activity_id in portal.activities:
-        lead = next(i for t, i in portal.binding_history[activity_id][0] if t == LEAD)
-        expected = [
-            (CONTACT, int(portal.leads[lead]["CONTACT_ID"])),
-            (COMPANY, int(portal.leads[lead]["COMPANY_ID"])),
-        ]
-        assert portal.bindings(activity_id) == expected, (activity_id, portal.binding_history[activity_id])
-        assert all(portal.binding_history[activity_id]), f"activity {activity_id} was left with no binding"
-
-
 async def test_events_survive_killed_workers_redis_restarts_and_a_failing_portal(
-    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path
+    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path,
+    rng: random.Random
 ) -> None:
-    plan = converted_leads(portal, EVENTS)
+    plan = converted_leads(portal, EVENTS, rng)
     rules_file = write_rules(tmp_path / "rules.yaml", portal, per_second=200, burst=100)
-    supervisor = Supervisor(2, lambda name: WorkerProcess(private_redis.url, rules_file, tmp_path, name))
+    supervisor = Supervisor(2, lambda name: WorkerProcess(private_redis.url, rules_file, tmp_path, name), rng)
     chaos = [
         asyncio.create_task(supervisor.keep_running()),
-        asyncio.create_task(faulty(portal)),
+        asyncio.create_task(faulty(portal, rng)),
         asyncio.create_task(supervisor.kill_now_and_then(every=2.0)),
     ]
     started = time.monotonic()
@@ -183,12 +139,13 @@ async def test_events_survive_killed_workers_redis_restarts_and_a_failing_portal
 
 
 async def test_redis_down_while_events_arrive_loses_none_of_them(
-    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path
+    chaos_client: Any, private_redis: BundledRedis, pool: ArqRedis, portal: FakePortal, tmp_path: Path,
+    rng: random.Random
 ) -> None:
-    plan = converted_leads(portal, DOWN_EVENTS)
+    plan = converted_leads(portal, DOWN_EVENTS, rng)
     rules_file = write_rules(tmp_path / "rules.yaml", portal, per_second=200, burst=100)
     worker = WorkerProcess(private_redis.url, rules_file, tmp_path, "w").start()
-    supervisor = Supervisor(0, None)
+    supervisor = Supervisor(0, None, rng)
     supervisor.workers = [worker]
     keeper = asyncio.create_task(supervisor.keep_running())
     try:

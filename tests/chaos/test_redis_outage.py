@@ -29,9 +29,10 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
-from tests.chaos.processes import ServiceProcess, WorkerProcess, free_port, write_rules
-from tests.chaos.test_chaos import all_done, assert_every_activity_ended_right
 from tests.conftest import event_form
+from tests.support.chaos import all_done, assert_every_activity_ended_right
+from tests.support.processes import ServiceProcess, WorkerProcess, as_from_a_terminal, ended_async, free_port, write_rules
+from tests.support.waiting import until
 
 LONG_OUTAGE = float(os.environ.get("B24_LONG_OUTAGE_SECONDS", "10"))
 BIG_LEAD = 400  # activities of the conversion an outage falls in the middle of
@@ -80,13 +81,6 @@ class Stream:
             await self.post(session, "ONCRMLEADUPDATE", lead)
             await self.post(session, "ONCRMACTIVITYADD", activity)
             await asyncio.sleep(every)
-
-
-async def until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
 
 
 async def answers(session: aiohttp.ClientSession, url: str) -> bool:
@@ -189,9 +183,17 @@ async def test_serve_and_a_worker_started_while_redis_is_down_spool_wait_and_cat
                 activity = portal.add_activity([(LEAD, lead)])
                 portal.convert_lead(lead)
                 await stream.post(session, "ONCRMACTIVITYADD", activity)
-            await asyncio.sleep(1.5)  # the web process's watch has seen Redis away by now
-            async with session.get(url + "/readyz") as response:
-                ready = await response.json()
+            async def says_redis_is_away() -> bool:
+                nonlocal response, ready
+                async with session.get(url + "/readyz") as response:
+                    ready = await response.json()
+                return response.status == 503 and ready["redis_down_seconds"] > 0
+
+            response, ready = None, {}
+            await until(says_redis_is_away, 30, "the web process to see Redis away")
+            for process in (web, worker):  # each says so in its log before Redis is back (and then that it is)
+                await until(lambda: "Redis is unreachable (" in process.log.read_text(errors="replace"), 60,
+                            f"{process.log.name} to say Redis is away")
             await asyncio.to_thread(private_redis.start)
             records = await all_done(JobStore(pool, 3600), stream.accepted, timeout=60)
     finally:
@@ -214,9 +216,10 @@ async def test_a_worker_stopped_while_redis_is_away_leaves_cleanly(
     rules = write_rules(tmp_path / "rules.yaml", portal)
     worker = WorkerProcess(private_redis.url, rules, tmp_path).start()
     try:
-        await asyncio.sleep(2)  # started, polling
+        await until(lambda: "Starting worker" in worker.log.read_text(errors="replace"), 60, "the worker to start")
         await asyncio.to_thread(private_redis.stop)
-        await asyncio.sleep(2)  # the poll has failed and waits
+        await until(lambda: "Redis is unreachable (" in worker.log.read_text(errors="replace"), 60,
+                    "the worker's poll to fail and wait")
         status = await asyncio.to_thread(worker.stop)  # SIGTERM; SIGKILL (status -9) after 40 s
     finally:
         worker.kill()
@@ -227,25 +230,34 @@ async def test_a_worker_stopped_while_redis_is_away_leaves_cleanly(
 
 
 async def test_jobs_watch_waits_for_a_restarting_redis_and_goes_on(private_redis: BundledRedis, tmp_path: Path) -> None:
-    watch = subprocess.Popen([sys.executable, "-m", "app", "jobs", "watch", "--interval", "0.2"], cwd=tmp_path,
-                             env={**os.environ, "REDIS_URL": private_redis.url, "B24_DATA_DIR": str(tmp_path)},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        await asyncio.sleep(3)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "jobs", "watch", "--interval", "0.2", cwd=tmp_path,
+        env={**os.environ, "REDIS_URL": private_redis.url, "B24_DATA_DIR": str(tmp_path)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+        preexec_fn=as_from_a_terminal)  # the Ctrl-C below must not be ignored, whoever runs the tests
+    out, err = bytearray(), bytearray()
+
+    async def collect(stream: asyncio.StreamReader | None, into: bytearray) -> None:
+        assert stream is not None
+        while chunk := await stream.read(65536):  # read as it comes: a full pipe would stall the screen
+            into += chunk
+
+    def screens() -> int:
+        return out.count("b24rebind — ".encode())
+
+    async with ended_async(watch):
+        readers = asyncio.gather(collect(watch.stdout, out), collect(watch.stderr, err))
+        await until(lambda: screens() > 0, 60, "the first screen")
         await asyncio.to_thread(private_redis.stop)
-        await asyncio.sleep(2)
+        await until(lambda: b"Redis is unreachable" in err, 60, "jobs watch to say Redis is away")
         await asyncio.to_thread(private_redis.start)
-        down_at = time.time()
-        await asyncio.sleep(2)
-        assert watch.poll() is None, "jobs watch ended"
+        drawn_before = screens()
+        await until(lambda: screens() > drawn_before, 60, "a screen drawn once Redis is back")
+        assert watch.returncode is None, "jobs watch ended"
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=30)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
+        await asyncio.wait_for(watch.wait(), timeout=30)
+        await asyncio.wait_for(readers, timeout=30)
 
     text = err.decode(errors="replace")
     assert "Traceback" not in text and text.count("Redis is unreachable") == 1, text
     assert watch.returncode == 130
-    screens = re.findall(r"b24rebind — (\d\d:\d\d:\d\d)", out.decode())
-    assert screens and screens[-1] >= time.strftime("%H:%M:%S", time.localtime(down_at)), screens  # drawn again

@@ -14,18 +14,11 @@ from arq.connections import ArqRedis
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.locks import LEASE
 from app.store.jobs import JobState, JobStore
-from tests.chaos.processes import WorkerProcess, write_rules
+from tests.support.processes import WorkerProcess, write_rules
+from tests.support.waiting import until
 from tests.conftest import post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
-
-
-async def wait_for(check: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
@@ -41,7 +34,7 @@ async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
     store = JobStore(redis, 3600)
     try:
         _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
-        await wait_for(
+        await until(
             lambda: any(len(portal.binding_history[a]) > 2 for a in activities), 60, "the first unbind"
         )
         first.kill(signal.SIGKILL)
@@ -82,7 +75,7 @@ async def test_sigterm_lets_the_job_in_hand_finish_then_the_worker_leaves(
     ).start()
     try:
         _, answer = await post_event(client, "ONCRMLEADUPDATE", lead)
-        await wait_for(
+        await until(
             lambda: any(len(portal.binding_history[a]) > 2 for a in activities), 60, "the first unbind"
         )
         # The fake portal answers from this event loop: wait for the process in a thread.

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
 
 import pytest
 
 from app.bitrix.client import RetryPolicy
-from app.bitrix.portal import PortalConfig
-from app.config import LiveRules
+from app.portal_config import PortalConfig
+from app.live_rules import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.jobs import JobStore
 from app.web import create_app
-from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, rules_with
+from tests.conftest import DEFAULT_RULES, DOMAIN, post_event, post_install, rules_with
 from workers.context import WorkerContext
 from workers.reconcile import sweep_all
 
@@ -31,17 +30,10 @@ async def app_client(aiohttp_client: Any, settings: Any, app_rules: Any, redis: 
     return await aiohttp_client(create_app(settings, app_rules))
 
 
-async def install(client: Any, auth: dict[str, str], domain: str = DOMAIN) -> Any:
-    body = {"event": "ONAPPINSTALL", "data[VERSION]": "1", "data[ACTIVE]": "Y", "ts": "1",
-            **{f"auth[{key}]": value for key, value in {**auth, "domain": domain}.items()}}
-    return await client.post("/bitrix/events", data=urlencode(body),
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
-
-
 async def test_eight_jobs_that_meet_an_expired_token_refresh_it_once(app_client: Any, make_worker: Any,
                                                                      app_rules: Any, portal: FakePortal) -> None:
     auth = portal.install_app()
-    assert (await install(app_client, auth)).status == 200
+    assert (await post_install(app_client, auth)).status == 200
     cases = []
     for _ in range(8):
         lead = portal.add_lead()
@@ -65,7 +57,7 @@ async def test_events_must_carry_the_installed_applications_token(app_client: An
     assert status == 401, "nothing installed yet: no token is right"
 
     auth = portal.install_app()
-    await install(app_client, auth)
+    await post_install(app_client, auth)
 
     assert (await post_event(app_client, "ONCRMACTIVITYADD", 1, token="forged"))[0] == 401
     assert (await post_event(app_client, "ONCRMACTIVITYADD", 1, token=auth["application_token"]))[0] == 200
@@ -74,14 +66,14 @@ async def test_events_must_carry_the_installed_applications_token(app_client: An
 async def test_a_second_install_with_another_token_and_installs_for_webhook_portals_are_refused(
         app_client: Any, client: Any, portal: FakePortal, caplog: Any) -> None:
     first = portal.install_app()
-    assert (await install(app_client, first)).status == 200
+    assert (await post_install(app_client, first)).status == 200
 
     impostor = {**first, "application_token": "someone-elses"}
-    assert (await install(app_client, impostor)).status == 401
-    assert (await install(client, first)).status == 401, "the webhook-mode portal takes no install"
+    assert (await post_install(app_client, impostor)).status == 401
+    assert (await post_install(client, first)).status == 401, "the webhook-mode portal takes no install"
     for _ in range(20):  # anyone can post these: the log gets one line a kind every 10 s
-        assert (await install(app_client, impostor)).status == 401
-        assert (await install(client, first)).status == 401
+        assert (await post_install(app_client, impostor)).status == 401
+        assert (await post_install(client, first)).status == 401
     refusals = [r for r in caplog.records if "refused" in r.getMessage() and "ONAPPINSTALL" in r.getMessage()]
     assert len(refusals) == 2, [r.getMessage() for r in refusals]
 
@@ -91,7 +83,7 @@ async def test_missed_events_are_read_from_the_offline_queue_and_cleared_once_qu
         settings: Settings) -> None:
     offline = app_rules.portals["acme"].model_copy(update={"offline_events": True})
     rules = app_rules.model_copy(update={"portals": {"acme": offline}})
-    await install(app_client, portal.install_app())
+    await post_install(app_client, portal.install_app())
     lead = portal.add_lead()
     activity = portal.add_activity([(LEAD, lead)])
     made = portal.convert_lead(lead)
@@ -125,7 +117,7 @@ async def test_while_redis_is_away_events_are_checked_against_the_token_last_rea
     settings = Settings(_env_file=None, redis_url=private_redis.url, data_dir=tmp_path, rules=tmp_path / "r.yaml")
     client = await aiohttp_client(create_app(settings, app_rules))
     auth = portal.install_app()
-    assert (await install(client, auth)).status == 200
+    assert (await post_install(client, auth)).status == 200
     assert (await post_event(client, "ONCRMACTIVITYADD", 1, token=auth["application_token"]))[0] == 200  # read
     private_redis.stop()
 

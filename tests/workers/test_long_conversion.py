@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN, post_event, rules_with

@@ -8,10 +8,10 @@ import aiohttp
 import pytest
 
 from app.bitrix.client import RestClient
-from app.bitrix.portal import RateLimit
+from app.portal_config import RateLimit
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal
-from app.rebind.facts import FactReader
+from app.rebind.reading import FactReader
 from tests.conftest import DEFAULT_RULES, post_event, rules_with
 
 

@@ -12,16 +12,16 @@ import redis as sync_redis
 from arq.connections import ArqRedis
 
 from app.bitrix.client import RestClient
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.backfill import BackfillRun, queue_backfill
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, JobQueue
-from tests.chaos.processes import write_rules
+from tests.support.processes import write_rules
 from workers.context import CONTEXT, WorkerContext
 from workers.reconcile import (
     BACKFILL_RAN,

@@ -20,6 +20,7 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.jobs import JobState, JobStore
 from app.store.queue import LIVE_QUEUE, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event
+from tests.support.waiting import until
 from workers import runner, tasks
 from workers.context import context_of
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker
@@ -219,7 +220,7 @@ async def test_a_stopping_worker_leaves_its_job_queued_and_the_record_says_so(
     portal.stall_next(1, 5.0)
     worker = await started(make_worker())
     await worker.start_jobs([job_id.encode()])
-    await asyncio.sleep(0.2)  # the job is waiting for the portal
+    await until(lambda: portal.stalls_left == 0, 30, "the job's request to wait at the portal")
 
     worker.tasks[job_id].cancel()  # as arq's close does with running jobs
     await asyncio.gather(worker.tasks[job_id], return_exceptions=True)
@@ -282,11 +283,12 @@ async def test_a_poll_spends_no_round_trip_on_the_workers_own_running_jobs(
 async def test_a_stopping_worker_starts_nothing_more_even_in_the_middle_of_a_poll(
         client: Any, make_worker: Any, portal: FakePortal) -> None:
     first, second = await queued_job(client, portal), await queued_job(client, portal)
-    portal.stall_next(1, 0.5)
+    portal.stall_next(1, 2.0)  # long enough that the slot is still taken when the poll is stopped
     worker = await started(make_worker(max_jobs=1))
     worker.poll_delay_s = 5.0
     polling = asyncio.create_task(worker.start_jobs([first.encode(), second.encode()]))
-    await asyncio.sleep(0.1)  # the first job runs; the poll waits for its slot to start the second
+    # The first job runs (its request waits at the portal); the poll waits for its slot to start the second.
+    await until(lambda: portal.stalls_left == 0, 30, "the first job's request to wait at the portal")
 
     worker.allow_pick_jobs = False  # as `b24rebind` does on SIGTERM
     await asyncio.wait_for(polling, timeout=5)

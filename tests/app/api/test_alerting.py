@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from app.api import alerting
 from app.api.metrics import REACHABILITY
-from app.config import LiveRules
+from app.live_rules import LiveRules
 from app.fakeportal import LEAD, FakePortal
 from app.store.namespace import prefixed
 from app.web import create_app

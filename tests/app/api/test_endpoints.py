@@ -505,7 +505,7 @@ async def test_a_job_shows_the_event_the_portal_sent_with_its_secrets_masked(cli
 async def test_stats_link_a_demo_portals_records_to_its_own_pages_and_a_real_ones_to_the_portal(
         client: Any, portal: FakePortal) -> None:
     from app.api.stats import record_pages
-    from app.bitrix.portal import PortalConfig
+    from app.portal_config import PortalConfig
 
     stats = await (await client.get("/api/stats")).json()
     assert stats["portals"]["acme"]["pages"] == portal.base_url  # on loopback: the fake serves /crm/...

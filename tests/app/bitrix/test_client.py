@@ -24,7 +24,7 @@ from app.bitrix.errors import (
     TransientError,
     policy_for,
 )
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.query import http_build_query
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal import COMPANY, CONTACT, DEAL, LEAD, FakePortal

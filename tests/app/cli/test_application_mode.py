@@ -10,13 +10,12 @@ import yaml
 from pydantic import SecretStr
 
 from app.cli.commands import backfill_command, explain_command
-from app.config import load_service_rules
+from app.live_rules import load_service_rules
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.settings import Settings
 from app.store.namespace import prefixed
 from app.web import create_app
-from tests.conftest import API_TOKEN, DEFAULT_RULES, DOMAIN, post_event
-from tests.workers.test_application_mode import install
+from tests.conftest import API_TOKEN, DEFAULT_RULES, DOMAIN, post_event, post_install
 
 
 @pytest.fixture
@@ -37,7 +36,7 @@ async def service(aiohttp_client: Any, app_settings: Settings, portal: FakePorta
     client = await aiohttp_client(create_app(guarded, load_service_rules(app_settings)),
                                   headers={"Authorization": f"Bearer {API_TOKEN}"})
     client.auth = portal.install_app()
-    assert (await install(client, client.auth)).status == 200
+    assert (await post_install(client, client.auth)).status == 200
     return client
 
 

@@ -12,10 +12,10 @@ from app.cli.backfill import BackfillRun, queue_backfill, summarise
 from app.cli.commands import render_explanation
 from app.cli.commands import test_command as run_rule_tests
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
-from app.rebind.facts import FactReader
+from app.rebind.reading import FactReader
 from app.store.jobs import JobStore
 from app.store.queue import BACKFILL_QUEUE, JobQueue
-from tests.app.cli.test_main import ROOT, b24rebind
+from tests.support.processes import ROOT, b24rebind
 
 
 async def test_explain_says_which_rules_match_why_others_do_not_and_writes_nothing(

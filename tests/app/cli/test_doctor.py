@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from app.bitrix.oauth import TokenStore
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.cli.doctor import doctor_command
 from app.fakeportal import LEAD, FakePortal
 from app.rules.model import RuleSet

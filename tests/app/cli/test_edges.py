@@ -16,7 +16,8 @@ import pytest
 
 from app.cli.exits import Exit
 from app.fakeportal import LEAD, FakePortal
-from tests.app.cli.test_main import ROOT
+from tests.support.processes import ROOT, as_from_a_terminal, ended_async
+from tests.support.waiting import until
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 
 
@@ -38,7 +39,8 @@ async def b24rebind(*args: str, cwd: Path, env: dict[str, str]) -> tuple[int, st
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_DATA_DIR": str(cwd), **env})
-    out, err = await asyncio.wait_for(process.communicate(), timeout=90)
+    async with ended_async(process):
+        out, err = await asyncio.wait_for(process.communicate(), timeout=90)
     return process.returncode or 0, out.decode(), err.decode()
 
 
@@ -124,15 +126,16 @@ async def test_ctrl_c_in_backfill_stops_cleanly(tmp_path: Path, portal: FakePort
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "B24_DATA_DIR": str(tmp_path), "REDIS_URL": redis_url},
         # As from a terminal: Ctrl-C is not ignored (a child inherits an ignored SIGINT from whoever runs the tests).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        preexec_fn=as_from_a_terminal)
     assert process.stdout is not None
-    first = await asyncio.wait_for(process.stdout.readline(), timeout=60)
-    assert b"queued" in first
-    portal.stall_next(100, 30.0)  # the portal is slow: Ctrl-C comes while jobs wait for its answers
-    await asyncio.sleep(1.0)
-    assert process.returncode is None, await process.communicate()
-    os.kill(process.pid, signal.SIGINT)
-    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    async with ended_async(process):
+        first = await asyncio.wait_for(process.stdout.readline(), timeout=60)
+        assert b"queued" in first
+        portal.stall_next(100, 30.0)  # the portal is slow: Ctrl-C comes while jobs wait for its answers
+        await until(lambda: portal.stalls_left < 100, 60, "a request to the portal to stall")
+        assert process.returncode is None, await process.communicate()
+        os.kill(process.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
 
     assert process.returncode == Exit.INTERRUPTED
     text = err.decode()

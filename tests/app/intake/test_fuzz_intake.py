@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.logs import QuietBadRequests
 from app.rules.model import RuleSet
 from app.settings import Settings

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from app.bitrix.client import RestClient, RetryPolicy
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import TargetsGone, execute

@@ -11,10 +11,11 @@ from arq import Worker
 from app.bitrix.client import RestClient
 from app.bitrix.ratelimit import RateLimiter
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
-from app.rebind.facts import BINDINGS_SAMPLE
+from app.rebind.reading import BINDINGS_SAMPLE
 from app.rules.facts import bindings_text
 from app.store.audit import JOB_KEY as AUDIT_JOB_KEY
-from app.store.audit import AuditLog, UndoRefused, undo_job
+from app.rebind.undo import UndoRefused, undo_job
+from app.store.audit import AuditLog
 from app.store.jobs import JOB_KEY, JobRecord, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue

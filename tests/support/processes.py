@@ -1,18 +1,58 @@
-"""Real worker processes for the chaos tests: started as an operator would, killed as a crash would."""
+"""Real processes for tests: started as an operator would, killed as a crash would, and always ended
+by the test that started them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 from app.fakeportal import FakePortal
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal's Ctrl-C delivers it (pass as `preexec_fn`). Whoever runs the
+    tests may ignore SIGINT (a background job of a non-interactive shell does, so does nohup); a child
+    inherits that, and a Ctrl-C the test sends would be ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def ended(process: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """The process, killed and reaped when the block leaves, however it leaves."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+@asynccontextmanager
+async def ended_async(process: asyncio.subprocess.Process) -> AsyncIterator[asyncio.subprocess.Process]:
+    """An asyncio subprocess, killed and reaped when the block leaves, however it leaves."""
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), timeout=30)
+
+
+def b24rebind(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`b24rebind ARGS` in a subprocess with a bare environment (killed after 60 s)."""
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}, timeout=60)
 
 
 def write_rules(path: Path, portal: FakePortal, per_second: float = 1000, burst: int = 1000) -> Path:

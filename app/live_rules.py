@@ -1,4 +1,4 @@
-"""Finding and loading the rules file the settings point at."""
+"""The rules in force for the service: the rules file (or the built-in rules), its `${VAR}`s, reloads."""
 from __future__ import annotations
 
 import asyncio

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.config import LiveRules, load_service_rules
+from app.live_rules import LiveRules, load_service_rules
 from app.web import create_app
 
 GOOD = "rules:\n  - name: {name}\n    on: [ONCRMACTIVITYADD]\n    do: [{{bind: [lead.contact]}}]\n"

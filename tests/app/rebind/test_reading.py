@@ -8,11 +8,11 @@ from typing import Any
 import aiohttp
 
 from app.bitrix.client import RestClient, RetryPolicy
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.session import PortalSession
 from app.fakeportal import LEAD, FakePortal
-from app.rebind.facts import FactReader
+from app.rebind.reading import FactReader
 from app.rules.model import RuleSet
 
 
