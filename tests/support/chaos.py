@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from redis.exceptions import RedisError
 
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.jobs import FINAL_STATES, JobStore
+from tests.conftest import event_form
 
 
 def converted_leads(portal: FakePortal, events: int, rng: random.Random) -> list[tuple[str, int]]:
@@ -58,3 +61,47 @@ def assert_every_activity_ended_right(portal: FakePortal) -> None:
         ]
         assert portal.bindings(activity_id) == expected, (activity_id, portal.binding_history[activity_id])
         assert all(portal.binding_history[activity_id]), f"activity {activity_id} was left with no binding"
+
+
+@dataclass
+class Stream:
+    """Events at a steady pace, as a portal posts them: a converted lead's update, and its activity's."""
+
+    portal: FakePortal
+    url: str
+    accepted: set[str] = field(default_factory=set)
+    spooled: int = 0
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    sent: int = 0
+    # Stopped between leads, never by cancelling: a lead converted whose events were never posted
+    # would stay bound to its lead, rightly, and read as the service's fault.
+    stopped: bool = False
+
+    async def post(self, session: aiohttp.ClientSession, event: str, entity: int) -> None:
+        self.sent += 1
+        body = event_form(event, entity, ts=1766047124 + self.sent)
+        async with session.post(self.url, data=body,
+                                headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+            answer = await response.json()
+        if response.status != 200:
+            self.refused.append((response.status, str(answer)))
+            return
+        self.accepted.add(answer["job_id"])
+        self.spooled += bool(answer.get("spooled"))
+
+    async def run(self, session: aiohttp.ClientSession, every: float = 0.1) -> None:
+        while not self.stopped:
+            lead = self.portal.add_lead()
+            activity = self.portal.add_activity([(LEAD, lead)])
+            self.portal.convert_lead(lead)
+            await self.post(session, "ONCRMLEADUPDATE", lead)
+            await self.post(session, "ONCRMACTIVITYADD", activity)
+            await asyncio.sleep(every)
+
+
+async def answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url) as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
