@@ -9,7 +9,6 @@ from typing import Any
 
 from app.bitrix.client import BATCH_LIMIT, Command, CommandResult, RestClient
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, Policy, TransientError, policy_for
-from app.bitrix.relay import stop_rule
 from app.bitrix.session import stops_group
 from app.rebind.facts import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding, bindings_json
@@ -119,7 +118,6 @@ async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]
     return _regroup(groups, [step for step in left if step[:2] not in failed])
 
 
-@stop_rule  # registered by name: the process that holds the portal judges the group's results with it
 def _stops(result: CommandResult) -> bool:
     """A missing target stops the plan; its other errors (no rights on the record) are the write's to report."""
     if result.command.method.endswith(".get"):
