@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from arq import Worker
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.fakeportal import LEAD, FakePortal
@@ -361,6 +361,29 @@ async def test_records_left_waiting_with_no_job_behind_them_are_queued_again(
     assert rescued is not None and rescued.state == JobState.QUEUED and "left the queue" in rescued.outcome
     await make_worker().run_check()
     assert [(await store.get(i)).state for i in (stranded, healthy)] == [JobState.SUCCEEDED] * 2  # type: ignore
+
+
+async def test_a_stranded_job_whose_old_result_arq_still_keeps_is_queued_again_for_real(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    """arq refuses (returns None for) a job id it keeps a result for: the rescue must not say "queued
+    again" while nothing is queued, minute after minute."""
+    stranded = await converted_lead_job(client, portal)
+    store = JobStore(redis, 3600)
+    record = await store.get(stranded)
+    assert record is not None
+    record.state = JobState.RUNNING
+    await store.save(record)
+    await redis.delete(job_key_prefix + stranded)
+    await redis.zrem(LIVE_QUEUE, stranded)
+    await redis.set(result_key_prefix + stranded, b"an earlier run's result", ex=3600)  # as arq keeps one
+    queue = JobQueue(redis, store)
+
+    assert await queue.requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == [stranded]
+
+    assert await redis.zscore(LIVE_QUEUE, stranded) is not None  # really queued
+    await make_worker().run_check()
+    rescued = await store.get(stranded)
+    assert rescued is not None and rescued.state == JobState.SUCCEEDED, rescued
 
 
 def test_the_runner_uses_only_arqs_public_worker_api() -> None:
