@@ -293,3 +293,44 @@ class FakePortal(RestMethods, Faults):
         if method == "batch":
             raise BitrixError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
         return self._call(method, parse_php_query(parse_qsl(query, keep_blank_values=True)))
+
+
+class FakePortalHost:
+    """Many portals from one process on one port, each with its own CRM, request budget and faults:
+    an installation's view of an agency's clients. Portal `name` answers under ``/{name}/rest/...``
+    (its `rest_url`), as if each were its own host."""
+
+    def __init__(self) -> None:
+        self.portals: dict[str, FakePortal] = {}
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    def add(self, name: str, **options: Any) -> FakePortal:
+        """A new portal (FakePortal's options: webhook_code, per_second, burst...); before or after start."""
+        portal = self.portals[name] = FakePortal(**options)
+        if self.base_url:
+            portal.base_url = f"{self.base_url}/{name}"
+        return portal
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{portal}/rest/{user_id}/{code}/{method}", self._route)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.base_url = f"http://{host}:{self._runner.addresses[0][1]}"
+        for name, portal in self.portals.items():
+            portal.base_url = f"{self.base_url}/{name}"
+
+    async def _route(self, request: web.Request) -> web.StreamResponse:
+        portal = self.portals.get(request.match_info["portal"])
+        if portal is None:  # an unknown host: the real cloud answers a portal that does not exist so
+            return web.json_response({"error": "NOT_FOUND", "error_description": "Portal not found"}, status=404)
+        return await portal._handle(request)
+
+    async def close(self) -> None:
+        for portal in self.portals.values():
+            portal._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
