@@ -124,6 +124,7 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
                 await queue.submit(JobRecord.for_event(names[0], "ONCRMACTIVITYADD", activity, "flood"))
             queued = time.monotonic() - started
             waits: list[float] = []
+            quiet_jobs: list[str] = []
             pending: list[tuple[FakePortal, int, set[tuple[int, int]], float]] = []
 
             async def watch() -> None:
@@ -142,12 +143,17 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
                     lead, want = leads[second % QUIET_LEADS]
                     activity = portal.add_activity([(LEAD, lead)], subject=f"e-mail {second}")
                     pending.append((portal, activity, want, time.monotonic()))
-                    await queue.submit(JobRecord.for_event(name, "ONCRMACTIVITYADD", activity, str(second)))
+                    job = JobRecord.for_event(name, "ONCRMACTIVITYADD", activity, str(second))
+                    quiet_jobs.append(job.id)
+                    await queue.submit(job)
             await wait_until(lambda: not pending, 60)
             watcher.cancel()
             flood_done = await wait_until(lambda: all(right(flooded, a, w) for a, w in floods),
                                           FLOOD_DEADLINE)
             flood_wall = time.monotonic() - started
+            records = [r for r in await queue.store.get_many(quiet_jobs) if r and r.attempts and r.queued_at]
+            in_queue = [r.attempts[0].started_at - (r.queued_at or 0) for r in records]
+            running = [(r.finished_at or 0) - r.attempts[-1].started_at for r in records]
         finally:
             for process in processes:
                 process.terminate()
@@ -168,6 +174,8 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
         "limit": max(0.0, flooded.request_count - BURST) / PER_SECOND,
         "qle": sum(p.refused_for_rate for p in host.portals.values()),
         "quiet_requests": sum(p.request_count for p in calm),
+        "quiet_in_queue": statistics.median(in_queue) if in_queue else float("nan"),
+        "quiet_running": statistics.median(running) if running else float("nan"),
     }
     await host.close()
     return figures
@@ -183,7 +191,8 @@ def report(f: dict[str, Any], quiet: int, seconds: int) -> None:
     print(f"  portal 0 right       {f['flood_right']:,} of {f['flood']:,} within {f['flood_wall']:.1f} s "
           f"(the limit's time for its requests: {f['limit']:.1f} s; queued in {f['flood_queued']:.1f} s)")
     print(f"  QUERY_LIMIT_EXCEEDED {f['qle']:>5}   (every portal)")
-    print(f"  quiet portals' requests {f['quiet_requests']}")
+    print(f"  quiet jobs (median)  {f['quiet_in_queue']:.2f} s in the queue, {f['quiet_running']:.2f} s running; "
+          f"{f['quiet_requests'] / max(1, f['quiet_events']):.1f} requests each")
 
 
 def main() -> None:

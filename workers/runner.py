@@ -27,11 +27,13 @@ from arq import Worker
 from arq.constants import in_progress_key_prefix
 from arq.cron import CronJob
 from arq.jobs import DeserializationError, deserialize_result
+from arq.worker import JobExecutionFailed
 from redis.exceptions import RedisError
 
 from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
 from app.store.jobs import FINAL_STATES
 from app.store.outage import RedisOutage, describe
+from app.store.queue import JobQueue
 from workers.context import CONTEXT, context_of
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,24 @@ class LeasedWorker(Worker):
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         await self._end_record_past_its_tries(job_id, result_data)
         await super().finish_failed_job(job_id, result_data)
+        await self._queue_again_if_lost(job_id, result_data)
+
+    async def _queue_again_if_lost(self, job_id: str, result_data: bytes | None) -> None:
+        """arq found the job id in its queue but not the job (a Redis that restarted without its data, then
+        got the id back from a run that ended with Retry): a job whose record still waits to run is queued
+        again from its record at once, rather than when the minute's rescue finds it stranded."""
+        if result_data is None or CONTEXT not in self.ctx:
+            return
+        try:
+            result = deserialize_result(result_data, deserializer=self.job_deserializer)
+        except DeserializationError:
+            return
+        if result.function in self.functions or not isinstance(result.result, JobExecutionFailed):
+            return
+        store = context_of(self.ctx).store
+        record = await store.get(job_id)
+        if record is not None and await JobQueue(self.pool, store).queue_again(record, "arq had lost its job"):
+            log.warning("job %s: arq had lost it (Redis lost its data?); queued again from its record", job_id)
 
     async def _end_record_past_its_tries(self, job_id: str, result_data: bytes | None) -> None:
         """arq deletes a job past its tries: its record must not say `retrying` for ever."""

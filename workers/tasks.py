@@ -83,6 +83,7 @@ async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
     lock = LeadLock(context.redis, portal.name, ttl=context.job_timeout)
     client.meter.guard = lock.still_held  # no write call leaves for this job once its lock has lapsed
     deadline = asyncio.timeout(context.job_timeout)
+    superseded = False  # another run took the job over while this one was paused: its record is not ours
     try:
         async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
             await _run(record, client, restrict(rules, record), changes, lock, store)
@@ -99,6 +100,7 @@ async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
                 "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
                               "fast the portal answers and how many activities the lead has"})
     except NotHeld as exc:
+        superseded = await _run_elsewhere(store, record)
         record.end_attempt(JobState.RETRYING, f"interrupted: {exc}; the job will run again", {
             "code": "LOCK_LOST", "description": str(exc),
             "what_to_do": "nothing: it runs again and finds what is left to do"}, attempt_outcome="interrupted")
@@ -130,8 +132,12 @@ async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
         client.close()
         record.requests += client.requests
         try:
-            await _or_later(_save_attempt(context, record, client, changes,
-                                         applied=record.changes is not earlier_changes))
+            if superseded:
+                log.warning("job %s: this run lost its lead's lock while paused and another run has the job "
+                            "now: it stops here, its writes unsent, its record left to the other run", record.id)
+            else:
+                await _or_later(_save_attempt(context, record, client, changes,
+                                             applied=record.changes is not earlier_changes))
         finally:
             await lock.release()  # after the record: a job waiting for the lead finds this one's saved
         _log_end(record, client.requests)
@@ -147,6 +153,16 @@ async def _or_later(step: Awaitable[T]) -> T:
         log.info("job %s: Redis failed to read or save its record (%s); it will run again", current_job.get(),
                  describe(exc))
         raise Retry(defer=AFTER_REDIS_FAILED) from None
+
+
+async def _run_elsewhere(store: JobStore, record: JobRecord) -> bool:
+    """Whether another run of the job has started since this one (its record shows a later attempt)."""
+    try:
+        current = await store.get(record.id)
+    except RedisError:
+        return False
+    mine = record.attempts[-1].started_at if record.attempts else 0.0
+    return current is not None and bool(current.attempts) and current.attempts[-1].started_at > mine
 
 
 def _crashed(record: JobRecord, delays: tuple[float, ...], exc: Exception) -> None:

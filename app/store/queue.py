@@ -150,16 +150,23 @@ class JobQueue:
         rescued = []
         for job_id, keys in zip(candidates, alive):
             record = await self.store.get(job_id) if keys == 0 else None
-            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
-                continue  # its job is there, or it has ended (or expired) since
-            was = record.state.value
-            if not await self._enqueue(record):  # a job queued meanwhile is left as it is
-                continue
-            record.outcome = f"queued again: its job had left the queue while it was {was}"
-            record.state = JobState.QUEUED
-            await self.store.save(record)
-            rescued.append(job_id)
+            if record is not None and await self.queue_again(record, "its job had left the queue"):
+                rescued.append(job_id)
         return rescued
+
+    async def queue_again(self, record: JobRecord, why: str) -> bool:
+        """A job whose record says it is still to run (queued, running, retrying) but that arq no longer
+        has: queued again, its record saying why. False (nothing done) when the record has ended, or
+        arq has the job queued or under way already."""
+        if record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+            return False
+        was = record.state.value
+        if not await self._enqueue(record):
+            return False
+        record.outcome = f"queued again: {why} while it was {was}"
+        record.state = JobState.QUEUED
+        await self.store.save(record)
+        return True
 
     async def _enqueue(self, record: JobRecord) -> bool:
         """arq queues a job id once, and not while it keeps a result for it (a run that ended before
