@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -28,11 +29,12 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
+from urllib.parse import urlencode
 
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal, FakePortalHost
 from app.store.jobs import JobRecord, JobStore
 from app.store.queue import JobQueue, connect
-from benchmarks.common import RULES, ROOT, pinned_redis
+from benchmarks.common import RULES, ROOT, free_port, pinned_redis, rss_mb, wait_for_port
 
 PER_SECOND, BURST = 2.0, 50
 FLOOD_LEADS = 200
@@ -67,15 +69,26 @@ def right(portal: FakePortal, activity: int, want: set[tuple[int, int]]) -> bool
     return set(portal.bindings(activity)) == want
 
 
-def start_workers(count: int, redis_url: str, rules: Path, data: Path) -> list[subprocess.Popen[bytes]]:
+def start_workers(count: int, redis_url: str, rules: Path, data: Path, command: str = "worker",
+                  **env: str) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "REDIS_URL": redis_url, "B24_RULES": str(rules), "B24_DATA_DIR": str(data),
-           "B24_RECONCILE_INTERVAL": "0", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+           "B24_RECONCILE_INTERVAL": "0", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT), **env}
     workers = []
     for n in range(count):
-        with (data / f"worker{n}.log").open("ab") as log:
-            workers.append(subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=env,
+        with (data / f"{command}{n}.log").open("ab") as log:
+            workers.append(subprocess.Popen([sys.executable, "-m", "app", command], cwd=ROOT, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return workers
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(40)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 async def wait_until(check: Any, timeout: float) -> bool:
@@ -155,13 +168,7 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
             in_queue = [r.attempts[0].started_at - (r.queued_at or 0) for r in records]
             running = [(r.finished_at or 0) - r.attempts[-1].started_at for r in records]
         finally:
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(40)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop(processes)
             await redis.aclose()
     figures = {
         "workers": workers, "quiet_events": quiet * seconds, "quiet_right": len(waits),
@@ -195,13 +202,145 @@ def report(f: dict[str, Any], quiet: int, seconds: int) -> None:
           f"{f['quiet_requests'] / max(1, f['quiet_events']):.1f} requests each")
 
 
+# ---------------------------------------------------------------- 1,000 portals, 50 active (--many)
+
+def many_rules(path: Path, host: FakePortalHost, configured: int) -> Path:
+    portals = "".join(f"""
+  m{n}:
+    domain: m{n}.bitrix24.com
+    rest_url: {host.base_url}/m{n}/rest/1/code{n}/
+    application_token: token-m{n}
+    rate_limit: {{per_second: {PER_SECOND:g}, burst: {BURST}}}""" for n in range(configured))
+    path.write_text(f"portals:{portals}\n{RULES}")
+    return path
+
+
+def event_of(n: int, activity: int, ts: int) -> bytes:
+    return urlencode({"event": "ONCRMACTIVITYADD", "event_handler_id": "1", "data[FIELDS][ID]": str(activity),
+                      "ts": str(ts), "auth[domain]": f"m{n}.bitrix24.com", "auth[member_id]": f"member{n}",
+                      "auth[application_token]": f"token-m{n}"}).encode()
+
+
+async def redis_commands(url: str) -> int:
+    client = await connect(url)
+    try:
+        return int((await client.info("stats"))["total_commands_processed"])
+    finally:
+        await client.aclose()
+
+
+async def idle_cost(url: str, rules: Path, data: Path, seconds: float) -> float:
+    """Redis commands a second while one worker process has nothing to do (less the two INFO calls)."""
+    workers = start_workers(1, url, rules, data)
+    try:
+        await asyncio.sleep(5)  # started, first polls made
+        before = await redis_commands(url)
+        await asyncio.sleep(seconds)
+        return (await redis_commands(url) - before - 1) / seconds
+    finally:
+        stop(workers)
+
+
+async def post_events(port: int, bodies: list[bytes], rate: float) -> list[float]:
+    """Open loop at `rate` events a second; each answer's latency from when it was due."""
+    import aiohttp
+
+    latencies: list[float] = []
+    url = f"http://127.0.0.1:{port}/bitrix/events"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"}) as session:
+        async def post(body: bytes, due: float) -> None:
+            async with session.post(url, data=body, timeout=aiohttp.ClientTimeout(total=30)) as response:
+                await response.read()
+                if response.status == 200:
+                    latencies.append(time.perf_counter() - due)
+
+        start = time.perf_counter()
+        tasks = []
+        for i, body in enumerate(bodies):
+            due = start + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(post(body, due)))
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return sorted(latencies)
+
+
+async def many(configured: int, active: int, rate: float, seconds: int) -> dict[str, Any]:
+    host = FakePortalHost()
+    for n in range(active):
+        host.add(f"m{n}", webhook_code=f"code{n}", per_second=PER_SECOND, burst=BURST)
+    await host.start()
+    leads = {n: [converted_lead(host.portals[f"m{n}"]) for _ in range(5)] for n in range(active)}
+    figures: dict[str, Any] = {"configured": configured, "active": active, "rate": rate}
+    with pinned_redis(0) as url, TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        rules = many_rules(data / "many.yaml", host, configured)
+        figures["idle_commands"] = await idle_cost(url, rules, data, 10)
+        figures["idle_commands_one"] = await idle_cost(url, many_rules(data / "one.yaml", host, 1), data, 10)
+        # Intake alone: 300 events a second spread over every configured portal (no worker takes them).
+        port = free_port()
+        web = start_workers(1, url, rules, data, "serve", B24_PORT=str(port))
+        try:
+            wait_for_port(port, 30)
+            spread = random.Random(5)
+            bodies = [event_of(spread.randrange(configured), 10_000_000 + i, 1766000000 + i)
+                      for i in range(int(rate * seconds))]
+            latencies = await post_events(port, bodies, rate)
+        finally:
+            stop(web)
+        figures["accepted"], figures["sent"] = len(latencies), len(bodies)
+        figures["p50_ms"] = 1000 * latencies[len(latencies) // 2] if latencies else float("nan")
+        figures["p99_ms"] = 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan")
+        plain = await connect(url)
+        await plain.flushdb()  # the intake phase's jobs are for portals the fake does not serve
+        # A worker process with 1,000 portals configured, 50 of them busy: its resident memory.
+        queue = JobQueue(plain, JobStore(plain, 3600))
+        worker = start_workers(1, url, rules, data)
+        rss = 0.0
+        try:
+            expected = []
+            for second in range(seconds):
+                for n in range(active):
+                    for _ in range(2):
+                        lead, want = leads[n][spread.randrange(5)]
+                        activity = host.portals[f"m{n}"].add_activity([(LEAD, lead)])
+                        expected.append((host.portals[f"m{n}"], activity, want))
+                        await queue.submit(JobRecord.for_event(f"m{n}", "ONCRMACTIVITYADD", activity, "many"))
+                rss = max(rss, rss_mb(worker[0].pid))
+                await asyncio.sleep(1)
+            await wait_until(lambda: all(right(*e) for e in expected), 120)
+            rss = max(rss, rss_mb(worker[0].pid))
+            figures["jobs"], figures["right"] = len(expected), sum(right(*e) for e in expected)
+        finally:
+            stop(worker)
+            await plain.aclose()
+        figures["worker_rss_mb"] = rss
+    await host.close()
+    return figures
+
+
+def report_many(f: dict[str, Any]) -> None:
+    print(f"\n{f['configured']:,} portals configured, {f['active']} active")
+    print(f"  idle worker          {f['idle_commands']:.1f} Redis commands/s (with 1 portal configured: "
+          f"{f['idle_commands_one']:.1f})")
+    print(f"  intake at {f['rate']:g}/s      {f['accepted']:,} of {f['sent']:,} accepted, p50 {f['p50_ms']:.1f} ms, "
+          f"p99 {f['p99_ms']:.1f} ms   (goal p99 < 20 ms)")
+    print(f"  worker, 50 busy      {f['right']:,} of {f['jobs']:,} jobs right, peak RSS {f['worker_rss_mb']:.0f} MB "
+          f"(goal < 150 MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", nargs="*", type=int, default=[1, 4])
     parser.add_argument("--flood", type=int, default=2000)
     parser.add_argument("--quiet", type=int, default=29)
     parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--many", action="store_true",
+                        help="instead: 1,000 portals configured, 50 active (idle cost, intake p99, worker RSS)")
     args = parser.parse_args()
+    if args.many:
+        report_many(asyncio.run(many(1000, 50, 300.0, 10)))
+        return
     for workers in args.workers:
         report(asyncio.run(run(workers, args.flood, args.quiet, args.seconds)), args.quiet, args.seconds)
 
