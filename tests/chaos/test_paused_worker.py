@@ -17,7 +17,7 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortalHost
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue
-from tests.chaos.processes import WorkerProcess
+from tests.chaos.processes import ServiceProcess, WorkerProcess
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 
 pytestmark = pytest.mark.slow  # real processes, and a wait past the lock's 15 s lease
@@ -32,7 +32,7 @@ async def until(check: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-def pause(worker: WorkerProcess, sig: int) -> None:
+def pause(worker: ServiceProcess, sig: int) -> None:
     assert worker.process is not None
     os.kill(worker.process.pid, sig)  # the whole process: its event loop, its timers, its renewals
 
