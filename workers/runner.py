@@ -24,10 +24,9 @@ import logging
 from typing import Any
 
 from arq import Worker
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.cron import CronJob
 from arq.jobs import DeserializationError, deserialize_result
-from arq.worker import JobExecutionFailed
 from redis.exceptions import RedisError
 
 from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
@@ -83,21 +82,17 @@ class LeasedWorker(Worker):
                      describe(exc))
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        lost = not await self.pool.exists(job_key_prefix + job_id)  # arq had the id queued, not the job
         await self._end_record_past_its_tries(job_id, result_data)
         await super().finish_failed_job(job_id, result_data)
-        await self._queue_again_if_lost(job_id, result_data)
+        if lost:
+            await self._queue_again_from_record(job_id)
 
-    async def _queue_again_if_lost(self, job_id: str, result_data: bytes | None) -> None:
-        """arq found the job id in its queue but not the job (a Redis that restarted without its data, then
-        got the id back from a run that ended with Retry): a job whose record still waits to run is queued
+    async def _queue_again_from_record(self, job_id: str) -> None:
+        """arq found the job id in its queue but not the job (a Redis that restarted without its data got
+        the id back from a run that ended with Retry): a job whose record still waits to run is queued
         again from its record at once, rather than when the minute's rescue finds it stranded."""
-        if result_data is None or CONTEXT not in self.ctx:
-            return
-        try:
-            result = deserialize_result(result_data, deserializer=self.job_deserializer)
-        except DeserializationError:
-            return
-        if result.function in self.functions or not isinstance(result.result, JobExecutionFailed):
+        if CONTEXT not in self.ctx:
             return
         store = context_of(self.ctx).store
         record = await store.get(job_id)
