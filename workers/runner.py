@@ -7,7 +7,7 @@ Each override below wraps arq's own method (arq 0.26 to 0.28) and adds one thing
   may take it. Here the key lives LEASE seconds and the worker renews it while the job runs.
 - `start_jobs`: a slot freed during a poll is filled at once. arq starts at most `max_jobs` jobs a poll
   and then waits the poll delay, whatever the jobs cost; the worker also spends no claim on the jobs it
-  is running itself (they stay queued until they end).
+  or another worker is running (they stay queued until they end): one pipelined EXISTS leaves them out.
 - `run_job`: Redis failing a job's start or end is said in one line; the job runs again once its lease
   ends (arq would raise it into the poll, which would stop the worker).
 - `finish_failed_job`: a job arq gives up on past its tries has its record ended, not left `retrying`.
@@ -51,7 +51,7 @@ class LeasedWorker(Worker):
         """arq's start, given as many jobs as there are free slots, again as slots free, until the
         poll's time is up (then arq's loop polls again at once)."""
         until = self.loop.time() + self.poll_delay_s
-        waiting = [job_id for job_id in job_ids if not self._running_here(job_id.decode())]
+        waiting = await self._not_under_way(job_ids)
         while waiting and self.allow_pick_jobs:  # a stopping worker starts no more, even mid-poll
             # One turn of the loop first: a job that just ended has freed its slot in arq's count too.
             await asyncio.sleep(0)
@@ -61,6 +61,19 @@ class LeasedWorker(Worker):
                 waiting = waiting[free:]
             elif not await self._a_slot_frees(until):
                 return
+
+    async def _not_under_way(self, job_ids: list[bytes]) -> list[bytes]:
+        """The ids no worker is running. A job stays in arq's queue while it runs, so with many jobs under
+        way (a portal's flood, in every process) a poll reads mostly ids other workers hold; arq's claim
+        would try each (two or three round trips apiece, every poll); one pipelined EXISTS leaves them out."""
+        here = [job_id for job_id in job_ids if not self._running_here(job_id.decode())]
+        if not here:
+            return here
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for job_id in here:
+                pipe.exists(in_progress_key_prefix + job_id.decode())
+            under_way = await pipe.execute()
+        return [job_id for job_id, claimed in zip(here, under_way) if not claimed]
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)
