@@ -50,10 +50,11 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     wait = context.senders.turns.take(portal, low, context.settings.portal_jobs)
     if wait:
         raise Retry(defer=wait)
+    started = time.monotonic()
     try:
         return await _attempt(context, job)
     finally:
-        context.senders.turns.give_back(portal, low)
+        context.senders.turns.give_back(portal, low, time.monotonic() - started)
 
 
 async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
