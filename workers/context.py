@@ -39,21 +39,20 @@ class PortalTurns:
     takes every worker slot: a job beyond its portal's share (`Settings.portal_jobs`) is handed back to
     arq's queue (`Retry(defer=...)`) without a slot, to come back at a turn of its own.
 
-    Turns come in rounds of a share each, a job's length apart (as the portal's jobs have lasted here):
-    a round's jobs come back together, about when the jobs before them end, and start together, so their
-    commands share batches as a backlog's do; each waiting job comes back about once. Live jobs and
-    backfill jobs count apart (live events go first within a portal anyway: the session sends their
-    commands before backfill's). A portal with nothing under way and nobody waiting has no entry: an
-    idle portal costs nothing.
+    Turns are spaced by how fast the portal's jobs have been ending here, so a backlog's jobs come
+    back about when slots free, each about once, rather than all at once. Live jobs and backfill
+    jobs count apart (live events go first within a portal anyway: the session sends their commands
+    before backfill's). A portal with nothing under way has no entry: an idle portal costs nothing.
     """
 
-    FIRST_LENGTH = 1.0  # seconds a job is taken to last before any job of the portal has ended here
+    FIRST_GAP = 0.05  # seconds between turns before any job of the portal has ended here
     LONGEST_WAIT = 30.0  # a turn is never further away than this; a job past it may be deferred again
 
     def __init__(self) -> None:
         self._running: dict[tuple[str, bool], int] = {}
-        self._length: dict[tuple[str, bool], float] = {}  # seconds a job lasts (moving average)
-        self._round: dict[tuple[str, bool], tuple[float, int]] = {}  # the latest round: when, jobs in it
+        self._gap: dict[tuple[str, bool], float] = {}  # seconds between two jobs ending (moving average)
+        self._last_end: dict[tuple[str, bool], float] = {}
+        self._next_turn: dict[tuple[str, bool], float] = {}
 
     def running(self, portal: str, low: bool = False) -> int:
         return self._running.get((portal, low), 0)
@@ -61,25 +60,24 @@ class PortalTurns:
     def take(self, portal: str, low: bool, share: int) -> float:
         """0: the job may run now (give it back with `give_back`); else the seconds it should wait."""
         key = (portal, low)
+        now = time.monotonic()
         if self._running.get(key, 0) < share:
             self._running[key] = self._running.get(key, 0) + 1
             return 0.0
-        now = time.monotonic()
-        length = self._length.get(key, self.FIRST_LENGTH)
-        at, jobs = self._round.get(key, (0.0, 0))
-        if at <= now:
-            at, jobs = now + length, 0
-        elif jobs >= share and at + length <= now + self.LONGEST_WAIT:
-            at, jobs = at + length, 0
-        self._round[key] = (at, jobs + 1)
-        return at - now
+        gap = self._gap.get(key, self.FIRST_GAP)
+        turn = min(max(now, self._next_turn.get(key, now)) + gap, now + self.LONGEST_WAIT)
+        self._next_turn[key] = turn
+        return max(turn - now, gap)
 
-    def give_back(self, portal: str, low: bool, lasted: float) -> None:
+    def give_back(self, portal: str, low: bool) -> None:
         key = (portal, low)
+        now = time.monotonic()
         left = self._running[key] = self._running.get(key, 1) - 1
-        self._length[key] = 0.7 * self._length.get(key, lasted) + 0.3 * lasted
-        if left <= 0 and self._round.get(key, (0.0, 0))[0] <= time.monotonic():  # idle: forget the portal
-            for table in (self._running, self._length, self._round):
+        if key in self._last_end:
+            self._gap[key] = 0.8 * self._gap.get(key, self.FIRST_GAP) + 0.2 * min(now - self._last_end[key], 5.0)
+        self._last_end[key] = now
+        if left <= 0 and self._next_turn.get(key, 0.0) <= now:  # idle: forget the portal
+            for table in (self._running, self._gap, self._last_end, self._next_turn):
                 table.pop(key, None)
 
 

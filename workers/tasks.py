@@ -50,11 +50,10 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     wait = context.senders.turns.take(portal, low, context.settings.portal_jobs)
     if wait:
         raise Retry(defer=wait)
-    started = time.monotonic()
     try:
         return await _attempt(context, job)
     finally:
-        context.senders.turns.give_back(portal, low, time.monotonic() - started)
+        context.senders.turns.give_back(portal, low)
 
 
 async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:

@@ -16,12 +16,9 @@ def test_a_portal_past_its_share_waits_and_the_other_portals_do_not() -> None:
     turns = PortalTurns()
 
     assert [turns.take("busy", False, 2) for _ in range(2)] == [0.0, 0.0]
-    waits = [turns.take("busy", False, 2) for _ in range(5)]
+    waits = [turns.take("busy", False, 2) for _ in range(3)]
 
-    assert all(wait > 0 for wait in waits)
-    # Rounds of a share (2) each, a job's length apart: a round's jobs come back, and pack, together.
-    assert waits[0] - waits[1] < 0.01 and waits[2] - waits[3] < 0.01 and waits[2] - waits[1] > 0.5
-    assert waits[4] > waits[3]
+    assert all(wait > 0 for wait in waits) and waits == sorted(waits)  # each its own later turn
     assert turns.take("quiet", False, 2) == 0.0
     assert turns.take("busy", True, 2) == 0.0  # its backfill counts apart
 
@@ -29,7 +26,7 @@ def test_a_portal_past_its_share_waits_and_the_other_portals_do_not() -> None:
 def test_an_idle_portal_leaves_nothing_behind() -> None:
     turns = PortalTurns()
     turns.take("acme", False, 5)
-    turns.give_back("acme", False, 0.5)
+    turns.give_back("acme", False)
 
     assert turns.running("acme") == 0
     assert not any(vars(turns).values())  # no entry kept for a portal with nothing under way
