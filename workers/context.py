@@ -48,7 +48,12 @@ class PortalTurns:
     FIRST_GAP = 0.05  # seconds between turns before any job of the portal has ended here
     LONGEST_WAIT = 30.0  # a turn is never further away than this; a job past it may be deferred again
 
+    KNOWN_WAITERS = 100_000  # ids of waiting jobs remembered at most (the oldest are forgotten first)
+
     def __init__(self) -> None:
+        # Jobs this process sent back to the queue to wait (a turn, a lead's lock, a time budget): a poll
+        # claims them after the jobs it has not seen, so a new event is never queued behind their claims.
+        self.waiting: dict[str, None] = {}
         self._running: dict[tuple[str, bool], int] = {}
         self._gap: dict[tuple[str, bool], float] = {}  # seconds between two jobs ending (moving average)
         self._last_end: dict[tuple[str, bool], float] = {}
@@ -68,6 +73,14 @@ class PortalTurns:
         turn = min(max(now, self._next_turn.get(key, now)) + gap, now + self.LONGEST_WAIT)
         self._next_turn[key] = turn
         return max(turn - now, gap)
+
+    def note_waiting(self, job_id: str, waits: bool) -> None:
+        if not waits:
+            self.waiting.pop(job_id, None)
+            return
+        self.waiting[job_id] = None
+        if len(self.waiting) > self.KNOWN_WAITERS:
+            del self.waiting[next(iter(self.waiting))]
 
     def give_back(self, portal: str, low: bool) -> None:
         key = (portal, low)

@@ -51,7 +51,7 @@ class LeasedWorker(Worker):
         """arq's start, given as many jobs as there are free slots, again as slots free, until the
         poll's time is up (then arq's loop polls again at once)."""
         until = self.loop.time() + self.poll_delay_s
-        waiting = await self._not_under_way(job_ids)
+        waiting = self._new_first(await self._not_under_way(job_ids))
         while waiting and self.allow_pick_jobs:  # a stopping worker starts no more, even mid-poll
             # One turn of the loop first: a job that just ended has freed its slot in arq's count too.
             await asyncio.sleep(0)
@@ -74,6 +74,14 @@ class LeasedWorker(Worker):
                 pipe.exists(in_progress_key_prefix + job_id.decode())
             under_way = await pipe.execute()
         return [job_id for job_id, claimed in zip(here, under_way) if not claimed]
+
+    def _new_first(self, job_ids: list[bytes]) -> list[bytes]:
+        """Jobs this process sent back to wait (workers/context.py, PortalTurns) are claimed after the
+        others: a poll's claims are one at a time, and a flood's returning jobs must not delay a new event."""
+        if CONTEXT not in self.ctx:
+            return job_ids
+        waiting = context_of(self.ctx).senders.turns.waiting
+        return sorted(job_ids, key=lambda job_id: job_id.decode() in waiting)
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)

@@ -47,13 +47,20 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     arq counts that run as a try; the job's own record counts only the attempts that ran."""
     context = context_of(ctx)
     portal, low = str(job.get("portal", "")), job.get("trigger") == "backfill"
-    wait = context.senders.turns.take(portal, low, context.settings.portal_jobs)
+    turns = context.senders.turns
+    wait = turns.take(portal, low, context.settings.portal_jobs)
     if wait:
+        turns.note_waiting(job["job_id"], True)
         raise Retry(defer=wait)
     try:
-        return await _attempt(context, job)
+        state = await _attempt(context, job)
+    except Retry:
+        turns.note_waiting(job["job_id"], True)
+        raise
     finally:
-        context.senders.turns.give_back(portal, low)
+        turns.give_back(portal, low)
+    turns.note_waiting(job["job_id"], False)
+    return state
 
 
 async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
