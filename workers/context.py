@@ -51,9 +51,10 @@ class PortalTurns:
     KNOWN_WAITERS = 100_000  # ids of waiting jobs remembered at most (the oldest are forgotten first)
 
     def __init__(self) -> None:
-        # Jobs this process sent back to the queue to wait (a turn, a lead's lock, a time budget): a poll
-        # claims them after the jobs it has not seen, so a new event is never queued behind their claims.
-        self.waiting: dict[str, None] = {}
+        # Jobs this process sent back to the queue to wait (a turn, a lead's lock, a time budget), and their
+        # portals: a poll claims first those whose portal has room, then the jobs it has not seen, then the
+        # rest (which would only wait again), so a new event is never queued behind their claims.
+        self.waiting: dict[str, tuple[str, bool, bool]] = {}  # job id: portal, low, waits for a turn
         self._running: dict[tuple[str, bool], int] = {}
         self._gap: dict[tuple[str, bool], float] = {}  # seconds between two jobs ending (moving average)
         self._last_end: dict[tuple[str, bool], float] = {}
@@ -74,13 +75,25 @@ class PortalTurns:
         self._next_turn[key] = turn
         return max(turn - now, gap)
 
-    def note_waiting(self, job_id: str, waits: bool) -> None:
+    def note_waiting(self, job_id: str, portal: str, low: bool, waits: bool, turn: bool = False) -> None:
+        """`turn`: it waits for its portal's turn (else for a lead's lock or a time budget)."""
         if not waits:
             self.waiting.pop(job_id, None)
             return
-        self.waiting[job_id] = None
+        self.waiting[job_id] = (portal, low, turn)
         if len(self.waiting) > self.KNOWN_WAITERS:
             del self.waiting[next(iter(self.waiting))]
+
+    def claim_order(self, job_ids: list[bytes], share: int) -> list[bytes]:
+        """Jobs waiting for a turn whose portal has room now first, then new ones, then the other waiting
+        jobs (for a turn that is not there yet, a lead's lock, a time budget)."""
+        def rank(job_id: bytes) -> int:
+            known = self.waiting.get(job_id.decode())
+            if known is None:
+                return 1
+            portal, low, turn = known
+            return 0 if turn and self._running.get((portal, low), 0) < share else 2
+        return sorted(job_ids, key=rank)
 
     def give_back(self, portal: str, low: bool) -> None:
         key = (portal, low)

@@ -76,12 +76,13 @@ class LeasedWorker(Worker):
         return [job_id for job_id, claimed in zip(here, under_way) if not claimed]
 
     def _new_first(self, job_ids: list[bytes]) -> list[bytes]:
-        """Jobs this process sent back to wait (workers/context.py, PortalTurns) are claimed after the
-        others: a poll's claims are one at a time, and a flood's returning jobs must not delay a new event."""
+        """A poll's claims are one at a time: jobs this process sent back to wait whose portal has room go
+        first, then new ones, then those that would only wait again (workers/context.py, PortalTurns), so
+        a flood's returning jobs never delay a new event."""
         if CONTEXT not in self.ctx:
             return job_ids
-        waiting = context_of(self.ctx).senders.turns.waiting
-        return sorted(job_ids, key=lambda job_id: job_id.decode() in waiting)
+        context = context_of(self.ctx)
+        return context.senders.turns.claim_order(job_ids, context.settings.portal_jobs)
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)

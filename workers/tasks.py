@@ -50,16 +50,16 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     turns = context.senders.turns
     wait = turns.take(portal, low, context.settings.portal_jobs)
     if wait:
-        turns.note_waiting(job["job_id"], True)
+        turns.note_waiting(job["job_id"], portal, low, True, turn=True)
         raise Retry(defer=wait)
     try:
         state = await _attempt(context, job)
     except Retry:
-        turns.note_waiting(job["job_id"], True)
+        turns.note_waiting(job["job_id"], portal, low, True)
         raise
     finally:
         turns.give_back(portal, low)
-    turns.note_waiting(job["job_id"], False)
+    turns.note_waiting(job["job_id"], portal, low, False)
     return state
 
 
