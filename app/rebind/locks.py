@@ -15,6 +15,7 @@ import time
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.store.namespace import prefixed
 
@@ -48,8 +49,11 @@ class LeadLock:
             return
         lock = Lock(self._redis, prefixed(f"b24:lock:{self._portal}:lead:{lead_id}"),
                     timeout=min(self._ttl, self._lease), blocking=False, thread_local=False)
-        async with asyncio.timeout(CHECK_TIMEOUT):
-            taken = await lock.acquire()
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                taken = await lock.acquire()
+        except TimeoutError:  # said as Redis failing: the job runs again, its record says so
+            raise RedisTimeoutError(f"Redis did not answer for the lead's lock within {CHECK_TIMEOUT:g} s") from None
         if not taken:
             raise Busy(f"another job is working on lead {lead_id}")
         self._lock = lock
