@@ -62,10 +62,16 @@ class Settings(BaseSettings):
         description="Addresses (or networks) allowed to post events; empty allows any.",
     )
     worker_jobs: int = Field(
-        default=100, ge=1, le=500, validation_alias=_env("B24_WORKER_JOBS"),
-        description="Jobs one worker process runs at once; they mostly wait for the portal, so a hundred "
-                    "cost little, and concurrent jobs share their calls to a portal (the more of them wait "
-                    "together, the fuller each batch: fewer requests of the portal's budget).",
+        default=300, ge=1, le=1000, validation_alias=_env("B24_WORKER_JOBS"),
+        description="Jobs one worker process runs at once, of every portal; they mostly wait for the portal, "
+                    "so a few hundred cost little.",
+    )
+    portal_jobs: int = Field(
+        default=100, ge=1, le=1000, validation_alias=_env("B24_PORTAL_JOBS"),
+        description="Jobs of one portal one worker process runs at once; the portal's other jobs wait in "
+                    "the queue without a slot, so a busy portal leaves the rest to the others. Concurrent "
+                    "jobs of a portal share its calls (the more, the fuller each batch, up to about what "
+                    "its budget serves: 2 requests a second of 50 commands).",
     )
     reconcile_interval: float = Field(
         default=900, ge=0, le=7 * 86400, allow_inf_nan=False, validation_alias=_env("B24_RECONCILE_INTERVAL"),

@@ -1,12 +1,10 @@
 """Requests spent per activity re-bound, at a portal's real limit (issue 16's benchmark).
 
-    .venv/bin/python -m benchmarks.portal_limit [--workload NAME ...] [--workers 2 4] [--fail 0.05] [--per-process]
-                                                [--no-echoes]
+    .venv/bin/python -m benchmarks.portal_limit [--workload NAME ...] [--workers 1 4] [--fail 0.05] [--no-echoes]
 
 The fake portal allows 2 requests a second with a burst of 50, as ordinary plans do. Each workload
-runs with 2 and with 4 workers (each its own arq Worker and ctx, so its own PortalSession: as separate
-processes are, sharing only Redis: its leaky bucket, and the relay through which one of them sends the
-portal's requests for all; `--per-process`: each sends its own, as before the relay). For each: the
+runs with 1 and with 4 workers (each its own arq Worker and ctx, so its own PortalSession: as separate
+processes are, sharing only Redis and its leaky bucket; each packs its own jobs' commands). For each: the
 REST requests the portal saw, the floor (the fewest the API allows, commands packed 50 to a batch; see
 `FLOORS`), their ratio, the wall time, the time the portal's bucket takes to let those requests through
 (the first 50 at once, then 2 a second), QUERY_LIMIT_EXCEEDED answers, and how many activities ended right.
@@ -158,7 +156,7 @@ async def _intake(settings: Settings, rules: Any, portal: FakePortal) -> web.App
     return runner
 
 
-async def run(name: str, workers: int, fail: float, relay: bool = True, echoes: bool = True) -> dict[str, Any]:
+async def run(name: str, workers: int, fail: float, echoes: bool = True) -> dict[str, Any]:
     with sync_redis.Redis.from_url(REDIS_URL) as plain:
         plain.flushdb()
     portal = FakePortal(webhook_code="benchcode", per_second=PER_SECOND, burst=BURST)
@@ -182,7 +180,7 @@ async def run(name: str, workers: int, fail: float, relay: bool = True, echoes: 
             await queue.submit(record)
         # Each worker "process" has its own ctx, so its own PortalSession; for a backfill, a live and a
         # backfill worker share it, as in `b24rebind worker`.
-        processes = [{**shared_portal_sessions(), "relay": relay} for _ in range(workers)]
+        processes = [shared_portal_sessions() for _ in range(workers)]
         if scene.backfill:
             async with aiohttp.ClientSession() as http:
                 lister = RestClient(http, config, RateLimiter(redis), low_priority=True)
@@ -242,8 +240,8 @@ async def _live_probe(scene: Scene, queue: JobQueue, started: float, probe: dict
     probe["live_event_seconds"] = time.perf_counter() - sent
 
 
-def report(name: str, workers: int, fail: float, f: dict[str, Any], relay: bool = True) -> None:
-    print(f"\n{name}: {workers} workers{'' if relay else ' (each sending its own)'}, portal at {PER_SECOND:g}/s "
+def report(name: str, workers: int, fail: float, f: dict[str, Any]) -> None:
+    print(f"\n{name}: {workers} workers, portal at {PER_SECOND:g}/s "
           f"burst {BURST}, {fail:.0%} of answers failing with 500")
     print(f"  REST requests        {f['requests']:>6}   floor {f['floor']:>4}   ratio {f['requests'] / f['floor']:.2f}")
     print(f"  wall time            {f['wall']:6.1f} s  the limit's time for those requests {f['limit']:.1f} s   "
@@ -263,17 +261,14 @@ def report(name: str, workers: int, fail: float, f: dict[str, Any], relay: bool 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="*", choices=sorted(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--workers", nargs="*", type=int, default=[2, 4])
+    parser.add_argument("--workers", nargs="*", type=int, default=[1, 4])
     parser.add_argument("--fail", type=float, default=0.0, help="share of 500 answers (0.05: 5 %%)")
     parser.add_argument("--echoes", action=argparse.BooleanOptionalAction, default=True,
                         help="the portal posts ONCRMACTIVITYUPDATE for every binding write and the rules listen")
-    parser.add_argument("--per-process", action="store_true",
-                        help="each worker process sends its own requests (no relay): the figures before issue 16's")
     args = parser.parse_args()
     for name in args.workload:
         for workers in args.workers:
-            relay = not args.per_process
-            report(name, workers, args.fail, asyncio.run(run(name, workers, args.fail, relay, args.echoes)), relay)
+            report(name, workers, args.fail, asyncio.run(run(name, workers, args.fail, args.echoes)))
 
 
 if __name__ == "__main__":

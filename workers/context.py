@@ -5,7 +5,7 @@ first job starts; arq's own per-job entries (`job_id`, `job_try`) stay where arq
 """
 from __future__ import annotations
 
-import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -34,27 +34,95 @@ def new_http_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(headers={"User-Agent": "b24rebind/0.1"}, cookie_jar=aiohttp.DummyCookieJar())
 
 
+class PortalTurns:
+    """How many jobs of each portal are under way in this process, so that one portal's backlog never
+    takes every worker slot: a job beyond its portal's share (`Settings.portal_jobs`) is handed back to
+    arq's queue (`Retry(defer=...)`) without a slot, to come back at a turn of its own.
+
+    Turns are spaced by how fast the portal's jobs have been ending here, so a backlog's jobs come
+    back about when slots free, each about once, rather than all at once. Live jobs and backfill
+    jobs count apart (live events go first within a portal anyway: the session sends their commands
+    before backfill's). A portal with nothing under way has no entry: an idle portal costs nothing.
+    """
+
+    FIRST_GAP = 0.05  # seconds between turns before any job of the portal has ended here
+    LONGEST_WAIT = 30.0  # a turn is never further away than this; a job past it may be deferred again
+
+    KNOWN_WAITERS = 100_000  # ids of waiting jobs remembered at most (the oldest are forgotten first)
+
+    def __init__(self) -> None:
+        # Jobs this process sent back to the queue to wait (a turn, a lead's lock, a time budget), and their
+        # portals: a poll claims first those whose portal has room, then the jobs it has not seen, then the
+        # rest (which would only wait again), so a new event is never queued behind their claims.
+        self.waiting: dict[str, tuple[str, bool, bool]] = {}  # job id: portal, low, waits for a turn
+        self._running: dict[tuple[str, bool], int] = {}
+        self._gap: dict[tuple[str, bool], float] = {}  # seconds between two jobs ending (moving average)
+        self._last_end: dict[tuple[str, bool], float] = {}
+        self._next_turn: dict[tuple[str, bool], float] = {}
+
+    def running(self, portal: str, low: bool = False) -> int:
+        return self._running.get((portal, low), 0)
+
+    def take(self, portal: str, low: bool, share: int) -> float:
+        """0: the job may run now (give it back with `give_back`); else the seconds it should wait."""
+        key = (portal, low)
+        now = time.monotonic()
+        if self._running.get(key, 0) < share:
+            self._running[key] = self._running.get(key, 0) + 1
+            return 0.0
+        gap = self._gap.get(key, self.FIRST_GAP)
+        turn = min(max(now, self._next_turn.get(key, now)) + gap, now + self.LONGEST_WAIT)
+        self._next_turn[key] = turn
+        return max(turn - now, gap)
+
+    def note_waiting(self, job_id: str, portal: str, low: bool, waits: bool, turn: bool = False) -> None:
+        """`turn`: it waits for its portal's turn (else for a lead's lock or a time budget)."""
+        if not waits:
+            self.waiting.pop(job_id, None)
+            return
+        self.waiting[job_id] = (portal, low, turn)
+        if len(self.waiting) > self.KNOWN_WAITERS:
+            del self.waiting[next(iter(self.waiting))]
+
+    def claim_order(self, job_ids: list[bytes], share: int) -> list[bytes]:
+        """Jobs waiting for a turn whose portal has room now first, then new ones, then the other waiting
+        jobs (for a turn that is not there yet, a lead's lock, a time budget)."""
+        def rank(job_id: bytes) -> int:
+            known = self.waiting.get(job_id.decode())
+            if known is None:
+                return 1
+            portal, low, turn = known
+            return 0 if turn and self._running.get((portal, low), 0) < share else 2
+        return sorted(job_ids, key=rank)
+
+    def give_back(self, portal: str, low: bool) -> None:
+        key = (portal, low)
+        now = time.monotonic()
+        left = self._running[key] = self._running.get(key, 1) - 1
+        if key in self._last_end:
+            self._gap[key] = 0.8 * self._gap.get(key, self.FIRST_GAP) + 0.2 * min(now - self._last_end[key], 5.0)
+        self._last_end[key] = now
+        if left <= 0 and self._next_turn.get(key, 0.0) <= now:  # idle: forget the portal
+            for table in (self._running, self._gap, self._last_end, self._next_turn):
+                table.pop(key, None)
+
+
 @dataclass
 class PortalSenders:
-    """The HTTP session and the one sender per portal (`PortalSession`) of a worker, or of the workers of
-    one process (live and backfill) sharing them, so that one sender sees all of its work for a portal."""
+    """The HTTP session, the one sender per portal (`PortalSession`) and the portals' turns of a worker,
+    or of the workers of one process (live and backfill) sharing them, so that one sender sees all of
+    its work for a portal."""
 
     http: aiohttp.ClientSession = field(default_factory=new_http_session)
     by_portal: dict[str, PortalSession] = field(default_factory=dict)
     retired: list[PortalSession] = field(default_factory=list)  # of portals the rules file has changed since
-    handovers: set[asyncio.Task[None]] = field(default_factory=set)
+    turns: PortalTurns = field(default_factory=lambda: PortalTurns())
 
     def retire(self, session: PortalSession) -> None:
-        """The rules file changed the session's portal: its jobs finish on it, and if it sends the portal's
-        requests for the other processes, the session with the new settings takes that over."""
+        """The rules file changed the session's portal: its jobs finish on it."""
         self.retired.append(session)
-        if session.relay is not None:
-            task = asyncio.create_task(session.relay.retire())
-            self.handovers.add(task)
-            task.add_done_callback(self.handovers.discard)
 
     async def close(self) -> None:
-        await asyncio.gather(*self.handovers, return_exceptions=True)
         for session in [*self.by_portal.values(), *self.retired]:
             await session.close()
         await self.http.close()
@@ -73,8 +141,6 @@ class WorkerContext:
     job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
     owns_senders: bool = True  # False: the process's workers share them, closed once all have stopped
-    # One process at a time sends each portal's requests for all (app/bitrix/relay.py); False: each its own.
-    relay: bool = True
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:

@@ -30,16 +30,18 @@ from workers.tasks import process_event
 
 log = logging.getLogger(__name__)
 
-# Retries are counted on the job record (waiting for a lock or a time budget is free); this only
-# stops a job that keeps waiting for hours.
-MAX_TRIES = 200
+# Tries are counted on the job record (workers/tasks.py): arq counts every run, the runs that only
+# waited for their portal's turn, a lead's lock or a time budget too. This only stops a job that keeps
+# waiting for days; arq's retry key is never written.
+MAX_TRIES = 100_000
 POLL_DELAY = 0.1  # seconds between reads of the queue
 # arq's time limit for a job: the job stops itself at its own (WorkerContext.job_timeout) and saves its
 # record; arq's, a grace period later, only catches a job that could not.
 JOB_GRACE = 60
-# Backfill jobs a process runs at once: their reads and writes pack into shared batches, which leave
-# fuller the more jobs wait for them (issue 16's backfill: 144 requests with 20, 114-120 with 100).
-BACKFILL_JOBS = 100
+# Backfill jobs a process runs at once, of every portal; each portal's are capped at Settings.portal_jobs
+# (their reads and writes pack into shared batches, which leave fuller the more jobs wait for them:
+# issue 16's backfill, 144 requests with 20, 114-120 with 100).
+BACKFILL_JOBS = 300
 
 
 async def startup(ctx: dict[str, Any], settings: Settings, rules: LiveRules, options: dict[str, Any]) -> None:

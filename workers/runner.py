@@ -7,7 +7,7 @@ Each override below wraps arq's own method (arq 0.26 to 0.28) and adds one thing
   may take it. Here the key lives LEASE seconds and the worker renews it while the job runs.
 - `start_jobs`: a slot freed during a poll is filled at once. arq starts at most `max_jobs` jobs a poll
   and then waits the poll delay, whatever the jobs cost; the worker also spends no claim on the jobs it
-  is running itself (they stay queued until they end).
+  or another worker is running (they stay queued until they end): one pipelined EXISTS leaves them out.
 - `run_job`: Redis failing a job's start or end is said in one line; the job runs again once its lease
   ends (arq would raise it into the poll, which would stop the worker).
 - `finish_failed_job`: a job arq gives up on past its tries has its record ended, not left `retrying`.
@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from arq import Worker
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.cron import CronJob
 from arq.jobs import DeserializationError, deserialize_result
 from redis.exceptions import RedisError
@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from app.rebind.locks import LEASE  # a dead worker's job, and its lead, are free again after this
 from app.store.jobs import FINAL_STATES
 from app.store.outage import RedisOutage, describe
+from app.store.queue import JobQueue
 from workers.context import CONTEXT, context_of
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class LeasedWorker(Worker):
         """arq's start, given as many jobs as there are free slots, again as slots free, until the
         poll's time is up (then arq's loop polls again at once)."""
         until = self.loop.time() + self.poll_delay_s
-        waiting = [job_id for job_id in job_ids if not self._running_here(job_id.decode())]
+        waiting = self._new_first(await self._not_under_way(job_ids))
         while waiting and self.allow_pick_jobs:  # a stopping worker starts no more, even mid-poll
             # One turn of the loop first: a job that just ended has freed its slot in arq's count too.
             await asyncio.sleep(0)
@@ -60,6 +61,28 @@ class LeasedWorker(Worker):
                 waiting = waiting[free:]
             elif not await self._a_slot_frees(until):
                 return
+
+    async def _not_under_way(self, job_ids: list[bytes]) -> list[bytes]:
+        """The ids no worker is running. A job stays in arq's queue while it runs, so with many jobs under
+        way (a portal's flood, in every process) a poll reads mostly ids other workers hold; arq's claim
+        would try each (two or three round trips apiece, every poll); one pipelined EXISTS leaves them out."""
+        here = [job_id for job_id in job_ids if not self._running_here(job_id.decode())]
+        if not here:
+            return here
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for job_id in here:
+                pipe.exists(in_progress_key_prefix + job_id.decode())
+            under_way = await pipe.execute()
+        return [job_id for job_id, claimed in zip(here, under_way) if not claimed]
+
+    def _new_first(self, job_ids: list[bytes]) -> list[bytes]:
+        """A poll's claims are one at a time: jobs this process sent back to wait whose portal has room go
+        first, then new ones, then those that would only wait again (workers/context.py, PortalTurns), so
+        a flood's returning jobs never delay a new event."""
+        if CONTEXT not in self.ctx:
+            return job_ids
+        context = context_of(self.ctx)
+        return context.senders.turns.claim_order(job_ids, context.settings.portal_jobs)
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)
@@ -81,8 +104,22 @@ class LeasedWorker(Worker):
                      describe(exc))
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
+        lost = not await self.pool.exists(job_key_prefix + job_id)  # arq had the id queued, not the job
         await self._end_record_past_its_tries(job_id, result_data)
         await super().finish_failed_job(job_id, result_data)
+        if lost:
+            await self._queue_again_from_record(job_id)
+
+    async def _queue_again_from_record(self, job_id: str) -> None:
+        """arq found the job id in its queue but not the job (a Redis that restarted without its data got
+        the id back from a run that ended with Retry): a job whose record still waits to run is queued
+        again from its record at once, rather than when the minute's rescue finds it stranded."""
+        if CONTEXT not in self.ctx:
+            return
+        store = context_of(self.ctx).store
+        record = await store.get(job_id)
+        if record is not None and await JobQueue(self.pool, store).queue_again(record, "arq had lost its job"):
+            log.warning("job %s: arq had lost it (Redis lost its data?); queued again from its record", job_id)
 
     async def _end_record_past_its_tries(self, job_id: str, result_data: bytes | None) -> None:
         """arq deletes a job past its tries: its record must not say `retrying` for ever."""

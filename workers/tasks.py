@@ -8,7 +8,6 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from arq import Retry
-from arq.constants import retry_key_prefix
 from redis.exceptions import RedisError
 
 from app.api.metrics import stage_attempt
@@ -16,7 +15,7 @@ from app.bitrix.client import RestClient
 from app.bitrix.connect import portal_session as connect_session
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
 from app.bitrix.portal import PortalConfig
-from app.bitrix.session import PortalSession
+from app.bitrix.session import NotHeld, PortalSession
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
@@ -31,22 +30,51 @@ from app.store.audit import AuditLog
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.outage import describe
 from app.words import plural
-from workers.context import JOB_TIMEOUT, WorkerContext, context_of
+from workers.context import WorkerContext, context_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
+# Runs of a job that started but did not end (its worker killed or stopped each time): past this it is dead.
+MAX_RUNS = 200
 AFTER_REDIS_FAILED = 5.0  # seconds before a job Redis failed runs again (and finds done what it did)
 
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
+    """A job takes its portal's turn first: past its portal's share of this process's slots it goes back
+    to arq's queue for later, before reading anything, so a portal's backlog never holds every slot.
+    arq counts that run as a try; the job's own record counts only the attempts that ran."""
     context = context_of(ctx)
+    portal, low = str(job.get("portal", "")), job.get("trigger") == "backfill"
+    turns = context.senders.turns
+    wait = turns.take(portal, low, context.settings.portal_jobs)
+    if wait:
+        turns.note_waiting(job["job_id"], portal, low, True, turn=True)
+        raise Retry(defer=wait)
+    try:
+        state = await _attempt(context, job)
+    except Retry:
+        turns.note_waiting(job["job_id"], portal, low, True)
+        raise
+    finally:
+        turns.give_back(portal, low)
+    turns.note_waiting(job["job_id"], portal, low, False)
+    return state
+
+
+async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
     store = context.store
     rules = context.rules.current  # read once: a reload mid-job does not mix two versions
     current_job.set(job["job_id"])
     record = await _or_later(store.get(job["job_id"])) or JobRecord.model_validate({**job, "id": job["job_id"]})
-    record.begin_attempt(ctx["job_try"])  # arq's count of the job's tries
+    record.begin_attempt()  # counted on the record: arq's count includes the turns the job waited for
+    if sum(a.outcome != "deferred" for a in record.attempts) > MAX_RUNS:
+        record.give_up(f"gave up after {MAX_RUNS} runs", {
+            "code": "TOO_MANY_TRIES", "description": f"the job was started {MAX_RUNS} times without ending",
+            "what_to_do": "its attempts say why it kept running again; retry it once that is fixed"})
+        await _or_later(store.save(record))
+        return record.state.value
     portal = rules.portals.get(record.portal)
     if portal is None:
         record.end_attempt(JobState.FAILED, "portal not configured",
@@ -59,8 +87,10 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     delays = context.retry_delays
     earlier_changes = record.changes
     changes = ChangeLog(context.redis, portal.name)
-    lock = LeadLock(context.redis, portal.name, ttl=JOB_TIMEOUT)
+    lock = LeadLock(context.redis, portal.name, ttl=context.job_timeout)
+    client.meter.guard = lock.still_held  # no write call leaves for this job once its lock has lapsed
     deadline = asyncio.timeout(context.job_timeout)
+    superseded = False  # another run took the job over while this one was paused: its record is not ours
     try:
         async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
             await _run(record, client, restrict(rules, record), changes, lock, store)
@@ -76,6 +106,12 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
                 "code": "JOB_TIMEOUT", "description": f"the job ran longer than {context.job_timeout:g} s",
                 "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
                               "fast the portal answers and how many activities the lead has"})
+    except NotHeld as exc:
+        superseded = await _run_elsewhere(store, record)
+        record.end_attempt(JobState.RETRYING, f"interrupted: {exc}; the job will run again", {
+            "code": "LOCK_LOST", "description": str(exc),
+            "what_to_do": "nothing: it runs again and finds what is left to do"}, attempt_outcome="interrupted")
+        raise Retry(defer=LOCK_WAIT) from None
     except (Busy, MethodBlocked) as exc:
         # Waiting is not failing: the attempt does not count against the job's retries.
         wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \
@@ -102,8 +138,15 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     finally:
         client.close()
         record.requests += client.requests
-        await _or_later(_save_attempt(context, record, client, changes, lock,
-                                     applied=record.changes is not earlier_changes))
+        try:
+            if superseded:
+                log.warning("job %s: this run lost its lead's lock while paused and another run has the job "
+                            "now: it stops here, its writes unsent, its record left to the other run", record.id)
+            else:
+                await _or_later(_save_attempt(context, record, client, changes,
+                                             applied=record.changes is not earlier_changes))
+        finally:
+            await lock.release()  # after the record: a job waiting for the lead finds this one's saved
         _log_end(record, client.requests)
     return record.state.value
 
@@ -119,6 +162,16 @@ async def _or_later(step: Awaitable[T]) -> T:
         raise Retry(defer=AFTER_REDIS_FAILED) from None
 
 
+async def _run_elsewhere(store: JobStore, record: JobRecord) -> bool:
+    """Whether another run of the job has started since this one (its record shows a later attempt)."""
+    try:
+        current = await store.get(record.id)
+    except RedisError:
+        return False
+    mine = record.attempts[-1].started_at if record.attempts else 0.0
+    return current is not None and bool(current.attempts) and current.attempts[-1].started_at > mine
+
+
 def _crashed(record: JobRecord, delays: tuple[float, ...], exc: Exception) -> None:
     log.exception("job %s crashed", record.id)
     _retry_or_give_up(record, delays, "crashed", {
@@ -127,11 +180,10 @@ def _crashed(record: JobRecord, delays: tuple[float, ...], exc: Exception) -> No
 
 
 async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestClient, changes: ChangeLog,
-                        lock: LeadLock, applied: bool) -> None:
-    """The record, and if the attempt applied a plan its audit entries and echo fingerprints, the
-    attempt's metrics and the lead's lock: all in one round trip."""
+                        applied: bool) -> None:
+    """The record, and if the attempt applied a plan its audit entries and echo fingerprints, and the
+    attempt's metrics: all in one round trip."""
     async with context.redis.pipeline(transaction=False) as pipe:
-        lock.stage_release(pipe)  # first: a job waiting for the lead finds this one's record saved
         await context.store.stage_save(pipe, record)
         if applied:
             AuditLog(context.redis, context.settings.job_retention_days * 86400).stage_job(pipe, record)
@@ -139,8 +191,6 @@ async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestC
                 if "activity" in change and change["status"] == "changed":
                     changes.stage_record(pipe, change["activity"], read_bindings(change["after"]))
         stage_attempt(pipe, record, client, context.limiter)
-        if record.attempts and record.attempts[-1].outcome == "deferred":
-            pipe.decr(retry_key_prefix + record.id)  # waiting for a lock or a budget spends none of its tries
         await pipe.execute()
 
 
@@ -157,7 +207,7 @@ def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSessio
             context.senders.retire(session)
         session = context.senders.by_portal[portal.name] = connect_session(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
-            budget_reads=context.budget_reads, relay=context.relay)
+            budget_reads=context.budget_reads)
     return session
 
 

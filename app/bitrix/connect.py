@@ -14,18 +14,16 @@ from app.bitrix.client import RestClient
 from app.bitrix.oauth import OAuthSession
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
-from app.bitrix.relay import PortalRelay
 from app.bitrix.session import LINGER, REQUEST_TIMEOUT, Limiter, PortalSession, RetryPolicy
 
 
 def portal_session(http: aiohttp.ClientSession, portal: PortalConfig, redis: Redis | None, *,
                    limiter: Limiter | None = None, retry: RetryPolicy = RetryPolicy(),
                    timeout: float = REQUEST_TIMEOUT, budget_reads: BudgetReads | None = None,
-                   linger: float = LINGER, relay: bool = False) -> PortalSession:
+                   linger: float = LINGER) -> PortalSession:
     """The portal's sender. With Redis: the installation's shared request budget (or `limiter`), the
-    methods' time budgets, and for an application its tokens, refreshed once for every process; with
-    `relay` (a worker's) the jobs' commands go to the one process that holds the portal, so that its
-    batches carry every process's commands. Without Redis (a tool reading a webhook portal, which needs
+    methods' time budgets, and for an application its tokens, refreshed once for every process.
+    Without Redis (a tool reading a webhook portal, which needs
     no Redis): a budget of this process's own."""
     if redis is None:
         if portal.auth == "oauth":
@@ -35,8 +33,7 @@ def portal_session(http: aiohttp.ClientSession, portal: PortalConfig, redis: Red
     return PortalSession(http, portal, limiter or RateLimiter(redis), retry=retry, timeout=timeout, linger=linger,
                          budget=MethodBudget(redis, portal.name, portal.operating_budget,
                                              budget_reads or BudgetReads()),
-                         oauth=OAuthSession(http, redis, portal) if portal.auth == "oauth" else None,
-                         relay=PortalRelay(redis, portal) if relay else None)
+                         oauth=OAuthSession(http, redis, portal) if portal.auth == "oauth" else None)
 
 
 def portal_client(http: aiohttp.ClientSession, portal: PortalConfig, redis: Redis | None, *,

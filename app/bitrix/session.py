@@ -34,7 +34,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -71,6 +71,7 @@ LINGER = 0.05  # seconds a batch that is not full waits for the session's other 
 # the burst on a few commands each.
 BUSY_HOLD = 2.0
 IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
+GUARD_TIMEOUT = 2.0  # seconds for the jobs' lock checks before a write call; past it the writes are not sent
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,14 @@ class Meter:
     # For metrics: (method, outcome, via); via "batch" is a command inside a batch, "request" an HTTP request.
     calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     waiting: int = 0  # parts of this job queued or on their way
+    # Asked before each call carrying this job's writes: whether the job still holds what makes the writes
+    # its own to send (its lead's lock). No: they are not sent, and the job learns it (`NotHeld`).
+    guard: Callable[[], Awaitable[bool]] | None = None
 
 
-class Relay(Protocol):
-    """Forwards parts to the process that holds the portal (app/bitrix/relay.py's PortalRelay)."""
-
-    def attach(self, session: PortalSession) -> None: ...
-    async def forward(self, part: Part) -> list[list[CommandResult]] | None: ...
-    async def retire(self) -> None: ...
-    async def close(self) -> None: ...
+class NotHeld(Exception):
+    """A job's writes were not sent: it no longer holds its lock (its process was paused past the lease,
+    or Redis lost the lock); another job may be on the lead now. The job runs again later."""
 
 
 class Limiter(Protocol):
@@ -185,7 +185,7 @@ class PortalSession:
     def __init__(self, http: aiohttp.ClientSession, portal: PortalConfig, limiter: Limiter, *,
                  retry: RetryPolicy = RetryPolicy(), timeout: float = REQUEST_TIMEOUT,
                  budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
-                 linger: float = LINGER, relay: Relay | None = None) -> None:
+                 linger: float = LINGER) -> None:
         self._http = http
         self.portal = portal
         self._limiter = limiter
@@ -205,10 +205,6 @@ class PortalSession:
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
         self.requests = 0
         self.calls: Counter[tuple[str, str, str]] = Counter()  # request outcomes, for metrics (`take_calls`)
-        # Across processes: parts forwarded to the process that holds the portal (app/bitrix/relay.py).
-        self.relay = relay
-        if relay is not None:
-            relay.attach(self)
 
     # -------------------------------------------------------- what jobs call
 
@@ -254,8 +250,6 @@ class PortalSession:
 
     async def close(self) -> None:
         """The worker is stopping: cancel the calls on their way; jobs still waiting are cancelled."""
-        if self.relay is not None:  # other processes' parts first: given back, or answered
-            await self.relay.close()
         tasks = [t for t in (self._sender, *self._deliveries) if t is not None]
         for task in tasks:
             task.cancel()
@@ -265,18 +259,8 @@ class PortalSession:
         self._parts.clear()
 
     async def _submit(self, part: Part) -> list[list[CommandResult]]:
+        """Packs the part with this process's other jobs' parts waiting for the portal."""
         part.meter.waiting += 1
-        try:
-            if self.relay is not None:
-                forwarded = await self.relay.forward(part)  # None: this process sends it
-                if forwarded is not None:
-                    return forwarded
-            return await self.send_here(part)
-        finally:
-            part.meter.waiting -= 1
-
-    async def send_here(self, part: Part) -> list[list[CommandResult]]:
-        """Packs the part with the others waiting here (this process's jobs', and those forwarded to it)."""
         self._parts.append(part)
         self._wake.set()
         if self._sender is None or self._sender.done():
@@ -284,6 +268,7 @@ class PortalSession:
         try:
             return await part.done
         finally:
+            part.meter.waiting -= 1
             if part in self._parts and part.done.cancelled():
                 self._parts.remove(part)  # a job cancelled meanwhile needs nothing more
 
@@ -324,7 +309,8 @@ class PortalSession:
                 await asyncio.sleep(wait)
                 continue
             await self._in_flight.acquire()
-            call = self._pack(write)
+            held = await self._still_held() if write else None
+            call = self._pack(write, held)
             if not call.slots:
                 self._in_flight.release()
                 continue
@@ -379,8 +365,34 @@ class PortalSession:
         """Slots of the burst a call leaves free: a backfill or reconcile call leaves half to live events."""
         return self.portal.rate_limit.burst // 2 if low else 0
 
-    def _pack(self, write: bool) -> _Call:
-        parts = sorted((p for p in self._parts if p.write == write and p.ready), key=lambda p: p.low)
+    async def _still_held(self) -> set[int]:
+        """Just before a write call is packed: the jobs (their meters' ids) whose writes may go, each
+        having shown it still holds its lock. The others' parts end with `NotHeld`, unsent."""
+        meters = list(dict.fromkeys(p.meter for p in self._parts if p.write and p.ready and p.meter.guard))
+        held = {id(p.meter) for p in self._parts if p.meter.guard is None}
+        if not meters:
+            return held
+        try:
+            async with asyncio.timeout(GUARD_TIMEOUT):
+                answers = await asyncio.gather(*(m.guard() for m in meters if m.guard), return_exceptions=True)
+        except TimeoutError:
+            answers = [False] * len(meters)
+        for meter, answer in zip(meters, answers):
+            if answer is True:
+                held.add(id(meter))
+                continue
+            why = "its lock could not be checked" if isinstance(answer, BaseException) else "its lock had lapsed"
+            log.warning("portal %s: a job's writes were not sent: %s", self.portal.name, why)
+            for part in self._parts:
+                if part.meter is meter and part.write:
+                    part.finish(NotHeld(f"writes not sent: {why} (the process was paused past its lease, or "
+                                        "Redis lost it); another job may be on the lead"))
+        return held
+
+    def _pack(self, write: bool, held: set[int] | None = None) -> _Call:
+        """`held`: the jobs whose writes may go (`_still_held`); None: every job's."""
+        parts = sorted((p for p in self._parts if p.write == write and p.ready
+                        and (held is None or id(p.meter) in held)), key=lambda p: p.low)
         if write:
             whole = [p for p in parts if p.out == 0]
             if whole and len(whole) == len(parts) and sum(len(p.remaining()) for p in whole) <= BATCH_LIMIT:

@@ -12,7 +12,7 @@ No production module imports this package (tests/test_architecture.py keeps it s
 
 from app.fakeportal.faults import LeakyBucket
 from app.fakeportal.protocol import PAGE_SIZE, BitrixError, Page, parse_php_query
-from app.fakeportal.server import MAX_BATCH, FakePortal, RequestRecord
+from app.fakeportal.server import MAX_BATCH, FakePortal, FakePortalHost, RequestRecord
 from app.fakeportal.state import (
     CLIENT_TYPES,
     COMPANY,
@@ -41,6 +41,7 @@ __all__ = [
     "Binding",
     "BitrixError",
     "FakePortal",
+    "FakePortalHost",
     "LeakyBucket",
     "Page",
     "RequestRecord",

@@ -306,3 +306,56 @@ def _commands_of(cmd: Any) -> dict[str, Any]:
         return {str(i): c for i, c in enumerate(cmd)}
     return cmd if isinstance(cmd, dict) else {}
 
+
+class FakePortalHost:
+    """Many portals from one process on one port, each with its own CRM, request budget and faults:
+    an installation's view of an agency's clients. Portal `name` answers under ``/{name}/rest/...``
+    (its `rest_url`), as if each were its own host."""
+
+    def __init__(self) -> None:
+        self.portals: dict[str, FakePortal] = {}
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        # Set to a list to keep every request as (name it came under, monotonic time, body): a test tells
+        # which process sent what by giving each process its own name for one portal (`alias`).
+        self.served: list[tuple[str, float, bytes]] | None = None
+
+    def add(self, name: str, **options: Any) -> FakePortal:
+        """A new portal (FakePortal's options: webhook_code, per_second, burst...); before or after start."""
+        portal = self.portals[name] = FakePortal(**options)
+        if self.base_url:
+            portal.base_url = f"{self.base_url}/{name}"
+        return portal
+
+    def alias(self, name: str, portal: FakePortal) -> None:
+        """One more name for a portal already here (its `rest_url_of(name)`), as a second address of one host."""
+        self.portals[name] = portal
+
+    def rest_url_of(self, name: str) -> str:
+        portal = self.portals[name]
+        return f"{self.base_url}/{name}/rest/{portal.user_id}/{portal.webhook_code}/"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{portal}/rest/{user_id}/{code}/{method}", self._route)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.base_url = f"http://{host}:{self._runner.addresses[0][1]}"
+        for name, portal in self.portals.items():
+            portal.base_url = f"{self.base_url}/{name}"
+
+    async def _route(self, request: web.Request) -> web.StreamResponse:
+        portal = self.portals.get(request.match_info["portal"])
+        if portal is None:  # an unknown host: the real cloud answers a portal that does not exist so
+            return web.json_response({"error": "NOT_FOUND", "error_description": "Portal not found"}, status=404)
+        if self.served is not None:
+            self.served.append((request.match_info["portal"], time.monotonic(), await request.read()))
+        return await portal._handle(request)
+
+    async def close(self) -> None:
+        for portal in self.portals.values():
+            portal._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

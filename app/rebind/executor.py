@@ -18,7 +18,6 @@ from app.bitrix.errors import (
     TransientError,
     policy_for,
 )
-from app.bitrix.relay import stop_rule
 from app.bitrix.session import stops_group
 from app.rebind.reading import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding, bindings_json
@@ -265,7 +264,6 @@ async def _as_one_group(client: RestClient, checks: list[tuple[Binding, Command]
     return _regroup(groups, [step for step in left if step[:2] not in failed])
 
 
-@stop_rule  # registered by name: the process that holds the portal judges the group's results with it
 def _stops(result: CommandResult) -> bool:
     """A missing target stops the plan; its other errors (no rights on the record) are the write's to report.
     A write that answers anything but `true`, error or not, stops its group."""

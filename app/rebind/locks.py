@@ -1,27 +1,27 @@
-"""One job at a time per lead: a conversion fires several events that all lead to the same work."""
+"""One job at a time per lead: a conversion fires several events that all lead to the same work.
+
+The lock is redis-py's `Lock` (a key holding this job's token, set NX with an expiry, released and
+extended by redis-py's own token-checking scripts). It lives LEASE seconds and is extended while the
+job runs, so a killed worker's lead is free again soon; a job checks it still owns it before each of
+its write calls (`still_held`, the session's guard), so a process paused past the lease (SIGSTOP, a
+long GC, a VM freeze) sends none of its writes once another job may hold the lead.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.store.namespace import prefixed
-from app.store.replies import awaited
 
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# A lock lives this many seconds unless its holder renews it: a killed worker's lead is free again soon.
+# A lock lives this many seconds unless its holder extends it: a killed worker's lead is free again soon.
 LEASE = 15.0
+CHECK_TIMEOUT = 2.0  # seconds for one Redis call of the lock (take, extend, check, release)
 
 
 class Busy(Exception):
@@ -29,42 +29,62 @@ class Busy(Exception):
 
 
 class LeadLock:
-    """Held while a job reads and changes one lead's activities; renewed while held, for at most `ttl`.
+    """Held while a job reads and changes one lead's activities; extended while held, for at most `ttl`."""
 
-    A job lets go of it in its last pipeline (`stage_release`), with its record: one round trip less a
-    job, and the next job on the lead finds the record of this one saved.
-    """
-
-    def __init__(self, redis: Redis, portal: str, ttl: int) -> None:
+    def __init__(self, redis: Redis, portal: str, ttl: float, *, lease: float = LEASE) -> None:
         self._redis = redis
         self._portal = portal
         self._ttl = ttl
-        self._token = secrets.token_hex(8)
-        self._key: str | None = None  # while held
+        self._lease = lease
+        self._lock: Lock | None = None  # while held
         self._renewal: asyncio.Task[None] | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
     async def acquire(self, lead_id: int | None) -> None:
-        """Raises Busy if another job holds the lead; a job with no lead holds nothing."""
+        """Raises Busy if another job holds the lead; a job with no lead holds nothing. Never waits."""
         if not lead_id:
             return
-        key = prefixed(f"b24:lock:{self._portal}:lead:{lead_id}")
-        if not await self._redis.set(key, self._token, nx=True, px=int(min(self._ttl, LEASE) * 1000)):
+        lock = Lock(self._redis, prefixed(f"b24:lock:{self._portal}:lead:{lead_id}"),
+                    timeout=min(self._ttl, self._lease), blocking=False, thread_local=False)
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                taken = await lock.acquire()
+        except TimeoutError:  # said as Redis failing: the job runs again, its record says so
+            raise RedisTimeoutError(f"Redis did not answer for the lead's lock within {CHECK_TIMEOUT:g} s") from None
+        if not taken:
             raise Busy(f"another job is working on lead {lead_id}")
-        self._key = key
-        if self._ttl > LEASE:
-            self._renewal = asyncio.create_task(self._renew(key, time.monotonic() + self._ttl))
+        self._lock = lock
+        if self._ttl > self._lease:
+            self._renewal = asyncio.create_task(self._extend(lock, time.monotonic() + self._ttl))
 
-    async def _renew(self, key: str, until: float) -> None:
-        while time.monotonic() + LEASE / 3 < until:
-            await asyncio.sleep(LEASE / 3)
-            with contextlib.suppress(Exception):  # a missed renewal is retried at the next one
-                lease = min(LEASE, until - time.monotonic())
-                await awaited(self._redis.eval(_RENEW, 1, key, self._token, str(int(lease * 1000))))
+    async def still_held(self) -> bool:
+        """True while this job owns the lead's lock (or needs none): asked before each write call."""
+        if self._lock is None:
+            return True
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            return await self._lock.owned()
 
-    def stage_release(self, pipe: Pipeline) -> None:
-        """If the pipeline never reaches Redis, the lock still ends within LEASE: it is no longer renewed."""
+    async def _extend(self, lock: Lock, until: float) -> None:
+        while time.monotonic() + self._lease / 3 < until:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                async with asyncio.timeout(CHECK_TIMEOUT):
+                    await lock.reacquire()  # back to a full lease, only if the token is still ours
+            except LockError:
+                return  # lapsed (the process was paused past it): `still_held` says so before any write
+            except (RedisError, OSError, TimeoutError):
+                continue  # a missed extension is tried again at the next one
+
+    async def release(self) -> None:
+        """Lets go of the lead; a lock that lapsed meanwhile is left to whoever holds it now."""
         if self._renewal is not None:
             self._renewal.cancel()
-        if self._key is not None:
-            pipe.eval(_RELEASE, 1, self._key, self._token)
-            self._key = None
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        with contextlib.suppress(LockError, RedisError, OSError, TimeoutError):  # it ends within its lease anyway
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await lock.release()

@@ -1,6 +1,7 @@
 """Putting jobs on the arq queue, with a JSON serializer so queued jobs stay readable."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, cast
 
@@ -17,6 +18,8 @@ from redis.exceptions import ConnectionError, TimeoutError
 from app.settings import Settings
 from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
 from app.store.namespace import prefixed
+
+log = logging.getLogger(__name__)
 
 PROCESS_EVENT = "process_event"
 RESCUE_CRON = "cron:requeue_stranded"  # the minute's look for stranded jobs (see JobQueue.requeue_stranded)
@@ -122,12 +125,15 @@ class JobQueue:
         entry = QueueEntry(_queue_of(record), record.id, payload, now_ms, expires_extra_ms)
         return await self.store.create(record, entry)
 
-    async def requeue(self, record: JobRecord) -> None:
-        """Queue an existing job again (a retry asked for by a person)."""
+    async def requeue(self, record: JobRecord) -> bool:
+        """Queue an existing job again (a retry asked for by a person); False when arq has it queued or
+        under way already (it runs then, and finds the record queued)."""
         record.state, record.error, record.outcome, record.finished_at = JobState.QUEUED, None, "", None
         await self.store.save(record)
-        await self._redis.delete(result_key_prefix + record.id)
-        await self._enqueue(record)
+        queued = await self._enqueue(record)
+        if not queued:
+            log.info("job %s is in arq's queue or under way already: not queued a second time", record.id)
+        return queued
 
     async def requeue_stranded(self, now: float | None = None, limit: int = 1000) -> list[str]:
         """Queue again the jobs whose records say they are still to run (queued, running, retrying) but
@@ -144,18 +150,32 @@ class JobQueue:
         rescued = []
         for job_id, keys in zip(candidates, alive):
             record = await self.store.get(job_id) if keys == 0 else None
-            if record is None or record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
-                continue  # its job is there, or it has ended (or expired) since
-            record.outcome = f"queued again: its job had left the queue while it was {record.state.value}"
-            record.state = JobState.QUEUED
-            await self.store.save(record)
-            await self._enqueue(record)  # arq queues a job id once: a job queued meanwhile is left as it is
-            rescued.append(job_id)
+            if record is not None and await self.queue_again(record, "its job had left the queue"):
+                rescued.append(job_id)
         return rescued
 
-    async def _enqueue(self, record: JobRecord) -> None:
-        await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id,
-                                      _queue_name=_queue_of(record))
+    async def queue_again(self, record: JobRecord, why: str) -> bool:
+        """A job whose record says it is still to run (queued, running, retrying) but that arq no longer
+        has: queued again, its record saying why. False (nothing done) when the record has ended, or
+        arq has the job queued or under way already."""
+        if record.state not in (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING):
+            return False
+        was = record.state.value
+        if not await self._enqueue(record):
+            return False
+        record.outcome = f"queued again: {why} while it was {was}"
+        record.state = JobState.QUEUED
+        await self.store.save(record)
+        return True
+
+    async def _enqueue(self, record: JobRecord) -> bool:
+        """arq queues a job id once, and not while it keeps a result for it (a run that ended before
+        the record could say so, or one it gave up on): that old result goes first. False when arq
+        refused all the same (the job is queued, or under way)."""
+        await self._redis.delete(result_key_prefix + record.id)
+        job = await self._redis.enqueue_job(PROCESS_EVENT, record.task_args(), _job_id=record.id,
+                                            _queue_name=_queue_of(record))
+        return job is not None
 
 
 def _queue_of(record: JobRecord) -> str:

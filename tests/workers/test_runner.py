@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from arq import Worker
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.fakeportal import LEAD, FakePortal
@@ -24,6 +24,7 @@ from tests.support.waiting import until
 from workers import runner, tasks
 from workers.context import context_of
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker
+from workers.tasks import MAX_RUNS
 from workers.runner import LeasedWorker
 from workers.tasks import LOCK_WAIT
 
@@ -105,10 +106,10 @@ async def test_a_job_waiting_for_its_lead_goes_back_in_the_queue_for_later(
     assert await redis.zscore(LIVE_QUEUE, job_id) >= before + LOCK_WAIT * 1000
     assert await redis.exists(job_key_prefix + job_id) == 1  # still there to run again
     assert await redis.exists(in_progress_key_prefix + job_id) == 0  # and free to be claimed then
-    assert await redis.get(retry_key_prefix + job_id) == b"0"  # waiting spends none of its tries
     assert await redis.get(f"b24:lock:acme:lead:{lead}") == b"another job"  # not ours to release
     record = await JobStore(redis, 3600).get(job_id)
     assert record is not None and record.state.value == "retrying" and "waiting" in record.outcome
+    assert record.failures == 0  # waiting spends none of its tries (counted on the record, not by arq)
 
 
 async def test_a_lead_job_lets_go_of_the_lead_when_it_ends(client: Any, make_worker: Any, portal: FakePortal,
@@ -124,7 +125,7 @@ async def test_a_lead_job_lets_go_of_the_lead_when_it_ends(client: Any, make_wor
 
 
 @pytest.mark.parametrize("why", ["its data expired", "it is past its tries"])
-async def test_a_job_that_cannot_run_is_taken_off_the_queue(why: str, client: Any, make_worker: Any,
+async def test_a_job_that_cannot_run_is_taken_off_the_queue_or_queued_again_from_its_record(why: str, client: Any, make_worker: Any,
                                                             portal: FakePortal, redis: Any) -> None:
     job_id = await queued_job(client, portal)
     if why == "its data expired":
@@ -136,6 +137,11 @@ async def test_a_job_that_cannot_run_is_taken_off_the_queue(why: str, client: An
     await run_one(worker, job_id)
 
     assert (worker.jobs_failed, worker.jobs_complete) == (1, 0)
+    if why == "its data expired":  # (a Redis that lost its data): its record still waits, so it is queued again
+        record = await JobStore(redis, 3600).get(job_id)
+        assert record is not None and record.state.value == "queued" and "arq had lost its job" in record.outcome
+        assert await redis.exists(job_key_prefix + job_id) == 1 and await redis.zscore(LIVE_QUEUE, job_id)
+        return
     assert await redis.zscore(LIVE_QUEUE, job_id) is None
     for prefix in (in_progress_key_prefix, job_key_prefix, retry_key_prefix):
         assert await redis.exists(prefix + job_id) == 0, prefix
@@ -297,7 +303,7 @@ async def test_a_stopping_worker_starts_nothing_more_even_in_the_middle_of_a_pol
     await worker.tasks[first]
 
 
-async def test_a_job_waiting_for_a_long_lead_job_waits_past_its_tries_and_keeps_one_wait_on_record(
+async def test_a_job_waiting_for_a_long_lead_job_waits_past_its_runs_and_keeps_one_wait_on_record(
         client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
     lead = portal.add_lead()
     portal.add_activity([(LEAD, lead)])
@@ -307,7 +313,7 @@ async def test_a_job_waiting_for_a_long_lead_job_waits_past_its_tries_and_keeps_
     job_id = str(answer["job_id"])
     worker = await started(make_worker())
 
-    for _ in range(MAX_TRIES + 5):  # more waits than it has tries
+    for _ in range(MAX_RUNS + 5):  # more waits than it may have runs
         await redis.zadd(LIVE_QUEUE, {job_id: 1})  # no need to wait the delay out (arq takes a score of 0 for none)
         await run_one(worker, job_id)
     await redis.delete(f"b24:lock:acme:lead:{lead}")  # the conversion ends
@@ -362,6 +368,29 @@ async def test_records_left_waiting_with_no_job_behind_them_are_queued_again(
     assert rescued is not None and rescued.state == JobState.QUEUED and "left the queue" in rescued.outcome
     await make_worker().run_check()
     assert [(await store.get(i)).state for i in (stranded, healthy)] == [JobState.SUCCEEDED] * 2  # type: ignore
+
+
+async def test_a_stranded_job_whose_old_result_arq_still_keeps_is_queued_again_for_real(
+        client: Any, make_worker: Any, portal: FakePortal, redis: Any) -> None:
+    """arq refuses (returns None for) a job id it keeps a result for: the rescue must not say "queued
+    again" while nothing is queued, minute after minute."""
+    stranded = await converted_lead_job(client, portal)
+    store = JobStore(redis, 3600)
+    record = await store.get(stranded)
+    assert record is not None
+    record.state = JobState.RUNNING
+    await store.save(record)
+    await redis.delete(job_key_prefix + stranded)
+    await redis.zrem(LIVE_QUEUE, stranded)
+    await redis.set(result_key_prefix + stranded, b"an earlier run's result", ex=3600)  # as arq keeps one
+    queue = JobQueue(redis, store)
+
+    assert await queue.requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == [stranded]
+
+    assert await redis.zscore(LIVE_QUEUE, stranded) is not None  # really queued
+    await make_worker().run_check()
+    rescued = await store.get(stranded)
+    assert rescued is not None and rescued.state == JobState.SUCCEEDED, rescued
 
 
 def test_the_runner_uses_only_arqs_public_worker_api() -> None:

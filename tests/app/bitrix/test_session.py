@@ -13,7 +13,7 @@ from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
 from app.bitrix.portal import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.bitrix.session import PortalSession
+from app.bitrix.session import NotHeld, PortalSession
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
@@ -446,3 +446,29 @@ async def test_a_merged_list_with_more_rows_than_a_page_is_asked_again_command_b
     assert [[int(row["ID"]) for row in answer[0].result] for answer in answers] == [many, [one]]
     assert portal.method_calls["crm.contact.list"] == 3  # the merged list, then each alone
     assert [n for _, n in portal.requests] == [1, 2]
+
+
+async def test_a_job_whose_lock_lapsed_sends_none_of_its_writes_and_the_others_still_go(
+        jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    kept, lost = (portal.add_activity([(LEAD, lead)]) for _ in range(2))
+    contact = portal.add_contact(name="Client")
+    holder, paused = make(), make()
+    holder.meter.guard = _answers(True)
+    paused.meter.guard = _answers(False)  # its lead's lock lapsed while its process was stopped
+
+    results = await asyncio.gather(holder.write([[add(kept, CONTACT, contact)]]),
+                                   paused.write([[add(lost, CONTACT, contact)]]), return_exceptions=True)
+
+    assert isinstance(results[1], NotHeld)
+    assert not isinstance(results[0], BaseException)
+    sent = [r for r in portal.requests if r.method == "batch"]
+    assert sent == [("batch", 1)]  # the holder's add alone
+    assert portal.bindings(lost) == [(LEAD, lead)]
+
+
+def _answers(held: bool) -> Any:
+    async def guard() -> bool:
+        return held
+    return guard
