@@ -14,13 +14,13 @@ from app.api.metrics import stage_attempt
 from app.bitrix.client import RestClient
 from app.bitrix.connect import portal_session as connect_session
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.session import NotHeld, PortalSession
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.executor import TargetsGone, execute
-from app.rebind.facts import Echo, FactReader, Gone
+from app.rebind.reading import Echo, FactReader, Gone
 from app.rebind.locks import Busy, LeadLock
 from app.rules.engine import plan as make_plan
 from app.rules.facts import Facts, read_bindings

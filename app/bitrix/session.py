@@ -57,7 +57,7 @@ from app.bitrix.errors import (
 )
 from app.bitrix.merge import BatchChunk
 from app.bitrix.oauth import OAuthSession
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.query import http_build_query
 
 log = logging.getLogger(__name__)

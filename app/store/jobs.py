@@ -20,11 +20,10 @@ from arq.constants import job_key_prefix, result_key_prefix
 from pydantic import BaseModel, Field, field_validator
 from redis.asyncio import Redis
 
-from app.rules.facts import Binding
-from app.rules.model import EntityType
+from app.crm import Binding, EntityType
 from app.settings import Settings
 from app.store.namespace import prefixed
-from app.store.replies import awaited
+from app.store.redis_typing import awaited
 
 JOB_KEY = "b24:job:"
 JOB_INDEX = "b24:jobs"  # sorted set: job id by time received

@@ -11,7 +11,7 @@ import pytest
 
 from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
-from app.bitrix.portal import PortalConfig
+from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.session import NotHeld, PortalSession
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
