@@ -96,11 +96,11 @@ class Node:
             self.process.wait(timeout=10)
 
 
-def redis_server_node(name: str, directory: Path, *more: str) -> Node:
+def redis_server_node(name: str, directory: Path, *more: str, port: int | None = None) -> Node:
     """A redis-server without persistence (a kill -9 loses what it held either way)."""
-    port = free_port()
+    port = port or free_port()
     return Node(server_binary(), name, directory, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(directory), *more, port=port)
+                "--appendonly", "no", "--repl-diskless-sync-delay", "0", "--dir", str(directory), *more, port=port)
 
 
 class ReplicatedRedis:
@@ -143,6 +143,12 @@ class ReplicatedRedis:
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()
+
+    def rejoin(self) -> None:
+        """Start the killed first primary again, empty, as the new primary's replica: what a supervisor
+        does (a Kubernetes pod's start script asks the Sentinels where the primary is)."""
+        self.primary = redis_server_node("primary", self.directory, "--replicaof", "127.0.0.1", str(self.replica.port),
+                                         port=self.primary.port).start()
 
     def logs(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log.read_text(errors='replace')[-1500:]}" for n in self.nodes)
