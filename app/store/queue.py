@@ -87,14 +87,20 @@ async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
     return redis
 
 
+_primaries_said: dict[str, Any] = {}  # service name -> the primary this process last said it follows
+
+
 class FollowedPrimary(SentinelConnectionPool):
     """redis-py's pool of connections to the primary the Sentinels name, which says in one line when
-    they name another one (a failover): from then on every new connection goes to it."""
+    they name another one (a failover): from then on every new connection goes to it. Said once a
+    process, however many pools it has."""
 
     async def get_master_address(self) -> Any:
         before = self.master_address
         address = await super().get_master_address()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        if before is not None and address != before:
+        said = _primaries_said.setdefault(self.service_name, address)
+        if before is not None and address != before and address != said:
+            _primaries_said[self.service_name] = address
             log.warning("Redis failed over: the Sentinels name %s:%s as primary %r now (it was %s:%s); "
                         "connections follow it", *address, self.service_name, *before)
         return address

@@ -17,6 +17,7 @@ import asyncio
 import json
 import signal
 import tempfile
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,7 +164,7 @@ async def _recover(servers: ReplicatedRedis, run: FailoverRun) -> None:
 
 
 async def _settle(run: FailoverRun, redis: object, directory: Path, timeout: float) -> None:
-    """Wait until the spool is empty and every accepted job has finished, or nothing has moved for 20 s
+    """Wait until the spool is empty and every accepted job has finished, or nothing has moved for 60 s
     (what a failover lost never finishes); then note each job's state."""
     store = JobStore(redis, 3600)  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout
@@ -183,7 +184,7 @@ async def _settle(run: FailoverRun, redis: object, directory: Path, timeout: flo
             last, last_change = states, time.monotonic()
         if not spooled and all(state in FINAL for state in states.values()):
             break
-        if not spooled and time.monotonic() - last_change > 20:
+        if not spooled and time.monotonic() - last_change > 60:
             break
         await asyncio.sleep(0.5)
     run.states = last
@@ -205,6 +206,10 @@ async def _main() -> None:
     finally:
         await portal.close()
     print(run.summary())
+    print("states of the jobs answered 200:", dict(Counter(run.states.values())))
+    for name, text in run.logs.items():
+        lines = [line for line in text.splitlines() if '"WARNING"' in line or '"ERROR"' in line or "Traceback" in line]
+        print(f"{name}: {len(lines)} warnings or errors", *lines[:6], sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -55,12 +55,15 @@ class Node:
         self.port = port or free_port()
         self.log = directory / f"{name}.log"
         self.directory = directory
-        self._command = [binary, *arguments]
+        # argv[0] names the mode (redis-server runs as a Sentinel when its path holds "redis-sentinel"):
+        # the binary's own name, whatever directory holds it.
+        self._binary = binary
+        self._command = ["redis-sentinel" if binary.endswith("redis-sentinel") else "redis-server", *arguments]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Node:
         with self.log.open("ab") as output:
-            self.process = subprocess.Popen(self._command, stdout=output, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self._command, executable=self._binary, stdout=output, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         return self
 
