@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import tempfile
 from collections import Counter
@@ -196,15 +197,20 @@ async def _main() -> None:
     parser.add_argument("--rate", type=float, default=50, help="events a second")
     parser.add_argument("--seconds", type=float, default=15, help="how long the stream lasts")
     parser.add_argument("--kill-at", type=float, default=5, help="seconds into the stream the primary dies")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' and processes' logs, and say where")
     options = parser.parse_args()
     portal = FakePortal(webhook_code=WEBHOOK_CODE, per_second=None)
     await portal.start()
+    directory = Path(tempfile.mkdtemp(prefix="b24failover"))
     try:
-        with tempfile.TemporaryDirectory(prefix="b24failover") as directory:
-            run = await run_failover(Path(directory), portal, min_replicas=options.min_replicas, rate=options.rate,
-                                     seconds=options.seconds, kill_at=options.kill_at)
+        run = await run_failover(directory, portal, min_replicas=options.min_replicas, rate=options.rate,
+                                 seconds=options.seconds, kill_at=options.kill_at)
     finally:
         await portal.close()
+        if options.keep:
+            print(f"logs in {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
     print(run.summary())
     print("states of the jobs answered 200:", dict(Counter(run.states.values())))
     for name, text in run.logs.items():
