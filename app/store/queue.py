@@ -159,7 +159,8 @@ class JobQueue:
         """`store.create`, answered only once `min_replicas` replicas have the job (Redis's WAIT).
 
         WAIT counts the replicas that have every write made so far on its own connection, so the job's
-        script, a mark written after it and the WAIT go down one connection, in one round trip. The mark
+        script, a mark written after it and the WAIT go down one connection, as one pipeline (redis-py
+        first checks that the script is loaded: two round trips, and the replica's in between). The mark
         makes WAIT cover a job that exists already (a duplicate delivery, a spooled event written before
         its WAIT failed): replication keeps the primary's order, so a replica with the mark has the job.
         """
