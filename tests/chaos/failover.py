@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections import Counter
 import time
@@ -29,7 +32,7 @@ from redis.exceptions import RedisError
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.jobs import JobStore
 from app.store.queue import connect
-from tests.chaos.processes import ServiceProcess, WorkerProcess, free_port, write_rules
+from tests.chaos.processes import ROOT, ServiceProcess, WorkerProcess, free_port, write_rules
 from tests.chaos.replication import ReplicatedRedis
 from tests.conftest import WEBHOOK_CODE, event_form
 
@@ -47,11 +50,13 @@ class FailoverRun:
     spooled: int = 0
     refused: list[tuple[int, str]] = field(default_factory=list)
     failover_seconds: float | None = None  # from the kill to the Sentinels' majority naming the replica
+    stream_seconds: float = 0.0  # from the first event posted to the last answer
     states: dict[str, str | None] = field(default_factory=dict)  # job id -> its record's state (None: gone)
     wrong: list[int] = field(default_factory=list)  # accepted activities not bound as the rules say
     changed_twice: list[int] = field(default_factory=list)
     logs: dict[str, str] = field(default_factory=dict)
     alive: bool = True
+    command: str = ""  # `b24rebind jobs show` of the last job, through the Sentinels after the failover
     exits: dict[str, int | None] = field(default_factory=dict)
 
     @property
@@ -60,7 +65,8 @@ class FailoverRun:
         return [job for job, state in self.states.items() if state not in FINAL]
 
     def summary(self) -> str:
-        return (f"min_replicas={self.min_replicas}: {self.sent} events at {self.rate:g}/s, {len(self.accepted)} "
+        return (f"min_replicas={self.min_replicas}: {self.sent} events at {self.rate:g}/s (all answered within "
+                f"{self.stream_seconds:.1f} s), {len(self.accepted)} "
                 f"answered 200 ({self.spooled} spooled), {len(self.refused)} refused; failover took "
                 f"{self.failover_seconds if self.failover_seconds is None else round(self.failover_seconds, 1)} s; "
                 f"lost {len(self.lost)}, activities wrong {len(self.wrong)}, changed twice {len(self.changed_twice)}")
@@ -132,9 +138,12 @@ async def run_failover(directory: Path, portal: FakePortal, *, min_replicas: int
                     recovery = asyncio.create_task(_recover(servers, run))
                 posts.append(asyncio.create_task(_post(http, url + "/bitrix/events", run, activity)))
             await asyncio.gather(*posts)
+            run.stream_seconds = time.monotonic() - started
             assert recovery is not None, "the stream ended before the primary was killed"
             await recovery
             await _settle(run, redis, directory, settle)
+            if run.accepted:
+                run.command = await _jobs_show(list(run.accepted)[-1], servers.sentinel_url, directory)
         run.alive = all(process.alive() for process in processes)
     finally:
         for process in processes:
@@ -151,6 +160,14 @@ async def run_failover(directory: Path, portal: FakePortal, *, min_replicas: int
         if len(set(history)) != len(history):
             run.changed_twice.append(activity)
     return run
+
+
+async def _jobs_show(job_id: str, redis_url: str, directory: Path) -> str:
+    """What `b24rebind jobs show --json` prints (or its error), run as an operator runs it."""
+    env = {**os.environ, "REDIS_URL": redis_url, "B24_DATA_DIR": str(directory), "LOG_LEVEL": "WARNING"}
+    shown = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "app", "jobs", "show", job_id, "--json"],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return shown.stdout if shown.returncode == 0 else f"exit {shown.returncode}: {shown.stderr}"
 
 
 async def _recover(servers: ReplicatedRedis, run: FailoverRun) -> None:

@@ -11,6 +11,7 @@ docstring); docs/operations.md has the figures.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -47,3 +48,5 @@ async def test_with_a_replica_wait_every_event_answered_200_survives_the_primary
         assert re.search(r"Redis failed over: the Sentinels name 127\.0\.0\.1:\d+ as primary", text), \
             f"{name}:\n{text[-3000:]}"
     assert set(run.exits.values()) == {0}, run.exits
+    # A command finds the new primary through the Sentinels as well.
+    assert json.loads(run.command)["state"] == "succeeded", run.command
