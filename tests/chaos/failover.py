@@ -2,8 +2,11 @@
 
 A primary, a replica and three Sentinels; `b24rebind serve` and two `b24rebind worker`s that find the
 primary through the Sentinels (REDIS_URL=redis+sentinel://…); the fake portal. Events arrive at a
-steady rate, and partway the primary is `kill -9`'d. Once the Sentinels have promoted the replica,
-the killed server is started again, empty, as the new primary's replica (as a supervisor would).
+steady rate, and partway the primary is `kill -9`'d, with the replica `lag` seconds behind: it
+replicates through a relay that holds back what the primary sends for that long before the kill (on
+loopback a replica is otherwise a fraction of a millisecond behind, and a kill finds nothing to
+lose). Once the Sentinels have promoted the replica, the killed server is started again, empty, as
+the new primary's replica (as a supervisor would).
 
 The test (tests/chaos/test_failover.py) runs it with B24_REDIS_MIN_REPLICAS=1 and asserts that
 nothing accepted is lost. Run as a script, it counts what a layout loses, e.g. without the replica wait:
@@ -45,6 +48,7 @@ class FailoverRun:
 
     min_replicas: int
     rate: float
+    lag: float  # how far behind the replica was when the primary died (its link stalled this long before)
     sent: int = 0
     accepted: dict[str, int] = field(default_factory=dict)  # job id -> its activity
     spooled: int = 0
@@ -66,7 +70,7 @@ class FailoverRun:
 
     def summary(self) -> str:
         return (f"min_replicas={self.min_replicas}: {self.sent} events at {self.rate:g}/s (all answered within "
-                f"{self.stream_seconds:.1f} s), {len(self.accepted)} "
+                f"{self.stream_seconds:.1f} s; replica {self.lag:g} s behind at the kill), {len(self.accepted)} "
                 f"answered 200 ({self.spooled} spooled), {len(self.refused)} refused; failover took "
                 f"{self.failover_seconds if self.failover_seconds is None else round(self.failover_seconds, 1)} s; "
                 f"lost {len(self.lost)}, activities wrong {len(self.wrong)}, changed twice {len(self.changed_twice)}")
@@ -98,9 +102,11 @@ async def _until(check: object, timeout: float, what: str) -> None:
 
 
 async def run_failover(directory: Path, portal: FakePortal, *, min_replicas: int, rate: float, seconds: float,
-                       kill_at: float, settle: float = 240) -> FailoverRun:
-    run = FailoverRun(min_replicas, rate)
-    servers = ReplicatedRedis(directory, sentinels=3)
+                       kill_at: float, lag: float = 1.0, settle: float = 240) -> FailoverRun:
+    run = FailoverRun(min_replicas, rate, lag)
+    servers = ReplicatedRedis(directory, sentinels=3, link=True)
+    assert servers.link is not None
+    await servers.link.start()
     await asyncio.to_thread(servers.start)
     rules = write_rules(directory / "rules.yaml", portal, per_second=200, burst=100)
     port = free_port()
@@ -133,8 +139,11 @@ async def run_failover(directory: Path, portal: FakePortal, *, min_replicas: int
             recovery: asyncio.Task[None] | None = None
             for index, activity in enumerate(activities):  # a steady pace, whatever each answer takes
                 await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
+                if time.monotonic() - started >= kill_at - lag:
+                    servers.link.stall()  # the replica falls behind: what the primary writes now, it never gets
                 if recovery is None and time.monotonic() - started >= kill_at:
                     servers.primary.signal(signal.SIGKILL)
+                    servers.link.cut()
                     recovery = asyncio.create_task(_recover(servers, run))
                 posts.append(asyncio.create_task(_post(http, url + "/bitrix/events", run, activity)))
             await asyncio.gather(*posts)
@@ -150,6 +159,7 @@ async def run_failover(directory: Path, portal: FakePortal, *, min_replicas: int
             run.exits[process.log.name] = await asyncio.to_thread(process.stop)
         run.logs = {process.log.name: process.log.read_text(errors="replace") for process in processes}
         await redis.aclose()
+        servers.link.cut()
         await asyncio.to_thread(servers.stop)
     for job, activity in run.accepted.items():
         lead = next(i for t, i in portal.binding_history[activity][0] if t == LEAD)
@@ -214,6 +224,8 @@ async def _main() -> None:
     parser.add_argument("--rate", type=float, default=50, help="events a second")
     parser.add_argument("--seconds", type=float, default=15, help="how long the stream lasts")
     parser.add_argument("--kill-at", type=float, default=5, help="seconds into the stream the primary dies")
+    parser.add_argument("--lag", type=float, default=1.0,
+                        help="seconds the replica's link is stalled before the kill (0: loopback's own lag)")
     parser.add_argument("--keep", action="store_true", help="keep the servers' and processes' logs, and say where")
     options = parser.parse_args()
     portal = FakePortal(webhook_code=WEBHOOK_CODE, per_second=None)
@@ -221,7 +233,7 @@ async def _main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="b24failover"))
     try:
         run = await run_failover(directory, portal, min_replicas=options.min_replicas, rate=options.rate,
-                                 seconds=options.seconds, kill_at=options.kill_at)
+                                 seconds=options.seconds, kill_at=options.kill_at, lag=options.lag)
     finally:
         await portal.close()
         if options.keep:

@@ -6,6 +6,7 @@ which package to install.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -108,13 +109,68 @@ def redis_server_node(name: str, directory: Path, *more: str, port: int | None =
                 "--appendonly", "no", "--repl-diskless-sync-delay", "0", "--dir", str(directory), *more, port=port)
 
 
-class ReplicatedRedis:
-    """A primary and a replica; with `sentinels`, that many Sentinels watching them (quorum: a majority)."""
+class ReplicationLink:
+    """A TCP relay the replica reaches its primary through, which can hold back what the primary sends
+    (`stall`: the replica falls behind, as over a slow or congested link) and then drop it (`cut`).
 
-    def __init__(self, directory: Path, sentinels: int = 0) -> None:
+    On loopback a replica is a fraction of a millisecond behind its primary, so a kill never finds
+    anything unreplicated; behind a stalled link it finds exactly what was written since the stall.
+    """
+
+    def __init__(self, primary_port: int) -> None:
+        self.primary_port = primary_port
+        self.port = free_port()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def cut(self) -> None:
+        """Close every connection, dropping what was held back, and take no more."""
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    async def _relay(self, from_replica: asyncio.StreamReader, to_replica: asyncio.StreamWriter) -> None:
+        try:
+            from_primary, to_primary = await asyncio.open_connection("127.0.0.1", self.primary_port)
+        except OSError:
+            to_replica.transport.abort()
+            return
+        self._writers += [to_replica, to_primary]
+        await asyncio.gather(self._pump(from_replica, to_primary, hold=False),
+                             self._pump(from_primary, to_replica, hold=True), return_exceptions=True)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if hold:
+                    await self._flowing.wait()  # stalled: nothing more reaches the replica
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.transport.abort()
+
+
+class ReplicatedRedis:
+    """A primary and a replica; with `sentinels`, that many Sentinels watching them (quorum: a majority).
+
+    With `link`, the replica replicates through a `ReplicationLink` (start it with `await link.start()`
+    before `start`)."""
+
+    def __init__(self, directory: Path, sentinels: int = 0, link: bool = False) -> None:
         self.directory = directory
         self.primary = redis_server_node("primary", directory)
-        self.replica = redis_server_node("replica", directory, "--replicaof", "127.0.0.1", str(self.primary.port))
+        self.link = ReplicationLink(self.primary.port) if link else None
+        upstream = self.link.port if self.link else self.primary.port
+        self.replica = redis_server_node("replica", directory, "--replicaof", "127.0.0.1", str(upstream))
         self.sentinels = [self._sentinel(i, sentinels // 2 + 1) for i in range(sentinels)]
 
     def _sentinel(self, index: int, quorum: int) -> Node:
@@ -123,7 +179,9 @@ class ReplicatedRedis:
         config.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
                           f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} {quorum}\n"
                           f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                          f"sentinel failover-timeout {SERVICE} 10000\n")
+                          # Sentinel "fixes" a replica whose primary address differs from the primary's
+                          # (the link's) only after this long: never, within a test.
+                          f"sentinel failover-timeout {SERVICE} 300000\n")
         return Node(sentinel_binary(), f"sentinel{index}", self.directory, str(config), port=port)
 
     @property
