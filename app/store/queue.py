@@ -203,6 +203,10 @@ class JobQueue:
             record.outcome = f"queued again: its job had left the queue while it was {record.state.value}"
             record.state = JobState.QUEUED
             await self.store.save(record)
+            # arq queues no job id that has a result: one left by an attempt whose end the record never
+            # got (after a Redis failover, arq's "job expired" for a queue entry the new primary kept
+            # without its job) would block the rescue for good. The record says the job is still to run.
+            await self._redis.delete(result_key_prefix + job_id)
             await self._enqueue(record)  # arq queues a job id once: a job queued meanwhile is left as it is
             rescued.append(job_id)
         return rescued
