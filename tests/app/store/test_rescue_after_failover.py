@@ -2,7 +2,7 @@
 
 Seen in tests/support/failover.py at 200 events/s: the new primary kept a job's queue entry but not its
 arq job, arq then said `job expired` and wrote its result, and the record still said queued. arq
-queues no job id that has a result, so the minute's rescue must clear it, or the job never runs.
+queues no job id that has a result, so whoever queues it again must clear that first, or the job never runs.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import job_key_prefix
 from arq.worker import FailedJobs
 
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
@@ -28,15 +28,12 @@ async def test_a_job_arq_called_expired_is_rescued_and_runs(
     _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
     job_id = answer["job_id"]
     await redis.delete(job_key_prefix + job_id)  # the failover's doing: the queue entry without its job
-    with pytest.raises(FailedJobs, match="job expired"):  # arq's word for it, and a result for it
+    with pytest.raises(FailedJobs):  # arq says "job expired" and keeps a result for the id
         await make_worker().run_check()
-    assert await redis.exists(result_key_prefix + job_id)
     store = JobStore(redis, 3600)
-    assert (await store.get(job_id)).state == JobState.QUEUED  # type: ignore[union-attr]
 
-    rescued = await JobQueue(redis, store).requeue_stranded(now=time.time() + STRANDED_AFTER + 1)
-    await make_worker().run_check()
-
-    assert rescued == [job_id]
+    # The worker that found the id without its job queued it again from its record at once (clearing
+    # arq's result, which blocks a job id) and ran it; the minute's rescue has nothing left to do.
     assert (await store.get(job_id)).state == JobState.SUCCEEDED  # type: ignore[union-attr]
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    assert await JobQueue(redis, store).requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == []
