@@ -19,7 +19,8 @@ def _env(name: str) -> AliasChoices:
 class Settings(BaseSettings):
     """Everything the web process and the workers need to know that is not in the rules file."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # A variable set empty is unset (its default): .env.example ships the optional ones that way.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     redis_url: str | None = Field(
         default=None,
@@ -256,7 +257,8 @@ WHAT_TO_WRITE = {
     "max_job_records": "write a whole number from 1000 up, e.g. 200000",
     "spool_dir": "write a directory's path, e.g. var/spool, or leave it empty",
     "allowed_sources": "write addresses or networks, comma-separated: 10.0.0.0/8,192.0.2.7",
-    "worker_jobs": "write a whole number from 1 to 500, e.g. 100",
+    "worker_jobs": "write a whole number from 1 to 1000, e.g. 300",
+    "portal_jobs": "write a whole number from 1 to 1000, e.g. 100 (at most B24_WORKER_JOBS)",
     "reconcile_interval": "write seconds between sweeps (0 turns them off), e.g. 900",
 }
 

@@ -105,3 +105,15 @@ def test_a_data_directory_that_cannot_be_made_is_one_line(tmp_path: Path) -> Non
 
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("b24rebind: cannot use ") and result.stderr.count("\n") == 1
+
+
+def test_the_shipped_env_example_loads_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp .env.example .env` is the first step of connecting a portal: its empty lines mean "unset"."""
+    example = Path(__file__).resolve().parents[1] / ".env.example"
+    for line in example.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            monkeypatch.delenv(line.split("=", 1)[0].strip(), raising=False)
+
+    settings = Settings(_env_file=example)  # type: ignore[call-arg]
+
+    assert settings.spool_dir is None and settings.redis_url is None and settings.alert_webhook is None
