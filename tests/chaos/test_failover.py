@@ -49,5 +49,6 @@ async def test_with_a_replica_wait_every_event_answered_200_survives_the_primary
         assert re.search(r"Redis failed over: the Sentinels name 127\.0\.0\.1:\d+ as primary", text), \
             f"{name}:\n{text[-3000:]}"
     assert set(run.exits.values()) == {0}, run.exits
-    # A command finds the new primary through the Sentinels as well.
-    assert json.loads(run.command)["state"] == "succeeded", run.command
+    # A command finds the new primary through the Sentinels as well, and reads a finished job there
+    # ("skipped" when the sweep after the failover had put its activity right first).
+    assert json.loads(run.command)["state"] in ("succeeded", "skipped"), run.command
