@@ -62,6 +62,9 @@ class Forgetting:
 
     why: str
     marker: str
+    # A replica promoted with the data there (a failover), not a Redis that lost it: said as a WARNING,
+    # since only the writes the old primary had not yet copied can be missing.
+    failover: bool = False
 
 
 class RedisMemory:
@@ -85,7 +88,8 @@ class RedisMemory:
             pipe.get(key)
             pipe.info("server")
             pipe.info("persistence")
-            raw, server, persistence = await pipe.execute()
+            pipe.info("replication")
+            raw, server, persistence, replication = await pipe.execute()
         run_id = str(server.get("run_id", "")) or None
         restarted = self.run_id is not None and run_id != self.run_id
         gone = raw is None
@@ -99,13 +103,19 @@ class RedisMemory:
         # (written long before) is back, the jobs written since that snapshot are not.
         aof_off = not int(persistence.get("aof_enabled", 0) or 0)
         forgot = (self.marker is not None and marker != self.marker) or (restarted and aof_off)
+        # A promoted replica keeps its old primary's replication id as the second one; a restart has none.
+        promoted = restarted and marker == self.marker and str(replication.get("master_replid2", "0")).strip("0") != ""
         why = self._why(restarted, aof_off, gone, marker == self.marker)
+        if promoted:
+            forgot, why = True, ("it failed over to a replica (a new run id; the replica holds this installation's "
+                                 "data): what the old primary had not yet copied to it is gone (nothing acknowledged, "
+                                 "with B24_REDIS_MIN_REPLICAS)")
         before, self._from_file = self._from_file, False
         if (marker, run_id) != (self.marker, self.run_id):
             self.marker, self.run_id = marker, run_id
             self._save()
         if forgot:
-            return Forgetting(f"{why} since this process last ran" if before else why, f"{marker}:{run_id}")
+            return Forgetting(f"{why} since this process last ran" if before else why, f"{marker}:{run_id}", promoted)
         if restarted:
             self._log.info("%s: Redis restarted (its run id changed) and kept this installation's data", self.who)
         return None
@@ -133,7 +143,8 @@ class RedisMemory:
                 forgetting = await self.check(redis)
                 if forgetting is not None:
                     unqueued = forgetting
-                    self._log.error(
+                    self._log.log(
+                        logging.WARNING if forgetting.failover else logging.ERROR,
                         "%s: Redis forgot this installation's data, or part of it: %s. What may be lost: %s. Repair: a "
                         "reconcile sweep of the leads changed since the last sweep is queued (marker %s); events "
                         "from now on are safe. See docs/operations.md, \"What happens when Redis forgets\"",

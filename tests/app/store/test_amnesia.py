@@ -131,3 +131,28 @@ async def test_a_restart_without_the_append_only_file_counts_as_forgetting_even_
     assert forgetting is not None and "its append-only file is off (appendonly no): what was written after its " \
                                       "last snapshot is gone" in forgetting.why
     assert await memory.check(pool) is None  # said once
+
+
+async def test_a_failover_to_a_replica_is_a_warning_with_a_sweep_not_redis_forgetting(tmp_path: Path) -> None:
+    """A promoted replica has a new run id and, without its own append-only file, looks like a Redis
+    restarted from a snapshot; it holds the data, so only what the old primary had not copied is missing."""
+    from tests.support.replication import ReplicatedRedis
+
+    servers = ReplicatedRedis(tmp_path).start()
+    try:
+        memory = RedisMemory("web", tmp_path / "data")
+        primary = await connect(f"redis://127.0.0.1:{servers.primary.port}/0")
+        replica = await connect(f"redis://127.0.0.1:{servers.replica.port}/0")
+        assert await memory.check(primary) is None
+        servers.wait_for(lambda: servers.replica.client().exists(MARKER_KEY), "the marker on the replica")
+
+        servers.primary.stop()
+        await replica.execute_command("REPLICAOF", "NO", "ONE")  # what Sentinel does to promote it
+        forgetting = await memory.check(replica)
+
+        assert forgetting is not None and forgetting.failover
+        assert forgetting.why.startswith("it failed over to a replica")
+        await primary.aclose()
+        await replica.aclose()
+    finally:
+        servers.stop()
