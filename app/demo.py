@@ -209,8 +209,8 @@ async def conversion(stage: Stage, activities: int = 3, late: int = 0, name: str
               f"{made['company']}.\n   The portal copies its {activities} activities there and keeps the lead "
               "binding:")
     stage.show(made_activities)
-    await stage.send_events(since)
-    stage.say("   b24rebind removes the lead binding (the only writes it needs):")
+    records = await stage.send_events(since)
+    stage.say(what_b24rebind_did(records, "removes the lead binding (the only writes it needs)"))
     stage.show(made_activities)
     if late:
         since = len(fake.events)
@@ -220,10 +220,20 @@ async def conversion(stage: Stage, activities: int = 3, late: int = 0, name: str
         stage.say(f"\n2. {late} e-mail{'s arrive' if late > 1 else ' arrives'} after the conversion, bound to the "
                   "converted lead only:")
         stage.show(late_ones)
-        await stage.send_events(since)
-        stage.say("   b24rebind brings them to the client:")
+        records = await stage.send_events(since)
+        stage.say(what_b24rebind_did(records, "brings them to the client"))
         stage.show(late_ones)
     return lead
+
+
+def what_b24rebind_did(records: list[JobRecord | None], does: str) -> str:
+    """The story's line for what the jobs did; in a dry run (`mode: dry_run` in the playground's rules)
+    they wrote nothing, and the bindings shown after it are the portal's own."""
+    if any(record is not None and (record.dry_run or any(item.get("dry_run") for item in record.plan))
+           for record in records):
+        verb, rest = does.split(" ", 1)
+        return f"   b24rebind would {verb[:-1]} {rest} (a dry run: nothing written; `b24rebind jobs show` says what):"
+    return f"   b24rebind {does}:"
 
 
 async def repeat_lead(stage: Stage, first_lead: int) -> None:
@@ -240,8 +250,8 @@ async def repeat_lead(stage: Stage, first_lead: int) -> None:
               f"\n   and the portal attaches the activity to the deal alone; contact {contact} and company "
               f"{company} get nothing:")
     stage.show({activity: "New order"})
-    await stage.send_events(since)
-    stage.say("   b24rebind gives it to the client the portal already knew:")
+    records = await stage.send_events(since)
+    stage.say(what_b24rebind_did(records, "gives it to the client the portal already knew"))
     stage.show({activity: "New order"})
 
 

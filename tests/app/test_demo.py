@@ -126,3 +126,17 @@ def test_the_demo_beside_a_running_service_takes_a_port_of_its_own(tmp_path: Pat
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_story_says_would_when_the_playgrounds_rules_are_a_dry_run() -> None:
+    """`mode: dry_run` in var/demo/rules.yaml: the jobs write nothing, and the story must not say they did."""
+    from app.demo import what_b24rebind_did
+    from app.store.jobs import JobRecord
+
+    record = JobRecord.for_event("demo", "ONCRMLEADUPDATE", 1, "1766047124", "975")
+    done = record.model_copy(update={"plan": [{"activity": 1, "dry_run": False}]})
+    dry = record.model_copy(update={"plan": [{"activity": 1, "dry_run": True}]})
+
+    assert what_b24rebind_did([done], "removes the lead binding") == "   b24rebind removes the lead binding:"
+    assert what_b24rebind_did([dry, None], "brings them to the client").startswith(
+        "   b24rebind would bring them to the client (a dry run: nothing written")
