@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 from arq import Retry
 from redis.exceptions import RedisError
 
-from app.api.metrics import stage_attempt
 from app.bitrix.client import RestClient
 from app.bitrix.connect import portal_session as connect_session
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
@@ -30,6 +29,7 @@ from app.store.audit import AuditLog
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.outage import describe
 from app.words import plural
+from workers.attempt_counts import stage_attempt
 from workers.context import WorkerContext, context_of
 
 log = logging.getLogger(__name__)
