@@ -26,7 +26,7 @@ from workers.context import context_of
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker
 from workers.tasks import MAX_RUNS
 from workers.runner import LeasedWorker
-from workers.tasks import LOCK_WAIT
+from workers.outcomes import LOCK_WAIT
 
 
 async def started(worker: Worker) -> Worker:
