@@ -1,7 +1,7 @@
 """RestClient: one job's (or one command's) way to a portal, through the portal's PortalSession.
 
-The session (app/bitrix/session.py) builds the URLs, reads the answers and packs every job's commands
-into shared batches; a RestClient hands it this job's commands and counts what they cost this job.
+The session (app/bitrix/session.py) packs every job's commands into shared batches and sends each
+through the portal's transport (app/bitrix/transport.py: URL, OAuth, decoding, errors, retries); a RestClient hands it this job's commands and counts what they cost this job.
 """
 from __future__ import annotations
 
@@ -12,19 +12,11 @@ from typing import Any
 import aiohttp
 
 from app.bitrix.budget import MethodBudget
-from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult
+from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult, Meter
 from app.bitrix.oauth import OAuthSession
 from app.portal_config import PortalConfig
-from app.bitrix.session import (
-    REQUEST_TIMEOUT,
-    Limiter,
-    Meter,
-    PortalSession,
-    RetryPolicy,
-    answer_of,
-    int_or_none,
-    unpack_batch,
-)
+from app.bitrix.session import PortalSession, unpack_batch
+from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, RetryPolicy, answer_of, int_or_none
 
 __all__ = ["BATCH_LIMIT", "PAGE_SIZE", "Answer", "Command", "CommandResult", "RestClient", "RetryPolicy",
            "answer_of", "fast_page", "int_or_none", "unpack_batch"]

@@ -14,7 +14,8 @@ from app.bitrix.client import RestClient
 from app.bitrix.oauth import OAuthSession
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter, RateLimiter
-from app.bitrix.session import LINGER, REQUEST_TIMEOUT, Limiter, PortalSession, RetryPolicy
+from app.bitrix.session import LINGER, PortalSession
+from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, RetryPolicy
 
 
 def portal_session(http: aiohttp.ClientSession, portal: PortalConfig, redis: Redis | None, *,

@@ -22,49 +22,35 @@ awaits their results, and the session fills each `batch` from every job waiting:
 - each request is counted on every job whose commands it carried (`Meter`), and each command on its
   own job.
 
-The session also owns what every call of the portal shares: the HTTP session, the rate limiter (in
-Redis, so every process of an installation keeps one budget), the methods' time budgets and the
-application's OAuth tokens.
+Each call leaves through the portal's `PortalTransport` (app/bitrix/transport.py): the HTTP session,
+the rate limiter (in Redis, so every process of an installation keeps one budget), the OAuth tokens,
+decoding, the error table and retries. The session keeps the methods' time budgets' bookkeeping for
+batches (what each command of a batch spent) and checks them before it packs a call.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import aiohttp
-import orjson
 
 from app.bitrix.budget import MethodBudget
-from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult
-from app.bitrix.errors import (
-    B24Error,
-    ConfigError,
-    MethodBlocked,
-    Policy,
-    RateLimited,
-    TokenExpired,
-    TransientError,
-    error_for,
-    policy_for,
-)
+from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult, Meter
+from app.bitrix.errors import B24Error, MethodBlocked, Policy, TransientError, error_for, policy_for
 from app.bitrix.merge import BatchChunk
 from app.bitrix.oauth import OAuthSession
-from app.portal_config import PortalConfig
 from app.bitrix.query import http_build_query
+from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, PortalTransport, RetryPolicy, int_or_none
+from app.portal_config import PortalConfig
 
 log = logging.getLogger(__name__)
 
-MAX_MOVES = 2  # a portal that moved redirects once; more is a loop
-JSON_BODY = {"Content-Type": "application/json"}
-REQUEST_TIMEOUT = 60.0  # the portal lets a request run up to 60 s (docs: limits.md); giving up sooner abandons work it still does
 LINGER = 0.05  # seconds a batch that is not full waits for the session's other jobs to join it
 # A batch that is not full waits longer the busier the portal's bucket (up to this at a full one): on an
 # idle portal a lone job's call leaves at once, under a backlog calls leave full instead of spending
@@ -74,41 +60,9 @@ IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does
 GUARD_TIMEOUT = 2.0  # seconds for the jobs' lock checks before a write call; past it the writes are not sent
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff with full jitter."""
-
-    attempts: int = 5
-    base: float = 0.5
-    cap: float = 8.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * 2**attempt))
-
-
-@dataclass(eq=False)
-class Meter:
-    """What one job spent: the requests that carried its commands, and its commands."""
-
-    requests: int = 0
-    commands: int = 0
-    # For metrics: (method, outcome, via); via "batch" is a command inside a batch, "request" an HTTP request.
-    calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    waiting: int = 0  # parts of this job queued or on their way
-    # Asked before each call carrying this job's writes: whether the job still holds what makes the writes
-    # its own to send (its lead's lock). No: they are not sent, and the job learns it (`NotHeld`).
-    guard: Callable[[], Awaitable[bool]] | None = None
-
-
 class NotHeld(Exception):
     """A job's writes were not sent: it no longer holds its lock (its process was paused past the lease,
     or Redis lost the lock); another job may be on the lead now. The job runs again later."""
-
-
-class Limiter(Protocol):
-    async def acquire(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> None: ...
-    async def try_take(self, portal: str, per_second: float, burst: int, reserve: int = 0) -> float: ...
-    async def slow_down(self, portal: str, burst: int) -> None: ...
 
 
 def not_run(command: Command, why: str = "the batch did not run this command") -> CommandResult:
@@ -186,16 +140,10 @@ class PortalSession:
                  retry: RetryPolicy = RetryPolicy(), timeout: float = REQUEST_TIMEOUT,
                  budget: MethodBudget | None = None, oauth: OAuthSession | None = None,
                  linger: float = LINGER) -> None:
-        self._http = http
         self.portal = portal
+        self.transport = PortalTransport(http, portal, limiter, retry=retry, timeout=timeout, budget=budget,
+                                         oauth=oauth)
         self._limiter = limiter
-        self._retry = retry
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        # An application calls the portal's own address, never an endpoint named in an event's payload.
-        self._base = portal.rest_url.get_secret_value() if portal.rest_url else f"https://{portal.domain}/rest/"
-        self._oauth = oauth
-        self._token = ""
-        self._budget = budget
         self._linger = linger
         self._parts: list[Part] = []
         self._active: dict[int, Meter] = {}
@@ -203,8 +151,6 @@ class PortalSession:
         self._sender: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
-        self.requests = 0
-        self.calls: Counter[tuple[str, str, str]] = Counter()  # request outcomes, for metrics (`take_calls`)
 
     # -------------------------------------------------------- what jobs call
 
@@ -238,15 +184,27 @@ class PortalSession:
     async def call(self, meter: Meter, method: str, params: dict[str, Any] | None = None, *,
                    write: bool = False, low: bool = False) -> Answer:
         """One method on its own request (for callers that need its `next` or `time`)."""
-        if self._budget:
-            await self._budget.check([method])
+        if self.budget:
+            await self.budget.check([method])
         meter.commands += 1
-        return await self._request(method, params or {}, write=write, meters=[meter], reserve=self._reserve(low))
+        return await self.transport.request(method, params or {}, write=write, meters=[meter], reserve=self._reserve(low))
 
     def take_calls(self) -> Counter[tuple[str, str, str]]:
         """Request outcomes since the last take: each request counted once, whichever jobs it carried."""
-        calls, self.calls = self.calls, Counter()
-        return calls
+        return self.transport.take_calls()
+
+    @property
+    def requests(self) -> int:
+        return self.transport.requests
+
+    @property
+    def budget(self) -> MethodBudget | None:
+        """The methods' time budgets: checked before a call is packed, noted from every answer."""
+        return self.transport.budget
+
+    @budget.setter
+    def budget(self, budget: MethodBudget | None) -> None:
+        self.transport.budget = budget
 
     async def close(self) -> None:
         """The worker is stopping: cancel the calls on their way; jobs still waiting are cancelled."""
@@ -349,13 +307,13 @@ class PortalSession:
     async def _defer_blocked(self) -> bool:
         """Jobs needing a method that is out of its time budget (or all of them, when `batch` itself is)
         are told to come back when it resets; the others' commands still go. True if any was told."""
-        if not self._budget:
+        if not self.budget:
             return False
-        await self._budget.refresh()
+        await self.budget.refresh()
         told = False
         for part in self._parts:
             if part.ready and part.out == 0:
-                blocked = self._budget.blocked(["batch", *(part.command(at).method for at in part.remaining())])
+                blocked = self.budget.blocked(["batch", *(part.command(at).method for at in part.remaining())])
                 if blocked is not None:
                     part.finish(blocked)
                     told = True
@@ -475,13 +433,13 @@ class PortalSession:
         chunk = call.chunk.commands()
         cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
         meters = list(dict.fromkeys(part.meter for part in parts))
-        answer = await self._request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
+        answer = await self.transport.request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
                                      meters=meters, acquired=True)
         sent = unpack_batch(chunk, answer.result)
         await self._note_batch_times(chunk, answer)
         for result in sent:
-            if isinstance(result.error, MethodBlocked) and self._budget:
-                await self._budget.block(result.error.method)
+            if isinstance(result.error, MethodBlocked) and self.budget:
+                await self.budget.block(result.error.method)
         answers = call.chunk.answers(sent)
         alone = [i for i, a in enumerate(answers) if a is None]
         if alone:  # a merged list did not settle them: a record missing from it, or a page that filled
@@ -504,7 +462,7 @@ class PortalSession:
             meters = list(dict.fromkeys(part.meter for part, _ in some))
             cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(commands)}
             try:
-                answer = await self._request("batch", {"halt": 0, "cmd": cmd}, write=False, meters=meters,
+                answer = await self.transport.request("batch", {"halt": 0, "cmd": cmd}, write=False, meters=meters,
                                              reserve=self._reserve(low))
             except B24Error as exc:
                 results += [CommandResult(command, error=exc) for command in commands]
@@ -517,9 +475,9 @@ class PortalSession:
         """Each command spends its own method's budget, as its `result_time` says; on portals that charge
         a batch's time to `batch` itself, every command carries the batch's one figure, which is noted
         once, for `batch`, rather than as each method's own."""
-        if not self._budget:
+        if not self.budget:
             return
-        await self._budget.note("batch", answer.time)
+        await self.budget.note("batch", answer.time)
         times = answer.result.get("result_time") if isinstance(answer.result, dict) else None
         if not isinstance(times, dict):
             return
@@ -528,113 +486,12 @@ class PortalSession:
             timing = times.get(f"c{i}")
             if isinstance(timing, dict) and batch_wide and timing.get("operating") == batch_wide:
                 continue
-            await self._budget.note(command.method, timing)
-
-    async def _request(self, method: str, payload: dict[str, Any], *, write: bool, meters: list[Meter],
-                       acquired: bool = False, reserve: int = 0) -> Answer:
-        """One HTTP request, retried as its kind allows: a read after a transient failure, a write only
-        when the portal refused it for the rate limit (then nothing ran)."""
-        refreshed = False
-        for attempt in range(self._retry.attempts):
-            try:
-                if not acquired:
-                    await self._limiter.acquire(self.portal.name, self.portal.rate_limit.per_second,
-                                                self.portal.rate_limit.burst, reserve)
-                acquired = False
-                answer = await self._send(method, await self._authorised(payload), meters)
-                self.calls[(method, "ok", "request")] += 1
-                if self._budget and method != "batch":
-                    await self._budget.note(method, answer.time)
-                return answer
-            except MethodBlocked as blocked:
-                # A 429 on `batch` itself (portals that charge a batch's time to `batch`) blocks every
-                # call until the reset, as for any other method: the jobs are deferred, not failed.
-                until = await self._budget.block(blocked.method, blocked.retry_at) if self._budget else None
-                raise MethodBlocked(blocked.method, blocked.code, blocked.description, retry_at=until,
-                                    status=blocked.status) from None
-            except TokenExpired:
-                if self._oauth is None or refreshed:
-                    raise
-                await self._oauth.refresh(self._token)  # the token the portal refused
-                refreshed = True
-                continue
-            except RateLimited:
-                await self._limiter.slow_down(self.portal.name, self.portal.rate_limit.burst)
-                if attempt + 1 == self._retry.attempts:
-                    raise
-            except TransientError:
-                if write or attempt + 1 == self._retry.attempts:
-                    raise
-            await asyncio.sleep(self._retry.delay(attempt))
-        raise AssertionError("unreachable")
-
-    async def _authorised(self, payload: dict[str, Any]) -> dict[str, Any]:
-        if self._oauth is None:
-            return payload
-        self._token = (await self._oauth.tokens()).access_token
-        return {**payload, "auth": self._token}
-
-    async def _send(self, method: str, payload: dict[str, Any], meters: list[Meter], moves: int = 0) -> Answer:
-        self.requests += 1
-        for meter in meters:
-            meter.requests += 1
-        try:
-            async with self._http.post(self._base + method, data=_json(payload), headers=JSON_BODY,
-                                       allow_redirects=False, timeout=self._timeout) as response:
-                if response.status in (301, 302, 307, 308):
-                    if moves >= MAX_MOVES:
-                        raise ConfigError(method, "PORTAL_MOVED", "the portal keeps redirecting",
-                                          hint="Check the portal's address and update rest_url.")
-                    self._follow_move(method, response.headers.get("Location", ""))
-                    return await self._send(method, payload, meters, moves + 1)
-                body = await response.read()
-                try:
-                    return answer_of(method, response.status, body)
-                except B24Error as exc:
-                    self.calls[(method, str(exc.code) or "error", "request")] += 1
-                    raise
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self.calls[(method, "NETWORK_ERROR", "request")] += 1
-            # str(exc) may hold the URL, and with it the webhook code: keep only the kind of failure.
-            raise TransientError(method, "NETWORK_ERROR", type(exc).__name__,
-                                 hint="The portal could not be reached; the job retries by itself.") from None
-
-    def _follow_move(self, method: str, location: str) -> None:
-        """The portal's address changed: re-send to the new host, never follow a POST blindly."""
-        new = urlsplit(location)
-        old = urlsplit(self._base)
-        if new.scheme not in ("https", old.scheme) or not new.netloc or new.netloc == old.netloc:
-            raise ConfigError(method, "PORTAL_MOVED", "the portal answered with an unusable redirect",
-                              hint="Check the portal's address and update rest_url.")
-        log.warning("portal %s moved to %s; update its rest_url", self.portal.name, new.netloc)
-        self._base = urlunsplit((new.scheme, new.netloc, old.path, "", ""))
+            await self.budget.note(command.method, timing)
 
 
 def stops_group(result: CommandResult) -> bool:
     """A command that stops its group: an error other than 'already so' (already bound, not bound any more)."""
     return result.error is not None and policy_for(result.error.code).policy != Policy.DONE
-
-
-def _json(payload: dict[str, Any]) -> bytes:
-    # orjson: the portal's answers are decoded with it too (a quarter of the stdlib's CPU a batch).
-    return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
-
-
-def answer_of(method: str, status: int, body: bytes) -> Answer:
-    try:
-        data = orjson.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        # A proxy or an overloaded portal answers with an HTML page.
-        raise TransientError(method, "UNEXPECTED_ANSWER", f"HTTP {status} with a body that is not JSON",
-                             status=status, hint="The portal or a proxy in front of it failed; retrying later.")
-    if "error" in data:
-        raise error_for(method, data["error"], data.get("error_description"), status)
-    if status >= 400:
-        raise error_for(method, "", f"HTTP {status}", status)
-    return Answer(data.get("result"), int_or_none(data.get("total")), int_or_none(data.get("next")),
-                  data.get("time") or {})
 
 
 def unpack_batch(chunk: Sequence[Command], result: Any) -> list[CommandResult]:
@@ -658,10 +515,3 @@ def unpack_batch(chunk: Sequence[Command], result: Any) -> list[CommandResult]:
         else:
             out.append(not_run(command))
     return out
-
-
-def int_or_none(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None

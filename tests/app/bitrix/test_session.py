@@ -222,7 +222,7 @@ async def test_a_method_out_of_its_budget_defers_only_the_jobs_that_need_it(jobs
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 480)
+    session.budget = budget = MethodBudget(redis, "acme", 480)
     await budget.block("crm.activity.get")
     activity = portal.add_activity([(LEAD, portal.add_lead())])
 
@@ -313,7 +313,7 @@ async def test_a_429_on_batch_itself_defers_every_job_until_the_reset(jobs: Any,
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
+    session.budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
     portal.set_operating_limit(3.0, cost_per_call=1.0, charge_batch=True)
     activity = portal.add_activity([(LEAD, portal.add_lead())])
     await make().batch(bindings_of(activity))
@@ -338,7 +338,7 @@ async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(j
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 2.0)
+    session.budget = budget = MethodBudget(redis, "acme", 2.0)
     portal.set_operating_limit(10.0, cost_per_call=1.0)
     activity = portal.add_activity([(LEAD, portal.add_lead())])
     await make().batch(bindings_of(activity))
