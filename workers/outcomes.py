@@ -19,7 +19,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
-from app.bitrix.session import NotHeld
+from app.bitrix.guard import NotHeld
 from app.rebind.locks import Busy
 from app.rebind.reading import Echo, Gone
 from app.store.jobs import JobState

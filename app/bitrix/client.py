@@ -15,7 +15,8 @@ from app.bitrix.budget import MethodBudget
 from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, CommandResult, Meter
 from app.bitrix.oauth import OAuthSession
 from app.portal_config import PortalConfig
-from app.bitrix.session import PortalSession, unpack_batch
+from app.bitrix.packing import unpack_batch
+from app.bitrix.session import PortalSession
 from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, RetryPolicy, answer_of, int_or_none
 
 __all__ = ["BATCH_LIMIT", "PAGE_SIZE", "Answer", "Command", "CommandResult", "RestClient", "RetryPolicy",

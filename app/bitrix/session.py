@@ -35,18 +35,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from app.bitrix.budget import MethodBudget
 from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult, Meter
-from app.bitrix.errors import B24Error, MethodBlocked, Policy, TransientError, error_for, policy_for
-from app.bitrix.merge import BatchChunk
+from app.bitrix.errors import B24Error, MethodBlocked
 from app.bitrix.oauth import OAuthSession
+from app.bitrix.guard import still_held
+from app.bitrix.packing import BatchCall, Part, unpack_batch
 from app.bitrix.query import http_build_query
-from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, PortalTransport, RetryPolicy, int_or_none
+from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, PortalTransport, RetryPolicy
 from app.portal_config import PortalConfig
 
 log = logging.getLogger(__name__)
@@ -57,80 +57,6 @@ LINGER = 0.05  # seconds a batch that is not full waits for the session's other 
 # the burst on a few commands each.
 BUSY_HOLD = 2.0
 IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
-GUARD_TIMEOUT = 2.0  # seconds for the jobs' lock checks before a write call; past it the writes are not sent
-
-
-class NotHeld(Exception):
-    """A job's writes were not sent: it no longer holds its lock (its process was paused past the lease,
-    or Redis lost the lock); another job may be on the lead now. The job runs again later."""
-
-
-def not_run(command: Command, why: str = "the batch did not run this command") -> CommandResult:
-    return CommandResult(command, error=TransientError(command.method, "NOT_RUN", why))
-
-
-class Part:
-    """One job's commands waiting for the session: one stage for reads, a group of stages for writes."""
-
-    def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool,
-                 stops: Callable[[CommandResult], bool] | None = None) -> None:
-        self.meter, self.write, self.low = meter, write, low
-        self.stops = stops or stops_group
-        self.stages = [stage for stage in stages if stage]
-        self.results: list[list[CommandResult | None]] = [[None] * len(s) for s in self.stages]
-        self.until = len(self.stages)  # stages to send: a failure stops the ones after its own
-        self.stage = 0  # the stage being sent
-        self.sent = 0  # commands of that stage handed to a call so far
-        self.out = 0  # calls on their way with commands of this part
-        self.done: asyncio.Future[list[list[CommandResult]]] = asyncio.get_running_loop().create_future()
-        self.queued_at = time.monotonic()
-
-    @property
-    def ready(self) -> int:
-        """Commands that may leave now: the rest of the current stage (a next stage waits for this one)."""
-        if self.done.done() or self.stage >= self.until:
-            return 0
-        if self.sent < len(self.stages[self.stage]):
-            return len(self.stages[self.stage]) - self.sent
-        return 0
-
-    def remaining(self) -> list[tuple[int, int]]:
-        """(stage, index) of every command not yet sent, in order."""
-        if self.stage >= self.until:
-            return []
-        rest = [(self.stage, i) for i in range(self.sent, len(self.stages[self.stage]))]
-        return rest + [(s, i) for s in range(self.stage + 1, self.until) for i in range(len(self.stages[s]))]
-
-    def command(self, at: tuple[int, int]) -> Command:
-        return self.stages[at[0]][at[1]]
-
-    def finish(self, error: BaseException | None = None) -> None:
-        if self.done.done():
-            return
-        if error is not None:
-            self.done.set_exception(error)
-            return
-        self.done.set_result([[r or not_run(self.stages[s][i], "an earlier step of this job failed; not sent")
-                               for i, r in enumerate(results)] for s, results in enumerate(self.results)])
-
-
-@dataclass
-class _Call:
-    """One `batch` request: which commands of which parts it carries, in order."""
-
-    write: bool
-    halt: bool
-    slots: list[tuple[Part, tuple[int, int]]] = field(default_factory=list)
-    # What it sends: a read several jobs ask once, point reads of one kind as one list (not when it halts).
-    chunk: BatchChunk = field(default_factory=BatchChunk)
-
-    def take(self, part: Part, at: tuple[int, int]) -> None:
-        self.chunk.add(part.command(at))
-        self.slots.append((part, at))
-
-    @property
-    def low(self) -> bool:
-        return all(part.low for part, _ in self.slots)
 
 
 class PortalSession:
@@ -187,7 +113,8 @@ class PortalSession:
         if self.budget:
             await self.budget.check([method])
         meter.commands += 1
-        return await self.transport.request(method, params or {}, write=write, meters=[meter], reserve=self._reserve(low))
+        return await self.transport.request(method, params or {}, write=write, meters=[meter],
+                                            reserve=self._reserve(low))
 
     def take_calls(self) -> Counter[tuple[str, str, str]]:
         """Request outcomes since the last take: each request counted once, whichever jobs it carried."""
@@ -267,7 +194,7 @@ class PortalSession:
                 await asyncio.sleep(wait)
                 continue
             await self._in_flight.acquire()
-            held = await self._still_held() if write else None
+            held = await still_held(self._parts, self.portal.name) if write else None
             call = self._pack(write, held)
             if not call.slots:
                 self._in_flight.release()
@@ -323,39 +250,15 @@ class PortalSession:
         """Slots of the burst a call leaves free: a backfill or reconcile call leaves half to live events."""
         return self.portal.rate_limit.burst // 2 if low else 0
 
-    async def _still_held(self) -> set[int]:
-        """Just before a write call is packed: the jobs (their meters' ids) whose writes may go, each
-        having shown it still holds its lock. The others' parts end with `NotHeld`, unsent."""
-        meters = list(dict.fromkeys(p.meter for p in self._parts if p.write and p.ready and p.meter.guard))
-        held = {id(p.meter) for p in self._parts if p.meter.guard is None}
-        if not meters:
-            return held
-        try:
-            async with asyncio.timeout(GUARD_TIMEOUT):
-                answers = await asyncio.gather(*(m.guard() for m in meters if m.guard), return_exceptions=True)
-        except TimeoutError:
-            answers = [False] * len(meters)
-        for meter, answer in zip(meters, answers):
-            if answer is True:
-                held.add(id(meter))
-                continue
-            why = "its lock could not be checked" if isinstance(answer, BaseException) else "its lock had lapsed"
-            log.warning("portal %s: a job's writes were not sent: %s", self.portal.name, why)
-            for part in self._parts:
-                if part.meter is meter and part.write:
-                    part.finish(NotHeld(f"writes not sent: {why} (the process was paused past its lease, or "
-                                        "Redis lost it); another job may be on the lead"))
-        return held
-
-    def _pack(self, write: bool, held: set[int] | None = None) -> _Call:
-        """`held`: the jobs whose writes may go (`_still_held`); None: every job's."""
+    def _pack(self, write: bool, held: set[int] | None = None) -> BatchCall:
+        """`held`: the jobs whose writes may go (`still_held`); None: every job's."""
         parts = sorted((p for p in self._parts if p.write == write and p.ready
                         and (held is None or id(p.meter) in held)), key=lambda p: p.low)
         if write:
             whole = [p for p in parts if p.out == 0]
             if whole and len(whole) == len(parts) and sum(len(p.remaining()) for p in whole) <= BATCH_LIMIT:
                 # Everything waiting fits one call: the groups go whole, in a call that halts at an error.
-                call = _Call(write=True, halt=any(p.until - p.stage > 1 for p in whole))
+                call = BatchCall(write=True, halt=any(p.until - p.stage > 1 for p in whole))
                 call.chunk.merge = not call.halt
                 for part in whole:
                     for at in part.remaining():
@@ -363,7 +266,7 @@ class PortalSession:
                     part.stage, part.sent = part.until, 0
                     part.out += 1
                 return call
-        call = _Call(write=write, halt=False)
+        call = BatchCall(write=write, halt=False)
         for part in parts:
             took = False
             stage = part.stages[part.stage]
@@ -379,7 +282,7 @@ class PortalSession:
 
     # -------------------------------------------------------- delivering
 
-    async def _deliver(self, call: _Call) -> None:
+    async def _deliver(self, call: BatchCall) -> None:
         parts = list(dict.fromkeys(part for part, _ in call.slots))
         try:
             results = await self._send_batch(call, parts)
@@ -429,17 +332,18 @@ class PortalSession:
         if part.stage >= part.until:
             part.finish()
 
-    async def _send_batch(self, call: _Call, parts: list[Part]) -> list[CommandResult]:
+    async def _send_batch(self, call: BatchCall, parts: list[Part]) -> list[CommandResult]:
         chunk = call.chunk.commands()
         cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
         meters = list(dict.fromkeys(part.meter for part in parts))
         answer = await self.transport.request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
-                                     meters=meters, acquired=True)
+                                              meters=meters, acquired=True)
         sent = unpack_batch(chunk, answer.result)
-        await self._note_batch_times(chunk, answer)
-        for result in sent:
-            if isinstance(result.error, MethodBlocked) and self.budget:
-                await self.budget.block(result.error.method)
+        if self.budget:
+            await self.budget.note_batch(chunk, answer)
+            for result in sent:
+                if isinstance(result.error, MethodBlocked):
+                    await self.budget.block(result.error.method)
         answers = call.chunk.answers(sent)
         alone = [i for i, a in enumerate(answers) if a is None]
         if alone:  # a merged list did not settle them: a record missing from it, or a page that filled
@@ -462,56 +366,12 @@ class PortalSession:
             meters = list(dict.fromkeys(part.meter for part, _ in some))
             cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(commands)}
             try:
-                answer = await self.transport.request("batch", {"halt": 0, "cmd": cmd}, write=False, meters=meters,
-                                             reserve=self._reserve(low))
+                answer = await self.transport.request("batch", {"halt": 0, "cmd": cmd}, write=False,
+                                                      meters=meters, reserve=self._reserve(low))
             except B24Error as exc:
                 results += [CommandResult(command, error=exc) for command in commands]
                 continue
-            await self._note_batch_times(commands, answer)
+            if self.budget:
+                await self.budget.note_batch(commands, answer)
             results += unpack_batch(commands, answer.result)
         return results
-
-    async def _note_batch_times(self, chunk: Sequence[Command], answer: Answer) -> None:
-        """Each command spends its own method's budget, as its `result_time` says; on portals that charge
-        a batch's time to `batch` itself, every command carries the batch's one figure, which is noted
-        once, for `batch`, rather than as each method's own."""
-        if not self.budget:
-            return
-        await self.budget.note("batch", answer.time)
-        times = answer.result.get("result_time") if isinstance(answer.result, dict) else None
-        if not isinstance(times, dict):
-            return
-        batch_wide = answer.time.get("operating") if isinstance(answer.time, dict) else None
-        for i, command in enumerate(chunk):
-            timing = times.get(f"c{i}")
-            if isinstance(timing, dict) and batch_wide and timing.get("operating") == batch_wide:
-                continue
-            await self.budget.note(command.method, timing)
-
-
-def stops_group(result: CommandResult) -> bool:
-    """A command that stops its group: an error other than 'already so' (already bound, not bound any more)."""
-    return result.error is not None and policy_for(result.error.code).policy != Policy.DONE
-
-
-def unpack_batch(chunk: Sequence[Command], result: Any) -> list[CommandResult]:
-    # Empty sections arrive as [] rather than {}.
-    def section(name: str) -> dict[str, Any]:
-        value = (result or {}).get(name) if isinstance(result, dict) else None
-        return value if isinstance(value, dict) else {}
-
-    results, errors = section("result"), section("result_error")
-    totals, nexts = section("result_total"), section("result_next")
-    out = []
-    for i, command in enumerate(chunk):
-        key = f"c{i}"
-        if key in errors:
-            err = errors[key] if isinstance(errors[key], dict) else {}
-            out.append(CommandResult(command, error=error_for(command.method, err.get("error"),
-                                                              err.get("error_description"))))
-        elif key in results:
-            out.append(CommandResult(command, result=results[key], total=int_or_none(totals.get(key)),
-                                     next=int_or_none(nexts.get(key))))
-        else:
-            out.append(not_run(command))
-    return out

@@ -18,7 +18,7 @@ from app.bitrix.errors import (
     TransientError,
     policy_for,
 )
-from app.bitrix.session import stops_group
+from app.bitrix.packing import stops_group
 from app.rebind.reading import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding, bindings_json
 from app.rules.plan import BindingPlan, ItemPlan

@@ -9,7 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.bitrix.errors import ConfigError, MethodBlocked, PermanentError, RateLimited, TransientError
-from app.bitrix.session import NotHeld
+from app.bitrix.guard import NotHeld
 from app.rebind.locks import Busy
 from app.rebind.reading import Echo, Gone
 from app.store.jobs import JobState

@@ -12,14 +12,13 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 from yarl import URL
 
-from app.bitrix.client import Command, RestClient, fast_page, unpack_batch
+from app.bitrix.client import Command, RestClient, fast_page
 from app.bitrix.errors import (
     POLICIES,
     ConfigError,
     PermanentError,
     Policy,
     TransientError,
-    policy_for,
 )
 from app.portal_config import PortalConfig
 from app.bitrix.query import http_build_query
@@ -46,58 +45,6 @@ def client(session: aiohttp.ClientSession, config: PortalConfig, limiter: FakeLi
 
 
 # ---------------------------------------------------------------- batch
-
-
-def test_unpack_batch_maps_results_and_errors_by_key_in_order() -> None:
-    commands = [Command("crm.activity.binding.add", {"activityId": i}) for i in range(5)]
-    result = {
-        # PHP may send the keys in any order; mapping is by key.
-        "result": {"c4": True, "c2": True, "c0": [{"ID": "1"}]},
-        "result_error": {"c3": {"error": 100, "error_description": "Could not find value"},
-                         "c1": {"error": "ACTIVITY_IS_ALREADY_BOUND", "error_description": "bound"}},
-        "result_total": {"c0": 1},
-        "result_next": [],
-        "result_time": [],
-    }
-
-    out = unpack_batch(commands, result)
-
-    assert [r.command for r in out] == commands
-    assert [r.ok for r in out] == [True, False, True, False, True]
-    assert out[0].result == [{"ID": "1"}] and out[0].total == 1
-    assert out[2].result is True and out[2].total is None
-    assert type(out[1].error) is PermanentError and out[1].error.code == "ACTIVITY_IS_ALREADY_BOUND"
-    assert policy_for(out[1].error.code).policy is Policy.DONE
-    assert type(out[3].error) is PermanentError and out[3].error.code == "100"
-    assert out[3].error.method == "crm.activity.binding.add"
-
-
-def test_unpack_batch_copes_with_empty_sections_as_arrays() -> None:
-    commands = [Command("crm.lead.get", {"id": 1}), Command("crm.lead.get", {"id": 2})]
-
-    ok = unpack_batch(commands, {"result": {"c0": {"ID": "1"}, "c1": {"ID": "2"}}, "result_error": [],
-                                  "result_total": [], "result_next": [], "result_time": []})
-    assert [r.result for r in ok] == [{"ID": "1"}, {"ID": "2"}]
-    assert all(r.ok for r in ok)
-
-    failed = unpack_batch(commands, {"result": [], "result_error": {
-        "c0": {"error": "NOT_FOUND", "error_description": "Not found"},
-        "c1": {"error": "", "error_description": "Access denied."}}, "result_total": []})
-    assert [r.error.code for r in failed if r.error] == ["NOT_FOUND", "ACCESS_DENIED"]
-
-
-def test_unpack_batch_marks_commands_that_did_not_run() -> None:
-    # With halt=1, or a cut-short answer, some keys are in no section at all.
-    commands = [Command("crm.lead.get", {"id": i}) for i in range(3)]
-
-    out = unpack_batch(commands, {"result": {"c0": {"ID": "0"}}, "result_error": {
-        "c1": {"error": "INTERNAL_SERVER_ERROR", "error_description": "x"}}})
-
-    assert out[0].ok
-    assert type(out[1].error) is TransientError
-    assert isinstance(out[2].error, TransientError) and out[2].error.code == "NOT_RUN"
-    assert [r.command for r in unpack_batch(commands, [])] == commands
-    assert all(isinstance(r.error, TransientError) for r in unpack_batch(commands, None))
 
 
 def _answer_batch(url: URL, **kwargs: Any) -> CallbackResult:

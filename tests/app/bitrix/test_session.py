@@ -13,7 +13,8 @@ from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.bitrix.session import NotHeld, PortalSession
+from app.bitrix.guard import NotHeld
+from app.bitrix.session import PortalSession
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
