@@ -11,10 +11,10 @@ from arq import Retry
 from redis.exceptions import RedisError
 
 from app.bitrix.client import RestClient
-from app.bitrix.connect import portal_session as connect_session
+from app.bitrix.connect import portal_batcher as connect_batcher
 from app.bitrix.errors import B24Error
 from app.portal_config import PortalConfig
-from app.bitrix.session import PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
@@ -200,15 +200,15 @@ async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestC
 def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bool = False) -> RestClient:
     """A job's RestClient on the portal's one session in this process (its HTTP session, rate limit,
     time budgets, tokens and shared batches); the job closes it when it ends."""
-    return RestClient.joining(portal_session(context, portal), low_priority=low_priority)
+    return RestClient.joining(portal_batcher(context, portal), low_priority=low_priority)
 
 
-def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSession:
+def portal_batcher(context: WorkerContext, portal: PortalConfig) -> PortalBatcher:
     session = context.senders.by_portal.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
             context.senders.retire(session)
-        session = context.senders.by_portal[portal.name] = connect_session(
+        session = context.senders.by_portal[portal.name] = connect_batcher(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
             budget_reads=context.budget_reads)
     return session

@@ -1,6 +1,6 @@
-"""RestClient: one job's (or one command's) way to a portal, through the portal's PortalSession.
+"""RestClient: one job's (or one command's) way to a portal, through the portal's PortalBatcher.
 
-The session (app/bitrix/session.py) packs every job's commands into shared batches and sends each
+The batcher (app/bitrix/batcher.py) packs every job's commands into shared batches and sends each
 through the portal's transport (app/bitrix/transport.py: URL, OAuth, decoding, errors, retries); a RestClient hands it this job's commands and counts what they cost this job.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from app.bitrix.commands import BATCH_LIMIT, PAGE_SIZE, Answer, Command, Command
 from app.bitrix.oauth import OAuthSession
 from app.portal_config import PortalConfig
 from app.bitrix.packing import unpack_batch
-from app.bitrix.session import PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, RetryPolicy, answer_of, int_or_none
 
 __all__ = ["BATCH_LIMIT", "PAGE_SIZE", "Answer", "Command", "CommandResult", "RestClient", "RetryPolicy",
@@ -28,25 +28,25 @@ class RestClient:
     after the portal refused it for the rate limit (then nothing ran): after a 5xx or a timeout the
     caller re-reads instead.
 
-    Made alone (`RestClient(http, portal, limiter)`) it has a session of its own, for one-off commands;
-    a worker's jobs join the portal's shared session with `RestClient.joining`.
+    Made alone (`RestClient(http, portal, limiter)`) it has a batcher of its own, for one-off commands;
+    a worker's jobs join the portal's shared batcher with `RestClient.joining`.
     """
 
     def __init__(self, http: aiohttp.ClientSession, portal: PortalConfig, limiter: Limiter, *,
                  retry: RetryPolicy = RetryPolicy(), timeout: float = REQUEST_TIMEOUT, low_priority: bool = False,
                  budget: MethodBudget | None = None, oauth: OAuthSession | None = None) -> None:
-        self._setup(PortalSession(http, portal, limiter, retry=retry, timeout=timeout, budget=budget, oauth=oauth,
+        self._setup(PortalBatcher(http, portal, limiter, retry=retry, timeout=timeout, budget=budget, oauth=oauth,
                                   linger=0.0), low_priority)
 
     @classmethod
-    def joining(cls, session: PortalSession, *, low_priority: bool = False) -> RestClient:
-        """A job's client on a shared session; `close` it when the job ends."""
+    def joining(cls, session: PortalBatcher, *, low_priority: bool = False) -> RestClient:
+        """A job's client on a shared batcher; `close` it when the job ends."""
         client = cls.__new__(cls)
         client._setup(session, low_priority)
         session.join(client.meter)
         return client
 
-    def _setup(self, session: PortalSession, low_priority: bool) -> None:
+    def _setup(self, session: PortalBatcher, low_priority: bool) -> None:
         self.session = session
         self.portal = session.portal
         # Low-priority work (backfill, reconcile) goes after live events and leaves them half the burst.
@@ -63,7 +63,7 @@ class RestClient:
         return self.meter.commands
 
     def take_calls(self) -> Counter[tuple[str, str, str]]:
-        """For metrics: this job's commands, and the session's requests not yet counted (each once)."""
+        """For metrics: this job's commands, and the batcher's requests not yet counted (each once)."""
         calls, self.meter.calls = self.meter.calls, Counter()
         return calls + self.session.take_calls()
 

@@ -1,4 +1,4 @@
-"""What the session packs: a job's commands waiting to leave (`Part`), one `batch` request being filled
+"""What the batcher packs: a job's commands waiting to leave (`Part`), one `batch` request being filled
 (`BatchCall`), and a batch's answer unpacked command by command (`unpack_batch`)."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def not_run(command: Command, why: str = "the batch did not run this command") -
 
 
 class Part:
-    """One job's commands waiting for the session: one stage for reads, a group of stages for writes."""
+    """One job's commands waiting for the batcher: one stage for reads, a group of stages for writes."""
 
     def __init__(self, meter: Meter, stages: list[list[Command]], *, write: bool, low: bool,
                  stops: Callable[[CommandResult], bool] | None = None) -> None:

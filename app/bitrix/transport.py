@@ -6,7 +6,7 @@ follows a portal that moved (once), decodes the answer with orjson and sorts a f
 error table (`app/bitrix/errors.py`). A failure the table calls transient is tried again with redis-py's
 full-jitter backoff (`redis.backoff.FullJitterBackoff`): a read after any of them, a write only after
 the portal refused it for its rate limit (then nothing ran). Packing commands into `batch` calls is
-the session's (`app/bitrix/session.py`).
+the batcher's (`app/bitrix/batcher.py`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The write guard (app/bitrix/guard.py): before a call carrying writes is packed, every job in it shows
 it still holds its lead's lock, or none of its writes leave. Jobs' locks for real (redis-py's) are in
-test_session.py and tests/workers; here each way a check can answer."""
+test_batcher.py and tests/workers; here each way a check can answer."""
 from __future__ import annotations
 
 import asyncio

@@ -1,5 +1,5 @@
 """PortalTransport: one request to a mocked portal: answers, the error table, retries with redis-py's
-backoff, secrets kept out of errors, portal moves. The batcher's tests are test_session.py's."""
+backoff, secrets kept out of errors, portal moves. The batcher's tests are test_batcher.py's."""
 from __future__ import annotations
 
 import json

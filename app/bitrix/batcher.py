@@ -1,8 +1,8 @@
-"""PortalSession: the one sender of a portal's requests in this process.
+"""PortalBatcher: the one sender of a portal's requests in this process.
 
 A portal allows about 2 requests a second (burst 50); a `batch` carries up to 50 commands for the
-price of one request. So every job of a process hands its commands to the portal's one session and
-awaits their results, and the session fills each `batch` from every job waiting:
+price of one request. So every job of a process hands its commands to the portal's one batcher and
+awaits their results, and the batcher fills each `batch` from every job waiting:
 
 - reads travel with reads, writes with writes (a read is re-sent after a 5xx, a write never is);
 - a job's writes are a *group* of stages (binds and moves, then unbinds): a stage leaves only once
@@ -14,7 +14,7 @@ awaits their results, and the session fills each `batch` from every job waiting:
 - live events' commands go before backfill and reconcile ones; a call carrying only those leaves
   half of the burst to live events;
 - a batch leaves as soon as the portal's bucket allows when it is full, or when every job of the
-  session is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
+  batcher is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
   bucket is what holds calls back, and they leave full;
 - what a call sends is a `BatchChunk` (app/bitrix/merge.py): a read several jobs ask goes once,
   and point reads of one kind (leads, the contacts made from them, the targets' checks) go as one
@@ -24,7 +24,7 @@ awaits their results, and the session fills each `batch` from every job waiting:
 
 Each call leaves through the portal's `PortalTransport` (app/bitrix/transport.py): the HTTP session,
 the rate limiter (in Redis, so every process of an installation keeps one budget), the OAuth tokens,
-decoding, the error table and retries. The session keeps the methods' time budgets' bookkeeping for
+decoding, the error table and retries. The batcher keeps the methods' time budgets' bookkeeping for
 batches (what each command of a batch spent) and checks them before it packs a call.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from app.portal_config import PortalConfig
 
 log = logging.getLogger(__name__)
 
-LINGER = 0.05  # seconds a batch that is not full waits for the session's other jobs to join it
+LINGER = 0.05  # seconds a batch that is not full waits for the batcher's other jobs to join it
 # A batch that is not full waits longer the busier the portal's bucket (up to this at a full one): on an
 # idle portal a lone job's call leaves at once, under a backlog calls leave full instead of spending
 # the burst on a few commands each.
@@ -59,7 +59,7 @@ BUSY_HOLD = 2.0
 IN_FLIGHT = 4  # requests of one portal on their way at once (a slow answer does not stop the others)
 
 
-class PortalSession:
+class PortalBatcher:
     """Sends one portal's requests for every job of this process (see the module's docstring)."""
 
     def __init__(self, http: aiohttp.ClientSession, portal: PortalConfig, limiter: Limiter, *,
@@ -81,7 +81,7 @@ class PortalSession:
     # -------------------------------------------------------- what jobs call
 
     def join(self, meter: Meter) -> None:
-        """A job starts using the session: a batch not yet full may wait for it to add its commands."""
+        """A job starts using the batcher: a batch not yet full may wait for it to add its commands."""
         self._active[id(meter)] = meter
 
     def leave(self, meter: Meter) -> None:
@@ -223,12 +223,12 @@ class PortalSession:
     def _busy_hold(self) -> float:
         levels: dict[str, float] = getattr(self._limiter, "levels", None) or {}
         burst = self.portal.rate_limit.burst
-        if not self._linger or burst <= 2:  # a session of one-off commands never holds a call
+        if not self._linger or burst <= 2:  # a batcher of one-off commands never holds a call
             return 0.0
         return BUSY_HOLD * min(1.0, levels.get(self.portal.name, 0.0) / burst)
 
     def _everyone_waiting(self) -> bool:
-        """True when no job of the session is busy elsewhere: nothing more will join this batch."""
+        """True when no job of the batcher is busy elsewhere: nothing more will join this batch."""
         return all(meter.waiting for meter in self._active.values())
 
     async def _defer_blocked(self) -> bool:

@@ -1,4 +1,4 @@
-"""PortalSession against the fake portal: every job's commands packed into shared batches, each job
+"""PortalBatcher against the fake portal: every job's commands packed into shared batches, each job
 getting its own results, its own failures and its own request count."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
 from app.bitrix.guard import NotHeld
-from app.bitrix.session import PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
@@ -26,7 +26,7 @@ from tests.conftest import post_event
 async def jobs(portal_config: PortalConfig) -> AsyncIterator[Any]:
     """RestClients as a worker's jobs have them: all on the portal's one session."""
     async with aiohttp.ClientSession() as http:
-        session = PortalSession(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
+        session = PortalBatcher(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
 
         def make(low_priority: bool = False) -> RestClient:
             return RestClient.joining(session, low_priority=low_priority)
