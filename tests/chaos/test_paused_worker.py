@@ -17,7 +17,7 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortalHost
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue
-from tests.chaos.processes import ServiceProcess, WorkerProcess
+from tests.support.processes import ServiceProcess, WorkerProcess
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
 
 pytestmark = pytest.mark.slow  # real processes, and a wait past the lock's 15 s lease

@@ -18,7 +18,7 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from app.store.queue import JobQueue, connect
-from tests.chaos.processes import WorkerProcess, write_rules
+from tests.support.processes import WorkerProcess, write_rules
 
 pytestmark = pytest.mark.slow
 
