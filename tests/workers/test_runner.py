@@ -21,26 +21,13 @@ from app.store.jobs import JobState, JobStore
 from app.store.queue import LIVE_QUEUE, STRANDED_AFTER, JobQueue
 from tests.conftest import post_event
 from tests.support.waiting import until
+from tests.support.workers import run_one, started
 from workers import runner, tasks
 from workers.context import context_of
 from workers.main import MAX_TRIES, POLL_DELAY, build_worker
 from workers.tasks import MAX_RUNS
 from workers.runner import LeasedWorker
 from workers.outcomes import LOCK_WAIT
-
-
-async def started(worker: Worker) -> Worker:
-    """A worker ready to run jobs handed to it directly, as `main` makes it before polling."""
-    worker.ctx["redis"] = worker.pool
-    assert worker.on_startup is not None
-    await worker.on_startup(worker.ctx)
-    return worker
-
-
-async def run_one(worker: Worker, job_id: str) -> None:
-    """Claim and run one queued job, as a poll would."""
-    await worker.start_jobs([job_id.encode()])
-    await worker.tasks[job_id]
 
 
 async def queued_job(client: Any, portal: FakePortal) -> str:

@@ -18,7 +18,7 @@ from app.bitrix.batcher import PortalBatcher
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
-from tests.app.rebind.test_executor import rebind
+from tests.support.plans import rebind
 from tests.conftest import post_event
 
 
