@@ -39,16 +39,16 @@ class RestClient:
                                   linger=0.0), low_priority)
 
     @classmethod
-    def joining(cls, session: PortalBatcher, *, low_priority: bool = False) -> RestClient:
+    def joining(cls, batcher: PortalBatcher, *, low_priority: bool = False) -> RestClient:
         """A job's client on a shared batcher; `close` it when the job ends."""
         client = cls.__new__(cls)
-        client._setup(session, low_priority)
-        session.join(client.meter)
+        client._setup(batcher, low_priority)
+        batcher.join(client.meter)
         return client
 
-    def _setup(self, session: PortalBatcher, low_priority: bool) -> None:
-        self.session = session
-        self.portal = session.portal
+    def _setup(self, batcher: PortalBatcher, low_priority: bool) -> None:
+        self.batcher = batcher
+        self.portal = batcher.portal
         # Low-priority work (backfill, reconcile) goes after live events and leaves them half the burst.
         self.low_priority = low_priority
         self.meter = Meter()
@@ -65,14 +65,14 @@ class RestClient:
     def take_calls(self) -> Counter[tuple[str, str, str]]:
         """For metrics: this job's commands, and the batcher's requests not yet counted (each once)."""
         calls, self.meter.calls = self.meter.calls, Counter()
-        return calls + self.session.take_calls()
+        return calls + self.batcher.take_calls()
 
     def close(self) -> None:
-        self.session.leave(self.meter)
+        self.batcher.leave(self.meter)
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *, write: bool = False) -> Answer:
         """One method on a request of its own (a page whose `next` or `time` the caller needs)."""
-        return await self.session.call(self.meter, method, params, write=write, low=self.low_priority)
+        return await self.batcher.call(self.meter, method, params, write=write, low=self.low_priority)
 
     async def batch(self, commands: Sequence[Command], *, write: bool = False) -> list[CommandResult]:
         """Run commands (in as many batches of 50 as they need, shared with other jobs); results keep
@@ -80,13 +80,13 @@ class RestClient:
         if write:
             (results,) = await self.write([commands])
             return results
-        return await self.session.read(self.meter, commands, low=self.low_priority)
+        return await self.batcher.read(self.meter, commands, low=self.low_priority)
 
     async def write(self, stages: Sequence[Sequence[Command]], *,
                     stops: Callable[[CommandResult], bool] | None = None) -> list[list[CommandResult]]:
         """Write in stages: each only after every command of the one before succeeded (or was already
         done); after a failure (as `stops` judges it) the later stages come back NOT_RUN."""
-        return await self.session.write(self.meter, stages, low=self.low_priority, stops=stops)
+        return await self.batcher.write(self.meter, stages, low=self.low_priority, stops=stops)
 
     async def list_all(self, method: str, filter: dict[str, Any] | None = None,
                        select: Sequence[str] = (), *, after_id: int = 0) -> list[dict[str, Any]]:
