@@ -29,12 +29,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("store", ("app.store", "app.logs")),
     ("settings", ("app.settings", "app.portal_config", "app.crm", "app.words", "app.loop")),
 )
-# Upward imports left for phase 2 of issue 23, each in a module issue 22 rewrites (so not edited here).
-UPWARD_FOR_NOW = {
-    # tasks.py (issue 22) stages an attempt's metrics through the API's module: that staging belongs below
-    # the API (the metrics' Redis side), which the job then imports.
-    ("workers.tasks", "app.api.metrics"),
-}
 
 
 def layer_of(module: str) -> int:
@@ -80,7 +74,7 @@ def graph() -> dict[str, set[str]]:
 def upward_imports() -> list[str]:
     return sorted(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
                   for name, targets in graph().items() for target in targets
-                  if layer_of(target) < layer_of(name) and (name, target) not in UPWARD_FOR_NOW)
+                  if layer_of(target) < layer_of(name))
 
 
 def test_every_module_has_a_layer() -> None:
@@ -91,12 +85,6 @@ def test_every_module_has_a_layer() -> None:
 def test_layers_import_only_down() -> None:
     """A lower layer never imports a higher one: " > ".join of LAYERS is the order."""
     assert upward_imports() == [], "upward imports, against " + " > ".join(name for name, _ in LAYERS)
-
-
-def test_the_allowances_for_phase_2_are_still_needed() -> None:
-    """An allowance whose import is gone is deleted, so the list shrinks to nothing."""
-    edges = graph()
-    assert sorted(pair for pair in UPWARD_FOR_NOW if pair[1] not in edges.get(pair[0], ())) == []
 
 
 def test_the_rules_engine_imports_nothing_of_the_portal_client() -> None:
@@ -164,9 +152,10 @@ def test_code_cites_the_official_docs_not_notes_readers_do_not_have() -> None:
 
 def test_only_the_factory_builds_a_portals_session() -> None:
     """Built elsewhere, a session misses an application portal's tokens or the shared request budget."""
-    builders = {"app.bitrix.connect", "app.bitrix.client"}  # the factory, and RestClient's own constructor
+    # the factory, RestClient's own constructor, and the batcher, which makes its portal's one transport
+    builders = {"app.bitrix.connect", "app.bitrix.client", "app.bitrix.batcher"}
     built = sorted(f"{name}:{node.lineno}" for name, path in modules().items() if name not in builders
                    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                   and node.func.id in ("RestClient", "PortalSession", "OAuthSession"))
-    assert built == [], "build a portal's client with app.bitrix.connect (portal_session, portal_client)"
+                   and node.func.id in ("RestClient", "PortalBatcher", "PortalTransport", "OAuthSession"))
+    assert built == [], "build a portal's client with app.bitrix.connect (portal_batcher, portal_client)"

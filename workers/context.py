@@ -15,7 +15,7 @@ from arq.connections import ArqRedis
 from app.bitrix.budget import BudgetReads
 from app.bitrix.client import RetryPolicy
 from app.bitrix.ratelimit import RateLimiter
-from app.bitrix.session import PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.live_rules import LiveRules
 from app.settings import Settings
 from app.store.jobs import JobStore
@@ -41,7 +41,7 @@ class PortalTurns:
 
     Turns are spaced by how fast the portal's jobs have been ending here, so a backlog's jobs come
     back about when slots free, each about once, rather than all at once. Live jobs and backfill
-    jobs count apart (live events go first within a portal anyway: the session sends their commands
+    jobs count apart (live events go first within a portal anyway: the batcher sends their commands
     before backfill's). A portal with nothing under way has no entry: an idle portal costs nothing.
     """
 
@@ -109,17 +109,17 @@ class PortalTurns:
 
 @dataclass
 class PortalSenders:
-    """The HTTP session, the one sender per portal (`PortalSession`) and the portals' turns of a worker,
+    """The HTTP session, the one sender per portal (`PortalBatcher`) and the portals' turns of a worker,
     or of the workers of one process (live and backfill) sharing them, so that one sender sees all of
     its work for a portal."""
 
     http: aiohttp.ClientSession = field(default_factory=new_http_session)
-    by_portal: dict[str, PortalSession] = field(default_factory=dict)
-    retired: list[PortalSession] = field(default_factory=list)  # of portals the rules file has changed since
+    by_portal: dict[str, PortalBatcher] = field(default_factory=dict)
+    retired: list[PortalBatcher] = field(default_factory=list)  # of portals the rules file has changed since
     turns: PortalTurns = field(default_factory=lambda: PortalTurns())
 
-    def retire(self, session: PortalSession) -> None:
-        """The rules file changed the session's portal: its jobs finish on it."""
+    def retire(self, session: PortalBatcher) -> None:
+        """The rules file changed the batcher's portal: its jobs finish on it."""
         self.retired.append(session)
 
     async def close(self) -> None:

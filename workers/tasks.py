@@ -3,25 +3,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from arq import Retry
 from redis.exceptions import RedisError
 
-from app.api.metrics import stage_attempt
 from app.bitrix.client import RestClient
-from app.bitrix.connect import portal_session as connect_session
-from app.bitrix.errors import B24Error, ConfigError, MethodBlocked, TransientError
+from app.bitrix.connect import portal_batcher as connect_batcher
+from app.bitrix.errors import B24Error
 from app.portal_config import PortalConfig
-from app.bitrix.session import NotHeld, PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.logs import current_job
 from app.rebind.crm_mode import note_mode, noted_modes, read_mode, simple_mode_warning
 from app.rebind.echo import MAX_CHANGES_PER_WINDOW, ChangeLog
 from app.rebind.executor import TargetsGone, execute
-from app.rebind.reading import Echo, FactReader, Gone
-from app.rebind.locks import Busy, LeadLock
+from app.rebind.reading import FactReader, Gone
+from app.rebind.locks import LeadLock
 from app.rules.engine import plan as make_plan
 from app.rules.facts import Facts, read_bindings
 from app.rules.model import RuleSet
@@ -29,16 +28,15 @@ from app.rules.plan import BindingPlan
 from app.store.audit import AuditLog
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.outage import describe
-from app.words import plural
+from workers.attempt_counts import stage_attempt
 from workers.context import WorkerContext, context_of
+from workers.outcomes import AFTER_REDIS_FAILED, Attempt, Then, ending_of, from_plan, nothing_to_do
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-LOCK_WAIT = 2.0  # seconds; the job holding the lead usually ends within that
 # Runs of a job that started but did not end (its worker killed or stopped each time): past this it is dead.
 MAX_RUNS = 200
-AFTER_REDIS_FAILED = 5.0  # seconds before a job Redis failed runs again (and finds done what it did)
 
 
 async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
@@ -64,91 +62,103 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
 
 
 async def _attempt(context: WorkerContext, job: dict[str, Any]) -> str:
-    store = context.store
+    """read facts → plan → apply → record: how the attempt ended comes from one table (workers/outcomes.py)."""
     rules = context.rules.current  # read once: a reload mid-job does not mix two versions
     current_job.set(job["job_id"])
-    record = await _or_later(store.get(job["job_id"])) or JobRecord.model_validate({**job, "id": job["job_id"]})
+    record = await _or_later(context.store.get(job["job_id"])) or JobRecord.model_validate({**job, "id": job["job_id"]})
+    portal = await _begin(context.store, record, rules)
+    if portal is None:
+        return record.state.value
+    run = _Job.start(context, record, rules, portal)
+    earlier_changes = record.changes
+    deadline = asyncio.timeout(context.job_timeout)
+    try:
+        async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
+            await _run(run, restrict(rules, record))
+    except BaseException as exc:
+        if await _end_with(run, exc, timed_out=deadline.expired()):
+            raise
+    finally:
+        await _finish(run, applied=record.changes is not earlier_changes)
+    return record.state.value
+
+
+@dataclass
+class _Job:
+    """One attempt of a job, and what it holds while it runs."""
+    context: WorkerContext
+    record: JobRecord
+    rules: RuleSet
+    portal: PortalConfig
+    client: RestClient
+    changes: ChangeLog
+    lock: LeadLock
+    superseded: bool = False  # another run took the job over while this one was paused: its record is not ours
+
+    @classmethod
+    def start(cls, context: WorkerContext, record: JobRecord, rules: RuleSet, portal: PortalConfig) -> _Job:
+        client = portal_client(context, portal, low_priority=record.trigger == "backfill")
+        lock = LeadLock(context.redis, portal.name, ttl=context.job_timeout)
+        client.meter.guard = lock.still_held  # no write call leaves for this job once its lock has lapsed
+        return cls(context, record, rules, portal, client, ChangeLog(context.redis, portal.name), lock)
+
+
+async def _begin(store: JobStore, record: JobRecord, rules: RuleSet) -> PortalConfig | None:
+    """The attempt counted and shown running; None when the job ends before it starts (too many runs, or
+    a portal no longer in the rules file), its record saved."""
     record.begin_attempt()  # counted on the record: arq's count includes the turns the job waited for
+    portal = rules.portals.get(record.portal)
     if sum(a.outcome != "deferred" for a in record.attempts) > MAX_RUNS:
         record.give_up(f"gave up after {MAX_RUNS} runs", {
             "code": "TOO_MANY_TRIES", "description": f"the job was started {MAX_RUNS} times without ending",
             "what_to_do": "its attempts say why it kept running again; retry it once that is fixed"})
-        await _or_later(store.save(record))
-        return record.state.value
-    portal = rules.portals.get(record.portal)
-    if portal is None:
+        portal = None
+    elif portal is None:
         record.end_attempt(JobState.FAILED, "portal not configured",
                            {"code": "UNKNOWN_PORTAL", "description": f"portal {record.portal!r} is not in the "
                             "rules file", "what_to_do": "add the portal back to the rules file and retry the job"})
-        await _or_later(store.save(record))
-        return record.state.value
-    await _or_later(store.save(record))  # shown running
-    client = portal_client(context, portal, low_priority=record.trigger == "backfill")
-    delays = context.retry_delays
-    earlier_changes = record.changes
-    changes = ChangeLog(context.redis, portal.name)
-    lock = LeadLock(context.redis, portal.name, ttl=context.job_timeout)
-    client.meter.guard = lock.still_held  # no write call leaves for this job once its lock has lapsed
-    deadline = asyncio.timeout(context.job_timeout)
-    superseded = False  # another run took the job over while this one was paused: its record is not ours
+    await _or_later(store.save(record))  # shown running, or ended
+    return portal
+
+
+async def _end_with(run: _Job, exc: BaseException, timed_out: bool) -> bool:
+    """Record how an attempt that raised ends (`ENDINGS`), and tell arq: raises arq's Retry to run the job
+    again later; True when the exception itself must go on (the worker is stopping, or it is no job's)."""
+    record, context = run.record, run.context
+    ending = ending_of(exc, Attempt(context.job_timeout, timed_out))
+    if ending is None:
+        return True
+    if ending.crashed:
+        log.exception("job %s crashed", record.id)
+    if ending.superseded_check:
+        run.superseded = await _run_elsewhere(context.store, record)
+    text = ending.text
+    if ending.ask_crm_mode:
+        assert isinstance(exc, Gone)
+        text += await _why_gone(context, run.rules, run.portal, run.client, exc)
+    if ending.then is Then.BACK_OFF:
+        _retry_or_give_up(record, context.retry_delays, text, ending.error)
+        return False
+    record.end_attempt(ending.state, text, ending.error, ending.attempt_outcome)
+    if ending.then is Then.WAIT:
+        raise Retry(defer=ending.wait) from None
+    return ending.then is Then.STOP
+
+
+async def _finish(run: _Job, applied: bool) -> None:
+    """The attempt's record, audit, echo fingerprints and metrics saved, then the lead let go of."""
+    record, client = run.record, run.client
+    client.close()
+    record.requests += client.requests
     try:
-        async with deadline:  # the job's own limit: a cancelled job is one whose worker is stopping
-            await _run(record, client, restrict(rules, record), changes, lock, store)
-    except asyncio.CancelledError:  # the worker is stopping; the job stays queued and runs again
-        record.end_attempt(JobState.RETRYING, "interrupted: the worker stopped; the job will run again",
-                           attempt_outcome="interrupted")
-        raise
-    except TimeoutError as exc:
-        if not deadline.expired():  # not the job's own limit: some library's, unhandled
-            _crashed(record, delays, exc)
+        if run.superseded:
+            log.warning("job %s: this run lost its lead's lock while paused and another run has the job "
+                        "now: it stops here, its writes unsent, its record left to the other run", record.id)
         else:
-            _retry_or_give_up(record, delays, "ran past its time limit every time", {
-                "code": "JOB_TIMEOUT", "description": f"the job ran longer than {context.job_timeout:g} s",
-                "what_to_do": "it runs again and continues where it stopped; if it never finishes, check how "
-                              "fast the portal answers and how many activities the lead has"})
-    except NotHeld as exc:
-        superseded = await _run_elsewhere(store, record)
-        record.end_attempt(JobState.RETRYING, f"interrupted: {exc}; the job will run again", {
-            "code": "LOCK_LOST", "description": str(exc),
-            "what_to_do": "nothing: it runs again and finds what is left to do"}, attempt_outcome="interrupted")
-        raise Retry(defer=LOCK_WAIT) from None
-    except (Busy, MethodBlocked) as exc:
-        # Waiting is not failing: the attempt does not count against the job's retries.
-        wait = max(1.0, (getattr(exc, "retry_at", None) or 0) - time.time()) if isinstance(exc, MethodBlocked) \
-            else LOCK_WAIT
-        record.end_attempt(JobState.RETRYING, f"waiting {wait:.0f} s: {exc}", _record_of(exc), "deferred")
-        raise Retry(defer=wait) from None
-    except TransientError as exc:
-        _retry_or_give_up(record, delays, "gave up after retries", exc.as_record())
-    except Gone as exc:
-        record.end_attempt(JobState.SKIPPED, str(exc) + await _why_gone(context, rules, portal, client, exc))
-    except Echo as exc:
-        record.end_attempt(JobState.SKIPPED, str(exc))
-    except ConfigError as exc:
-        record.end_attempt(JobState.FAILED, "the service's access to the portal needs fixing", exc.as_record())
-    except B24Error as exc:
-        record.end_attempt(JobState.FAILED, "the portal refused", exc.as_record())
-    except RedisError as exc:
-        # Redis is away (the worker says so once): the job runs again once it is back.
-        record.end_attempt(JobState.RETRYING, f"interrupted: Redis unreachable ({type(exc).__name__}); the job "
-                           "will run again", attempt_outcome="interrupted")
-        raise Retry(defer=AFTER_REDIS_FAILED) from None
-    except Exception as exc:  # a bug: recorded on the job, and retried like a 5xx
-        _crashed(record, delays, exc)
+            await _or_later(_save_attempt(run.context, record, client, run.changes, applied=applied))
     finally:
-        client.close()
-        record.requests += client.requests
-        try:
-            if superseded:
-                log.warning("job %s: this run lost its lead's lock while paused and another run has the job "
-                            "now: it stops here, its writes unsent, its record left to the other run", record.id)
-            else:
-                await _or_later(_save_attempt(context, record, client, changes,
-                                             applied=record.changes is not earlier_changes))
-        finally:
-            await lock.release()  # after the record: a job waiting for the lead finds this one's saved
-        _log_end(record, client.requests)
-    return record.state.value
+        await run.lock.release()  # after the record: a job waiting for the lead finds this one's saved
+    _log_end(record, client.requests)
 
 
 async def _or_later(step: Awaitable[T]) -> T:
@@ -172,13 +182,6 @@ async def _run_elsewhere(store: JobStore, record: JobRecord) -> bool:
     return current is not None and bool(current.attempts) and current.attempts[-1].started_at > mine
 
 
-def _crashed(record: JobRecord, delays: tuple[float, ...], exc: Exception) -> None:
-    log.exception("job %s crashed", record.id)
-    _retry_or_give_up(record, delays, "crashed", {
-        "code": "INTERNAL_ERROR", "description": type(exc).__name__,
-        "what_to_do": "a bug in b24rebind or a Redis failure; see the worker's log"})
-
-
 async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestClient, changes: ChangeLog,
                         applied: bool) -> None:
     """The record, and if the attempt applied a plan its audit entries and echo fingerprints, and the
@@ -197,15 +200,15 @@ async def _save_attempt(context: WorkerContext, record: JobRecord, client: RestC
 def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bool = False) -> RestClient:
     """A job's RestClient on the portal's one session in this process (its HTTP session, rate limit,
     time budgets, tokens and shared batches); the job closes it when it ends."""
-    return RestClient.joining(portal_session(context, portal), low_priority=low_priority)
+    return RestClient.joining(portal_batcher(context, portal), low_priority=low_priority)
 
 
-def portal_session(context: WorkerContext, portal: PortalConfig) -> PortalSession:
+def portal_batcher(context: WorkerContext, portal: PortalConfig) -> PortalBatcher:
     session = context.senders.by_portal.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
             context.senders.retire(session)
-        session = context.senders.by_portal[portal.name] = connect_session(
+        session = context.senders.by_portal[portal.name] = connect_batcher(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
             budget_reads=context.budget_reads)
     return session
@@ -239,7 +242,8 @@ def _log_end(record: JobRecord, requests: int) -> None:
         log.info("job %s %s after %d requests: %s", record.id, record.state.value, requests, record.outcome)
 
 
-def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, error: dict[str, Any]) -> None:
+def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str,
+                      error: dict[str, Any] | None) -> None:
     failures = record.failures  # earlier failed attempts of this job
     if failures >= len(delays):
         record.end_attempt(JobState.DEAD, f"{why} ({failures + 1} attempts)", error)
@@ -248,12 +252,9 @@ def _retry_or_give_up(record: JobRecord, delays: tuple[float, ...], why: str, er
     raise Retry(defer=delays[failures])
 
 
-def _record_of(exc: Exception) -> dict[str, Any] | None:
-    return exc.as_record() if isinstance(exc, B24Error) else None
-
-
-async def _run(record: JobRecord, client: RestClient, rules: RuleSet, changes: ChangeLog, lock: LeadLock,
-               store: JobStore) -> None:
+async def _run(run: _Job, rules: RuleSet) -> None:
+    """Read the facts, then plan and apply (`_plan_and_apply`); the record is written by `_finish`."""
+    record, client, changes, lock, store = run.record, run.client, run.changes, run.lock, run.context.store
     reader = FactReader(client, rules, is_echo=changes.is_echo, being_written=changes.being_written)
     lead_id = record.lead_id = record.lead_id or await reader.lead_behind(record.event, record.entity_id)
     await lock.acquire(lead_id)  # let go of in the job's last pipeline
@@ -277,7 +278,7 @@ async def _plan_and_apply(record: JobRecord, client: RestClient, rules: RuleSet,
         record.plan = plan.summary()
         gone = _gone_note(facts)
         if plan.empty:
-            record.end_attempt(JobState.SKIPPED, gone + _why_nothing(plan, facts.activities))
+            record.end_attempt(JobState.SKIPPED, gone + nothing_to_do(plan, facts.activities))
             return
         try:
             outcomes = await changes.around(plan, execute(plan, client))
@@ -301,23 +302,7 @@ def _gone_note(facts: Facts) -> str:
 
 def _record_outcomes(record: JobRecord, outcomes: list[Any], gone: str) -> None:
     record.changes = [o.as_record() for o in outcomes]  # the echo fingerprints are saved from these
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        first = failed[0].errors[0] if failed[0].errors else None
-        record.end_attempt(JobState.FAILED, gone + f"{len(failed)} of {plural(len(outcomes), 'item')} could "
-                           "not be changed", first)
-    else:
-        changed = sum(o.status == "changed" for o in outcomes)
-        dry = sum(o.status == "dry_run" for o in outcomes)
-        deleted = sum(o.status == "gone" for o in outcomes)
-        kept = sum(o.status == "kept" for o in outcomes)
-        done = f"re-bound {plural(changed, 'item')}" if changed or not (dry or deleted) else ""
-        would = f"dry run: would re-bind {plural(dry, 'item')}" + ("" if changed else ", wrote nothing") if dry else ""
-        left = f"{plural(deleted, 'item')} deleted since read: nothing to do for {'it' if deleted == 1 else 'them'}" \
-            if deleted else ""
-        full = f"{plural(kept, 'item')} kept as found: the plan would pass 100 bindings" if kept else ""
-        state = JobState.SKIPPED if deleted and not changed and not dry else JobState.SUCCEEDED
-        record.end_attempt(state, gone + "; ".join(part for part in (done, would, left, full) if part))
+    record.end_attempt(*from_plan(outcomes, gone))
 
 
 def restrict(rules: RuleSet, record: JobRecord) -> RuleSet:
@@ -337,12 +322,3 @@ async def _hold_back_loops(plan: BindingPlan, changes: ChangeLog) -> BindingPlan
     held = tuple(a.model_copy(update={"after": a.before, "moves": (), "notes": (*a.notes, note)})
                  if a.activity_id in looping else a for a in plan.activities)
     return plan.model_copy(update={"activities": held})
-
-
-def _why_nothing(plan: Any, activities: tuple[Any, ...]) -> str:
-    if not activities:
-        return "no activities to look at"
-    if not plan.matched_rules:
-        return "no rule matched"
-    notes = [note for a in plan.activities for note in a.notes]
-    return notes[0] if notes else "bindings already as the rules want them"

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.api.keys import redis_key, rules_key, settings_key
-from app.api.metrics import REACHABILITY
+from app.store.counters import REACHABILITY
 from app.api.stats import reachability_of
 from app.live_rules import LiveRules
 from app.logs import Throttled

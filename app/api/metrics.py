@@ -12,7 +12,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -22,95 +21,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.api.keys import outage_key, redis_key, store_key
-from app.bitrix.client import RestClient
-from app.bitrix.ratelimit import RateLimiter
-from app.store.jobs import FINAL_STATES, JobRecord
+from app.store.counters import COUNTERS, DURATION_BUCKETS, field, parse_field, stage_counts
 from app.store.namespace import prefixed
 from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
 
 log = logging.getLogger(__name__)
 
-COUNTERS = "b24:metrics"  # hash: "name|label=value|..." -> count or sum
-DURATION_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_flushed_waits: WeakKeyDictionary[RateLimiter, float] = WeakKeyDictionary()
-
-
-def field(name: str, **labels: object) -> str:
-    # Label values come from rules files and portals: keep them from breaking the field's syntax.
-    return name + "".join(f"|{key}={str(value).replace('|', '/').replace('=', '-')}" for key, value in labels.items())
-
-
-def parse_field(raw_field: str) -> tuple[str, dict[str, str]]:
-    name, *pairs = raw_field.split("|")
-    return name, dict(pair.split("=", 1) for pair in pairs)
-
-
-MINUTES = "b24:minute:"  # + Unix minute -> hash: events, jobs (finished), requests (to portals) in that minute
-KEEP_MINUTES = 7200  # seconds: the dashboard's chart shows the last hour
-
-# Adds to many counters in one command: ARGV holds field, increment pairs (HINCRBYFLOAT keeps whole
-# numbers whole, so counts stay integers), then the seconds a minute's counts are kept. Three of them are also counted per minute, for the chart:
-# events received, jobs finished (each adds one to exactly one duration bucket) and requests sent.
-_ADD = """
-local minute = false
-for i = 1, #ARGV - 1, 2 do
-  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
-  local name = string.match(ARGV[i], '^[^|]+')
-  local series = nil
-  if name == 'events_received' then series = 'events'
-  elseif name == 'job_duration_seconds_bucket' then series = 'jobs'
-  elseif name == 'rest_requests' and string.find(ARGV[i], '|via=request', 1, true) then series = 'requests' end
-  if series then
-    redis.call('HINCRBYFLOAT', KEYS[2], series, ARGV[i + 1])
-    minute = true
-  end
-end
-if minute then redis.call('EXPIRE', KEYS[2], ARGV[#ARGV]) end
-return 1
-"""
-
-
-def stage_counts(pipe: Any, counts: Mapping[str, float]) -> None:
-    """Add counts to the shared counters as part of a pipeline: one command whatever their number."""
-    if counts:
-        pairs = [part for name, n in counts.items() for part in (name, repr(n))]
-        minute = prefixed(f"{MINUTES}{int(time.time() // 60)}")
-        pipe.eval(_ADD, 2, prefixed(COUNTERS), minute, *pairs, KEEP_MINUTES)
-
-
-def stage_attempt(pipe: Any, record: JobRecord, client: RestClient, limiter: RateLimiter) -> None:
-    """Count one attempt of a job: its REST calls, the rate-limit wait since the last count, and if it
-    ended the job, its duration."""
-    counts: defaultdict[str, float] = defaultdict(float)  # requests, and seconds waited
-    calls = client.take_calls()
-    for (method, outcome, via), n in calls.items():
-        counts[field("rest_requests", portal=record.portal, method=method, outcome=outcome, via=via)] += n
-    waited = limiter.stats.waited_seconds - _flushed_waits.get(limiter, 0.0)
-    _flushed_waits[limiter] = limiter.stats.waited_seconds
-    if waited > 0:
-        counts[field("rate_limit_wait_seconds", portal=record.portal)] += waited
-    _stage_reachability(pipe, record.portal, {outcome for (_, outcome, via) in calls if via == "request"})
-    if record.state in FINAL_STATES and record.started_at and record.finished_at:
-        seconds, state = record.finished_at - record.started_at, record.state.value
-        bucket = next((str(b) for b in DURATION_BUCKETS if seconds <= b), "+Inf")
-        counts[field("job_duration_seconds_bucket", state=state, le=bucket)] += 1
-        counts[field("job_duration_seconds_sum", state=state)] += seconds
-    stage_counts(pipe, counts)
-
-
-REACHABILITY = "b24:reach:"  # + portal -> hash: answered_at, unreachable_at (Unix seconds)
-
-
-def _stage_reachability(pipe: Any, portal: str, outcomes: set[str]) -> None:
-    """When the portal last answered (anything, even an error) and when it last could not be reached."""
-    now, seen = time.time(), {}
-    if outcomes - {"NETWORK_ERROR"}:
-        seen["answered_at"] = now
-    if "NETWORK_ERROR" in outcomes:
-        seen["unreachable_at"] = now - 0.001 if "answered_at" in seen else now  # a retry that got through wins
-    if seen:
-        pipe.hset(prefixed(REACHABILITY + portal), mapping=seen)
 
 
 FLUSH_EVERY = 1.0  # seconds; intake is the hot path, so event counts reach Redis in batches

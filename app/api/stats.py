@@ -7,8 +7,8 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
 
-from app.api.metrics import COUNTERS, REACHABILITY, parse_field
-from app.api.metrics import MINUTES as MINUTES_KEY
+from app.store.counters import COUNTERS, REACHABILITY, parse_field
+from app.store.counters import MINUTES as MINUTES_KEY
 from app.portal_config import PortalConfig
 from app.rules.model import RuleSet
 from app.store import heartbeat

@@ -9,12 +9,13 @@ it are deferred instead of blocking a worker.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
 
+from app.bitrix.commands import Answer, Command
 from app.bitrix.errors import MethodBlocked
 from app.store.namespace import prefixed
 from app.store.redis_typing import awaited
@@ -76,6 +77,21 @@ class MethodBudget:
             pipe.hset(self._key, method, f"{operating}|{reset_at}")
             pipe.expire(self._key, WINDOW)
             await pipe.execute()
+
+    async def note_batch(self, chunk: Sequence[Command], answer: Answer) -> None:
+        """Each command spends its own method's budget, as its `result_time` says; on portals that charge
+        a batch's time to `batch` itself, every command carries the batch's one figure, which is noted
+        once, for `batch`, rather than as each method's own."""
+        await self.note("batch", answer.time)
+        times = answer.result.get("result_time") if isinstance(answer.result, dict) else None
+        if not isinstance(times, dict):
+            return
+        batch_wide = answer.time.get("operating") if isinstance(answer.time, dict) else None
+        for i, command in enumerate(chunk):
+            timing = times.get(f"c{i}")
+            if isinstance(timing, dict) and batch_wide and timing.get("operating") == batch_wide:
+                continue
+            await self.note(command.method, timing)
 
     async def block(self, method: str, reset_at: float | None = None) -> float:
         """The portal refused the method: treat its budget as spent until it resets; returns when."""

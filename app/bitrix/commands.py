@@ -1,6 +1,9 @@
-"""What a job asks of a portal (`Command`) and what comes back (`CommandResult`, `Answer`)."""
+"""What a job asks of a portal (`Command`), what comes back (`CommandResult`, `Answer`) and what the job
+spent (`Meter`)."""
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,3 +41,17 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(eq=False)
+class Meter:
+    """What one job spent: the requests that carried its commands, and its commands."""
+
+    requests: int = 0
+    commands: int = 0
+    # For metrics: (method, outcome, via); via "batch" is a command inside a batch, "request" an HTTP request.
+    calls: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    waiting: int = 0  # parts of this job queued or on their way
+    # Asked before each call carrying this job's writes: whether the job still holds what makes the writes
+    # its own to send (its lead's lock). No: they are not sent, and the job learns it (`NotHeld`).
+    guard: Callable[[], Awaitable[bool]] | None = None

@@ -8,6 +8,7 @@
     └── ConfigError          the service is set up wrong (webhook, scope, plan): a person has to fix it
         └── TokenExpired     an OAuth access token expired: refresh it once and retry
 
+What each kind means for a job (retry later, wait, failed with a code) is the table in workers/outcomes.py.
 Messages never hold the webhook URL (its path is the secret) or a request body.
 """
 from __future__ import annotations

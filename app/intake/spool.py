@@ -51,7 +51,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.api.keys import queue_key, redis_key, settings_key
-from app.api.metrics import field, stage_counts
+from app.store.counters import field, stage_counts
 from app.settings import Settings
 from app.store.jobs import JobRecord, JobState, is_job_id
 from app.store.outage import describe

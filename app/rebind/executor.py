@@ -18,7 +18,7 @@ from app.bitrix.errors import (
     TransientError,
     policy_for,
 )
-from app.bitrix.session import stops_group
+from app.bitrix.packing import stops_group
 from app.rebind.reading import TYPE_BY_NAME, TYPE_NAMES
 from app.rules.facts import Binding, bindings_json
 from app.rules.plan import BindingPlan, ItemPlan
@@ -108,7 +108,7 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
     - a write that answers anything but `true` (timeline bindings answer `false` with no error) failed:
       its group stops, and a comment's unbinds are sent only once its binds answered true.
 
-    The portal's session packs the writes with every other job's, stage by stage.
+    The portal's batcher packs the writes with every other job's, stage by stage.
     Raises TransientError (the job retries and re-reads first) or ConfigError (a person must act).
     """
     items: list[tuple[str, int, ItemPlan]] = [("activity", a.activity_id, a) for a in plan.activities
@@ -121,14 +121,8 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
               if a.changes and not a.dry_run and not a.bindings_read and a.add]
     read: dict[Item, list[Binding]] = {}
     if unread:  # their count decides the order of the writes: read it with the checks, before any write
-        results = await client.batch([command for _, command in checks] + _binding_reads(unread))
-        _raise_gone(checks, results[:len(checks)])
+        read = await _read_with_checks(client, checks, unread, failed)
         checks = []
-        for key, result in zip(unread, results[len(results) - len(unread):]):
-            if result.error is not None:
-                failed[key] = [_read_failure(result.error)]
-            else:
-                read[key] = _bindings_of("activity", result.result)
     writes = [_writes(kind, id_, item, read.get((kind, id_)), found) for kind, id_, item in items
               if (kind, id_) not in failed]
     kept = {w.key for w in writes if not w.fits}
@@ -147,11 +141,33 @@ async def execute(plan: BindingPlan, client: RestClient) -> list[Outcome]:
                                  *(_apply_comment(client, w, failed, found) for w in alone if w.kind == "comment"),
                                  *(_apply_crowded(client, w, failed, found) for w in alone if w.kind == "activity"),
                                  return_exceptions=True)
-    errors = [e for e in ended if isinstance(e, BaseException)]
+    _raise_the_most_telling([e for e in ended if isinstance(e, BaseException)])
+    return _outcomes(plan, failed, found, kept)
+
+
+async def _read_with_checks(client: RestClient, checks: list[tuple[Binding, Command]], unread: list[Item],
+                            failed: dict[Item, list[B24Error]]) -> dict[Item, list[Binding]]:
+    """The targets' checks and the bindings of the activities whose bindings were assumed, in one read;
+    an activity whose bindings could not be read fails (in `failed`), a target gone raises TargetsGone."""
+    results = await client.batch([command for _, command in checks] + _binding_reads(unread))
+    _raise_gone(checks, results[:len(checks)])
+    read: dict[Item, list[Binding]] = {}
+    for key, result in zip(unread, results[len(results) - len(unread):]):
+        if result.error is not None:
+            failed[key] = [_read_failure(result.error)]
+        else:
+            read[key] = _bindings_of("activity", result.result)
+    return read
+
+
+def _raise_the_most_telling(errors: list[BaseException]) -> None:
     for kind in (ConfigError, MethodBlocked, BaseException):  # the one that says most about what to do
         first = next((e for e in errors if isinstance(e, kind)), None)
         if first is not None:
             raise first
+
+
+def _outcomes(plan: BindingPlan, failed: dict[Item, list[B24Error]], found: Found, kept: set[Item]) -> list[Outcome]:
     outcomes = [_outcome("activity", a.activity_id, a, failed.get(("activity", a.activity_id)),
                          found.get(("activity", a.activity_id)), ("activity", a.activity_id) in kept)
                 for a in plan.activities if a.changes]

@@ -8,7 +8,7 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.jobs import JobStore
 from app.store.queue import LIVE_QUEUE
 from tests.conftest import post_event
-from tests.workers.test_runner import run_one, started
+from tests.support.workers import run_one, started
 from workers.context import PortalTurns, context_of
 
 

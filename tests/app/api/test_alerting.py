@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from app.api import alerting
-from app.api.metrics import REACHABILITY
+from app.store.counters import REACHABILITY
 from app.live_rules import LiveRules
 from app.fakeportal import LEAD, FakePortal
 from app.store.namespace import prefixed

@@ -13,7 +13,8 @@ from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import TargetsGone, execute
 from app.rules.facts import Binding
 from app.rules.model import EntityType
-from app.rules.plan import ActivityPlan, BindingPlan
+from app.rules.plan import BindingPlan
+from tests.support.plans import rebind
 
 MISSING_CONTACT = 9999
 
@@ -22,14 +23,6 @@ MISSING_CONTACT = 9999
 async def rest(portal: FakePortal, portal_config: PortalConfig) -> AsyncIterator[RestClient]:
     async with aiohttp.ClientSession() as session:
         yield RestClient(session, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
-
-
-def rebind(activity: int, lead: int, contact: int, company: int | None = None) -> ActivityPlan:
-    """Move an activity from its lead to a contact (and a company)."""
-    after = (Binding(entity_type=EntityType.CONTACT, entity_id=contact),
-             *([Binding(entity_type=EntityType.COMPANY, entity_id=company)] if company else []))
-    return ActivityPlan(activity_id=activity, before=(Binding(entity_type=EntityType.LEAD, entity_id=lead),),
-                        after=after)
 
 
 async def test_a_single_activity_is_rebound_in_one_request(rest: RestClient, portal: FakePortal) -> None:

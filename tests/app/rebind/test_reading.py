@@ -10,7 +10,7 @@ import aiohttp
 from app.bitrix.client import RestClient, RetryPolicy
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.bitrix.session import PortalSession
+from app.bitrix.batcher import PortalBatcher
 from app.fakeportal import LEAD, FakePortal
 from app.rebind.reading import FactReader
 from app.rules.model import RuleSet
@@ -27,7 +27,7 @@ async def test_a_leads_facts_are_the_same_read_alone_or_merged_with_other_jobs(
         alone = [await FactReader(RestClient(http, portal_config, LocalRateLimiter()), rules)
                  .for_lead("ONCRMLEADUPDATE", lead) for lead in leads]
         reads_alone = portal.method_calls["crm.lead.get"]
-        session = PortalSession(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
+        session = PortalBatcher(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
         clients = [RestClient.joining(session) for _ in leads]
         together = await asyncio.gather(*(FactReader(client, rules).for_lead("ONCRMLEADUPDATE", lead)
                                           for client, lead in zip(clients, leads)))

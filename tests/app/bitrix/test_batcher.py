@@ -1,4 +1,4 @@
-"""PortalSession against the fake portal: every job's commands packed into shared batches, each job
+"""PortalBatcher against the fake portal: every job's commands packed into shared batches, each job
 getting its own results, its own failures and its own request count."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from app.bitrix.client import Command, RestClient, RetryPolicy
 from app.bitrix.errors import ConfigError, MethodBlocked, TransientError
 from app.portal_config import PortalConfig
 from app.bitrix.ratelimit import LocalRateLimiter
-from app.bitrix.session import NotHeld, PortalSession
+from app.bitrix.guard import NotHeld
+from app.bitrix.batcher import PortalBatcher
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.executor import execute
 from app.rules.plan import BindingPlan
-from tests.app.rebind.test_executor import rebind
+from tests.support.plans import rebind
 from tests.conftest import post_event
 
 
@@ -25,7 +26,7 @@ from tests.conftest import post_event
 async def jobs(portal_config: PortalConfig) -> AsyncIterator[Any]:
     """RestClients as a worker's jobs have them: all on the portal's one session."""
     async with aiohttp.ClientSession() as http:
-        session = PortalSession(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
+        session = PortalBatcher(http, portal_config, LocalRateLimiter(), retry=RetryPolicy(attempts=2, base=0.01))
 
         def make(low_priority: bool = False) -> RestClient:
             return RestClient.joining(session, low_priority=low_priority)
@@ -222,7 +223,7 @@ async def test_a_method_out_of_its_budget_defers_only_the_jobs_that_need_it(jobs
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 480)
+    session.budget = budget = MethodBudget(redis, "acme", 480)
     await budget.block("crm.activity.get")
     activity = portal.add_activity([(LEAD, portal.add_lead())])
 
@@ -313,7 +314,7 @@ async def test_a_429_on_batch_itself_defers_every_job_until_the_reset(jobs: Any,
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
+    session.budget = budget = MethodBudget(redis, "acme", 480.0)  # the service expects far more than it gets
     portal.set_operating_limit(3.0, cost_per_call=1.0, charge_batch=True)
     activity = portal.add_activity([(LEAD, portal.add_lead())])
     await make().batch(bindings_of(activity))
@@ -338,7 +339,7 @@ async def test_per_method_figures_are_noted_on_portals_that_charge_each_method(j
     from app.bitrix.budget import MethodBudget
 
     make, session = jobs
-    session._budget = budget = MethodBudget(redis, "acme", 2.0)
+    session.budget = budget = MethodBudget(redis, "acme", 2.0)
     portal.set_operating_limit(10.0, cost_per_call=1.0)
     activity = portal.add_activity([(LEAD, portal.add_lead())])
     await make().batch(bindings_of(activity))
