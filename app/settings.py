@@ -73,6 +73,17 @@ class Settings(BaseSettings):
                     "jobs of a portal share its calls (the more, the fuller each batch, up to about what "
                     "its budget serves: 2 requests a second of 50 commands).",
     )
+    worker_shards: int = Field(
+        default=1, ge=1, le=256, validation_alias=_env("B24_WORKER_SHARDS"),
+        description="Worker processes the portals are split between: each portal's jobs go to one shard's "
+                    "queues (a stable hash of its name), served by one worker process, so its commands pack "
+                    "into full batches. The same on the web process, the workers and the commands.",
+    )
+    worker_shard: int | None = Field(
+        default=None, ge=0, le=255, validation_alias=_env("B24_WORKER_SHARD"),
+        description="The shard a `worker` serves, from 0 (`b24rebind worker --shard K` says it too); "
+                    "needed when B24_WORKER_SHARDS is above 1.",
+    )
     reconcile_interval: float = Field(
         default=900, ge=0, le=7 * 86400, allow_inf_nan=False, validation_alias=_env("B24_RECONCILE_INTERVAL"),
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
@@ -253,6 +264,8 @@ WHAT_TO_WRITE = {
     "allowed_sources": "write addresses or networks, comma-separated: 10.0.0.0/8,192.0.2.7",
     "worker_jobs": "write a whole number from 1 to 500, e.g. 100",
     "reconcile_interval": "write seconds between sweeps (0 turns them off), e.g. 900",
+    "worker_shards": "write how many worker processes share the portals, from 1 to 256, e.g. 4",
+    "worker_shard": "write this worker's shard, from 0 to B24_WORKER_SHARDS - 1, e.g. 0",
 }
 
 
