@@ -4,7 +4,9 @@
 
 One fake process serves 30 portals (`FakePortalHost`), each with its own budget of 2 requests a
 second, burst 50, as ordinary plans have. Real worker processes (`python -m app worker`, the service
-as shipped, default settings) serve all 30 from one rules file and a Redis of the benchmark's own.
+as shipped, default settings) serve all 30 from one rules file and a Redis of the benchmark's own; with
+N of them the portals are split into N shards (B24_WORKER_SHARDS=N, each process one B24_WORKER_SHARD),
+so each portal's jobs run in one process.
 
 - Portal 0 gets 2,000 e-mails at once on 200 converted leads (10 each): a mass import, about a minute
   of its own budget.
@@ -75,8 +77,10 @@ def start_workers(count: int, redis_url: str, rules: Path, data: Path, command: 
            "B24_RECONCILE_INTERVAL": "0", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT), **env}
     workers = []
     for n in range(count):
+        # Worker processes split the portals into shards, one each (B24_WORKER_SHARDS, `worker --shard K`).
+        shard = {"B24_WORKER_SHARDS": str(count), "B24_WORKER_SHARD": str(n)} if command == "worker" else {}
         with (data / f"{command}{n}.log").open("ab") as log:
-            workers.append(subprocess.Popen([sys.executable, "-m", "app", command], cwd=ROOT, env=env,
+            workers.append(subprocess.Popen([sys.executable, "-m", "app", command], cwd=ROOT, env={**env, **shard},
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return workers
 
