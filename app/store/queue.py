@@ -79,7 +79,7 @@ async def queues_beyond(redis: ArqRedis, shards: int) -> dict[int, list[str]]:
             number = name.rsplit(SHARD_SUFFIX, 1)[1]
             if number.isdigit() and int(number) >= shards and await redis.zcard(name):
                 found.setdefault(int(number) % shards, []).append(f"{pattern}{SHARD_SUFFIX}{number}")
-    return found
+    return {shard: sorted(queues) for shard, queues in found.items()}
 
 
 def serialize(job: dict[str, Any]) -> bytes:
