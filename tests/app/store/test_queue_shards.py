@@ -106,3 +106,15 @@ async def test_queues_left_beyond_a_lowered_shard_count_are_found_for_the_shard_
     assert await queues_beyond(redis, 2) == {1: sorted([live_queue(3), backfill_queue(3)]), 0: [live_queue(2)]}
     assert await queues_beyond(redis, 4) == {}  # nothing beyond the count it was queued with
     assert await queues_beyond(redis, 1) == {0: sorted([live_queue(3), backfill_queue(3), live_queue(2)])}
+
+
+async def test_the_dashboard_s_stats_show_every_shard_s_queue_depth_and_their_sum(four_shards: None, client: Any,
+                                                                                 redis: ArqRedis) -> None:
+    queue = JobQueue(redis, JobStore(redis, 3600))
+    for n, portal in enumerate(("acme", "acme", "beta")):  # shards 2, 2, 3
+        assert await queue.submit(JobRecord.for_event(portal, "ONCRMACTIVITYADD", n, "1"))
+
+    stats = (await (await client.get("/api/stats")).json())["queue"]
+
+    assert stats["depth"] == stats["live"] == stats["ready"] == 3
+    assert [(s["shard"], s["live"], s["backfill"]) for s in stats["shards"]] == [(0, 0, 0), (1, 0, 0), (2, 2, 0), (3, 1, 0)]
