@@ -263,6 +263,7 @@ WHAT_TO_WRITE = {
     "spool_dir": "write a directory's path, e.g. var/spool, or leave it empty",
     "allowed_sources": "write addresses or networks, comma-separated: 10.0.0.0/8,192.0.2.7",
     "worker_jobs": "write a whole number from 1 to 500, e.g. 100",
+    "portal_jobs": "write a whole number from 1 to 1000, e.g. 100",
     "reconcile_interval": "write seconds between sweeps (0 turns them off), e.g. 900",
     "worker_shards": "write how many worker processes share the portals, from 1 to 256, e.g. 4",
     "worker_shard": "write this worker's shard, from 0 to B24_WORKER_SHARDS - 1, e.g. 0",
