@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal, FakePortalHost
 from app.store.jobs import JobRecord, JobStore
-from app.store.queue import JobQueue, connect
+from app.store.queue import JobQueue, connect, shard_of, use_shards
 from benchmarks.common import RULES, ROOT, free_port, pinned_redis, rss_mb, wait_for_port
 
 PER_SECOND, BURST = 2.0, 50
@@ -105,6 +105,14 @@ async def wait_until(check: Any, timeout: float) -> bool:
 
 
 async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, Any]:
+    use_shards(workers)  # the benchmark queues as the intake would, on each portal's shard
+    try:
+        return await _run(workers, flood, quiet, seconds)
+    finally:
+        use_shards(1)
+
+
+async def _run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, Any]:
     host = FakePortalHost()
     names = [f"p{n}" for n in range(quiet + 1)]
     for n, name in enumerate(names):
@@ -176,6 +184,8 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
             await redis.aclose()
     figures = {
         "workers": workers, "quiet_events": quiet * seconds, "quiet_right": len(waits),
+        "portals_per_shard": [sum(shard_of(name) == k for name in names) for k in range(workers)],
+        "flood_shard": shard_of(names[0]),
         "quiet_median": statistics.median(waits) if waits else float("nan"),
         "quiet_worst": max(waits) if waits else float("nan"),
         "quiet_p95": sorted(waits)[int(0.95 * (len(waits) - 1))] if waits else float("nan"),
@@ -204,6 +214,8 @@ def report(f: dict[str, Any], quiet: int, seconds: int) -> None:
     print(f"  QUERY_LIMIT_EXCEEDED {f['qle']:>5}   (every portal)")
     print(f"  quiet jobs (median)  {f['quiet_in_queue']:.2f} s in the queue, {f['quiet_running']:.2f} s running; "
           f"{f['quiet_requests'] / max(1, f['quiet_events']):.1f} requests each")
+    if f["workers"] > 1:
+        print(f"  shards               portals per shard {f['portals_per_shard']}, portal 0 on shard {f['flood_shard']}")
 
 
 # ---------------------------------------------------------------- 1,000 portals, 50 active (--many)
