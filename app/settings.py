@@ -94,7 +94,7 @@ class Settings(BaseSettings):
                     "answering and when it answers again, at most one per portal every 5 minutes.",
     )
 
-    @field_validator("redis_url", "api_token", "spool_dir", mode="before")
+    @field_validator("redis_url", "api_token", "spool_dir", "worker_shard", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `.env.example` lists these empty; copied as is, they mean "not set", not an empty token.
