@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from arq import Worker
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from app import demo, logs, loop
 from app.live_rules import LiveRules, load_service_rules
@@ -23,7 +24,7 @@ from app.store import heartbeat
 from app.store.bundled_redis import with_redis
 from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
-from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, connect
+from app.store.queue import backfill_queue, connect, live_queue, queues_beyond, shard_of
 from app.web import create_app
 from workers.main import BACKFILL_JOBS, build_worker, close_portal_sessions, shared_portal_sessions
 from workers.reconcile import reconcile_command
@@ -72,11 +73,15 @@ async def run(settings: Settings, roles: Roles) -> None:
             # Both queues' workers hand their commands to the same sender per portal; closed after both stop.
             shared = shared_portal_sessions()
             stack.push_async_callback(close_portal_sessions, shared)
-            tasks.append(await _start_worker(stack, settings, live, LIVE_QUEUE, outage,
-                                             max_jobs=settings.worker_jobs, shared=shared))
-            # History (backfill): its commands go after live events' and leave them half the burst.
-            tasks.append(await _start_worker(stack, settings, live, BACKFILL_QUEUE, outage,
-                                             max_jobs=BACKFILL_JOBS, shared=shared))
+            shards = shards_served(settings, roles)
+            for shard in shards:  # one shard's queues (a `worker`), or every shard's (`run`)
+                tasks.append(await _start_worker(stack, settings, live, live_queue(shard), outage,
+                                                 max_jobs=settings.worker_jobs, shared=shared))
+                # History (backfill): its commands go after live events' and leave them half the burst.
+                tasks.append(await _start_worker(stack, settings, live, backfill_queue(shard), outage,
+                                                 max_jobs=BACKFILL_JOBS, shared=shared))
+            draining = asyncio.create_task(_drain_beyond(settings, live, shards, shared))
+            stack.push_async_callback(_stop, draining)
             if not roles.web:  # the web app keeps this look itself: one per process
                 watched = await connect(settings, wait=False)
                 stack.push_async_callback(watched.aclose)
@@ -107,6 +112,70 @@ def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:
     # An idle kept-alive connection is closed after 15 s (aiohttp's default is 75): slots are not held by idlers.
     return web.AppRunner(create_app(settings, rules), shutdown_timeout=30, access_log=None, keepalive_timeout=15,
                          **HEADER_LIMITS)
+
+
+class ShardError(Exception):
+    """A worker's shard is missing or beyond the shard count; the message says what to do."""
+
+
+def with_worker_shard(settings: Settings, shard: int | None) -> Settings:
+    """A `worker`'s settings with its shard (`--shard K` over B24_WORKER_SHARD), checked against the count."""
+    shard = settings.worker_shard if shard is None else shard
+    count = settings.worker_shards
+    if shard is not None and not 0 <= shard < count:
+        raise ShardError(f"shard {shard} does not exist: B24_WORKER_SHARDS is {count}, so shards are 0 to "
+                         f"{count - 1}. Start this worker with --shard K (K from 0 to {count - 1}), or set "
+                         "B24_WORKER_SHARDS to the number of worker processes on every process.")
+    if shard is None and count > 1:
+        raise ShardError(f"B24_WORKER_SHARDS is {count}: say which shard this worker serves, with "
+                         f"`b24rebind worker --shard K` or B24_WORKER_SHARD=K (K from 0 to {count - 1}); run one "
+                         "worker per shard (docs/operations.md, \"Many portals\").")
+    return settings.model_copy(update={"worker_shard": shard})
+
+
+def shards_served(settings: Settings, roles: Roles) -> list[int]:
+    """The shards whose queues this process serves: every one when it is web and worker at once (`run`,
+    `demo`), else its own (B24_WORKER_SHARD; 0 with one shard)."""
+    if roles.web or settings.worker_shards == 1:
+        return list(range(settings.worker_shards))
+    if settings.worker_shard is None:  # `b24rebind worker` checks this before starting (with_worker_shard)
+        raise ShardError("B24_WORKER_SHARD is not set")
+    return [settings.worker_shard]
+
+
+async def _drain_beyond(settings: Settings, rules: LiveRules, shards: list[int], shared: dict[str, Any]) -> None:
+    """Jobs left on the queues of shards the count no longer has (B24_WORKER_SHARDS lowered while they
+    waited) are worked off by the worker of their shard number modulo the count, with arq's burst worker:
+    nothing is moved between arq's queues, and nothing stays where no worker looks."""
+    redis = await connect(settings, wait=False)
+    workers: list[Worker] = []
+    try:
+        while True:
+            try:
+                beyond = await queues_beyond(redis, settings.worker_shards)
+                break
+            except (RedisError, OSError):  # the workers say that Redis is away; look again once it is back
+                await asyncio.sleep(5)
+        queues = [queue for shard in shards for queue in beyond.get(shard, [])]
+        for queue in queues:
+            log.warning("%s holds jobs of a shard beyond B24_WORKER_SHARDS=%d (the count was lowered): this "
+                        "worker works them off", queue, settings.worker_shards)
+        workers = [build_worker(settings, rules, redis, handle_signals=False, queue_name=queue, burst=True,
+                                max_jobs=settings.worker_jobs, ctx=shared) for queue in queues]
+        await asyncio.gather(*(worker.async_run() for worker in workers))
+        for queue in queues:
+            log.info("%s is empty: its jobs were worked off", queue)
+    finally:  # on a stop too: a job cut off stays queued; the workers' HTTP sessions are closed
+        for worker in workers:
+            worker.allow_pick_jobs = False
+            if worker.on_shutdown:  # a burst worker does not run its shutdown itself
+                await worker.on_shutdown(worker.ctx)
+        await redis.aclose()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task], timeout=30)
 
 
 class CannotListen(Exception):
@@ -163,13 +232,15 @@ async def _start_worker(stack: AsyncExitStack, settings: Settings, rules: LiveRu
     return task
 
 
-def backfill_worker(settings: Settings, rules: RuleSet, redis: ArqRedis) -> Worker:
-    """A worker that drains the backfill queue and stops: `b24rebind backfill` works off its own jobs."""
-    return build_worker(settings, rules, redis, queue_name=BACKFILL_QUEUE, burst=True, handle_signals=False,
-                        max_jobs=BACKFILL_JOBS, poll_delay=0.2)
+def backfill_worker(settings: Settings, rules: RuleSet, redis: ArqRedis, portal: str = "") -> Worker:
+    """A worker that drains the portal's shard's backfill queue and stops: `b24rebind backfill` works off
+    its own jobs."""
+    return build_worker(settings, rules, redis, queue_name=backfill_queue(shard_of(portal)), burst=True,
+                        handle_signals=False, max_jobs=BACKFILL_JOBS, poll_delay=0.2)
 
 
-__all__ = ["CannotListen", "Roles", "backfill_worker", "reconcile_command", "run", "web_runner"]
+__all__ = ["CannotListen", "Roles", "ShardError", "backfill_worker", "reconcile_command", "run", "shards_served",
+           "web_runner", "with_worker_shard"]
 
 
 async def _until_stopped(tasks: list[asyncio.Task[None]]) -> None:

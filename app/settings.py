@@ -79,6 +79,17 @@ class Settings(BaseSettings):
                     "jobs of a portal share its calls (the more, the fuller each batch, up to about what "
                     "its budget serves: 2 requests a second of 50 commands).",
     )
+    worker_shards: int = Field(
+        default=1, ge=1, le=256, validation_alias=_env("B24_WORKER_SHARDS"),
+        description="Worker processes the portals are split between: each portal's jobs go to one shard's "
+                    "queues (a stable hash of its name), served by one worker process, so its commands pack "
+                    "into full batches. The same on the web process, the workers and the commands.",
+    )
+    worker_shard: int | None = Field(
+        default=None, ge=0, le=255, validation_alias=_env("B24_WORKER_SHARD"),
+        description="The shard a `worker` serves, from 0 (`b24rebind worker --shard K` says it too); "
+                    "needed when B24_WORKER_SHARDS is above 1.",
+    )
     reconcile_interval: float = Field(
         default=900, ge=0, le=7 * 86400, allow_inf_nan=False, validation_alias=_env("B24_RECONCILE_INTERVAL"),
         description="Seconds between the worker's reconciliation sweeps; 0 turns them off.",
@@ -89,7 +100,7 @@ class Settings(BaseSettings):
                     "answering and when it answers again, at most one per portal every 5 minutes.",
     )
 
-    @field_validator("redis_url", "api_token", "spool_dir", mode="before")
+    @field_validator("redis_url", "api_token", "spool_dir", "worker_shard", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # `.env.example` lists these empty; copied as is, they mean "not set", not an empty token.
@@ -260,6 +271,8 @@ WHAT_TO_WRITE = {
     "worker_jobs": "write a whole number from 1 to 1000, e.g. 300",
     "portal_jobs": "write a whole number from 1 to 1000, e.g. 100 (at most B24_WORKER_JOBS)",
     "reconcile_interval": "write seconds between sweeps (0 turns them off), e.g. 900",
+    "worker_shards": "write how many worker processes share the portals, from 1 to 256, e.g. 4",
+    "worker_shard": "write this worker's shard, from 0 to B24_WORKER_SHARDS - 1, e.g. 0",
 }
 
 

@@ -4,7 +4,9 @@
 
 One fake process serves 30 portals (`FakePortalHost`), each with its own budget of 2 requests a
 second, burst 50, as ordinary plans have. Real worker processes (`python -m app worker`, the service
-as shipped, default settings) serve all 30 from one rules file and a Redis of the benchmark's own.
+as shipped, default settings) serve all 30 from one rules file and a Redis of the benchmark's own; with
+N of them the portals are split into N shards (B24_WORKER_SHARDS=N, each process one B24_WORKER_SHARD),
+so each portal's jobs run in one process.
 
 - Portal 0 gets 2,000 e-mails at once on 200 converted leads (10 each): a mass import, about a minute
   of its own budget.
@@ -33,7 +35,7 @@ from urllib.parse import urlencode
 
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal, FakePortalHost
 from app.store.jobs import JobRecord, JobStore
-from app.store.queue import JobQueue, connect
+from app.store.queue import JobQueue, connect, shard_of, use_shards
 from benchmarks.common import RULES, ROOT, free_port, pinned_redis, rss_mb, wait_for_port
 
 PER_SECOND, BURST = 2.0, 50
@@ -75,8 +77,10 @@ def start_workers(count: int, redis_url: str, rules: Path, data: Path, command: 
            "B24_RECONCILE_INTERVAL": "0", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT), **env}
     workers = []
     for n in range(count):
+        # Worker processes split the portals into shards, one each (B24_WORKER_SHARDS, `worker --shard K`).
+        shard = {"B24_WORKER_SHARDS": str(count), "B24_WORKER_SHARD": str(n)} if command == "worker" else {}
         with (data / f"{command}{n}.log").open("ab") as log:
-            workers.append(subprocess.Popen([sys.executable, "-m", "app", command], cwd=ROOT, env=env,
+            workers.append(subprocess.Popen([sys.executable, "-m", "app", command], cwd=ROOT, env={**env, **shard},
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     return workers
 
@@ -101,6 +105,14 @@ async def wait_until(check: Any, timeout: float) -> bool:
 
 
 async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, Any]:
+    use_shards(workers)  # the benchmark queues as the intake would, on each portal's shard
+    try:
+        return await _run(workers, flood, quiet, seconds)
+    finally:
+        use_shards(1)
+
+
+async def _run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, Any]:
     host = FakePortalHost()
     names = [f"p{n}" for n in range(quiet + 1)]
     for n, name in enumerate(names):
@@ -172,6 +184,8 @@ async def run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, A
             await redis.aclose()
     figures = {
         "workers": workers, "quiet_events": quiet * seconds, "quiet_right": len(waits),
+        "portals_per_shard": [sum(shard_of(name) == k for name in names) for k in range(workers)],
+        "flood_shard": shard_of(names[0]),
         "quiet_median": statistics.median(waits) if waits else float("nan"),
         "quiet_worst": max(waits) if waits else float("nan"),
         "quiet_p95": sorted(waits)[int(0.95 * (len(waits) - 1))] if waits else float("nan"),
@@ -200,6 +214,8 @@ def report(f: dict[str, Any], quiet: int, seconds: int) -> None:
     print(f"  QUERY_LIMIT_EXCEEDED {f['qle']:>5}   (every portal)")
     print(f"  quiet jobs (median)  {f['quiet_in_queue']:.2f} s in the queue, {f['quiet_running']:.2f} s running; "
           f"{f['quiet_requests'] / max(1, f['quiet_events']):.1f} requests each")
+    if f["workers"] > 1:
+        print(f"  shards               portals per shard {f['portals_per_shard']}, portal 0 on shard {f['flood_shard']}")
 
 
 # ---------------------------------------------------------------- 1,000 portals, 50 active (--many)

@@ -3,8 +3,10 @@
     .venv/bin/python -m benchmarks.portal_limit [--workload NAME ...] [--workers 1 4] [--fail 0.05] [--no-echoes]
 
 The fake portal allows 2 requests a second with a burst of 50, as ordinary plans do. Each workload
-runs with 1 and with 4 workers (each its own arq Worker and ctx, so its own PortalSession: as separate
-processes are, sharing only Redis and its leaky bucket; each packs its own jobs' commands). For each: the
+runs with 1 and with 4 workers (each its own arq Worker and ctx, so its own PortalBatcher: as separate
+processes are, sharing only Redis and its leaky bucket; each packs its own jobs' commands). With N
+workers the portals are split into N shards (B24_WORKER_SHARDS), worker K serving shard K's queues, as
+`b24rebind worker --shard K` does: the one portal's jobs all go to one of them. For each: the
 REST requests the portal saw, the floor (the fewest the API allows, commands packed 50 to a batch; see
 `FLOORS`), their ratio, the wall time, the time the portal's bucket takes to let those requests through
 (the first 50 at once, then 2 a second), QUERY_LIMIT_EXCEEDED answers, and how many activities ended right.
@@ -50,7 +52,7 @@ from app.rules.loader import parse_rules
 from app.settings import Settings
 from app.store.jobs import JobRecord, JobStore
 from app.web import create_app
-from app.store.queue import BACKFILL_QUEUE, JobQueue, connect
+from app.store.queue import JobQueue, backfill_queue, connect, live_queue, use_shards
 from benchmarks.common import RULES
 from workers.main import BACKFILL_JOBS, build_worker, close_portal_sessions, shared_portal_sessions, shutdown
 
@@ -157,6 +159,14 @@ async def _intake(settings: Settings, rules: Any, portal: FakePortal) -> web.App
 
 
 async def run(name: str, workers: int, fail: float, echoes: bool = True) -> dict[str, Any]:
+    use_shards(workers)  # every job of the portal goes to its shard's queues, as with B24_WORKER_SHARDS
+    try:
+        return await _run(name, workers, fail, echoes)
+    finally:
+        use_shards(1)
+
+
+async def _run(name: str, workers: int, fail: float, echoes: bool) -> dict[str, Any]:
     with sync_redis.Redis.from_url(REDIS_URL) as plain:
         plain.flushdb()
     portal = FakePortal(webhook_code="benchcode", per_second=PER_SECOND, burst=BURST)
@@ -178,17 +188,18 @@ async def run(name: str, workers: int, fail: float, echoes: bool = True) -> dict
         started = time.perf_counter()
         for record in scene.live_jobs:
             await queue.submit(record)
-        # Each worker "process" has its own ctx, so its own PortalSession; for a backfill, a live and a
+        # Each worker "process" has its own ctx, so its own PortalBatcher; for a backfill, a live and a
         # backfill worker share it, as in `b24rebind worker`.
         processes = [shared_portal_sessions() for _ in range(workers)]
         if scene.backfill:
             async with aiohttp.ClientSession() as http:
                 lister = RestClient(http, config, RateLimiter(redis), low_priority=True)
                 await queue_backfill(BackfillRun("acme", "2000-01-01"), lister, queue, redis)
-            live = [build_worker(settings, rules, redis, poll_delay=0.05, handle_signals=False, ctx=shared)
-                    for shared in processes]
+            live = [build_worker(settings, rules, redis, poll_delay=0.05, handle_signals=False, ctx=shared,
+                                 queue_name=live_queue(shard)) for shard, shared in enumerate(processes)]
             history = [build_worker(settings, rules, redis, burst=True, poll_delay=0.05, handle_signals=False,
-                                    queue_name=BACKFILL_QUEUE, max_jobs=BACKFILL_JOBS, ctx=shared) for shared in processes]
+                                    queue_name=backfill_queue(shard), max_jobs=BACKFILL_JOBS, ctx=shared)
+                       for shard, shared in enumerate(processes)]
             live_runs = [asyncio.create_task(worker.async_run()) for worker in live]
             probing = asyncio.create_task(_live_probe(scene, queue, started, probe))
             await asyncio.gather(*(worker.async_run() for worker in history))
@@ -200,13 +211,13 @@ async def run(name: str, workers: int, fail: float, echoes: bool = True) -> dict
             pool = live + history
         else:
             pool = [build_worker(settings, rules, redis, burst=True, poll_delay=0.05, handle_signals=False,
-                                 ctx=shared) for shared in processes]
+                                 ctx=shared, queue_name=live_queue(shard)) for shard, shared in enumerate(processes)]
             await asyncio.gather(*(worker.async_run() for worker in pool))
             wall = time.perf_counter() - started
         if echoes:  # the echoes of the last writes, and their jobs, after the workers found the queue empty
             await portal.echoes_sent(timeout=120)
             late = [build_worker(settings, rules, redis, burst=True, poll_delay=0.05, handle_signals=False,
-                                 ctx=shared) for shared in processes]
+                                 ctx=shared, queue_name=live_queue(shard)) for shard, shared in enumerate(processes)]
             await asyncio.gather(*(worker.async_run() for worker in late))
             pool += late
         if intake is not None:

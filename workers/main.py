@@ -17,6 +17,7 @@ from app.store.namespace import prefixed
 from app.store.queue import (
     LIVE_QUEUE,
     PROCESS_EVENT,
+    is_live_queue,
     RESCUE_CRON,
     SWEEP_CRON,
     JobQueue,
@@ -58,7 +59,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 def shared_portal_sessions() -> dict[str, Any]:
     """WorkerContext options for a process's workers (live and backfill): one HTTP session and one
-    PortalSession per portal between them, so that one sender sees all of the process's work for a portal."""
+    PortalBatcher per portal between them, so that one sender sees all of the process's work for a portal."""
     return {"senders": PortalSenders()}
 
 
@@ -87,14 +88,16 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
     context_options = options.pop("ctx", {})
     # Long-running live workers sweep for missed events; a gate in Redis keeps it to one sweep an interval.
     queue = options.pop("queue_name", LIVE_QUEUE)
-    sweeps = settings.reconcile_interval and not options.get("burst") and queue == LIVE_QUEUE
+    # Every shard's live worker has the crons; arq's cron job ids (`<name>:<time>`) are one a run time
+    # across queues, so one shard's worker runs each.
+    sweeps = settings.reconcile_interval and not options.get("burst") and is_live_queue(queue)
     # arq makes a cron's job ids from its name (`<name>:<time>`): prefixed, each installation sharing a
     # Redis runs its own sweep. Unprefixed it is arq's default name.
     sweep_cron = cron(reconcile_job, name=prefixed(SWEEP_CRON), second=set(range(0, 60, TICK)),
                       timeout=JOB_TIMEOUT, max_tries=1)
     # One worker a minute (arq's cron job ids are unique per run time) looks for stranded jobs.
     rescue_cron = cron(requeue_stranded, name=prefixed(RESCUE_CRON), second=0, timeout=60, max_tries=1)
-    long_running = not options.get("burst") and queue == LIVE_QUEUE
+    long_running = not options.get("burst") and is_live_queue(queue)
     crons = [*([sweep_cron] if sweeps else []), *([rescue_cron] if long_running else [])]
     return LeasedWorker(
         # The job record is the job's result: arq keeps none for event jobs.

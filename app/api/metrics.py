@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from app.api.keys import outage_key, redis_key, store_key
 from app.store.counters import COUNTERS, DURATION_BUCKETS, field, parse_field, stage_counts
 from app.store.namespace import prefixed
-from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
+from app.store.queue import backfill_queue, live_queue, shard_count
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +179,17 @@ class _Snapshot(Collector):
 
 async def snapshot(redis: Redis, states: dict[str, int]) -> _Snapshot:
     """Read what a scrape shows from Redis."""
+    shards = range(shard_count())  # every shard's queues, summed: a portal's jobs wait on its shard's
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(prefixed(COUNTERS))
-        pipe.zcard(prefixed(LIVE_QUEUE))
-        pipe.zcard(prefixed(BACKFILL_QUEUE))
         pipe.zrange(prefixed("b24:jobs:state:queued"), 0, 0, withscores=True)
-        raw, live, backfill, oldest = await pipe.execute()
+        for shard in shards:
+            pipe.zcard(prefixed(live_queue(shard)))
+            pipe.zcard(prefixed(backfill_queue(shard)))
+        raw, oldest, *depths = await pipe.execute()
     counters = {key.decode(): float(value) for key, value in raw.items()}
     age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
-    return _Snapshot(counters, states, {"live": live, "backfill": backfill}, age)
+    return _Snapshot(counters, states, {"live": sum(depths[0::2]), "backfill": sum(depths[1::2])}, age)
 
 
 class _RedisState(Collector):

@@ -14,7 +14,7 @@ from app.rules.model import RuleSet
 from app.store import heartbeat
 from app.store.jobs import INDEX_PREFIX, JOB_INDEX, JobStore
 from app.store.namespace import prefixed
-from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE
+from app.store.queue import backfill_queue, live_queue, shard_count
 
 MINUTES = 30  # jobs received per minute, for `jobs_per_minute_history`
 HOUR = 60  # minutes of events, finished jobs and portal requests, for the dashboard's chart
@@ -26,18 +26,23 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
     seconds, micros = await redis.time()
     now = seconds + micros / 1e6
     this_minute = int(now // 60)
+    shards = shard_count()  # B24_WORKER_SHARDS: each shard's queues, summed, and each shown
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(prefixed(LIVE_QUEUE))
-        pipe.zcard(prefixed(BACKFILL_QUEUE))
-        pipe.zcount(prefixed(LIVE_QUEUE), "-inf", now * 1000)
-        pipe.zcount(prefixed(BACKFILL_QUEUE), "-inf", now * 1000)
+        for shard in range(shards):
+            for queue in (live_queue(shard), backfill_queue(shard)):
+                pipe.zcard(prefixed(queue))
+                pipe.zcount(prefixed(queue), "-inf", now * 1000)
         pipe.zrange(prefixed(f"{INDEX_PREFIX}state:queued"), 0, 0, withscores=True)
         for minute in range(MINUTES):
             pipe.zcount(prefixed(JOB_INDEX), now - 60 * (minute + 1), f"({now - 60 * minute}")
         for minute in range(this_minute - HOUR + 1, this_minute + 1):
             pipe.hgetall(prefixed(f"{MINUTES_KEY}{minute}"))
         pipe.hgetall(prefixed(COUNTERS))
-        live, backfill, live_ready, backfill_ready, oldest, *rest = await pipe.execute()
+        answers = await pipe.execute()
+    depths, (oldest, *rest) = answers[:4 * shards], answers[4 * shards:]
+    by_shard = [{"shard": shard, "live": depths[4 * shard], "backfill": depths[4 * shard + 2]} for shard in range(shards)]
+    live, backfill = sum(depths[0::4]), sum(depths[2::4])
+    live_ready, backfill_ready = sum(depths[1::4]), sum(depths[3::4])
     per_minute, minutes, counters = rest[:MINUTES], rest[MINUTES:-1], rest[-1]
     history = {series: [int(float(m.get(series.encode(), 0))) for m in minutes] for series in SERIES}
     ready = live_ready + backfill_ready
@@ -47,7 +52,8 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
         # Retries wait in the queue too, scheduled for later: "ready" is what a worker could take now.
         "queue": {"depth": live + backfill, "live": live, "backfill": backfill, "ready": ready,
                   "later": live + backfill - ready,
-                  "oldest_queued_seconds": round(now - oldest[0][1], 3) if oldest else None},
+                  "oldest_queued_seconds": round(now - oldest[0][1], 3) if oldest else None,
+                  "shards": by_shard},
         "jobs_per_minute": per_minute[0],  # received
         "jobs_per_minute_history": per_minute[::-1],  # oldest minute first, the current one last
         "jobs_finished_last_minute": sum(history["jobs"][-2:]) if history["jobs"] else 0,
@@ -60,7 +66,9 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
 async def _workers(redis: Redis, now: float) -> dict[str, Any]:
     """The worker processes online (each beats every few seconds), the jobs they have under way, and when
     a worker was last seen: how long ago, by Redis's clock, so a browser's clock does not matter."""
-    queues = {prefixed(LIVE_QUEUE): "live", prefixed(BACKFILL_QUEUE): "backfill"}
+    queues = {prefixed(live_queue(0)): "live", prefixed(backfill_queue(0)): "backfill"}
+    queues |= {prefixed(queue(k)): f"{kind} (shard {k})" for k in range(1, shard_count())
+               for kind, queue in (("live", live_queue), ("backfill", backfill_queue))}
     beats = await heartbeat.online(redis)
     online = [w for w in beats if w["online"]]
     last_seen = max((w["seen_at"] for w in beats), default=None)

@@ -201,14 +201,15 @@ async def backfill_command(settings: Settings, since: str, only_rule: str | None
         print(f"backfill: {len(job_ids)} converted leads since {since} queued on the low-priority queue"
               + (" (dry run: nothing will be written)" if dry_run else ""), flush=True)
         if wait:
-            await _work_off(settings, rules, redis, store, job_ids)
+            await _work_off(settings, rules, redis, store, job_ids, portal.name)
         for line in (await summarise(store, job_ids)).lines():
             print(f"  {line}")
     return 0
 
 
-async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobStore, job_ids: list[str]) -> None:
-    worker = service.backfill_worker(settings, rules, redis)
+async def _work_off(settings: Settings, rules: RuleSet, redis: Any, store: JobStore, job_ids: list[str],
+                    portal: str) -> None:
+    worker = service.backfill_worker(settings, rules, redis, portal)
     task = asyncio.create_task(worker.async_run())
     try:
         while not task.done():

@@ -26,6 +26,7 @@ from app.live_rules import DEFAULT_RULES, load_service_rules, variables
 from app.rules.loader import load_rules
 from app.settings import Settings, SettingsError, load_settings
 from app.store import namespace
+from app.store.queue import use_shards
 from app.words import plural
 
 ROLES = {
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command not in ROLES:
         settings = _playground(settings)
     namespace.use_prefix(settings.key_prefix)  # before any command touches Redis
+    use_shards(settings.worker_shards)  # every command that queues a job puts it on its portal's shard
     return at_the_edge(lambda: _command(args, settings), settings)
 
 
@@ -88,10 +90,14 @@ def _command(args: argparse.Namespace, settings: Settings) -> int:
             roles = ROLES[args.command]
             if args.command == "demo" and args.keep:
                 roles = dataclasses.replace(roles, keep=True)
+            if args.command == "worker":
+                settings = service.with_worker_shard(settings, args.shard)
             loop.run(service.run(settings, roles))
             return 0
     except demo.DemoError as exc:
         raise Failure(str(exc), Exit.PORTAL_DOWN if exc.portal_down else Exit.USAGE) from None
+    except service.ShardError as exc:
+        raise Failure(str(exc), Exit.USAGE) from None
     return _tool(args, settings)
 
 
@@ -131,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     jobs_cli.add_commands(commands_)
     commands_.add_parser("serve", help="the web process: receives portal events and queues them")
-    commands_.add_parser("worker", help="a worker: applies the rules to queued events")
+    worker_ = commands_.add_parser("worker", help="a worker: applies the rules to queued events")
+    worker_.add_argument("--shard", type=int, metavar="K", help="the shard of portals it serves, from 0 "
+                         "(B24_WORKER_SHARD; needed when B24_WORKER_SHARDS is above 1)")
     commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
     demo_ = commands_.add_parser("demo", help="the real sequence on a built-in demo portal: the portal's "
                                               "conversion, then what b24rebind adds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from typing import Any, cast
 
 import orjson
@@ -37,6 +38,57 @@ BACKFILL_QUEUE = "arq:queue:backfill"  # history, worked on with the portal budg
 # spools the event instead (a replica on the same network confirms in well under a millisecond).
 REPLICA_WAIT = 1.0
 REPLICA_MARK = "b24:intake:replicated"  # written after each job, so WAIT also covers one written earlier
+
+SHARD_SUFFIX = ":shard"  # shard K > 0's queues: arq:queue:shardK, arq:queue:backfill:shardK (shard 0 keeps the names above)
+
+# Portals are split between B24_WORKER_SHARDS shards, each served by one worker process, so that a
+# portal's jobs all run in one process and its commands pack into full batches (docs/architecture.md,
+# step 7). Set once per process from the settings (`use_shards`), as the key prefix is.
+_shards = 1
+
+
+def use_shards(count: int) -> None:
+    """How many shards this process's enqueuers route portals to (Settings.worker_shards)."""
+    global _shards
+    _shards = max(1, count)
+
+
+def shard_count() -> int:
+    return _shards
+
+
+def shard_of(portal: str, shards: int | None = None) -> int:
+    """A portal's shard: a stable hash of its name (the same in every process and release; Python's
+    `hash` is salted per process)."""
+    count = _shards if shards is None else shards
+    return zlib.crc32(portal.encode()) % count if count > 1 else 0
+
+
+def live_queue(shard: int = 0) -> str:
+    """A shard's live queue (unprefixed, as LIVE_QUEUE); shard 0's is today's LIVE_QUEUE."""
+    return LIVE_QUEUE + (f"{SHARD_SUFFIX}{shard}" if shard else "")
+
+
+def backfill_queue(shard: int = 0) -> str:
+    return BACKFILL_QUEUE + (f"{SHARD_SUFFIX}{shard}" if shard else "")
+
+
+def is_live_queue(name: str) -> bool:
+    """A shard's live queue (unprefixed), not a backfill one."""
+    return name == LIVE_QUEUE or name.startswith(LIVE_QUEUE + SHARD_SUFFIX)
+
+
+async def queues_beyond(redis: ArqRedis, shards: int) -> dict[int, list[str]]:
+    """Shard queues (unprefixed) that hold jobs but that no worker serves at this shard count (the count was
+    lowered): by the shard that serves them now (their number modulo the count). One SCAN, at a worker's start."""
+    found: dict[int, list[str]] = {}
+    for pattern in (LIVE_QUEUE, BACKFILL_QUEUE):
+        async for key in redis.scan_iter(match=prefixed(pattern + SHARD_SUFFIX) + "*", count=1000, _type="zset"):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            number = name.rsplit(SHARD_SUFFIX, 1)[1]
+            if number.isdigit() and int(number) >= shards and await redis.zcard(name):
+                found.setdefault(int(number) % shards, []).append(f"{pattern}{SHARD_SUFFIX}{number}")
+    return {shard: sorted(queues) for shard, queues in found.items()}
 
 
 def serialize(job: dict[str, Any]) -> bytes:
@@ -232,4 +284,7 @@ class JobQueue:
 
 
 def _queue_of(record: JobRecord) -> str:
-    return prefixed(BACKFILL_QUEUE if record.trigger == "backfill" else LIVE_QUEUE)
+    """The queue of the record's portal's shard: every enqueuer (intake, spool, retry, undo, rescue,
+    backfill, reconcile) goes through here."""
+    shard = shard_of(record.portal)
+    return prefixed(backfill_queue(shard) if record.trigger == "backfill" else live_queue(shard))

@@ -446,7 +446,7 @@ def kubernetes_roles(image: Image, redis_url: str, portal: FakePortal, files: Pa
                                  "B24_APPLICATION_TOKEN": TOKEN})
 
     def role(name: str) -> Role:
-        workload = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+        workload = next(o for o in objects if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"] == name)
         pod = workload["spec"]["template"]["spec"]
         container = pod["containers"][0]
         assert container["image"].rsplit(":", 1)[0].endswith("/b24rebind"), container["image"]
@@ -461,6 +461,8 @@ def kubernetes_roles(image: Image, redis_url: str, portal: FakePortal, files: Pa
             else:
                 env.update(secrets[source["secretRef"]["name"]])
         env.update({e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e})
+        # the StatefulSet's pod 0: its ordinal, from the label the controller sets, is its shard
+        env.update({e["name"]: "0" for e in container.get("env", []) if "pod-index" in str(e.get("valueFrom"))})
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         mounts = []
         for mount in container.get("volumeMounts", []):

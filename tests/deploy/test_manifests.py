@@ -132,7 +132,7 @@ def test_a_kustomization_lists_only_files_that_exist(kustomization: Path) -> Non
 
 def test_kubernetes_objects_have_api_version_kind_and_name() -> None:
     objects = kube_objects()
-    assert {"Deployment", "Service", "Ingress", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret",
+    assert {"Deployment", "Service", "Ingress", "PodDisruptionBudget", "Secret",
             "StatefulSet"} <= {o["kind"] for o in objects}
     for obj in objects:
         assert obj.get("apiVersion") and obj.get("kind") and obj.get("metadata", {}).get("name"), obj
@@ -141,8 +141,8 @@ def test_kubernetes_objects_have_api_version_kind_and_name() -> None:
 @pytest.mark.parametrize("overlay", overlays())
 def test_kustomize_builds(overlay: str) -> None:
     kinds = [doc["kind"] for doc in rendered(overlay)]
-    assert kinds.count("Deployment") == 2
-    assert ("StatefulSet" in kinds) == (overlay != "base")
+    assert kinds.count("Deployment") == 1  # the web; the workers are a StatefulSet (a shard per ordinal)
+    assert kinds.count("StatefulSet") > 1 if overlay != "base" else kinds.count("StatefulSet") == 1
 
 
 @pytest.mark.parametrize("version", supported_kubernetes_versions())
@@ -218,10 +218,23 @@ def test_the_ingress_exposes_only_the_public_routes_over_tls() -> None:
     assert paths <= app_routes()
 
 
+def test_the_worker_statefulset_runs_a_shard_per_ordinal_as_many_as_b24_worker_shards() -> None:
+    for overlay in overlays():
+        objects = rendered(overlay)
+        worker = next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "b24rebind-worker")
+        env_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("b24rebind-env"))
+        assert int(env_map["data"]["B24_WORKER_SHARDS"]) == worker["spec"]["replicas"], overlay
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        shard = next(e for e in container["env"] if e["name"] == "B24_WORKER_SHARD")
+        assert shard["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert not of_kind("HorizontalPodAutoscaler")  # scaling would change the process count, not the shards
+
+
 def test_workloads_run_commands_the_cli_knows() -> None:
-    for deployment in of_kind("Deployment"):
+    for deployment in of_kind("Deployment") + of_kind("StatefulSet"):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
-            assert container["args"][0] in cli_commands()
+            if container["image"] == "b24rebind":  # not Redis's
+                assert container["args"][0] in cli_commands()
 
 
 def test_selectors_and_references_point_at_something() -> None:
@@ -235,9 +248,6 @@ def test_selectors_and_references_point_at_something() -> None:
         assert selects(service["spec"]["selector"]), service["metadata"]["name"]
     for pdb in of_kind("PodDisruptionBudget"):
         assert selects(pdb["spec"]["selector"]["matchLabels"]), pdb["metadata"]["name"]
-    for hpa in of_kind("HorizontalPodAutoscaler"):
-        assert hpa["spec"]["scaleTargetRef"]["name"] in pods
-        assert {m["type"] for m in hpa["spec"]["metrics"]} == {"External", "Resource"}
     services = {s["metadata"]["name"] for s in of_kind("Service")}
     for ingress in of_kind("Ingress"):
         for rule in ingress["spec"]["rules"]:
@@ -332,11 +342,20 @@ def systemd_unit(name: str) -> configparser.ConfigParser:
 def test_systemd_units_run_the_cli_hardened(name: str, command: str) -> None:
     service = systemd_unit(name)["Service"]
     exec_start = service["ExecStart"].split()
-    assert exec_start[0].endswith("/b24rebind") and exec_start[1:] == [command]
+    # a worker serves the shard its instance names (b24rebind-worker@K)
+    assert exec_start[0].endswith("/b24rebind") and exec_start[1:] == [command, *(["--shard", "%i"] if "@" in name else [])]
     assert command in cli_commands()
     assert service["EnvironmentFile"] and service["Restart"] in ("always", "on-failure")
     assert service["User"] != "root"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+
+
+def test_systemd_starts_one_worker_per_shard_from_0() -> None:
+    shards = next(int(line.split("=", 1)[1]) for line in (DEPLOY / "systemd" / "env.example").read_text().splitlines()
+                  if line.startswith("B24_WORKER_SHARDS="))
+    wanted = systemd_unit("b24rebind.target")["Unit"]["Wants"].split()
+    assert sorted(w for w in wanted if w.startswith("b24rebind-worker@")) == [
+        f"b24rebind-worker@{k}.service" for k in range(shards)]
 
 
 def test_nginx_exposes_only_the_public_routes() -> None:
