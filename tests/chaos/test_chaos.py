@@ -25,9 +25,9 @@ from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
 from app.web import create_app
+from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 from tests.support.chaos import all_done, assert_every_activity_ended_right, converted_leads
 from tests.support.processes import WorkerProcess, write_rules
-from tests.conftest import TOKEN, WEBHOOK_CODE, post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortalHost
+from app.fakeportal import LEAD, FakePortalHost
 from app.store.jobs import JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
 from app.store.queue import JobQueue
-from tests.support.processes import ServiceProcess, WorkerProcess
 from tests.conftest import DEFAULT_RULES, DOMAIN, TOKEN
+from tests.support.chaos import assert_moved_once_to
+from tests.support.processes import ServiceProcess, WorkerProcess
 
 pytestmark = pytest.mark.slow  # real processes, and a wait past the lock's 15 s lease
 
@@ -105,9 +106,4 @@ async def test_a_worker_paused_past_its_lock_sends_no_write_once_it_resumes(
         await host.close()
 
     assert any(name == "second" and any(w in body for w in WRITES) for name, _, body in host.served)
-    expected = [(CONTACT, made["contact"]), (COMPANY, made["company"])]
-    assert all(portal.bindings(a) == expected for a in activities)
-    for a in activities:
-        history = portal.binding_history[a]
-        assert all(history), f"activity {a} was left with no binding: {history}"
-        assert len(set(history)) == len(history), f"activity {a} went through a state twice: {history}"
+    assert_moved_once_to(portal, activities, made)

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
-from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
+from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import FINAL_STATES, JobRecord, JobState, JobStore
 from app.store.queue import JobQueue, connect
+from tests.support.chaos import assert_moved_once_to
 from tests.support.processes import WorkerProcess, write_rules
 
 pytestmark = pytest.mark.slow
@@ -88,9 +89,4 @@ async def test_a_job_under_way_when_redis_forgets_everything_ends_right_from_its
     assert "Traceback" not in log, log[-3000:]
     print(f"\njob ended {took:.1f} s after Redis forgot it; attempts: "
           f"{[(a.outcome, (a.error or {}).get('code')) for a in final.attempts]}")
-    expected = [(CONTACT, made["contact"]), (COMPANY, made["company"])]
-    assert all(portal.bindings(a) == expected for a in activities)
-    for a in activities:
-        history = portal.binding_history[a]
-        assert all(history), f"activity {a} was left with no binding: {history}"
-        assert len(set(history)) == len(history), f"activity {a} went through a state twice: {history}"
+    assert_moved_once_to(portal, activities, made)

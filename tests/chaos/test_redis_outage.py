@@ -27,7 +27,14 @@ from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
 from tests.support.chaos import Stream, all_done, answers, assert_every_activity_ended_right
-from tests.support.processes import ServiceProcess, WorkerProcess, as_from_a_terminal, ended_async, free_port, write_rules
+from tests.support.processes import (
+    ServiceProcess,
+    WorkerProcess,
+    as_from_a_terminal,
+    ended_async,
+    free_port,
+    write_rules,
+)
 from tests.support.waiting import until
 
 LONG_OUTAGE = float(os.environ.get("B24_LONG_OUTAGE_SECONDS", "10"))

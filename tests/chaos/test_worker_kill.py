@@ -14,9 +14,10 @@ from arq.connections import ArqRedis
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.rebind.locks import LEASE
 from app.store.jobs import JobState, JobStore
+from tests.conftest import post_event
+from tests.support.chaos import assert_moved_once_to
 from tests.support.processes import WorkerProcess, write_rules
 from tests.support.waiting import until
-from tests.conftest import post_event
 
 pytestmark = pytest.mark.slow  # real processes: left out of the fast loop (`-m "not slow"`)
 
@@ -56,12 +57,7 @@ async def test_a_worker_killed_mid_job_has_its_job_run_again_within_seconds(
 
     assert restarted_after < LEASE + 10, restarted_after
     assert [a.outcome for a in record.attempts][-1] == "succeeded"
-    expected = [(CONTACT, made["contact"]), (COMPANY, made["company"])]
-    assert all(portal.bindings(a) == expected for a in activities)
-    for a in activities:
-        history = portal.binding_history[a]
-        assert all(history), f"activity {a} was left with no binding: {history}"
-        assert len(set(history)) == len(history), f"activity {a} went through a state twice: {history}"
+    assert_moved_once_to(portal, activities, made)
 
 
 async def test_sigterm_lets_the_job_in_hand_finish_then_the_worker_leaves(

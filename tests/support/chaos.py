@@ -63,6 +63,18 @@ def assert_every_activity_ended_right(portal: FakePortal) -> None:
         assert all(portal.binding_history[activity_id]), f"activity {activity_id} was left with no binding"
 
 
+
+def assert_moved_once_to(portal: FakePortal, activities: list[int], made: dict[str, int]) -> None:
+    """Each activity ends bound to the contact and company its lead became, was never left with no
+    binding, and went through no state twice (a write sent again would show as one)."""
+    expected = [(CONTACT, made["contact"]), (COMPANY, made["company"])]
+    assert all(portal.bindings(a) == expected for a in activities)
+    for a in activities:
+        history = portal.binding_history[a]
+        assert all(history), f"activity {a} was left with no binding: {history}"
+        assert len(set(history)) == len(history), f"activity {a} went through a state twice: {history}"
+
+
 @dataclass
 class Stream:
     """Events at a steady pace, as a portal posts them: a converted lead's update, and its activity's."""
