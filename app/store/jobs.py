@@ -292,8 +292,12 @@ class QueueEntry:
 _CREATE_QUEUED = """
 local record, job, result, queue, index_names = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local body, ttl, id, received, channel, summary, payload, job_ms, score = unpack(ARGV)
-if redis.call('EXISTS', record, job, result) > 0 then return 0 end
+if redis.call('EXISTS', record) > 0 then return 0 end
 redis.call('SET', record, body, 'EX', ttl)
+-- arq's job or result for this id without our record is what a failover left of a delivery the new
+-- primary never got (a worker's run of it on the old primary, then "expired" here): it goes, or arq
+-- would never run the job again and the delivery would count as seen.
+if redis.call('EXISTS', result) > 0 then redis.call('DEL', result) end
 redis.call('PSETEX', job, job_ms, payload)
 redis.call('ZADD', queue, score, id)
 for i = 6, #KEYS do

@@ -37,3 +37,31 @@ async def test_a_job_arq_called_expired_is_rescued_and_runs(
     assert (await store.get(job_id)).state == JobState.SUCCEEDED  # type: ignore[union-attr]
     assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
     assert await JobQueue(redis, store).requeue_stranded(now=time.time() + STRANDED_AFTER + 1) == []
+
+
+async def test_a_spooled_event_whose_first_try_died_with_the_old_primary_is_accepted_on_the_new_one(
+        client: Any, portal: FakePortal, redis: ArqRedis, make_worker: Any) -> None:
+    """Seen in tests/chaos/test_failover.py: the event's job was written on the old primary, a worker took
+    it, the replica never got it and the web process spooled the event (its WAIT failed). On the new
+    primary the worker's bookkeeping left the id queued, arq called it expired and kept a result; the
+    spool's drain then found that result and took the delivery for one seen before: the job was lost."""
+    from app.store.jobs import JOB_KEY
+    from app.store.namespace import prefixed
+
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activity = portal.add_activity([(LEAD, lead)])
+    _, answer = await post_event(client, "ONCRMACTIVITYADD", activity)
+    job_id = answer["job_id"]
+    store = JobStore(redis, 3600)
+    spooled = await store.get(job_id)
+    assert spooled is not None
+    await redis.delete(job_key_prefix + job_id, prefixed(JOB_KEY + job_id))  # never reached the replica
+    with pytest.raises(FailedJobs):
+        await make_worker().run_check()  # "job expired": arq keeps a result for the id
+
+    assert await JobQueue(redis, store).submit(spooled)  # the spool's drain: accepted, not "seen before"
+    await make_worker().run_check()
+
+    assert (await store.get(job_id)).state == JobState.SUCCEEDED  # type: ignore[union-attr]
+    assert portal.bindings(activity) == [(CONTACT, made["contact"]), (COMPANY, made["company"])]
