@@ -74,10 +74,10 @@ class Settings(BaseSettings):
     )
     portal_jobs: int = Field(
         default=100, ge=1, le=1000, validation_alias=_env("B24_PORTAL_JOBS"),
-        description="Jobs of one portal one worker process runs at once; the portal's other jobs wait in "
-                    "the queue without a slot, so a busy portal leaves the rest to the others. Concurrent "
-                    "jobs of a portal share its calls (the more, the fuller each batch, up to about what "
-                    "its budget serves: 2 requests a second of 50 commands).",
+        description="Jobs of one portal one worker process runs at once, its share; past it, the portal's "
+                    "jobs take only slots the other portals leave free, all but a share, and its other jobs "
+                    "wait in the queue without a slot, so a busy portal leaves the rest to the others. "
+                    "Concurrent jobs of a portal share its calls (the more, the fuller each batch).",
     )
     worker_shards: int = Field(
         default=1, ge=1, le=256, validation_alias=_env("B24_WORKER_SHARDS"),

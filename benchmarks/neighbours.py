@@ -197,6 +197,7 @@ async def _run(workers: int, flood: int, quiet: int, seconds: int) -> dict[str, 
         "quiet_requests": sum(p.request_count for p in calm),
         "quiet_in_queue": statistics.median(in_queue) if in_queue else float("nan"),
         "quiet_running": statistics.median(running) if running else float("nan"),
+        "sizes": [r.n_commands for r in flooded.requests], "methods": dict(flooded.method_calls),
     }
     await host.close()
     return figures
@@ -214,6 +215,9 @@ def report(f: dict[str, Any], quiet: int, seconds: int) -> None:
     print(f"  QUERY_LIMIT_EXCEEDED {f['qle']:>5}   (every portal)")
     print(f"  quiet jobs (median)  {f['quiet_in_queue']:.2f} s in the queue, {f['quiet_running']:.2f} s running; "
           f"{f['quiet_requests'] / max(1, f['quiet_events']):.1f} requests each")
+    if os.environ.get("BENCH_SHOW_SIZES"):
+        print(f"  portal 0 commands per request {f['sizes']}")
+        print(f"  portal 0 commands by method   {f['methods']}")
     if f["workers"] > 1:
         print(f"  shards               portals per shard {f['portals_per_shard']}, portal 0 on shard {f['flood_shard']}")
 

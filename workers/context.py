@@ -36,8 +36,9 @@ def new_http_session() -> aiohttp.ClientSession:
 
 class PortalTurns:
     """How many jobs of each portal are under way in this process, so that one portal's backlog never
-    takes every worker slot: a job beyond its portal's share (`Settings.portal_jobs`) is handed back to
-    arq's queue (`Retry(defer=...)`) without a slot, to come back at a turn of its own.
+    takes every worker slot: a job beyond its portal's share (`Settings.portal_jobs`), or beyond the
+    slots the other portals leave free (`_has_room`), is handed back to arq's queue (`Retry(defer=...)`)
+    without a slot, to come back at a turn of its own.
 
     Turns are spaced by how fast the portal's jobs have been ending here, so a backlog's jobs come
     back about when slots free, each about once, rather than all at once. Live jobs and backfill
@@ -63,17 +64,28 @@ class PortalTurns:
     def running(self, portal: str, low: bool = False) -> int:
         return self._running.get((portal, low), 0)
 
-    def take(self, portal: str, low: bool, share: int) -> float:
-        """0: the job may run now (give it back with `give_back`); else the seconds it should wait."""
+    def take(self, portal: str, low: bool, share: int, slots: int = 0) -> float:
+        """0: the job may run now (give it back with `give_back`); else the seconds it should wait.
+        `slots`: the process's slots for such jobs (`_has_room`)."""
         key = (portal, low)
         now = time.monotonic()
-        if self._running.get(key, 0) < share:
+        if self._has_room(key, share, slots):
             self._running[key] = self._running.get(key, 0) + 1
             return 0.0
         gap = self._gap.get(key, self.FIRST_GAP)
         turn = min(max(now, self._next_turn.get(key, now)) + gap, now + self.LONGEST_WAIT)
         self._next_turn[key] = turn
         return max(turn - now, gap)
+
+    def _has_room(self, key: tuple[str, bool], share: int, slots: int) -> bool:
+        """A portal's jobs run up to its share; past it, a job takes a slot no other portal uses, as long as
+        a share of the slots stays free for them. At its limit a portal's calls leave only as full as its
+        jobs waiting for them make them: 100 jobs of a flood, four calls in a row each, fill half-empty
+        calls at every stage; 200, full ones (docs/benchmarks.md, "Neighbours")."""
+        if self._running.get(key, 0) < share:
+            return True
+        under_way = sum(n for (_, low), n in self._running.items() if low == key[1])
+        return under_way + share < slots
 
     def note_waiting(self, job_id: str, portal: str, low: bool, waits: bool, turn: bool = False) -> None:
         """`turn`: it waits for its portal's turn (else for a lead's lock or a time budget)."""
@@ -84,7 +96,7 @@ class PortalTurns:
         if len(self.waiting) > self.KNOWN_WAITERS:
             del self.waiting[next(iter(self.waiting))]
 
-    def claim_order(self, job_ids: list[bytes], share: int) -> list[bytes]:
+    def claim_order(self, job_ids: list[bytes], share: int, slots: int = 0) -> list[bytes]:
         """Jobs waiting for a turn whose portal has room now first, then new ones, then the other waiting
         jobs (for a turn that is not there yet, a lead's lock, a time budget)."""
         def rank(job_id: bytes) -> int:
@@ -92,7 +104,7 @@ class PortalTurns:
             if known is None:
                 return 1
             portal, low, turn = known
-            return 0 if turn and self._running.get((portal, low), 0) < share else 2
+            return 0 if turn and self._has_room((portal, low), share, slots) else 2
         return sorted(job_ids, key=rank)
 
     def give_back(self, portal: str, low: bool) -> None:

@@ -6,6 +6,8 @@ from functools import partial
 from typing import Any
 
 from arq import cron, func
+from arq.cron import CronJob
+from arq.worker import Function
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
@@ -82,6 +84,19 @@ async def requeue_stranded(ctx: dict[str, Any]) -> int:
     return len(rescued)
 
 
+def cron_leftovers(*crons: CronJob) -> list[Function]:
+    """The crons' functions as plain ones, for every worker (arq's own crons replace them where it has them).
+
+    arq queues a cron's job on the worker's own queue up to two polls before it is due; a worker that
+    stops meanwhile leaves it there, for whichever worker reads the queue next: a burst worker working
+    a queue off, or one whose sweeps are off (B24_RECONCILE_INTERVAL=0). Without the function arq fails
+    the job ("function 'cron:reconcile_job' not found"). Each function is harmless anywhere: the sweep
+    keeps to its interval (and to its gate in Redis), the look for stranded jobs may run any time.
+    """
+    return [func(cron.coroutine, name=cron.name, timeout=cron.timeout_s, max_tries=1, keep_result=cron.keep_result_s)
+            for cron in crons]
+
+
 def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis, **options: Any) -> LeasedWorker:
     """A worker for the event queue; tests pass `burst=True`, and in `ctx` WorkerContext options."""
     live = rules if isinstance(rules, LiveRules) else LiveRules(rules)
@@ -105,7 +120,8 @@ def build_worker(settings: Settings, rules: RuleSet | LiveRules, redis: ArqRedis
                         keep_result=0),
                    # Queued by whichever process finds that Redis forgot; its kept result stops a second one.
                    func(reconcile_after_forgetting, name=AFTER_FORGETTING, timeout=JOB_TIMEOUT, max_tries=3,
-                        keep_result=AFTER_FORGETTING_KEPT)],
+                        keep_result=AFTER_FORGETTING_KEPT),
+                   *cron_leftovers(sweep_cron, rescue_cron)],
         cron_jobs=crons or None, queue_name=prefixed(queue), redis_pool=redis,
         on_startup=partial(startup, settings=settings, rules=live, options=context_options), on_shutdown=shutdown,
         job_serializer=serialize, job_deserializer=deserialize, keep_result=3600,

@@ -82,7 +82,8 @@ class LeasedWorker(Worker):
         if CONTEXT not in self.ctx:
             return job_ids
         context = context_of(self.ctx)
-        return context.senders.turns.claim_order(job_ids, context.settings.portal_jobs)
+        settings = context.settings
+        return context.senders.turns.claim_order(job_ids, settings.portal_jobs, settings.worker_jobs)
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)

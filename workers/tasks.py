@@ -46,7 +46,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     context = context_of(ctx)
     portal, low = str(job.get("portal", "")), job.get("trigger") == "backfill"
     turns = context.senders.turns
-    wait = turns.take(portal, low, context.settings.portal_jobs)
+    wait = turns.take(portal, low, context.settings.portal_jobs, context.settings.worker_jobs)
     if wait:
         turns.note_waiting(job["job_id"], portal, low, True, turn=True)
         raise Retry(defer=wait)

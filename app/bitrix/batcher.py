@@ -4,7 +4,9 @@ A portal allows about 2 requests a second (burst 50); a `batch` carries up to 50
 price of one request. So every job of a process hands its commands to the portal's one batcher and
 awaits their results, and the batcher fills each `batch` from every job waiting:
 
-- reads travel with reads, writes with writes (a read is re-sent after a 5xx, a write never is);
+- reads travel with reads, writes with writes (a read is re-sent after a 5xx, a write never is); a
+  write group's stage that only reads (the targets' checks before its writes) travels with the reads
+  when the groups waiting do not fit one call, rather than take a request of its own for a few lists;
 - a job's writes are a *group* of stages (binds and moves, then unbinds): a stage leaves only once
   the one before it succeeded, so an activity loses its lead only after it gained its client; a
   command that fails stops the later stages of its own group and of no other;
@@ -13,9 +15,10 @@ awaits their results, and the batcher fills each `batch` from every job waiting:
   one group sends the others' commands again in the next call, as if nothing had happened to them;
 - live events' commands go before backfill and reconcile ones; a call carrying only those leaves
   half of the burst to live events;
-- a batch leaves as soon as the portal's bucket allows when it is full, or when every job of the
-  batcher is waiting for it (nobody else could join), or after LINGER seconds; under a backlog the
-  bucket is what holds calls back, and they leave full;
+- a batch leaves as soon as the portal's bucket allows when it is full (counted as sent: reads of one
+  kind merge into one list), or when every job of the batcher is waiting for it (nobody else could
+  join), or after LINGER seconds; under a backlog the bucket is what holds calls back, and at each of
+  its turns the kind that fills more of a call goes, with all of that kind that waits;
 - what a call sends is a `BatchChunk` (app/bitrix/merge.py): a read several jobs ask goes once,
   and point reads of one kind (leads, the contacts made from them, the targets' checks) go as one
   list by `@ID` or `@LEAD_ID`, each job getting its own rows;
@@ -44,6 +47,7 @@ from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult, Met
 from app.bitrix.errors import B24Error, MethodBlocked
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.guard import still_held
+from app.bitrix.merge import BatchChunk, read_key
 from app.bitrix.packing import BatchCall, Part, unpack_batch
 from app.bitrix.query import http_build_query
 from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, PortalTransport, RetryPolicy
@@ -77,6 +81,7 @@ class PortalBatcher:
         self._sender: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(IN_FLIGHT)
+        self._checks_with_reads = False  # this round: write groups' reads travel with reads (`_travels_as_write`)
 
     # -------------------------------------------------------- what jobs call
 
@@ -176,16 +181,15 @@ class PortalBatcher:
             if not any(p.ready for p in self._parts):
                 await self._wait(None)  # every part waits for a call on its way
                 continue
-            write = self._next_kind()
-            ready = sum(p.ready for p in self._parts if p.write == write)
-            full = ready >= BATCH_LIMIT
-            oldest = min(p.queued_at for p in self._parts if p.write == write and p.ready)
+            self._checks_with_reads = not self._groups_fit_one_call()
+            write, full = self._next_kind()
+            kind = [p for p in self._parts if p.ready and self._travels_as_write(p) == write]
             hold = (0.0 if self._everyone_waiting() else self._linger) + self._busy_hold()
-            linger_left = hold - (time.monotonic() - oldest)
+            linger_left = hold - (time.monotonic() - min(p.queued_at for p in kind))
             if not full and linger_left > 0:
                 await self._wait(linger_left)
                 continue
-            low = all(p.low for p in self._parts if p.write == write and p.ready)
+            low = all(p.low for p in kind)
             if await self._defer_blocked():
                 continue
             wait = await self._limiter.try_take(self.portal.name, self.portal.rate_limit.per_second,
@@ -212,13 +216,46 @@ class PortalBatcher:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _next_kind(self) -> bool:
-        """Whether writes go next: live work before low-priority, and writes (which end jobs) before reads."""
+    def _next_kind(self) -> tuple[bool, bool]:
+        """Whether writes go next, and whether what is waiting of that kind fills a call. Live work goes
+        before low-priority; then the kind that carries more (at a portal's limit a request should carry
+        all it can: the other kind's jobs meanwhile add to theirs); writes (which end jobs) on a tie."""
         for low in (False, True):
-            for write in (True, False):
-                if any(p.ready and p.low == low and p.write == write for p in self._parts):
-                    return write
-        return False
+            kinds = [write for write in (True, False)
+                     if any(p.ready and p.low == low and self._travels_as_write(p) == write for p in self._parts)]
+            if kinds:
+                sizes = {write: self._call_size(write) for write in kinds}
+                write = max(kinds, key=lambda w: sizes[w])
+                return write, sizes[write] >= BATCH_LIMIT
+        return False, False
+
+    def _call_size(self, write: bool) -> int:
+        """The commands a call of this kind would send now, up to a full call (reads of one kind go as one
+        list: 150 jobs' lead reads may be three commands)."""
+        chunk = BatchChunk()
+        for part in sorted((p for p in self._parts if p.ready and self._travels_as_write(p) == write),
+                           key=lambda p: p.low):
+            for command in part.stages[part.stage][part.sent:]:
+                if not chunk.fits(command):
+                    return BATCH_LIMIT
+                chunk.add(command)
+        return chunk.size
+
+    def _groups_fit_one_call(self) -> bool:
+        """Whether every write group waiting goes whole in one call (`_pack`): then a group's reads (the
+        targets' checks) travel in it, one request for a lone job's checks and writes."""
+        groups = [p for p in self._parts if p.write and p.ready]
+        return all(p.out == 0 for p in groups) and sum(len(p.remaining()) for p in groups) <= BATCH_LIMIT
+
+    def _travels_as_write(self, part: Part) -> bool:
+        """A write group's stage that only reads (the targets' checks before its writes) travels with
+        other jobs' reads when the groups do not fit one call: else it would take a request of its own,
+        a few merged lists at the price of a call of 50."""
+        if not part.write:
+            return False
+        if not self._checks_with_reads or part.stage >= part.until:
+            return True
+        return not all(read_key(command) is not None for command in part.stages[part.stage])
 
     def _busy_hold(self) -> float:
         levels: dict[str, float] = getattr(self._limiter, "levels", None) or {}
@@ -252,7 +289,7 @@ class PortalBatcher:
 
     def _pack(self, write: bool, held: set[int] | None = None) -> BatchCall:
         """`held`: the jobs whose writes may go (`still_held`); None: every job's."""
-        parts = sorted((p for p in self._parts if p.write == write and p.ready
+        parts = sorted((p for p in self._parts if p.ready and self._travels_as_write(p) == write
                         and (held is None or id(p.meter) in held)), key=lambda p: p.low)
         if write:
             whole = [p for p in parts if p.out == 0]

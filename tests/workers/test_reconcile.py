@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ from app.rules.model import RuleSet
 from app.settings import Settings
 from app.store.jobs import JOB_KEY, JobQuery, JobRecord, JobState, JobStore
 from app.store.namespace import prefixed
-from app.store.queue import BACKFILL_QUEUE, JobQueue
+from app.store.queue import BACKFILL_QUEUE, LIVE_QUEUE, RESCUE_CRON, SWEEP_CRON, JobQueue
 from tests.support.processes import write_rules
 from workers.context import CONTEXT, WorkerContext
+from workers.main import build_worker
 from workers.reconcile import (
     BACKFILL_RAN,
     BACKFILL_WAITING,
@@ -245,3 +246,22 @@ async def test_after_redis_forgot_the_sweep_starts_where_the_last_one_known_bega
     # The regular sweep, its cursor in Redis gone, starts from the one kept on disk, not a day back.
     await ctx.redis.flushdb()
     assert (await sweep_all(ctx))[0].since == marks.last("acme")["since"] == second.cursor
+
+
+async def test_a_cron_job_a_stopped_worker_left_in_its_queue_runs_on_the_next_worker_there(
+    settings: Settings, rules: RuleSet, redis: ArqRedis, make_worker: Any
+) -> None:
+    """arq queues a cron's job on its worker's queue a little before it is due; the worker that stops
+    meanwhile leaves it to whichever worker reads the queue next, here one working the queue off (burst,
+    no crons of its own), which must know the function rather than fail it as unknown."""
+    stopped = build_worker(settings, rules, redis, handle_signals=False)  # a live worker, with both crons
+    a_minute_ago = datetime.now(timezone.utc) - timedelta(seconds=60)
+    await stopped.run_cron(a_minute_ago, delay=60)  # arq's first look: when each cron runs next
+    await stopped.run_cron(a_minute_ago, delay=60)  # the next: both queued, due by now
+    left = [job_id.decode() for job_id in await redis.zrange(prefixed(LIVE_QUEUE), 0, -1)]
+    assert sorted(job_id.rsplit(":", 1)[0] for job_id in left) == sorted([prefixed(SWEEP_CRON), prefixed(RESCUE_CRON)])
+
+    worker = make_worker()
+    await worker.async_run()
+
+    assert (worker.jobs_complete, worker.jobs_failed) == (2, 0)  # not "function 'cron:...' not found"

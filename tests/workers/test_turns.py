@@ -23,6 +23,17 @@ def test_a_portal_past_its_share_waits_and_the_other_portals_do_not() -> None:
     assert turns.take("busy", True, 2) == 0.0  # its backfill counts apart
 
 
+def test_a_portal_past_its_share_takes_the_slots_the_others_leave_free_but_one_share() -> None:
+    turns = PortalTurns()  # 10 slots, a share of 3
+
+    assert [turns.take("flood", False, 3, 10) for _ in range(7)] == [0.0] * 7
+    assert turns.take("flood", False, 3, 10) > 0  # 3 slots left: a share, kept for the others
+    assert [turns.take("quiet", False, 3, 10) for _ in range(3)] == [0.0] * 3  # its share is there
+    turns.give_back("flood", False)
+    assert turns.take("flood", False, 3, 10) > 0  # 9 under way: nothing left to borrow
+    assert turns.take("flood", True, 3, 10) == 0.0  # backfill counts apart
+
+
 def test_an_idle_portal_leaves_nothing_behind() -> None:
     turns = PortalTurns()
     turns.take("acme", False, 5)
@@ -40,8 +51,10 @@ async def test_a_job_past_its_portals_share_goes_back_to_the_queue_untouched(
     job_id = str(answer["job_id"])
     worker = await started(make_worker())
     context = context_of(worker.ctx)
-    for _ in range(context.settings.portal_jobs):  # the portal's share is taken by jobs under way
-        context.senders.turns.take("acme", False, context.settings.portal_jobs)
+    settings = context.settings
+    # The portal's share, and every slot it may borrow (all but a share), taken by jobs under way.
+    for _ in range(settings.worker_jobs - settings.portal_jobs):
+        context.senders.turns.take("acme", False, settings.portal_jobs, settings.worker_jobs)
     before = time.time() * 1000
 
     await run_one(worker, job_id)

@@ -473,3 +473,44 @@ def _answers(held: bool) -> Any:
     async def guard() -> bool:
         return held
     return guard
+
+
+async def test_under_a_backlog_the_targets_checks_travel_with_other_jobs_reads(jobs: Any, portal: FakePortal) -> None:
+    """Write groups too many for one call go stage by stage; their first stage only reads (the targets'
+    checks, a merged list or two), so it goes in the call of reads, not in a request of its own."""
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(20)]
+    check = Command("crm.contact.get", {"id": made["contact"]}, fields=("ID",))
+
+    await asyncio.gather(*(make().batch(bindings_of(a)) for a in activities),
+                         *(make().write([[check], [add(a, CONTACT, made["contact"]), add(a, COMPANY, made["company"])],
+                                         [delete(a, LEAD, lead)]]) for a in activities))
+
+    # Reads and checks (41 commands), 40 binds, 20 unbinds: three requests, not four.
+    assert portal.requests == [("batch", 41), ("batch", 40), ("batch", 20)]
+    assert all(portal.bindings(a) == [(CONTACT, made["contact"]), (COMPANY, made["company"])] for a in activities)
+
+
+async def test_a_check_gone_in_a_call_of_reads_still_stops_its_own_group_only(jobs: Any, portal: FakePortal) -> None:
+    make, _ = jobs
+    lead = portal.add_lead()
+    made = portal.convert_lead(lead)
+    gone = portal.add_contact(lead_id=lead)
+    portal.delete_entity(CONTACT, gone)
+    activities = [portal.add_activity([(LEAD, lead)]) for _ in range(20)]
+
+    def group(activity: int, contact: int) -> list[list[Command]]:
+        return [[Command("crm.contact.get", {"id": contact}, fields=("ID",))], [add(activity, CONTACT, contact)],
+                [delete(activity, LEAD, lead)]]
+
+    answers = await asyncio.gather(*(make().write(group(a, gone if n == 0 else made["contact"]),
+                                                  stops=lambda r: r.error is not None)
+                                     for n, a in enumerate(activities)))
+
+    (checked,), added, deleted = answers[0]
+    assert checked.error is not None and checked.error.code == "NOT_FOUND"
+    assert [r.error.code for r in added + deleted if r.error] == ["NOT_RUN", "NOT_RUN"]
+    assert portal.bindings(activities[0]) == [(LEAD, lead)]
+    assert all(portal.bindings(a) == [(CONTACT, made["contact"])] for a in activities[1:])
