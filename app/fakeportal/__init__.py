@@ -13,7 +13,7 @@ No production module imports this package (tests/test_architecture.py keeps it s
 from app.fakeportal.faults import LeakyBucket
 from app.fakeportal.protocol import PAGE_SIZE, BitrixError, Page, parse_php_query
 from app.fakeportal.server import MAX_BATCH, FakePortal, FakePortalHost, RequestRecord
-from app.fakeportal.state import (
+from app.fakeportal.records import (
     CLIENT_TYPES,
     COMPANY,
     COMPLETABLE_TYPES,
