@@ -1,9 +1,9 @@
-"""The fake portal's CRM: records, activity bindings, timeline comments and the portal's own rules and
-quirks (conversion copies bindings and keeps the lead's, the owner is recalculated on every save, a lead
-closing completes its open calls and to-dos), with the synchronous helpers tests and the demo set it up with.
+"""The fake portal's rules over its records and activities: conversion copies bindings and keeps the
+lead's, a lead closing completes its open calls and to-dos, deleting a record takes its bindings with it.
 
-State is plain Python (dicts of string-valued fields, like Bitrix returns them) so tests can set it
-up and inspect it directly (`add_lead`, `convert_lead`, ...). The REST methods over it are in
+`CrmState` is the whole CRM without HTTP: the records (`app.fakeportal.records`), their activities and
+comments (`app.fakeportal.activities`) and these rules. State is plain Python so tests can set it up and
+inspect it directly (`add_lead`, `convert_lead`, ...). The REST methods over it are in
 `app.fakeportal.methods`, the HTTP server in `app.fakeportal.server`.
 """
 
