@@ -136,7 +136,7 @@ def test_the_checks_see_the_imports_they_guard() -> None:
     """A rule that sees nothing passes for nothing: the graph must hold the edges the service is built on."""
     edges = graph()
     assert "workers.main" in edges[ASSEMBLY]
-    assert FAKE_PORTAL in edges["app.demo"]
+    assert FAKE_PORTAL in edges["app.demo.portal"]
     assert any(t.startswith("app.") for t in edges["workers.tasks"])
     # the layers are told apart: a worker's job reads facts one layer down, and the store sits below both
     assert "app.rebind.reading" in edges["workers.tasks"]

@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from app.fakeportal.state import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, Binding, CrmState, type_label
+from app.fakeportal.records import COMPANY, CONTACT, DEAL, LEAD, TYPE_NAMES, Binding, type_label
+from app.fakeportal.state import CrmState
 
 TYPES = {name: type_id for type_id, name in TYPE_NAMES.items()}
 ACTIVITY_KINDS = {"1": "meeting", "2": "call", "3": "task", "4": "e-mail", "6": "to-do"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.demo import DEMO_WEBHOOK_CODE
+from app.demo.portal import DEMO_WEBHOOK_CODE
 from tests.support.processes import as_from_a_terminal, ended
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +130,7 @@ def _listening(port: int) -> bool:
 
 def test_the_story_says_would_when_the_playgrounds_rules_are_a_dry_run() -> None:
     """`mode: dry_run` in var/demo/rules.yaml: the jobs write nothing, and the story must not say they did."""
-    from app.demo import what_b24rebind_did
+    from app.demo.story import what_b24rebind_did
     from app.store.jobs import JobRecord
 
     record = JobRecord.for_event("demo", "ONCRMLEADUPDATE", 1, "1766047124", "975")
