@@ -41,69 +41,109 @@ class Roles:
     keep: bool = False  # `demo --keep`: stay up, the demo portal on a fixed port, for `demo convert`
 
 
+@dataclass
+class _Setup:
+    """What `run` serves: its settings (with the bundled Redis, the playground's rules file), the rules,
+    and the demo portal it started, if any (`stage` when the demo's story plays on it)."""
+
+    settings: Settings
+    live: LiveRules
+    fake: demo.DemoPortal | None = None
+    stage: demo.Stage | None = None
+
+
 async def run(settings: Settings, roles: Roles) -> None:
     """Run until SIGINT or SIGTERM, then stop accepting, finish what was accepted, and clean up."""
-    live = LiveRules(demo.demo_rules() if roles.demo_story else load_service_rules(settings), settings)
+    rules = demo.demo_rules() if roles.demo_story else load_service_rules(settings)  # a broken file stops us first
     async with AsyncExitStack() as stack:
         if roles.keep:
             demo.keep_playground(stack, settings)
-        settings = with_redis(settings, stack)
-        fake = stage = None
-        if roles.demo_story:  # the demo's own rules and portal, whatever the rules file says
-            stage = await demo.start_stage(stack, settings.demo_port if roles.keep else 0)
-            fake = stage.fake
-            live = LiveRules(demo.with_demo_portal(live.current, stage.config))
-            if roles.keep:  # the playground: its rules in a file a person may edit, reloaded as they change
-                settings = settings.model_copy(update={"rules": demo.playground_rules(settings, stage.config)})
-                live = LiveRules(load_service_rules(settings), settings)
-        elif roles.demo_portal and not live.current.portals:
-            fake = await demo.start_portal(stack)
-            demo_config = demo.demo_portal_config(fake)
-            live = LiveRules(demo.with_demo_portal(live.current, demo_config), settings,
-                             adapt=lambda rules: demo.with_demo_portal(rules, demo_config))
+        setup = await _rules_and_portal(stack, with_redis(settings, stack), roles, rules)
+        settings, live = setup.settings, setup.live
         logs.configure(settings.log_level, [s for p in live.current.portals.values() for s in p.secrets()])
         if not live.current.portals:
             log.warning("no portal is configured in %s: events will be refused until one is", settings.rules)
-        watcher = asyncio.create_task(live.watch())
-        stack.callback(watcher.cancel)
-        tasks: list[asyncio.Task[None]] = []
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
-        if roles.worker:
-            outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
-            # Both queues' workers hand their commands to the same sender per portal; closed after both stop.
-            shared = shared_portal_sessions()
-            stack.push_async_callback(close_portal_sessions, shared)
-            shards = shards_served(settings, roles)
-            for shard in shards:  # one shard's queues (a `worker`), or every shard's (`run`)
-                tasks.append(await _start_worker(stack, settings, live, live_queue(shard), outage,
-                                                 max_jobs=settings.worker_jobs, shared=shared))
-                # History (backfill): its commands go after live events' and leave them half the burst.
-                tasks.append(await _start_worker(stack, settings, live, backfill_queue(shard), outage,
-                                                 max_jobs=BACKFILL_JOBS, shared=shared))
-            draining = asyncio.create_task(_drain_beyond(settings, live, shards, shared))
-            stack.push_async_callback(_stop, draining)
-            if not roles.web:  # the web app keeps this look itself: one per process
-                watched = await connect(settings, wait=False)
-                stack.push_async_callback(watched.aclose)
-                await stack.enter_async_context(watching_redis_memory(watched, "worker", settings.data_dir))
+        _watch_rules(stack, live)
+        tasks = await _start_workers(stack, settings, live, roles) if roles.worker else []
+        base_url = ""
         if roles.web:  # started last so that it stops first: no new events while the workers finish theirs
             # The demo beside a running service takes a port of its own rather than failing.
             base_url = await _start_web(stack, settings, live, any_port_if_taken=roles.demo_story)
-        if roles.keep:
-            demo.playground_ready(settings, base_url)
-        if fake is not None:
-            demo.announce(fake, base_url if roles.web else "", story=stage is not None, keep=roles.keep)
-        if stage is not None:
-            redis = await connect(settings)
-            stack.push_async_callback(redis.aclose)
-            stage.store, stage.events_url = JobStore.from_settings(redis, settings), base_url + "/bitrix/events"
-            await demo.play(stage)
-            if not roles.keep:
-                return
-            print("\nThe demo stays up (Ctrl-C stops it). Play another conversion on it from another terminal:\n"
-                  "  b24rebind demo convert [--activities N] [--late M] [--repeat]\n", flush=True)
+        if not await _present_demo(stack, setup, roles, base_url):
+            return
         loop.settle_heap()
         await _until_stopped(tasks)
+
+
+async def _rules_and_portal(stack: AsyncExitStack, settings: Settings, roles: Roles, rules: RuleSet) -> _Setup:
+    """The rules file's rules; for the demo, its own rules and portal whatever the file says; with no portal
+    configured (`demo_portal`), the demo portal beside the file's rules."""
+    if roles.demo_story:
+        stage = await demo.start_stage(stack, settings.demo_port if roles.keep else 0)
+        live = LiveRules(demo.with_demo_portal(rules, stage.config))
+        if roles.keep:  # the playground: its rules in a file a person may edit, reloaded as they change
+            settings = settings.model_copy(update={"rules": demo.playground_rules(settings, stage.config)})
+            live = LiveRules(load_service_rules(settings), settings)
+        return _Setup(settings, live, stage.fake, stage)
+    live = LiveRules(rules, settings)
+    if not roles.demo_portal or live.current.portals:
+        return _Setup(settings, live)
+    fake = await demo.start_portal(stack)
+    config = demo.demo_portal_config(fake)
+    live = LiveRules(demo.with_demo_portal(live.current, config), settings,
+                     adapt=lambda rules: demo.with_demo_portal(rules, config))
+    return _Setup(settings, live, fake)
+
+
+def _watch_rules(stack: AsyncExitStack, live: LiveRules) -> None:
+    """The rules file is reloaded when it changes, and on SIGHUP."""
+    watcher = asyncio.create_task(live.watch())
+    stack.callback(watcher.cancel)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, live.reload)
+
+
+async def _start_workers(stack: AsyncExitStack, settings: Settings, live: LiveRules,
+                         roles: Roles) -> list[asyncio.Task[None]]:
+    """A live and a backfill worker for each shard served, sharing one sender per portal."""
+    outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
+    # Both queues' workers hand their commands to the same sender per portal; closed after both stop.
+    shared = shared_portal_sessions()
+    stack.push_async_callback(close_portal_sessions, shared)
+    shards = shards_served(settings, roles)
+    tasks: list[asyncio.Task[None]] = []
+    for shard in shards:  # one shard's queues (a `worker`), or every shard's (`run`)
+        tasks.append(await _start_worker(stack, settings, live, live_queue(shard), outage,
+                                         max_jobs=settings.worker_jobs, shared=shared))
+        # History (backfill): its commands go after live events' and leave them half the burst.
+        tasks.append(await _start_worker(stack, settings, live, backfill_queue(shard), outage,
+                                         max_jobs=BACKFILL_JOBS, shared=shared))
+    draining = asyncio.create_task(_drain_beyond(settings, live, shards, shared))
+    stack.push_async_callback(_stop, draining)
+    if not roles.web:  # the web app keeps this look itself: one per process
+        watched = await connect(settings, wait=False)
+        stack.push_async_callback(watched.aclose)
+        await stack.enter_async_context(watching_redis_memory(watched, "worker", settings.data_dir))
+    return tasks
+
+
+async def _present_demo(stack: AsyncExitStack, setup: _Setup, roles: Roles, base_url: str) -> bool:
+    """Say where the demo portal is, and play the demo's story on it; False when the demo is over."""
+    if roles.keep:
+        demo.playground_ready(setup.settings, base_url)
+    if setup.fake is not None:
+        demo.announce(setup.fake, base_url, story=setup.stage is not None, keep=roles.keep)
+    stage = setup.stage
+    if stage is None:
+        return True
+    redis = await connect(setup.settings)
+    stack.push_async_callback(redis.aclose)
+    stage.store, stage.events_url = JobStore.from_settings(redis, setup.settings), base_url + "/bitrix/events"
+    await demo.play(stage)
+    if not roles.keep:
+        return False
+    print("\nThe demo stays up (Ctrl-C stops it). Play another conversion on it from another terminal:\n"
+          "  b24rebind demo convert [--activities N] [--late M] [--repeat]\n", flush=True)
+    return True
 
 
 def web_runner(settings: Settings, rules: LiveRules | RuleSet) -> web.AppRunner:

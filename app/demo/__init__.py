@@ -18,12 +18,14 @@ from app.demo.playground import (
     playground_rules,
     stop_command,
 )
-from app.demo.portal import DemoError, announce, demo_portal_config, demo_rules, start_portal, with_demo_portal
+from app.demo.portal import DemoError, DemoPortal, announce, demo_portal_config, demo_rules, start_portal, with_demo_portal
 from app.demo.remote import convert_command, start_stage
+from app.demo.stage import Stage
 from app.demo.story import play
 
 __all__ = [
     "DemoError",
+    "DemoPortal",
     "announce",
     "convert_command",
     "demo_portal_config",
@@ -34,6 +36,7 @@ __all__ = [
     "playground_dir",
     "playground_ready",
     "playground_rules",
+    "Stage",
     "start_portal",
     "start_stage",
     "stop_command",

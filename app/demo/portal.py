@@ -14,6 +14,7 @@ from app.rules.model import RuleSet
 
 DEMO_DOMAIN = "demo.b24rebind.local"
 # `demo --keep`: the demo portal's webhook, printed, so a person can call it too (on B24_DEMO_PORT).
+DemoPortal = FakePortal  # what the service holds of the demo: the fake, answering as a real portal does
 DEMO_WEBHOOK_CODE = "demo0secret0code"
 DEMO_APP_TOKEN = "demo-application-token"
 
