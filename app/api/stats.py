@@ -27,18 +27,7 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
     now = seconds + micros / 1e6
     this_minute = int(now // 60)
     shards = shard_count()  # B24_WORKER_SHARDS: each shard's queues, summed, and each shown
-    async with redis.pipeline(transaction=False) as pipe:
-        for shard in range(shards):
-            for queue in (live_queue(shard), backfill_queue(shard)):
-                pipe.zcard(prefixed(queue))
-                pipe.zcount(prefixed(queue), "-inf", now * 1000)
-        pipe.zrange(prefixed(f"{INDEX_PREFIX}state:queued"), 0, 0, withscores=True)
-        for minute in range(MINUTES):
-            pipe.zcount(prefixed(JOB_INDEX), now - 60 * (minute + 1), f"({now - 60 * minute}")
-        for minute in range(this_minute - HOUR + 1, this_minute + 1):
-            pipe.hgetall(prefixed(f"{MINUTES_KEY}{minute}"))
-        pipe.hgetall(prefixed(COUNTERS))
-        answers = await pipe.execute()
+    answers = await _read_in_one_trip(redis, now, shards)
     depths, (oldest, *rest) = answers[:4 * shards], answers[4 * shards:]
     by_shard = [{"shard": shard, "live": depths[4 * shard], "backfill": depths[4 * shard + 2]} for shard in range(shards)]
     live, backfill = sum(depths[0::4]), sum(depths[2::4])
@@ -61,6 +50,24 @@ async def collect(redis: Redis, store: JobStore, rules: RuleSet) -> dict[str, An
         "portals": await _portals(redis, rules, now, _requests_per_portal(counters)),
         "workers": await _workers(redis, now),
     }
+
+
+async def _read_in_one_trip(redis: Redis, now: float, shards: int) -> list[Any]:
+    """Each shard's queues (all, and due now), the oldest queued job, jobs received in each of the last
+    MINUTES, the last HOUR's counts by minute, and the counters: one pipeline."""
+    this_minute = int(now // 60)
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard in range(shards):
+            for queue in (live_queue(shard), backfill_queue(shard)):
+                pipe.zcard(prefixed(queue))
+                pipe.zcount(prefixed(queue), "-inf", now * 1000)
+        pipe.zrange(prefixed(f"{INDEX_PREFIX}state:queued"), 0, 0, withscores=True)
+        for minute in range(MINUTES):
+            pipe.zcount(prefixed(JOB_INDEX), now - 60 * (minute + 1), f"({now - 60 * minute}")
+        for minute in range(this_minute - HOUR + 1, this_minute + 1):
+            pipe.hgetall(prefixed(f"{MINUTES_KEY}{minute}"))
+        pipe.hgetall(prefixed(COUNTERS))
+        return list(await pipe.execute())
 
 
 async def _workers(redis: Redis, now: float) -> dict[str, Any]:

@@ -61,8 +61,20 @@ def at_the_edge(run: Callable[[], int], settings: Settings | None) -> int:
         return status
 
 
+Words = tuple[str, Exit]  # what to tell the user, and the exit status
+
+
 def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit | None]:
     """The words and exit status for an expected failure; (str, None) for one that is a bug."""
+    for kind in (_ours, _the_portals, _redis_s, _a_path_s):
+        words = kind(exc, settings)
+        if words is not None:
+            return words
+    return str(exc), None
+
+
+def _ours(exc: BaseException, settings: Settings | None) -> Words | None:
+    """Failures b24rebind words itself: a command's, the rules file's, the service's."""
     from app.api.endpoints import BadRequest
     from app.rules.loader import RulesError
     from app.service import CannotListen, WorkerStopped
@@ -80,6 +92,11 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
         return str(exc), Exit.REFUSED
     if isinstance(exc, (BadRequest, CannotListen)):
         return str(exc), Exit.USAGE
+    return None
+
+
+def _the_portals(exc: BaseException, settings: Settings | None) -> Words | None:
+    """The portal's answers, by the error table's kinds: fix our access, try again later, or refused."""
     if isinstance(exc, ConfigError):
         return (f"the portal refused our access ({exc.method}: {exc.code}): {exc.hint or exc.description}",
                 Exit.PORTAL_ACCESS)
@@ -89,6 +106,11 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
                 "network, then try again", Exit.PORTAL_DOWN)
     if isinstance(exc, B24Error):
         return f"the portal refused {exc.method}: {exc.code} ({exc.description}). {exc.hint}".strip(), Exit.REFUSED
+    return None
+
+
+def _redis_s(exc: BaseException, settings: Settings | None) -> Words | None:
+    """Redis away, refusing the password or a command, or not a Sentinel where one was named."""
     if isinstance(exc, BundledRedisFailed):
         return str(exc), Exit.REDIS_DOWN
     if isinstance(exc, AuthenticationError):
@@ -103,10 +125,14 @@ def describe(exc: BaseException, settings: Settings | None) -> tuple[str, Exit |
     if isinstance(exc, RedisResponseError):
         return (f"Redis at {redis_address(settings)} refused a command ({str(exc)[:80]}): check that REDIS_URL "
                 "names a Redis 6.2 or newer that this user may write to", Exit.REDIS_DOWN)
+    return None
+
+
+def _a_path_s(exc: BaseException, settings: Settings | None) -> Words | None:
     if isinstance(exc, OSError) and exc.filename:  # a path from the settings the system refuses
         return (f"cannot use {exc.filename}: {exc.strerror}; check the path and its permissions "
                 "(B24_DATA_DIR, B24_SPOOL_DIR, B24_RULES)", Exit.USAGE)
-    return str(exc), None
+    return None
 
 
 def redis_address(settings: Settings | None) -> str:

@@ -9,6 +9,7 @@ access, 6 not found, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import asyncio
 import dataclasses
 import logging
@@ -130,17 +131,32 @@ def check_rules(path: Path | None, settings: Settings) -> int:
     return 0
 
 
+Commands = Any  # the parser's subcommands: argparse names their class only privately
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="b24rebind", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    jobs_cli.add_commands(commands_)
+    # In the order `--help` lists them: watching jobs first, then running, trying, writing rules, fixing.
+    for add_commands in (jobs_cli.add_commands, _service_commands, _demo_commands, _rules_commands,
+                         _portal_commands):
+        add_commands(commands_)
+    return parser
+
+
+def _service_commands(commands_: Commands) -> None:
+    """The processes: the web process, a worker, or both."""
     commands_.add_parser("serve", help="the web process: receives portal events and queues them")
     worker_ = commands_.add_parser("worker", help="a worker: applies the rules to queued events")
     worker_.add_argument("--shard", type=int, metavar="K", help="the shard of portals it serves, from 0 "
                          "(B24_WORKER_SHARD; needed when B24_WORKER_SHARDS is above 1)")
     commands_.add_parser("run", help="web and worker together (bundled Redis when REDIS_URL is unset)")
+
+
+def _demo_commands(commands_: Commands) -> None:
+    """The demo, kept or not, and what a kept one plays."""
     demo_ = commands_.add_parser("demo", help="the real sequence on a built-in demo portal: the portal's "
                                               "conversion, then what b24rebind adds")
     demo_.add_argument("--keep", action="store_true",
@@ -151,6 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--late", type=int, default=0, help="e-mails arriving after the conversion (default 0)")
     convert.add_argument("--repeat", action="store_true", help="then a repeat lead of the same client")
     demo_commands.add_parser("stop", help="stop the demo that `demo --keep` keeps running")
+
+
+def _rules_commands(commands_: Commands) -> None:
+    """The rules file: checked, explained against the portal, its test cases run."""
     rules = commands_.add_parser("rules", help="work with the rules file")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True)
     check = rules_commands.add_parser("check", help="validate a rules file (default: B24_RULES)")
@@ -165,6 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     test = rules_commands.add_parser("test", help="run rule test cases (default: rules.tests.yaml)")
     test.add_argument("file", nargs="?", help="the test cases (default: rules.tests.yaml)")
+
+
+def _portal_commands(commands_: Commands) -> None:
+    """Work on a portal's past: backfill, doctor, reconcile."""
     backfill = commands_.add_parser("backfill", help="apply the rules to leads converted since a date")
     backfill.add_argument("--since", required=True, type=_date,
                           help="the first day, YYYY-MM-DD: leads converted (modified) since then")
@@ -176,7 +200,6 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--portal", help="the portal's name in the rules file, when it has several")
     reconcile = commands_.add_parser("reconcile", help="queue jobs for converted leads whose events were missed")
     reconcile.add_argument("--portal", help="the portal's name in the rules file (default: every portal)")
-    return parser
 
 
 def _version() -> str:
