@@ -26,6 +26,8 @@ from app.fakeportal.pages import add_record_pages
 from app.fakeportal.protocol import BitrixError, Page, param, parse_php_query, time_info, truthy
 
 MAX_BATCH = 50
+# A batch's answer, section by section in the portal's order: each keyed by the command's name.
+BATCH_SECTIONS = ("result", "result_error", "result_total", "result_next", "result_time")
 
 
 class RequestRecord(NamedTuple):
@@ -248,13 +250,7 @@ class FakePortal(RestMethods, Faults):
         if charged and self.operating("batch") >= self.operating_limit:  # type: ignore[operator]
             self.blocked_for_time += 1
             raise BitrixError(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
-        sections: dict[str, dict[str, Any]] = {
-            "result": {},
-            "result_error": {},
-            "result_total": {},
-            "result_next": {},
-            "result_time": {},
-        }
+        sections: dict[str, dict[str, Any]] = {name: {} for name in BATCH_SECTIONS}
         for n, (key, command) in enumerate(commands.items()):
             if n >= MAX_BATCH:  # the first 50 run; each one past them is refused (CRestProvider::methodsBatch)
                 sections["result_error"][key] = {"error": "ERROR_BATCH_LENGTH_EXCEEDED",
@@ -270,7 +266,7 @@ class FakePortal(RestMethods, Faults):
                     break
                 continue
             _file_result(sections, key, result)
-            inner = "batch" if charged else str(command).partition("?")[0].strip().strip("/").lower().removesuffix(".json")
+            inner = "batch" if charged else _method_of(str(command))
             sections["result_time"][key] = time_info(started, time.time(), self.operating(inner),
                                                       self.operating_reset_at(inner))
         self._charging = False
@@ -281,11 +277,15 @@ class FakePortal(RestMethods, Faults):
         return {name: (section or []) for name, section in sections.items()}
 
     def _batch_command(self, command: str) -> Any:
-        method, _, query = command.partition("?")
-        method = method.strip().strip("/").lower().removesuffix(".json")
+        method, query = _method_of(command), command.partition("?")[2]
         if method == "batch":
             raise BitrixError(405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
         return self._call(method, parse_php_query(parse_qsl(query, keep_blank_values=True)))
+
+
+def _method_of(command: str) -> str:
+    """A batch command's method: `crm.lead.get?ID=1` and `/crm.lead.get.json?ID=1` name the same one."""
+    return command.partition("?")[0].strip().strip("/").lower().removesuffix(".json")
 
 
 def _file_result(sections: dict[str, dict[str, Any]], key: str, result: Any) -> None:

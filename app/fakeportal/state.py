@@ -62,7 +62,6 @@ class CrmState(CrmActivities):
         if lead["STATUS_SEMANTIC_ID"] in ("S", "F") and not was_final:
             self._complete_open_activities((LEAD, lead_id))
 
-
     def convert_lead(
         self, lead_id: int, contact: bool = True, company: bool = True, deal: bool = False
     ) -> dict[str, int | None]:
@@ -128,6 +127,7 @@ class CrmState(CrmActivities):
         })
         self.update_lead(lead_id, STATUS_ID="CONVERTED", CONTACT_ID=contact_id)
         return contact_id
+
     def add_offline_event(self, event: str, entity_id: int) -> None:
         """Queue an offline event (the portal keeps the latest record per object, not every change)."""
         self.offline_events = [e for e in self.offline_events
