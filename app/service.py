@@ -26,7 +26,7 @@ from app.store.jobs import JobStore
 from app.store.outage import RedisOutage, describe
 from app.store.queue import backfill_queue, connect, live_queue, queues_beyond, shard_of
 from app.web import create_app
-from workers.main import BACKFILL_JOBS, build_worker, close_portal_sessions, shared_portal_sessions
+from workers.main import BACKFILL_JOBS, build_worker, close_portal_traffic, shared_portal_traffic
 from workers.reconcile import reconcile_command
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ async def _start_workers(stack: AsyncExitStack, settings: Settings, live: LiveRu
     """A live and a backfill worker for each shard served, sharing one sender per portal."""
     outage = RedisOutage("worker")  # both queues' workers: one line when Redis goes, one when it is back
     # Both queues' workers hand their commands to the same sender per portal; closed after both stop.
-    shared = shared_portal_sessions()
-    stack.push_async_callback(close_portal_sessions, shared)
+    shared = shared_portal_traffic()
+    stack.push_async_callback(close_portal_traffic, shared)
     shards = shards_served(settings, roles)
     tasks: list[asyncio.Task[None]] = []
     for shard in shards:  # one shard's queues (a `worker`), or every shard's (`run`)

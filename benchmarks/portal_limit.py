@@ -54,7 +54,7 @@ from app.store.jobs import JobRecord, JobStore
 from app.web import create_app
 from app.store.queue import JobQueue, backfill_queue, connect, live_queue, use_shards
 from benchmarks.common import RULES
-from workers.main import BACKFILL_JOBS, build_worker, close_portal_sessions, shared_portal_sessions, shutdown
+from workers.main import BACKFILL_JOBS, build_worker, close_portal_traffic, shared_portal_traffic, shutdown
 
 REDIS_URL = os.environ.get("BENCH_LIMIT_REDIS_URL", "redis://127.0.0.1:6379/13")  # flushed by every run
 PER_SECOND, BURST = 2.0, 50
@@ -192,7 +192,7 @@ async def _run(name: str, workers: int, fail: float, echoes: bool) -> dict[str, 
             await queue.submit(record)
         # Each worker "process" has its own ctx, so its own PortalBatcher; for a backfill, a live and a
         # backfill worker share it, as in `b24rebind worker`.
-        processes = [shared_portal_sessions() for _ in range(workers)]
+        processes = [shared_portal_traffic() for _ in range(workers)]
         if scene.backfill:
             async with aiohttp.ClientSession() as http:
                 lister = RestClient(http, config, RateLimiter(redis), low_priority=True)
@@ -227,7 +227,7 @@ async def _run(name: str, workers: int, fail: float, echoes: bool) -> dict[str, 
         for worker in pool:
             await shutdown(worker.ctx)
         for shared in processes:
-            await close_portal_sessions(shared)
+            await close_portal_traffic(shared)
     figures = {"requests": portal.request_count, "floor": FLOORS[name], "wall": wall,
                "limit": limit_seconds(portal.request_count), "qle": portal.refused_for_rate,
                "right": scene.right(), "activities": len(scene.expected), **probe,

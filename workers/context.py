@@ -120,13 +120,13 @@ class PortalTurns:
 
 
 @dataclass
-class PortalSenders:
-    """The HTTP session, the one sender per portal (`PortalBatcher`) and the portals' turns of a worker,
-    or of the workers of one process (live and backfill) sharing them, so that one sender sees all of
-    its work for a portal."""
+class PortalTraffic:
+    """A process's traffic with its portals: the HTTP session, the one sender per portal (`PortalBatcher`)
+    and the portals' turns, of a worker or of the workers of one process (live and backfill) sharing
+    them, so that one sender sees all of the process's work for a portal."""
 
     http: aiohttp.ClientSession = field(default_factory=new_http_session)
-    by_portal: dict[str, PortalBatcher] = field(default_factory=dict)
+    batchers: dict[str, PortalBatcher] = field(default_factory=dict)
     retired: list[PortalBatcher] = field(default_factory=list)  # of portals the rules file has changed since
     turns: PortalTurns = field(default_factory=lambda: PortalTurns())
 
@@ -135,7 +135,7 @@ class PortalSenders:
         self.retired.append(session)
 
     async def close(self) -> None:
-        for session in [*self.by_portal.values(), *self.retired]:
+        for session in [*self.batchers.values(), *self.retired]:
             await session.close()
         await self.http.close()
 
@@ -145,31 +145,31 @@ class WorkerContext:
     settings: Settings
     rules: LiveRules
     redis: ArqRedis
-    senders: PortalSenders
+    traffic: PortalTraffic
     limiter: RateLimiter
     store: JobStore
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     retry_delays: tuple[float, ...] = RETRY_DELAYS
     job_timeout: float = JOB_TIMEOUT  # the job's own limit; arq's is a grace period longer
     budget_reads: BudgetReads = field(default_factory=BudgetReads)
-    owns_senders: bool = True  # False: the process's workers share them, closed once all have stopped
+    owns_traffic: bool = True  # False: the process's workers share them, closed once all have stopped
 
     @classmethod
     def make(cls, settings: Settings, rules: LiveRules, redis: ArqRedis, **options: Any) -> WorkerContext:
         """The context of a worker (or a command doing a worker's work) on `redis`; options override
         the defaults (tests use faster retries)."""
-        shared = options.pop("senders", None)
-        return cls(settings=settings, rules=rules, redis=redis, senders=shared or PortalSenders(),
-                   owns_senders=shared is None, limiter=RateLimiter(redis),
+        shared = options.pop("traffic", None)
+        return cls(settings=settings, rules=rules, redis=redis, traffic=shared or PortalTraffic(),
+                   owns_traffic=shared is None, limiter=RateLimiter(redis),
                    store=JobStore.from_settings(redis, settings), **options)
 
     @property
     def http(self) -> aiohttp.ClientSession:
-        return self.senders.http
+        return self.traffic.http
 
     async def close(self) -> None:
-        if self.owns_senders:
-            await self.senders.close()
+        if self.owns_traffic:
+            await self.traffic.close()
 
 
 def context_of(ctx: dict[str, Any]) -> WorkerContext:

@@ -26,7 +26,7 @@ from app.store.queue import (
     deserialize,
     serialize,
 )
-from workers.context import CONTEXT, JOB_TIMEOUT, PortalSenders, WorkerContext, context_of
+from workers.context import CONTEXT, JOB_TIMEOUT, PortalTraffic, WorkerContext, context_of
 from workers.reconcile import TICK, reconcile_after_forgetting, reconcile_job
 from workers.runner import LeasedWorker
 from workers.tasks import process_event
@@ -59,15 +59,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await context_of(ctx).close()
 
 
-def shared_portal_sessions() -> dict[str, Any]:
+def shared_portal_traffic() -> dict[str, Any]:
     """WorkerContext options for a process's workers (live and backfill): one HTTP session and one
     PortalBatcher per portal between them, so that one sender sees all of the process's work for a portal."""
-    return {"senders": PortalSenders()}
+    return {"traffic": PortalTraffic()}
 
 
-async def close_portal_sessions(shared: dict[str, Any]) -> None:
-    """Closes what `shared_portal_sessions` made, once the workers sharing it have stopped."""
-    await shared["senders"].close()
+async def close_portal_traffic(shared: dict[str, Any]) -> None:
+    """Closes what `shared_portal_traffic` made, once the workers sharing it have stopped."""
+    await shared["traffic"].close()
 
 
 async def requeue_stranded(ctx: dict[str, Any]) -> int:

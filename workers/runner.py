@@ -83,7 +83,7 @@ class LeasedWorker(Worker):
             return job_ids
         context = context_of(self.ctx)
         settings = context.settings
-        return context.senders.turns.claim_order(job_ids, settings.portal_jobs, settings.worker_jobs)
+        return context.traffic.turns.claim_order(job_ids, settings.portal_jobs, settings.worker_jobs)
 
     def _running_here(self, job_id: str) -> bool:
         task = self.tasks.get(job_id)

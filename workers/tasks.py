@@ -45,7 +45,7 @@ async def process_event(ctx: dict[str, Any], job: dict[str, Any]) -> str:
     arq counts that run as a try; the job's own record counts only the attempts that ran."""
     context = context_of(ctx)
     portal, low = str(job.get("portal", "")), job.get("trigger") == "backfill"
-    turns = context.senders.turns
+    turns = context.traffic.turns
     wait = turns.take(portal, low, context.settings.portal_jobs, context.settings.worker_jobs)
     if wait:
         turns.note_waiting(job["job_id"], portal, low, True, turn=True)
@@ -204,11 +204,11 @@ def portal_client(context: WorkerContext, portal: PortalConfig, low_priority: bo
 
 
 def portal_batcher(context: WorkerContext, portal: PortalConfig) -> PortalBatcher:
-    session = context.senders.by_portal.get(portal.name)
+    session = context.traffic.batchers.get(portal.name)
     if session is None or (session.portal is not portal and session.portal != portal):
         if session is not None:  # the rules file changed the portal: new jobs get a new session
-            context.senders.retire(session)
-        session = context.senders.by_portal[portal.name] = connect_batcher(
+            context.traffic.retire(session)
+        session = context.traffic.batchers[portal.name] = connect_batcher(
             context.http, portal, context.redis, limiter=context.limiter, retry=context.retry_policy,
             budget_reads=context.budget_reads)
     return session

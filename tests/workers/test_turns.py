@@ -54,7 +54,7 @@ async def test_a_job_past_its_portals_share_goes_back_to_the_queue_untouched(
     settings = context.settings
     # The portal's share, and every slot it may borrow (all but a share), taken by jobs under way.
     for _ in range(settings.worker_jobs - settings.portal_jobs):
-        context.senders.turns.take("acme", False, settings.portal_jobs, settings.worker_jobs)
+        context.traffic.turns.take("acme", False, settings.portal_jobs, settings.worker_jobs)
     before = time.time() * 1000
 
     await run_one(worker, job_id)
