@@ -9,6 +9,8 @@ from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, ValidationEr
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from app.redis_url import check_redis_url, host_port
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
     @classmethod
     def _host_port_list(cls, value: object) -> object:
         if isinstance(value, str):
-            return [_host_port(part.strip()) for part in value.split(",") if part.strip()]
+            return [host_port(part.strip()) for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("key_prefix")
@@ -137,7 +139,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        return None if value is None else _checked_redis_url(value.strip())
+        return None if value is None else check_redis_url(value.strip())
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -194,60 +196,12 @@ class Settings(BaseSettings):
         return value
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    """host:port, or [IPv6 address]:port; without a port, Sentinel's own 26379."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.removeprefix(":")
-    else:
-        host, _, port = text.partition(":")
-    if not host or any(char.isspace() or char in "/@" for char in host):
-        raise ValueError(f"has an entry that is not host:port ({text!r})")
-    if not (port or "26379").isdigit() or not 0 < int(port or 26379) < 65536:
-        raise ValueError(f"has an entry whose port is not a number from 1 to 65535 ({text!r})")
-    return host, int(port or 26379)
-
-
 def _stat(path: Path) -> str:
     """"directory", "file" or "missing"; a path the system refuses to look at (too long, say) is refused."""
     try:
         return "directory" if path.is_dir() else "file" if path.exists() else "missing"
     except OSError as exc:
         raise ValueError(f"cannot be used ({exc.strerror})") from None
-
-
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
-
-
-def _checked_redis_url(url: str) -> str:
-    """REDIS_URL's shape, checked once at load: the forms the service connects with, and nothing else.
-    The messages never repeat the URL, which may carry a password."""
-    scheme, has_scheme, rest = url.partition("://")
-    if not has_scheme or scheme.lower() not in REDIS_SCHEMES:
-        raise ValueError("is not a Redis URL" + (f" (it starts with {scheme}://)" if has_scheme else
-                                                 " (it has no scheme, like redis://)"))
-    parts = urlsplit(url)
-    if scheme.lower() == "unix":
-        if not parts.path:
-            raise ValueError("has no socket path after unix:// (as in unix:///run/redis/redis.sock)")
-        return url
-    hosts = parts.netloc.rpartition("@")[2]
-    if scheme.lower() == "redis+sentinel":
-        service, _, db = parts.path.strip("/").partition("/")
-        if not hosts or not service:
-            raise ValueError("names no sentinels or no service (as in "
-                             "redis+sentinel://sentinel-a:26379,sentinel-b:26379/mymaster)")
-        for each in hosts.split(","):
-            _host_port(each.strip())
-    else:
-        try:
-            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
-        except ValueError:
-            raise ValueError("has a port that is not a number from 1 to 65535") from None
-        db = parts.path.strip("/")
-    if db and not db.isdigit():
-        raise ValueError("names a database that is not a number (the path after the host is the database: /0)")
-    return url
 
 
 # What to write, per setting, after what is wrong: `setting NAME: what is wrong; what to write`.

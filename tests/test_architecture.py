@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rebind", ("app.rebind",)),
     ("bitrix and rules", ("app.bitrix", "app.rules", "app.live_rules")),
     ("store", ("app.store", "app.logs")),
-    ("settings", ("app.settings", "app.portal_config", "app.crm", "app.words", "app.loop")),
+    ("settings", ("app.settings", "app.redis_url", "app.portal_config", "app.crm", "app.words", "app.loop")),
 )
 
 

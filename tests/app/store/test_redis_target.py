@@ -33,13 +33,13 @@ def test_the_plain_forms_are_one_server() -> None:
     ("redis+sentinel:///mymaster", "names no Sentinel"),
     ("redis+sentinel://s1:26379", "names no service"),
     ("redis+sentinel://s1:26379/", "names no service"),
-    ("redis+sentinel://s1:26379/mymaster/zero", "database must be a number"),
+    ("redis+sentinel://s1:26379/mymaster/zero", "names a database that is not a number"),
     ("redis+sentinel://s1:26379/mymaster/0/extra", "more after the service name"),
-    ("redis+sentinel://s1:263790/mymaster", "no valid port"),
-    ("redis+sentinel://:secret@s1:port/mymaster", "no valid port"),
+    ("redis+sentinel://s1:263790/mymaster", "port is not a number from 1 to 65535"),
+    ("redis+sentinel://:secret@s1:port/mymaster", "port is not a number from 1 to 65535"),
     ("redis+sentinel://[fd00::7/mymaster", "not [IPv6 address]:port"),
-    ("http://cache:6379", "must start with redis://"),
-    ("redis://cache:port/0", "not a valid Redis URL"),
+    ("http://cache:6379", "is not a Redis URL (it starts with http://)"),
+    ("redis://cache:port/0", "has a port that is not a number"),
 ])
 def test_a_malformed_url_is_one_line_that_says_what_to_write(url: str, says: str) -> None:
     with pytest.raises(ValueError, match=re.escape(says)) as raised:
