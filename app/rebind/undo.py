@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from app.bitrix.client import RestClient
 from app.bitrix.connect import portal_client
 from app.bitrix.errors import B24Error, ConfigError, TransientError
-from app.rebind.executor import TargetsGone, current_bindings, execute
+from app.rebind.binding_steps import current_bindings
+from app.rebind.executor import TargetsGone, execute
 from app.rules.facts import bindings_text
 from app.rules.model import RuleSet
 from app.rules.plan import ActivityPlan, BindingPlan, CommentPlan

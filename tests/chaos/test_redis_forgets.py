@@ -14,9 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from app.fakeportal import LEAD, FakePortal
+from app.fakeportal import FakePortal
 from app.store.bundled_redis import BundledRedis
-from tests.support.chaos import Stream, answers, assert_every_activity_ended_right
+from tests.support.chaos import answers, assert_every_activity_ended_right, streaming_through_a_big_conversion
 from tests.support.processes import ServiceProcess, WorkerProcess, free_port, write_rules
 from tests.support.waiting import until
 
@@ -64,22 +64,10 @@ async def test_redis_restarted_empty_mid_conversion_is_noticed_and_put_right_by_
                 return all((home / "redis-memory.json").exists() for home in homes.values())
 
             await until(all_have_looked, 60, "every process's first look at Redis")
-            stream = Stream(portal, url + "/bitrix/events")
-            big = portal.add_lead()
-            big_activities = [portal.add_activity([(LEAD, big)]) for _ in range(BIG_LEAD)]
-            portal.convert_lead(big)
-            await stream.post(session, "ONCRMLEADUPDATE", big)
-            streaming = asyncio.create_task(stream.run(session))
-            try:
-                async def conversion_under_way() -> bool:
-                    return any(len(portal.binding_history[a]) > 2 for a in big_activities)
-
-                await until(conversion_under_way, 60, "the big conversion to start")
+            events_url = url + "/bitrix/events"
+            async with streaming_through_a_big_conversion(portal, session, events_url, BIG_LEAD) as stream:
                 await asyncio.to_thread(restart_empty, private_redis)
                 await asyncio.sleep(3)  # events keep coming into the empty Redis
-            finally:
-                stream.stopped = True
-                await streaming
 
             async def repaired() -> bool:
                 return ended_right(portal)

@@ -26,7 +26,13 @@ from app.fakeportal import LEAD, FakePortal
 from app.store.bundled_redis import BundledRedis
 from app.store.jobs import JobStore
 from app.store.queue import connect
-from tests.support.chaos import Stream, all_done, answers, assert_every_activity_ended_right
+from tests.support.chaos import (
+    Stream,
+    all_done,
+    answers,
+    assert_every_activity_ended_right,
+    streaming_through_a_big_conversion,
+)
 from tests.support.processes import (
     ServiceProcess,
     WorkerProcess,
@@ -55,25 +61,12 @@ async def ride_out(outage: float, processes: list[ServiceProcess], web_url: str,
     """The scenario: a big conversion and a stream of events; Redis away for `outage` seconds mid-way."""
     async with aiohttp.ClientSession() as session:
         await until(lambda: answers(session, web_url + "/healthz"), 60, "the web process")
-        stream = Stream(portal, web_url + "/bitrix/events")
-        big = portal.add_lead()
-        big_activities = [portal.add_activity([(LEAD, big)]) for _ in range(BIG_LEAD)]
-        portal.convert_lead(big)
-        await stream.post(session, "ONCRMLEADUPDATE", big)
-        streaming = asyncio.create_task(stream.run(session))
-        try:
-            async def conversion_under_way() -> bool:
-                # The portal's conversion is the second state; the service's first unbind the third.
-                return any(len(portal.binding_history[a]) > 2 for a in big_activities)
-
-            await until(conversion_under_way, 60, "the big conversion to start")
+        events_url = web_url + "/bitrix/events"
+        async with streaming_through_a_big_conversion(portal, session, events_url, BIG_LEAD) as stream:
             await asyncio.to_thread(private_redis.stop)
             await asyncio.sleep(outage)
             await asyncio.to_thread(private_redis.start)
             await asyncio.sleep(3)  # events keep coming once Redis is back
-        finally:
-            stream.stopped = True
-            await streaming
         records = await all_done(JobStore(pool, 3600), stream.accepted, timeout=180 + outage)
 
     logs = {process.log.name: process.log.read_text(errors="replace") for process in processes}

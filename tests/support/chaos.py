@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ from redis.exceptions import RedisError
 from app.fakeportal import COMPANY, CONTACT, LEAD, FakePortal
 from app.store.jobs import FINAL_STATES, JobStore
 from tests.conftest import event_form
+from tests.support.waiting import until
 
 
 def converted_leads(portal: FakePortal, events: int, rng: random.Random) -> list[tuple[str, int]]:
@@ -117,3 +120,26 @@ async def answers(session: aiohttp.ClientSession, url: str) -> bool:
             return response.status == 200
     except aiohttp.ClientError:
         return False
+
+
+@asynccontextmanager
+async def streaming_through_a_big_conversion(portal: FakePortal, session: aiohttp.ClientSession, events_url: str,
+                                             activities: int) -> AsyncIterator[Stream]:
+    """A lead of `activities` activities converted and its event posted, with a `Stream` of events beside
+    it; the body runs once the service is under way on the big conversion (an activity's third binding
+    state: the portal's conversion is its second), and the stream stops after it, between leads."""
+    stream = Stream(portal, events_url)
+    big = portal.add_lead()
+    big_activities = [portal.add_activity([(LEAD, big)]) for _ in range(activities)]
+    portal.convert_lead(big)
+    await stream.post(session, "ONCRMLEADUPDATE", big)
+    streaming = asyncio.create_task(stream.run(session))
+    try:
+        async def conversion_under_way() -> bool:
+            return any(len(portal.binding_history[a]) > 2 for a in big_activities)
+
+        await until(conversion_under_way, 60, "the big conversion to start")
+        yield stream
+    finally:
+        stream.stopped = True
+        await streaming
