@@ -20,6 +20,7 @@ from app.intake.install import INSTALL_EVENT, accept_install, expected_token
 from app.intake.spool import spool_key
 from app.logs import Throttled
 from app.portal_config import PortalConfig
+from app.rules.model import RuleSet
 from app.store.jobs import JobRecord
 from app.store.queue import ReplicasNotConfirmed
 
@@ -53,16 +54,17 @@ async def receive_event(request: web.Request) -> web.Response:
 
     The answer is 200 only once the event is in Redis or fsync'd in the spool: a portal never re-sends."""
     try:
-        _check_sender(request)
+        _check_before_reading(request)
         with _bad_bodies_refused(request):
             data = decode_body(request.content_type, await asyncio.wait_for(request.read(), BODY_TIMEOUT))
             if str(data.get("event", "")).upper() == INSTALL_EVENT:
                 return await _install(request, data)
             event = PortalEvent.from_mapping(data)
-        portal = await _authenticate(request, event)
+        rules = request.app[rules_key].current  # one rule set for the request, whatever reloads meanwhile
+        portal = await _authenticate(request, rules, event)
     except _Refused as refused:
         return refused.answer
-    if event.name not in request.app[rules_key].current.events():
+    if event.name not in rules.events():
         request[EVENT_LABELS] = (portal.name, event.name, "ignored")
         return _answer(200, ignored=f"no rule listens to {event.name}")
     record = JobRecord.for_event(portal.name, event.name, event.entity_id, event.ts, event.handler_id)
@@ -70,7 +72,7 @@ async def receive_event(request: web.Request) -> web.Response:
     return await _queue_or_spool(request, record)
 
 
-def _check_sender(request: web.Request) -> None:
+def _check_before_reading(request: web.Request) -> None:
     """Refuse, before reading a byte of the body, what no portal sends: a foreign address, a huge body."""
     if not _source_allowed(request):
         throttled.warning("source", "refused an event from %s: not in B24_ALLOWED_SOURCES", request.remote)
@@ -102,9 +104,9 @@ async def _install(request: web.Request, data: dict[str, Any]) -> web.Response:
     return _answer(status, **answer)
 
 
-async def _authenticate(request: web.Request, event: PortalEvent) -> PortalConfig:
+async def _authenticate(request: web.Request, rules: RuleSet, event: PortalEvent) -> PortalConfig:
     """The portal the event comes from, once its application token (and member id) match the rules file."""
-    portal = request.app[rules_key].current.portal_for_domain(event.domain)
+    portal = rules.portal_for_domain(event.domain)
     try:
         expected = await expected_token(request.app[redis_key], portal) if portal is not None else None
     except (RedisError, OSError):
