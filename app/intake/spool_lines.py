@@ -125,5 +125,3 @@ def quarantine_line(segment: str, number: int, raw: bytes, why: str) -> bytes:
     except UnicodeDecodeError:
         entry["base64"] = base64.b64encode(raw).decode()
     return orjson.dumps(entry) + b"\n"
-
-

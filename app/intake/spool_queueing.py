@@ -38,7 +38,6 @@ class RedisRefuses(Exception):
     """Redis answers every write with an error for now (out of memory, read-only): no line is to blame."""
 
 
-
 async def queue_once(queue: JobQueue, redis: Any, record: JobRecord) -> int:
     """Queue the job unless it is queued already; UnfitLine when Redis refuses this value (not every write)."""
     try:
@@ -64,8 +63,6 @@ async def queue_once(queue: JobQueue, redis: Any, record: JobRecord) -> int:
         raise UnfitLine(f"types: cannot be sent to Redis ({describe(exc)})") from None
 
 
-
-
 def _refuses_every_write(exc: RedisError) -> bool:
     """An answer about Redis's state, not about the value: redis-py names the usual ones by class (and
     takes the code off the text); others, and those from inside a script, keep their code in the text."""
@@ -80,5 +77,3 @@ def _refusal(exc: RedisError) -> str:
     text = " ".join(str(exc).split())
     found = [i for code in REFUSES_EVERY_WRITE if (i := text.find(code)) >= 0]
     return text[min(found):][:200] if found else describe(exc)
-
-

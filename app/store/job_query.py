@@ -85,4 +85,3 @@ class Cursor:
 class JobPage:
     records: list[JobRecord]
     next_cursor: str | None
-

@@ -185,4 +185,3 @@ def reapply_note(rules: list[str]) -> str:
     names = ", ".join(repr(name) for name in rules) or "that made the change"
     return (f"The rules apply again on the next event about these items or at the next reconcile, unless you "
             f"pause the rule {names} (enabled: false in the rules file).")
-
