@@ -16,68 +16,49 @@ segments after its own, are queued as usual. A Redis that answers with an error 
 (out of memory, a read-only replica) is not an outage either: the drain stops, says so in one WARNING
 and tries again. An append that fails part-way is cut back to the last whole line, so the next event
 is not glued to a torn one.
+
+Here: the segments, writing them and draining them. What a line holds, and why one is unfit, is
+`spool_lines`; queueing a line's job, and telling a refused value from a Redis that refuses every
+write, is `spool_queueing`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import errno
 import fcntl
-import json
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-import pydantic
 from aiohttp import web
-from arq.constants import in_progress_key_prefix, job_key_prefix
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import (
-    ExecAbortError,
-    NoPermissionError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-)
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.api.keys import queue_key, redis_key, settings_key
-from app.store.counters import field, stage_counts
+from app.intake.spool_lines import MAX_LINE, UnfitLine, event_line, quarantine_line, read_lines, record_of
+from app.intake.spool_queueing import RedisRefuses, RedisUnreachable, queue_once
 from app.settings import Settings
-from app.store.jobs import JobRecord, JobState, is_job_id
+from app.store.counters import field, stage_counts
+from app.store.job_record import JobRecord
 from app.store.outage import describe
 from app.store.queue import JobQueue
+
+# MAX_LINE is named here too: the tests size their lines by it.
+__all__ = ["DRAIN_EVERY", "MAX_LINE", "QUARANTINE", "SUFFIX", "Spool", "spool_context", "spool_dir",
+           "spool_key", "spool_status"]
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
 QUARANTINE = "quarantine.jsonl"  # lines that cannot become jobs, kept for a person to look at
 DRAIN_EVERY = 1.0  # seconds between looks at the spool while it holds events
-MAX_LINE = 64 * 1024  # a spooled event is about 300 bytes; a longer line was not written by a spool
-LARGEST_ID = 2**63 - 1  # Bitrix24's ids are 64-bit signed integers, and so are Redis's
-# Redis's answers that refuse every write for now, whatever the value: the drain waits, no line is to blame.
-REFUSES_EVERY_WRITE = ("OOM", "READONLY", "MISCONF", "BUSY", "MASTERDOWN", "NOREPLICAS", "LOADING", "NOPERM",
-                       "NOAUTH", "WRONGPASS", "CLUSTERDOWN", "TRYAGAIN", "UNBLOCKED", "NOSCRIPT")
-FIELDS = (
-    "job_id",
-    "portal",
-    "event",
-    "entity_id",
-    "event_ts",
-    "trigger",
-    "only_rule",
-    "dry_run",
-    "received_at",
-)
 
 
 def spool_dir(settings: Settings) -> Path:
@@ -109,18 +90,7 @@ class Spool:
 
     async def append(self, record: JobRecord) -> None:
         """Write the job to disk and fsync it; raises OSError when the disk cannot take it."""
-        line = (
-            json.dumps(
-                {
-                    "job_id": record.id,
-                    **{k: v for k, v in record.task_args().items() if k != "job_id"},
-                    "received_at": record.received_at,
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
-        await asyncio.to_thread(self._write, line)
+        await asyncio.to_thread(self._write, event_line(record))
 
     def _write(self, line: bytes) -> None:
         with self._lock:
@@ -196,13 +166,13 @@ class Spool:
             if file is None:
                 return 0  # another process is writing or draining it
             bad: list[tuple[int, bytes, str]] = []
-            for number, raw, unfit in _lines(file):
+            for number, raw, unfit in read_lines(file):
                 try:
                     if unfit:
                         raise UnfitLine(unfit)
-                    record = _record_of(raw)
+                    record = record_of(raw)
                     if record.id not in seen:
-                        queued += await _queue_once(queue, redis, record)
+                        queued += await queue_once(queue, redis, record)
                         seen.add(record.id)
                 except UnfitLine as exc:
                     bad.append((number, raw, str(exc)))
@@ -217,7 +187,7 @@ class Spool:
     async def _quarantine(self, path: Path, bad: list[tuple[int, bytes, str]], redis: Any) -> None:
         with self.quarantine.open("ab") as file:
             for number, raw, why in bad:
-                file.write(_quarantine_line(path.name, number, raw, why))
+                file.write(quarantine_line(path.name, number, raw, why))
             file.flush()
             os.fsync(file.fileno())
         number, _, why = bad[0]
@@ -258,142 +228,6 @@ class Spool:
 
     def close(self) -> None:
         self.seal()
-
-
-class UnfitLine(ValueError):
-    """A spooled line that cannot become a job; the message is the reason, starting with its kind."""
-
-
-class RedisUnreachable(Exception):
-    """Redis dropped mid-drain: what is not yet queued stays on disk."""
-
-
-class RedisRefuses(Exception):
-    """Redis answers every write with an error for now (out of memory, read-only): no line is to blame."""
-
-
-def _lines(file: IO[bytes]) -> Iterator[tuple[int, bytes, str]]:
-    """Each line with its number, and why it is unfit when that is known before reading it (too long)."""
-    number = 0
-    while raw := file.readline(MAX_LINE + 1):
-        number += 1
-        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
-            while (rest := file.readline(MAX_LINE)) and not rest.endswith(b"\n"):
-                pass
-            yield number, raw[:1024], f"size: the line is over {MAX_LINE // 1024} KiB (its first KiB is kept)"
-            continue
-        yield number, raw, ""
-
-
-def _no_constant(name: str) -> float:
-    raise UnfitLine(f"range: {name} is not a number a job can hold")
-
-
-def _record_of(raw: bytes) -> JobRecord:
-    """The job a spooled line holds; UnfitLine, with the reason, for one that holds none."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UnfitLine(f"text: the line is not UTF-8 (byte {exc.start})") from None
-    try:
-        entry = json.loads(text, parse_constant=_no_constant)
-    except UnfitLine:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise UnfitLine(f"JSON: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(entry, dict) or not isinstance(entry.get("job_id"), str):
-        raise UnfitLine("types: not a spooled event (no job_id)")
-    _check_text(entry)
-    if isinstance(entry.get("entity_id"), bool) or isinstance(entry.get("received_at"), bool):
-        raise UnfitLine("types: entity_id and received_at are numbers, not true or false")
-    if not is_job_id(entry["job_id"]):
-        raise UnfitLine("types: job_id is not a job id (letters and digits, at most 64)")
-    try:
-        record = JobRecord.model_validate({"id": entry["job_id"], **{k: entry[k] for k in FIELDS[1:] if k in entry}})
-    except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "the line"
-        raise UnfitLine(f"types: {where}: {error['msg']}") from None
-    if not 0 < record.entity_id <= LARGEST_ID:
-        raise UnfitLine(f"range: entity_id {str(record.entity_id)[:40]} is not a positive 64-bit id")
-    if not (math.isfinite(record.received_at) and record.received_at >= 0):
-        raise UnfitLine(f"range: received_at {record.received_at!r} is not a time")
-    try:  # what the queue will write: a value no serializer takes is unfit here, not a failure in Redis
-        orjson.dumps(record.task_args())
-        record.model_dump_json()
-    except (TypeError, ValueError) as exc:
-        raise UnfitLine(f"types: cannot be stored ({str(exc)[:160]})") from None
-    return record
-
-
-def _check_text(entry: dict[str, Any]) -> None:
-    """Text Redis and every reader can take: UTF-8, so no lone surrogate (JSON lets "\\ud800" through).
-    A loop, not recursion: a hostile line nests deep."""
-    stack: list[tuple[str, object]] = [("", entry)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UnfitLine(f"text: {where or 'a field'} holds a lone surrogate, which is not text") from None
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                stack += [(where, key), (f"{where}.{key}" if where else str(key), item)]
-        elif isinstance(value, list):
-            stack += [(where, item) for item in value]
-
-
-def _refuses_every_write(exc: RedisError) -> bool:
-    """An answer about Redis's state, not about the value: redis-py names the usual ones by class (and
-    takes the code off the text); others, and those from inside a script, keep their code in the text."""
-    if isinstance(exc, (OutOfMemoryError, ReadOnlyError, NoPermissionError, NoScriptError, ExecAbortError)):
-        return True
-    words = set(str(exc).replace(":", " ").replace("-", " ").split())
-    return bool(words & set(REFUSES_EVERY_WRITE))
-
-
-def _refusal(exc: RedisError) -> str:
-    """What Redis said, from its code on (a script's error puts it after the script's name)."""
-    text = " ".join(str(exc).split())
-    found = [i for code in REFUSES_EVERY_WRITE if (i := text.find(code)) >= 0]
-    return text[min(found):][:200] if found else describe(exc)
-
-
-def _quarantine_line(segment: str, number: int, raw: bytes, why: str) -> bytes:
-    """One JSON line: where the line was, why it is here, and the line itself (as text when it is UTF-8)."""
-    entry: dict[str, object] = {"segment": segment, "line": number, "reason": why,
-                                "quarantined_at": round(time.time(), 3)}
-    try:
-        entry["text"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        entry["base64"] = base64.b64encode(raw).decode()
-    return orjson.dumps(entry) + b"\n"
-
-
-async def _queue_once(queue: JobQueue, redis: Any, record: JobRecord) -> int:
-    """Queue the job unless it is queued already; UnfitLine when Redis refuses this value (not every write)."""
-    try:
-        if await queue.submit(record):
-            return 1
-        # The record exists: queued before, or created just before Redis went away and never enqueued.
-        stored = await queue.store.get(record.id)
-        if (
-            stored is not None
-            and stored.state == JobState.QUEUED
-            and not await redis.exists(job_key_prefix + record.id, in_progress_key_prefix + record.id)
-        ):
-            await queue.requeue(stored)
-            return 1
-        return 0
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise RedisUnreachable(describe(exc)) from exc
-    except RedisError as exc:
-        if _refuses_every_write(exc):
-            raise RedisRefuses(_refusal(exc)) from exc
-        raise UnfitLine(f"Redis refused it: {describe(exc)}") from None
-    except (TypeError, ValueError) as exc:  # the client could not encode it (a value _record_of let through)
-        raise UnfitLine(f"types: cannot be sent to Redis ({describe(exc)})") from None
 
 
 class _claimed:
