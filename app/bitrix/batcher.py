@@ -25,9 +25,10 @@ awaits their results, and the batcher fills each `batch` from every job waiting:
 - each request is counted on every job whose commands it carried (`Meter`), and each command on its
   own job.
 
-Each call leaves through the portal's `PortalTransport` (app/bitrix/transport.py): the HTTP session,
-the rate limiter (in Redis, so every process of an installation keeps one budget), the OAuth tokens,
-decoding, the error table and retries. The batcher keeps the methods' time budgets' bookkeeping for
+Each call is encoded and its answer unpacked by app/bitrix/batch_request.py, and leaves through the
+portal's `PortalTransport` (app/bitrix/transport.py): the HTTP session, the rate limiter (in Redis,
+so every process of an installation keeps one budget), the OAuth tokens, decoding, the error table
+and retries. The batcher keeps the methods' time budgets' bookkeeping for
 batches (what each command of a batch spent) and checks them before it packs a call.
 """
 from __future__ import annotations
@@ -42,14 +43,14 @@ from typing import Any
 
 import aiohttp
 
+from app.bitrix.batch_request import send_call
 from app.bitrix.budget import MethodBudget
 from app.bitrix.commands import BATCH_LIMIT, Answer, Command, CommandResult, Meter
-from app.bitrix.errors import B24Error, MethodBlocked
+from app.bitrix.errors import MethodBlocked
 from app.bitrix.oauth import OAuthSession
 from app.bitrix.guard import still_held
 from app.bitrix.merge import BatchChunk, read_key
-from app.bitrix.packing import BatchCall, Part, unpack_batch
-from app.bitrix.query import http_build_query
+from app.bitrix.packing import BatchCall, Part
 from app.bitrix.transport import REQUEST_TIMEOUT, Limiter, PortalTransport, RetryPolicy
 from app.portal_config import PortalConfig
 
@@ -322,7 +323,7 @@ class PortalBatcher:
     async def _deliver(self, call: BatchCall) -> None:
         parts = list(dict.fromkeys(part for part, _ in call.slots))
         try:
-            results = await self._send_batch(call, parts)
+            results = await send_call(self.transport, self.budget, call, parts, self._reserve(call.low))
         except asyncio.CancelledError:
             for part in parts:
                 part.done.cancel()
@@ -368,47 +369,3 @@ class PortalBatcher:
             part.stage, part.sent = part.stage + 1, 0
         if part.stage >= part.until:
             part.finish()
-
-    async def _send_batch(self, call: BatchCall, parts: list[Part]) -> list[CommandResult]:
-        chunk = call.chunk.commands()
-        cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(chunk)}
-        meters = list(dict.fromkeys(part.meter for part in parts))
-        answer = await self.transport.request("batch", {"halt": int(call.halt), "cmd": cmd}, write=call.write,
-                                              meters=meters, acquired=True)
-        sent = unpack_batch(chunk, answer.result)
-        if self.budget:
-            await self.budget.note_batch(chunk, answer)
-            for result in sent:
-                if isinstance(result.error, MethodBlocked):
-                    await self.budget.block(result.error.method)
-        answers = call.chunk.answers(sent)
-        alone = [i for i, a in enumerate(answers) if a is None]
-        if alone:  # a merged list did not settle them: a record missing from it, or a page that filled
-            asked = [call.slots[i] for i in alone]
-            for i, result in zip(alone, await self._ask_alone(asked, call.low)):
-                answers[i] = result
-        unpacked = [a for a in answers if a is not None]
-        for (part, _), result in zip(call.slots, unpacked):
-            part.meter.commands += 1
-            part.meter.calls[(result.command.method, str(result.error.code) if result.error else "ok", "batch")] += 1
-        return unpacked
-
-    async def _ask_alone(self, slots: list[tuple[Part, tuple[int, int]]], low: bool) -> list[CommandResult]:
-        """Reads a merged list did not settle, each as its own command, so that each gets the portal's
-        own answer (its "Not found", its rows past the first page): rare, one more request."""
-        results: list[CommandResult] = []
-        for start in range(0, len(slots), BATCH_LIMIT):
-            some = slots[start:start + BATCH_LIMIT]
-            commands = [part.command(at) for part, at in some]
-            meters = list(dict.fromkeys(part.meter for part, _ in some))
-            cmd = {f"c{i}": f"{c.method}?{http_build_query(c.params)}" for i, c in enumerate(commands)}
-            try:
-                answer = await self.transport.request("batch", {"halt": 0, "cmd": cmd}, write=False,
-                                                      meters=meters, reserve=self._reserve(low))
-            except B24Error as exc:
-                results += [CommandResult(command, error=exc) for command in commands]
-                continue
-            if self.budget:
-                await self.budget.note_batch(commands, answer)
-            results += unpack_batch(commands, answer.result)
-        return results
